@@ -1,0 +1,62 @@
+"""What the service and the CLI may ask of an engine.
+
+Routes and the CLI depend on `EngineClient`, never on a concrete engine, so the in-process
+engine, a remote one, or a second process can stand behind the same calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from PIL import Image
+
+# (steps_done, steps_total): called from the engine's thread after every denoising step.
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One edit: `num_images` outputs of `image` edited by `prompt`.
+
+    Output i uses seed `seed + i`, so each image can be reproduced alone (also in stock
+    diffusers with `torch.Generator().manual_seed(seed + i)`).
+    """
+
+    request_id: str
+    model_id: str
+    prompt: str
+    image: Image.Image  # RGB, already decoded and validated
+    width: int  # output size, already snapped to a size the model supports
+    height: int
+    seed: int
+    num_images: int = 1
+    guidance_scale: float = 3.5
+    num_inference_steps: int | None = None  # None: the model preset's
+    # The request whose output `image` is, if any: lets the engine reuse that output's
+    # latents instead of a decode/encode round trip (multi-turn editing).
+    parent_request_id: str | None = None
+
+
+@dataclass
+class EditResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    num_inference_steps: int
+    transformer_evals: int = 0  # forward passes spent on this request (per image)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class EngineClient(Protocol):
+    async def edit(self, request: EditRequest, on_progress: ProgressCallback | None = None) -> EditResult:
+        """Run the edit. Raises `incontext.errors.Cancelled` if cancelled, `IncontextError` on bad input."""
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a queued or running request at the next step boundary. True if it was known."""
+
+    def is_ready(self) -> bool:
+        """True once the default model is loaded."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...

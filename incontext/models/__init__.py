@@ -1,0 +1,1 @@
+"""Model directories (diffusers FluxKontextPipeline layout), the registry of model ids, and loading."""

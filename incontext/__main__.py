@@ -1,0 +1,3 @@
+from incontext.cli import main
+
+main()

@@ -1,0 +1,277 @@
+"""The in-process engine: one thread runs denoising steps for every request at once.
+
+One engine step is three calls with plain data between them:
+    batch = scheduler.schedule()   # which samples run (pure bookkeeping)
+    velocities = execute(batch)    # prepare new samples' inputs, one transformer pass
+    finished = scheduler.update(batch)  # advance counters; finished samples are decoded
+Requests join and leave the running batch at step boundaries; cancellation takes effect
+at the next one. Each sample keeps its own noise, timestep, guidance, prompt and context,
+so what else is in the batch never changes a result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from incontext import sampler
+from incontext.engine.caches import LRU, image_key
+from incontext.engine.protocol import EditRequest, EditResult, ProgressCallback
+from incontext.engine.scheduler import SampleStatus, Sample, ScheduledBatch, Scheduler
+from incontext.errors import Cancelled, IncontextError, InvalidInput
+from incontext.models.loader import load_model
+from incontext.models.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Job:
+    """A request in flight: its samples' tensors live here, the scheduler sees only counters."""
+
+    request: EditRequest
+    future: Future
+    on_progress: ProgressCallback | None
+    steps: int
+    timesteps: list[float] = field(default_factory=list)
+    sigmas: list[float] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+    latents: dict[int, torch.Tensor] = field(default_factory=dict)  # sample index → (1, N, 4C)
+    txt: torch.Tensor | None = None
+    vec: torch.Tensor | None = None
+    img_cond: torch.Tensor | None = None
+    started: float = 0.0
+    evals: int = 0
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    transformer_evals: int = 0  # sample-passes
+    busy_seconds: float = 0.0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+class LocalEngine:
+    def __init__(self, registry: Registry, *, max_batch_size: int = 8, dtype: str = "bfloat16", device: str = "cpu",
+                 text_cache: int = 256, image_cache: int = 64, reuse_output_latents: bool = True):
+        self.registry = registry
+        self.dtype = dtype
+        self.device = device
+        self.scheduler = Scheduler(max_batch_size)
+        self.models: dict[str, sampler.Models] = {}
+        self.text_cache: LRU[tuple] = LRU(text_cache)
+        self.latent_cache: LRU[torch.Tensor] = LRU(image_cache)
+        self.reuse_output_latents = reuse_output_latents
+        self.stats = EngineStats()
+        self._jobs: dict[str, _Job] = {}
+        self._inbox: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+
+    # ------------------------------------------------------------ client interface
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.load, self.registry.default_id)
+        self.start_thread()
+
+    def start_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="incontext-engine", daemon=True)
+            self._thread.start()
+        self._ready.set()
+
+    async def close(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    def is_ready(self) -> bool:
+        return self._ready.is_set()
+
+    def submit(self, request: EditRequest, on_progress: ProgressCallback | None = None) -> Future:
+        """Queue a request; the future resolves to an EditResult (or raises Cancelled/IncontextError)."""
+        fut: Future = Future()
+        self._inbox.put((request, fut, on_progress))
+        return fut
+
+    async def edit(self, request: EditRequest, on_progress: ProgressCallback | None = None) -> EditResult:
+        return await asyncio.wrap_future(self.submit(request, on_progress))
+
+    def cancel(self, request_id: str) -> bool:
+        self._inbox.put(("cancel", request_id))
+        return True
+
+    def load(self, model_id: str) -> sampler.Models:
+        preset = self.registry.resolve(model_id)
+        if preset.id not in self.models:
+            self.models[preset.id] = load_model(preset.directory, device=self.device, dtype=self.dtype, max_sequence_length=preset.max_sequence_length)
+        return self.models[preset.id]
+
+    # ------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox(block=not self.scheduler.has_work())
+            if self._stop.is_set():
+                break
+            batch = self.scheduler.schedule()
+            if not batch.samples:
+                continue
+            t0 = time.perf_counter()
+            try:
+                velocities = self.execute(batch)
+            except Exception as e:  # a broken request must not take the engine down
+                log.exception("engine step failed")
+                for job in {self._jobs[s.request_id] for s in batch.samples if s.request_id in self._jobs}:
+                    self._finish(job, error=e if isinstance(e, IncontextError) else IncontextError(f"inference failed: {e}"))
+                continue
+            self._apply(batch, velocities)
+            finished = self.scheduler.update(batch)
+            self.stats.busy_seconds += time.perf_counter() - t0
+            self._after_update(batch, finished)
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            if item[0] == "cancel":
+                self._cancel(item[1])
+            else:
+                self._admit(*item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _admit(self, request: EditRequest, fut: Future, on_progress) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            m = self.load(request.model_id)
+            preset = self.registry.resolve(request.model_id)
+            steps = request.num_inference_steps or preset.num_inference_steps
+            mult = m.vae_scale_factor * 2
+            if request.width % mult or request.height % mult:
+                raise InvalidInput(f"output size {request.width}×{request.height} must be a multiple of {mult}")
+            if request.image.size != (request.width, request.height):
+                raise InvalidInput("the context image must already be at the output size")
+        except IncontextError as e:
+            fut.set_exception(e)
+            return
+        bucket = (preset.id, request.width, request.height)
+        job = _Job(request, fut, on_progress, steps, started=time.perf_counter())
+        job.samples = [Sample(request.request_id, i, bucket, steps) for i in range(request.num_images)]
+        self._jobs[request.request_id] = job
+        self.scheduler.add(job.samples)
+
+    def _cancel(self, request_id: str) -> None:
+        self.scheduler.cancel(request_id)
+        job = self._jobs.get(request_id)
+        if job is not None:
+            self._finish(job, error=Cancelled(f"request {request_id} was cancelled"))
+
+    # ------------------------------------------------------------ execute
+
+    def _prepare(self, job: _Job, m: sampler.Models, model_id: str) -> None:
+        r = job.request
+        key = (model_id, r.prompt)
+        enc = self.text_cache.get(key)
+        if enc is None:
+            enc = sampler.encode_text(m, [r.prompt])
+            self.text_cache.put(key, enc)
+        job.txt, job.vec = enc
+        ikey = (model_id, image_key(r.image))
+        cond = self.latent_cache.get(ikey)
+        if cond is None:
+            cond = sampler.encode_images(m, [r.image])
+            self.latent_cache.put(ikey, cond)
+        job.img_cond = cond
+        seq = cond.shape[1]
+        job.timesteps, job.sigmas = sampler.schedule(job.steps, seq, m.scheduler_config)
+
+    @torch.no_grad()
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        model_id, width, height = batch.bucket
+        m = self.models[model_id]
+        for s in batch.new:
+            job = self._jobs[s.request_id]
+            if job.txt is None:
+                self._prepare(job, m, model_id)
+            job.latents[s.index] = sampler.initial_noise(job.request.seed + s.index, m.latent_channels, height, width, m.vae_scale_factor).to(m.dtype)
+        jobs = [self._jobs[s.request_id] for s in batch.samples]
+        img = torch.cat([j.latents[s.index] for j, s in zip(jobs, batch.samples)])
+        img_ids, txt_ids = sampler.kontext_ids(height, width, m.vae_scale_factor, jobs[0].txt.shape[1])
+        v = sampler.predict_velocity(
+            m,
+            img=img,
+            img_cond=torch.cat([j.img_cond for j in jobs]),
+            txt=torch.cat([j.txt for j in jobs]),
+            vec=torch.cat([j.vec for j in jobs]),
+            timesteps=torch.tensor([j.timesteps[s.step] for j, s in zip(jobs, batch.samples)]),
+            guidance=torch.tensor([float(j.request.guidance_scale) for j in jobs]),
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+        )
+        self.stats.steps += 1
+        self.stats.transformer_evals += len(batch.samples)
+        self.stats.batch_sizes.append(len(batch.samples))
+        return v
+
+    def _apply(self, batch: ScheduledBatch, v: torch.Tensor) -> None:
+        jobs = [self._jobs[s.request_id] for s in batch.samples]
+        img = torch.cat([j.latents[s.index] for j, s in zip(jobs, batch.samples)])
+        sig = torch.tensor([j.sigmas[s.step] for j, s in zip(jobs, batch.samples)])
+        sig_next = torch.tensor([j.sigmas[s.step + 1] for j, s in zip(jobs, batch.samples)])
+        out = sampler.euler_step(img, v, sig, sig_next)
+        for row, (j, s) in enumerate(zip(jobs, batch.samples)):
+            j.latents[s.index] = out[row : row + 1]
+            j.evals += 1 if s.index == 0 else 0
+
+    def _after_update(self, batch: ScheduledBatch, finished: list[Sample]) -> None:
+        for job in {id(self._jobs[s.request_id]): self._jobs[s.request_id] for s in batch.samples if s.request_id in self._jobs}.values():
+            if job.on_progress is not None:
+                done = min(s.step for s in job.samples)
+                try:
+                    job.on_progress(done, job.steps)
+                except Exception:  # a client's callback must not stop the engine
+                    log.exception("progress callback failed")
+            if all(s.status == SampleStatus.FINISHED for s in job.samples):
+                self._decode_and_finish(job)
+
+    def _decode_and_finish(self, job: _Job) -> None:
+        r = job.request
+        model_id = job.samples[0].bucket[0]
+        m = self.models[model_id]
+        with torch.no_grad():
+            lat = torch.cat([job.latents[i] for i in range(r.num_images)])
+            images = sampler.decode(m, lat, r.height, r.width)
+        if self.reuse_output_latents:
+            for i, img in enumerate(images):
+                self.latent_cache.put((model_id, image_key(img)), lat[i : i + 1])
+        result = EditResult(
+            images=images, seeds=[r.seed + i for i in range(r.num_images)], num_inference_steps=job.steps,
+            transformer_evals=job.evals, timings_ms={"total": (time.perf_counter() - job.started) * 1000},
+        )
+        self._finish(job, result=result)
+
+    def _finish(self, job: _Job, result: EditResult | None = None, error: Exception | None = None) -> None:
+        self._jobs.pop(job.request.request_id, None)
+        self.scheduler.cancel(job.request.request_id)  # drops any samples still queued
+        if job.future.done():
+            return
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)

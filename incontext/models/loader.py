@@ -1,0 +1,84 @@
+"""Load any FluxKontextPipeline-layout directory (our nano model or FLUX.1-Kontext-dev).
+
+Loading is offline only (local files); errors name the missing or mismatched part.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from incontext.errors import ModelError
+from incontext.sampler import Models
+
+log = logging.getLogger(__name__)
+
+PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def check_model_dir(path: Path) -> dict:
+    """The parsed model_index.json, after checking every part is present. Raises ModelError."""
+    path = Path(path)
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ModelError(f"{path} is not a model directory: model_index.json is missing")
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{index_file} is not valid JSON: {e}") from None
+    missing = [p for p in PARTS if p not in index or not (path / p).is_dir()]
+    if missing:
+        raise ModelError(f"model directory {path} is missing: {', '.join(missing)}")
+    return index
+
+
+def _load_part(path: Path, name: str, index: dict, **kwargs):
+    library, class_name = index[name]
+    import importlib
+
+    module = importlib.import_module(library)
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise ModelError(f"{name}: class {library}.{class_name} does not exist in this installation")
+    try:
+        return cls.from_pretrained(path / name, local_files_only=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise ModelError(f"{name} in {path} could not be loaded: {str(e).splitlines()[0]}") from None
+
+
+def load_model(path: Path, *, device: str = "cpu", dtype: str | torch.dtype = "float32", max_sequence_length: int | None = None) -> Models:
+    """Load a model directory. `dtype` is the compute dtype of the transformer and text encoders;
+    the VAE stays in fp32 on the CPU (it is small and bf16 convolutions are slower here)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
+    path = Path(path)
+    index = check_model_dir(path)
+    dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    parts = {}
+    for name in PARTS:
+        if name.startswith("tokenizer") or name == "scheduler":
+            parts[name] = _load_part(path, name, index)
+        else:
+            module = _load_part(path, name, index, torch_dtype=torch.float32 if name == "vae" else dt)
+            parts[name] = module.to(device).eval().requires_grad_(False)
+    tr, vae = parts["transformer"], parts["vae"]
+    expected = vae.config.latent_channels * 4
+    if tr.config.in_channels != expected:
+        raise ModelError(f"transformer in_channels {tr.config.in_channels} does not match the VAE's {vae.config.latent_channels} latent channels (expected {expected})")
+    if tr.config.joint_attention_dim != parts["text_encoder_2"].config.d_model:
+        raise ModelError(f"transformer joint_attention_dim {tr.config.joint_attention_dim} does not match text_encoder_2 d_model {parts['text_encoder_2'].config.d_model}")
+    if tr.config.pooled_projection_dim != parts["text_encoder"].config.hidden_size:
+        raise ModelError(f"transformer pooled_projection_dim {tr.config.pooled_projection_dim} does not match text_encoder hidden size {parts['text_encoder'].config.hidden_size}")
+    if max_sequence_length is None:
+        extra = path / "incontext.json"
+        max_sequence_length = json.loads(extra.read_text()).get("max_sequence_length", 512) if extra.is_file() else 512
+    log.info("loaded model %s (%s, %s)", path, device, dt)
+    return Models(
+        tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer_2"], text_encoder=parts["text_encoder"],
+        text_encoder_2=parts["text_encoder_2"], vae=vae, transformer=tr, scheduler_config=dict(parts["scheduler"].config),
+        max_sequence_length=max_sequence_length, dtype=dt, device=torch.device(device),
+    )

@@ -1,0 +1,220 @@
+"""The flow-matching sampler as plain functions: prepare → schedule → denoise → unpack.
+
+Kontext conditioning: the context image's latent tokens are appended to the target's
+sequence (their RoPE ids carry index 1 in the first axis) and the prediction is sliced
+back to the target's length. Every function takes a batch, and every row of the batch may
+have its own prompt, context image, guidance, timestep and noise, so the engine can put
+several requests in one forward pass. With one row, the result equals stock diffusers
+`FluxKontextPipeline` on the same directory (same seed, steps and guidance).
+
+Shapes: img (B, N, 4C) packed target latents; img_cond (B, N, 4C) packed context latents;
+txt (B, L, D) text states; vec (B, P) pooled text; img_ids (2N, 3); txt_ids (L, 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@dataclass
+class Models:
+    """A loaded Kontext model: the stock modules plus what sampling needs from their configs."""
+
+    tokenizer: object
+    tokenizer_2: object
+    text_encoder: torch.nn.Module
+    text_encoder_2: torch.nn.Module
+    vae: torch.nn.Module
+    transformer: torch.nn.Module
+    scheduler_config: dict
+    max_sequence_length: int = 512
+    dtype: torch.dtype = torch.float32  # transformer compute dtype
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels // 4
+
+
+# ---------------------------------------------------------------- prepare
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) → (B, H/2·W/2, 4C): 2×2 latent patches become tokens."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, height: int, width: int, vae_scale_factor: int) -> torch.Tensor:
+    """Inverse of `pack` for an image of height × width pixels."""
+    b, _, d = tokens.shape
+    h, w = 2 * (height // (vae_scale_factor * 2)), 2 * (width // (vae_scale_factor * 2))
+    x = tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, h, w)
+
+
+def image_ids(h_tokens: int, w_tokens: int, index: int) -> torch.Tensor:
+    """RoPE positions (index, row, col) of a h_tokens × w_tokens grid: (h·w, 3)."""
+    ids = torch.zeros(h_tokens, w_tokens, 3)
+    ids[..., 0] = index
+    ids[..., 1] = torch.arange(h_tokens)[:, None]
+    ids[..., 2] = torch.arange(w_tokens)[None, :]
+    return ids.reshape(h_tokens * w_tokens, 3)
+
+
+def kontext_ids(height: int, width: int, vae_scale_factor: int, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(img_ids for target + context, txt_ids) for an output of height × width pixels."""
+    ht, wt = height // (vae_scale_factor * 2), width // (vae_scale_factor * 2)
+    img = torch.cat([image_ids(ht, wt, 0), image_ids(ht, wt, 1)])
+    return img, torch.zeros(text_len, 3)
+
+
+def encode_text(m: Models, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(txt, vec) for each prompt, as FluxKontextPipeline computes them (no attention mask)."""
+    clip_ids = m.tokenizer(prompts, padding="max_length", max_length=m.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    vec = m.text_encoder(clip_ids.to(m.device), output_hidden_states=False).pooler_output
+    t5_ids = m.tokenizer_2(prompts, padding="max_length", max_length=m.max_sequence_length, truncation=True, return_tensors="pt").input_ids
+    txt = m.text_encoder_2(t5_ids.to(m.device), output_hidden_states=False)[0]
+    return txt.to(m.text_encoder_2.dtype), vec.to(m.text_encoder.dtype)
+
+
+def image_to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """RGB PIL images → (B, 3, H, W) in [-1, 1]."""
+    arr = np.stack([np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0 for img in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) * 2.0 - 1.0
+
+
+def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] → PIL, rounded like diffusers' image processor."""
+    arr = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    return [Image.fromarray((a * 255).round().astype("uint8")) for a in arr]
+
+
+def encode_images(m: Models, images: list[Image.Image]) -> torch.Tensor:
+    """Context images → packed, normalised latent tokens (posterior mode, as the pipeline does)."""
+    x = image_to_tensor(images).to(m.device, m.vae.dtype)
+    z = m.vae.encode(x).latent_dist.mode()
+    z = (z - m.vae.config.shift_factor) * m.vae.config.scaling_factor
+    return pack(z)
+
+
+def initial_noise(seed: int, latent_channels: int, height: int, width: int, vae_scale_factor: int) -> torch.Tensor:
+    """Packed noise (1, N, 4C) for one image, drawn as diffusers does from a CPU generator."""
+    h, w = 2 * (height // (vae_scale_factor * 2)), 2 * (width // (vae_scale_factor * 2))
+    g = torch.Generator("cpu").manual_seed(seed)
+    return pack(torch.randn((1, latent_channels, h, w), generator=g, dtype=torch.float32))
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def shift_mu(seq_len: int, scheduler_config: dict) -> float:
+    c = scheduler_config
+    base_len, max_len = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
+    base, top = c.get("base_shift", 0.5), c.get("max_shift", 1.15)
+    m = (top - base) / (max_len - base_len)
+    return seq_len * m + (base - m * base_len)
+
+
+@lru_cache(maxsize=64)
+def _schedule_cached(num_steps: int, seq_len: int, config_items: tuple) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = dict(config_items)
+    sched = FlowMatchEulerDiscreteScheduler.from_config(config)
+    sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+    mu = shift_mu(seq_len, config) if config.get("use_dynamic_shifting") else None
+    sched.set_timesteps(num_steps, sigmas=sigmas, mu=mu)
+    return tuple(float(t) for t in sched.timesteps), tuple(float(s) for s in sched.sigmas)
+
+
+def schedule(num_steps: int, seq_len: int, scheduler_config: dict) -> tuple[list[float], list[float]]:
+    """(timesteps, sigmas) exactly as FluxKontextPipeline would set them; len(sigmas) = steps + 1."""
+    items = tuple(sorted((k, v if not isinstance(v, list) else tuple(v)) for k, v in scheduler_config.items() if not k.startswith("_")))
+    ts, ss = _schedule_cached(num_steps, seq_len, items)
+    return list(ts), list(ss)
+
+
+# ---------------------------------------------------------------- denoise
+
+
+def predict_velocity(
+    m: Models,
+    *,
+    img: torch.Tensor,
+    img_cond: torch.Tensor,
+    txt: torch.Tensor,
+    vec: torch.Tensor,
+    timesteps: torch.Tensor,
+    guidance: torch.Tensor,
+    img_ids: torch.Tensor,
+    txt_ids: torch.Tensor,
+) -> torch.Tensor:
+    """One transformer pass over a batch. `timesteps` (B,) in the scheduler's 0–1000 scale."""
+    x = torch.cat([img, img_cond], dim=1).to(m.dtype)
+    guid = guidance.float() if m.transformer.config.guidance_embeds else None
+    out = m.transformer(
+        hidden_states=x,
+        timestep=(timesteps.to(x.dtype) / 1000),
+        guidance=guid,
+        pooled_projections=vec.to(m.dtype),
+        encoder_hidden_states=txt.to(m.dtype),
+        txt_ids=txt_ids,
+        img_ids=img_ids,
+        return_dict=False,
+    )[0]
+    return out[:, : img.shape[1]]
+
+
+def euler_step(img: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """x ← x + (σ_next − σ)·v per row, in fp32 like diffusers' scheduler, returned in v's dtype."""
+    dt = (sigma_next - sigma).view(-1, 1, 1)
+    return (img.float() + dt * v.float()).to(v.dtype)
+
+
+def decode(m: Models, img: torch.Tensor, height: int, width: int) -> list[Image.Image]:
+    z = unpack(img, height, width, m.vae_scale_factor)
+    z = z / m.vae.config.scaling_factor + m.vae.config.shift_factor
+    return tensor_to_images(m.vae.decode(z.to(m.vae.dtype), return_dict=False)[0])
+
+
+@torch.no_grad()
+def edit(
+    m: Models,
+    image: Image.Image,
+    prompt: str,
+    *,
+    seeds: list[int],
+    num_steps: int = 20,
+    guidance: float = 3.5,
+    on_step=None,
+) -> list[Image.Image]:
+    """Edit one image with one prompt, one output per seed, in one batch. `image` is already
+    at the output size. For many requests at once, the engine calls the same functions."""
+    width, height = image.size
+    n = len(seeds)
+    txt, vec = encode_text(m, [prompt])
+    img_cond = encode_images(m, [image])
+    img = torch.cat([initial_noise(s, m.latent_channels, height, width, m.vae_scale_factor) for s in seeds]).to(m.dtype)
+    img_ids, txt_ids = kontext_ids(height, width, m.vae_scale_factor, txt.shape[1])
+    timesteps, sigmas = schedule(num_steps, img.shape[1], m.scheduler_config)
+    for i in range(num_steps):
+        v = predict_velocity(
+            m, img=img, img_cond=img_cond.expand(n, -1, -1), txt=txt.expand(n, -1, -1), vec=vec.expand(n, -1),
+            timesteps=torch.full((n,), timesteps[i]), guidance=torch.full((n,), float(guidance)),
+            img_ids=img_ids, txt_ids=txt_ids,
+        )
+        img = euler_step(img, v, torch.full((n,), sigmas[i]), torch.full((n,), sigmas[i + 1]))
+        if on_step is not None:
+            on_step(i + 1, num_steps)
+    return decode(m, img, height, width)

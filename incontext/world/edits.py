@@ -1,0 +1,177 @@
+"""Edit examples with exact ground truth: (context image, instruction, target image, edit mask).
+
+`make_example(rng, family)` draws a random scene, applies one edit of the family to the scene
+data and renders both. Families: recolor, remove, add, move, background, grayscale.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+
+import numpy as np
+from PIL import Image
+
+from incontext.world.language import POSITION_WORDS, phrase, say_object
+from incontext.world.scene import COLORS, POSITIONS, SHAPES, Background, Scene, Shape, render
+
+FAMILIES = ("recolor", "remove", "add", "move", "background", "grayscale")
+# Sizes the nano model is trained on (width, height): square and two non-square.
+TRAIN_SIZES = ((128, 128), (160, 96), (96, 160))
+ADD_SIZE = 0.13  # radius of an added shape, fraction of the shorter side
+CELL_JITTER = 0.07
+
+
+@dataclass
+class Example:
+    family: str
+    instruction: str
+    context: Image.Image
+    target: Image.Image
+    mask: np.ndarray  # bool (h, w): where the edit is allowed to change pixels
+    scene: Scene
+    target_scene: Scene
+    info: dict
+
+
+def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int = 14) -> tuple[int, int, int]:
+    return tuple(int(min(255, max(0, c + rng.randint(-amount, amount)))) for c in rgb)  # type: ignore[return-value]
+
+
+def _distinct(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
+    return sum(abs(x - y) for x, y in zip(a, b)) > 90
+
+
+def random_background(rng: random.Random, exclude: set[str] = frozenset()) -> Background:
+    name = rng.choice([c for c in COLORS if c not in exclude])
+    rgb = _jitter(COLORS[name], rng, 10)
+    if rng.random() < 0.3:  # a gentle gradient: removal must reveal it, not a flat colour
+        return Background(rgb=rgb, rgb2=_jitter(rgb, rng, 30), color=name)
+    return Background(rgb=rgb, color=name)
+
+
+def random_scene(rng: random.Random, size: tuple[int, int] | None = None, n_objects: int | None = None) -> Scene:
+    w, h = size or rng.choice(TRAIN_SIZES)
+    bg = random_background(rng)
+    n = n_objects if n_objects is not None else rng.choice((1, 2, 2, 3, 3, 4))
+    cells = rng.sample(list(POSITIONS), n)
+    used: set[tuple[str, str]] = set()
+    objs = []
+    for cell in cells:
+        for _ in range(20):
+            color = rng.choice([c for c in COLORS if c != bg.color])
+            kind = rng.choice(SHAPES)
+            rgb = _jitter(COLORS[color], rng)
+            if (color, kind) not in used and _distinct(rgb, bg.rgb):
+                break
+        used.add((color, kind))
+        fx, fy = POSITIONS[cell]
+        objs.append(
+            Shape(
+                kind=kind,
+                color=color,
+                rgb=rgb,
+                cx=fx + rng.uniform(-CELL_JITTER, CELL_JITTER),
+                cy=fy + rng.uniform(-CELL_JITTER, CELL_JITTER),
+                size=rng.uniform(0.09, 0.15),
+                angle=rng.uniform(-12, 12) if kind in ("square", "triangle", "star") else 0.0,
+            )
+        )
+    return Scene(width=w, height=h, background=bg, objects=tuple(objs))
+
+
+def _cell_of(obj: Shape) -> str:
+    return min(POSITIONS, key=lambda p: (POSITIONS[p][0] - obj.cx) ** 2 + (POSITIONS[p][1] - obj.cy) ** 2)
+
+
+def _free_cells(scene: Scene) -> list[str]:
+    taken = {_cell_of(o) for o in scene.objects}
+    return [p for p in POSITIONS if p not in taken]
+
+
+def _unique_ref(scene: Scene, i: int) -> bool:
+    o = scene.objects[i]
+    return sum(1 for p in scene.objects if (p.color, p.kind) == (o.color, o.kind)) == 1
+
+
+def apply_edit(scene: Scene, family: str, rng: random.Random) -> tuple[Scene, str, dict] | None:
+    """The edited scene, the instruction and facts about the edit; None if the scene doesn't allow it."""
+    objs = scene.objects
+    if family in ("recolor", "remove", "move"):
+        if not objs:
+            return None
+        i = rng.randrange(len(objs))
+        if not _unique_ref(scene, i):
+            return None
+        o = objs[i]
+        ref = say_object(o.color, o.kind, rng)
+        if family == "recolor":
+            taken = {(p.color, p.kind) for p in objs}
+            options = [c for c in COLORS if c != o.color and c != scene.background.color and (c, o.kind) not in taken]
+            options = [c for c in options if _distinct(COLORS[c], scene.background.rgb)]
+            if not options:
+                return None
+            new = rng.choice(options)
+            edited = scene.with_object(i, replace(o, color=new, rgb=COLORS[new]))
+            return edited, phrase("recolor", rng, obj=ref, color=new), {"index": i, "color": new}
+        if family == "remove":
+            return scene.without(i), phrase("remove", rng, obj=ref), {"index": i}
+        free = _free_cells(scene)
+        if not free:
+            return None
+        cell = rng.choice(free)
+        fx, fy = POSITIONS[cell]
+        edited = scene.with_object(i, replace(o, cx=fx, cy=fy))
+        pos = rng.choice(POSITION_WORDS[cell])
+        return edited, phrase("move", rng, obj=ref, pos=pos), {"index": i, "position": cell}
+    if family == "add":
+        free = _free_cells(scene)
+        if not free or len(objs) >= 5:
+            return None
+        cell = rng.choice(free)
+        taken = {(p.color, p.kind) for p in objs}
+        color = rng.choice([c for c in COLORS if c != scene.background.color and _distinct(COLORS[c], scene.background.rgb)])
+        kind = rng.choice(SHAPES)
+        if (color, kind) in taken:
+            return None
+        fx, fy = POSITIONS[cell]
+        new = Shape(kind=kind, color=color, rgb=COLORS[color], cx=fx, cy=fy, size=ADD_SIZE)
+        edited = replace(scene, objects=objs + (new,))
+        pos = rng.choice(POSITION_WORDS[cell])
+        return edited, phrase("add", rng, obj=f"{color} {kind}", pos=pos), {"index": len(objs), "position": cell, "color": color}
+    if family == "background":
+        options = [c for c in COLORS if c != scene.background.color and all(_distinct(COLORS[c], o.rgb) for o in objs)]
+        if not options:
+            return None
+        color = rng.choice(options)
+        edited = replace(scene, background=Background(rgb=COLORS[color], color=color))
+        return edited, phrase("background", rng, color=color), {"color": color}
+    if family == "grayscale":
+        if scene.grayscale:
+            return None
+        return replace(scene, grayscale=True), phrase("grayscale", rng), {}
+    raise ValueError(f"unknown edit family {family!r}")
+
+
+def edit_mask(context: Image.Image, target: Image.Image) -> np.ndarray:
+    diff = np.abs(np.asarray(context, dtype=np.int16) - np.asarray(target, dtype=np.int16)).max(axis=2) > 2
+    # Grow by one pixel so antialiased rims count as part of the edit.
+    grown = diff.copy()
+    grown[1:] |= diff[:-1]
+    grown[:-1] |= diff[1:]
+    grown[:, 1:] |= diff[:, :-1]
+    grown[:, :-1] |= diff[:, 1:]
+    return grown
+
+
+def make_example(rng: random.Random, family: str | None = None, size: tuple[int, int] | None = None) -> Example:
+    """A random example of `family` (random family if None)."""
+    while True:
+        fam = family or rng.choice(FAMILIES)
+        scene = random_scene(rng, size=size)
+        made = apply_edit(scene, fam, rng)
+        if made is None:
+            continue
+        target_scene, instruction, info = made
+        context, target = render(scene), render(target_scene)
+        return Example(fam, instruction, context, target, edit_mask(context, target), scene, target_scene, info)

@@ -1,0 +1,145 @@
+"""How people word edit instructions: templates per edit family, and the words they use.
+
+Templates vary verbs, word order and politeness so users need not guess one phrasing.
+The tokenizer's vocabulary is built from these words (plus a few common extras).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from incontext.world.scene import COLORS, POSITIONS, SHAPES
+
+# Words people use for a colour or shape that our names cover.
+COLOR_SYNONYMS = {"grey": "gray", "violet": "purple", "crimson": "red", "navy": "blue", "lime": "green"}
+SHAPE_SYNONYMS = {"box": "square", "ball": "circle", "dot": "circle", "disc": "circle", "rectangle": "square"}
+
+TEMPLATES: dict[str, list[str]] = {
+    "recolor": [
+        "make the {obj} {color}",
+        "turn the {obj} {color}",
+        "change the {obj} to {color}",
+        "recolor the {obj} {color}",
+        "recolor the {obj} to {color}",
+        "paint the {obj} {color}",
+        "color the {obj} {color}",
+        "change the color of the {obj} to {color}",
+        "make the color of the {obj} {color}",
+        "the {obj} should be {color}",
+        "please make the {obj} {color}",
+        "can you turn the {obj} {color}",
+        "change the {obj} into a {color} one",
+    ],
+    "remove": [
+        "remove the {obj}",
+        "delete the {obj}",
+        "erase the {obj}",
+        "get rid of the {obj}",
+        "take out the {obj}",
+        "take away the {obj}",
+        "please remove the {obj}",
+        "remove the {obj} from the image",
+        "make the {obj} disappear",
+        "delete the {obj} from the picture",
+    ],
+    "add": [
+        "add a {obj} in the {pos}",
+        "add a {obj} to the {pos}",
+        "put a {obj} in the {pos}",
+        "place a {obj} in the {pos}",
+        "draw a {obj} in the {pos}",
+        "add a {obj} at the {pos}",
+        "in the {pos} add a {obj}",
+        "please add a {obj} in the {pos}",
+        "insert a {obj} in the {pos}",
+    ],
+    "move": [
+        "move the {obj} to the {pos}",
+        "put the {obj} in the {pos}",
+        "place the {obj} in the {pos}",
+        "shift the {obj} to the {pos}",
+        "move the {obj} over to the {pos}",
+        "drag the {obj} to the {pos}",
+        "the {obj} should be in the {pos}",
+        "please move the {obj} to the {pos}",
+    ],
+    "background": [
+        "change the background to {color}",
+        "make the background {color}",
+        "set the background to {color}",
+        "turn the background {color}",
+        "change the background color to {color}",
+        "make the background color {color}",
+        "use a {color} background",
+        "give it a {color} background",
+        "paint the background {color}",
+        "replace the background with {color}",
+    ],
+    "grayscale": [
+        "make it grayscale",
+        "make it black and white",
+        "convert to grayscale",
+        "convert the image to black and white",
+        "remove the color",
+        "remove all color",
+        "desaturate the image",
+        "make the image gray scale",
+        "turn it into a black and white picture",
+        "grayscale",
+    ],
+}
+
+# Position phrases: the canonical name and a few ways to say it.
+POSITION_WORDS: dict[str, list[str]] = {
+    "top left": ["top left", "upper left", "top left corner"],
+    "top": ["top", "top middle", "top center"],
+    "top right": ["top right", "upper right", "top right corner"],
+    "left": ["left", "left side", "middle left"],
+    "center": ["center", "middle", "centre"],
+    "right": ["right", "right side", "middle right"],
+    "bottom left": ["bottom left", "lower left", "bottom left corner"],
+    "bottom": ["bottom", "bottom middle", "bottom center"],
+    "bottom right": ["bottom right", "lower right", "bottom right corner"],
+}
+
+EXTRA_WORDS = (
+    "a an the it this that to of in on at into with and or please image picture photo "
+    "color colour colors colours make turn change set put move add remove one ones object shape "
+    "background foreground corner side middle top bottom left right upper lower center centre "
+    "red orange yellow green blue purple pink brown white black gray grey night day dark light "
+    "bright darker lighter invert inverted negative style outline pixel pixelated pastel text word "
+    "letter bigger smaller larger big small large replace with instead should be can you could "
+    "would like want i me my its is are was all every each there here some now"
+)
+
+
+def say_object(color: str, kind: str, rng: random.Random) -> str:
+    """How a person names a coloured shape; occasionally with a synonym."""
+    if rng.random() < 0.08:
+        kind = rng.choice([k for k, v in SHAPE_SYNONYMS.items() if v == kind] or [kind])
+    if rng.random() < 0.05:
+        color = rng.choice([k for k, v in COLOR_SYNONYMS.items() if v == color] or [color])
+    return f"{color} {kind}"
+
+
+def phrase(family: str, rng: random.Random, **slots: str) -> str:
+    return rng.choice(TEMPLATES[family]).format(**slots)
+
+
+def vocabulary() -> list[str]:
+    words: set[str] = set(EXTRA_WORDS.split())
+    words.update(COLORS)
+    words.update(SHAPES)
+    words.update(s + "s" for s in SHAPES)
+    words.update(COLOR_SYNONYMS)
+    words.update(SHAPE_SYNONYMS)
+    for name in POSITIONS:
+        words.update(name.split())
+    for options in POSITION_WORDS.values():
+        for o in options:
+            words.update(o.split())
+    for templates in TEMPLATES.values():
+        for t in templates:
+            words.update(re.findall(r"[a-z]+", re.sub(r"\{[a-z]+\}", " ", t)))
+    return sorted(words)

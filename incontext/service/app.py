@@ -1,0 +1,137 @@
+"""The FastAPI app and the one place its parts are built.
+
+    create_app(settings)                 # the real engine, built from settings at start-up
+    create_app(settings, engine=other)   # any EngineClient: a remote engine, a test double
+
+The lifespan opens the database (migrating it), loads the model once, recovers runs a
+crash interrupted, and starts the dispatcher and the callback sender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from incontext import __version__
+from incontext.engine.protocol import EngineClient
+from incontext.models.registry import DEFAULT_MODEL_ID, HOSTED_ALIASES, Registry, default_registry, preset_for_directory
+from incontext.service import keys
+from incontext.service.callbacks import CallbackSender
+from incontext.service.db import create_db_engine, make_session_factory, migrate
+from incontext.service.deps import Service
+from incontext.service.dispatcher import Dispatcher
+from incontext.service.errors import install_error_handlers
+from incontext.service.ids import uuid7
+from incontext.service.ratelimit import RateLimiter
+from incontext.service.routes import account, batches, callbacks, files, runs
+from incontext.service.storage import Storage, load_or_create_secret
+from incontext.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class UnsafeStart(RuntimeError):
+    """Refusing to serve as configured (e.g. open to the network with no API key)."""
+
+
+def open_database(settings: Settings) -> tuple[Engine, sessionmaker[Session]]:
+    """Connect, migrate to the newest schema, and register INCONTEXT_API_KEYS."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_db_engine(settings.resolved_database_url)
+    migrate(engine)
+    sessions = make_session_factory(engine)
+    with sessions.begin() as session:
+        keys.sync_env_keys(session, settings.api_keys)
+    return engine, sessions
+
+
+def check_safe_to_serve(settings: Settings, sessions: sessionmaker[Session]) -> None:
+    if settings.local_only:
+        return
+    with sessions() as session:
+        if not keys.has_active_key(session):
+            raise UnsafeStart(
+                f"refusing to listen on {settings.host}: no API key exists, so anyone who can reach this "
+                f"address could use the server. Create one first: incontext keys create --data-dir {settings.data_dir}"
+            )
+
+
+def build_registry(settings: Settings) -> Registry:
+    registry = default_registry()
+    if settings.model_dir:
+        registry.add(preset_for_directory(settings.model_dir, id=DEFAULT_MODEL_ID, aliases=HOSTED_ALIASES))
+    return registry
+
+
+def build_engine(settings: Settings, registry: Registry) -> EngineClient:
+    from incontext.engine.local import LocalEngine  # imports torch: only when actually serving
+
+    return LocalEngine(registry, max_batch_size=settings.engine_max_batch_size)
+
+
+def create_app(settings: Settings | None = None, engine: EngineClient | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        db_engine, sessions = await asyncio.to_thread(open_database, settings)
+        check_safe_to_serve(settings, sessions)
+        registry = build_registry(settings)
+        model_engine = engine or build_engine(settings, registry)
+        await model_engine.start()
+        storage = Storage(
+            settings.data_dir,
+            secret=load_or_create_secret(settings.data_dir, settings.secret_key.get_secret_value() if settings.secret_key else None),
+            base_url=settings.base_url,
+            ttl_seconds=settings.file_url_ttl_seconds,
+        )
+        sender = CallbackSender(
+            sessions,
+            max_attempts=settings.callback_max_attempts,
+            backoff_s=settings.callback_backoff_seconds,
+            backoff_max_s=settings.callback_backoff_max_seconds,
+            timeout_s=settings.callback_timeout_seconds,
+            poll_s=settings.poll_interval_seconds,
+        )
+        dispatcher = Dispatcher(sessions=sessions, engine=model_engine, storage=storage, sender=sender, settings=settings)
+        await sender.start()
+        await dispatcher.start()
+        app.state.service = Service(
+            settings=settings,
+            registry=registry,
+            engine=model_engine,
+            sessions=sessions,
+            storage=storage,
+            dispatcher=dispatcher,
+            sender=sender,
+            limiter=RateLimiter(settings.rate_limit_per_minute),
+        )
+        log.info("serving %s on %s (data dir %s)", ", ".join(registry.ids()), settings.base_url, settings.data_dir)
+        try:
+            yield
+        finally:
+            await dispatcher.close()
+            await sender.close()
+            if engine is None:  # a caller that passed an engine owns it
+                await model_engine.close()
+            db_engine.dispose()
+
+    app = FastAPI(title="incontext", version=__version__, lifespan=lifespan)
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def request_id(request: Request, call_next):
+        # Runs record the id of the request that created them; clients may send their own.
+        request.state.request_id = request.headers.get("x-request-id", "")[:64] or uuid7()
+        response = await call_next(request)
+        response.headers["X-Request-Id"] = request.state.request_id
+        return response
+
+    for module in (account, runs, batches, callbacks, files):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,264 @@
+"""Callbacks: the envelope a finished run POSTs to its callback_url, how it is signed, and
+the sender that delivers it with retries.
+
+A delivery is a database row written in the same transaction that ends the run, so a
+pending delivery survives a restart. The sender is its own task: a slow receiver never
+holds up the engine.
+
+Signing (every secret from `POST /v1/callback-secrets` is `whsec_` + base64 of 32 bytes):
+- `Runflow-Signature`: lowercase hex HMAC-SHA256(key=the whole secret string, msg=raw body).
+  While two secrets are active (rotation) it holds both, newest first, comma-separated.
+- Standard Webhooks: `webhook-id` (the delivery id, fixed across retries), `webhook-timestamp`
+  (unix seconds of this attempt), `webhook-signature`: `v1,<base64 HMAC-SHA256(key=base64-decoded
+  part after whsec_, msg="{id}.{timestamp}.{body}")>`, one per active secret, space-separated.
+- `Runflow-Request-Id`: the delivery id too. With no secret registered, nothing is signed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import secrets as pysecrets
+import time
+from datetime import timedelta
+
+import httpx
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from incontext.service.db import utcnow
+from incontext.service.errors import NotFound
+from incontext.service.models import Batch, CallbackAttempt, CallbackDelivery, CallbackSecret, Run
+from incontext.service.schemas import RunPublic, public_output
+from incontext.service.storage import Storage
+
+log = logging.getLogger(__name__)
+
+EVENTS = {
+    "succeeded": "run.completed",
+    "failed": "run.failed",
+    "canceled": "run.cancelled",
+    "partial_succeeded": "run.partial_succeeded",
+}
+SIGNING_SECRETS = 2  # the newest active secrets sign; two allow rotation without downtime
+
+
+# Envelopes.
+def run_envelope(run: Run, storage: Storage) -> dict:
+    public = RunPublic.from_row(run, storage)
+    if run.status == "failed":
+        output = {"code": run.failure_code, "message": run.failure_message, "errors": [], "stage_code": run.failure_stage_code}
+    else:
+        output = public.output
+    return {
+        "event": EVENTS[run.status],
+        "run_id": run.id,
+        "status": run.status,
+        "model_id": run.model_id,
+        "batch_id": run.batch_id,
+        "client_ref": run.client_ref,
+        "output": output,
+        "cost": public.cost,
+        "duration_ms": public.duration_ms,
+        "created_at": run.created_at.isoformat(),
+        "completed_at": run.completed_at.isoformat(),
+        "metadata": run.meta,
+    }
+
+
+def batch_envelope(batch: Batch, runs: list[Run], counts: dict[str, int], storage: Storage) -> dict:
+    """A batch's single callback. `run_id` carries the batch id, as `batch_id` does."""
+    items = [
+        {"run_id": r.id, "client_ref": r.client_ref, "status": r.status, "output": public_output(r.output, storage), "failure_code": r.failure_code}
+        for r in runs
+    ]
+    return {
+        "event": EVENTS[batch.status],
+        "run_id": batch.id,
+        "batch_id": batch.id,
+        "status": batch.status,
+        "model_id": batch.model_id,
+        "output": {"items": items, "counts": counts},
+        "duration_ms": int((batch.completed_at - batch.created_at).total_seconds() * 1000),
+        "created_at": batch.created_at.isoformat(),
+        "completed_at": batch.completed_at.isoformat(),
+        "metadata": batch.meta,
+    }
+
+
+def _enqueue(session: Session, *, api_key_id: str, url: str, envelope: dict, run_id=None, batch_id=None) -> CallbackDelivery:
+    body = json.dumps(envelope, separators=(",", ":"), default=str)
+    delivery = CallbackDelivery(
+        api_key_id=api_key_id, run_id=run_id, batch_id=batch_id, url=url, event=envelope["event"], body=body, next_attempt_at=utcnow()
+    )
+    session.add(delivery)
+    session.flush()
+    return delivery
+
+
+def enqueue_run(session: Session, run: Run, storage: Storage) -> CallbackDelivery:
+    return _enqueue(session, api_key_id=run.api_key_id, url=run.callback_url, envelope=run_envelope(run, storage), run_id=run.id)
+
+
+def enqueue_batch(session: Session, batch: Batch, counts: dict[str, int], storage: Storage) -> CallbackDelivery:
+    runs = list(session.scalars(sa.select(Run).where(Run.batch_id == batch.id).order_by(Run.id)))
+    envelope = batch_envelope(batch, runs, counts, storage)
+    return _enqueue(session, api_key_id=batch.api_key_id, url=batch.callback_url, envelope=envelope, batch_id=batch.id)
+
+
+def deliveries_for_run(session: Session, run_id: str) -> list[tuple[CallbackDelivery, list[CallbackAttempt]]]:
+    rows = session.scalars(sa.select(CallbackDelivery).where(CallbackDelivery.run_id == run_id).order_by(CallbackDelivery.id)).all()
+    out = []
+    for d in rows:
+        attempts = session.scalars(
+            sa.select(CallbackAttempt).where(CallbackAttempt.delivery_id == d.id).order_by(CallbackAttempt.attempt_number)
+        ).all()
+        out.append((d, list(attempts)))
+    return out
+
+
+# Secrets.
+def create_secret(session: Session, api_key_id: str, label: str | None) -> tuple[CallbackSecret, str]:
+    plain = "whsec_" + base64.b64encode(pysecrets.token_bytes(32)).decode()
+    row = CallbackSecret(api_key_id=api_key_id, label=label, secret=plain)
+    session.add(row)
+    session.flush()
+    return row, plain
+
+
+def list_secrets(session: Session, api_key_id: str) -> list[CallbackSecret]:
+    return list(session.scalars(sa.select(CallbackSecret).where(CallbackSecret.api_key_id == api_key_id).order_by(CallbackSecret.id)))
+
+
+def revoke_secret(session: Session, api_key_id: str, secret_id: str) -> CallbackSecret:
+    row = session.get(CallbackSecret, secret_id)
+    if row is None or row.api_key_id != api_key_id:
+        raise NotFound(f"no callback secret {secret_id}")
+    row.revoked_at = row.revoked_at or utcnow()
+    return row
+
+
+def signing_secrets(session: Session, api_key_id: str) -> list[str]:
+    return list(
+        session.scalars(
+            sa.select(CallbackSecret.secret)
+            .where(CallbackSecret.api_key_id == api_key_id, CallbackSecret.revoked_at.is_(None))
+            .order_by(CallbackSecret.id.desc())
+            .limit(SIGNING_SECRETS)
+        )
+    )
+
+
+def signature_headers(body: bytes, secrets: list[str], msg_id: str, timestamp: int) -> dict[str, str]:
+    headers = {"Content-Type": "application/json", "Runflow-Request-Id": msg_id, "webhook-id": msg_id, "webhook-timestamp": str(timestamp)}
+    if secrets:
+        headers["Runflow-Signature"] = ",".join(hmac.new(s.encode(), body, hashlib.sha256).hexdigest() for s in secrets)
+        signed = f"{msg_id}.{timestamp}.".encode() + body
+        headers["webhook-signature"] = " ".join(
+            "v1," + base64.b64encode(hmac.new(base64.b64decode(s.removeprefix("whsec_")), signed, hashlib.sha256).digest()).decode()
+            for s in secrets
+        )
+    return headers
+
+
+# Delivery.
+class CallbackSender:
+    """Sends due deliveries; each failure is recorded and retried with exponential backoff."""
+
+    def __init__(self, sessions: sessionmaker[Session], *, max_attempts: int, backoff_s: float, backoff_max_s: float, timeout_s: float, poll_s: float):
+        self._sessions = sessions
+        self._max_attempts = max_attempts
+        self._backoff_s = backoff_s
+        self._backoff_max_s = backoff_max_s
+        self._timeout_s = timeout_s
+        self._poll_s = poll_s
+        self._wake = asyncio.Event()
+        self._in_flight: dict[str, asyncio.Task] = {}
+        self._task: asyncio.Task | None = None
+        self._http: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._http = httpx.AsyncClient(timeout=self._timeout_s, follow_redirects=False)
+        self._task = asyncio.create_task(self._run(), name="callback-sender")
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._task, *self._in_flight.values()) if t]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._http:
+            await self._http.aclose()
+
+    def wake(self) -> None:
+        """Look for due deliveries now; callable from any thread."""
+        if self._loop:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                for delivery_id in await asyncio.to_thread(self._due):
+                    if delivery_id not in self._in_flight:
+                        task = asyncio.create_task(self._attempt(delivery_id))
+                        self._in_flight[delivery_id] = task
+                        task.add_done_callback(lambda _t, d=delivery_id: self._in_flight.pop(d, None))
+            except Exception:
+                log.exception("callback sender: could not read due deliveries")
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self._poll_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    def _due(self) -> list[str]:
+        with self._sessions() as session:
+            return list(
+                session.scalars(
+                    sa.select(CallbackDelivery.id)
+                    .where(CallbackDelivery.status == "pending", CallbackDelivery.next_attempt_at <= utcnow())
+                    .order_by(CallbackDelivery.next_attempt_at)
+                    .limit(100)
+                )
+            )
+
+    def _load(self, delivery_id: str) -> tuple[str, bytes, list[str]]:
+        with self._sessions() as session:
+            d = session.get(CallbackDelivery, delivery_id)
+            return d.url, d.body.encode(), signing_secrets(session, d.api_key_id)
+
+    async def _attempt(self, delivery_id: str) -> None:
+        url, body, secrets = await asyncio.to_thread(self._load, delivery_id)
+        headers = signature_headers(body, secrets, delivery_id, int(time.time()))
+        status_code, error = None, None
+        started = time.perf_counter()
+        try:
+            response = await self._http.post(url, content=body, headers=headers)
+            status_code = response.status_code
+            if not 200 <= status_code < 300:
+                error = f"receiver answered HTTP {status_code}"
+        except httpx.TimeoutException:
+            error = f"timed out after {self._timeout_s:g} s"
+        except httpx.HTTPError as exc:
+            error = f"connection error: {exc.__class__.__name__}: {exc}"
+        elapsed_ms = int((time.perf_counter() - started) * 1000)
+        await asyncio.to_thread(self._record, delivery_id, status_code, elapsed_ms, error)
+
+    def _record(self, delivery_id: str, status_code: int | None, elapsed_ms: int, error: str | None) -> None:
+        with self._sessions.begin() as session:
+            d = session.get(CallbackDelivery, delivery_id)
+            d.attempt_count += 1
+            session.add(CallbackAttempt(delivery_id=d.id, attempt_number=d.attempt_count, status_code=status_code, response_time_ms=elapsed_ms, error_message=error))
+            if error is None:
+                d.status, d.completed_at, d.next_attempt_at = "delivered", utcnow(), None
+            elif d.attempt_count >= self._max_attempts:
+                d.status, d.completed_at, d.next_attempt_at = "failed", utcnow(), None
+                log.warning("callback %s to %s failed after %d attempts: %s", d.id, d.url, d.attempt_count, error)
+            else:
+                delay = min(self._backoff_s * 2 ** (d.attempt_count - 1), self._backoff_max_s)
+                d.next_attempt_at = utcnow() + timedelta(seconds=delay)

@@ -1,0 +1,120 @@
+"""`incontext serve` and `incontext keys …`; `register(app)` adds them to a Typer app.
+
+    incontext keys create --data-dir ./data --label laptop    # prints the key, once
+    INCONTEXT_MODEL_DIR=./my-model incontext serve --data-dir ./data --port 8000
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+DataDir = Annotated[Path | None, typer.Option("--data-dir", help="default: $INCONTEXT_DATA_DIR or ~/.local/share/incontext")]
+DatabaseUrl = Annotated[str | None, typer.Option("--database-url", help="default: SQLite in the data dir")]
+
+
+def _settings(**overrides):
+    from incontext.settings import Settings
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        Console(stderr=True).print(f"[red]invalid settings:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def serve(
+    host: Annotated[str | None, typer.Option(help="default 127.0.0.1; another address needs an API key to exist")] = None,
+    port: Annotated[int | None, typer.Option(help="default 8000")] = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+    model_dir: Annotated[Path | None, typer.Option(help="serve this model directory as the default model")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """Serve the HTTP API: database, engine and callbacks in this one process."""
+    import uvicorn
+
+    from incontext.service.app import UnsafeStart, check_safe_to_serve, create_app, open_database
+
+    settings = _settings(host=host, port=port, data_dir=data_dir, database_url=database_url, model_dir=model_dir)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Check before loading the model, so a refusal is quick and reads as a sentence.
+    db_engine, sessions = open_database(settings)
+    try:
+        check_safe_to_serve(settings, sessions)
+    except UnsafeStart as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    finally:
+        db_engine.dispose()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level.lower(), timeout_graceful_shutdown=5)
+
+
+def keys_create(
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+    label: Annotated[str | None, typer.Option(help="a note to tell keys apart")] = None,
+) -> None:
+    """Create an API key and print it alone on a line; it is stored hashed and shown only now."""
+    from incontext.service import keys
+    from incontext.service.app import open_database
+
+    settings = _settings(data_dir=data_dir, database_url=database_url)
+    db_engine, sessions = open_database(settings)
+    with sessions.begin() as session:
+        row, plain = keys.create_key(session, label)
+    db_engine.dispose()
+    typer.echo(plain)
+    Console(stderr=True).print(f"created key {row.id} ({row.prefix}…); it cannot be shown again")
+
+
+def keys_list(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
+    """List API keys (never the keys themselves)."""
+    from incontext.service import keys
+    from incontext.service.app import open_database
+
+    db_engine, sessions = open_database(_settings(data_dir=data_dir, database_url=database_url))
+    with sessions() as session:
+        rows = keys.list_keys(session)
+    db_engine.dispose()
+    table = Table("id", "prefix", "label", "created", "revoked")
+    for r in rows:
+        table.add_row(r.id, r.prefix, r.label or "", f"{r.created_at:%Y-%m-%d %H:%M}", f"{r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked_at else "")
+    Console().print(table)
+
+
+def keys_revoke(
+    key: Annotated[str, typer.Argument(help="the key's id or the prefix `keys list` shows")],
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Revoke an API key: requests with it get 401 from now on."""
+    from incontext.errors import IncontextError
+    from incontext.service import keys
+    from incontext.service.app import open_database
+
+    db_engine, sessions = open_database(_settings(data_dir=data_dir, database_url=database_url))
+    try:
+        with sessions.begin() as session:
+            row = keys.revoke_key(session, key)
+    except IncontextError as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(1) from None
+    finally:
+        db_engine.dispose()
+    Console(stderr=True).print(f"revoked key {row.id} ({row.prefix}…)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+    keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+    keys_app.command("create")(keys_create)
+    keys_app.command("list")(keys_list)
+    keys_app.command("revoke")(keys_revoke)
+    app.add_typer(keys_app, name="keys")

@@ -1,0 +1,94 @@
+"""What routes may depend on, as named aliases: the service's parts from app state, a
+database session, the caller's API key, the rate limit, and the resolved model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request, Response
+from sqlalchemy.orm import Session, sessionmaker
+
+from incontext.engine.protocol import EngineClient
+from incontext.errors import ModelNotFound
+from incontext.models.registry import ModelPreset, Registry
+from incontext.service.auth import authenticate
+from incontext.service.callbacks import CallbackSender
+from incontext.service.dispatcher import Dispatcher
+from incontext.service.errors import RateLimited
+from incontext.service.models import ApiKey
+from incontext.service.ratelimit import RateLimiter
+from incontext.service.storage import Storage
+from incontext.settings import Settings
+
+
+@dataclass
+class Service:
+    """Everything the lifespan builds once; lives on `app.state.service`."""
+
+    settings: Settings
+    registry: Registry
+    engine: EngineClient
+    sessions: sessionmaker[Session]
+    storage: Storage
+    dispatcher: Dispatcher
+    sender: CallbackSender
+    limiter: RateLimiter
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def get_settings(service: ServiceDep) -> Settings:
+    return service.settings
+
+
+def get_engine(service: ServiceDep) -> EngineClient:
+    return service.engine
+
+
+def get_storage(service: ServiceDep) -> Storage:
+    return service.storage
+
+
+def get_session(service: ServiceDep) -> Iterator[Session]:
+    with service.sessions() as session:
+        yield session
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+EngineDep = Annotated[EngineClient, Depends(get_engine)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+SessionDep = Annotated[Session, Depends(get_session)]
+KeyDep = Annotated[ApiKey, Depends(authenticate)]
+
+
+def resolve_model(model_id: str, service: ServiceDep) -> ModelPreset:
+    # Only registered ids and aliases: Registry.resolve also takes directory paths, which a
+    # URL must not be able to name.
+    if model_id.strip("/") not in service.registry.ids():
+        known = ", ".join(sorted(service.registry.ids()))
+        raise ModelNotFound(f"unknown model '{model_id}'; known models: {known}")
+    return service.registry.resolve(model_id)
+
+
+PresetDep = Annotated[ModelPreset, Depends(resolve_model)]
+
+
+def rate_limit(key: KeyDep, service: ServiceDep, response: Response) -> dict[str, str]:
+    """Count one creation against the key; the headers to send with the answer."""
+    decision = service.limiter.hit(key.id)
+    if not decision.allowed:
+        raise RateLimited(
+            f"rate limit of {decision.limit} creations per minute reached; retry in {decision.reset_s} s", headers=decision.headers()
+        )
+    response.headers.update(decision.headers())
+    return decision.headers()
+
+
+RateLimitDep = Annotated[dict[str, str], Depends(rate_limit)]

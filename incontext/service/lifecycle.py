@@ -1,0 +1,197 @@
+"""A run's states and every transition between them.
+
+    queued → dispatching → running → succeeded | failed | canceled
+       └──────────────┴────────┴──→ canceled (cancel) / failed (input lost at restart)
+
+Each transition is a compare-and-set on the status column, so the dispatcher, a cancel
+request and crash recovery can race and exactly one of them wins. The transition to a
+terminal state also queues the callback in the same transaction, so no finished run can
+miss its callback.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from incontext.service import callbacks
+from incontext.service.db import utcnow
+from incontext.service.errors import Conflict
+from incontext.service.models import Batch, Run, RunLog
+from incontext.service.storage import Storage
+
+log = logging.getLogger(__name__)
+
+QUEUED, DISPATCHING, RUNNING = "queued", "dispatching", "running"
+SUCCEEDED, FAILED, CANCELED, PARTIAL_SUCCEEDED = "succeeded", "failed", "canceled", "partial_succeeded"
+ACTIVE = (QUEUED, DISPATCHING, RUNNING)
+TERMINAL = (SUCCEEDED, FAILED, CANCELED)
+
+STATUSES = [
+    (QUEUED, False, "accepted, waiting for the engine (also while over the per-model concurrency cap)"),
+    (DISPATCHING, False, "claimed by the dispatcher; input being prepared"),
+    (RUNNING, False, "the engine is denoising"),
+    (SUCCEEDED, True, "finished; output holds the images"),
+    (FAILED, True, "finished without output; failure_code says why; costs nothing"),
+    (CANCELED, True, "canceled on request; inference stopped between steps; costs nothing"),
+    (PARTIAL_SUCCEEDED, True, "batches only: some items succeeded, some did not"),
+]
+
+
+def normalize_status(status: str) -> str:
+    # Hosted docs spell it both ways; store and report one.
+    return CANCELED if status == "cancelled" else status
+
+
+def add_log(session: Session, run_id: str, message: str, *, level: str = "info", meta: dict | None = None, at: datetime | None = None) -> None:
+    session.add(RunLog(run_id=run_id, level_code=level, message=message, meta=meta, timestamp=at or utcnow()))
+
+
+def create_run(session: Session, **fields: Any) -> Run:
+    run = Run(status=QUEUED, **fields)
+    session.add(run)
+    session.flush()
+    add_log(session, run.id, "accepted", meta={"model_id": run.engine_model_id, "num_images": run.num_images})
+    return run
+
+
+def _transition(session: Session, run_id: str, from_states: tuple[str, ...], **values: Any) -> Run | None:
+    """Set `values` if the run is still in one of `from_states`; the updated run, or None if another writer won."""
+    result = session.execute(
+        sa.update(Run).where(Run.id == run_id, Run.status.in_(from_states)).values(**values),
+        execution_options={"synchronize_session": False},
+    )
+    if result.rowcount != 1:
+        return None
+    return session.get(Run, run_id, populate_existing=True)
+
+
+def claim_queued(session: Session, cap_per_model: int) -> list[str]:
+    """Move queued runs to dispatching, oldest first, while each model stays under its cap."""
+    in_flight = dict(
+        session.execute(
+            sa.select(Run.engine_model_id, sa.func.count())
+            .where(Run.status.in_((DISPATCHING, RUNNING)))
+            .group_by(Run.engine_model_id)
+        ).all()
+    )
+    claimed = []
+    queued = session.execute(sa.select(Run.id, Run.engine_model_id).where(Run.status == QUEUED).order_by(Run.id).limit(500))
+    for run_id, model in queued:
+        if in_flight.get(model, 0) >= cap_per_model:
+            continue
+        if _transition(session, run_id, (QUEUED,), status=DISPATCHING):
+            in_flight[model] = in_flight.get(model, 0) + 1
+            claimed.append(run_id)
+    return claimed
+
+
+def mark_running(session: Session, run_id: str) -> Run | None:
+    run = _transition(session, run_id, (DISPATCHING,), status=RUNNING, started_at=utcnow())
+    if run:
+        add_log(session, run_id, "started", meta={"num_inference_steps": run.params.get("num_inference_steps")})
+    return run
+
+
+def finish(
+    session: Session,
+    storage: Storage,
+    run_id: str,
+    status: str,
+    *,
+    output: dict | None = None,
+    failure: tuple[str, str, str] | None = None,  # (code, message, stage_code)
+) -> Run | None:
+    """Move an active run to a terminal status, price it, log it, queue its callback.
+
+    The caller deletes the run's input file after committing (storage.delete_input).
+    Returns None when the run had already ended (e.g. canceled while the engine finished it):
+    the first terminal status stands.
+    """
+    values: dict[str, Any] = {"status": status, "completed_at": utcnow(), "output": output, "cost_micros": 0}
+    if failure:
+        values.update(failure_code=failure[0], failure_message=failure[1], failure_stage_code=failure[2])
+    run = _transition(session, run_id, ACTIVE, **values)
+    if run is None:
+        return None
+    if status == SUCCEEDED:
+        # Only delivered images are billed; the price was fixed when the run was accepted.
+        run.cost_micros = run.params["unit_price_micros"] * len(output["outputs"])
+    level = "error" if status == FAILED else "info"
+    add_log(session, run_id, status, level=level, meta={"failure_code": failure[0]} if failure else None)
+    if run.callback_url:
+        callbacks.enqueue_run(session, run, storage)
+    if run.batch_id:
+        finish_batch_if_done(session, storage, run.batch_id)
+    return run
+
+
+def cancel(session: Session, storage: Storage, run: Run) -> Run:
+    """Cancel in the database (the engine is told separately). Conflict if already ended."""
+    add_log(session, run.id, "cancel requested by client", level="warning")
+    ended = finish(session, storage, run.id, CANCELED)
+    if ended is None:
+        session.refresh(run)
+        raise Conflict(f"run {run.id} already ended with status {run.status}")
+    return ended
+
+
+def recover_interrupted(session: Session, storage: Storage) -> tuple[int, int]:
+    """At start-up: runs a crash left claimed or running go back to the queue, or fail
+    with INPUT_LOST if their input is gone. Returns (requeued, failed)."""
+    requeued = failed = 0
+    stuck = session.scalars(sa.select(Run.id).where(Run.status.in_((DISPATCHING, RUNNING))).order_by(Run.id)).all()
+    for run_id in stuck:
+        if storage.has_input(run_id):
+            if _transition(session, run_id, (DISPATCHING, RUNNING), status=QUEUED, started_at=None):
+                add_log(session, run_id, "requeued after a restart", level="warning")
+                requeued += 1
+        elif finish(session, storage, run_id, FAILED, failure=("INPUT_LOST", "the server restarted and the run's input file is gone", "dispatch")):
+            failed += 1
+    if requeued or failed:
+        log.warning("recovered interrupted runs: %d requeued, %d failed", requeued, failed)
+    return requeued, failed
+
+
+def batch_counts(session: Session, batch_id: str) -> tuple[dict[str, int], int]:
+    """Runs of a batch per status, and their summed cost in micros."""
+    rows = session.execute(
+        sa.select(Run.status, sa.func.count(), sa.func.coalesce(sa.func.sum(Run.cost_micros), 0))
+        .where(Run.batch_id == batch_id)
+        .group_by(Run.status)
+    ).all()
+    counts = {status: 0 for status in (*ACTIVE, *TERMINAL)}
+    for status, n, _ in rows:
+        counts[status] = n
+    counts["total"] = sum(n for _, n, _ in rows)
+    return counts, sum(int(c) for _, _, c in rows)
+
+
+def batch_status(counts: dict[str, int]) -> str:
+    if any(counts[s] for s in ACTIVE):
+        return QUEUED if counts[QUEUED] == counts["total"] else RUNNING
+    if counts[SUCCEEDED] == counts["total"]:
+        return SUCCEEDED
+    return FAILED if counts[SUCCEEDED] == 0 else PARTIAL_SUCCEEDED
+
+
+def finish_batch_if_done(session: Session, storage: Storage, batch_id: str) -> None:
+    # Lock the batch first: two of its runs ending in concurrent transactions would each
+    # count the other as still active, and neither would end the batch (PostgreSQL).
+    session.execute(sa.select(Batch.id).where(Batch.id == batch_id).with_for_update())
+    counts, _ = batch_counts(session, batch_id)
+    status = batch_status(counts)
+    if status not in (SUCCEEDED, FAILED, PARTIAL_SUCCEEDED):
+        return
+    result = session.execute(
+        sa.update(Batch).where(Batch.id == batch_id, Batch.completed_at.is_(None)).values(status=status, completed_at=utcnow()),
+        execution_options={"synchronize_session": False},
+    )
+    if result.rowcount == 1:
+        batch = session.get(Batch, batch_id, populate_existing=True)
+        if batch.callback_url:
+            callbacks.enqueue_batch(session, batch, counts, storage)

@@ -1,0 +1,49 @@
+"""Per-key rate limit on run creation: a fixed one-minute window, counted in memory.
+
+Every answer to a create request carries X-RateLimit-Limit, X-RateLimit-Remaining and
+X-RateLimit-Reset (seconds until the window resets); a refusal adds Retry-After.
+Counts live in this process only: a restart or a second server process starts afresh.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_s: int
+
+    def headers(self) -> dict[str, str]:
+        h = {"X-RateLimit-Limit": str(self.limit), "X-RateLimit-Remaining": str(self.remaining), "X-RateLimit-Reset": str(self.reset_s)}
+        if not self.allowed:
+            h["Retry-After"] = str(self.reset_s)
+        return h
+
+
+class RateLimiter:
+    def __init__(self, limit: int, window_s: float = 60.0, clock=time.monotonic):
+        self.limit = limit
+        self.window_s = window_s
+        self._clock = clock
+        self._windows: dict[str, tuple[float, int]] = {}  # key id → (window start, count)
+        self._lock = threading.Lock()  # routes run in a thread pool
+
+    def hit(self, key_id: str) -> Decision:
+        now = self._clock()
+        with self._lock:
+            start, count = self._windows.get(key_id, (now, 0))
+            if now - start >= self.window_s:
+                start, count = now, 0
+            allowed = count < self.limit
+            if allowed:
+                count += 1
+            self._windows[key_id] = (start, count)
+        reset = max(1, math.ceil(start + self.window_s - now))
+        return Decision(allowed, self.limit, self.limit - count, reset)

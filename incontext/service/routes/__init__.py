@@ -1,0 +1,1 @@
+"""HTTP routes, one module per resource; each depends only on deps.py aliases."""

@@ -1,0 +1,94 @@
+"""Batches: up to 100 inputs submitted at once, each becoming a run; one callback at the end."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError
+
+from incontext.service import lifecycle, store, submission
+from incontext.service.deps import KeyDep, PresetDep, RateLimitDep, ServiceDep, SessionDep
+from incontext.service.models import Batch
+from incontext.service.routes.runs import IdempotencyKey, replay_response
+from incontext.service.schemas import BatchCreate, BatchPublic, RunList, RunPublic
+
+router = APIRouter(prefix="/v1", tags=["batches"])
+
+
+def batch_public(session, batch: Batch, storage) -> BatchPublic:
+    counts, cost = lifecycle.batch_counts(session, batch.id)
+    status = batch.status or lifecycle.batch_status(counts)
+    return BatchPublic.from_row(batch, status, counts, cost, storage)
+
+
+@router.post("/models/{model_id:path}/batches", status_code=201, response_model=BatchPublic)
+def create_batch(
+    model_id: str,
+    body: BatchCreate,
+    request: Request,
+    key: KeyDep,
+    preset: PresetDep,
+    limits: RateLimitDep,
+    service: ServiceDep,
+    session: SessionDep,
+    idempotency_key: IdempotencyKey = None,
+):
+    """All items are validated (images fetched and decoded) before any is queued: one bad
+    item rejects the batch with a 422 naming it (`input.3.image_url`)."""
+    digest = None
+    if idempotency_key is not None:
+        store.check_idempotency_key(idempotency_key)
+        digest = store.request_hash(f"batches {model_id.strip('/')}", body.model_dump(mode="json", exclude_unset=True))
+        if replay := replay_response(session, key.id, idempotency_key, digest, limits):
+            return replay
+        session.commit()
+    prepared = [
+        submission.prepare(
+            item, field=f"input.{i}", model_id=model_id, preset=preset, api_key_id=key.id,
+            session=session, storage=service.storage, settings=service.settings,
+        )
+        for i, item in enumerate(body.input)
+    ]
+    batch = Batch(api_key_id=key.id, model_id=model_id.strip("/"), meta=body.metadata, callback_url=body.callback_url)
+    session.add(batch)
+    session.flush()
+    runs = [
+        submission.queue(session, service.storage, p, batch_id=batch.id, client_ref=item.client_ref, request_id=request.state.request_id)
+        for p, item in zip(prepared, body.input)
+    ]
+    content = batch_public(session, batch, service.storage).model_dump(mode="json")
+    if digest:
+        store.remember(session, key.id, idempotency_key, digest, 201, content)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        for run in runs:
+            service.storage.delete_input(run.id)
+        if digest and (replay := replay_response(session, key.id, idempotency_key, digest, limits)):
+            return replay
+        raise
+    service.dispatcher.wake()
+    return JSONResponse(content, status_code=201, headers=limits)
+
+
+@router.get("/batches/{batch_id}", response_model=BatchPublic)
+def get_batch(batch_id: str, key: KeyDep, service: ServiceDep, session: SessionDep):
+    return batch_public(session, store.get_batch(session, key.id, batch_id), service.storage)
+
+
+@router.get("/batches/{batch_id}/items", response_model=RunList)
+def get_batch_items(
+    batch_id: str,
+    key: KeyDep,
+    service: ServiceDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 100,
+    cursor: str | None = None,
+):
+    """The batch's runs in submission order."""
+    store.get_batch(session, key.id, batch_id)
+    rows, next_cursor = store.list_runs(session, key.id, limit=limit, cursor=cursor, batch_id=batch_id, oldest_first=True)
+    return RunList(items=[RunPublic.from_row(r, service.storage) for r in rows], next_cursor=next_cursor)

@@ -1,0 +1,61 @@
+"""Callback secrets (create, list, revoke) and each run's delivery history and redelivery."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from incontext.service import callbacks, lifecycle, store
+from incontext.service.deps import KeyDep, ServiceDep, SessionDep
+from incontext.service.errors import Conflict
+from incontext.service.schemas import (
+    CallbackSecretCreate,
+    CallbackSecretCreated,
+    CallbackSecretList,
+    CallbackSecretPublic,
+    DeliveryList,
+    DeliveryPublic,
+)
+
+router = APIRouter(prefix="/v1", tags=["callbacks"])
+
+
+@router.post("/callback-secrets", status_code=201, response_model=CallbackSecretCreated)
+def create_callback_secret(body: CallbackSecretCreate, key: KeyDep, session: SessionDep):
+    """A new signing secret, shown once. The two newest active secrets both sign, so
+    rotate by creating a new one, updating the receiver, then revoking the old one."""
+    row, plain = callbacks.create_secret(session, key.id, body.label)
+    session.commit()
+    return CallbackSecretCreated(**CallbackSecretPublic.from_row(row).model_dump(), plain_secret=plain)
+
+
+@router.get("/callback-secrets", response_model=CallbackSecretList)
+def list_callback_secrets(key: KeyDep, session: SessionDep):
+    return CallbackSecretList(items=[CallbackSecretPublic.from_row(r) for r in callbacks.list_secrets(session, key.id)])
+
+
+@router.delete("/callback-secrets/{secret_id}", response_model=CallbackSecretPublic)
+def revoke_callback_secret(secret_id: str, key: KeyDep, session: SessionDep):
+    row = callbacks.revoke_secret(session, key.id, secret_id)
+    session.commit()
+    return CallbackSecretPublic.from_row(row)
+
+
+@router.get("/runs/{run_id}/callback", response_model=DeliveryList)
+def get_run_callback(run_id: str, key: KeyDep, session: SessionDep):
+    """Every delivery of the run's callback, each with every attempt."""
+    store.get_run(session, key.id, run_id)
+    return DeliveryList(items=[DeliveryPublic.from_row(d, a) for d, a in callbacks.deliveries_for_run(session, run_id)])
+
+
+@router.post("/runs/{run_id}/callback-redeliveries", status_code=201, response_model=DeliveryPublic)
+def redeliver_run_callback(run_id: str, key: KeyDep, service: ServiceDep, session: SessionDep):
+    """Send the run's callback again, as a new delivery (with fresh output URLs)."""
+    run = store.get_run(session, key.id, run_id)
+    if not run.callback_url:
+        raise Conflict("the run has no callback_url")
+    if run.status not in lifecycle.TERMINAL:
+        raise Conflict(f"the run has not ended (status {run.status}); its callback is sent when it does")
+    delivery = callbacks.enqueue_run(session, run, service.storage)
+    session.commit()
+    service.sender.wake()
+    return DeliveryPublic.from_row(delivery, [])

@@ -1,0 +1,22 @@
+"""Output files behind signed, expiring URLs. No API key: the signature is the permission."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+
+from incontext import imageio
+from incontext.service.deps import StorageDep
+from incontext.service.errors import PermissionDenied
+
+router = APIRouter(prefix="/v1", tags=["files"])
+
+
+@router.get("/files/{relpath:path}", response_class=FileResponse)
+def get_file(relpath: str, storage: StorageDep, expires: int | None = None, sig: str | None = None):
+    """403 for a missing or bad signature or a past expiry: fetch the run again for fresh URLs."""
+    if expires is None or sig is None:
+        raise PermissionDenied("file URLs must carry expires and sig; take them from the run's output")
+    storage.check_signature(relpath, expires, sig)
+    path = storage.output_path(relpath)
+    return FileResponse(path, media_type=imageio.content_type(path.suffix), headers={"Cache-Control": "private, max-age=300"})

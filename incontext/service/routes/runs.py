@@ -1,0 +1,125 @@
+"""Runs: create (201, queued at once), read, list, logs, statuses, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from incontext.service import lifecycle, store, submission
+from incontext.service.deps import KeyDep, PresetDep, RateLimitDep, ServiceDep, SessionDep, StorageDep
+from incontext.service.errors import ValidationFailed, field_error
+from incontext.service.schemas import LogList, LogPublic, RunCreate, RunList, RunPublic, StatusList, StatusPublic
+
+router = APIRouter(prefix="/v1", tags=["runs"])
+
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", description="same key + same body replays the first response")]
+
+
+def replay_response(session: Session, api_key_id: str, key: str, digest: str, headers: dict) -> JSONResponse | None:
+    record = store.replay(session, api_key_id, key, digest)
+    if record is None:
+        return None
+    return JSONResponse(record.response, status_code=record.status_code, headers={**headers, "Idempotent-Replayed": "true"})
+
+
+@router.post("/models/{model_id:path}/runs", status_code=201, response_model=RunPublic)
+def create_run(
+    model_id: str,
+    body: RunCreate,
+    request: Request,
+    key: KeyDep,
+    preset: PresetDep,
+    limits: RateLimitDep,
+    service: ServiceDep,
+    session: SessionDep,
+    idempotency_key: IdempotencyKey = None,
+):
+    digest = None
+    if idempotency_key is not None:
+        store.check_idempotency_key(idempotency_key)
+        digest = store.request_hash(f"runs {model_id.strip('/')}", body.model_dump(mode="json", exclude_unset=True))
+        if replay := replay_response(session, key.id, idempotency_key, digest, limits):
+            return replay
+        session.commit()  # no transaction open while the image is fetched
+    prepared = submission.prepare(
+        body.input, field="input", model_id=model_id, preset=preset, api_key_id=key.id,
+        session=session, storage=service.storage, settings=service.settings,
+    )
+    run = submission.queue(
+        session, service.storage, prepared,
+        meta=body.metadata, callback_url=body.callback_url, client_ref=body.client_ref, request_id=request.state.request_id,
+    )
+    content = RunPublic.from_row(run, service.storage).model_dump(mode="json")
+    if digest:
+        store.remember(session, key.id, idempotency_key, digest, 201, content)
+    try:
+        session.commit()
+    except IntegrityError:
+        # The same Idempotency-Key won a race in another request: answer as it did.
+        session.rollback()
+        service.storage.delete_input(run.id)
+        if digest and (replay := replay_response(session, key.id, idempotency_key, digest, limits)):
+            return replay
+        raise
+    service.dispatcher.wake()
+    return JSONResponse(content, status_code=201, headers=limits)
+
+
+@router.get("/runs/statuses", response_model=StatusList)
+def run_statuses(_: KeyDep):
+    return StatusList(items=[StatusPublic(code=c, terminal=t, description=d) for c, t, d in lifecycle.STATUSES])
+
+
+@router.get("/runs", response_model=RunList)
+def list_runs(
+    key: KeyDep,
+    service: ServiceDep,
+    session: SessionDep,
+    status: Annotated[list[str] | None, Query(description="one or more statuses; repeat or comma-separate")] = None,
+    model_id: str | None = None,
+    batch_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: str | None = None,
+):
+    statuses = None
+    if status:
+        statuses = [lifecycle.normalize_status(s.strip()) for part in status for s in part.split(",") if s.strip()]
+        known = {c for c, _, _ in lifecycle.STATUSES}
+        if bad := [s for s in statuses if s not in known]:
+            raise ValidationFailed(f"unknown status {bad[0]!r}", errors=[field_error("status", f"one of {sorted(known)}", "enum")])
+    engine_model_id = None
+    if model_id:
+        ids = service.registry.ids()
+        # Any alias finds the runs of its model; an unknown id simply matches nothing.
+        engine_model_id = service.registry.resolve(model_id).id if model_id.strip("/") in ids else model_id
+    rows, next_cursor = store.list_runs(
+        session, key.id, limit=limit, cursor=cursor, statuses=statuses, engine_model_id=engine_model_id, batch_id=batch_id
+    )
+    return RunList(items=[RunPublic.from_row(r, service.storage) for r in rows], next_cursor=next_cursor)
+
+
+@router.get("/runs/{run_id}", response_model=RunPublic)
+def get_run(run_id: str, key: KeyDep, storage: StorageDep, session: SessionDep):
+    return RunPublic.from_row(store.get_run(session, key.id, run_id), storage)
+
+
+@router.get("/runs/{run_id}/logs", response_model=LogList)
+def get_run_logs(run_id: str, key: KeyDep, session: SessionDep):
+    store.get_run(session, key.id, run_id)
+    return LogList(items=[LogPublic.from_row(r) for r in store.run_logs(session, run_id)])
+
+
+@router.post("/runs/{run_id}/cancel", response_model=RunPublic)
+def cancel_run(run_id: str, key: KeyDep, service: ServiceDep, session: SessionDep):
+    """Cancel a queued or running run: the engine stops at the next denoising step and the
+    run costs nothing. 409 CONFLICT if it already ended."""
+    run = lifecycle.cancel(session, service.storage, store.get_run(session, key.id, run_id))
+    session.commit()
+    service.storage.delete_input(run_id)
+    service.dispatcher.cancel(run_id)
+    service.sender.wake()
+    return RunPublic.from_row(run, service.storage)

@@ -1,0 +1,321 @@
+"""What clients send and see: one schema family per resource (RunCreate → RunPublic, …).
+
+Rows never leave the service as they are; `*.from_row` picks the public fields, renders
+costs as decimal strings and signs output URLs afresh on every read.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from incontext.service.models import ApiKey, Batch, CallbackAttempt, CallbackDelivery, CallbackSecret, Run, RunLog
+from incontext.service.storage import Storage
+
+MAX_SEED = 2**62  # seeds of one run are seed..seed+3; keep them inside a signed 64-bit int
+
+
+def _tolerance(value: Any) -> Any:
+    # Hosted docs say "1".."6" (a string); clients written against the BFL API send an int.
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if value not in {"1", "2", "3", "4", "5", "6"}:
+        raise ValueError('safety_tolerance must be one of "1".."6"')
+    return value
+
+
+def _output_format(value: Any) -> Any:
+    return "jpeg" if isinstance(value, str) and value.lower() in ("jpg", "jpeg") else value
+
+
+class KontextInput(BaseModel):
+    """The `input` of flux-pro/kontext (and every model this server serves)."""
+
+    # Unknown fields are ignored, as hosted APIs do, so clients sending extra options still work.
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(min_length=1, max_length=4000, description="the edit instruction")
+    image_url: str = Field(min_length=1, description="http(s) URL, data: URI, or an output URL of this server")
+    aspect_ratio: str | None = Field(None, description="21:9 … 9:21 or match_input_image; default: the input's")
+    num_images: int = Field(1, ge=1, le=4)
+    guidance_scale: float = Field(3.5, ge=1, le=20)
+    output_format: Annotated[Literal["jpeg", "png"], BeforeValidator(_output_format)] = "jpeg"
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when absent; reported in the output")
+    safety_tolerance: Annotated[str, BeforeValidator(_tolerance)] = "2"
+    enhance_prompt: bool = False
+    sync_mode: bool = Field(False, description="return data URIs and keep no file")
+    num_inference_steps: int | None = Field(None, ge=1, le=50, description="default: the model's")
+
+
+def _check_callback_url(value: str | None) -> str | None:
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise ValueError("callback_url must be an http(s) URL")
+    return value
+
+
+class RunCreate(BaseModel):
+    input: KontextInput
+    metadata: dict[str, Any] | None = None
+    callback_url: str | None = Field(None, max_length=2048)
+    client_ref: str | None = Field(None, max_length=255)
+
+    _callback = field_validator("callback_url")(_check_callback_url)
+
+
+class BatchItem(KontextInput):
+    client_ref: str | None = Field(None, max_length=255)
+
+
+class BatchCreate(BaseModel):
+    input: list[BatchItem] = Field(min_length=1, max_length=100)
+    metadata: dict[str, Any] | None = None
+    callback_url: str | None = Field(None, max_length=2048)
+
+    _callback = field_validator("callback_url")(_check_callback_url)
+
+
+def format_cost(micros: int) -> str:
+    """Millionths of a dollar → a decimal string with at least two places ("0.04", "0.00")."""
+    value = Decimal(micros).scaleb(-6)
+    cents = value.quantize(Decimal("0.01"))
+    return f"{cents:f}" if cents == value else f"{value.normalize():f}"
+
+
+def public_output(output: dict | None, storage: Storage) -> dict | None:
+    """The stored output with URLs signed now: `outputs[]` and `image_urls[]`, both."""
+    if output is None:
+        return None
+    items = []
+    for item in output["outputs"]:
+        url = item["data_uri"] if item.get("data_uri") else storage.signed_url(item["file"])
+        items.append({"type": "image", "url": url, **{k: item[k] for k in ("content_type", "width", "height", "seed")}})
+    extra = {k: v for k, v in output.items() if k != "outputs"}
+    return {"outputs": items, "image_urls": [i["url"] for i in items], **extra}
+
+
+class RunPublic(BaseModel):
+    id: str
+    model_id: str
+    status_code: str
+    input: dict[str, Any]
+    output: dict[str, Any] | None
+    duration_ms: int | None
+    cost: str
+    cost_breakdown: list[dict[str, Any]]
+    client_ref: str | None
+    batch_id: str | None
+    parent_run_id: str | None
+    request_id: str | None
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    callback_url: str | None
+    metadata: dict[str, Any] | None
+    has_logs: bool
+    links: dict[str, str]
+    failure_code: str | None
+    failure_message: str | None
+    failure_stage_code: str | None
+
+    @classmethod
+    def from_row(cls, run: Run, storage: Storage) -> RunPublic:
+        duration = None
+        if run.started_at and run.completed_at:
+            duration = int((run.completed_at - run.started_at).total_seconds() * 1000)
+        breakdown = []
+        if run.cost_micros:
+            unit = run.params["unit_price_micros"]
+            breakdown = [{"item": "image", "quantity": run.num_images, "unit_price": format_cost(unit), "amount": format_cost(run.cost_micros)}]
+        base = f"{storage.base_url}/v1/runs/{run.id}"
+        links = {"self": base, "logs": f"{base}/logs", "cancel": f"{base}/cancel", "callback": f"{base}/callback"}
+        if run.batch_id:
+            links["batch"] = f"{storage.base_url}/v1/batches/{run.batch_id}"
+        return cls(
+            id=run.id,
+            model_id=run.model_id,
+            status_code=run.status,
+            input=run.input,
+            output=public_output(run.output, storage),
+            duration_ms=duration,
+            cost=format_cost(run.cost_micros),
+            cost_breakdown=breakdown,
+            client_ref=run.client_ref,
+            batch_id=run.batch_id,
+            parent_run_id=run.parent_run_id,
+            request_id=run.request_id,
+            created_at=run.created_at,
+            started_at=run.started_at,
+            completed_at=run.completed_at,
+            callback_url=run.callback_url,
+            metadata=run.meta,
+            has_logs=True,  # every run logs "accepted" in the transaction that creates it
+            links=links,
+            failure_code=run.failure_code,
+            failure_message=run.failure_message,
+            failure_stage_code=run.failure_stage_code,
+        )
+
+
+class RunList(BaseModel):
+    items: list[RunPublic]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last")
+
+
+class StatusPublic(BaseModel):
+    code: str
+    terminal: bool
+    description: str
+
+
+class StatusList(BaseModel):
+    items: list[StatusPublic]
+
+
+class LogPublic(BaseModel):
+    id: str
+    run_id: str
+    level_code: str
+    message: str
+    timestamp: datetime
+    meta: dict[str, Any] | None
+
+    @classmethod
+    def from_row(cls, row: RunLog) -> LogPublic:
+        return cls(id=row.id, run_id=row.run_id, level_code=row.level_code, message=row.message, timestamp=row.timestamp, meta=row.meta)
+
+
+class LogList(BaseModel):
+    items: list[LogPublic]
+
+
+class BatchPublic(BaseModel):
+    id: str
+    model_id: str
+    status_code: str
+    counts: dict[str, int]
+    cost: str
+    metadata: dict[str, Any] | None
+    callback_url: str | None
+    created_at: datetime
+    completed_at: datetime | None
+    links: dict[str, str]
+
+    @classmethod
+    def from_row(cls, batch: Batch, status: str, counts: dict[str, int], cost_micros: int, storage: Storage) -> BatchPublic:
+        base = f"{storage.base_url}/v1/batches/{batch.id}"
+        return cls(
+            id=batch.id,
+            model_id=batch.model_id,
+            status_code=status,
+            counts=counts,
+            cost=format_cost(cost_micros),
+            metadata=batch.meta,
+            callback_url=batch.callback_url,
+            created_at=batch.created_at,
+            completed_at=batch.completed_at,
+            links={"self": base, "items": f"{base}/items"},
+        )
+
+
+class CallbackSecretCreate(BaseModel):
+    label: str | None = Field(None, max_length=255)
+
+
+class CallbackSecretPublic(BaseModel):
+    id: str
+    label: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: CallbackSecret) -> CallbackSecretPublic:
+        return cls(id=row.id, label=row.label, created_at=row.created_at, revoked_at=row.revoked_at)
+
+
+class CallbackSecretCreated(CallbackSecretPublic):
+    plain_secret: str = Field(description="shown once; store it to verify callback signatures")
+
+
+class CallbackSecretList(BaseModel):
+    items: list[CallbackSecretPublic]
+
+
+class AttemptPublic(BaseModel):
+    attempt_number: int
+    status_code: int | None
+    response_time_ms: int
+    error_message: str | None
+    created_at: datetime
+
+
+class DeliveryPublic(BaseModel):
+    id: str
+    run_id: str | None
+    batch_id: str | None
+    url: str
+    event: str
+    status: str
+    attempt_count: int
+    next_attempt_at: datetime | None
+    created_at: datetime
+    completed_at: datetime | None
+    attempts: list[AttemptPublic]
+
+    @classmethod
+    def from_row(cls, row: CallbackDelivery, attempts: list[CallbackAttempt]) -> DeliveryPublic:
+        return cls(
+            id=row.id,
+            run_id=row.run_id,
+            batch_id=row.batch_id,
+            url=row.url,
+            event=row.event,
+            status=row.status,
+            attempt_count=row.attempt_count,
+            next_attempt_at=row.next_attempt_at,
+            created_at=row.created_at,
+            completed_at=row.completed_at,
+            attempts=[
+                AttemptPublic(
+                    attempt_number=a.attempt_number,
+                    status_code=a.status_code,
+                    response_time_ms=a.response_time_ms,
+                    error_message=a.error_message,
+                    created_at=a.created_at,
+                )
+                for a in attempts
+            ],
+        )
+
+
+class DeliveryList(BaseModel):
+    items: list[DeliveryPublic]
+
+
+class KeyPublic(BaseModel):
+    id: str
+    label: str | None
+    prefix: str
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: ApiKey) -> KeyPublic:
+        return cls(id=row.id, label=row.label, prefix=row.prefix, created_at=row.created_at)
+
+
+class ModelUsage(BaseModel):
+    model_id: str
+    runs: int
+    succeeded: int
+    images: int
+    cost: str
+
+
+class UsagePublic(BaseModel):
+    api_key_id: str
+    runs: int
+    images: int
+    cost: str
+    models: list[ModelUsage]

@@ -1,0 +1,120 @@
+"""Run inputs and outputs on disk, and the signed, expiring URLs that serve outputs.
+
+    <data_dir>/inputs/<run_id>              the input image bytes as received
+    <data_dir>/outputs/<run_id>/<i>.<ext>   output image i
+
+An output URL is `<base>/v1/files/<run_id>/<i>.<ext>?expires=<unix s>&sig=<HMAC>`: whoever holds
+it may download the file until it expires, with no API key (as hosted output URLs work).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import time
+from pathlib import Path
+from urllib.parse import urlencode, urlsplit, parse_qs
+
+from incontext.service.errors import NotFound, PermissionDenied
+
+FILES_PREFIX = "/v1/files/"
+_RELPATH = re.compile(r"^[0-9a-f-]{36}/[0-9]{1,2}\.(jpeg|png)$")
+
+
+def load_or_create_secret(data_dir: Path, configured: str | None) -> bytes:
+    """The URL-signing key: configured, or made once and kept in the data dir so URLs
+    stay valid across restarts."""
+    if configured:
+        return configured.encode()
+    path = data_dir / "secret_key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(48))
+    return path.read_text().strip().encode()
+
+
+class Storage:
+    def __init__(self, data_dir: Path, *, secret: bytes, base_url: str, ttl_seconds: int):
+        self.inputs = data_dir / "inputs"
+        self.outputs = data_dir / "outputs"
+        self.inputs.mkdir(parents=True, exist_ok=True)
+        self.outputs.mkdir(parents=True, exist_ok=True)
+        self._secret = secret
+        self.base_url = base_url.rstrip("/")
+        self.ttl_seconds = ttl_seconds
+
+    # Inputs: kept until the run ends, so a restart can run it again.
+    def save_input(self, run_id: str, data: bytes) -> None:
+        _write_atomic(self.inputs / run_id, data)
+
+    def read_input(self, run_id: str) -> bytes | None:
+        path = self.inputs / run_id
+        return path.read_bytes() if path.exists() else None
+
+    def has_input(self, run_id: str) -> bool:
+        return (self.inputs / run_id).exists()
+
+    def delete_input(self, run_id: str) -> None:
+        (self.inputs / run_id).unlink(missing_ok=True)
+
+    # Outputs.
+    def save_output(self, run_id: str, index: int, data: bytes, ext: str) -> str:
+        relpath = f"{run_id}/{index}.{ext}"
+        (self.outputs / run_id).mkdir(exist_ok=True)
+        _write_atomic(self.outputs / relpath, data)
+        return relpath
+
+    def output_path(self, relpath: str) -> Path:
+        if not _RELPATH.match(relpath):
+            raise NotFound("no such file")
+        path = self.outputs / relpath
+        if not path.is_file():
+            raise NotFound("no such file")
+        return path
+
+    def signed_url(self, relpath: str) -> str:
+        expires = int(time.time()) + self.ttl_seconds
+        query = urlencode({"expires": expires, "sig": self._sign(relpath, expires)})
+        return f"{self.base_url}{FILES_PREFIX}{relpath}?{query}"
+
+    def check_signature(self, relpath: str, expires: int, sig: str, *, now: float | None = None) -> None:
+        """Raises PermissionDenied (403) for a bad signature or a past expiry."""
+        if not hmac.compare_digest(self._sign(relpath, expires), sig):
+            raise PermissionDenied("bad file signature")
+        if expires < (time.time() if now is None else now):
+            raise PermissionDenied("file URL expired; fetch the run again for a fresh URL")
+
+    def own_output(self, url: str) -> tuple[str, str] | None:
+        """(run_id, relpath) if `url` is an output URL this server signed, else None.
+
+        The host is not compared (the server may be reached by several names) and the expiry
+        is not enforced: the signature alone proves the URL came from here.
+        """
+        parts = urlsplit(url)
+        if not parts.path.startswith(FILES_PREFIX):
+            return None
+        relpath = parts.path[len(FILES_PREFIX) :]
+        query = parse_qs(parts.query)
+        try:
+            expires, sig = int(query["expires"][0]), query["sig"][0]
+        except (KeyError, ValueError):
+            return None
+        if not _RELPATH.match(relpath) or not hmac.compare_digest(self._sign(relpath, expires), sig):
+            return None
+        return relpath.split("/", 1)[0], relpath
+
+    def _sign(self, relpath: str, expires: int) -> str:
+        mac = hmac.new(self._secret, f"{relpath}\n{expires}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    # A crash mid-write must not leave a truncated image that a restart would then use.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

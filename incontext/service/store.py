@@ -1,0 +1,113 @@
+"""Read queries the routes need (runs, logs, batches, usage) and idempotency records.
+
+State changes of runs are in lifecycle.py; this module only reads, scoped to one API key:
+another key's run is reported as not found, never as forbidden.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from incontext.service.errors import Conflict, NotFound, RunNotFound, ValidationFailed, field_error
+from incontext.service.models import Batch, IdempotencyRecord, Run, RunLog
+from incontext.service.schemas import ModelUsage, UsagePublic, format_cost
+
+
+def get_run(session: Session, api_key_id: str, run_id: str) -> Run:
+    run = session.get(Run, run_id)
+    if run is None or run.api_key_id != api_key_id:
+        raise RunNotFound(f"run {run_id} not found")
+    return run
+
+
+def list_runs(
+    session: Session,
+    api_key_id: str,
+    *,
+    limit: int,
+    cursor: str | None = None,
+    statuses: list[str] | None = None,
+    engine_model_id: str | None = None,
+    batch_id: str | None = None,
+    oldest_first: bool = False,
+) -> tuple[list[Run], str | None]:
+    """A page of runs and the cursor of the next page. Ids are UUIDv7, so ordering by id is
+    ordering by creation, and the last id of a page is a stable cursor."""
+    query = sa.select(Run).where(Run.api_key_id == api_key_id)
+    if statuses:
+        query = query.where(Run.status.in_(statuses))
+    if engine_model_id:
+        query = query.where(Run.engine_model_id == engine_model_id)
+    if batch_id:
+        query = query.where(Run.batch_id == batch_id)
+    if cursor:
+        query = query.where(Run.id > cursor if oldest_first else Run.id < cursor)
+    query = query.order_by(Run.id if oldest_first else Run.id.desc()).limit(limit + 1)
+    rows = list(session.scalars(query))
+    next_cursor = rows[limit - 1].id if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+def run_logs(session: Session, run_id: str) -> list[RunLog]:
+    return list(session.scalars(sa.select(RunLog).where(RunLog.run_id == run_id).order_by(RunLog.timestamp, RunLog.id)))
+
+
+def get_batch(session: Session, api_key_id: str, batch_id: str) -> Batch:
+    batch = session.get(Batch, batch_id)
+    if batch is None or batch.api_key_id != api_key_id:
+        raise NotFound(f"batch {batch_id} not found", code="BATCH_NOT_FOUND")
+    return batch
+
+
+# Idempotency: same key + same body → the first response again; a different body → 409.
+def request_hash(route: str, body: Any) -> str:
+    canonical = json.dumps([route, body], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def check_idempotency_key(key: str | None) -> None:
+    if key is not None and not 1 <= len(key) <= 255:
+        raise ValidationFailed("Idempotency-Key must be 1 to 255 characters", errors=[field_error("header.Idempotency-Key", "1 to 255 characters", "string_too_long")])
+
+
+def replay(session: Session, api_key_id: str, key: str, digest: str) -> IdempotencyRecord | None:
+    record = session.get(IdempotencyRecord, (api_key_id, key))
+    if record is not None and record.request_hash != digest:
+        raise Conflict("this Idempotency-Key was already used with a different request body")
+    return record
+
+
+def remember(session: Session, api_key_id: str, key: str, digest: str, status_code: int, response: dict) -> None:
+    session.add(IdempotencyRecord(api_key_id=api_key_id, key=key, request_hash=digest, status_code=status_code, response=response))
+
+
+def usage(session: Session, api_key_id: str) -> UsagePublic:
+    rows = session.execute(
+        sa.select(Run.engine_model_id, Run.status, sa.func.count(), sa.func.sum(Run.num_images), sa.func.sum(Run.cost_micros))
+        .where(Run.api_key_id == api_key_id)
+        .group_by(Run.engine_model_id, Run.status)
+    ).all()
+    per_model: dict[str, dict[str, int]] = {}
+    for model, status, count, images, cost in rows:
+        m = per_model.setdefault(model, {"runs": 0, "succeeded": 0, "images": 0, "cost": 0})
+        m["runs"] += count
+        m["cost"] += int(cost or 0)
+        if status == "succeeded":  # only delivered images count
+            m["succeeded"] += count
+            m["images"] += int(images or 0)
+    models = [
+        ModelUsage(model_id=model, runs=m["runs"], succeeded=m["succeeded"], images=m["images"], cost=format_cost(m["cost"]))
+        for model, m in sorted(per_model.items())
+    ]
+    return UsagePublic(
+        api_key_id=api_key_id,
+        runs=sum(m["runs"] for m in per_model.values()),
+        images=sum(m["images"] for m in per_model.values()),
+        cost=format_cost(sum(m["cost"] for m in per_model.values())),
+        models=models,
+    )

@@ -1,0 +1,106 @@
+"""A validated `input` → a queued run: the image checked and stored, defaults and the seed
+fixed, the price recorded. Shared by single runs and batch items."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from incontext.errors import IncontextError
+from incontext.models.registry import ModelPreset
+from incontext.service import lifecycle
+from incontext.service.errors import at_field
+from incontext.service.inputs import load_source, output_size
+from incontext.service.models import Run
+from incontext.service.schemas import KontextInput
+from incontext.service.storage import Storage
+from incontext.settings import Settings
+
+_DATA_URI_HEAD = re.compile(r"^(data:[^,]{0,100}),", re.IGNORECASE)
+
+
+@dataclass
+class PreparedRun:
+    fields: dict[str, Any]  # columns for lifecycle.create_run
+    input_bytes: bytes
+
+
+def prepare(
+    item: KontextInput,
+    *,
+    field: str,
+    model_id: str,
+    preset: ModelPreset,
+    api_key_id: str,
+    session: Session,
+    storage: Storage,
+    settings: Settings,
+) -> PreparedRun:
+    """Fetch and validate the image; raises IncontextError pinned to `field`.image_url etc.
+    May fetch over the network: call it with no database transaction open."""
+    try:
+        source = load_source(item.image_url, api_key_id=api_key_id, session=session, storage=storage, settings=settings)
+    except IncontextError as exc:
+        raise at_field(exc, f"{field}.image_url") from None
+    try:
+        width, height = output_size(source.image, item.aspect_ratio, preset)
+    except IncontextError as exc:
+        raise at_field(exc, f"{field}.aspect_ratio") from None
+
+    given = item.model_fields_set
+    params = {
+        "prompt": item.prompt,
+        # Drawn here, not in the engine, so it is recorded and a re-run after a restart
+        # produces the same images.
+        "seed": item.seed if item.seed is not None else secrets.randbelow(2**32),
+        "num_images": item.num_images,
+        "guidance_scale": item.guidance_scale if "guidance_scale" in given else preset.guidance_scale,
+        "num_inference_steps": item.num_inference_steps or preset.num_inference_steps,
+        "output_format": item.output_format,
+        "sync_mode": item.sync_mode,
+        "width": width,
+        "height": height,
+        "unit_price_micros": int(preset.price_per_image * 1_000_000),
+        # Multi-turn: the engine may reuse the parent's latents, which only identify the
+        # image when the parent made exactly one.
+        "parent_request_id": _single_output_parent(session, source.parent_run_id),
+    }
+    echo = item.model_dump(mode="json", include=given - {"client_ref"})
+    echo["image_url"] = abbreviate_data_uri(echo["image_url"])
+    fields = {
+        "api_key_id": api_key_id,
+        "model_id": model_id.strip("/"),
+        "engine_model_id": preset.id,
+        "input": echo,
+        "params": params,
+        "num_images": item.num_images,
+        "parent_run_id": source.parent_run_id,
+    }
+    return PreparedRun(fields=fields, input_bytes=source.data)
+
+
+def queue(session: Session, storage: Storage, prepared: PreparedRun, **extra: Any) -> Run:
+    """Insert the run and store its input; the caller commits (and deletes the input file
+    with storage.delete_input if the commit fails)."""
+    run = lifecycle.create_run(session, **prepared.fields, **extra)
+    storage.save_input(run.id, prepared.input_bytes)
+    return run
+
+
+def abbreviate_data_uri(url: str) -> str:
+    """Runs echo their input; a multi-megabyte data URI would swell every read of the run."""
+    match = _DATA_URI_HEAD.match(url)
+    if not match:
+        return url
+    return f"{match.group(1)},<{len(url) - match.end():,} characters omitted>"
+
+
+def _single_output_parent(session: Session, parent_run_id: str | None) -> str | None:
+    if parent_run_id is None:
+        return None
+    parent = session.get(Run, parent_run_id)
+    return parent_run_id if parent is not None and parent.num_images == 1 else None

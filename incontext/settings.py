@@ -1,0 +1,114 @@
+"""The one settings object: every knob of the server, read from `INCONTEXT_*` variables.
+
+    INCONTEXT_DATA_DIR=/srv/incontext INCONTEXT_MODEL_DIR=./my-model incontext serve --port 8000
+
+Command-line options of `incontext serve` override the environment. Settings are read in
+this module only; everything else receives a `Settings` instance.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "incontext"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INCONTEXT_", extra="ignore")
+
+    # Where the database (by default), run inputs and outputs live.
+    data_dir: Path = Field(default_factory=default_data_dir)
+    # SQLAlchemy URL; empty means SQLite in the data dir. PostgreSQL: postgresql+psycopg://…
+    database_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    # The address clients reach this server at; output and link URLs are built from it.
+    # Behind a proxy or on a non-loopback host, set it (default: http://host:port).
+    public_url: str | None = None
+    # Serve this model directory as the default model (and its hosted aliases).
+    model_dir: Path | None = None
+
+    # Comma-separated API keys accepted besides those created with `incontext keys create`.
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Signs output URLs; generated once into the data dir when unset.
+    secret_key: SecretStr | None = None
+    file_url_ttl_seconds: int = Field(3600, ge=1)
+
+    # Runs of one model in flight at once; the rest wait in `queued`.
+    max_concurrent_runs_per_model: int = Field(4, ge=1)
+    # Requests the engine batches into one denoising step.
+    engine_max_batch_size: int = Field(8, ge=1)
+    # Runs (or batches) one key may create per minute.
+    rate_limit_per_minute: int = Field(120, ge=1)
+    progress_log_every_steps: int = Field(5, ge=1)
+
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    fetch_timeout_seconds: float = Field(15.0, gt=0)
+    # Whether image_url may point at loopback/private addresses. None: only when the
+    # server itself listens on loopback (local development).
+    fetch_private_networks: bool | None = None
+
+    callback_max_attempts: int = Field(6, ge=1)
+    callback_backoff_seconds: float = Field(2.0, gt=0)  # delay before attempt 2; doubles after
+    callback_backoff_max_seconds: float = Field(600.0, gt=0)
+    callback_timeout_seconds: float = Field(10.0, gt=0)
+
+    # How often the dispatcher and the callback sender look at the database when nothing
+    # woke them (a second process may have written to it).
+    poll_interval_seconds: float = Field(1.0, gt=0)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value):
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        # A short key is guessable; on loopback only the local user can try, elsewhere anyone.
+        if not self.local_only:
+            weak = [k for k in self.api_keys if len(k) < 20]
+            if weak:
+                raise ValueError("INCONTEXT_API_KEYS holds keys shorter than 20 characters; refusing to serve them beyond loopback")
+        return self
+
+    @property
+    def local_only(self) -> bool:
+        return is_loopback(self.host)
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'incontext.db'}"
+
+    @property
+    def base_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def allow_private_fetch(self) -> bool:
+        return self.local_only if self.fetch_private_networks is None else self.fetch_private_networks

@@ -10,10 +10,13 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator
 
 from incontext.service.models import ApiKey, Batch, CallbackAttempt, CallbackDelivery, CallbackSecret, Run, RunLog
 from incontext.service.storage import Storage
+
+# ISO 8601 with "+00:00" (as in callbacks), not pydantic's "Z": one spelling everywhere.
+Timestamp = Annotated[datetime, PlainSerializer(lambda d: d.isoformat(), return_type=str, when_used="json")]
 
 MAX_SEED = 2**62  # seeds of one run are seed..seed+3; keep them inside a signed 64-bit int
 
@@ -109,9 +112,9 @@ class RunPublic(BaseModel):
     batch_id: str | None
     parent_run_id: str | None
     request_id: str | None
-    created_at: datetime
-    started_at: datetime | None
-    completed_at: datetime | None
+    created_at: Timestamp
+    started_at: Timestamp | None
+    completed_at: Timestamp | None
     callback_url: str | None
     metadata: dict[str, Any] | None
     has_logs: bool
@@ -179,7 +182,7 @@ class LogPublic(BaseModel):
     run_id: str
     level_code: str
     message: str
-    timestamp: datetime
+    timestamp: Timestamp
     meta: dict[str, Any] | None
 
     @classmethod
@@ -199,8 +202,8 @@ class BatchPublic(BaseModel):
     cost: str
     metadata: dict[str, Any] | None
     callback_url: str | None
-    created_at: datetime
-    completed_at: datetime | None
+    created_at: Timestamp
+    completed_at: Timestamp | None
     links: dict[str, str]
 
     @classmethod
@@ -227,8 +230,8 @@ class CallbackSecretCreate(BaseModel):
 class CallbackSecretPublic(BaseModel):
     id: str
     label: str | None
-    created_at: datetime
-    revoked_at: datetime | None
+    created_at: Timestamp
+    revoked_at: Timestamp | None
 
     @classmethod
     def from_row(cls, row: CallbackSecret) -> CallbackSecretPublic:
@@ -248,7 +251,7 @@ class AttemptPublic(BaseModel):
     status_code: int | None
     response_time_ms: int
     error_message: str | None
-    created_at: datetime
+    created_at: Timestamp
 
 
 class DeliveryPublic(BaseModel):
@@ -259,9 +262,9 @@ class DeliveryPublic(BaseModel):
     event: str
     status: str
     attempt_count: int
-    next_attempt_at: datetime | None
-    created_at: datetime
-    completed_at: datetime | None
+    next_attempt_at: Timestamp | None
+    created_at: Timestamp
+    completed_at: Timestamp | None
     attempts: list[AttemptPublic]
 
     @classmethod
@@ -298,7 +301,7 @@ class KeyPublic(BaseModel):
     id: str
     label: str | None
     prefix: str
-    created_at: datetime
+    created_at: Timestamp
 
     @classmethod
     def from_row(cls, row: ApiKey) -> KeyPublic:

@@ -1,0 +1,209 @@
+"""Python client for an incontext server (or any API with the same run shape).
+
+    from incontext.client import Client
+    with Client("http://127.0.0.1:8000", api_key="ic_live_…") as client:
+        run = client.run("flux-pro/kontext", {"prompt": "make the sky pink", "image_url": url})
+        png = client.download(run["output"]["image_urls"][0])
+
+`run` submits, polls until the run ends, and returns the run (a dict, as the API sends it);
+it raises `RunFailed` or `RunCanceled` for those ends, `RunTimeout` if none came in time,
+and `APIError` (with `.code` and `.status_code`) when the server refuses a request.
+`AsyncClient` has the same methods, awaitable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import time
+from typing import Any
+
+import httpx
+
+TERMINAL = ("succeeded", "failed", "canceled", "cancelled")
+
+
+class APIError(Exception):
+    """The server answered with an error body `{code, message, errors}`."""
+
+    def __init__(self, status_code: int, code: str, message: str, errors: list | None = None, headers: dict | None = None):
+        super().__init__(f"{status_code} {code}: {message}")
+        self.status_code = status_code
+        self.code = code
+        self.message = message
+        self.errors = errors or []
+        self.headers = headers or {}
+
+
+class RunError(Exception):
+    def __init__(self, run: dict, message: str):
+        super().__init__(message)
+        self.run = run
+
+
+class RunFailed(RunError):
+    @property
+    def failure_code(self) -> str | None:
+        return self.run.get("failure_code")
+
+
+class RunCanceled(RunError):
+    pass
+
+
+class RunTimeout(TimeoutError):
+    def __init__(self, run: dict, timeout: float):
+        super().__init__(f"run {run['id']} still {run['status_code']} after {timeout:g} s")
+        self.run = run
+
+
+def _check(response: httpx.Response) -> Any:
+    if response.is_success:
+        return response.json()
+    try:
+        body = response.json()
+        code, message, errors = body["code"], body.get("message", ""), body.get("errors")
+    except (ValueError, KeyError, TypeError):
+        code, message, errors = f"HTTP_{response.status_code}", response.text[:500], None
+    raise APIError(response.status_code, code, message, errors, dict(response.headers))
+
+
+def _outcome(run: dict) -> dict:
+    status = run["status_code"]
+    if status == "succeeded":
+        return run
+    if status == "failed":
+        raise RunFailed(run, f"run {run['id']} failed: {run.get('failure_code')}: {run.get('failure_message')}")
+    raise RunCanceled(run, f"run {run['id']} was canceled")
+
+
+def _run_body(input: dict, metadata: dict | None, callback_url: str | None, client_ref: str | None) -> dict:
+    body: dict[str, Any] = {"input": input}
+    for name, value in (("metadata", metadata), ("callback_url", callback_url), ("client_ref", client_ref)):
+        if value is not None:
+            body[name] = value
+    return body
+
+
+def _decode_data_uri(url: str) -> bytes | None:
+    if not url.startswith("data:"):
+        return None
+    return base64.b64decode(url.partition(",")[2])
+
+
+def _next_delay(delay: float, poll_interval: float) -> float:
+    # Start quick (short runs end in well under a second), then settle at poll_interval.
+    return min(delay * 1.5, poll_interval)
+
+
+class Client:
+    def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 60.0, http: httpx.Client | None = None):
+        api_key = api_key or os.environ.get("INCONTEXT_API_KEY")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = http or httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def submit(self, model_id: str, input: dict, *, metadata: dict | None = None, callback_url: str | None = None,
+               client_ref: str | None = None, idempotency_key: str | None = None) -> dict:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        body = _run_body(input, metadata, callback_url, client_ref)
+        return _check(self._http.post(f"/v1/models/{model_id}/runs", json=body, headers=headers))
+
+    def get(self, run_id: str) -> dict:
+        return _check(self._http.get(f"/v1/runs/{run_id}"))
+
+    def cancel(self, run_id: str) -> dict:
+        return _check(self._http.post(f"/v1/runs/{run_id}/cancel"))
+
+    def logs(self, run_id: str) -> list[dict]:
+        return _check(self._http.get(f"/v1/runs/{run_id}/logs"))["items"]
+
+    def wait(self, run_id: str, *, timeout: float = 300.0, poll_interval: float = 1.0) -> dict:
+        """Poll until the run ends; returns it if it succeeded, else raises RunFailed/RunCanceled."""
+        deadline, delay = time.monotonic() + timeout, 0.1
+        while True:
+            run = self.get(run_id)
+            if run["status_code"] in TERMINAL:
+                return _outcome(run)
+            if time.monotonic() >= deadline:
+                raise RunTimeout(run, timeout)
+            time.sleep(delay)
+            delay = _next_delay(delay, poll_interval)
+
+    def run(self, model_id: str, input: dict, *, timeout: float = 300.0, poll_interval: float = 1.0, **submit_kwargs) -> dict:
+        run = self.submit(model_id, input, **submit_kwargs)
+        return self.wait(run["id"], timeout=timeout, poll_interval=poll_interval)
+
+    def download(self, url: str) -> bytes:
+        """An output's bytes: fetched from its (signed) URL, or decoded from a data URI."""
+        data = _decode_data_uri(url)
+        if data is not None:
+            return data
+        response = self._http.get(url)
+        if not response.is_success:
+            _check(response)
+        return response.content
+
+
+class AsyncClient:
+    def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 60.0, http: httpx.AsyncClient | None = None):
+        api_key = api_key or os.environ.get("INCONTEXT_API_KEY")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = http or httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def submit(self, model_id: str, input: dict, *, metadata: dict | None = None, callback_url: str | None = None,
+                     client_ref: str | None = None, idempotency_key: str | None = None) -> dict:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        body = _run_body(input, metadata, callback_url, client_ref)
+        return _check(await self._http.post(f"/v1/models/{model_id}/runs", json=body, headers=headers))
+
+    async def get(self, run_id: str) -> dict:
+        return _check(await self._http.get(f"/v1/runs/{run_id}"))
+
+    async def cancel(self, run_id: str) -> dict:
+        return _check(await self._http.post(f"/v1/runs/{run_id}/cancel"))
+
+    async def logs(self, run_id: str) -> list[dict]:
+        return _check(await self._http.get(f"/v1/runs/{run_id}/logs"))["items"]
+
+    async def wait(self, run_id: str, *, timeout: float = 300.0, poll_interval: float = 1.0) -> dict:
+        deadline, delay = time.monotonic() + timeout, 0.1
+        while True:
+            run = await self.get(run_id)
+            if run["status_code"] in TERMINAL:
+                return _outcome(run)
+            if time.monotonic() >= deadline:
+                raise RunTimeout(run, timeout)
+            await asyncio.sleep(delay)
+            delay = _next_delay(delay, poll_interval)
+
+    async def run(self, model_id: str, input: dict, *, timeout: float = 300.0, poll_interval: float = 1.0, **submit_kwargs) -> dict:
+        run = await self.submit(model_id, input, **submit_kwargs)
+        return await self.wait(run["id"], timeout=timeout, poll_interval=poll_interval)
+
+    async def download(self, url: str) -> bytes:
+        data = _decode_data_uri(url)
+        if data is not None:
+            return data
+        response = await self._http.get(url)
+        if not response.is_success:
+            _check(response)
+        return response.content

@@ -1,0 +1,77 @@
+"""Run state transitions on a real (SQLite) database, without the engine."""
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from incontext.service import lifecycle
+from incontext.service.db import create_db_engine, make_session_factory, migrate
+from incontext.service.errors import Conflict
+from incontext.service.keys import create_key
+from incontext.service.models import Base, Run
+from incontext.service.storage import Storage
+
+
+@pytest.fixture
+def db(tmp_path):
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate(engine)
+    yield engine, make_session_factory(engine), Storage(tmp_path, secret=b"s", base_url="http://x", ttl_seconds=60)
+    engine.dispose()
+
+
+def new_run(session, key_id, model="m", **extra):
+    params = {"unit_price_micros": 40_000}
+    return lifecycle.create_run(session, api_key_id=key_id, model_id=model, engine_model_id=model, input={}, params=params, **extra).id
+
+
+def test_migrations_match_the_models(db):
+    engine, _, _ = db
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+
+
+def test_claim_respects_the_per_model_cap_and_order(db):
+    _, sessions, _ = db
+    with sessions.begin() as s:
+        key, _ = create_key(s)
+        a = [new_run(s, key.id, "a") for _ in range(3)]
+        b = [new_run(s, key.id, "b") for _ in range(2)]
+    with sessions.begin() as s:
+        assert lifecycle.claim_queued(s, cap_per_model=2) == [a[0], a[1], b[0], b[1]]
+    with sessions.begin() as s:
+        assert lifecycle.claim_queued(s, cap_per_model=2) == []  # both models at the cap
+        lifecycle.finish(s, db[2], a[0], lifecycle.FAILED, failure=("X", "x", "inference"))
+    with sessions.begin() as s:
+        assert lifecycle.claim_queued(s, cap_per_model=2) == [a[2]]
+
+
+def test_first_terminal_status_wins_and_recovery(db):
+    _, sessions, storage = db
+    with sessions.begin() as s:
+        key, _ = create_key(s)
+        done, running, lost = (new_run(s, key.id) for _ in range(3))
+        lifecycle.claim_queued(s, cap_per_model=5)
+        for run_id in (done, running, lost):
+            lifecycle.mark_running(s, run_id)
+        run = lifecycle.cancel(s, storage, s.get(Run, done))
+        assert run.status == "canceled" and run.cost_micros == 0
+        assert lifecycle.finish(s, storage, done, lifecycle.SUCCEEDED, output={"outputs": [{}]}) is None
+        with pytest.raises(Conflict):
+            lifecycle.cancel(s, storage, run)
+    storage.save_input(running, b"img")
+    with sessions.begin() as s:
+        assert lifecycle.recover_interrupted(s, storage) == (1, 1)
+    with sessions() as s:
+        assert s.get(Run, running).status == "queued"
+        lost_run = s.get(Run, lost)
+        assert (lost_run.status, lost_run.failure_code) == ("failed", "INPUT_LOST")
+
+
+def test_batch_status():
+    counts = dict.fromkeys(("queued", "dispatching", "running", "succeeded", "failed", "canceled"), 0)
+    assert lifecycle.batch_status({**counts, "queued": 2, "total": 2}) == "queued"
+    assert lifecycle.batch_status({**counts, "queued": 1, "succeeded": 1, "total": 2}) == "running"
+    assert lifecycle.batch_status({**counts, "succeeded": 2, "total": 2}) == "succeeded"
+    assert lifecycle.batch_status({**counts, "succeeded": 1, "canceled": 1, "total": 2}) == "partial_succeeded"
+    assert lifecycle.batch_status({**counts, "failed": 2, "total": 2}) == "failed"

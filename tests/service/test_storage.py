@@ -1,0 +1,24 @@
+import pytest
+
+from incontext.service.errors import PermissionDenied
+from incontext.service.storage import Storage
+
+RUN = "01a20ae6-9d8b-772c-acf2-5cbc80614e72"
+
+
+def test_signed_urls_expire_and_are_recognised(tmp_path):
+    storage = Storage(tmp_path, secret=b"s", base_url="http://h:1", ttl_seconds=10)
+    relpath = storage.save_output(RUN, 0, b"img", "png")
+    url = storage.signed_url(relpath)
+    query = dict(p.split("=", 1) for p in url.split("?")[1].split("&"))
+    expires, sig = int(query["expires"]), query["sig"]
+    storage.check_signature(relpath, expires, sig)
+    with pytest.raises(PermissionDenied, match="expired"):
+        storage.check_signature(relpath, expires, sig, now=expires + 1)
+    with pytest.raises(PermissionDenied):
+        storage.check_signature(f"{RUN}/1.png", expires, sig)
+    # Own URLs are recognised on any host, expired or not; another key's signature is not ours.
+    assert storage.own_output(url.replace("http://h:1", "https://elsewhere")) == (RUN, relpath)
+    other = Storage(tmp_path, secret=b"t", base_url="http://h:1", ttl_seconds=10)
+    assert other.own_output(url) is None
+    assert storage.own_output("http://h:1/v1/files/../../etc/passwd?expires=1&sig=x") is None

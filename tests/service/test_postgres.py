@@ -1,0 +1,79 @@
+"""The same server on PostgreSQL: a throwaway cluster (initdb) when the binaries are here."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import Server, create_key, data_uri, free_port, server_env, wait_for, wait_run
+
+MODEL = "flux-pro/kontext"
+PG_USER = "postgres"
+
+
+def _as_pg_user(*cmd: str) -> list[str]:
+    # initdb refuses to run as root; run the cluster as the postgres system user.
+    return ["runuser", "-u", PG_USER, "--", *cmd] if os.geteuid() == 0 else list(cmd)
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    if not (shutil.which("initdb") and shutil.which("pg_ctl")):
+        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not installed")
+    if os.geteuid() == 0 and subprocess.run(["id", PG_USER], capture_output=True).returncode != 0:
+        pytest.skip("running as root with no postgres user to run the cluster")
+    # Not under pytest's tmp dir: that is private to root, and the cluster runs as postgres.
+    base = Path(tempfile.mkdtemp(prefix="incontext-pg-"))
+    data = base / "cluster"
+    data.mkdir()
+    if os.geteuid() == 0:
+        shutil.chown(base, PG_USER)
+        shutil.chown(data, PG_USER)
+    port = free_port()
+    run = lambda *cmd: subprocess.run(_as_pg_user(*cmd), capture_output=True, text=True, timeout=120, cwd="/")
+    init = run("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+    assert init.returncode == 0, init.stderr
+    opts = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off"
+    start = run("pg_ctl", "-D", str(data), "-o", opts, "-l", str(base / "pg.log"), "-w", "start")
+    assert start.returncode == 0, start.stderr + (base / "pg.log").read_text()
+    try:
+        created = run("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "incontext")
+        assert created.returncode == 0, created.stderr
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/incontext"
+    finally:
+        run("pg_ctl", "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_runs_batches_and_restart_on_postgres(tmp_path, tiny_model, postgres_url):
+    env = {"INCONTEXT_DATABASE_URL": postgres_url}
+    srv = Server(tmp_path / "data", server_env(tiny_model, **env))
+    key = create_key(srv.data_dir, env=env)
+    assert not (srv.data_dir / "incontext.db").exists()  # the key went to PostgreSQL
+    srv.start()
+    try:
+        with srv.client(key) as api:
+            run = api.post(f"/v1/models/{MODEL}/runs", json={"input": {"prompt": "p", "image_url": data_uri(), "num_images": 2}}, headers={"Idempotency-Key": "k"}).json()
+            assert wait_run(api, run["id"])["cost"] == "0.08"
+            again = api.post(f"/v1/models/{MODEL}/runs", json={"input": {"prompt": "p", "image_url": data_uri(), "num_images": 2}}, headers={"Idempotency-Key": "k"})
+            assert again.json()["id"] == run["id"]
+            items = [{"prompt": f"b{i}", "image_url": data_uri()} for i in range(3)]
+            batch = api.post(f"/v1/models/{MODEL}/batches", json={"input": items}).json()
+            done = wait_for(lambda: (b := api.get(f"/v1/batches/{batch['id']}").json())["completed_at"] and b, timeout=90)
+            assert done["status_code"] == "succeeded"
+            slow = api.post(f"/v1/models/{MODEL}/runs", json={"input": {"prompt": "p", "image_url": data_uri(), "num_inference_steps": 50}}).json()
+            assert api.post(f"/v1/runs/{slow['id']}/cancel").json()["status_code"] == "canceled"
+            usage = api.get("/v1/usage").json()
+            assert (usage["runs"], usage["images"], usage["cost"]) == (5, 5, "0.20")
+        srv.stop()
+        srv.start()  # migrations are idempotent; state is in PostgreSQL
+        with srv.client(key) as api:
+            assert api.get(f"/v1/runs/{run['id']}").json()["status_code"] == "succeeded"
+            assert len(api.get("/v1/runs", params={"limit": 100}).json()["items"]) == 5
+    finally:
+        srv.stop()

@@ -233,6 +233,13 @@ class CallbackSender:
             return d.url, d.body.encode(), signing_secrets(session, d.api_key_id)
 
     async def _attempt(self, delivery_id: str) -> None:
+        try:
+            await self._send(delivery_id)
+        except Exception:
+            # The delivery stays pending and due: the next pass tries it again.
+            log.exception("callback %s: could not send or record an attempt", delivery_id)
+
+    async def _send(self, delivery_id: str) -> None:
         url, body, secrets = await asyncio.to_thread(self._load, delivery_id)
         headers = signature_headers(body, secrets, delivery_id, int(time.time()))
         status_code, error = None, None

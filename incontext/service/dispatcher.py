@@ -102,10 +102,17 @@ class Dispatcher:
         self._wake.set()  # a slot is free
 
     async def _execute(self, run_id: str) -> None:
+        try:
+            await self._drive(run_id)
+        except Exception as exc:
+            # A bug or a database error must not leave the run `running` until the next restart.
+            log.exception("run %s: unexpected error", run_id)
+            await self._end(run_id, lifecycle.FAILED, failure=("INTERNAL_ERROR", f"internal error: {exc.__class__.__name__}", "dispatch"))
+
+    async def _drive(self, run_id: str) -> None:
         # 1. Load and decode the stored input.
-        with self._sessions() as session:
-            run = session.get(Run, run_id)
-        data = self._storage.read_input(run_id)
+        run = await asyncio.to_thread(self._load_run, run_id)
+        data = await asyncio.to_thread(self._storage.read_input, run_id)
         if data is None:
             return await self._end(run_id, lifecycle.FAILED, failure=("INPUT_LOST", "the run's input file is gone", "input"))
         params = run.params
@@ -151,6 +158,10 @@ class Dispatcher:
         if not await self._end(run_id, lifecycle.SUCCEEDED, output=output):
             # Canceled while the engine was finishing: the cancel stands, the files go.
             await asyncio.to_thread(shutil.rmtree, self._storage.outputs / run_id, True)
+
+    def _load_run(self, run_id: str) -> Run:
+        with self._sessions() as session:
+            return session.get(Run, run_id)
 
     def _mark_running(self, run_id: str) -> Run | None:
         with self._sessions.begin() as session:

@@ -16,7 +16,6 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from incontext.errors import IncontextError
 
@@ -123,12 +122,12 @@ def models() -> None:
     """List model ids, their directories and presets."""
     from incontext.models.registry import default_registry
 
-    reg = default_registry()
-    table = Table("id", "aliases", "directory", "steps", "guidance", "price/image", "size")
-    for p in reg.models.values():
+    # One block per model rather than a table: directories are long and must not be cut.
+    for p in default_registry().models.values():
         side = int(p.target_area**0.5)
-        table.add_row(p.id, ", ".join(p.aliases), str(p.directory), str(p.num_inference_steps), str(p.guidance_scale), f"${p.price_per_image}", f"~{side}×{side}")
-    console.print(table)
+        console.print(f"[bold]{p.id}[/bold]" + (f"  (aliases: {', '.join(p.aliases)})" if p.aliases else ""), highlight=False, soft_wrap=True)
+        console.print(f"  directory: {p.directory}", highlight=False, soft_wrap=True)
+        console.print(f"  preset: {p.num_inference_steps} steps, guidance {p.guidance_scale}, ${p.price_per_image} per image, ~{side}×{side} pixels", highlight=False)
 
 
 @train_app.command("vae")

@@ -33,7 +33,9 @@ class NanoConfig:
     clip_layers: int = 1
     max_text_tokens: int = 32
     vae_channels: tuple[int, ...] = (16, 32, 64, 64)  # 4 levels: 8x downsampling, like FLUX's VAE
-    vae_groups: int = 16
+    # One normalisation group: per-channel GroupNorm erases the absolute colour of flat
+    # regions (a flat image normalises to zero), which is most of this world.
+    vae_groups: int = 1
     latent_channels: int = 16
     heads: int = 4
     head_dim: int = 64  # hidden = heads * head_dim
@@ -50,7 +52,7 @@ class NanoConfig:
     @classmethod
     def tiny(cls, vocab: list[str]) -> "NanoConfig":
         return cls(
-            text_dim=32, text_layers=1, clip_dim=32, clip_layers=1, vae_channels=(8, 16, 16, 16), vae_groups=8,
+            text_dim=32, text_layers=1, clip_dim=32, clip_layers=1, vae_channels=(8, 16, 16, 16), vae_groups=1,
             latent_channels=4, heads=2, head_dim=16, rope_axes=(4, 6, 6), double_layers=1, single_layers=1, vocab=vocab,
         )
 

@@ -50,15 +50,14 @@ class Registry:
         """An id, an alias, or a directory path → its preset. Raises ModelNotFound."""
         if not model_id:
             return self.models[self.default_id]
+        if (Path(model_id) / "model_index.json").is_file():
+            return preset_for_directory(Path(model_id))
         model_id = model_id.strip("/")
         if model_id in self.models:
             return self.models[model_id]
         for preset in self.models.values():
             if model_id in preset.aliases:
                 return preset
-        path = Path(model_id)
-        if (path / "model_index.json").is_file():
-            return preset_for_directory(path)
         known = ", ".join(sorted(self.ids()))
         raise ModelNotFound(f"unknown model '{model_id}'; known models: {known}")
 

@@ -76,7 +76,8 @@ def train_vae(out: Path, model_cfg: NanoConfig, cfg: VaeTrainConfig) -> Path:
     for _ in range(cfg.pool // 2):
         ex = make_example(rng)
         pool += [_to_tensor(ex.context), _to_tensor(ex.target)]
-    deadline = time.time() + cfg.minutes * 60
+    start = time.time()
+    deadline = start + cfg.minutes * 60
     vae.train()
     t0, losses = time.time(), []
     while time.time() < deadline:
@@ -84,7 +85,9 @@ def train_vae(out: Path, model_cfg: NanoConfig, cfg: VaeTrainConfig) -> Path:
         pool[rng.randrange(len(pool))] = _to_tensor(ex.context)
         pool[rng.randrange(len(pool))] = _to_tensor(ex.target)
         x = _random_crops(pool, cfg.batch, cfg.crop, rng)
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        # Warm up, then cosine-decay to 5% over the time budget: the late low-LR phase sharpens edges.
+        frac = (time.time() - start) / (deadline - start)
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
         # Decode the posterior's mean, not a sample: inference encodes with the mode, and

@@ -1,0 +1,125 @@
+"""The in-process engine on a tiny model: batching, determinism, progress, cancellation, caches."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from incontext.engine.local import LocalEngine
+from incontext.engine.protocol import EditRequest
+from incontext.errors import Cancelled, InvalidInput
+from incontext.models.registry import Registry, preset_for_directory
+
+
+@pytest.fixture()
+def registry(tiny_model):
+    reg = Registry(default_id="tiny")
+    reg.add(preset_for_directory(tiny_model, id="tiny"))
+    return reg
+
+
+def picture(color=(200, 30, 30), size=(64, 64)) -> Image.Image:
+    img = Image.new("RGB", size, (235, 235, 235))
+    ImageDraw.Draw(img).rectangle((10, 10, 30, 30), fill=color)
+    return img
+
+
+def req(rid, seed, prompt="make it blue", image=None, n=1, steps=5, guidance=3.5, size=(64, 64)):
+    image = image or picture(size=size)
+    return EditRequest(rid, "tiny", prompt, image, size[0], size[1], seed, num_images=n, num_inference_steps=steps, guidance_scale=guidance)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_same_seed_same_image_whatever_else_is_in_the_batch(registry):
+    async def go():
+        eng = LocalEngine(registry, dtype="float32", max_batch_size=4)
+        await eng.start()
+        alone = await eng.edit(req("alone", 7))
+        crowd = await asyncio.gather(
+            eng.edit(req("other1", 1, "remove the square", picture((20, 200, 20)), n=2)),
+            eng.edit(req("same", 7)),
+            eng.edit(req("other2", 3, guidance=9.0)),
+            eng.edit(req("wide", 7, size=(80, 48))),
+        )
+        await eng.close()
+        return alone, crowd, eng.stats
+
+    alone, crowd, stats = run(go())
+    assert np.array_equal(np.asarray(alone.images[0]), np.asarray(crowd[1].images[0]))
+    assert max(stats.batch_sizes) > 1  # the crowd really shared batches
+    assert crowd[0].seeds == [1, 2] and len(crowd[0].images) == 2
+    assert crowd[3].images[0].size == (80, 48)
+
+
+def test_progress_is_reported_every_step(registry):
+    seen = []
+
+    async def go():
+        eng = LocalEngine(registry, dtype="float32")
+        await eng.start()
+        res = await eng.edit(req("p", 1, steps=4), lambda done, total: seen.append((done, total)))
+        await eng.close()
+        return res
+
+    res = run(go())
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert res.num_inference_steps == 4 and res.transformer_evals == 4
+
+
+def test_cancel_stops_a_running_request_between_steps(registry):
+    async def go():
+        eng = LocalEngine(registry, dtype="float32")
+        await eng.start()
+        steps_seen = []
+        started = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def progress(done, total):
+            steps_seen.append(done)
+            if done == 2:
+                loop.call_soon_threadsafe(started.set)
+
+        task = asyncio.ensure_future(eng.edit(req("c", 1, steps=200), progress))
+        await started.wait()
+        eng.cancel("c")
+        with pytest.raises(Cancelled):
+            await task
+        after = await eng.edit(req("next", 2, steps=2))  # the engine keeps serving
+        await eng.close()
+        return steps_seen, after
+
+    steps_seen, after = run(go())
+    assert max(steps_seen) < 200
+    assert len(after.images) == 1
+
+
+def test_bad_size_is_a_clear_error(registry):
+    async def go():
+        eng = LocalEngine(registry, dtype="float32")
+        await eng.start()
+        try:
+            await eng.edit(EditRequest("bad", "tiny", "x", picture(size=(60, 60)), 60, 60, 0))
+        finally:
+            await eng.close()
+
+    with pytest.raises(InvalidInput):
+        run(go())
+
+
+def test_repeated_prompts_and_images_hit_the_caches(registry):
+    async def go():
+        eng = LocalEngine(registry, dtype="float32")
+        await eng.start()
+        await eng.edit(req("1", 1))
+        await eng.edit(req("2", 2))
+        await eng.close()
+        return eng
+
+    eng = run(go())
+    assert eng.text_cache.hits >= 1 and eng.latent_cache.hits >= 1

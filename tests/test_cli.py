@@ -1,0 +1,69 @@
+"""`incontext edit` and `incontext models` as a user runs them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from PIL import Image, ImageDraw
+from typer.testing import CliRunner
+
+from incontext.cli import app
+
+runner = CliRunner()
+
+
+def shapes_png(path, size=(90, 60)):
+    img = Image.new("RGB", size, "white")
+    ImageDraw.Draw(img).ellipse((10, 10, 40, 40), fill="red")
+    img.save(path)
+    return path
+
+
+def test_edit_writes_images_and_reports_the_seed(tiny_model, tmp_path):
+    src = shapes_png(tmp_path / "in.png")
+    out = tmp_path / "out.png"
+    r = runner.invoke(app, ["edit", str(src), "make the red circle blue", "-o", str(out), "--model", str(tiny_model),
+                            "--seed", "42", "--num-images", "2", "--steps", "2"])
+    assert r.exit_code == 0, r.output
+    assert "seed: 42" in r.output
+    a, b = Image.open(tmp_path / "out_0.png"), Image.open(tmp_path / "out_1.png")
+    # The tiny model works at 64×64-ish; a 3:2 input keeps its aspect ratio on multiples of 16.
+    assert a.size == b.size and a.size[0] > a.size[1] and a.size[0] % 16 == 0 and a.size[1] % 16 == 0
+
+
+def test_aspect_ratio_and_jpeg_output(tiny_model, tmp_path):
+    src = shapes_png(tmp_path / "in.png")
+    out = tmp_path / "out.jpg"
+    r = runner.invoke(app, ["edit", str(src), "remove the circle", "-o", str(out), "--model", str(tiny_model), "--aspect-ratio", "9:16", "--steps", "1"])
+    assert r.exit_code == 0, r.output
+    img = Image.open(out)
+    assert img.format == "JPEG" and img.size[1] > img.size[0]
+
+
+def test_bad_image_is_a_one_line_error(tiny_model, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"this is not an image")
+    proc = subprocess.run([sys.executable, "-m", "incontext", "edit", str(bad), "make it blue", "-o", str(tmp_path / "o.png"), "--model", str(tiny_model)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "INVALID_IMAGE" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_bad_arguments_fail_cleanly(tiny_model, tmp_path):
+    src = shapes_png(tmp_path / "in.png")
+    r = runner.invoke(app, ["edit", str(src), "x", "-o", str(tmp_path / "o.gif"), "--model", str(tiny_model)])
+    assert r.exit_code != 0 and "UNSUPPORTED_FORMAT" in r.output
+    r = runner.invoke(app, ["edit", str(src), "x", "-o", str(tmp_path / "o.png"), "--aspect-ratio", "5:4", "--model", str(tiny_model)])
+    assert r.exit_code != 0 and "INVALID_INPUT" in r.output
+    r = runner.invoke(app, ["edit", str(src), "x", "-o", str(tmp_path / "o.png"), "--model", "no-such-model"])
+    assert r.exit_code != 0 and "MODEL_UNAVAILABLE" in r.output
+    r = runner.invoke(app, ["edit", str(src), "x", "-o", str(tmp_path / "o.png"), "--num-images", "9"])
+    assert r.exit_code != 0
+
+
+def test_models_lists_the_default_and_its_aliases():
+    r = runner.invoke(app, ["models"], terminal_width=250)
+    assert r.exit_code == 0
+    assert "incontext/nano" in r.output and "flux-pro/kontext" in r.output

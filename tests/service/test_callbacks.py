@@ -6,7 +6,7 @@ import base64
 import hashlib
 import hmac
 
-from conftest import Receiver, data_uri, wait_for, wait_run
+from .helpers import Receiver, data_uri, wait_for, wait_run
 
 MODEL = "flux-pro/kontext"
 
@@ -33,7 +33,7 @@ def test_callback_signed_with_both_secrets_and_retried(server, api):
             json={"input": {"prompt": "cb", "image_url": data_uri()}, "callback_url": f"{receiver.url}/hook", "metadata": {"k": "v"}},
         ).json()
         wait_run(api, run["id"])
-        wait_for(lambda: len(receiver.requests) >= 2, timeout=30)
+        wait_for(lambda: len(receiver.requests) >= 2, timeout=120)
 
         first, second = receiver.requests[:2]
         assert first["body"] == second["body"]  # a retry sends the same bytes
@@ -85,7 +85,7 @@ def test_failing_receiver_gets_bounded_attempts(api):
         ).json()
         wait_run(api, run["id"])
         # INCONTEXT_CALLBACK_MAX_ATTEMPTS=4 in the test server.
-        history = wait_for(lambda: (h := api.get(f"/v1/runs/{run['id']}/callback").json()["items"]) and h[0]["status"] == "failed" and h, timeout=30)
+        history = wait_for(lambda: (h := api.get(f"/v1/runs/{run['id']}/callback").json()["items"]) and h[0]["status"] == "failed" and h, timeout=120)
         assert [a["attempt_number"] for a in history[0]["attempts"]] == [1, 2, 3, 4]
         assert len(receiver.requests) == 4
     finally:
@@ -117,7 +117,7 @@ def test_batch_runs_and_reports(api):
         assert r.status_code == 201, r.json()
         batch = r.json()
         assert batch["status_code"] == "queued" and batch["counts"]["total"] == 3
-        done = wait_for(lambda: (b := api.get(f"/v1/batches/{batch['id']}").json())["status_code"] == "succeeded" and b, timeout=90)
+        done = wait_for(lambda: (b := api.get(f"/v1/batches/{batch['id']}").json())["status_code"] == "succeeded" and b, timeout=240)
         assert done["cost"] == "0.16" and done["completed_at"]
         runs = api.get(f"/v1/batches/{batch['id']}/items").json()["items"]
         assert [r["client_ref"] for r in runs] == ["c0", "c1", "c2"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import cli, free_port
+from .helpers import cli, free_port
 
 
 def test_keys_create_list_revoke_against_a_running_server(server):

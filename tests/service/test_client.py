@@ -9,7 +9,7 @@ import threading
 import pytest
 from PIL import Image
 
-from conftest import data_uri, wait_for
+from .helpers import data_uri, wait_for
 from incontext.client import APIError, AsyncClient, Client, RunCanceled
 
 MODEL = "flux-pro/kontext"
@@ -17,11 +17,11 @@ MODEL = "flux-pro/kontext"
 
 def test_client_run_and_download(server):
     with Client(server.url, server.keys[0]) as client:
-        run = client.run(MODEL, {"prompt": "p", "image_url": data_uri(), "output_format": "png"}, timeout=120, client_ref="sdk")
+        run = client.run(MODEL, {"prompt": "p", "image_url": data_uri(), "output_format": "png"}, timeout=240, client_ref="sdk")
         assert run["status_code"] == "succeeded" and run["client_ref"] == "sdk"
         img = Image.open(io.BytesIO(client.download(run["output"]["image_urls"][0])))
         assert img.format == "PNG"
-        synced = client.run(MODEL, {"prompt": "p", "image_url": data_uri(), "sync_mode": True}, timeout=120)
+        synced = client.run(MODEL, {"prompt": "p", "image_url": data_uri(), "sync_mode": True}, timeout=240)
         assert Image.open(io.BytesIO(client.download(synced["output"]["image_urls"][0]))).format == "JPEG"
 
 
@@ -43,18 +43,18 @@ def test_client_run_raises_when_canceled(server):
     with Client(server.url, server.keys[0]) as client:
         run = client.submit(MODEL, {"prompt": "p", "image_url": data_uri(), "num_inference_steps": 50, "num_images": 4})
         canceler = threading.Thread(
-            target=lambda: (wait_for(lambda: client.get(run["id"])["status_code"] == "running", timeout=60), client.cancel(run["id"]))
+            target=lambda: (wait_for(lambda: client.get(run["id"])["status_code"] == "running", timeout=120), client.cancel(run["id"]))
         )
         canceler.start()
         with pytest.raises(RunCanceled):
-            client.wait(run["id"], timeout=120, poll_interval=0.1)
+            client.wait(run["id"], timeout=240, poll_interval=0.1)
         canceler.join()
 
 
 def test_async_client(server):
     async def main():
         async with AsyncClient(server.url, server.keys[0]) as client:
-            runs = await asyncio.gather(*(client.run(MODEL, {"prompt": f"p{i}", "image_url": data_uri()}, timeout=120) for i in range(2)))
+            runs = await asyncio.gather(*(client.run(MODEL, {"prompt": f"p{i}", "image_url": data_uri()}, timeout=240) for i in range(2)))
             assert all(r["status_code"] == "succeeded" for r in runs)
             assert len(await client.download(runs[0]["output"]["image_urls"][0])) > 0
             with pytest.raises(APIError):

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from conftest import Receiver, Server, create_key, data_uri, server_env, wait_for, wait_run
+from .helpers import Receiver, Server, create_key, data_uri, server_env, wait_for, wait_run
 
 MODEL = "flux-pro/kontext"
 
@@ -46,7 +46,7 @@ def test_cancel_running_and_queued(strict):
             json={"input": {"prompt": "slow", "image_url": data_uri(), "num_inference_steps": 50, "num_images": 4}, "callback_url": receiver.url},
         ).json()
         waiting = submit(api, num_inference_steps=2).json()
-        wait_for(lambda: steps_logged(api, slow["id"]), timeout=60)
+        wait_for(lambda: steps_logged(api, slow["id"]), timeout=120)
         # The cap is one run in flight: the second waits in `queued`.
         assert api.get(f"/v1/runs/{waiting['id']}").json()["status_code"] == "queued"
 
@@ -82,7 +82,7 @@ def test_batch_partially_succeeds(strict):
         batch = api.post(f"/v1/models/{MODEL}/batches", json={"input": items}).json()
         runs = api.get(f"/v1/batches/{batch['id']}/items").json()["items"]
         assert api.post(f"/v1/runs/{runs[2]['id']}/cancel").status_code == 200
-        done = wait_for(lambda: (b := api.get(f"/v1/batches/{batch['id']}").json())["completed_at"] and b, timeout=90)
+        done = wait_for(lambda: (b := api.get(f"/v1/batches/{batch['id']}").json())["completed_at"] and b, timeout=240)
         assert done["status_code"] == "partial_succeeded"
         assert done["counts"]["succeeded"] == 2 and done["counts"]["canceled"] == 1 and done["cost"] == "0.08"
 

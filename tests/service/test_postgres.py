@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Server, create_key, data_uri, free_port, server_env, wait_for, wait_run
+from .helpers import Server, create_key, data_uri, free_port, server_env, wait_for, wait_run
 
 MODEL = "flux-pro/kontext"
 PG_USER = "postgres"
@@ -64,7 +64,7 @@ def test_runs_batches_and_restart_on_postgres(tmp_path, tiny_model, postgres_url
             assert again.json()["id"] == run["id"]
             items = [{"prompt": f"b{i}", "image_url": data_uri()} for i in range(3)]
             batch = api.post(f"/v1/models/{MODEL}/batches", json={"input": items}).json()
-            done = wait_for(lambda: (b := api.get(f"/v1/batches/{batch['id']}").json())["completed_at"] and b, timeout=90)
+            done = wait_for(lambda: (b := api.get(f"/v1/batches/{batch['id']}").json())["completed_at"] and b, timeout=240)
             assert done["status_code"] == "succeeded"
             slow = api.post(f"/v1/models/{MODEL}/runs", json={"input": {"prompt": "p", "image_url": data_uri(), "num_inference_steps": 50}}).json()
             assert api.post(f"/v1/runs/{slow['id']}/cancel").json()["status_code"] == "canceled"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import Receiver, Server, create_key, data_uri, server_env, wait_for, wait_run
+from .helpers import Receiver, Server, create_key, data_uri, server_env, wait_for, wait_run
 from incontext.client import Client, RunFailed
 
 MODEL = "flux-pro/kontext"
@@ -35,7 +35,7 @@ def test_sigkill_and_restart(tmp_path, tiny_model):
             assert wait_run(api, quick)["status_code"] == "succeeded"
             wait_for(lambda: receiver.requests)  # its callback failed once and waits for a retry
             slow = [submit(50) for _ in range(5)]
-            running = wait_for(lambda: [r for r in slow if api.get(f"/v1/runs/{r}").json()["status_code"] == "running"], timeout=60)
+            running = wait_for(lambda: [r for r in slow if api.get(f"/v1/runs/{r}").json()["status_code"] == "running"], timeout=120)
             statuses = {r: api.get(f"/v1/runs/{r}").json()["status_code"] for r in slow}
             assert list(statuses.values()).count("queued") >= 3, statuses
 
@@ -49,7 +49,7 @@ def test_sigkill_and_restart(tmp_path, tiny_model):
 
         with srv.client(key) as api:
             for run_id in slow:
-                run = wait_run(api, run_id, timeout=180)
+                run = wait_run(api, run_id, timeout=300)
                 if run_id == lost:
                     assert run["status_code"] == "failed"
                     assert (run["failure_code"], run["failure_stage_code"]) == ("INPUT_LOST", "dispatch")
@@ -72,7 +72,7 @@ def test_sigkill_and_restart(tmp_path, tiny_model):
             events = {b["run_id"]: b["event"] for b in receiver.bodies()[delivered_from:]}
             return events if set(events) == {quick, *slow} else None
 
-        events = wait_for(delivered, timeout=60)
+        events = wait_for(delivered, timeout=120)
         assert events[lost] == "run.failed" and events[quick] == "run.completed"
     finally:
         srv.stop()

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from PIL import Image
 
-from conftest import ImageHost, data_uri, png_bytes, wait_run
+from .helpers import ImageHost, data_uri, png_bytes, wait_run
 
 MODEL = "flux-pro/kontext"
 RUN_FIELDS = {

@@ -38,6 +38,9 @@ class VaeTrainConfig:
     latent_l2: float = 1e-4
     pool: int = 3000  # examples kept in memory; one is replaced every step
     seed: int = 0
+    # Fine-tune only the decoder: the latents (and so a transformer trained on them) stay
+    # valid, while reconstructions get sharper. Used after the transformer's data is encoded.
+    decoder_only: bool = False
     log_every: int = 50
     save_every: int = 200
 
@@ -62,15 +65,20 @@ def train_vae(out: Path, model_cfg: NanoConfig, cfg: VaeTrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     vae = build_vae(model_cfg).to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    trained = list(vae.decoder.parameters()) if cfg.decoder_only else list(vae.parameters())
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=0.0)
     step = 0
     if ckpt_path.exists():
         ck = load_checkpoint(ckpt_path)
         vae.load_state_dict(ck["weights"])
-        if ck.get("optimizer"):
+        if ck.get("optimizer") and ck["train_config"].get("decoder_only", False) == cfg.decoder_only:
             opt.load_state_dict(ck["optimizer"])
         step = ck["step"]
+        if "scaling_factor" in (ck.get("extra") or {}):
+            vae.register_to_config(shift_factor=ck["extra"]["shift_factor"], scaling_factor=ck["extra"]["scaling_factor"])
         log.info("resumed VAE from step %d", step)
+    if cfg.decoder_only:
+        vae.encoder.requires_grad_(False)
 
     pool: list[torch.Tensor] = []
     for _ in range(cfg.pool // 2):
@@ -93,13 +101,17 @@ def train_vae(out: Path, model_cfg: NanoConfig, cfg: VaeTrainConfig) -> Path:
         # Decode the posterior's mean, not a sample: inference encodes with the mode, and
         # sampling noise made early training several times slower (the decoder saw noise
         # until the tiny KL weight had shrunk the variance).
-        z = vae.encode(x).latent_dist.mode()
+        if cfg.decoder_only:
+            with torch.no_grad():
+                z = vae.encode(x).latent_dist.mode()
+        else:
+            z = vae.encode(x).latent_dist.mode()
         y = vae.decode(z).sample
         rec = (y - x).abs().mean() + 2.0 * ((y - x) ** 2).mean()
         loss = rec + cfg.latent_l2 * (z**2).mean()  # keeps latents near unit scale
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         step += 1
         mse = ((y.detach().clamp(-1, 1) - x) ** 2).mean().item() / 4.0  # in [0,1] units
@@ -108,12 +120,21 @@ def train_vae(out: Path, model_cfg: NanoConfig, cfg: VaeTrainConfig) -> Path:
             log.info("vae step %d  psnr(train crops) %.2f dB  lr %.2e  %.2fs/step", step, float(np.mean(losses)), lr, (time.time() - t0) / cfg.log_every)
             t0, losses = time.time(), []
         if step % cfg.save_every == 0:
-            save_checkpoint(ckpt_path, step=step, model_config=asdict(model_cfg), train_config=asdict(cfg), weights=vae.state_dict(), optimizer=opt)
+            save_checkpoint(ckpt_path, step=step, model_config=asdict(model_cfg), train_config=asdict(cfg), weights=vae.state_dict(), optimizer=opt,
+                            extra=_latent_stats(vae))
 
-    _set_latent_stats(vae, rng)
+    if not cfg.decoder_only:  # the encoder, and so the latent statistics, did not change otherwise
+        _set_latent_stats(vae, rng)
     save_checkpoint(ckpt_path, step=step, model_config=asdict(model_cfg), train_config=asdict(cfg), weights=vae.state_dict(), optimizer=opt,
-                    extra={"shift_factor": vae.config.shift_factor, "scaling_factor": vae.config.scaling_factor})
+                    extra=_latent_stats(vae))
     return ckpt_path
+
+
+def _latent_stats(vae) -> dict:
+    """The latent normalisation, once measured (a fresh VAE has the placeholders 0 and 1)."""
+    if vae.config.scaling_factor == 1.0 and vae.config.shift_factor == 0.0:
+        return {}
+    return {"shift_factor": vae.config.shift_factor, "scaling_factor": vae.config.scaling_factor}
 
 
 @torch.no_grad()

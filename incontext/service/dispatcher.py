@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -157,7 +156,7 @@ class Dispatcher:
             return await self._end(run_id, lifecycle.FAILED, failure=(exc.code, exc.message, "output"))
         if not await self._end(run_id, lifecycle.SUCCEEDED, output=output):
             # Canceled while the engine was finishing: the cancel stands, the files go.
-            await asyncio.to_thread(shutil.rmtree, self._storage.outputs / run_id, True)
+            await asyncio.to_thread(self._storage.delete_outputs, run_id)
 
     def _load_run(self, run_id: str) -> Run:
         with self._sessions() as session:

@@ -15,6 +15,7 @@ import hmac
 import os
 import re
 import secrets
+import shutil
 import time
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit, parse_qs
@@ -68,6 +69,9 @@ class Storage:
         (self.outputs / run_id).mkdir(exist_ok=True)
         _write_atomic(self.outputs / relpath, data)
         return relpath
+
+    def delete_outputs(self, run_id: str) -> None:
+        shutil.rmtree(self.outputs / run_id, ignore_errors=True)
 
     def output_path(self, relpath: str) -> Path:
         if not _RELPATH.match(relpath):

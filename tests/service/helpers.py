@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-START_TIMEOUT_S = 240
+START_TIMEOUT_S = 600  # a loaded 2-core machine can take minutes to import torch and load
 
 
 def free_port() -> int:

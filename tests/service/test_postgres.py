@@ -42,9 +42,7 @@ def postgres_url():
     start = run("pg_ctl", "-D", str(data), "-o", opts, "-l", str(base / "pg.log"), "-w", "start")
     assert start.returncode == 0, start.stderr + (base / "pg.log").read_text()
     try:
-        created = run("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "incontext")
-        assert created.returncode == 0, created.stderr
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/incontext"
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"  # the throwaway cluster's own database
     finally:
         run("pg_ctl", "-D", str(data), "-m", "immediate", "stop")
         shutil.rmtree(base, ignore_errors=True)

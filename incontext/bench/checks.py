@@ -1,0 +1,208 @@
+"""Programmatic checks of one edit: did the requested change happen, and what is its PSNR.
+
+The world's scene data says where every object is and what colour it should be, so each
+family is checked by asking the output the question a person would ask of it:
+
+- recolor: is the object (its eroded region) now the requested colour?
+- remove: does the object's region look like what was behind it rather than like the object?
+- add: is there something of the requested colour where the object was asked for?
+- move: is the object at its new place, and is its old place no longer showing it?
+- background: is the background, away from the objects, the requested colour?
+- grayscale: where the input had colour, has the output none?
+
+and, for every family, the rest of the image is preserved reasonably (`PRESERVE_MIN_DB`).
+All functions are pure: images in, numbers or booleans out.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from incontext.world.edits import Example
+from incontext.world.scene import COLORS, Scene, object_mask
+
+# Preservation outside the edit mask: RMS error ≈ 25 levels. Loose enough for an
+# autoencoder's blur, strict enough that repainting the scene fails.
+PRESERVE_MIN_DB = 20.0
+CLEAR_DIFF = 24  # levels (max over channels) for a pixel to count as clearly changed
+TOWARD_TARGET = 0.75  # fraction of a region that must look more like the target than the input
+COLORLESS = 20.0  # mean chroma (max − min channel) of a colourless region: σ≈10 noise per channel gives ≈17
+ERODE = 1  # pixels peeled off a region: antialiased rims are a mix of two colours
+OBJECT_MARGIN = 2  # pixels around objects left out of the background
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def _array(image: Image.Image | np.ndarray) -> np.ndarray:
+    return np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float64)
+
+
+def mse(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Mean squared error in 0–255 levels over the pixels in `mask` (all if None); nan if it is empty."""
+    sq = ((_array(a) - _array(b)) ** 2).mean(axis=2)
+    values = sq if mask is None else sq[mask]
+    return float(values.mean()) if values.size else math.nan
+
+
+def db(mse_value: float) -> float:
+    """PSNR in dB for a mean squared error: inf for identical images, nan for no pixels."""
+    if math.isnan(mse_value):
+        return math.nan
+    return math.inf if mse_value == 0 else 10 * math.log10(255.0**2 / mse_value)
+
+
+def psnr(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray, mask: np.ndarray | None = None) -> float:
+    return db(mse(a, b, mask))
+
+
+def preservation_psnr(example: Example, output: Image.Image) -> float:
+    """PSNR to the input outside the edit mask: how much of what should stay, stayed."""
+    return psnr(output, example.context, ~example.mask)
+
+
+# ---------------------------------------------------------------- regions
+
+
+def erode(mask: np.ndarray, r: int = ERODE) -> np.ndarray:
+    out = mask.copy()
+    for _ in range(r):
+        m = out.copy()
+        m[1:] &= out[:-1]
+        m[:-1] &= out[1:]
+        m[:, 1:] &= out[:, :-1]
+        m[:, :-1] &= out[:, 1:]
+        m[0], m[-1], m[:, 0], m[:, -1] = False, False, False, False
+        out = m
+    return out
+
+
+def dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    return ~erode(~mask, r)
+
+
+def visible_mask(scene: Scene, index: int) -> np.ndarray:
+    """Where object `index` shows: its shape minus the objects drawn over it."""
+    mask = object_mask(scene, index)
+    for later in range(index + 1, len(scene.objects)):
+        mask &= ~object_mask(scene, later)
+    return mask
+
+
+def _core(mask: np.ndarray) -> np.ndarray:
+    """The mask without its antialiased rim, unless that leaves nothing (a thin star)."""
+    core = erode(mask)
+    return core if core.any() else mask
+
+
+def clearly_changed(example: Example) -> np.ndarray:
+    diff = np.abs(_array(example.context) - _array(example.target)).max(axis=2)
+    return diff > CLEAR_DIFF
+
+
+# ---------------------------------------------------------------- colour
+
+
+def median_rgb(image: Image.Image, region: np.ndarray) -> np.ndarray:
+    return np.median(_array(image)[region], axis=0)
+
+
+def nearest_color(rgb: np.ndarray) -> str:
+    return min(COLORS, key=lambda name: float(((rgb - np.array(COLORS[name])) ** 2).sum()))
+
+
+def is_color(image: Image.Image, region: np.ndarray, color: str) -> bool:
+    """Whether the region's median colour is closer to `color` than to any other named colour."""
+    return bool(region.any()) and nearest_color(median_rgb(image, region)) == color
+
+
+def toward_target(example: Example, output: Image.Image, region: np.ndarray) -> bool:
+    """Whether most of the region looks more like the target than like the input: the change
+    happened there. The unchanged input never passes; the target always does."""
+    if not region.any():
+        return False
+    out = _array(output)[region]
+    to_target = np.abs(out - _array(example.target)[region]).sum(axis=1)
+    to_input = np.abs(out - _array(example.context)[region]).sum(axis=1)
+    return float((to_target < to_input).mean()) >= TOWARD_TARGET
+
+
+def chroma(image: Image.Image) -> np.ndarray:
+    """Per-pixel max − min channel in levels: 0 for grays, large for saturated colours."""
+    a = _array(image)
+    return a.max(axis=2) - a.min(axis=2)
+
+
+# ---------------------------------------------------------------- families
+
+
+def _recolor(ex: Example, output: Image.Image) -> bool:
+    region = _core(visible_mask(ex.target_scene, ex.info["index"]))
+    return is_color(output, region, ex.info["color"])
+
+
+def _remove(ex: Example, output: Image.Image) -> bool:
+    region = visible_mask(ex.scene, ex.info["index"]) & clearly_changed(ex)
+    return toward_target(ex, output, _core(region))
+
+
+def _add(ex: Example, output: Image.Image) -> bool:
+    region = _core(visible_mask(ex.target_scene, ex.info["index"]))
+    return is_color(output, region, ex.info["color"]) and toward_target(ex, output, region & clearly_changed(ex))
+
+
+def _move(ex: Example, output: Image.Image) -> bool:
+    i = ex.info["index"]
+    new, old = visible_mask(ex.target_scene, i), visible_mask(ex.scene, i)
+    arrived = _core(new & ~old)
+    left = _core(old & ~dilate(new, OBJECT_MARGIN)) & clearly_changed(ex)
+    return (
+        is_color(output, arrived, ex.scene.objects[i].color)
+        and toward_target(ex, output, arrived & clearly_changed(ex))
+        and toward_target(ex, output, left)
+    )
+
+
+def _background(ex: Example, output: Image.Image) -> bool:
+    objects = np.zeros((ex.scene.height, ex.scene.width), dtype=bool)
+    for scene in (ex.scene, ex.target_scene):
+        for i in range(len(scene.objects)):
+            objects |= object_mask(scene, i)
+    region = ~dilate(objects, OBJECT_MARGIN)
+    return is_color(output, region, ex.info["color"]) and toward_target(ex, output, region & clearly_changed(ex))
+
+
+def _grayscale(ex: Example, output: Image.Image) -> bool:
+    colored = chroma(ex.context) > CLEAR_DIFF
+    return bool(colored.any()) and float(chroma(output)[colored].mean()) < COLORLESS
+
+
+CHECKS: dict[str, Callable[[Example, Image.Image], bool]] = {
+    "recolor": _recolor,
+    "remove": _remove,
+    "add": _add,
+    "move": _move,
+    "background": _background,
+    "grayscale": _grayscale,
+}
+
+
+def preserved(example: Example, output: Image.Image) -> bool:
+    """Whether the output kept what the edit should not touch. Grayscale touches every pixel,
+    so there the output must keep the target's luminance instead."""
+    if example.family == "grayscale":
+        return psnr(output, example.target) >= PRESERVE_MIN_DB
+    outside = ~example.mask
+    return not outside.any() or preservation_psnr(example, output) >= PRESERVE_MIN_DB
+
+
+def success(example: Example, output: Image.Image) -> bool:
+    """The requested change happened and the rest is preserved. KeyError for a family with no check."""
+    check = CHECKS[example.family]
+    if output.size != example.target.size:
+        return False
+    return check(example, output.convert("RGB")) and preserved(example, output)

@@ -1,0 +1,239 @@
+"""The quality benchmark: a model, "return the input unchanged" and the ground truth, scored
+on the fixed held-out set by the programmatic checks.
+
+    incontext bench quality                                  # the bundled nano model, 50 per family
+    incontext bench quality --model ./my-model --n 10 --out results/quick
+
+Each row is an editor, a function (example, input image) → output image, run over:
+1. single edits: success rate, PSNR to the target and preservation PSNR, per family;
+2. multi-turn sequences: each edit applied to the editor's previous output; preservation PSNR
+   (to the original image, outside the union of the edit masks so far) after turn 1 and after
+   the last turn, and the drift between them.
+PSNRs over several images are the dB of their mean squared error, so a few perfect images do
+not make a mean infinite.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from incontext import sampler
+from incontext.bench import checks, heldout
+from incontext.bench.report import write_report
+from incontext.errors import InvalidInput
+from incontext.world.edits import Example
+
+log = logging.getLogger(__name__)
+
+IDENTITY = "input unchanged"
+GROUND_TRUTH = "ground truth"
+DEFAULT_OUT = Path("results/quality")
+MAX_DRIFT_SCENES = 10
+
+Editor = Callable[[Example, Image.Image], Image.Image]
+
+
+@dataclass
+class Outputs:
+    """What one editor produced: per family, an output and a success per held-out example."""
+
+    images: dict[str, list[Image.Image]] = field(default_factory=dict)
+    successes: dict[str, list[bool | None]] = field(default_factory=dict)
+    turns: list[list[Image.Image]] = field(default_factory=list)  # per drift sequence, output after each turn
+
+
+# ---------------------------------------------------------------- editors
+
+
+def identity_editor(example: Example, image: Image.Image) -> Image.Image:
+    return image
+
+
+def ground_truth_editor(example: Example, image: Image.Image) -> Image.Image:
+    return example.target
+
+
+@dataclass
+class ModelEditor:
+    """The sampler on a loaded model; seeds count up so every run draws the same noise."""
+
+    models: sampler.Models
+    steps: int
+    guidance: float
+    seed: int = 0
+    seconds: list[float] = field(default_factory=list)
+
+    def __call__(self, example: Example, image: Image.Image) -> Image.Image:
+        start = time.perf_counter()
+        out = sampler.edit(self.models, image, example.instruction, seeds=[self.seed + len(self.seconds)], num_steps=self.steps, guidance=self.guidance)[0]
+        self.seconds.append(time.perf_counter() - start)
+        return out
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def _mean(values: list[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else math.nan
+
+
+def _rate(successes: list[bool | None]) -> float | None:
+    scored = [s for s in successes if s is not None]
+    return sum(scored) / len(scored) if scored else None
+
+
+def _success(example: Example, output: Image.Image) -> bool | None:
+    """None for a family the checks do not know yet: it is scored by PSNR only."""
+    return checks.success(example, output) if example.family in checks.CHECKS else None
+
+
+def _score(examples: list[Example], outputs: list[Image.Image], successes: list[bool | None]) -> dict:
+    return {
+        "n": len(examples),
+        "success": _rate(successes),
+        "psnr": checks.db(_mean([checks.mse(out, ex.target) for ex, out in zip(examples, outputs)])),
+        "preservation_psnr": checks.db(_mean([checks.mse(out, ex.context, ~ex.mask) for ex, out in zip(examples, outputs)])),
+    }
+
+
+def run_single(editor: Editor, heldout_set: dict[str, list[Example]], on_edit: Callable[[], None] | None = None) -> Outputs:
+    out = Outputs()
+    for family, examples in heldout_set.items():
+        out.images[family] = []
+        for ex in examples:
+            out.images[family].append(editor(ex, ex.context))
+            if on_edit is not None:
+                on_edit()
+        out.successes[family] = [_success(ex, o) for ex, o in zip(examples, out.images[family])]
+    return out
+
+
+def run_turns(editor: Editor, sequences: list[list[Example]], on_edit: Callable[[], None] | None = None) -> list[list[Image.Image]]:
+    """Per sequence, the editor's output after each turn; each turn's input is the previous output."""
+    results = []
+    for sequence in sequences:
+        image, outputs = sequence[0].context, []
+        for ex in sequence:
+            image = editor(ex, image)
+            outputs.append(image)
+            if on_edit is not None:
+                on_edit()
+        results.append(outputs)
+    return results
+
+
+def drift_scores(sequences: list[list[Example]], turn_outputs: list[list[Image.Image]]) -> dict:
+    """Preservation PSNR after each turn (outside every edit mask so far, to the original image)."""
+    by_turn = []
+    for t in range(len(sequences[0]) if sequences else 0):
+        errors = []
+        for sequence, outputs in zip(sequences, turn_outputs):
+            touched = np.logical_or.reduce([ex.mask for ex in sequence[: t + 1]])
+            errors.append(checks.mse(outputs[t], sequence[0].context, ~touched))
+        by_turn.append(checks.db(_mean(errors)))
+    first, last = (by_turn[0], by_turn[-1]) if by_turn else (math.nan, math.nan)
+    drift = 0.0 if first == last else first - last  # inf − inf would be nan: no drift
+    return {"scenes": len(sequences), "turns": len(by_turn), "preservation_psnr_by_turn": by_turn,
+            "turn_1": first, "turn_last": last, "drift_db": drift}
+
+
+def score_row(name: str, editor: Editor, heldout_set: dict[str, list[Example]], sequences: list[list[Example]],
+              on_edit: Callable[[], None] | None = None) -> tuple[dict, Outputs]:
+    outputs = run_single(editor, heldout_set, on_edit)
+    outputs.turns = run_turns(editor, sequences, on_edit)
+    families = {f: _score(examples, outputs.images[f], outputs.successes[f]) for f, examples in heldout_set.items()}
+    every = [ex for examples in heldout_set.values() for ex in examples]
+    every_output = [o for f in heldout_set for o in outputs.images[f]]
+    every_success = [s for f in heldout_set for s in outputs.successes[f]]
+    row = {
+        "name": name,
+        "families": families,
+        "all": _score(every, every_output, every_success),
+        "drift": drift_scores(sequences, outputs.turns),
+        "seconds_per_edit": None,
+    }
+    return row, outputs
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def run_quality(
+    model_id_or_dir: str | None,
+    n_per_family: int = 50,
+    out_dir: Path = DEFAULT_OUT,
+    turns: int = 5,
+    steps: int | None = None,
+    guidance: float | None = None,
+    dtype: str = "bfloat16",
+    *,
+    drift_scenes: int | None = None,
+    seed: int = 0,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Score the model, the identity and the ground truth; write report.md, results.json and
+    grid_<family>.png under `out_dir`; return the results (as in results.json)."""
+    from incontext.models.loader import DTYPES, load_model
+    from incontext.models.registry import default_registry, preset_for_directory
+
+    if n_per_family < 1 or turns < 1:
+        raise InvalidInput(f"need at least one example per family and one turn (got n={n_per_family}, turns={turns})")
+    if dtype not in DTYPES:
+        raise InvalidInput(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+
+    # 1. the model: resolve and load before drawing the held-out set, so a bad id fails fast
+    if model_id_or_dir and (Path(model_id_or_dir) / "model_index.json").is_file():
+        preset = preset_for_directory(Path(model_id_or_dir))  # resolve() strips the "/" of an absolute path
+    else:
+        preset = default_registry().resolve(model_id_or_dir)
+    steps = steps or preset.num_inference_steps
+    guidance = guidance if guidance is not None else preset.guidance_scale
+    models = load_model(preset.directory, dtype=dtype, max_sequence_length=preset.max_sequence_length)
+
+    # 2. the held-out set
+    heldout_set = heldout.heldout_set(n_per_family)
+    sequences = heldout.heldout_sequences(drift_scenes if drift_scenes is not None else min(n_per_family, MAX_DRIFT_SCENES), turns)
+
+    # 3. the model row, reporting progress per edit
+    total = n_per_family * len(heldout_set) + len(sequences) * turns
+    done = 0
+
+    def on_edit() -> None:
+        nonlocal done
+        done += 1
+        if on_progress is not None:
+            on_progress(done, total)
+
+    editor = ModelEditor(models, steps, guidance, seed)
+    model_row, model_outputs = score_row(preset.id, editor, heldout_set, sequences, on_edit)
+    model_row["seconds_per_edit"] = float(np.mean(editor.seconds))
+
+    # 4. the reference rows, no model needed
+    identity_row, _ = score_row(IDENTITY, identity_editor, heldout_set, sequences)
+    truth_row, truth_outputs = score_row(GROUND_TRUTH, ground_truth_editor, heldout_set, sequences)
+
+    # 5. the report
+    results = {
+        "model": preset.id,
+        "directory": str(preset.directory),
+        "steps": steps,
+        "guidance": guidance,
+        "dtype": dtype,
+        "seed": seed,
+        "n_per_family": n_per_family,
+        "held_out_seed": heldout.HELD_OUT_SEED,
+        "families": list(heldout_set),
+        "rows": [model_row, identity_row, truth_row],
+    }
+    write_report(results, Path(out_dir), heldout_set, sequences, model_outputs, truth_outputs)
+    log.info("quality report written to %s", out_dir)
+    return results

@@ -1,0 +1,194 @@
+"""The quality benchmark's outputs: report.md, results.json and image grids.
+
+Tables are built once as (headers, rows of strings), so the markdown report and the CLI's
+rich table show the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from PIL import Image, ImageDraw, ImageFont
+
+from incontext.bench.checks import PRESERVE_MIN_DB
+from incontext.world.edits import Example
+
+if TYPE_CHECKING:
+    from incontext.bench.quality import Outputs
+
+GRID_ROWS = 8  # examples per family grid
+GRID_SEQUENCES = 4  # multi-turn sequences in the drift grid
+PAD = 4
+CAPTION = 14  # pixels of text above each grid row
+GRID_BACKGROUND = (255, 255, 255)
+CELL_BACKGROUND = (235, 235, 235)
+
+
+# ---------------------------------------------------------------- numbers
+
+
+def fmt_db(value: float) -> str:
+    if math.isnan(value):
+        return "–"
+    return "∞" if math.isinf(value) else f"{value:.1f}"
+
+
+def fmt_rate(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.0f}%"
+
+
+def summary_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """One line per row: success per family and overall, PSNRs, drift and speed."""
+    turns = results["rows"][0]["drift"]["turns"]
+    headers = ["row", *results["families"], "all", "PSNR dB", "preserved dB", "turn 1 dB", f"turn {turns} dB", "drift dB", "s/edit"]
+    lines = []
+    for row in results["rows"]:
+        drift, every = row["drift"], row["all"]
+        seconds = row["seconds_per_edit"]
+        lines.append([
+            row["name"],
+            *(fmt_rate(row["families"][f]["success"]) for f in results["families"]),
+            fmt_rate(every["success"]),
+            fmt_db(every["psnr"]),
+            fmt_db(every["preservation_psnr"]),
+            fmt_db(drift["turn_1"]),
+            fmt_db(drift["turn_last"]),
+            fmt_db(drift["drift_db"]),
+            "–" if seconds is None else f"{seconds:.2f}",
+        ])
+    return headers, lines
+
+
+def family_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """One line per family and row: success, PSNR to the target, preservation PSNR."""
+    headers = ["family", "row", "n", "success", "PSNR dB", "preserved dB"]
+    lines = []
+    for family in results["families"]:
+        for row in results["rows"]:
+            s = row["families"][family]
+            lines.append([family, row["name"], str(s["n"]), fmt_rate(s["success"]), fmt_db(s["psnr"]), fmt_db(s["preservation_psnr"])])
+    return headers, lines
+
+
+def drift_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    turns = results["rows"][0]["drift"]["turns"]
+    headers = ["row", *(f"turn {t + 1} dB" for t in range(turns)), "drift dB"]
+    lines = [[row["name"], *map(fmt_db, row["drift"]["preservation_psnr_by_turn"]), fmt_db(row["drift"]["drift_db"])] for row in results["rows"]]
+    return headers, lines
+
+
+def markdown_table(headers: list[str], lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def markdown(results: dict) -> str:
+    drift = results["rows"][0]["drift"]
+    grids = "\n".join(f"![{f}](grid_{f}.png)" for f in results["families"])
+    return f"""# Quality benchmark
+
+Model `{results["model"]}` ({results["directory"]}): {results["steps"]} steps, guidance {results["guidance"]}, {results["dtype"]}, seed {results["seed"]}.
+{results["n_per_family"]} held-out examples per family (seed {results["held_out_seed"]}, never used in training).
+
+- **success**: the requested change happened, by the programmatic checks of `incontext/bench/checks.py`,
+  and what the edit should not touch is preserved (≥ {PRESERVE_MIN_DB:.0f} dB).
+- **PSNR**: to the ground-truth target; **preserved**: to the input, outside the edit mask.
+  Over several images, the dB of their mean squared error.
+- **drift**: {drift["scenes"]} scenes edited {drift["turns"]} times in a row, each edit applied to the previous output;
+  preservation PSNR (to the original, outside every edit mask so far) after turn 1 minus after turn {drift["turns"]}.
+- **s/edit**: mean wall time of one edit of the model.
+
+## Summary
+
+{markdown_table(*summary_table(results))}
+
+## Per family
+
+{markdown_table(*family_table(results))}
+
+## Multi-turn drift
+
+{markdown_table(*drift_table(results))}
+
+![multi-turn](grid_multiturn.png)
+
+## Examples (input | {results["model"]} | target)
+
+{grids}
+"""
+
+
+def jsonable(value):
+    """Results with non-finite floats spelled out: "inf" for a perfect PSNR, null for no pixels."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+# ---------------------------------------------------------------- grids
+
+
+def grid(rows: list[list[Image.Image | None]], captions: list[str], columns: list[str] | None = None) -> Image.Image:
+    """Images in rows of cells as large as the largest image, each row under its caption,
+    under a line of column titles if given."""
+    cell_w = max(img.width for row in rows for img in row if img is not None)
+    cell_h = max(img.height for row in rows for img in row if img is not None)
+    n_columns = max(len(row) for row in rows)
+    head = CAPTION if columns else 0
+    width = PAD + n_columns * (cell_w + PAD)
+    height = PAD + head + len(rows) * (CAPTION + cell_h + PAD)
+    canvas = Image.new("RGB", (width, height), GRID_BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for c, title in enumerate(columns or []):
+        draw.text((PAD + c * (cell_w + PAD), PAD), title, fill=(90, 90, 90), font=font)
+    for r, (row, caption) in enumerate(zip(rows, captions)):
+        top = PAD + head + r * (CAPTION + cell_h + PAD)
+        draw.text((PAD, top), caption, fill=(0, 0, 0), font=font)
+        for c, img in enumerate(row):
+            left = PAD + c * (cell_w + PAD)
+            draw.rectangle((left, top + CAPTION, left + cell_w - 1, top + CAPTION + cell_h - 1), fill=CELL_BACKGROUND)
+            if img is not None:
+                canvas.paste(img.convert("RGB"), (left + (cell_w - img.width) // 2, top + CAPTION + (cell_h - img.height) // 2))
+    return canvas
+
+
+def family_grid(examples: list[Example], outputs: list[Image.Image], successes: list[bool | None], model: str) -> Image.Image:
+    rows, captions = [], []
+    for ex, out, ok in list(zip(examples, outputs, successes))[:GRID_ROWS]:
+        rows.append([ex.context, out, ex.target])
+        captions.append(f"{ex.instruction}  [{'-' if ok is None else 'ok' if ok else 'FAIL'}]")
+    return grid(rows, captions, ["input", Path(model).name or model, "target"])
+
+
+def multiturn_grid(sequences: list[list[Example]], model_turns: list[list[Image.Image]], truth_turns: list[list[Image.Image]]) -> Image.Image:
+    rows, captions = [], []
+    for k, (sequence, model, truth) in enumerate(list(zip(sequences, model_turns, truth_turns))[:GRID_SEQUENCES]):
+        steps = " / ".join(f"{t + 1}. {ex.instruction}" for t, ex in enumerate(sequence))
+        rows += [[sequence[0].context, *model], [None, *truth]]
+        captions += [f"scene {k + 1}, model: {steps}", "ground truth"]
+    turns = len(sequences[0])
+    return grid(rows, captions, ["input", *(f"turn {t + 1}" for t in range(turns))])
+
+
+# ---------------------------------------------------------------- files
+
+
+def write_report(results: dict, out_dir: Path, heldout_set: dict[str, list[Example]], sequences: list[list[Example]],
+                 model_outputs: Outputs, truth_outputs: Outputs) -> None:
+    """report.md, results.json, grid_<family>.png and grid_multiturn.png under out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.md").write_text(markdown(results))
+    (out_dir / "results.json").write_text(json.dumps(jsonable(results), indent=2) + "\n")
+    for family, examples in heldout_set.items():
+        family_grid(examples, model_outputs.images[family], model_outputs.successes[family], results["model"]).save(out_dir / f"grid_{family}.png")
+    if sequences:
+        multiturn_grid(sequences, model_outputs.turns, truth_outputs.turns).save(out_dir / "grid_multiturn.png")

@@ -1,0 +1,83 @@
+"""The checks on exact answers: the ground truth always succeeds, the unchanged input never does."""
+
+import math
+from dataclasses import replace
+from functools import cache
+import random
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from incontext.bench import checks
+from incontext.bench.heldout import visible
+from incontext.world import edits
+from incontext.world.scene import COLORS, render
+
+
+@cache
+def _examples(family: str, n: int = 12) -> tuple[edits.Example, ...]:
+    rng = random.Random(f"test-checks:{family}")  # not the held-out stream: the checks must hold on any draw
+    out = []
+    while len(out) < n:
+        ex = edits.make_example(rng, family)
+        if visible(ex):
+            out.append(ex)
+    return tuple(out)
+
+
+def test_every_world_family_has_a_check():
+    assert set(edits.FAMILIES) <= set(checks.CHECKS)
+
+
+@pytest.mark.parametrize("family", edits.FAMILIES)
+def test_ground_truth_succeeds(family):
+    for ex in _examples(family):
+        assert checks.success(ex, ex.target), ex.instruction
+
+
+@pytest.mark.parametrize("family", edits.FAMILIES)
+def test_unchanged_input_fails(family):
+    for ex in _examples(family):
+        assert not checks.success(ex, ex.context), ex.instruction
+
+
+@pytest.mark.parametrize("family", edits.FAMILIES)
+def test_a_slightly_blurred_target_still_succeeds(family):
+    # A model's output goes through an autoencoder: soft edges must not count as failure.
+    for ex in _examples(family)[:6]:
+        assert checks.success(ex, ex.target.filter(ImageFilter.GaussianBlur(1))), ex.instruction
+
+
+def test_recolor_to_the_wrong_colour_fails():
+    for ex in _examples("recolor")[:6]:
+        wrong = next(c for c in COLORS if c not in (ex.info["color"], ex.scene.background.color))
+        i = ex.info["index"]
+        obj = ex.target_scene.objects[i]
+        scene = ex.target_scene.with_object(i, replace(obj, color=wrong, rgb=COLORS[wrong]))
+        assert not checks.success(ex, render(scene)), ex.instruction
+
+
+def test_repainting_the_whole_image_fails_preservation():
+    for ex in _examples("recolor")[:4]:
+        flat = Image.new("RGB", ex.target.size, COLORS[ex.info["color"]])
+        assert not checks.success(ex, flat)
+
+
+def test_output_of_another_size_fails():
+    ex = _examples("remove")[0]
+    assert not checks.success(ex, ex.target.resize((64, 64)))
+
+
+def test_psnr():
+    black = np.zeros((8, 8, 3), dtype=np.uint8)
+    assert checks.psnr(black, black) == math.inf
+    assert checks.psnr(black, black + 255) == pytest.approx(0.0)
+    assert checks.psnr(black, black + 10) == pytest.approx(20 * math.log10(255 / 10))
+    half = np.zeros((8, 8), dtype=bool)
+    half[:4] = True
+    other = black.copy()
+    other[4:] = 255
+    assert checks.psnr(black, other, mask=half) == math.inf
+    assert math.isnan(checks.psnr(black, other, mask=np.zeros((8, 8), dtype=bool)))
+    assert checks.psnr(Image.fromarray(black), Image.fromarray(other)) == pytest.approx(checks.db(255**2 / 2))

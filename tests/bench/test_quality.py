@@ -1,0 +1,101 @@
+"""`run_quality` and `incontext bench quality` end to end on a tiny random model."""
+
+import json
+import math
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from incontext.bench import quality
+from incontext.bench.cli import register
+from incontext.bench.quality import GROUND_TRUTH, IDENTITY, run_quality
+from incontext.testing import tiny_model_dir
+from incontext.world.edits import FAMILIES
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # A tiny model gains nothing from threads, and beside a training run their spin-waiting costs seconds.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def run(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality")
+    results = run_quality(str(model_dir), 2, out, turns=2, steps=1, dtype="float32", drift_scenes=1)
+    return results, out
+
+
+def _row(results, name):
+    return next(r for r in results["rows"] if r["name"] == name)
+
+
+def test_writes_the_report_the_results_and_a_grid_per_family(run):
+    results, out = run
+    assert (out / "report.md").read_text().startswith("# Quality benchmark")
+    assert json.loads((out / "results.json").read_text())["n_per_family"] == 2
+    for family in FAMILIES:
+        assert (out / f"grid_{family}.png").is_file()
+    assert (out / "grid_multiturn.png").is_file()
+
+
+def test_ground_truth_and_identity_are_the_extremes(run):
+    results, _ = run
+    truth, identity = _row(results, GROUND_TRUTH), _row(results, IDENTITY)
+    assert all(truth["families"][f]["success"] == 1.0 for f in FAMILIES)
+    assert all(identity["families"][f]["success"] == 0.0 for f in FAMILIES)
+    assert truth["all"]["psnr"] == math.inf
+    assert identity["all"]["preservation_psnr"] == math.inf
+    assert identity["drift"]["turn_last"] == math.inf and identity["drift"]["drift_db"] == 0.0
+    assert truth["seconds_per_edit"] is None and identity["seconds_per_edit"] is None
+
+
+def test_the_model_row_is_scored_and_timed(run):
+    results, _ = run
+    model = results["rows"][0]
+    assert model["name"] not in (GROUND_TRUTH, IDENTITY)
+    assert model["all"]["n"] == 2 * len(FAMILIES)
+    assert 0.0 <= model["all"]["success"] <= 1.0
+    assert math.isfinite(model["all"]["psnr"]) and model["seconds_per_edit"] > 0
+    assert len(model["drift"]["preservation_psnr_by_turn"]) == 2
+
+
+def _cli():
+    app = typer.Typer()
+    app.command("version")(lambda: None)  # a second command keeps `bench` a sub-command, as in incontext.cli
+    register(app)
+    return app
+
+
+def test_cli_passes_its_options_and_prints_the_table(run, monkeypatch, tmp_path):
+    calls = []
+
+    def fake_run_quality(model, n, out, **options):
+        calls.append((model, n, out, options))
+        return run[0]
+
+    monkeypatch.setattr(quality, "run_quality", fake_run_quality)
+    args = ["bench", "quality", "--model", "some/model", "--n", "3", "--turns", "4", "--steps", "2",
+            "--guidance", "2.5", "--dtype", "float32", "--out", str(tmp_path)]
+    result = CliRunner().invoke(_cli(), args, env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    (model, n, out, options) = calls[0]
+    assert (model, n, out) == ("some/model", 3, tmp_path)
+    assert {k: options[k] for k in ("turns", "steps", "guidance", "dtype")} == {"turns": 4, "steps": 2, "guidance": 2.5, "dtype": "float32"}
+    assert "ground truth" in result.output and "input unchanged" in result.output and "100%" in result.output
+
+
+def test_cli_reports_an_unknown_model(tmp_path):
+    result = CliRunner().invoke(_cli(), ["bench", "quality", "--model", "no/such-model", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "MODEL_UNAVAILABLE" in result.output

@@ -155,7 +155,7 @@ def train_data_cmd(out: Path = typer.Option(Path("runs/nano")), start: int = 0, 
 
 
 @train_app.command("transformer")
-def train_transformer_cmd(out: Path = typer.Option(Path("runs/nano")), minutes: float = 90.0, batch: int = 32, lr: float = 4e-4) -> None:
+def train_transformer_cmd(out: Path = typer.Option(Path("runs/nano")), minutes: float = 65.0, batch: int = 24, lr: float = 4e-4) -> None:
     """Stage 3: the transformer and text encoders on the latent chunks. Resumes from OUT/transformer.pt."""
     from incontext.models.components import NanoConfig
     from incontext.train.export import load_vae
@@ -176,16 +176,16 @@ def train_export_cmd(out: Path = typer.Option(Path("runs/nano")), to: Path = typ
     console.print(f"exported to {to}")
 
 
-def _register_optional() -> None:
-    """Commands whose modules are optional at import time (the service, benchmarks)."""
-    try:
-        from incontext.service.cli import register
-    except ImportError:  # the service package is not installed in this build
-        return
-    register(app)
+def _register_subcommands() -> None:
+    """`serve`/`keys` and `bench` live beside the code they drive."""
+    from incontext.bench.cli import register as register_bench
+    from incontext.service.cli import register as register_service
+
+    register_service(app)
+    register_bench(app)
 
 
-_register_optional()
+_register_subcommands()
 
 
 def main() -> None:

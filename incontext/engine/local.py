@@ -60,7 +60,7 @@ class EngineStats:
 
 
 class LocalEngine:
-    def __init__(self, registry: Registry, *, max_batch_size: int = 8, dtype: str = "bfloat16", device: str = "cpu",
+    def __init__(self, registry: Registry, *, max_batch_size: int = 8, dtype: str = "auto", device: str = "cpu",
                  text_cache: int = 256, image_cache: int = 64, reuse_output_latents: bool = True):
         self.registry = registry
         self.dtype = dtype

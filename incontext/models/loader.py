@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 
 from incontext.errors import ModelError
+from incontext.models.device import resolve_dtype
 from incontext.sampler import Models
 
 log = logging.getLogger(__name__)
 
 PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 def check_model_dir(path: Path) -> dict:
@@ -51,13 +51,14 @@ def _load_part(path: Path, name: str, index: dict, **kwargs):
         raise ModelError(f"{name} in {path} could not be loaded: {str(e).splitlines()[0]}") from None
 
 
-def load_model(path: Path, *, device: str = "cpu", dtype: str | torch.dtype = "float32", max_sequence_length: int | None = None) -> Models:
-    """Load a model directory. `dtype` is the compute dtype of the transformer and text encoders;
-    the VAE stays in fp32 on the CPU (it is small and bf16 convolutions are slower here)."""
+def load_model(path: Path, *, device: str = "cpu", dtype: str | torch.dtype = "auto", max_sequence_length: int | None = None) -> Models:
+    """Load a model directory. `dtype` is the compute dtype of the transformer and text encoders
+    ("auto": bf16 where this machine has bf16 units, else fp32); the VAE stays in fp32 (it is
+    small and bf16 convolutions are slower on CPUs)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
     path = Path(path)
     index = check_model_dir(path)
-    dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dt = resolve_dtype(dtype, device)
     parts = {}
     for name in PARTS:
         if name.startswith("tokenizer") or name == "scheduler":

@@ -155,24 +155,31 @@ def train_data_cmd(out: Path = typer.Option(Path("runs/nano")), start: int = 0, 
 
 
 @train_app.command("transformer")
-def train_transformer_cmd(out: Path = typer.Option(Path("runs/nano")), minutes: float = 65.0, batch: int = 24, lr: float = 4e-4) -> None:
+def train_transformer_cmd(
+    out: Path = typer.Option(Path("runs/nano")), minutes: float = 65.0, batch: int = 24, lr: float = 4e-4,
+    init_from: Optional[Path] = typer.Option(None, help="Start from this model directory's weights (e.g. incontext/weights/nano) when OUT has no checkpoint."),
+) -> None:
     """Stage 3: the transformer and text encoders on the latent chunks. Resumes from OUT/transformer.pt."""
     from incontext.models.components import NanoConfig
     from incontext.train.export import load_vae
     from incontext.train.transformer import TransformerTrainConfig, train_transformer
     from incontext.world.language import vocabulary
 
-    train_transformer(out, NanoConfig(vocab=vocabulary()), TransformerTrainConfig(minutes=minutes, batch=batch, lr=lr), load_vae(out))
+    train_transformer(out, NanoConfig(vocab=vocabulary()), TransformerTrainConfig(minutes=minutes, batch=batch, lr=lr), load_vae(out), init_from=init_from)
 
 
 @train_app.command("export")
-def train_export_cmd(out: Path = typer.Option(Path("runs/nano")), to: Path = typer.Option(Path("incontext/weights/nano")), dtype: str = "bfloat16") -> None:
+def train_export_cmd(
+    out: Path = typer.Option(Path("runs/nano")), to: Path = typer.Option(Path("incontext/weights/nano")),
+    dtype: str = typer.Option("float16", help="Storage dtype of the transformer and text encoders (float16, bfloat16, float32)."),
+    ema: bool = typer.Option(True, help="Export the EMA weights (else the raw ones)."),
+) -> None:
     """Write the trained model as a FluxKontextPipeline directory (the bundled model lives in incontext/weights/nano)."""
     import torch
 
     from incontext.train.export import export_model
 
-    export_model(out, to, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[dtype])
+    export_model(out, to, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[dtype], use_ema=ema)
     console.print(f"exported to {to}")
 
 

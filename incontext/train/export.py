@@ -11,13 +11,21 @@ from pathlib import Path
 import torch
 
 from incontext.models.components import Components, NanoConfig, build_scheduler, build_vae, save_model_dir
+from incontext.models.registry import BUNDLED_NANO_DIR
 from incontext.train.checkpoint import load_checkpoint
 from incontext.train.transformer import load_trained
 
 log = logging.getLogger(__name__)
 
 
-def load_vae(run_dir: Path):
+def load_vae(run_dir: Path, fallback: Path | None = BUNDLED_NANO_DIR):
+    """The run's VAE; on a fresh machine (no vae.pt), the bundled model's, so newly encoded
+    training data matches the latents the bundled transformer was trained on."""
+    if not (Path(run_dir) / "vae.pt").exists() and fallback is not None and (Path(fallback) / "vae").is_dir():
+        from diffusers import AutoencoderKL
+
+        log.info("no %s/vae.pt: using the VAE of %s", run_dir, fallback)
+        return AutoencoderKL.from_pretrained(Path(fallback) / "vae", local_files_only=True).eval()
     ck = load_checkpoint(Path(run_dir) / "vae.pt")
     cfg = NanoConfig(**{k: tuple(v) if isinstance(v, list) and k != "vocab" else v for k, v in ck["model_config"].items()})
     vae = build_vae(cfg)
@@ -28,9 +36,9 @@ def load_vae(run_dir: Path):
     return vae.eval()
 
 
-def export_model(run_dir: Path, to: Path, *, dtype: torch.dtype | None = torch.bfloat16, steps: int = 20, guidance: float = 3.5) -> Path:
+def export_model(run_dir: Path, to: Path, *, dtype: torch.dtype | None = torch.float16, steps: int = 20, guidance: float = 3.5, use_ema: bool = True) -> Path:
     run_dir = Path(run_dir)
-    model_cfg, tok, modules, step = load_trained(run_dir / "transformer.pt")
+    model_cfg, tok, modules, step = load_trained(run_dir / "transformer.pt", use_ema=use_ema)
     vae = load_vae(run_dir)
     c = Components(tok, modules["text_encoder"], modules["text_encoder_2"], vae, modules["transformer"], build_scheduler(model_cfg))
     preset = {

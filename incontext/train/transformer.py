@@ -73,7 +73,10 @@ def _build(model_cfg: NanoConfig):
     return tok, clip, t5, build_transformer(model_cfg)
 
 
-def train_transformer(out: Path, model_cfg: NanoConfig, cfg: TransformerTrainConfig, vae) -> Path:
+def train_transformer(out: Path, model_cfg: NanoConfig, cfg: TransformerTrainConfig, vae, init_from: Path | None = None) -> Path:
+    """Train (or resume from `out/transformer.pt`). With no checkpoint, `init_from` (a model
+    directory, e.g. the bundled one) provides starting weights: a fresh machine can continue
+    from the committed model, since optimizer state is disposable."""
     out = Path(out)
     ckpt_path = out / "transformer.pt"
     torch.manual_seed(cfg.seed)
@@ -97,6 +100,9 @@ def train_transformer(out: Path, model_cfg: NanoConfig, cfg: TransformerTrainCon
             opt.load_state_dict(ck["optimizer"])
         step, elapsed = ck["step"], ck["extra"].get("elapsed", 0.0)
         log.info("resumed transformer from step %d (%.1f min)", step, elapsed / 60)
+    elif init_from is not None:
+        _load_from_model_dir(Path(init_from), modules, ema)
+        log.info("initialised from %s", init_from)
 
     data = LatentChunks(out)
     log.info("training on %d examples", len(data))
@@ -124,8 +130,9 @@ def train_transformer(out: Path, model_cfg: NanoConfig, cfg: TransformerTrainCon
         opt.step()
         step += 1
         with torch.no_grad():
+            decay = min(cfg.ema, (1 + step) / (10 + step))  # short runs: don't average in the random init
             for k, mod in modules.items():
-                torch._foreach_lerp_(list(ema[k].parameters()), list(mod.parameters()), 1 - cfg.ema)
+                torch._foreach_lerp_(list(ema[k].parameters()), list(mod.parameters()), 1 - decay)
         losses.append(loss.item())
         if step % cfg.log_every == 0:
             log.info("step %d  loss %.4f  lr %.2e  %.2fs/step  %.1f/%.0f min", step, sum(losses) / len(losses), lr,
@@ -173,6 +180,22 @@ def _step(m: sampler.Models, data: LatentChunks, cfg: TransformerTrainConfig, rn
             m, img=xt, img_cond=cond, txt=txt, vec=vec, timesteps=t * 1000, guidance=guidance, img_ids=img_ids, txt_ids=txt_ids,
         )
     return ((pred.float() - target) ** 2).mean()
+
+
+def _load_from_model_dir(path: Path, modules: dict, ema: dict) -> None:
+    from safetensors.torch import load_file
+
+    for name, mod in modules.items():
+        files = sorted((path / name).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{path / name} has no safetensors weights")
+        state = {}
+        for f in files:
+            state.update(load_file(f))
+        missing, unexpected = mod.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+        if unexpected or [k for k in missing if "position_ids" not in k]:
+            raise ValueError(f"{name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        ema[name].load_state_dict(mod.state_dict())
 
 
 def load_trained(ckpt_path: Path, use_ema: bool = True):

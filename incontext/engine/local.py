@@ -2,11 +2,18 @@
 
 One engine step is three calls with plain data between them:
     batch = scheduler.schedule()   # which samples run (pure bookkeeping)
-    velocities = execute(batch)    # prepare new samples' inputs, one transformer pass
+    step = execute(batch)          # prepare new samples' inputs, one transformer pass
+    _apply(batch, step)            # the Euler update of every sample
     finished = scheduler.update(batch)  # advance counters; finished samples are decoded
 Requests join and leave the running batch at step boundaries; cancellation takes effect
 at the next one. Each sample keeps its own noise, timestep, guidance, prompt and context,
-so what else is in the batch never changes a result.
+so what else is in the batch never changes a result (beyond the float rounding of CPU
+matmul kernels, which block differently for other batch sizes: ~1e-6, at most one pixel
+level here and there).
+
+With a step cache (`LocalEngine(..., step_cache="fast")`, see `engine/stepcache.py`) a
+sample runs the transformer only at the steps its schedule names; on the others it reuses
+its last velocity and is left out of that step's transformer batch.
 """
 
 from __future__ import annotations
@@ -22,9 +29,11 @@ from dataclasses import dataclass, field
 import torch
 
 from incontext import sampler
+from incontext.engine import stepcache
 from incontext.engine.caches import LRU, image_key
 from incontext.engine.protocol import EditRequest, EditResult, ProgressCallback
 from incontext.engine.scheduler import SampleStatus, Sample, ScheduledBatch, Scheduler
+from incontext.engine.stepcache import StepCacheConfig
 from incontext.errors import Cancelled, IncontextError, InvalidInput
 from incontext.models.loader import load_model
 from incontext.models.registry import Registry
@@ -44,24 +53,65 @@ class _Job:
     sigmas: list[float] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
     latents: dict[int, torch.Tensor] = field(default_factory=dict)  # sample index → (1, N, 4C)
+    velocities: dict[int, torch.Tensor] = field(default_factory=dict)  # sample index → last computed (1, N, 4C)
+    compute_steps: frozenset[int] | None = None  # steps that run the transformer; None: all
     txt: torch.Tensor | None = None
     vec: torch.Tensor | None = None
     img_cond: torch.Tensor | None = None
-    started: float = 0.0
-    evals: int = 0
+    started: float = 0.0  # when submitted
+    first_step: float = 0.0
+    evals: int = 0  # transformer passes per image
+
+    def computes(self, step: int) -> bool:
+        return self.compute_steps is None or step in self.compute_steps
+
+
+@dataclass(eq=False)
+class _BatchInputs:
+    """The running batch's unchanging inputs, stacked once and reused every step until a
+    sample joins or leaves (rows in the order of `samples`)."""
+
+    samples: tuple[Sample, ...]
+    jobs: list[_Job]
+    img_cond: torch.Tensor  # (B, N, 4C)
+    txt: torch.Tensor  # (B, L, D)
+    vec: torch.Tensor  # (B, P)
+    guidance: torch.Tensor  # (B,)
+    img_ids: torch.Tensor
+    txt_ids: torch.Tensor
+
+
+@dataclass
+class _Step:
+    """What `execute` hands to `_apply`: every sample's latents and velocity, and which rows
+    the transformer computed (the others reused their last velocity)."""
+
+    img: torch.Tensor  # (B, N, 4C)
+    velocities: torch.Tensor  # (B, N, 4C)
+    computed: list[bool]
 
 
 @dataclass
 class EngineStats:
-    steps: int = 0
+    steps: int = 0  # engine steps (a step where every sample reuses its velocity runs no transformer)
+    transformer_passes: int = 0  # batched forward calls
     transformer_evals: int = 0  # sample-passes
+    reused_evals: int = 0  # sample-steps that reused a velocity (step cache)
+    transformer_seconds: float = 0.0  # wall time inside the forward calls
     busy_seconds: float = 0.0
-    batch_sizes: list[int] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)  # per forward call
+
+
+def _rows(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    return t if index is None else t.index_select(0, index)
 
 
 class LocalEngine:
     def __init__(self, registry: Registry, *, max_batch_size: int = 8, dtype: str = "auto", device: str = "cpu",
-                 text_cache: int = 256, image_cache: int = 64, reuse_output_latents: bool = True):
+                 text_cache: int = 256, image_cache: int = 64, reuse_output_latents: bool = True,
+                 step_cache: StepCacheConfig | str | None = None):
+        """`step_cache`: None for the exact sampler, a preset name ("fast") or a StepCacheConfig,
+        for every model; `set_step_cache` changes it, also for one model only."""
         self.registry = registry
         self.dtype = dtype
         self.device = device
@@ -71,6 +121,10 @@ class LocalEngine:
         self.latent_cache: LRU[torch.Tensor] = LRU(image_cache)
         self.reuse_output_latents = reuse_output_latents
         self.stats = EngineStats()
+        self.step_cache = stepcache.resolve(step_cache)
+        self._model_step_cache: dict[str, StepCacheConfig | None] = {}
+        self._inputs: _BatchInputs | None = None
+        self._ids: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._jobs: dict[str, _Job] = {}
         self._inbox: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -101,7 +155,7 @@ class LocalEngine:
     def submit(self, request: EditRequest, on_progress: ProgressCallback | None = None) -> Future:
         """Queue a request; the future resolves to an EditResult (or raises Cancelled/IncontextError)."""
         fut: Future = Future()
-        self._inbox.put((request, fut, on_progress))
+        self._inbox.put((request, fut, on_progress, time.perf_counter()))
         return fut
 
     async def edit(self, request: EditRequest, on_progress: ProgressCallback | None = None) -> EditResult:
@@ -117,6 +171,21 @@ class LocalEngine:
             self.models[preset.id] = load_model(preset.directory, device=self.device, dtype=self.dtype, max_sequence_length=preset.max_sequence_length)
         return self.models[preset.id]
 
+    def set_step_cache(self, spec: StepCacheConfig | str | None, model_id: str | None = None) -> None:
+        """Use a step cache (a config, a preset name such as "fast", or None/"off" for the exact
+        sampler) for requests admitted from now on: of every model, or of `model_id` only.
+        Requests already admitted keep the schedule they started with."""
+        config = stepcache.resolve(spec)
+        if model_id is None:
+            self.step_cache = config
+            self._model_step_cache.clear()
+        else:
+            self._model_step_cache[self.registry.resolve(model_id).id] = config
+
+    def step_cache_for(self, model_id: str) -> StepCacheConfig | None:
+        preset_id = self.registry.resolve(model_id).id
+        return self._model_step_cache.get(preset_id, self.step_cache)
+
     # ------------------------------------------------------------ the loop
 
     def _loop(self) -> None:
@@ -126,16 +195,17 @@ class LocalEngine:
                 break
             batch = self.scheduler.schedule()
             if not batch.samples:
+                self._inputs = None  # let the last batch's tensors go
                 continue
             t0 = time.perf_counter()
             try:
-                velocities = self.execute(batch)
+                step = self.execute(batch)
             except Exception as e:  # a broken request must not take the engine down
                 log.exception("engine step failed")
                 for job in {self._jobs[s.request_id] for s in batch.samples if s.request_id in self._jobs}:
                     self._finish(job, error=e if isinstance(e, IncontextError) else IncontextError(f"inference failed: {e}"))
                 continue
-            self._apply(batch, velocities)
+            self._apply(batch, step)
             finished = self.scheduler.update(batch)
             self.stats.busy_seconds += time.perf_counter() - t0
             self._after_update(batch, finished)
@@ -155,7 +225,7 @@ class LocalEngine:
             except queue.Empty:
                 return
 
-    def _admit(self, request: EditRequest, fut: Future, on_progress) -> None:
+    def _admit(self, request: EditRequest, fut: Future, on_progress, submitted: float) -> None:
         if not fut.set_running_or_notify_cancel():
             return
         try:
@@ -171,7 +241,10 @@ class LocalEngine:
             fut.set_exception(e)
             return
         bucket = (preset.id, request.width, request.height)
-        job = _Job(request, fut, on_progress, steps, started=time.perf_counter())
+        job = _Job(request, fut, on_progress, steps, started=submitted)
+        cache = self.step_cache_for(preset.id)
+        if cache is not None and cache.evals(steps) < steps:
+            job.compute_steps = cache.compute_steps(steps)
         job.samples = [Sample(request.request_id, i, bucket, steps) for i in range(request.num_images)]
         self._jobs[request.request_id] = job
         self.scheduler.add(job.samples)
@@ -202,42 +275,82 @@ class LocalEngine:
         job.timesteps, job.sigmas = sampler.schedule(job.steps, seq, m.scheduler_config)
 
     @torch.no_grad()
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+    def execute(self, batch: ScheduledBatch) -> _Step:
+        """Every sample's velocity for this step: one transformer pass over the samples whose
+        schedule computes this step; the others reuse their last velocity."""
         model_id, width, height = batch.bucket
         m = self.models[model_id]
+        now = time.perf_counter()
         for s in batch.new:
             job = self._jobs[s.request_id]
-            if job.txt is None:
+            if job.txt is None:  # the request's first sample to run
                 self._prepare(job, m, model_id)
+                job.first_step = now
             job.latents[s.index] = sampler.initial_noise(job.request.seed + s.index, m.latent_channels, height, width, m.vae_scale_factor).to(m.dtype)
-        jobs = [self._jobs[s.request_id] for s in batch.samples]
-        img = torch.cat([j.latents[s.index] for j, s in zip(jobs, batch.samples)])
-        img_ids, txt_ids = sampler.kontext_ids(height, width, m.vae_scale_factor, jobs[0].txt.shape[1])
+        inputs = self._batch_inputs(batch, m)
+        samples, jobs = batch.samples, inputs.jobs
+        img = torch.cat([j.latents[s.index] for j, s in zip(jobs, samples)])
+        computed = [j.computes(s.step) for j, s in zip(jobs, samples)]
+        rows = [i for i, c in enumerate(computed) if c]
+        self.stats.steps += 1
+        self.stats.reused_evals += len(samples) - len(rows)
+        if not rows:
+            return _Step(img, torch.cat([j.velocities[s.index] for j, s in zip(jobs, samples)]), computed)
+        index = None if len(rows) == len(samples) else torch.tensor(rows)
+        t0 = time.perf_counter()
         v = sampler.predict_velocity(
             m,
-            img=img,
+            img=_rows(img, index),
+            img_cond=_rows(inputs.img_cond, index),
+            txt=_rows(inputs.txt, index),
+            vec=_rows(inputs.vec, index),
+            timesteps=torch.tensor([jobs[i].timesteps[samples[i].step] for i in rows]),
+            guidance=_rows(inputs.guidance, index),
+            img_ids=inputs.img_ids,
+            txt_ids=inputs.txt_ids,
+        )
+        self.stats.transformer_seconds += time.perf_counter() - t0
+        self.stats.transformer_passes += 1
+        self.stats.transformer_evals += len(rows)
+        self.stats.batch_sizes.append(len(rows))
+        if index is not None:
+            fresh = dict(zip(rows, v.split(1)))
+            v = torch.cat([fresh[i] if i in fresh else j.velocities[s.index] for i, (j, s) in enumerate(zip(jobs, samples))])
+        return _Step(img, v, computed)
+
+    def _batch_inputs(self, batch: ScheduledBatch, m: sampler.Models) -> _BatchInputs:
+        """The stacked inputs of the running batch, rebuilt only when its samples change."""
+        samples = tuple(batch.samples)
+        if self._inputs is not None and self._inputs.samples == samples:  # Sample compares by identity
+            return self._inputs
+        model_id, width, height = batch.bucket
+        jobs = [self._jobs[s.request_id] for s in samples]
+        ids_key = (width, height, m.vae_scale_factor, jobs[0].txt.shape[1])
+        if ids_key not in self._ids:
+            self._ids[ids_key] = sampler.kontext_ids(height, width, m.vae_scale_factor, ids_key[3])
+        img_ids, txt_ids = self._ids[ids_key]
+        self._inputs = _BatchInputs(
+            samples=samples,
+            jobs=jobs,
             img_cond=torch.cat([j.img_cond for j in jobs]),
             txt=torch.cat([j.txt for j in jobs]),
             vec=torch.cat([j.vec for j in jobs]),
-            timesteps=torch.tensor([j.timesteps[s.step] for j, s in zip(jobs, batch.samples)]),
             guidance=torch.tensor([float(j.request.guidance_scale) for j in jobs]),
             img_ids=img_ids,
             txt_ids=txt_ids,
         )
-        self.stats.steps += 1
-        self.stats.transformer_evals += len(batch.samples)
-        self.stats.batch_sizes.append(len(batch.samples))
-        return v
+        return self._inputs
 
-    def _apply(self, batch: ScheduledBatch, v: torch.Tensor) -> None:
+    def _apply(self, batch: ScheduledBatch, step: _Step) -> None:
         jobs = [self._jobs[s.request_id] for s in batch.samples]
-        img = torch.cat([j.latents[s.index] for j, s in zip(jobs, batch.samples)])
         sig = torch.tensor([j.sigmas[s.step] for j, s in zip(jobs, batch.samples)])
         sig_next = torch.tensor([j.sigmas[s.step + 1] for j, s in zip(jobs, batch.samples)])
-        out = sampler.euler_step(img, v, sig, sig_next)
+        out = sampler.euler_step(step.img, step.velocities, sig, sig_next)
         for row, (j, s) in enumerate(zip(jobs, batch.samples)):
             j.latents[s.index] = out[row : row + 1]
-            j.evals += 1 if s.index == 0 else 0
+            if step.computed[row]:
+                j.velocities[s.index] = step.velocities[row : row + 1]
+                j.evals += 1 if s.index == 0 else 0
 
     def _after_update(self, batch: ScheduledBatch, finished: list[Sample]) -> None:
         for job in {id(self._jobs[s.request_id]): self._jobs[s.request_id] for s in batch.samples if s.request_id in self._jobs}.values():
@@ -262,7 +375,8 @@ class LocalEngine:
                 self.latent_cache.put((model_id, image_key(img)), lat[i : i + 1])
         result = EditResult(
             images=images, seeds=[r.seed + i for i in range(r.num_images)], num_inference_steps=job.steps,
-            transformer_evals=job.evals, timings_ms={"total": (time.perf_counter() - job.started) * 1000},
+            transformer_evals=job.evals,
+            timings_ms={"total": (time.perf_counter() - job.started) * 1000, "queued": (job.first_step - job.started) * 1000},
         )
         self._finish(job, result=result)
 

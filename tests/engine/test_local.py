@@ -123,3 +123,34 @@ def test_repeated_prompts_and_images_hit_the_caches(registry):
 
     eng = run(go())
     assert eng.text_cache.hits >= 1 and eng.latent_cache.hits >= 1
+
+
+def test_results_carry_engine_timings_and_the_stats_count_passes(registry):
+    async def go():
+        eng = LocalEngine(registry, dtype="float32")
+        await eng.start()
+        res = await eng.edit(req("t", 1, steps=3))
+        await eng.close()
+        return res, eng.stats
+
+    res, stats = run(go())
+    assert res.timings_ms["total"] >= res.timings_ms["queued"] >= 0
+    assert stats.steps == stats.transformer_passes == stats.transformer_evals == 3 and stats.reused_evals == 0
+    assert 0 < stats.transformer_seconds <= stats.busy_seconds
+
+
+def test_unchanged_batches_reuse_their_stacked_inputs(registry, monkeypatch):
+    from incontext import sampler
+
+    calls = []
+    real = sampler.kontext_ids
+    monkeypatch.setattr(sampler, "kontext_ids", lambda *a: calls.append(a) or real(*a))
+
+    async def go():
+        eng = LocalEngine(registry, dtype="float32", max_batch_size=4)
+        await eng.start()
+        await asyncio.gather(eng.edit(req("a", 1, steps=6)), eng.edit(req("b", 2, steps=6)))
+        await eng.close()
+
+    run(go())
+    assert len(calls) == 1  # not once per step

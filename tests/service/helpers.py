@@ -30,7 +30,7 @@ def free_port() -> int:
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "incontext.service", *args], capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})}
+        [sys.executable, "-m", "incontext.service", *args], capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}
     )
 
 
@@ -45,7 +45,7 @@ class Server:
 
     def __init__(self, data_dir: Path, env: dict[str, str]):
         self.data_dir = data_dir
-        self.env = {**os.environ, **env}
+        self.env = {**os.environ, "PYTHONFAULTHANDLER": "1", **env}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -65,8 +65,10 @@ class Server:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        self.kill()
-        raise RuntimeError(f"server did not start in {START_TIMEOUT_S} s:\n{self.log()[-3000:]}")
+        # SIGABRT: faulthandler (PYTHONFAULTHANDLER below) writes every thread's stack to the log.
+        self.proc.send_signal(signal.SIGABRT)
+        self.proc.wait(timeout=30)
+        raise RuntimeError(f"server did not start in {START_TIMEOUT_S} s:\n{self.log()[-6000:]}")
 
     def log(self) -> str:
         return (self.data_dir / "server.log").read_text(errors="replace")

@@ -35,7 +35,7 @@ def postgres_url():
         shutil.chown(base, PG_USER)
         shutil.chown(data, PG_USER)
     port = free_port()
-    run = lambda *cmd: subprocess.run(_as_pg_user(*cmd), capture_output=True, text=True, timeout=120, cwd="/")
+    run = lambda *cmd: subprocess.run(_as_pg_user(*cmd), capture_output=True, text=True, timeout=600, cwd="/")
     init = run("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
     assert init.returncode == 0, init.stderr
     opts = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off"

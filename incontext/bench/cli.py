@@ -2,6 +2,8 @@
 
     incontext bench quality                          # the bundled nano model, 50 examples per family
     incontext bench quality --model ./my-model --n 10 --steps 8 --out results/quick
+    incontext bench speed                            # stock diffusers vs the engine vs HTTP, bundled model
+    incontext bench speed --model ./my-model --n 8 --concurrency 1,4 --skip-stock --out results/quick-speed
 
 A new benchmark is one more `@bench_app.command(...)` here.
 """
@@ -16,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-bench_app = typer.Typer(help="Benchmarks of a model: quality on held-out edits.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks of a model: quality and speed on held-out edits.", no_args_is_help=True)
 
 
 @bench_app.callback()
@@ -55,6 +57,56 @@ def quality(
     for line in lines:
         table.add_row(*line)
     console.print(table)
+    console.print(f"report: {out / 'report.md'}", highlight=False)
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated numbers such as 1,4,8,16, not {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise typer.BadParameter("concurrency levels must be at least 1")
+    return levels
+
+
+@bench_app.command("speed")
+def speed(
+    model: Annotated[str | None, typer.Option(help="A model id (see `incontext models`) or a model directory; default: the bundled nano model.")] = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Requests per configuration (held-out edits).")] = 32,
+    steps: Annotated[int | None, typer.Option(min=1, max=50, help="Denoising steps (default: the model's).")] = None,
+    concurrency: Annotated[str, typer.Option(help="Concurrent requests for the HTTP runs; the largest also for the in-process engine.")] = "1,4,8,16",
+    out: Annotated[Path, typer.Option(help="Folder for report.md, results.json, speed.png and server.log.")] = Path("results/speed"),
+    skip_stock: Annotated[bool, typer.Option("--skip-stock", help="Do not run stock diffusers (no ratios then).")] = False,
+    skip_http: Annotated[bool, typer.Option("--skip-http", help="Do not start the server.")] = False,
+    step_cache: Annotated[str, typer.Option(help="The fast preset: a preset name or every,first,last (e.g. 3,3,2).")] = "fast",
+    threads: Annotated[int | None, typer.Option(min=1, help="Torch threads for every configuration (default: torch's).")] = None,
+) -> None:
+    """Stock diffusers, our engine in-process and over HTTP, and the fast preset, side by side."""
+    from incontext.bench import speed as speed_bench
+    from incontext.bench import speed_report
+    from incontext.errors import IncontextError
+
+    levels = _levels(concurrency)
+    console = Console()
+    try:
+        with console.status("measuring") as status:
+            results = speed_bench.run_speed(
+                model, n, out, steps=steps, concurrency=levels, skip_stock=skip_stock, skip_http=skip_http,
+                step_cache=step_cache, threads=threads, on_stage=lambda stage: status.update(f"measuring: {stage}"),
+            )
+    except IncontextError as e:
+        Console(stderr=True).print(f"[red]error[/red] {e.code}: {e.message}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except ValueError as e:
+        Console(stderr=True).print(f"[red]error[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    for title, (headers, lines) in ((f"speed, {results['n']} edits per configuration, {results['steps']} steps", speed_report.summary_table(results)),
+                                    ("goals", speed_report.goals_table(results))):
+        table = Table(*headers, title=title)
+        for line in lines:
+            table.add_row(*line)
+        console.print(table)
     console.print(f"report: {out / 'report.md'}", highlight=False)
 
 

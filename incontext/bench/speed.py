@@ -1,0 +1,584 @@
+"""The speed benchmark: stock diffusers beside our engine, in-process and over HTTP, on the
+same held-out edits.
+
+    incontext bench speed                                       # the bundled nano model
+    incontext bench speed --model ./my-model --n 8 --concurrency 1,4 --skip-stock --out results/quick
+
+Every configuration edits the same `n` held-out world images (`bench.heldout`, one family
+after another) with the same prompts, seeds (seed + i), steps and guidance, after one
+warm-up edit of its own that is not timed:
+1. the CPU's matmul peak: a 2048² product in fp32 and in bf16, best of a few runs;
+2. stock diffusers `FluxKontextPipeline`, one request at a time, in fp32 and in bf16;
+   the faster is the reference every ratio is taken to;
+3. our engine in this process, one request at a time and with `max(concurrency)` requests
+   in flight (closed loop: a client sends its next request when its last one is done);
+   achieved FLOP/s is the transformer FLOPs of every pass (from the model config: linear
+   layers and attention) over the engine's time inside the forward calls;
+4. the same with the step cache (`engine/stepcache.py`, preset "fast"): evaluations per
+   image, PSNR of its outputs to the exact ones, and the PSNR to the held-out targets of
+   both (the loss is their difference);
+5. the real server (`incontext serve` in a subprocess on a free loopback port, fresh data
+   dir, one key) at each concurrency. A run's end-to-end latency is from sending its POST
+   to its completion on the server (`completed_at`: same machine, same clock) plus one GET
+   round trip to read it (at most until the client saw it), so it does not depend on how
+   often the client polls; the latency
+   a polling client actually observed is reported beside it. HTTP overhead = end-to-end
+   latency − the engine's own time for the run (`output.timings_ms.total`, measured from
+   the engine's submit to its result). Start-up = process start → first run accepted (201).
+
+Writes report.md, results.json and speed.png (images/s per configuration) under `out_dir`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import itertools
+import logging
+import math
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from incontext import imageio
+from incontext.bench import checks, heldout
+from incontext.bench.speed_report import goals, write_report
+from incontext.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUT = Path("results/speed")
+DEFAULT_CONCURRENCY = (1, 4, 8, 16)
+MATMUL_SIZE = 2048
+SERVER_START_TIMEOUT_S = 600  # a loaded 2-core machine can take minutes to import torch
+
+OnStage = Callable[[str], None]
+
+
+@dataclass
+class Job:
+    """One benchmark edit: the held-out example at the model's output size."""
+
+    prompt: str
+    image: Image.Image  # context, at (width, height)
+    target: Image.Image  # ground truth, at (width, height)
+    width: int
+    height: int
+    seed: int
+
+
+@dataclass
+class Record:
+    """One timed request; times are time.perf_counter() seconds."""
+
+    sent: float
+    done: float
+    image: Image.Image | None = None
+    evals: int | None = None
+    engine_ms: float | None = None  # HTTP: the engine's own time for the run
+    observed: float | None = None  # HTTP: when a polling client saw the result
+
+    @property
+    def latency(self) -> float:
+        return self.done - self.sent
+
+
+@dataclass
+class Row:
+    name: str
+    kind: str  # "stock", "engine", "http"
+    concurrency: int
+    records: list[Record] = field(default_factory=list)
+    wall: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- measuring the machine and the model
+
+
+def matmul_peak(dtype: torch.dtype, size: int = MATMUL_SIZE, repeats: int = 5) -> float:
+    """GFLOP/s of the best of `repeats` size² × size² products (after one warm-up)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def transformer_flops(config, image_tokens: int, text_tokens: int, attention: bool = True) -> float:
+    """FLOPs (2 per multiply-add) of one `FluxTransformer2DModel` pass for one sample: its
+    linear layers, plus attention's two products (QKᵀ and AV) if `attention`. Norms,
+    activations, RoPE and softmax are left out. `image_tokens` counts target + context."""
+    d = config.num_attention_heads * config.attention_head_dim
+    s = image_tokens + text_tokens
+    out_channels = config.out_channels or config.in_channels
+    # per sample: time (and guidance) and pooled-text embedders, the adaLN modulations
+    per_sample = 256 * d + d * d + config.pooled_projection_dim * d + d * d
+    if config.guidance_embeds:
+        per_sample += 256 * d + d * d
+    per_sample += config.num_layers * 2 * 6 * d * d + config.num_single_layers * 3 * d * d + 2 * d * d
+    # per token: input projections, output projection
+    tokens = image_tokens * config.in_channels * d + text_tokens * config.joint_attention_dim * d + image_tokens * d * out_channels
+    # each block: q, k, v, out (4d²) and the MLP (8d²) per token; single blocks fuse the
+    # same shapes (qkv 3d², mlp-in 4d², out 5d²); attention 2·s²·d
+    blocks = (config.num_layers + config.num_single_layers) * (12 * s * d * d + (2 * s * s * d if attention else 0))
+    return 2.0 * (per_sample + tokens + blocks)
+
+
+def job_flops(models, job: Job) -> float:
+    n = (job.height // (models.vae_scale_factor * 2)) * (job.width // (models.vae_scale_factor * 2))
+    return transformer_flops(models.transformer.config, 2 * n, models.max_sequence_length)
+
+
+# ---------------------------------------------------------------- the edits
+
+
+def make_jobs(n: int, preset, seed: int = 0) -> list[Job]:
+    """`n` held-out examples, one family after another, at the sizes the server would pick."""
+    families = heldout.families()
+    per_family = math.ceil(n / len(families))
+    examples = heldout.heldout_set(per_family)
+    ordered = [examples[f][k] for k in range(per_family) for f in families][:n]
+    jobs = []
+    for i, ex in enumerate(ordered):
+        w, h = imageio.output_size(ex.context.width, ex.context.height, target_area=preset.target_area, multiple=preset.multiple)
+        jobs.append(Job(ex.instruction, imageio.fit_to_size(ex.context, w, h), imageio.fit_to_size(ex.target, w, h), w, h, seed + i))
+    return jobs
+
+
+def warmup_job(job: Job) -> Job:
+    """An edit unlike every timed one, so it leaves nothing in the engine's caches they could hit."""
+    return Job("warm up", Image.new("RGB", (job.width, job.height), (128, 128, 128)), job.target, job.width, job.height, 10**6)
+
+
+def closed_loop(call: Callable[[Job], Record], jobs: list[Job], concurrency: int) -> tuple[list[Record], float]:
+    """Run every job with `concurrency` clients, each sending its next job when its last one is
+    done. Returns the records in job order and the wall time (first sent → last done)."""
+    records: list[Record | None] = [None] * len(jobs)
+    counter = itertools.count()
+    lock = threading.Lock()
+
+    def client() -> None:
+        while True:
+            with lock:
+                i = next(counter)
+            if i >= len(jobs):
+                return
+            records[i] = call(jobs[i])
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        for f in [pool.submit(client) for _ in range(concurrency)]:
+            f.result()
+    done = [r for r in records if r is not None]
+    return done, max(r.done for r in done) - min(r.sent for r in done)
+
+
+# ---------------------------------------------------------------- stock diffusers
+
+
+def run_stock(directory: Path, dtype: torch.dtype, jobs: list[Job], steps: int, guidance: float, max_sequence_length: int) -> Row:
+    from diffusers import FluxKontextPipeline
+
+    pipe = FluxKontextPipeline.from_pretrained(directory, dtype=dtype, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+
+    def call(job: Job) -> Record:
+        sent = time.perf_counter()
+        image = pipe(
+            image=job.image, prompt=job.prompt, height=job.height, width=job.width, max_area=job.width * job.height,
+            _auto_resize=False, num_inference_steps=steps, guidance_scale=guidance, max_sequence_length=max_sequence_length,
+            generator=torch.Generator().manual_seed(job.seed),
+        ).images[0]
+        return Record(sent, time.perf_counter(), image=image, evals=steps)
+
+    call(warmup_job(jobs[0]))
+    records, wall = closed_loop(call, jobs, 1)
+    return Row(f"stock diffusers {_dtype_name(dtype)}", "stock", 1, records, wall, {"dtype": _dtype_name(dtype)})
+
+
+# ---------------------------------------------------------------- our engine, in this process
+
+
+def run_engine(registry, models, jobs: list[Job], *, model_id: str, steps: int, guidance: float, concurrency: int,
+               max_batch_size: int, step_cache=None, name: str) -> Row:
+    from incontext.engine.local import LocalEngine
+    from incontext.engine.protocol import EditRequest
+
+    engine = LocalEngine(registry, dtype=models.dtype, max_batch_size=max_batch_size, step_cache=step_cache)
+    engine.models[model_id] = models  # share the loaded weights between configurations
+    engine.start_thread()
+    ids = itertools.count()
+
+    def call(job: Job) -> Record:
+        request = EditRequest(f"{name}-{next(ids)}", model_id, job.prompt, job.image, job.width, job.height, job.seed,
+                              guidance_scale=guidance, num_inference_steps=steps)
+        sent = time.perf_counter()
+        result = engine.submit(request).result()
+        return Record(sent, time.perf_counter(), image=result.images[0], evals=result.transformer_evals)
+
+    try:
+        call(warmup_job(jobs[0]))
+        before = _snapshot(engine.stats)
+        records, wall = closed_loop(call, jobs, concurrency)
+        after = _snapshot(engine.stats)
+    finally:
+        asyncio.run(engine.close())
+    flops = sum(job_flops(models, job) * r.evals for job, r in zip(jobs, records))
+    seconds = after["transformer_seconds"] - before["transformer_seconds"]
+    sizes = after["batch_sizes"][len(before["batch_sizes"]):]
+    extra = {"transformer_gflops_per_second": flops / seconds / 1e9 if seconds > 0 else None,
+             "mean_batch_size": float(np.mean(sizes)) if sizes else None,
+             "transformer_seconds": seconds, "dtype": _dtype_name(models.dtype)}
+    return Row(name, "engine", concurrency, records, wall, extra)
+
+
+def _snapshot(stats) -> dict:
+    return {"transformer_seconds": stats.transformer_seconds, "batch_sizes": list(stats.batch_sizes)}
+
+
+# ---------------------------------------------------------------- our engine, over HTTP
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`incontext serve` in a subprocess, with a fresh data dir and one API key."""
+
+    def __init__(self, directory: Path, threads: int, max_concurrency: int, log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.key = "ic_bench_" + secrets.token_urlsafe(24)
+        self.data_dir = Path(tempfile.mkdtemp(prefix="incontext-speed-"))
+        self.log_path = log_path
+        self.env = {
+            **os.environ,
+            "INCONTEXT_MODEL_DIR": str(directory),
+            "INCONTEXT_API_KEYS": self.key,
+            "OMP_NUM_THREADS": str(threads),
+            "INCONTEXT_MAX_CONCURRENT_RUNS_PER_MODEL": str(max_concurrency),
+            "INCONTEXT_ENGINE_MAX_BATCH_SIZE": str(max_concurrency),
+            "INCONTEXT_RATE_LIMIT_PER_MINUTE": "1000000",
+        }
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0
+
+    def start(self) -> float:
+        """Start and wait for /v1/health; returns the seconds from process start to healthy."""
+        import httpx
+
+        cmd = [sys.executable, "-m", "incontext", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir), "--log-level", "warning"]
+        self.log_file = open(self.log_path, "wb")
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT)
+        while time.perf_counter() - self.started < SERVER_START_TIMEOUT_S:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}: see {self.log_path}")
+            try:
+                if httpx.get(f"{self.url}/v1/health", timeout=1).status_code == 200:
+                    return time.perf_counter() - self.started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.01)
+        raise RuntimeError(f"the server did not start in {SERVER_START_TIMEOUT_S} s: see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        if getattr(self, "log_file", None):
+            self.log_file.close()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def run_body(job: Job, steps: int, guidance: float) -> dict:
+    buf = io.BytesIO()
+    job.image.save(buf, "PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return {"input": {"prompt": job.prompt, "image_url": uri, "seed": job.seed, "num_inference_steps": steps,
+                      "guidance_scale": guidance, "output_format": "png", "sync_mode": True}}
+
+
+class HttpClient:
+    """Sends one run and waits for it, as a client polling GET /v1/runs/{id} would."""
+
+    def __init__(self, server: Server, model_id: str, steps: int, guidance: float, poll_seconds: float):
+        import httpx
+
+        self.server, self.steps, self.guidance, self.poll_seconds = server, steps, guidance, poll_seconds
+        self.path = f"/v1/models/{model_id}/runs"
+        self.local = threading.local()
+        self.httpx = httpx
+        self.clients: list = []
+
+    def client(self):
+        """One connection per client thread, kept alive across its runs."""
+        if not hasattr(self.local, "client"):
+            self.local.client = self.httpx.Client(base_url=self.server.url, headers={"Authorization": f"Bearer {self.server.key}"}, timeout=600)
+            self.clients.append(self.local.client)
+        return self.local.client
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+    def post(self, job: Job) -> tuple[float, float, str]:
+        body = run_body(job, self.steps, self.guidance)
+        client = self.client()
+        sent, sent_wall = time.perf_counter(), time.time()
+        response = client.post(self.path, json=body)
+        if response.status_code != 201:
+            raise RuntimeError(f"the server refused a run: HTTP {response.status_code} {response.text[:300]}")
+        return sent, sent_wall, response.json()["id"]
+
+    def __call__(self, job: Job) -> Record:
+        return self.wait(*self.post(job))
+
+    def wait(self, sent: float, sent_wall: float, run_id: str) -> Record:
+        client = self.client()
+        while True:
+            time.sleep(self.poll_seconds)
+            asked = time.perf_counter()
+            run = client.get(f"/v1/runs/{run_id}").json()
+            observed = time.perf_counter()
+            if run["status_code"] in ("succeeded", "failed", "canceled"):
+                break
+        if run["status_code"] != "succeeded":
+            raise RuntimeError(f"run {run_id} {run['status_code']}: {run.get('failure_message')}")
+        completed = sent + datetime.fromisoformat(run["completed_at"]).timestamp() - sent_wall
+        # Readable one round trip after completion, and no later than this client saw it (the
+        # run may have completed while the last GET was on its way).
+        done = min(observed, completed + (observed - asked))
+        output = run["output"]
+        return Record(sent, done, image=imageio.decode_data_uri(output["outputs"][0]["url"]),
+                      engine_ms=output["timings_ms"]["total"], observed=observed)
+
+
+def run_http(directory: Path, jobs: list[Job], *, model_id: str, steps: int, guidance: float, concurrency: list[int],
+             threads: int, log_path: Path, on_stage: OnStage) -> tuple[list[Row], dict]:
+    server = Server(directory, threads, max(concurrency), log_path)
+    try:
+        on_stage("starting the server")
+        healthy = server.start()
+        # The first run is the warm-up; its acceptance ends the start-up time.
+        first = HttpClient(server, model_id, steps, guidance, 0.02)
+        posted = first.post(warmup_job(jobs[0]))
+        accepted = time.perf_counter() - server.started
+        first.wait(*posted)
+        first.close()
+        rows = []
+        for c in concurrency:
+            on_stage(f"HTTP, {c} concurrent")
+            # The latency does not depend on polling (see the module docstring); polling only
+            # decides when a closed-loop client sends its next run. At most ~50 GETs/s in all.
+            poll = max(0.02, 0.02 * c)
+            client = HttpClient(server, model_id, steps, guidance, poll)
+            try:
+                records, wall = closed_loop(client, jobs, c)
+            finally:
+                client.close()
+            rows.append(Row(f"HTTP ×{c}", "http", c, records, wall, {"poll_seconds": poll}))
+        server_info = {"start_to_healthy_s": healthy, "start_to_first_accepted_s": accepted}
+        return rows, server_info
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else math.nan
+
+
+def psnr_of(images: list[Image.Image], references: list[Image.Image]) -> float:
+    """dB of the mean squared error over all pairs (as the quality benchmark does)."""
+    return checks.db(float(np.mean([checks.mse(a, b) for a, b in zip(images, references)])))
+
+
+def max_pixel_diff(images: list[Image.Image], references: list[Image.Image]) -> int:
+    return int(max(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() for a, b in zip(images, references)))
+
+
+def summarize(row: Row, reference: dict | None, peak: float | None, steps: int) -> dict:
+    latencies = [r.latency * 1000 for r in row.records]
+    out = {
+        "name": row.name,
+        "kind": row.kind,
+        "concurrency": row.concurrency,
+        "n": len(row.records),
+        "latency_p50_ms": percentile(latencies, 50),
+        "latency_p95_ms": percentile(latencies, 95),
+        "images_per_second": len(row.records) / row.wall if row.wall > 0 else math.nan,
+        "wall_seconds": row.wall,
+        "transformer_evals_per_image": float(np.mean([r.evals for r in row.records])) if row.records[0].evals is not None else float(steps),
+        **row.extra,
+    }
+    gflops = out.get("transformer_gflops_per_second")
+    out["fraction_of_peak"] = gflops / peak if gflops and peak else None
+    if row.kind == "http":
+        out["http_overhead_p50_ms"] = percentile([r.latency * 1000 - r.engine_ms for r in row.records], 50)
+        out["observed_latency_p50_ms"] = percentile([(r.observed - r.sent) * 1000 for r in row.records], 50)
+    if reference:
+        out["throughput_vs_stock"] = out["images_per_second"] / reference["images_per_second"]
+        out["latency_speedup_vs_stock"] = reference["latency_p50_ms"] / out["latency_p50_ms"]
+    return out
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def run_speed(
+    model_id_or_dir: str | None = None,
+    n: int = 32,
+    out_dir: Path = DEFAULT_OUT,
+    *,
+    steps: int | None = None,
+    concurrency: tuple[int, ...] = DEFAULT_CONCURRENCY,
+    skip_stock: bool = False,
+    skip_http: bool = False,
+    step_cache: str = "fast",
+    threads: int | None = None,
+    matmul_size: int = MATMUL_SIZE,
+    seed: int = 0,
+    on_stage: OnStage | None = None,
+) -> dict:
+    """Measure every configuration; write report.md, results.json and speed.png under
+    `out_dir`; return the results (as in results.json)."""
+    from incontext.engine import stepcache
+    from incontext.models.loader import load_model
+    from incontext.models.registry import DEFAULT_MODEL_ID, Registry, default_registry, preset_for_directory
+
+    on_stage = on_stage or (lambda stage: log.info("bench speed: %s", stage))
+    concurrency = sorted(set(concurrency))
+    if n < 1 or not concurrency or concurrency[0] < 1:
+        raise InvalidInput(f"need n ≥ 1 and concurrency levels ≥ 1 (got n={n}, concurrency={concurrency})")
+    cache_config = stepcache.resolve(step_cache)
+    if cache_config is None:
+        raise InvalidInput("the fast preset needs a step cache: give a preset name or every,first,last")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved_threads = torch.get_num_threads()
+    threads = threads or saved_threads
+    torch.set_num_threads(threads)
+    try:
+        # 1. the model and the edits
+        if model_id_or_dir and (Path(model_id_or_dir) / "model_index.json").is_file():
+            preset = preset_for_directory(Path(model_id_or_dir))
+        else:
+            preset = default_registry().resolve(model_id_or_dir)
+        registry = Registry(default_id=preset.id)
+        registry.add(preset)
+        steps = steps or preset.num_inference_steps
+        guidance = preset.guidance_scale
+        models = load_model(preset.directory, dtype="auto", max_sequence_length=preset.max_sequence_length)
+        jobs = make_jobs(n, preset, seed)
+        max_c = max(concurrency)
+
+        # 2. the machine
+        on_stage("matmul peak")
+        peak = {"float32": matmul_peak(torch.float32, matmul_size), "bfloat16": matmul_peak(torch.bfloat16, matmul_size)}
+        engine_peak = peak.get(_dtype_name(models.dtype))
+
+        # 3. stock diffusers
+        rows: list[Row] = []
+        if not skip_stock:
+            for dtype in (torch.float32, torch.bfloat16):
+                on_stage(f"stock diffusers, {_dtype_name(dtype)}")
+                rows.append(run_stock(preset.directory, dtype, jobs, steps, guidance, preset.max_sequence_length))
+
+        # 4. the engine in this process, exact and with the step cache
+        engine_runs = [(1, None, "engine ×1"), (max_c, None, f"engine ×{max_c}"),
+                       (1, cache_config, "engine fast ×1"), (max_c, cache_config, f"engine fast ×{max_c}")]
+        for c, cache, name in engine_runs if max_c > 1 else engine_runs[::2]:
+            on_stage(name)
+            rows.append(run_engine(registry, models, jobs, model_id=preset.id, steps=steps, guidance=guidance,
+                                   concurrency=c, max_batch_size=max_c, step_cache=cache, name=name))
+
+        # 5. the server
+        server = None
+        if not skip_http:
+            # The server serves the directory as its default model.
+            http_rows, server = run_http(preset.directory, jobs, model_id=DEFAULT_MODEL_ID,
+                                         steps=steps, guidance=guidance, concurrency=concurrency, threads=threads,
+                                         log_path=out_dir / "server.log", on_stage=on_stage)
+            rows += http_rows
+
+        # 6. scores
+        stock_rows = [r for r in rows if r.kind == "stock"]
+        reference = None
+        if stock_rows:
+            best = max(stock_rows, key=lambda r: len(r.records) / r.wall)
+            reference = summarize(best, None, None, steps)
+        summaries = [summarize(r, reference, engine_peak if r.kind == "engine" else None, steps) for r in rows]
+        images = {r.name: [record.image for record in r.records] for r in rows}
+        exact, fast, targets = images["engine ×1"], images["engine fast ×1"], [j.target for j in jobs]
+        exact_db, fast_db = psnr_of(exact, targets), psnr_of(fast, targets)
+        fast_evals = next(s for s in summaries if s["name"] == "engine fast ×1")["transformer_evals_per_image"]
+        quality = {
+            "config": cache_config.label(),
+            "evals_per_image": fast_evals,
+            "fewer_evals": steps / fast_evals,
+            "psnr_fast_to_exact_db": psnr_of(fast, exact),
+            "psnr_exact_to_targets_db": exact_db,
+            "psnr_fast_to_targets_db": fast_db,
+            "psnr_loss_db": exact_db - fast_db,
+        }
+        for summary in summaries:
+            # Parity: stock and HTTP should match the engine up to float rounding.
+            summary["max_pixel_diff_to_engine_x1"] = max_pixel_diff(images[summary["name"]], exact)
+        results = {
+            "model": preset.id,
+            "directory": str(preset.directory),
+            "steps": steps,
+            "guidance": guidance,
+            "n": n,
+            "seed": seed,
+            "threads": threads,
+            "engine_dtype": _dtype_name(models.dtype),
+            "concurrency": concurrency,
+            "max_concurrency": max_c,
+            "sizes": sorted({f"{j.width}x{j.height}" for j in jobs}),
+            "matmul_size": matmul_size,
+            "peak_gflops_per_second": peak,
+            "transformer_gflops_per_image_pass": {f"{j.width}x{j.height}": job_flops(models, j) / 1e9 for j in jobs},
+            "reference": reference["name"] if reference else None,
+            "rows": summaries,
+            "step_cache_quality": quality,
+            "server": server,
+        }
+        results["goals"] = goals(results)
+        write_report(results, out_dir)
+        return results
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,155 @@
+"""`run_speed` and `incontext bench speed` end to end on a tiny random model: every
+configuration runs, the report files hold every field, and the numbers are sane. No timing
+thresholds: a tiny model on a shared machine says nothing about speed."""
+
+import json
+import math
+import threading
+import time
+
+import pytest
+import torch
+import typer
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+from typer.testing import CliRunner
+
+from incontext import sampler
+from incontext.bench import speed
+from incontext.bench.cli import register
+from incontext.bench.speed import Record, closed_loop, run_speed, transformer_flops
+from incontext.models.loader import load_model
+
+ROWS = ["stock diffusers float32", "stock diffusers bfloat16", "engine ×1", "engine ×2", "engine fast ×1", "engine fast ×2", "HTTP ×1", "HTTP ×2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("speed")
+    # 4 steps with "2,1,1" computes steps {0, 1, 3}: the fast rows really skip one.
+    results = run_speed(str(tiny_model), 2, out, steps=4, concurrency=(1, 2), step_cache="2,1,1", threads=1, matmul_size=256)
+    return results, out
+
+
+def test_writes_the_report_the_results_and_the_chart(run):
+    results, out = run
+    assert (out / "report.md").read_text().startswith("# Speed benchmark")
+    saved = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in saved["rows"]] == ROWS
+    assert Image.open(out / "speed.png").size[1] > 100
+    assert (out / "server.log").is_file()
+
+
+def test_every_configuration_is_measured(run):
+    results, _ = run
+    assert results["reference"] == "stock diffusers float32" or results["reference"] == "stock diffusers bfloat16"
+    assert results["peak_gflops_per_second"]["float32"] > 0 and results["peak_gflops_per_second"]["bfloat16"] > 0
+    for row in results["rows"]:
+        assert row["n"] == 2
+        assert 0 < row["latency_p50_ms"] <= row["latency_p95_ms"]
+        assert row["images_per_second"] > 0 and row["throughput_vs_stock"] > 0
+    engines = [r for r in results["rows"] if r["kind"] == "engine"]
+    assert all(r["transformer_gflops_per_second"] > 0 and 0 < r["fraction_of_peak"] for r in engines)
+    assert [r["transformer_evals_per_image"] for r in engines] == [4, 4, 3, 3]
+
+
+def test_http_rows_have_overhead_and_match_the_engine(run):
+    results, _ = run
+    http = [r for r in results["rows"] if r["kind"] == "http"]
+    assert [r["concurrency"] for r in http] == [1, 2]
+    for row in http:
+        assert row["http_overhead_p50_ms"] > 0
+        assert row["observed_latency_p50_ms"] >= row["latency_p50_ms"] - 1  # polling only ever adds
+        assert row["max_pixel_diff_to_engine_x1"] <= 1  # the same engine behind HTTP (up to float rounding)
+    server = results["server"]
+    assert 0 < server["start_to_healthy_s"] <= server["start_to_first_accepted_s"]
+
+
+def test_fast_preset_quality_and_goals(run):
+    results, _ = run
+    q = results["step_cache_quality"]
+    assert q["evals_per_image"] == 3 and q["fewer_evals"] == pytest.approx(4 / 3)
+    assert math.isfinite(q["psnr_fast_to_exact_db"]) and q["psnr_loss_db"] == pytest.approx(q["psnr_exact_to_targets_db"] - q["psnr_fast_to_targets_db"])
+    goals = {g["goal"]: g for g in results["goals"]}
+    assert len(goals) == 7 and all(g["met"] in (True, False, None) for g in goals.values())
+    assert goals["throughput at 16 concurrent (HTTP) vs stock"]["met"] is None  # 16 was not run
+    assert goals["fast preset: fewer evaluations"]["met"] is False  # 1.33× < 1.8×
+
+
+def test_skipping_stock_and_http(tiny_model, tmp_path):
+    results = run_speed(str(tiny_model), 1, tmp_path, steps=2, concurrency=(1,), skip_stock=True, skip_http=True, threads=1, matmul_size=128)
+    assert [r["name"] for r in results["rows"]] == ["engine ×1", "engine fast ×1"]
+    assert results["reference"] is None and results["server"] is None
+    assert "throughput_vs_stock" not in results["rows"][0]
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "speed.png").is_file()
+
+
+def test_flops_estimate_matches_the_counted_matmuls(tiny_model):
+    m = load_model(tiny_model, dtype="float32")
+    n, length = 16, m.max_sequence_length  # 64×64 pixels: 4×4 tokens
+    x = torch.randn(1, n, m.transformer.config.in_channels)
+    img_ids, txt_ids = sampler.kontext_ids(64, 64, m.vae_scale_factor, length)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        sampler.predict_velocity(m, img=x, img_cond=x, txt=torch.randn(1, length, m.transformer.config.joint_attention_dim),
+                                 vec=torch.randn(1, m.transformer.config.pooled_projection_dim), timesteps=torch.tensor([500.0]),
+                                 guidance=torch.tensor([3.5]), img_ids=img_ids, txt_ids=txt_ids)
+    # The counter sees the linear layers (CPU attention is not counted by it).
+    assert transformer_flops(m.transformer.config, 2 * n, length, attention=False) == counter.get_total_flops()
+    assert transformer_flops(m.transformer.config, 2 * n, length) > counter.get_total_flops()
+
+
+def test_closed_loop_keeps_at_most_c_requests_in_flight():
+    in_flight, most, lock = 0, 0, threading.Lock()
+
+    def call(job):
+        nonlocal in_flight, most
+        sent = time.perf_counter()
+        with lock:
+            in_flight += 1
+            most = max(most, in_flight)
+        time.sleep(0.01)
+        with lock:
+            in_flight -= 1
+        return Record(sent, time.perf_counter(), evals=job)
+
+    records, wall = closed_loop(call, list(range(7)), 3)
+    assert [r.evals for r in records] == list(range(7)) and most == 3 and wall > 0
+
+
+def _cli():
+    app = typer.Typer()
+    app.command("version")(lambda: None)  # a second command keeps `bench` a sub-command, as in incontext.cli
+    register(app)
+    return app
+
+
+def test_cli_passes_its_options_and_prints_the_tables(run, monkeypatch, tmp_path):
+    calls = []
+
+    def fake_run_speed(model, n, out, **options):
+        calls.append((model, n, out, options))
+        return run[0]
+
+    monkeypatch.setattr(speed, "run_speed", fake_run_speed)
+    args = ["bench", "speed", "--model", "some/model", "--n", "3", "--steps", "2", "--concurrency", "1,4", "--out", str(tmp_path),
+            "--skip-stock", "--skip-http", "--step-cache", "3,3,2", "--threads", "1"]
+    result = CliRunner().invoke(_cli(), args, env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    model, n, out, options = calls[0]
+    assert (model, n, out) == ("some/model", 3, tmp_path)
+    assert options["concurrency"] == (1, 4) and options["skip_stock"] and options["skip_http"]
+    assert (options["steps"], options["step_cache"], options["threads"]) == (2, "3,3,2", 1)
+    assert "engine fast ×1" in result.output and "HTTP overhead" in result.output and "goals" in result.output
+
+
+def test_cli_refuses_bad_concurrency(tmp_path):
+    result = CliRunner().invoke(_cli(), ["bench", "speed", "--concurrency", "1,x", "--out", str(tmp_path)])
+    assert result.exit_code == 2

@@ -33,7 +33,7 @@ def quality(
     out: Annotated[Path, typer.Option(help="Folder for report.md, results.json and the grids.")] = Path("results/quality"),
     steps: Annotated[int | None, typer.Option(min=1, max=100, help="Denoising steps (default: the model's).")] = None,
     guidance: Annotated[float | None, typer.Option(min=1.0, max=20.0, help="Guidance scale (default: the model's).")] = None,
-    dtype: Annotated[str, typer.Option(help="Compute dtype: bfloat16, float16 or float32.")] = "bfloat16",
+    dtype: Annotated[str, typer.Option(help="Compute dtype: auto (bf16 only where the CPU has bf16 units), bfloat16, float16 or float32.")] = "auto",
     turns: Annotated[int, typer.Option(min=1, help="Successive edits per multi-turn drift sequence.")] = 5,
 ) -> None:
     """Score a model on the held-out set beside "input unchanged" and the ground truth."""

@@ -174,7 +174,7 @@ def run_quality(
     turns: int = 5,
     steps: int | None = None,
     guidance: float | None = None,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     *,
     drift_scenes: int | None = None,
     seed: int = 0,
@@ -182,13 +182,16 @@ def run_quality(
 ) -> dict:
     """Score the model, the identity and the ground truth; write report.md, results.json and
     grid_<family>.png under `out_dir`; return the results (as in results.json)."""
-    from incontext.models.loader import DTYPES, load_model
+    from incontext.models.device import resolve_dtype
+    from incontext.models.loader import load_model
     from incontext.models.registry import default_registry, preset_for_directory
 
     if n_per_family < 1 or turns < 1:
         raise InvalidInput(f"need at least one example per family and one turn (got n={n_per_family}, turns={turns})")
-    if dtype not in DTYPES:
-        raise InvalidInput(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    try:
+        resolve_dtype(dtype)
+    except ValueError as e:
+        raise InvalidInput(str(e)) from None
 
     # 1. the model: resolve and load before drawing the held-out set, so a bad id fails fast
     if model_id_or_dir and (Path(model_id_or_dir) / "model_index.json").is_file():

@@ -79,7 +79,7 @@ def test_fast_preset_quality_and_goals(run):
     assert q["evals_per_image"] == 3 and q["fewer_evals"] == pytest.approx(4 / 3)
     assert math.isfinite(q["psnr_fast_to_exact_db"]) and q["psnr_loss_db"] == pytest.approx(q["psnr_exact_to_targets_db"] - q["psnr_fast_to_targets_db"])
     goals = {g["goal"]: g for g in results["goals"]}
-    assert len(goals) == 7 and all(g["met"] in (True, False, None) for g in goals.values())
+    assert len(goals) == 8 and all(g["met"] in (True, False, None) for g in goals.values())
     assert goals["throughput at 16 concurrent (HTTP) vs stock"]["met"] is None  # 16 was not run
     assert goals["fast preset: fewer evaluations"]["met"] is False  # 1.33× < 1.8×
 

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from incontext import __version__
 from incontext.engine.protocol import EngineClient
 from incontext.models.registry import DEFAULT_MODEL_ID, HOSTED_ALIASES, Registry, default_registry, preset_for_directory
-from incontext.service import keys
+from incontext.service import keys, openapi
 from incontext.service.callbacks import CallbackSender
 from incontext.service.db import create_db_engine, make_session_factory, migrate
 from incontext.service.deps import Service
@@ -28,7 +28,7 @@ from incontext.service.dispatcher import Dispatcher
 from incontext.service.errors import install_error_handlers
 from incontext.service.ids import uuid7
 from incontext.service.ratelimit import RateLimiter
-from incontext.service.routes import account, batches, callbacks, files, runs
+from incontext.service.routes import account, batches, bfl, callbacks, discovery, files, openai, runs
 from incontext.service.storage import Storage, load_or_create_secret
 from incontext.settings import Settings
 
@@ -132,6 +132,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
         response.headers["X-Request-Id"] = request.state.request_id
         return response
 
-    for module in (account, runs, batches, callbacks, files):
+    for module in (account, runs, batches, callbacks, files, discovery, bfl, openai):
         app.include_router(module.router)
+    openapi.install(app, settings.base_url)
     return app

@@ -24,6 +24,8 @@ import json
 import logging
 import secrets as pysecrets
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 
 import httpx
@@ -45,6 +47,22 @@ EVENTS = {
     "partial_succeeded": "run.partial_succeeded",
 }
 SIGNING_SECRETS = 2  # the newest active secrets sign; two allow rotation without downtime
+
+
+@dataclass(frozen=True)
+class CallbackStyle:
+    """Another API surface's callback (routes/bfl.py): its own body and signature headers."""
+
+    envelope: Callable[[Run, Storage], dict]
+    headers: Callable[[bytes, dict, str, int], dict[str, str]]  # (body, run params, delivery id, unix time)
+
+
+# Chosen per run by run.params["callback_style"]; registered by the surfaces that create such runs.
+CALLBACK_STYLES: dict[str, CallbackStyle] = {}
+
+
+def style_of(run: Run | None) -> CallbackStyle | None:
+    return CALLBACK_STYLES.get((run.params or {}).get("callback_style", "")) if run is not None else None
 
 
 # Envelopes.
@@ -90,10 +108,10 @@ def batch_envelope(batch: Batch, runs: list[Run], counts: dict[str, int], storag
     }
 
 
-def _enqueue(session: Session, *, api_key_id: str, url: str, envelope: dict, run_id=None, batch_id=None) -> CallbackDelivery:
+def _enqueue(session: Session, *, api_key_id: str, url: str, envelope: dict, run_id=None, batch_id=None, event=None) -> CallbackDelivery:
     body = json.dumps(envelope, separators=(",", ":"), default=str)
     delivery = CallbackDelivery(
-        api_key_id=api_key_id, run_id=run_id, batch_id=batch_id, url=url, event=envelope["event"], body=body, next_attempt_at=utcnow()
+        api_key_id=api_key_id, run_id=run_id, batch_id=batch_id, url=url, event=event or envelope["event"], body=body, next_attempt_at=utcnow()
     )
     session.add(delivery)
     session.flush()
@@ -101,7 +119,9 @@ def _enqueue(session: Session, *, api_key_id: str, url: str, envelope: dict, run
 
 
 def enqueue_run(session: Session, run: Run, storage: Storage) -> CallbackDelivery:
-    return _enqueue(session, api_key_id=run.api_key_id, url=run.callback_url, envelope=run_envelope(run, storage), run_id=run.id)
+    style = style_of(run)
+    envelope = style.envelope(run, storage) if style else run_envelope(run, storage)
+    return _enqueue(session, api_key_id=run.api_key_id, url=run.callback_url, envelope=envelope, run_id=run.id, event=EVENTS[run.status])
 
 
 def enqueue_batch(session: Session, batch: Batch, counts: dict[str, int], storage: Storage) -> CallbackDelivery:
@@ -227,10 +247,17 @@ class CallbackSender:
                 )
             )
 
-    def _load(self, delivery_id: str) -> tuple[str, bytes, list[str]]:
+    def _load(self, delivery_id: str) -> tuple[str, bytes, Callable[[int], dict[str, str]]]:
+        """The URL, the body, and how to sign it at a given unix time."""
         with self._sessions() as session:
             d = session.get(CallbackDelivery, delivery_id)
-            return d.url, d.body.encode(), signing_secrets(session, d.api_key_id)
+            body = d.body.encode()
+            run = session.get(Run, d.run_id) if d.run_id else None
+            if style := style_of(run):
+                params = run.params
+                return d.url, body, lambda ts: style.headers(body, params, delivery_id, ts)
+            secrets = signing_secrets(session, d.api_key_id)
+            return d.url, body, lambda ts: signature_headers(body, secrets, delivery_id, ts)
 
     async def _attempt(self, delivery_id: str) -> None:
         try:
@@ -240,8 +267,8 @@ class CallbackSender:
             log.exception("callback %s: could not send or record an attempt", delivery_id)
 
     async def _send(self, delivery_id: str) -> None:
-        url, body, secrets = await asyncio.to_thread(self._load, delivery_id)
-        headers = signature_headers(body, secrets, delivery_id, int(time.time()))
+        url, body, sign = await asyncio.to_thread(self._load, delivery_id)
+        headers = sign(int(time.time()))
         status_code, error = None, None
         started = time.perf_counter()
         try:

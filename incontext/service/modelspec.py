@@ -1,0 +1,212 @@
+"""What a model accepts and costs, for people and agents: the model card behind
+`GET /v1/models/{id}` and the markdown spec behind `GET /v1/models/{id}/llms.txt`.
+
+The inputs are read from `KontextInput`'s JSON schema, the one model every run's input is
+validated with, so the published list cannot drift from what is enforced. The few facts a
+validator enforces outside the schema (aspect ratio names, safety tolerance values) and the
+defaults a model preset decides (steps, guidance) are filled in from their sources here.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from pydantic import ValidationError
+
+from incontext.imageio import ASPECT_RATIOS, OUTPUT_FORMATS
+from incontext.models.registry import ModelPreset, Registry
+from incontext.service import callbacks, lifecycle
+from incontext.service.schemas import KontextInput
+
+CURRENCY = "USD"
+# Short descriptions for fields whose schema has none.
+_DESCRIPTIONS = {
+    "num_images": "images to make; image i uses seed + i",
+    "guidance_scale": "how closely to follow the prompt",
+    "output_format": "encoding of the output images",
+    "safety_tolerance": 'accepted and recorded ("1" strictest … "6"); this server has no safety checker',
+    "enhance_prompt": "accepted and recorded; this server has no prompt enhancer",
+}
+
+
+@cache
+def _accepted_tolerances() -> tuple[str, ...]:
+    # The validator holds the set; ask it rather than copy it.
+    accepted = []
+    for value in map(str, range(10)):
+        try:
+            KontextInput.model_validate({"prompt": "p", "image_url": "u", "safety_tolerance": value})
+            accepted.append(value)
+        except ValidationError:
+            pass
+    return tuple(accepted)
+
+
+def model_defaults(preset: ModelPreset) -> dict:
+    """Defaults the preset decides when a run leaves them out (see submission.prepare)."""
+    return {"guidance_scale": preset.guidance_scale, "num_inference_steps": preset.num_inference_steps}
+
+
+def model_inputs(preset: ModelPreset) -> list[dict]:
+    """One entry per input field: name, type, required, default, description, and the
+    range (minimum/maximum, min_length/max_length) or enum it is checked against."""
+    schema = KontextInput.model_json_schema()
+    required = set(schema.get("required", []))
+    defaults = model_defaults(preset)
+    enums = {"aspect_ratio": list(ASPECT_RATIOS), "safety_tolerance": list(_accepted_tolerances())}
+    inputs = []
+    for name, prop in schema["properties"].items():
+        variants = prop.get("anyOf", [prop])
+        base = next(v for v in variants if v.get("type") != "null")
+        entry = {"name": name, "type": base["type"], "required": name in required}
+        if name not in required:
+            entry["default"] = defaults.get(name, prop.get("default"))
+            entry["nullable"] = any(v.get("type") == "null" for v in variants)
+        entry["description"] = prop.get("description") or _DESCRIPTIONS.get(name, "")
+        for key, out in (("minimum", "minimum"), ("maximum", "maximum"), ("minLength", "min_length"), ("maxLength", "max_length"), ("enum", "enum")):
+            if key in base:
+                entry[out] = base[key]
+        if name in enums:
+            entry["enum"] = enums[name]
+        inputs.append(entry)
+    return inputs
+
+
+def model_links(model_id: str, base_url: str) -> dict[str, str]:
+    base = f"{base_url}/v1/models/{model_id}"
+    return {"self": base, "runs": f"{base}/runs", "batches": f"{base}/batches", "llms_txt": f"{base}/llms.txt"}
+
+
+def model_card(preset: ModelPreset, registry: Registry, base_url: str, *, detail: bool = True) -> dict:
+    card = {
+        "id": preset.id,
+        "aliases": list(preset.aliases),
+        "default": preset.id == registry.default_id,
+        "description": preset.description or "in-context image editing: an image and an instruction in, the edited image out",
+        "price_per_image": str(preset.price_per_image),
+        "currency": CURRENCY,
+        "pricing": {
+            "unit": "image",
+            "unit_price": str(preset.price_per_image),
+            "currency": CURRENCY,
+            "billing": "per delivered image; failed and canceled runs cost nothing",
+        },
+        "defaults": model_defaults(preset),
+        "output": {"formats": list(OUTPUT_FORMATS), "pixels_per_image": preset.target_area, "side_multiple": preset.multiple},
+        "links": model_links(preset.id, base_url),
+    }
+    if detail:
+        card["inputs"] = model_inputs(preset)
+        card["input_schema"] = KontextInput.model_json_schema()
+    return card
+
+
+def _cell(value) -> str:
+    return "" if value is None else str(value).replace("|", "\\|")
+
+
+def _range(entry: dict) -> str:
+    if "enum" in entry:
+        return " ".join(f"`{v}`" for v in entry["enum"])
+    if "minimum" in entry or "maximum" in entry:
+        return f"{entry.get('minimum', '')}–{entry.get('maximum', '')}"
+    if "max_length" in entry:
+        return f"≤ {entry['max_length']} characters"
+    return ""
+
+
+def llms_txt(preset: ModelPreset, model_id: str, base_url: str, *, file_url_ttl_s: int, is_default: bool) -> str:
+    """The model's markdown spec: how to call it with curl, its fields, statuses, polling and callbacks."""
+    inputs = model_inputs(preset)
+    rows = "\n".join(
+        f"| `{e['name']}` | {e['type']}{', required' if e['required'] else ''} | {_cell(e.get('default'))} | {_range(e)} "
+        f"| {_cell(e['description'])} |"
+        for e in inputs
+    )
+    statuses = "\n".join(f"| `{code}` | {'yes' if terminal else 'no'} | {text} |" for code, terminal, text in lifecycle.STATUSES)
+    events = ", ".join(f"`{e}`" for e in callbacks.EVENTS.values())
+    aliases = ", ".join(f"`{a}`" for a in (preset.id, *preset.aliases))
+    surfaces = (
+        f"""- BFL-style: `POST {base_url}/v1/flux-kontext-pro` (`x-key`), then `GET {base_url}/v1/get_result?id=…`.
+- OpenAI-style, synchronous: `POST {base_url}/v1/images/edits` (multipart `image`, `prompt`, `n`, `size`).
+"""
+        if is_default
+        else ""
+    )
+    return f"""# {model_id}
+
+> In-context image editing (FLUX.1 Kontext-style): send an image and an instruction, get the
+> edited image. ${preset.price_per_image} {CURRENCY} per delivered image; failed and canceled runs cost nothing.
+
+- Base URL: {base_url}
+- Model ids (all the same model): {aliases}
+- Machine-readable: `GET {base_url}/v1/models/{model_id}` (inputs with ranges), `GET {base_url}/openapi.json`
+
+## Authentication
+
+Send `Authorization: Bearer <key>` on every call below (keys look like `ic_live_…`).
+A missing or bad key is `401 UNAUTHORIZED`. `GET {base_url}/v1/auth/me` tells you whether a key works.
+
+## Create a run
+
+```sh
+curl -sS -X POST {base_url}/v1/models/{model_id}/runs \\
+  -H "Authorization: Bearer $INCONTEXT_API_KEY" \\
+  -H "Content-Type: application/json" \\
+  -d '{{"input": {{"prompt": "make the sky purple", "image_url": "https://example.com/photo.jpg"}}}}'
+```
+
+The answer is `201` with the run object at once, `status_code: "queued"`. Keep its `id`.
+Body fields besides `input`: `metadata` (object, returned untouched), `callback_url` (≤ 2048
+chars), `client_ref` (≤ 255 chars). Header `Idempotency-Key`: the same key and body replay
+the first answer; the same key with another body is `409 CONFLICT`.
+
+## Input fields
+
+| field | type | default | range | notes |
+|---|---|---|---|---|
+{rows}
+
+`image_url` takes an http(s) URL, a `data:` URI (JPEG, PNG, WebP, GIF, AVIF), or an output URL
+of this server (multi-turn editing; expired ones work too). Unknown fields are ignored.
+
+## Statuses
+
+| status_code | terminal | meaning |
+|---|---|---|
+{statuses}
+
+## Polling
+
+```sh
+curl -sS {base_url}/v1/runs/$RUN_ID -H "Authorization: Bearer $INCONTEXT_API_KEY"
+```
+
+Repeat about once a second until `status_code` is `succeeded`, `failed` or `canceled`.
+On `succeeded`, `output.outputs[i].url` (also `output.image_urls[i]`) is a signed URL, valid
+for {file_url_ttl_s} s and downloadable with no key; read the run again for fresh URLs.
+`output.seed` reproduces the result. On `failed`, see `failure_code` and `failure_message`.
+Progress: `GET {base_url}/v1/runs/$RUN_ID/logs`. Cancel: `POST {base_url}/v1/runs/$RUN_ID/cancel`.
+
+## Callbacks
+
+Set `callback_url` and the server POSTs a JSON envelope when the run ends: `event` ({events}),
+`run_id`, `status`, `output` (error envelope on failure, null on cancel), `duration_ms`,
+`created_at`, `completed_at`, `metadata`. Create a signing secret once with
+`POST {base_url}/v1/callback-secrets`; then every callback carries `Runflow-Signature`
+(hex HMAC-SHA256 of the raw body keyed with the secret) and Standard Webhooks headers
+(`webhook-id`, `webhook-timestamp`, `webhook-signature`). Non-2xx answers are retried with
+backoff; `GET {base_url}/v1/runs/$RUN_ID/callback` shows every attempt.
+
+## Errors
+
+Every error is `{{"code", "message", "errors": [...]}}`; `errors[]` names fields for 422
+(`input.prompt`). Codes: `UNAUTHORIZED` 401, `VALIDATION_ERROR` 422, `INVALID_IMAGE` 422,
+`IMAGE_FETCH_FAILED` 422, `IMAGE_TOO_LARGE` 413, `UNSUPPORTED_FORMAT` 415,
+`MODEL_UNAVAILABLE` 404, `RUN_NOT_FOUND` 404, `CONFLICT` 409, `RATE_LIMITED` 429 (wait
+`Retry-After` seconds).
+
+## Other ways to call the same model
+
+- Many inputs at once: `POST {base_url}/v1/models/{model_id}/batches` with `{{"input": [...]}}`.
+{surfaces}"""

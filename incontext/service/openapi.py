@@ -1,0 +1,121 @@
+"""`/openapi.json`: FastAPI's document, completed with what FastAPI cannot see.
+
+- Security: which operations need a key, read from each route's dependencies (the Bearer
+  check, or the BFL surface's x-key-or-Bearer check), so it cannot drift from the code.
+- Errors: the service answers `{code, message, errors[]}`, not FastAPI's `{detail}`; the
+  core operations say so (401, 422 and default). The BFL routes keep FastAPI's `detail`
+  shape, which is theirs; the OpenAI routes declare their own.
+- `servers` from the public URL, and `model_id` parameters described (they may hold '/').
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.dependencies.models import Dependant
+from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute, RouteContext, iter_route_contexts
+
+from incontext.service.auth import authenticate
+from incontext.service.surfaces import key_from_headers
+
+DESCRIPTION = """Self-hostable in-context image editing (FLUX.1 Kontext-style).
+
+Start with `GET /v1/models`, then read a model's spec at `GET /v1/models/{model_id}/llms.txt`
+(curl example, fields, statuses, polling, callbacks). Agents: `GET /v1/agent-skill.md`.
+Catalog: `GET /.well-known/api-catalog` (RFC 9727).
+
+Auth: `Authorization: Bearer <key>` wherever an operation lists a security requirement;
+the BFL-style routes also take `x-key`. Errors: `{code, message, errors[]}`, except the
+BFL-style routes (`{detail}`) and the OpenAI-style route (`{error: {message, type, param, code}}`).
+"""
+
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "an incontext API key (ic_live_…)"},
+    "xKey": {"type": "apiKey", "in": "header", "name": "x-key", "description": "the same key, as BFL clients send it"},
+}
+ERROR_SCHEMAS = {
+    "FieldError": {
+        "type": "object",
+        "required": ["field", "loc", "message", "code"],
+        "properties": {
+            "field": {"type": "string", "examples": ["input.prompt"]},
+            "loc": {"type": "array", "items": {"type": "string"}},
+            "message": {"type": "string"},
+            "code": {"type": "string"},
+        },
+    },
+    "ErrorBody": {
+        "type": "object",
+        "required": ["code", "message", "errors"],
+        "properties": {
+            "code": {"type": "string", "examples": ["UNAUTHORIZED", "VALIDATION_ERROR", "RUN_NOT_FOUND", "RATE_LIMITED"]},
+            "message": {"type": "string"},
+            "errors": {"type": "array", "items": {"$ref": "#/components/schemas/FieldError"}},
+        },
+    },
+    "BflError": {
+        "type": "object",
+        "required": ["detail"],
+        "properties": {"detail": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"$ref": "#/components/schemas/ValidationError"}}]}},
+    },
+}
+
+
+def install(app: FastAPI, base_url: str) -> None:
+    """Serve the completed document at /openapi.json (built once, on first request)."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, description=DESCRIPTION, routes=app.routes)
+            # Included routers' routes, with their prefixes and tags applied.
+            routes = [r for r in iter_route_contexts(app.routes) if isinstance(r.original_route, APIRoute)]
+            complete(spec, routes, base_url)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def complete(spec: dict, routes: list[RouteContext], base_url: str) -> None:
+    spec["servers"] = [{"url": base_url}]
+    components = spec.setdefault("components", {})
+    components.setdefault("securitySchemes", {}).update(SECURITY_SCHEMES)
+    schemas = components.setdefault("schemas", {})
+    schemas.update(ERROR_SCHEMAS)
+    if "ValidationError" not in schemas:  # BflError refers to FastAPI's own
+        schemas.pop("BflError")
+    by_operation = {(r.path_format, m.lower()): r for r in routes if r.include_in_schema for m in r.methods}
+    for path, item in spec["paths"].items():
+        for method, op in item.items():
+            route = by_operation.get((path, method))
+            if route is not None:
+                _complete_operation(op, route)
+            for param in op.get("parameters", []):
+                if param["name"] == "model_id" and param["in"] == "path":
+                    param["description"] = "a model id or alias; may contain '/' (flux-pro/kontext), sent as is"
+
+
+def _complete_operation(op: dict, route: RouteContext) -> None:
+    responses = op.setdefault("responses", {})
+    surface = next((t for t in route.tags if t in ("bfl", "openai")), None)
+    if depends_on(route.dependant, key_from_headers):
+        op["security"] = [{"xKey": []}, {"bearer": []}]
+    elif depends_on(route.dependant, authenticate):
+        op["security"] = [{"bearer": []}]
+    keyed = "security" in op
+    if surface == "openai":
+        return  # declares its own 4XX/5XX
+    error = _ref("BflError" if surface == "bfl" else "ErrorBody")
+    if surface is None and "422" in responses:
+        responses["422"] = {"description": "invalid request; errors[] names each field", "content": {"application/json": {"schema": error}}}
+    if keyed:
+        responses.setdefault("401", {"description": "missing, unknown or revoked key", "content": {"application/json": {"schema": error}}})
+    responses.setdefault("default", {"description": "any other error", "content": {"application/json": {"schema": error}}})
+
+
+def depends_on(dependant: Dependant, call) -> bool:
+    return any(d.call is call or depends_on(d, call) for d in dependant.dependencies)
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}

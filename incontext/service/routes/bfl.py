@@ -1,0 +1,213 @@
+"""The BFL-style surface: `POST /v1/flux-kontext-pro` → `{id, polling_url}`, then
+`GET /v1/get_result?id=` until `Ready` (or `Error`), and an optional signed webhook.
+
+A client written for the hosted BFL API switches by changing its base URL and key. The run
+is an ordinary stored run (recorded as model `flux-pro/kontext`), so it also shows in
+`GET /v1/runs`; any run of the key can be polled here. Errors are FastAPI-shaped, as the
+hosted API's are: `{"detail": "message"}`, and for 422 `{"detail": [{loc, msg, type}]}`.
+
+Webhook signing (when `webhook_secret` is given; see docs/other-surfaces.md):
+- `X-Webhook-Signature: sha256=<lowercase hex HMAC-SHA256(key=webhook_secret, msg=raw body)>`
+- Standard Webhooks: `webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64
+  HMAC-SHA256 of "{id}.{timestamp}.{body}">`, keyed with the base64-decoded part after
+  `whsec_` if the secret has that form (so Standard Webhooks libraries verify it), else with
+  the secret's UTF-8 bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from incontext.imageio import ASPECT_RATIOS
+from incontext.service import callbacks, lifecycle, store, surfaces
+from incontext.service.deps import ServiceDep
+from incontext.service.errors import RunNotFound, ValidationFailed, field_error
+from incontext.service.models import ApiKey, Run
+from incontext.service.schemas import MAX_SEED, public_output
+from incontext.service.storage import Storage
+
+STYLE = "bfl"
+# Our input names → theirs, for error messages.
+NAMES = {"image_url": "input_image", "enhance_prompt": "prompt_upsampling"}
+_RATIO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)\s*$")
+
+
+def render_error(problem: surfaces.Problem) -> JSONResponse:
+    if problem.status == 422 and problem.errors:
+        detail: Any = [
+            {"loc": e["loc"] if e["loc"][:1] in (["body"], ["query"], ["header"]) else ["body", *e["loc"]], "msg": e["message"], "type": e["code"]}
+            for e in problem.errors
+        ]
+    else:
+        detail = problem.message
+    return JSONResponse({"detail": detail}, status_code=problem.status, headers=problem.headers)
+
+
+router = APIRouter(prefix="/v1", tags=["bfl"], route_class=surfaces.route_class(render_error))
+BflKeyDep = Annotated[ApiKey, Depends(surfaces.key_from_headers)]
+
+
+class FluxKontextRequest(BaseModel):
+    """The body of the hosted `POST /v1/flux-kontext-pro`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(description="the edit instruction")
+    input_image: str | None = Field(None, description="the image to edit: base64 (bare), a data: URI, or an http(s) URL; required here")
+    input_image_2: str | None = Field(None, description="extra reference image: not supported by this model; rejected when set")
+    input_image_3: str | None = Field(None, description="as input_image_2")
+    input_image_4: str | None = Field(None, description="as input_image_2")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when absent; reported in result.seed")
+    aspect_ratio: str | None = Field(
+        None, description="W:H between 21:9 and 9:21, mapped to the nearest of 21:9 16:9 4:3 3:2 1:1 2:3 3:4 9:16 9:21; default: the input's"
+    )
+    output_format: Literal["jpeg", "png"] = Field("png", description="jpeg or png (jpg is read as jpeg)")
+    safety_tolerance: int = Field(2, ge=0, le=6, description="recorded only: this server has no moderation (0 is recorded as 1)")
+    prompt_upsampling: bool = Field(False, description="recorded only: this server has no prompt enhancer")
+    webhook_url: str | None = Field(None, max_length=2048, description="POSTed the get_result body when the run ends")
+    webhook_secret: str | None = Field(None, max_length=512, description="signs the webhook; see the X-Webhook-Signature docs")
+
+    @field_validator("output_format", mode="before")
+    @classmethod
+    def _jpg(cls, value: Any) -> Any:
+        return "jpeg" if isinstance(value, str) and value.lower() in ("jpg", "jpeg") else value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("webhook_url must be an http(s) URL")
+        return value
+
+
+class Submitted(BaseModel):
+    id: str
+    polling_url: str
+
+
+class ResultPublic(BaseModel):
+    id: str
+    status: Literal["Pending", "Ready", "Error", "Task not found", "Request Moderated", "Content Moderated"] = Field(
+        description="never Request Moderated or Content Moderated here: this server does not moderate"
+    )
+    result: dict[str, Any] | None = Field(
+        description="on Ready: sample (signed URL, expires), samples, prompt, seed, start_time, end_time, duration (seconds)"
+    )
+    progress: float | None = Field(description="0..1 while running; null while queued")
+    details: dict[str, Any] | None = Field(description="on Error: code, message, stage")
+
+
+def aspect_ratio(value: str | None) -> str | None:
+    """W:H (any numbers between 21:9 and 9:21) → the nearest named ratio; named values pass."""
+    if value is None or value.strip().lower() in ASPECT_RATIOS:
+        return value
+    match = _RATIO.match(value)
+    if match and float(match[2]) > 0 and float(match[1]) > 0:
+        width, height = float(match[1]), float(match[2])
+        if surfaces.within_ratio_range(width, height):
+            return surfaces.nearest_aspect_ratio(width, height)
+    message = "aspect_ratio must be W:H between 21:9 and 9:21"
+    raise ValidationFailed(message, errors=[field_error("aspect_ratio", message, "value_error")])
+
+
+@router.post("/flux-kontext-pro", response_model=Submitted, responses={401: {"description": '`{"detail": "..."}`'}})
+def create_kontext_edit(body: FluxKontextRequest, request: Request, key: BflKeyDep, service: ServiceDep):
+    """Queue an edit; poll `polling_url` (with the same key) until `status` is `Ready` or `Error`.
+    Key: `x-key` or `Authorization: Bearer`."""
+    if extra := [f"input_image_{i}" for i in (2, 3, 4) if getattr(body, f"input_image_{i}")]:
+        message = "this model edits one image: extra reference images (input_image_2..4) are not supported"
+        raise ValidationFailed(message, errors=[field_error(name, message, "not_supported") for name in extra])
+    if not body.input_image:
+        message = "input_image is required: this server edits images (base64, data: URI or http(s) URL)"
+        raise ValidationFailed(message, errors=[field_error("input_image", message, "missing")])
+    item = surfaces.kontext_input(
+        {
+            "prompt": body.prompt,
+            "image_url": surfaces.image_reference(body.input_image),
+            "aspect_ratio": aspect_ratio(body.aspect_ratio),
+            "output_format": body.output_format,
+            "seed": body.seed,
+            "safety_tolerance": str(max(1, body.safety_tolerance)),
+            "enhance_prompt": body.prompt_upsampling,
+        },
+        NAMES,
+    )
+    params = {"callback_style": STYLE, "webhook_secret": body.webhook_secret} if body.webhook_url else None
+    run_id, limits = surfaces.submit(
+        service, key, item, model_id=surfaces.SURFACE_MODEL_ID, request_id=request.state.request_id,
+        surface="POST /v1/flux-kontext-pro", names=NAMES, callback_url=body.webhook_url, params=params,
+    )
+    polling_url = f"{service.storage.base_url}/v1/get_result?id={run_id}"
+    return JSONResponse({"id": run_id, "polling_url": polling_url}, headers=limits)
+
+
+@router.get("/get_result", response_model=ResultPublic, responses={404: {"model": ResultPublic, "description": "status `Task not found`"}})
+def get_result(key: BflKeyDep, service: ServiceDep, id: Annotated[str, Query(description="the id from the submit answer")]):
+    """The run's status in BFL terms: queued or running → `Pending`; succeeded → `Ready`;
+    failed or canceled → `Error`; unknown (or another key's) → `Task not found` with HTTP 404."""
+    with service.sessions() as session:
+        try:
+            run = store.get_run(session, key.id, id)
+        except RunNotFound:
+            return JSONResponse({"id": id, "status": "Task not found", "result": None, "progress": None, "details": None}, status_code=404)
+        progress = _progress(session, run)
+        return result_body(run, service.storage, progress)
+
+
+def result_body(run: Run, storage: Storage, progress: float | None = None) -> dict:
+    body = {"id": run.id, "status": "Pending", "result": None, "progress": progress, "details": None}
+    if run.status == lifecycle.SUCCEEDED:
+        output = public_output(run.output, storage)
+        body.update(status="Ready", progress=1.0, result={
+            "sample": output["image_urls"][0],
+            "samples": output["image_urls"],
+            "prompt": run.params["prompt"],
+            "seed": output["outputs"][0]["seed"],
+            "start_time": run.started_at.timestamp() if run.started_at else None,
+            "end_time": run.completed_at.timestamp(),
+            "duration": (run.completed_at - run.started_at).total_seconds() if run.started_at else None,
+        })
+    elif run.status == lifecycle.CANCELED:
+        body.update(status="Error", details={"code": "CANCELED", "message": "the run was canceled", "stage": None})
+    elif run.status == lifecycle.FAILED:
+        body.update(status="Error", details={"code": run.failure_code, "message": run.failure_message, "stage": run.failure_stage_code})
+    return body
+
+
+def _progress(session, run: Run) -> float | None:
+    if run.status != lifecycle.RUNNING:
+        return None
+    steps = [log.meta for log in store.run_logs(session, run.id) if log.meta and "step" in log.meta]
+    return round(steps[-1]["step"] / steps[-1]["total_steps"], 3) if steps else 0.0
+
+
+# The webhook: the get_result body of the ended run, signed with the request's webhook_secret.
+def webhook_headers(body: bytes, params: dict, msg_id: str, timestamp: int) -> dict[str, str]:
+    headers = {"Content-Type": "application/json", "webhook-id": msg_id, "webhook-timestamp": str(timestamp)}
+    secret = params.get("webhook_secret")
+    if secret:
+        headers["X-Webhook-Signature"] = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+        signed = f"{msg_id}.{timestamp}.".encode() + body
+        headers["webhook-signature"] = "v1," + base64.b64encode(hmac.new(_standard_key(secret), signed, hashlib.sha256).digest()).decode()
+    return headers
+
+
+def _standard_key(secret: str) -> bytes:
+    if secret.startswith("whsec_"):
+        try:
+            return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+        except (binascii.Error, ValueError):
+            pass
+    return secret.encode()
+
+
+callbacks.CALLBACK_STYLES[STYLE] = callbacks.CallbackStyle(envelope=result_body, headers=webhook_headers)

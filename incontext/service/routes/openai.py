@@ -1,0 +1,203 @@
+"""The OpenAI-style surface: `POST /v1/images/edits` (multipart), answered when the images exist.
+
+The OpenAI SDKs call it unchanged (`base_url=<server>/v1`, `api_key=<our key>`). The request
+becomes an ordinary stored run (listed by `GET /v1/runs`, priced, rate-limited); the route
+waits for it and answers `{created, data: [{b64_json | url, revised_prompt}]}`. If the client
+disconnects or the wait times out, the run is canceled. Errors are OpenAI-shaped:
+`{"error": {"message", "type", "param", "code"}}`; validation problems are 400, as there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import time
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from incontext.errors import ImageTooLarge, ModelNotFound
+from incontext.service import lifecycle, surfaces
+from incontext.service.deps import KeyDep, Service, ServiceDep
+from incontext.service.errors import ServiceError, ValidationFailed, field_error
+from incontext.service.models import Run
+
+WAIT_TIMEOUT_S = 600.0  # the OpenAI SDKs' own default timeout
+POLL_S = 0.25
+NAMES = {"image_url": "image", "num_images": "n", "aspect_ratio": "size"}
+_SIZE = re.compile(r"^\s*(\d{1,5})\s*x\s*(\d{1,5})\s*$", re.IGNORECASE)
+# Model names OpenAI clients send: served by the default model rather than refused, so
+# code written for OpenAI works after changing only the base URL and key.
+OPENAI_MODEL_PREFIXES = ("gpt-image", "dall-e")
+_CODES = {"UNAUTHORIZED": "invalid_api_key", "RATE_LIMITED": "rate_limit_exceeded", "MODEL_UNAVAILABLE": "model_not_found"}
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, requests (429) or server_error")
+    param: str | None = Field(description="the form field at fault, if one is")
+    code: str | None = Field(description="invalid_api_key, invalid_value, missing_required_parameter, invalid_image, …")
+
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIError
+
+
+def render_error(problem: surfaces.Problem) -> JSONResponse:
+    status = 400 if problem.status == 422 else problem.status
+    param = problem.errors[0]["field"] or None if problem.errors else None
+    if problem.code == "VALIDATION_ERROR":
+        code = "missing_required_parameter" if problem.errors and problem.errors[0]["code"] == "missing" else "invalid_value"
+    else:
+        code = _CODES.get(problem.code, problem.code.lower())
+    kind = "server_error" if status >= 500 else "requests" if status == 429 else "invalid_request_error"
+    body = {"error": {"message": problem.message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=problem.headers)
+
+
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=surfaces.route_class(render_error))
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = Field(None, description="with response_format=b64_json")
+    url: str | None = Field(None, description="with response_format=url: signed, expires (INCONTEXT_FILE_URL_TTL_SECONDS)")
+    revised_prompt: str = Field(description="the prompt as used: unchanged (no prompt rewriting here)")
+
+
+class ImagesResponse(BaseModel):
+    created: int = Field(description="unix seconds")
+    data: list[ImageData]
+    output_format: Literal["png", "jpeg"]
+    size: str = Field(description="the output's real WxH")
+
+
+@router.post(
+    "/images/edits",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    responses={status: {"model": OpenAIErrorBody, "description": "OpenAI-shaped error"} for status in ("4XX", "5XX")},
+)
+async def create_image_edit(
+    request: Request,
+    key: KeyDep,
+    service: ServiceDep,
+    prompt: Annotated[str, Form(description="the edit instruction")],
+    image: Annotated[list[UploadFile] | None, File(description="the image to edit; if several are sent, the first is used")] = None,
+    image_array: Annotated[list[UploadFile] | None, File(alias="image[]", description="as image (the SDKs' spelling for a list)")] = None,
+    n: Annotated[int, Form(ge=1, le=4, description="images to make, 1–4")] = 1,
+    size: Annotated[str, Form(description="auto (the input's aspect ratio) or WxH → the nearest of 21:9 … 9:21; the model sets the resolution")] = "auto",
+    response_format: Annotated[Literal["url", "b64_json"] | None, Form(description="default b64_json (url for dall-e-* models)")] = None,
+    output_format: Annotated[str, Form(description="png (default) or jpeg")] = "png",
+    model: Annotated[str | None, Form(description="a model id of this server; gpt-image-*/dall-e-* mean the default model")] = None,
+    seed: Annotated[int | None, Form(description="extension: image i uses seed+i; random when absent")] = None,
+    mask: Annotated[UploadFile | None, File(description="not supported: describe the region in the prompt")] = None,
+    stream: Annotated[bool, Form(description="not supported")] = False,
+):
+    """Edit an image, synchronously. Other OpenAI fields (quality, background, user,
+    input_fidelity, output_compression) are accepted and ignored."""
+    # 1. Check what this server cannot do, and resolve the model.
+    if mask is not None:
+        raise _invalid("mask", "mask is not supported: this model edits from the prompt alone; describe the region in it")
+    if stream:
+        raise _invalid("stream", "streaming is not supported; omit stream")
+    model_id = _model_id(model, service)
+    files = [*(image or []), *(image_array or [])]
+    if not files:
+        raise ValidationFailed("image is required", errors=[field_error("image", "image is required", "missing")])
+
+    # 2. The first image, as a data URI (stored with the run, as inline images are).
+    data = await files[0].read(service.settings.max_image_bytes + 1)
+    if len(data) > service.settings.max_image_bytes:
+        message = f"image is larger than the {service.settings.max_image_bytes:,}-byte limit"
+        raise ServiceError(message, code=ImageTooLarge.code, http_status=413, errors=[field_error("image", message, ImageTooLarge.code)])
+    item = surfaces.kontext_input(
+        {
+            "prompt": prompt,
+            "image_url": surfaces.data_uri(data),
+            "num_images": n,
+            "aspect_ratio": _aspect_ratio(size),
+            "output_format": output_format,
+            "seed": seed,
+        },
+        NAMES,
+    )
+
+    # 3. Queue it as a stored run and wait for the engine.
+    run_id, limits = await run_in_threadpool(
+        surfaces.submit, service, key, item, model_id=model_id, request_id=request.state.request_id,
+        surface="POST /v1/images/edits", names=NAMES,
+    )
+    run = await wait_for_run(service, run_id, request)
+    headers = {**limits, "Incontext-Run-Id": run_id}
+    if run.status == lifecycle.CANCELED:
+        raise ServiceError(f"run {run_id} was canceled", code="CANCELED", http_status=409, headers=headers)
+    if run.status != lifecycle.SUCCEEDED:
+        raise ServiceError(f"run {run_id} failed: {run.failure_message}", code=run.failure_code or "INTERNAL_ERROR", http_status=500, headers=headers)
+
+    # 4. The images, inline or as signed URLs.
+    fmt = response_format or ("url" if (model or "").startswith("dall-e") else "b64_json")
+    outputs = run.output["outputs"]
+    content = await run_in_threadpool(_image_data, service, outputs, fmt, item.prompt)
+    first = outputs[0]
+    body = {"created": int(time.time()), "data": content, "output_format": item.output_format, "size": f"{first['width']}x{first['height']}"}
+    return JSONResponse(body, headers=headers)
+
+
+async def wait_for_run(service: Service, run_id: str, request: Request) -> Run:
+    """Poll the stored run until it ends. A client that hangs up, or a wait past
+    WAIT_TIMEOUT_S, cancels it: nobody would receive the images."""
+    deadline = time.monotonic() + WAIT_TIMEOUT_S
+    # With the body read, receive() returns only when the client disconnects. (Awaited in a
+    # task: Request.is_disconnected() never sees it through the app's http middleware.)
+    client_gone = asyncio.ensure_future(request.receive())
+    try:
+        while True:
+            run = await run_in_threadpool(surfaces.load_run, service, run_id)
+            if run.status in lifecycle.TERMINAL:
+                return run
+            if client_gone.done():
+                await run_in_threadpool(surfaces.cancel_run, service, run_id, "client disconnected from POST /v1/images/edits")
+                raise ServiceError("client disconnected", code="CLIENT_CLOSED_REQUEST", http_status=499)
+            if time.monotonic() > deadline:
+                await run_in_threadpool(surfaces.cancel_run, service, run_id, f"not done within {WAIT_TIMEOUT_S:g} s for POST /v1/images/edits")
+                raise ServiceError(
+                    f"run {run_id} did not finish within {WAIT_TIMEOUT_S:g} s and was canceled", code="TIMEOUT", http_status=504,
+                    headers={"Incontext-Run-Id": run_id},
+                )
+            await asyncio.sleep(POLL_S)
+    finally:
+        client_gone.cancel()
+
+
+def _image_data(service: Service, outputs: list[dict], fmt: str, prompt: str) -> list[dict]:
+    if fmt == "b64_json":
+        encoded = (base64.b64encode(service.storage.output_path(o["file"]).read_bytes()).decode() for o in outputs)
+        return [{"b64_json": b64, "revised_prompt": prompt} for b64 in encoded]
+    return [{"url": service.storage.signed_url(o["file"]), "revised_prompt": prompt} for o in outputs]
+
+
+def _model_id(model: str | None, service: Service) -> str:
+    if not model or model.startswith(OPENAI_MODEL_PREFIXES):
+        return surfaces.SURFACE_MODEL_ID
+    if model.strip("/") in service.registry.ids():
+        return model.strip("/")
+    known = ", ".join(sorted(service.registry.ids()))
+    message = f"unknown model '{model}'; known models: {known} (or any gpt-image-*/dall-e-* name)"
+    raise ServiceError(message, code=ModelNotFound.code, http_status=404, errors=[field_error("model", message, "model_not_found")])
+
+
+def _aspect_ratio(size: str) -> str | None:
+    if size.strip().lower() in ("", "auto"):
+        return None
+    match = _SIZE.match(size)
+    if not match or int(match[1]) == 0 or int(match[2]) == 0:
+        raise _invalid("size", f"size must be 'auto' or WxH (e.g. 1024x1024), not {size!r}")
+    return surfaces.nearest_aspect_ratio(int(match[1]), int(match[2]))
+
+
+def _invalid(param: str, message: str) -> ValidationFailed:
+    return ValidationFailed(message, errors=[field_error(param, message, "invalid_value")])

@@ -1,0 +1,230 @@
+"""What the BFL-style and OpenAI-style surfaces share.
+
+Both turn their clients' bodies into a `KontextInput` and create the run through the same
+stored-run path as `POST /v1/models/{model_id}/runs`:
+
+    surface route → KontextInput → submission.prepare/queue → dispatcher → engine
+
+so their runs are durable, priced, rate-limited and listed by `GET /v1/runs`. Besides that:
+the key from `x-key` or `Authorization: Bearer`, image strings and bytes as data URIs, sizes
+mapped to the nearest aspect ratio, and a route class that renders every error (auth,
+validation, image problems, rate limit) in the surface's own shape.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from fastapi import Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from incontext.errors import IncontextError
+from incontext.imageio import ASPECT_RATIOS
+from incontext.service import keys, lifecycle, submission
+from incontext.service.deps import Service
+from incontext.service.errors import STATUS_CODES, Conflict, RateLimited, ServiceError, Unauthorized, ValidationFailed, field_error
+from incontext.service.models import ApiKey, Run
+from incontext.service.schemas import KontextInput
+
+log = logging.getLogger(__name__)
+
+# The id other surfaces' runs are recorded under (GET /v1/runs?model_id=flux-pro/kontext finds
+# them): a hosted alias of the default model, present in every registry.
+SURFACE_MODEL_ID = "flux-pro/kontext"
+
+# Named ratios only: the "square_hd"-style aliases and match_input_image map onto these.
+RATIOS = {name: wh for name, wh in ASPECT_RATIOS.items() if ":" in name}
+_MAX_RATIO = max(w / h for w, h in RATIOS.values())
+
+
+# Keys.
+def key_from_headers(request: Request) -> ApiKey:
+    """The caller's key from `x-key` (BFL clients) or `Authorization: Bearer` (everyone else)."""
+    token = request.headers.get("x-key", "").strip()
+    if not token:
+        scheme, _, rest = request.headers.get("authorization", "").partition(" ")
+        token = rest.strip() if scheme.lower() == "bearer" else ""
+    if not token:
+        raise Unauthorized("send your API key as 'x-key: <key>' or 'Authorization: Bearer <key>'")
+    with request.app.state.service.sessions() as session:
+        key = keys.find_active(session, token)
+    if key is None:
+        raise Unauthorized("the API key is unknown or revoked")
+    return key
+
+
+# Errors, one shape for every cause; each surface renders it its own way.
+@dataclass
+class Problem:
+    status: int
+    code: str  # ours: VALIDATION_ERROR, INVALID_IMAGE, UNAUTHORIZED, …
+    message: str
+    errors: list[dict] = field(default_factory=list)  # field_error() dicts; `loc` as the client sent it
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def problem_from(exc: Exception) -> Problem:
+    if isinstance(exc, IncontextError):
+        return Problem(exc.http_status, exc.code, exc.message, getattr(exc, "errors", []), getattr(exc, "headers", {}))
+    if isinstance(exc, RequestValidationError):
+        errors = []
+        for err in exc.errors():
+            loc = [str(p) for p in err["loc"]]
+            errors.append({"field": ".".join(p for p in loc if p != "body"), "loc": loc, "message": err["msg"], "code": err["type"]})
+        summary = "; ".join(f"{e['field'] or 'body'}: {e['message']}" for e in errors[:3])
+        return Problem(422, "VALIDATION_ERROR", f"invalid request: {summary}", errors)
+    if isinstance(exc, HTTPException):
+        return Problem(exc.status_code, STATUS_CODES.get(exc.status_code, "HTTP_ERROR"), str(exc.detail), [], dict(exc.headers or {}))
+    log.exception("unhandled error", exc_info=exc)
+    return Problem(500, "INTERNAL_ERROR", "internal server error")
+
+
+def route_class(render: Callable[[Problem], Response]) -> type[APIRoute]:
+    """An APIRoute whose every failure (dependencies and body validation included) is
+    answered by `render`, not by the app's `{code, message, errors}` handlers."""
+
+    class SurfaceRoute(APIRoute):
+        def get_route_handler(self):
+            handler = super().get_route_handler()
+
+            async def route(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except Exception as exc:  # noqa: BLE001 (rendered, and logged when unexpected)
+                    return render(problem_from(exc))
+
+            return route
+
+    return SurfaceRoute
+
+
+def renamed(exc: IncontextError, names: dict[str, str]) -> ServiceError:
+    """The error with its fields named as the surface's client sent them (input.image_url → input_image)."""
+    errors = [field_error(surface_field(e["field"], names), e["message"], e["code"]) for e in getattr(exc, "errors", [])]
+    return ServiceError(exc.message, code=exc.code, http_status=exc.http_status, errors=errors, headers=getattr(exc, "headers", None))
+
+
+def surface_field(field_name: str, names: dict[str, str]) -> str:
+    name = field_name.removeprefix("input.")
+    return names.get(name, name)
+
+
+# Inputs.
+def kontext_input(values: dict, names: dict[str, str]) -> KontextInput:
+    """Validate against the one input model every surface shares; errors name the surface's fields."""
+    try:
+        return KontextInput.model_validate(values)
+    except ValidationError as exc:
+        errors = [field_error(surface_field(".".join(map(str, e["loc"])), names), e["msg"], e["type"]) for e in exc.errors()]
+        summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:3])
+        raise ValidationFailed(f"invalid request: {summary}", errors=errors) from None
+
+
+_SIGNATURES = ((b"\x89PNG", "image/png"), (b"\xff\xd8", "image/jpeg"), (b"GIF8", "image/gif"), (b"RIFF", "image/webp"))
+
+
+def data_uri(data: bytes) -> str:
+    """Image bytes as a data URI. The media type is only a label (the decoder sniffs the
+    real format); an unknown one is left empty rather than guessed."""
+    mime = next((m for magic, m in _SIGNATURES if data.startswith(magic)), "")
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def image_reference(value: str) -> str:
+    """An http(s) URL or data URI as it is; a bare base64 string (as BFL clients send) as a data URI."""
+    text = value.strip()
+    if text[:5].lower() == "data:" or urlsplit(text).scheme in ("http", "https"):
+        return text
+    try:
+        head = base64.b64decode(re.sub(r"\s+", "", text[:64])[:32], validate=False)
+    except (binascii.Error, ValueError):
+        head = b""
+    mime = next((m for magic, m in _SIGNATURES if head.startswith(magic)), "")
+    return f"data:{mime};base64,{text}"
+
+
+def nearest_aspect_ratio(width: float, height: float) -> str:
+    """The named ratio (21:9 … 9:21) nearest to width:height, on a log scale."""
+    ratio = width / height
+    return min(RATIOS, key=lambda n: abs(math.log(RATIOS[n][0] / RATIOS[n][1] / ratio)))
+
+
+def within_ratio_range(width: float, height: float) -> bool:
+    return 1 / _MAX_RATIO - 1e-6 <= width / height <= _MAX_RATIO + 1e-6
+
+
+# Runs.
+def submit(
+    service: Service,
+    key: ApiKey,
+    item: KontextInput,
+    *,
+    model_id: str,
+    request_id: str,
+    surface: str,
+    names: dict[str, str],
+    callback_url: str | None = None,
+    params: dict | None = None,
+) -> tuple[str, dict[str, str]]:
+    """Count one creation against the key, validate and store the image, queue the run and
+    wake the dispatcher. Returns the run id and the rate-limit headers for the answer.
+    `params` are extra internal parameters (never shown to clients), e.g. a webhook style."""
+    decision = service.limiter.hit(key.id)
+    if not decision.allowed:
+        raise RateLimited(
+            f"rate limit of {decision.limit} creations per minute reached; retry in {decision.reset_s} s", headers=decision.headers()
+        )
+    preset = service.registry.resolve(model_id)
+    with service.sessions() as session:
+        try:
+            prepared = submission.prepare(
+                item, field="input", model_id=model_id, preset=preset, api_key_id=key.id,
+                session=session, storage=service.storage, settings=service.settings,
+            )
+        except IncontextError as exc:
+            raise renamed(exc, names) from None
+        prepared.fields["params"].update(params or {})
+        run = submission.queue(session, service.storage, prepared, callback_url=callback_url, request_id=request_id)
+        lifecycle.add_log(session, run.id, f"received through {surface}")
+        try:
+            session.commit()
+        except Exception:
+            session.rollback()
+            service.storage.delete_input(run.id)
+            raise
+        run_id = run.id
+    service.dispatcher.wake()
+    return run_id, decision.headers()
+
+
+def load_run(service: Service, run_id: str) -> Run | None:
+    """A detached snapshot of the run (the session is closed before it is read)."""
+    with service.sessions() as session:
+        return session.get(Run, run_id)
+
+
+def cancel_run(service: Service, run_id: str, reason: str) -> None:
+    """Cancel as POST /v1/runs/{id}/cancel does; nothing if the run already ended."""
+    with service.sessions() as session:
+        run = session.get(Run, run_id)
+        if run is None:
+            return
+        lifecycle.add_log(session, run_id, reason, level="warning")
+        try:
+            lifecycle.cancel(session, service.storage, run)
+        except Conflict:
+            return
+        session.commit()
+    service.storage.delete_input(run_id)
+    service.dispatcher.cancel(run_id)
+    service.sender.wake()

@@ -37,7 +37,7 @@ def test_bundled_weights_are_small_and_half_precision():
 
 def test_stock_diffusers_loads_the_bundled_model_offline(nano):
     preset, m = nano
-    pipe = FluxKontextPipeline.from_pretrained(BUNDLED_NANO_DIR, local_files_only=True, torch_dtype=torch.float32)
+    pipe = FluxKontextPipeline.from_pretrained(BUNDLED_NANO_DIR, local_files_only=True, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     ex = heldout.heldout_examples("background", 1)[0]
     w, h = ex.context.size

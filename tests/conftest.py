@@ -10,3 +10,24 @@ from incontext.testing import tiny_model_dir
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     return tiny_model_dir(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture()
+def registry(tiny_model):
+    """A registry whose default model is the tiny one."""
+    from incontext.models.registry import Registry, preset_for_directory
+
+    reg = Registry(default_id="tiny")
+    reg.add(preset_for_directory(tiny_model, id="tiny"))
+    return reg
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """A tiny model gains nothing from threads; beside other work their spin-waiting costs seconds."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

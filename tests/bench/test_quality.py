@@ -15,13 +15,7 @@ from incontext.testing import tiny_model_dir
 from incontext.world.edits import FAMILIES
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A tiny model gains nothing from threads, and beside a training run their spin-waiting costs seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ from incontext.models.loader import load_model
 ROWS = ["stock diffusers float32", "stock diffusers bfloat16", "engine ×1", "engine ×2", "engine fast ×1", "engine fast ×2", "HTTP ×1", "HTTP ×2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

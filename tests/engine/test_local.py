@@ -14,13 +14,6 @@ from incontext.errors import Cancelled, InvalidInput
 from incontext.models.registry import Registry, preset_for_directory
 
 
-@pytest.fixture()
-def registry(tiny_model):
-    reg = Registry(default_id="tiny")
-    reg.add(preset_for_directory(tiny_model, id="tiny"))
-    return reg
-
-
 def picture(color=(200, 30, 30), size=(64, 64)) -> Image.Image:
     img = Image.new("RGB", size, (235, 235, 235))
     ImageDraw.Draw(img).rectangle((10, 10, 30, 30), fill=color)

@@ -64,19 +64,7 @@ def test_resolve_names_configs_and_off():
 CACHE = StepCacheConfig(compute_every=2, always_first=1, always_last=1)  # 6 steps → {0, 1, 3, 5}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture()
-def registry(tiny_model):
-    reg = Registry(default_id="tiny")
-    reg.add(preset_for_directory(tiny_model, id="tiny"))
-    return reg
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def picture(color=(200, 30, 30), size=(64, 64)) -> Image.Image:

@@ -11,7 +11,6 @@ from PIL import Image, ImageDraw
 from incontext.engine.local import LocalEngine
 from incontext.engine.protocol import EditRequest
 from incontext.errors import Cancelled, InvalidInput
-from incontext.models.registry import Registry, preset_for_directory
 
 
 def picture(color=(200, 30, 30), size=(64, 64)) -> Image.Image:

@@ -14,7 +14,6 @@ from incontext.engine import stepcache
 from incontext.engine.local import LocalEngine
 from incontext.engine.protocol import EditRequest
 from incontext.engine.stepcache import StepCacheConfig
-from incontext.models.registry import Registry, preset_for_directory
 
 # ---------------------------------------------------------------- the policy
 

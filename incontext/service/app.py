@@ -71,7 +71,7 @@ def build_registry(settings: Settings) -> Registry:
 def build_engine(settings: Settings, registry: Registry) -> EngineClient:
     from incontext.engine.local import LocalEngine  # imports torch: only when actually serving
 
-    return LocalEngine(registry, max_batch_size=settings.engine_max_batch_size)
+    return LocalEngine(registry, max_batch_size=settings.engine_max_batch_size, step_cache=settings.engine_step_cache)
 
 
 def create_app(settings: Settings | None = None, engine: EngineClient | None = None) -> FastAPI:

@@ -1,4 +1,5 @@
-"""Bearer-key authentication: every route but health and signed file downloads needs it."""
+"""Bearer-key authentication for routes that touch a caller's data (health, discovery documents and
+signed file downloads are public)."""
 
 from __future__ import annotations
 

@@ -71,6 +71,19 @@ def edit(
         console.print(f"seed: {seed}", highlight=False)
     except IncontextError as e:
         _fail(e)
+    except Exception as e:  # the server's answers, when editing through --server
+        from incontext.client import APIError, RunError, RunTimeout
+
+        if isinstance(e, APIError):
+            _fail(e)
+        if isinstance(e, (RunError, RunTimeout)):
+            run = e.run
+            _fail(IncontextError(f"run {run.get('id')} {run.get('status_code')}: {run.get('failure_message') or e}", code=run.get("failure_code") or "RUN_FAILED"))
+        import httpx
+
+        if isinstance(e, (OSError, httpx.TransportError)) and server:  # connection refused, DNS, timeouts
+            _fail(IncontextError(f"cannot reach {server}: {e}", code="SERVER_UNREACHABLE"))
+        raise
 
 
 def _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, model_id):

@@ -41,7 +41,7 @@ def quality(
     from incontext.bench.report import summary_table
     from incontext.errors import IncontextError
 
-    console = Console()
+    console = _wide_console()
     try:
         with Progress(TextColumn("editing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("edits", total=None)
@@ -88,7 +88,7 @@ def speed(
     from incontext.errors import IncontextError
 
     levels = _levels(concurrency)
-    console = Console()
+    console = _wide_console()
     try:
         with console.status("measuring") as status:
             results = speed_bench.run_speed(
@@ -108,6 +108,13 @@ def speed(
             table.add_row(*line)
         console.print(table)
     console.print(f"report: {out / 'report.md'}", highlight=False)
+
+
+def _wide_console() -> Console:
+    # Benchmark tables have many columns: never squeeze them below 160 (a pipe or a narrow
+    # terminal would otherwise cut every cell to an ellipsis).
+    probe = Console()
+    return Console(width=max(probe.width, 160))
 
 
 def register(app: typer.Typer) -> None:

@@ -1,5 +1,5 @@
 """Cancel, the per-model concurrency cap, rate limits and URL expiry, on a server with a cap
-of one run in flight, 4 creations per minute per key, and 2-second file URLs."""
+of one run in flight, 4 creations per minute per key, and 3-second file URLs."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from .helpers import Receiver, Server, create_key, data_uri, server_env, wait_for, wait_run
 
 MODEL = "flux-pro/kontext"
+TTL_S = 3
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def strict(tmp_path_factory, tiny_model):
         tiny_model,
         INCONTEXT_MAX_CONCURRENT_RUNS_PER_MODEL="1",
         INCONTEXT_RATE_LIMIT_PER_MINUTE="4",
-        INCONTEXT_FILE_URL_TTL_SECONDS="2",
+        INCONTEXT_FILE_URL_TTL_SECONDS=str(TTL_S),
         INCONTEXT_PROGRESS_LOG_EVERY_STEPS="1",
     )
     srv = Server(data_dir, env)
@@ -90,13 +91,18 @@ def test_batch_partially_succeeds(strict):
 def test_output_url_expires(strict):
     with strict.client(strict.keys[1]) as api:
         run = wait_run(api, submit(api, num_inference_steps=1).json()["id"])
-        url = api.get(f"/v1/runs/{run['id']}").json()["output"]["image_urls"][0]
-        assert httpx.get(url).status_code == 200
-        time.sleep(3.1)
+
+        def fresh_url_that_works():
+            # Fetched right after signing; retried because a loaded machine may take longer
+            # than the TTL between the two requests.
+            url = api.get(f"/v1/runs/{run['id']}").json()["output"]["image_urls"][0]
+            return httpx.get(url).status_code == 200 and url
+
+        url = wait_for(fresh_url_that_works)
+        time.sleep(TTL_S + 1.1)
         expired = httpx.get(url)
         assert expired.status_code == 403 and "expired" in expired.json()["message"]
-        fresh = api.get(f"/v1/runs/{run['id']}").json()["output"]["image_urls"][0]
-        assert httpx.get(fresh).status_code == 200
+        assert wait_for(fresh_url_that_works) != url  # every read signs afresh
 
 
 def test_rate_limit_per_key(strict):

@@ -5,13 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
-from sqlalchemy.exc import IntegrityError
 
 from incontext.service import lifecycle, store, submission
 from incontext.service.deps import KeyDep, PresetDep, RateLimitDep, ServiceDep, SessionDep
 from incontext.service.models import Batch
-from incontext.service.routes.runs import IdempotencyKey, replay_response
+from incontext.service.routes.runs import IdempotencyKey, commit_created, replay_response
 from incontext.service.schemas import BatchCreate, BatchPublic, RunList, RunPublic
 
 router = APIRouter(prefix="/v1", tags=["batches"])
@@ -59,19 +57,7 @@ def create_batch(
         for p, item in zip(prepared, body.input)
     ]
     content = batch_public(session, batch, service.storage).model_dump(mode="json")
-    if digest:
-        store.remember(session, key.id, idempotency_key, digest, 201, content)
-    try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        for run in runs:
-            service.storage.delete_input(run.id)
-        if digest and (replay := replay_response(session, key.id, idempotency_key, digest, limits)):
-            return replay
-        raise
-    service.dispatcher.wake()
-    return JSONResponse(content, status_code=201, headers=limits)
+    return commit_created(session, service, key.id, idempotency_key, digest, limits, content, [run.id for run in runs])
 
 
 @router.get("/batches/{batch_id}", response_model=BatchPublic)

@@ -26,6 +26,26 @@ def replay_response(session: Session, api_key_id: str, key: str, digest: str, he
     return JSONResponse(record.response, status_code=record.status_code, headers={**headers, "Idempotent-Replayed": "true"})
 
 
+def commit_created(session: Session, service, key_id: str, idempotency_key: str | None, digest: str | None,
+                   limits: dict, content: dict, run_ids: list[str]) -> JSONResponse:
+    """Commit newly queued runs (remembering the response under the Idempotency-Key) and answer 201.
+
+    If the same key won a race in another request, answer as it did and drop our inputs."""
+    if digest:
+        store.remember(session, key_id, idempotency_key, digest, 201, content)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        for run_id in run_ids:
+            service.storage.delete_input(run_id)
+        if digest and (replay := replay_response(session, key_id, idempotency_key, digest, limits)):
+            return replay
+        raise
+    service.dispatcher.wake()
+    return JSONResponse(content, status_code=201, headers=limits)
+
+
 @router.post("/models/{model_id:path}/runs", status_code=201, response_model=RunPublic)
 def create_run(
     model_id: str,
@@ -54,19 +74,7 @@ def create_run(
         meta=body.metadata, callback_url=body.callback_url, client_ref=body.client_ref, request_id=request.state.request_id,
     )
     content = RunPublic.from_row(run, service.storage).model_dump(mode="json")
-    if digest:
-        store.remember(session, key.id, idempotency_key, digest, 201, content)
-    try:
-        session.commit()
-    except IntegrityError:
-        # The same Idempotency-Key won a race in another request: answer as it did.
-        session.rollback()
-        service.storage.delete_input(run.id)
-        if digest and (replay := replay_response(session, key.id, idempotency_key, digest, limits)):
-            return replay
-        raise
-    service.dispatcher.wake()
-    return JSONResponse(content, status_code=201, headers=limits)
+    return commit_created(session, service, key.id, idempotency_key, digest, limits, content, [run.id])
 
 
 @router.get("/runs/statuses", response_model=StatusList)

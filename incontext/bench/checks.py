@@ -9,6 +9,8 @@ family is checked by asking the output the question a person would ask of it:
 - move: is the object at its new place, and is its old place no longer showing it?
 - background: is the background, away from the objects, the requested colour?
 - grayscale: where the input had colour, has the output none?
+- resize, replace: does the object's new outline show its colour, and is what it no longer
+  covers showing what was behind it? For replace, is the requested shape the one that fits?
 
 and, for every family, the rest of the image is preserved reasonably (`PRESERVE_MIN_DB`).
 All functions are pure: images in, numbers or booleans out.
@@ -17,13 +19,14 @@ All functions are pure: images in, numbers or booleans out.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 from incontext.world.edits import Example
-from incontext.world.scene import COLORS, Scene, object_mask
+from incontext.world.scene import COLORS, ROTATED_SHAPES, SHAPES, Scene, object_mask, render
 
 # Preservation outside the edit mask: RMS error ≈ 25 levels. Loose enough for an
 # autoencoder's blur, strict enough that repainting the scene fails.
@@ -167,6 +170,34 @@ def _move(ex: Example, output: Image.Image) -> bool:
     )
 
 
+def _reshaped(ex: Example, output: Image.Image) -> bool:
+    """An object changed outline in place (resize, replace): its new region has its (new) colour,
+    and where old and new outlines differ, the output went the target's way."""
+    i = ex.info["index"]
+    new, old = visible_mask(ex.target_scene, i), visible_mask(ex.scene, i)
+    gained = _core(new & ~old)
+    lost = _core(old & ~dilate(new, OBJECT_MARGIN))
+    changed = (gained | lost) & clearly_changed(ex)
+    return is_color(output, _core(new), ex.target_scene.objects[i].color) and toward_target(ex, output, changed)
+
+
+def _replace(ex: Example, output: Image.Image) -> bool:
+    """As `_reshaped`, and of all shapes drawn in its place, the requested one fits the output best:
+    a circle where a heart was asked has the heart's colour but not its outline."""
+    i = ex.info["index"]
+    obj = ex.target_scene.objects[i]
+    behind = _array(render(ex.target_scene.without(i)))
+    out = _array(output)
+    ink = np.abs(out - np.array(obj.rgb)).sum(axis=2) < np.abs(out - behind).sum(axis=2)
+
+    def fit(kind: str) -> float:
+        candidate = replace(obj, kind=kind, angle=obj.angle if kind in ROTATED_SHAPES else 0.0)
+        mask = visible_mask(ex.target_scene.with_object(i, candidate), i)
+        return float((ink & mask).sum()) / max(1, int((ink | mask).sum()))
+
+    return _reshaped(ex, output) and max(SHAPES, key=fit) == ex.info["kind"]
+
+
 def _background(ex: Example, output: Image.Image) -> bool:
     objects = np.zeros((ex.scene.height, ex.scene.width), dtype=bool)
     for scene in (ex.scene, ex.target_scene):
@@ -188,6 +219,8 @@ CHECKS: dict[str, Callable[[Example, Image.Image], bool]] = {
     "move": _move,
     "background": _background,
     "grayscale": _grayscale,
+    "resize": _reshaped,
+    "replace": _replace,
 }
 
 

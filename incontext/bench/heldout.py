@@ -3,7 +3,8 @@
 Everything is drawn from streams seeded by `HELD_OUT_SEED` (training only ever uses the chunk
 seeds), one stream per family, so the examples of a family stay the same when `n` grows or
 when the world gains a family. Families are read from the world at call time: a family added
-to `edits.FAMILIES` joins the benchmark without a change here.
+to `edits.FAMILIES` joins the benchmark without a change here. `basic_families()` is the
+issue-2 set, for scores that must stay comparable with what was measured before the world grew.
 """
 
 from __future__ import annotations
@@ -30,8 +31,14 @@ def families() -> tuple[str, ...]:
     return tuple(edits.FAMILIES)
 
 
+def basic_families() -> tuple[str, ...]:
+    return tuple(edits.BASIC_FAMILIES)
+
+
 def drift_families() -> tuple[str, ...]:
-    return tuple(f for f in edits.FAMILIES if f not in GLOBAL_FAMILIES)
+    # From the basic set only: a sequence draws its families from one stream, so any new
+    # family would change every sequence after its first use, and the drift score with it.
+    return tuple(f for f in edits.BASIC_FAMILIES if f not in GLOBAL_FAMILIES)
 
 
 def visible(example: Example) -> bool:
@@ -50,8 +57,9 @@ def heldout_examples(family: str, n: int, seed: int = HELD_OUT_SEED) -> list[Exa
     return out
 
 
-def heldout_set(n_per_family: int, seed: int = HELD_OUT_SEED) -> dict[str, list[Example]]:
-    return {family: heldout_examples(family, n_per_family, seed) for family in families()}
+def heldout_set(n_per_family: int, seed: int = HELD_OUT_SEED, only: tuple[str, ...] | None = None) -> dict[str, list[Example]]:
+    """The held-out examples of every family, or of the families in `only`."""
+    return {family: heldout_examples(family, n_per_family, seed) for family in (only or families())}
 
 
 def _edit_example(scene, family: str, rng: random.Random) -> Example | None:

@@ -1,7 +1,9 @@
 """Edit examples with exact ground truth: (context image, instruction, target image, edit mask).
 
 `make_example(rng, family)` draws a random scene, applies one edit of the family to the scene
-data and renders both. Families: recolor, remove, add, move, background, grayscale.
+data and renders both. `BASIC_FAMILIES` are the issue-2 set (recolor, remove, add, move,
+background, grayscale); `KONTEXT_FAMILIES` extend the world towards KontextBench's task
+families; `FAMILIES` is all of them.
 """
 
 from __future__ import annotations
@@ -13,13 +15,20 @@ import numpy as np
 from PIL import Image
 
 from incontext.world.language import POSITION_WORDS, phrase, say_object
-from incontext.world.scene import COLORS, POSITIONS, SHAPES, Background, Scene, Shape, render
+from incontext.world.scene import COLORS, POSITIONS, ROTATED_SHAPES, SHAPES, Background, Scene, Shape, render
 
-FAMILIES = ("recolor", "remove", "add", "move", "background", "grayscale")
+BASIC_FAMILIES = ("recolor", "remove", "add", "move", "background", "grayscale")
+# Appended, never interleaved: a family's examples come from its own rng draws, so the basic
+# families draw exactly what they drew before these existed.
+KONTEXT_FAMILIES = ("resize", "replace")
+FAMILIES = BASIC_FAMILIES + KONTEXT_FAMILIES
 # Sizes the nano model is trained on (width, height): square and two non-square.
 TRAIN_SIZES = ((128, 128), (160, 96), (96, 160))
 ADD_SIZE = 0.13  # radius of an added shape, fraction of the shorter side
 CELL_JITTER = 0.07
+# Resize factors: far enough from 1 that the changed ring is several pixels wide.
+BIGGER = (1.4, 1.7)
+SMALLER = (0.5, 0.65)
 
 
 @dataclass
@@ -74,7 +83,7 @@ def random_scene(rng: random.Random, size: tuple[int, int] | None = None, n_obje
                 cx=fx + rng.uniform(-CELL_JITTER, CELL_JITTER),
                 cy=fy + rng.uniform(-CELL_JITTER, CELL_JITTER),
                 size=rng.uniform(0.09, 0.15),
-                angle=rng.uniform(-12, 12) if kind in ("square", "triangle", "star") else 0.0,
+                angle=rng.uniform(-12, 12) if kind in ROTATED_SHAPES else 0.0,
             )
         )
     return Scene(width=w, height=h, background=bg, objects=tuple(objs))
@@ -97,7 +106,7 @@ def _unique_ref(scene: Scene, i: int) -> bool:
 def apply_edit(scene: Scene, family: str, rng: random.Random) -> tuple[Scene, str, dict] | None:
     """The edited scene, the instruction and facts about the edit; None if the scene doesn't allow it."""
     objs = scene.objects
-    if family in ("recolor", "remove", "move"):
+    if family in ("recolor", "remove", "move", "resize", "replace"):
         if not objs:
             return None
         i = rng.randrange(len(objs))
@@ -116,6 +125,10 @@ def apply_edit(scene: Scene, family: str, rng: random.Random) -> tuple[Scene, st
             return edited, phrase("recolor", rng, obj=ref, color=new), {"index": i, "color": new}
         if family == "remove":
             return scene.without(i), phrase("remove", rng, obj=ref), {"index": i}
+        if family == "resize":
+            return _resize(scene, i, ref, rng)
+        if family == "replace":
+            return _replace(scene, i, ref, rng)
         free = _free_cells(scene)
         if not free:
             return None
@@ -151,6 +164,32 @@ def apply_edit(scene: Scene, family: str, rng: random.Random) -> tuple[Scene, st
             return None
         return replace(scene, grayscale=True), phrase("grayscale", rng), {}
     raise ValueError(f"unknown edit family {family!r}")
+
+
+def _resize(scene: Scene, i: int, ref: str, rng: random.Random) -> tuple[Scene, str, dict]:
+    o = scene.objects[i]
+    bigger = rng.random() < 0.5
+    factor = rng.uniform(*(BIGGER if bigger else SMALLER))
+    word = rng.choice(("bigger", "larger")) if bigger else "smaller"
+    edited = scene.with_object(i, replace(o, size=o.size * factor))
+    return edited, phrase("resize", rng, obj=ref, size=word), {"index": i, "bigger": bigger, "factor": factor}
+
+
+def _replace(scene: Scene, i: int, ref: str, rng: random.Random) -> tuple[Scene, str, dict] | None:
+    """The object becomes another kind of shape in the same place; sometimes in another colour too."""
+    o = scene.objects[i]
+    kind = rng.choice([k for k in SHAPES if k != o.kind])
+    color, rgb = o.color, o.rgb
+    if rng.random() < 0.3:
+        options = [c for c in COLORS if c not in (o.color, scene.background.color) and _distinct(COLORS[c], scene.background.rgb)]
+        color = rng.choice(options)
+        rgb = COLORS[color]
+    if any((p.color, p.kind) == (color, kind) for p in scene.objects):
+        return None
+    angle = o.angle if kind in ROTATED_SHAPES else 0.0
+    edited = scene.with_object(i, replace(o, kind=kind, color=color, rgb=rgb, angle=angle))
+    new = kind if color == o.color else f"{color} {kind}"
+    return edited, phrase("replace", rng, obj=ref, new=new), {"index": i, "kind": kind, "color": color}
 
 
 def edit_mask(context: Image.Image, target: Image.Image) -> np.ndarray:

@@ -88,6 +88,28 @@ TEMPLATES: dict[str, list[str]] = {
         "turn it into a black and white picture",
         "grayscale",
     ],
+    "resize": [
+        "make the {obj} {size}",
+        "the {obj} should be {size}",
+        "please make the {obj} {size}",
+        "can you make the {obj} {size}",
+        "i want the {obj} {size}",
+        "change the {obj} to be {size}",
+        "make the {obj} {size} please",
+        "i would like the {obj} {size}",
+    ],
+    "replace": [
+        "replace the {obj} with a {new}",
+        "turn the {obj} into a {new}",
+        "change the {obj} into a {new}",
+        "change the {obj} to a {new}",
+        "make the {obj} a {new}",
+        "the {obj} should be a {new}",
+        "put a {new} instead of the {obj}",
+        "use a {new} instead of the {obj}",
+        "please replace the {obj} with a {new}",
+        "can you turn the {obj} into a {new}",
+    ],
 }
 
 # Position phrases: the canonical name and a few ways to say it.

@@ -26,6 +26,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "gray": (128, 128, 128),
 }
 SHAPES = ("circle", "square", "triangle", "star", "heart")
+ROTATED_SHAPES = ("square", "triangle", "star")  # drawn at a small random angle; the rest look upright
 
 # Grid cells people name, as fractions of width/height: the centre of each third.
 POSITIONS: dict[str, tuple[float, float]] = {

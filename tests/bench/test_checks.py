@@ -12,7 +12,7 @@ from PIL import Image, ImageFilter
 from incontext.bench import checks
 from incontext.bench.heldout import visible
 from incontext.world import edits
-from incontext.world.scene import COLORS, render
+from incontext.world.scene import COLORS, SHAPES, render
 
 
 @cache
@@ -56,6 +56,22 @@ def test_recolor_to_the_wrong_colour_fails():
         obj = ex.target_scene.objects[i]
         scene = ex.target_scene.with_object(i, replace(obj, color=wrong, rgb=COLORS[wrong]))
         assert not checks.success(ex, render(scene)), ex.instruction
+
+
+def test_resizing_the_wrong_way_fails():
+    for ex in _examples("resize")[:6]:
+        i = ex.info["index"]
+        obj = ex.scene.objects[i]
+        wrong = obj.size / ex.info["factor"]  # smaller when asked for bigger, and the reverse
+        assert not checks.success(ex, render(ex.scene.with_object(i, replace(obj, size=wrong)))), ex.instruction
+
+
+def test_replacing_with_the_wrong_shape_fails():
+    for ex in _examples("replace")[:6]:
+        i = ex.info["index"]
+        obj = ex.target_scene.objects[i]
+        wrong = next(k for k in SHAPES if k not in (ex.info["kind"], ex.scene.objects[i].kind))
+        assert not checks.success(ex, render(ex.target_scene.with_object(i, replace(obj, kind=wrong)))), ex.instruction
 
 
 def test_repainting_the_whole_image_fails_preservation():

@@ -19,7 +19,14 @@ def test_sizes_mix_square_and_the_non_square_training_sizes():
 def test_a_family_added_to_the_world_is_picked_up(monkeypatch):
     monkeypatch.setattr(edits, "FAMILIES", (*edits.FAMILIES, "sparkle"))
     assert "sparkle" in heldout.families()
-    assert "sparkle" in heldout.drift_families()
+    assert "sparkle" not in heldout.basic_families()
+    assert "sparkle" not in heldout.drift_families()  # the multi-turn sequences stay as measured
+
+
+def test_the_basic_families_are_the_issue_2_set_and_a_subset_of_all():
+    assert heldout.basic_families() == ("recolor", "remove", "add", "move", "background", "grayscale")
+    assert set(heldout.basic_families()) < set(heldout.families())
+    assert set(heldout.heldout_set(1, only=heldout.basic_families())) == set(heldout.basic_families())
 
 
 def test_each_turn_edits_the_previous_result():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -53,6 +54,38 @@ def test_add_and_move_use_named_positions():
         ex = make_example(rng, family)
         o = ex.target_scene.objects[ex.info["index"]]
         assert (o.cx, o.cy) == POSITIONS[ex.info["position"]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_words_its_instructions_in_the_bundled_vocabulary(family):
+    # The bundled tokenizer maps any other word to <unk>; tests/world/test_stability.py pins the vocabulary.
+    rng = random.Random(f"vocab:{family}")
+    vocab = set(vocabulary())
+    instructions = {make_example(rng, family, size=(128, 128)).instruction for _ in range(40)}
+    assert all(w in vocab for text in instructions for w in text.split()), instructions
+    assert len(instructions) >= 10  # synonyms and word orders, not one sentence
+
+
+def test_resize_changes_only_the_size_in_the_direction_it_says():
+    rng = random.Random(6)
+    for _ in range(10):
+        ex = make_example(rng, "resize")
+        i = ex.info["index"]
+        before, after = ex.scene.objects[i], ex.target_scene.objects[i]
+        assert replace(after, size=before.size) == before
+        assert (after.size > before.size) == ex.info["bigger"]
+        assert ("smaller" in ex.instruction) != ex.info["bigger"]
+
+
+def test_replace_keeps_place_and_size_and_names_the_new_shape():
+    rng = random.Random(7)
+    for _ in range(10):
+        ex = make_example(rng, "replace")
+        i = ex.info["index"]
+        before, after = ex.scene.objects[i], ex.target_scene.objects[i]
+        assert (after.cx, after.cy, after.size) == (before.cx, before.cy, before.size)
+        assert after.kind == ex.info["kind"] != before.kind
+        assert ex.instruction.split()[-1] == after.kind or after.kind in ex.instruction.split()[-3:]
 
 
 def test_sizes_are_square_and_non_square():

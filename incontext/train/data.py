@@ -44,7 +44,7 @@ def _render_chunk(index: int, size: tuple[int, int], n: int, cache: Path | None 
     return np.stack(ctx), np.stack(tgt), prompts, fams
 
 
-def render_chunks(out: Path, start: int, count: int) -> None:
+def render_chunks(out: Path, start: int, count: int, chunk_size: int = CHUNK) -> None:
     """Render chunks' images ahead of encoding: this needs no VAE, so it can run while one trains."""
     images = Path(out) / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,7 @@ def render_chunks(out: Path, start: int, count: int) -> None:
         path = images / f"chunk_{index:05d}.npz"
         if path.exists() or (Path(out) / "data" / f"chunk_{index:05d}.pt").exists():
             continue
-        ctx, tgt, prompts, fams = _render_chunk(index, size_for_chunk(index), CHUNK)
+        ctx, tgt, prompts, fams = _render_chunk(index, size_for_chunk(index), chunk_size)
         tmp = path.with_name(path.stem + ".tmp.npz")
         np.savez(tmp, context=ctx, target=tgt, prompts=np.array(prompts), families=np.array(fams))
         tmp.rename(path)
@@ -74,7 +74,8 @@ def size_for_chunk(index: int) -> tuple[int, int]:
     return TRAIN_SIZES[(0, 0, 0, 1, 2)[index % 5]]
 
 
-def produce_chunks(out: Path, vae, start: int, count: int) -> None:
+def produce_chunks(out: Path, vae, start: int, count: int, chunk_size: int = CHUNK) -> None:
+    """Encode chunks `start`… into `out/data` (from `out/images` where they were rendered ahead)."""
     data = Path(out) / "data"
     data.mkdir(parents=True, exist_ok=True)
     vae.eval()
@@ -84,7 +85,7 @@ def produce_chunks(out: Path, vae, start: int, count: int) -> None:
             continue
         size = size_for_chunk(index)
         cache = Path(out) / "images" / f"chunk_{index:05d}.npz"
-        ctx, tgt, prompts, fams = _render_chunk(index, size, CHUNK, cache)
+        ctx, tgt, prompts, fams = _render_chunk(index, size, chunk_size, cache)
         blob = {"size": size, "context": _encode(vae, ctx), "target": _encode(vae, tgt), "prompts": prompts, "families": fams}
         tmp = path.with_suffix(".tmp")
         torch.save(blob, tmp)
@@ -125,6 +126,8 @@ class LatentChunks:
         return sum(len(b["prompts"]) for b in self.buckets.values())
 
     def sample(self, batch: int, rng: random.Random) -> tuple[tuple[int, int], torch.Tensor, torch.Tensor, list[str]]:
+        if not self.buckets:
+            raise FileNotFoundError(f"no latent chunks in {self.dir}: run `incontext train data` first")
         sizes = list(self.buckets)
         weights = [len(self.buckets[s]["prompts"]) for s in sizes]
         size = rng.choices(sizes, weights)[0]

@@ -37,6 +37,7 @@ class VaeTrainConfig:
     warmup: int = 100
     latent_l2: float = 1e-4
     pool: int = 3000  # examples kept in memory; one is replaced every step
+    latent_stats_examples: int = 256  # full images the latent shift and scale are measured on
     seed: int = 0
     # Fine-tune only the decoder: the latents (and so a transformer trained on them) stay
     # valid, while reconstructions get sharper. Used after the transformer's data is encoded.
@@ -124,7 +125,7 @@ def train_vae(out: Path, model_cfg: NanoConfig, cfg: VaeTrainConfig) -> Path:
                             extra=_latent_stats(vae))
 
     if not cfg.decoder_only:  # the encoder, and so the latent statistics, did not change otherwise
-        _set_latent_stats(vae, rng)
+        _set_latent_stats(vae, rng, cfg.latent_stats_examples)
     save_checkpoint(ckpt_path, step=step, model_config=asdict(model_cfg), train_config=asdict(cfg), weights=vae.state_dict(), optimizer=opt,
                     extra=_latent_stats(vae))
     return ckpt_path
@@ -142,8 +143,8 @@ def _set_latent_stats(vae, rng: random.Random, n: int = 256) -> None:
     """shift = mean, scale = 1/std of the posterior modes over fresh full images."""
     vae.eval()
     zs = []
-    for _ in range(n // 16):
-        batch = torch.stack([_to_tensor(make_example(rng, size=(128, 128)).target) for _ in range(16)])
+    for i in range(0, n, 16):
+        batch = torch.stack([_to_tensor(make_example(rng, size=(128, 128)).target) for _ in range(min(16, n - i))])
         zs.append(vae.encode(batch).latent_dist.mode())
     z = torch.cat(zs)
     vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))

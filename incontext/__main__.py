@@ -1,3 +1,4 @@
 from incontext.cli import main
 
-main()
+if __name__ == "__main__":  # the engine process (multiprocessing spawn) imports this module too
+    main()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -54,6 +54,9 @@ class Settings(BaseSettings):
 
     # Runs of one model in flight at once; the rest wait in `queued`.
     max_concurrent_runs_per_model: int = Field(4, ge=1)
+    # "process": the engine runs in a child process (its own GIL; the server accepts runs
+    # while the model loads). "thread": in the server's process, as the tests' doubles do.
+    engine_mode: Literal["process", "thread"] = "process"
     # Requests the engine batches into one denoising step.
     engine_max_batch_size: int = Field(8, ge=1)
     # Step cache for every model: "off" (exact, reproducible in stock diffusers), "fast"

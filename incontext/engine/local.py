@@ -143,9 +143,13 @@ class LocalEngine:
             self._thread.start()
         self._ready.set()
 
-    async def close(self) -> None:
+    def stop(self) -> None:
+        """Ask the loop to end after its current step (any thread)."""
         self._stop.set()
         self._inbox.put(None)
+
+    async def close(self) -> None:
+        self.stop()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
 

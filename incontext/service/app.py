@@ -69,9 +69,14 @@ def build_registry(settings: Settings) -> Registry:
 
 
 def build_engine(settings: Settings, registry: Registry) -> EngineClient:
+    kwargs = {"max_batch_size": settings.engine_max_batch_size, "step_cache": settings.engine_step_cache}
+    if settings.engine_mode == "process":
+        from incontext.engine.process import ProcessEngine
+
+        return ProcessEngine(registry, **kwargs)
     from incontext.engine.local import LocalEngine  # imports torch: only when actually serving
 
-    return LocalEngine(registry, max_batch_size=settings.engine_max_batch_size, step_cache=settings.engine_step_cache)
+    return LocalEngine(registry, **kwargs)
 
 
 def create_app(settings: Settings | None = None, engine: EngineClient | None = None) -> FastAPI:

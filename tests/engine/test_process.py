@@ -1,0 +1,91 @@
+"""The engine in a child process (what `incontext serve` runs): same results as in-process,
+progress, cancellation, errors with their codes, and a crashed child replaced."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import numpy as np
+
+from incontext.engine.local import LocalEngine
+from incontext.engine.process import ProcessEngine
+from incontext.errors import Cancelled, IncontextError
+from tests.engine.test_local import req
+
+
+async def _wait_ready(engine: ProcessEngine, timeout: float = 120.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if engine.is_ready():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the engine process never became ready")
+
+
+def test_child_process_gives_the_in_process_result_with_progress(registry, one_thread):
+    async def go():
+        local = LocalEngine(registry, dtype="float32")
+        await local.start()
+        expected = await local.edit(req("a", 11, steps=4))
+        await local.close()
+
+        engine = ProcessEngine(registry, threads=1, dtype="float32")
+        await engine.start()  # returns before the model is loaded: requests queue meanwhile
+        progress: list[tuple[int, int]] = []
+        got = await engine.edit(req("a", 11, steps=4), on_progress=lambda d, t: progress.append((d, t)))
+        ready = engine.is_ready()
+        await engine.close()
+        return expected, got, progress, ready
+
+    expected, got, progress, ready = asyncio.run(go())
+    assert ready
+    assert np.array_equal(np.asarray(expected.images[0]), np.asarray(got.images[0]))
+    assert got.seeds == [11] and got.num_inference_steps == 4
+    assert progress[-1] == (4, 4) and [d for d, _ in progress] == sorted(d for d, _ in progress)
+
+
+def test_cancel_and_bad_input_keep_their_codes(registry, one_thread):
+    async def go():
+        engine = ProcessEngine(registry, threads=1, dtype="float32")
+        await engine.start()
+        await _wait_ready(engine)
+        long = asyncio.ensure_future(engine.edit(req("long", 1, steps=50), on_progress=lambda d, t: d == 1 and engine.cancel("long")))
+        outcomes = []
+        for call in (long, engine.edit(req("odd", 1, size=(70, 64)))):
+            try:
+                await call
+                outcomes.append(None)
+            except IncontextError as exc:
+                outcomes.append(exc)
+        await engine.close()
+        return outcomes
+
+    cancelled, bad = asyncio.run(go())
+    assert isinstance(cancelled, Cancelled) and cancelled.code == "CANCELED"
+    assert bad.code == "INVALID_INPUT" and "multiple" in bad.message
+
+
+def test_a_crashed_child_fails_its_requests_and_is_replaced(registry, one_thread):
+    async def go():
+        engine = ProcessEngine(registry, threads=1, dtype="float32")
+        await engine.start()
+        await _wait_ready(engine)
+        pid = engine._proc.pid
+
+        def kill_at_first_step(done: int, total: int) -> None:
+            if done == 1:
+                os.kill(pid, signal.SIGKILL)
+
+        try:
+            await engine.edit(req("doomed", 1, steps=50), on_progress=kill_at_first_step)
+            doomed_error = None
+        except IncontextError as exc:
+            doomed_error = exc
+        after = await engine.edit(req("after", 2, steps=3))
+        await engine.close()
+        return doomed_error, after
+
+    doomed_error, after = asyncio.run(go())
+    assert doomed_error is not None and doomed_error.code == "ENGINE_ERROR"  # its run ends `failed`
+    assert after.images[0].size == (64, 64)

@@ -11,8 +11,14 @@ family is checked by asking the output the question a person would ask of it:
 - grayscale: where the input had colour, has the output none?
 - resize, replace: does the object's new outline show its colour, and is what it no longer
   covers showing what was behind it? For replace, is the requested shape the one that fits?
+- texture: is the background the requested colour, and its motifs the requested other colour?
+- invert, pixelate: did the pixels that change go the target's way?
+- night, pastel: that too, and did the image get at least half as much darker (night) or
+  lighter and less colourful (pastel) as asked?
+- outline: that too, and is it dark lines on white paper where the target has them?
 
-and, for every family, the rest of the image is preserved reasonably (`PRESERVE_MIN_DB`).
+and, for every family, the rest of the image is preserved reasonably (`PRESERVE_MIN_DB`); a family
+that repaints every pixel (`WHOLE_IMAGE`) must instead stay that close to the target.
 All functions are pure: images in, numbers or booleans out.
 """
 
@@ -26,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from incontext.world.edits import Example
-from incontext.world.scene import COLORS, ROTATED_SHAPES, SHAPES, Scene, object_mask, render
+from incontext.world.scene import COLORS, ROTATED_SHAPES, SHAPES, Scene, object_mask, pattern_mask, render
 
 # Preservation outside the edit mask: RMS error ≈ 25 levels. Loose enough for an
 # autoencoder's blur, strict enough that repainting the scene fails.
@@ -36,6 +42,8 @@ TOWARD_TARGET = 0.75  # fraction of a region that must look more like the target
 COLORLESS = 20.0  # mean chroma (max − min channel) of a colourless region: σ≈10 noise per channel gives ≈17
 ERODE = 1  # pixels peeled off a region: antialiased rims are a mix of two colours
 OBJECT_MARGIN = 2  # pixels around objects left out of the background
+HALF_WAY = 0.5  # a look's overall change (luminance, chroma) must reach this fraction of the target's
+WHOLE_IMAGE = ("grayscale", "invert", "night", "outline", "pixelate", "pastel")
 
 
 # ---------------------------------------------------------------- metrics
@@ -199,12 +207,60 @@ def _replace(ex: Example, output: Image.Image) -> bool:
 
 
 def _background(ex: Example, output: Image.Image) -> bool:
+    region = ~dilate(_object_pixels(ex), OBJECT_MARGIN)
+    return is_color(output, region, ex.info["color"]) and toward_target(ex, output, region & clearly_changed(ex))
+
+
+def _object_pixels(ex: Example) -> np.ndarray:
     objects = np.zeros((ex.scene.height, ex.scene.width), dtype=bool)
     for scene in (ex.scene, ex.target_scene):
         for i in range(len(scene.objects)):
             objects |= object_mask(scene, i)
-    region = ~dilate(objects, OBJECT_MARGIN)
-    return is_color(output, region, ex.info["color"]) and toward_target(ex, output, region & clearly_changed(ex))
+    return objects
+
+
+def _texture(ex: Example, output: Image.Image) -> bool:
+    background = ~dilate(_object_pixels(ex), OBJECT_MARGIN)
+    motifs = pattern_mask(ex.target_scene)
+    base, motif = erode(background & ~motifs, 2), _core(background & motifs)
+    return (
+        is_color(output, base, ex.info["color"])
+        and is_color(output, motif, ex.info["pattern_color"])
+        and toward_target(ex, output, background & clearly_changed(ex))
+    )
+
+
+def luminance(image: Image.Image | np.ndarray) -> np.ndarray:
+    return _array(image) @ np.array([0.299, 0.587, 0.114])
+
+
+def _half_way(before: float, asked: float, got: float) -> bool:
+    """Whether `got` moved from `before` at least HALF_WAY of the way to `asked`."""
+    return (got - before) * np.sign(asked - before) >= HALF_WAY * abs(asked - before) > 0
+
+
+def _restyled(ex: Example, output: Image.Image) -> bool:
+    return toward_target(ex, output, clearly_changed(ex))
+
+
+def _night(ex: Example, output: Image.Image) -> bool:
+    darker = _half_way(luminance(ex.context).mean(), luminance(ex.target).mean(), luminance(output).mean())
+    return darker and _restyled(ex, output)
+
+
+def _pastel(ex: Example, output: Image.Image) -> bool:
+    lighter = _half_way(luminance(ex.context).mean(), luminance(ex.target).mean(), luminance(output).mean())
+    softer = _half_way(chroma(ex.context).mean(), chroma(ex.target).mean(), chroma(output).mean())
+    return lighter and softer and _restyled(ex, output)
+
+
+def _outline(ex: Example, output: Image.Image) -> bool:
+    target, seen = luminance(ex.target), luminance(output)
+    lines, paper = target < 128, erode(target > 200, 2)
+    if not lines.any() or not paper.any():
+        return False
+    on_paper = nearest_color(median_rgb(output, paper)) == "white"
+    return on_paper and np.median(seen[lines]) < np.median(seen[paper]) - 80 and _restyled(ex, output)
 
 
 def _grayscale(ex: Example, output: Image.Image) -> bool:
@@ -221,13 +277,19 @@ CHECKS: dict[str, Callable[[Example, Image.Image], bool]] = {
     "grayscale": _grayscale,
     "resize": _reshaped,
     "replace": _replace,
+    "invert": _restyled,
+    "night": _night,
+    "texture": _texture,
+    "outline": _outline,
+    "pixelate": _restyled,
+    "pastel": _pastel,
 }
 
 
 def preserved(example: Example, output: Image.Image) -> bool:
-    """Whether the output kept what the edit should not touch. Grayscale touches every pixel,
-    so there the output must keep the target's luminance instead."""
-    if example.family == "grayscale":
+    """Whether the output kept what the edit should not touch. A whole-image family touches every
+    pixel, so there the output must stay close to the target instead."""
+    if example.family in WHOLE_IMAGE:
         return psnr(output, example.target) >= PRESERVE_MIN_DB
     outside = ~example.mask
     return not outside.any() or preservation_psnr(example, output) >= PRESERVE_MIN_DB

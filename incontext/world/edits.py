@@ -15,12 +15,13 @@ import numpy as np
 from PIL import Image
 
 from incontext.world.language import POSITION_WORDS, phrase, say_object
-from incontext.world.scene import COLORS, POSITIONS, ROTATED_SHAPES, SHAPES, Background, Scene, Shape, render
+from incontext.world import restyle
+from incontext.world.scene import COLORS, POSITIONS, ROTATED_SHAPES, SHAPES, Background, Scene, Shape, distinct, jitter, render
 
 BASIC_FAMILIES = ("recolor", "remove", "add", "move", "background", "grayscale")
 # Appended, never interleaved: a family's examples come from its own rng draws, so the basic
 # families draw exactly what they drew before these existed.
-KONTEXT_FAMILIES = ("resize", "replace")
+KONTEXT_FAMILIES = ("resize", "replace", *restyle.FAMILIES)
 FAMILIES = BASIC_FAMILIES + KONTEXT_FAMILIES
 # Sizes the nano model is trained on (width, height): square and two non-square.
 TRAIN_SIZES = ((128, 128), (160, 96), (96, 160))
@@ -43,19 +44,11 @@ class Example:
     info: dict
 
 
-def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int = 14) -> tuple[int, int, int]:
-    return tuple(int(min(255, max(0, c + rng.randint(-amount, amount)))) for c in rgb)  # type: ignore[return-value]
-
-
-def _distinct(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
-    return sum(abs(x - y) for x, y in zip(a, b)) > 90
-
-
 def random_background(rng: random.Random, exclude: set[str] = frozenset()) -> Background:
     name = rng.choice([c for c in COLORS if c not in exclude])
-    rgb = _jitter(COLORS[name], rng, 10)
+    rgb = jitter(COLORS[name], rng, 10)
     if rng.random() < 0.3:  # a gentle gradient: removal must reveal it, not a flat colour
-        return Background(rgb=rgb, rgb2=_jitter(rgb, rng, 30), color=name)
+        return Background(rgb=rgb, rgb2=jitter(rgb, rng, 30), color=name)
     return Background(rgb=rgb, color=name)
 
 
@@ -70,8 +63,8 @@ def random_scene(rng: random.Random, size: tuple[int, int] | None = None, n_obje
         for _ in range(20):
             color = rng.choice([c for c in COLORS if c != bg.color])
             kind = rng.choice(SHAPES)
-            rgb = _jitter(COLORS[color], rng)
-            if (color, kind) not in used and _distinct(rgb, bg.rgb):
+            rgb = jitter(COLORS[color], rng)
+            if (color, kind) not in used and distinct(rgb, bg.rgb):
                 break
         used.add((color, kind))
         fx, fy = POSITIONS[cell]
@@ -117,7 +110,7 @@ def apply_edit(scene: Scene, family: str, rng: random.Random) -> tuple[Scene, st
         if family == "recolor":
             taken = {(p.color, p.kind) for p in objs}
             options = [c for c in COLORS if c != o.color and c != scene.background.color and (c, o.kind) not in taken]
-            options = [c for c in options if _distinct(COLORS[c], scene.background.rgb)]
+            options = [c for c in options if distinct(COLORS[c], scene.background.rgb)]
             if not options:
                 return None
             new = rng.choice(options)
@@ -143,7 +136,7 @@ def apply_edit(scene: Scene, family: str, rng: random.Random) -> tuple[Scene, st
             return None
         cell = rng.choice(free)
         taken = {(p.color, p.kind) for p in objs}
-        color = rng.choice([c for c in COLORS if c != scene.background.color and _distinct(COLORS[c], scene.background.rgb)])
+        color = rng.choice([c for c in COLORS if c != scene.background.color and distinct(COLORS[c], scene.background.rgb)])
         kind = rng.choice(SHAPES)
         if (color, kind) in taken:
             return None
@@ -153,7 +146,7 @@ def apply_edit(scene: Scene, family: str, rng: random.Random) -> tuple[Scene, st
         pos = rng.choice(POSITION_WORDS[cell])
         return edited, phrase("add", rng, obj=f"{color} {kind}", pos=pos), {"index": len(objs), "position": cell, "color": color}
     if family == "background":
-        options = [c for c in COLORS if c != scene.background.color and all(_distinct(COLORS[c], o.rgb) for o in objs)]
+        options = [c for c in COLORS if c != scene.background.color and all(distinct(COLORS[c], o.rgb) for o in objs)]
         if not options:
             return None
         color = rng.choice(options)
@@ -163,6 +156,8 @@ def apply_edit(scene: Scene, family: str, rng: random.Random) -> tuple[Scene, st
         if scene.grayscale:
             return None
         return replace(scene, grayscale=True), phrase("grayscale", rng), {}
+    if family in restyle.FAMILIES:
+        return restyle.apply_edit(scene, family, rng)
     raise ValueError(f"unknown edit family {family!r}")
 
 
@@ -181,7 +176,7 @@ def _replace(scene: Scene, i: int, ref: str, rng: random.Random) -> tuple[Scene,
     kind = rng.choice([k for k in SHAPES if k != o.kind])
     color, rgb = o.color, o.rgb
     if rng.random() < 0.3:
-        options = [c for c in COLORS if c not in (o.color, scene.background.color) and _distinct(COLORS[c], scene.background.rgb)]
+        options = [c for c in COLORS if c not in (o.color, scene.background.color) and distinct(COLORS[c], scene.background.rgb)]
         color = rng.choice(options)
         rgb = COLORS[color]
     if any((p.color, p.kind) == (color, kind) for p in scene.objects):

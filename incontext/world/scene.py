@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from PIL import Image, ImageDraw
 
+from incontext.world import looks
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "orange": (245, 140, 30),
@@ -42,6 +44,19 @@ POSITIONS: dict[str, tuple[float, float]] = {
 }
 
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: antialiased edges like other programs draw
+# A background texture: motifs on a staggered grid, both fractions of the shorter side.
+PATTERN_STEP = 0.24
+PATTERN_SIZE = 0.06
+
+
+def jitter(rgb: tuple[int, int, int], rng, amount: int = 14) -> tuple[int, int, int]:
+    """A colour near `rgb`: the same name, not the same pixel value."""
+    return tuple(int(min(255, max(0, c + rng.randint(-amount, amount)))) for c in rgb)  # type: ignore[return-value]
+
+
+def distinct(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
+    """Whether two colours are far enough apart to tell an object from what is behind it."""
+    return sum(abs(x - y) for x, y in zip(a, b)) > 90
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,9 @@ class Background:
     rgb: tuple[int, int, int]
     rgb2: tuple[int, int, int] | None = None  # a vertical gradient to rgb2, if set
     color: str | None = None  # the name, when it has one
+    pattern: str | None = None  # a SHAPES kind repeated over the background (a texture), if set
+    pattern_rgb: tuple[int, int, int] | None = None
+    pattern_color: str | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +87,7 @@ class Scene:
     background: Background
     objects: tuple[Shape, ...] = field(default_factory=tuple)
     grayscale: bool = False
+    look: str | None = None  # a whole-image look (`looks.LOOKS`) applied after drawing
 
     def without(self, index: int) -> "Scene":
         return replace(self, objects=self.objects[:index] + self.objects[index + 1 :])
@@ -118,6 +137,23 @@ def _background_array(bg: Background, w: int, h: int) -> np.ndarray:
     return np.broadcast_to(top * (1 - t) + bottom * t, (h, w, 3)).copy()
 
 
+def pattern_centres(width: int, height: int) -> list[tuple[float, float]]:
+    """Where a background texture's motifs sit, in pixels: a grid with every other row shifted."""
+    step = PATTERN_STEP * min(width, height)
+    centres = []
+    for row in range(int(height / step) + 2):
+        shift = step / 2 if row % 2 else 0.0
+        for col in range(int(width / step) + 2):
+            centres.append((step / 4 + shift + col * step, step / 4 + row * step))
+    return centres
+
+
+def _draw_pattern(draw: ImageDraw.ImageDraw, bg: Background, w: int, h: int, fill) -> None:
+    r = PATTERN_SIZE * min(w, h)
+    for x, y in pattern_centres(w, h):
+        draw.polygon(shape_polygon(bg.pattern, x, y, r), fill=fill)
+
+
 def render(scene: Scene) -> Image.Image:
     """The scene as an RGB image of scene.width × scene.height."""
     s = SUPERSAMPLE
@@ -125,12 +161,27 @@ def render(scene: Scene) -> Image.Image:
     canvas = Image.fromarray(_background_array(scene.background, w, h).round().astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
     side = min(w, h)
+    if scene.background.pattern is not None:
+        _draw_pattern(draw, scene.background, w, h, fill=scene.background.pattern_rgb)
     for obj in scene.objects:
         draw.polygon(shape_polygon(obj.kind, obj.cx * w, obj.cy * h, obj.size * side, obj.angle), fill=obj.rgb)
+    if scene.look == "outline":  # traced on the sharp canvas, so lines are antialiased like shapes
+        canvas = looks.outline(canvas, width=2 * s)
     img = canvas.reduce(s)
     if scene.grayscale:
         img = img.convert("L").convert("RGB")
+    if scene.look not in (None, "outline"):
+        img = looks.apply(scene.look, img)
     return img
+
+
+def pattern_mask(scene: Scene) -> np.ndarray:
+    """Boolean (h, w) mask of the background texture's motifs (ignoring the objects over them)."""
+    s = SUPERSAMPLE
+    m = Image.new("L", (scene.width * s, scene.height * s), 0)
+    if scene.background.pattern is not None:
+        _draw_pattern(ImageDraw.Draw(m), scene.background, *m.size, fill=255)
+    return np.asarray(m.reduce(s)) > 127
 
 
 def object_mask(scene: Scene, index: int) -> np.ndarray:

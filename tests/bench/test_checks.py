@@ -12,6 +12,7 @@ from PIL import Image, ImageFilter
 from incontext.bench import checks
 from incontext.bench.heldout import visible
 from incontext.world import edits
+from incontext.world.looks import LOOKS
 from incontext.world.scene import COLORS, SHAPES, render
 
 
@@ -72,6 +73,27 @@ def test_replacing_with_the_wrong_shape_fails():
         obj = ex.target_scene.objects[i]
         wrong = next(k for k in SHAPES if k not in (ex.info["kind"], ex.scene.objects[i].kind))
         assert not checks.success(ex, render(ex.target_scene.with_object(i, replace(obj, kind=wrong)))), ex.instruction
+
+
+@pytest.mark.parametrize("family", LOOKS)
+def test_another_look_than_the_one_asked_fails(family):
+    for ex in _examples(family)[:4]:
+        for other in LOOKS:
+            if other != family:
+                assert not checks.success(ex, render(replace(ex.target_scene, look=other))), (ex.instruction, other)
+
+
+def test_blurring_is_not_pixelating():
+    for ex in _examples("pixelate")[:6]:
+        assert not checks.success(ex, ex.context.filter(ImageFilter.GaussianBlur(2))), ex.instruction
+
+
+def test_a_texture_of_the_wrong_colour_fails():
+    for ex in _examples("texture")[:6]:
+        bg = ex.target_scene.background
+        wrong = next(c for c in COLORS if c not in (bg.color, bg.pattern_color) and c != "white")
+        scene = replace(ex.target_scene, background=replace(bg, pattern_rgb=COLORS[wrong], pattern_color=wrong))
+        assert not checks.success(ex, render(scene)), ex.instruction
 
 
 def test_repainting_the_whole_image_fails_preservation():

@@ -63,7 +63,7 @@ def test_every_family_words_its_instructions_in_the_bundled_vocabulary(family):
     vocab = set(vocabulary())
     instructions = {make_example(rng, family, size=(128, 128)).instruction for _ in range(40)}
     assert all(w in vocab for text in instructions for w in text.split()), instructions
-    assert len(instructions) >= 10  # synonyms and word orders, not one sentence
+    assert len(instructions) >= 8  # synonyms and word orders, not one sentence
 
 
 def test_resize_changes_only_the_size_in_the_direction_it_says():

@@ -16,6 +16,8 @@ family is checked by asking the output the question a person would ask of it:
 - night, pastel: that too, and did the image get at least half as much darker (night) or
   lighter and less colourful (pastel) as asked?
 - outline: that too, and is it dark lines on white paper where the target has them?
+- text: of all colour names written in the word's place, does the requested one fit the
+  output best, in the requested colour?
 
 and, for every family, the rest of the image is preserved reasonably (`PRESERVE_MIN_DB`); a family
 that repaints every pixel (`WHOLE_IMAGE`) must instead stay that close to the target.
@@ -32,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from incontext.world.edits import Example
-from incontext.world.scene import COLORS, ROTATED_SHAPES, SHAPES, Scene, object_mask, pattern_mask, render
+from incontext.world.scene import COLORS, ROTATED_SHAPES, SHAPES, Scene, object_mask, pattern_mask, render, word_mask
 
 # Preservation outside the edit mask: RMS error ≈ 25 levels. Loose enough for an
 # autoencoder's blur, strict enough that repainting the scene fails.
@@ -263,6 +265,22 @@ def _outline(ex: Example, output: Image.Image) -> bool:
     return on_paper and np.median(seen[lines]) < np.median(seen[paper]) - 80 and _restyled(ex, output)
 
 
+def _text(ex: Example, output: Image.Image) -> bool:
+    """The word reads as asked: its letters have the word's colour, and among all the words it
+    could be, the requested one's letters match the coloured pixels best."""
+    word = ex.target_scene.words[0]
+    letters = word_mask(ex.target_scene, 0)
+    behind = _array(render(replace(ex.target_scene, words=())))
+    out = _array(output)
+    ink = np.abs(out - np.array(word.rgb)).sum(axis=2) < np.abs(out - behind).sum(axis=2)
+
+    def fit(text: str) -> float:
+        mask = word_mask(replace(ex.target_scene, words=(replace(word, text=text),)), 0)
+        return float((ink & mask).sum()) / max(1, int((ink | mask).sum()))
+
+    return is_color(output, _core(letters), word.color) and max(COLORS, key=fit) == word.text
+
+
 def _grayscale(ex: Example, output: Image.Image) -> bool:
     colored = chroma(ex.context) > CLEAR_DIFF
     return bool(colored.any()) and float(chroma(output)[colored].mean()) < COLORLESS
@@ -283,6 +301,7 @@ CHECKS: dict[str, Callable[[Example, Image.Image], bool]] = {
     "outline": _outline,
     "pixelate": _restyled,
     "pastel": _pastel,
+    "text": _text,
 }
 
 

@@ -15,13 +15,13 @@ import numpy as np
 from PIL import Image
 
 from incontext.world.language import POSITION_WORDS, phrase, say_object
-from incontext.world import restyle
+from incontext.world import restyle, text
 from incontext.world.scene import COLORS, POSITIONS, ROTATED_SHAPES, SHAPES, Background, Scene, Shape, distinct, jitter, render
 
 BASIC_FAMILIES = ("recolor", "remove", "add", "move", "background", "grayscale")
 # Appended, never interleaved: a family's examples come from its own rng draws, so the basic
 # families draw exactly what they drew before these existed.
-KONTEXT_FAMILIES = ("resize", "replace", *restyle.FAMILIES)
+KONTEXT_FAMILIES = ("resize", "replace", *restyle.FAMILIES, "text")
 FAMILIES = BASIC_FAMILIES + KONTEXT_FAMILIES
 # Sizes the nano model is trained on (width, height): square and two non-square.
 TRAIN_SIZES = ((128, 128), (160, 96), (96, 160))
@@ -158,6 +158,8 @@ def apply_edit(scene: Scene, family: str, rng: random.Random) -> tuple[Scene, st
         return replace(scene, grayscale=True), phrase("grayscale", rng), {}
     if family in restyle.FAMILIES:
         return restyle.apply_edit(scene, family, rng)
+    if family == "text":
+        return text.apply_edit(scene, rng)
     raise ValueError(f"unknown edit family {family!r}")
 
 
@@ -198,11 +200,17 @@ def edit_mask(context: Image.Image, target: Image.Image) -> np.ndarray:
     return grown
 
 
+# Families whose edit needs something a plain random scene does not have, and what adds it.
+_DRESS = {"text": text.with_word}
+
+
 def make_example(rng: random.Random, family: str | None = None, size: tuple[int, int] | None = None) -> Example:
     """A random example of `family` (random family if None)."""
     while True:
         fam = family or rng.choice(FAMILIES)
         scene = random_scene(rng, size=size)
+        if fam in _DRESS:
+            scene = _DRESS[fam](scene, rng)
         made = apply_edit(scene, fam, rng)
         if made is None:
             continue

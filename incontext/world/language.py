@@ -188,6 +188,31 @@ TEMPLATES: dict[str, list[str]] = {
         "i want pastel colors",
         "make it pastel style",
     ],
+    # Text editing: recolour the written word, or write another word in its place.
+    "text_color": [
+        "make the text {color}",
+        "turn the text {color}",
+        "color the text {color}",
+        "recolor the text {color}",
+        "change the color of the text to {color}",
+        "change the text color to {color}",
+        "make the color of the word {color}",
+        "the text should be {color}",
+        "please make the text {color}",
+        "paint the text {color}",
+    ],
+    "text_word": [
+        "change the word {old} to {new}",
+        "replace the word {old} with {new}",
+        "replace the text {old} with {new}",
+        "change the text from {old} to {new}",
+        "change the word to {new}",
+        "use the word {new} instead of {old}",
+        "replace {old} with {new}",
+        "the word should be {new} instead of {old}",
+        "please change the word {old} to {new}",
+        "put the word {new} instead of {old}",
+    ],
 }
 
 # Position phrases: the canonical name and a few ways to say it.

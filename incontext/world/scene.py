@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from incontext.world import looks
 
@@ -47,6 +48,7 @@ SUPERSAMPLE = 4  # draw at 4x and box-filter down: antialiased edges like other 
 # A background texture: motifs on a staggered grid, both fractions of the shorter side.
 PATTERN_STEP = 0.24
 PATTERN_SIZE = 0.06
+WORD_BOLD = 0.05  # stroke width as a fraction of the font size
 
 
 def jitter(rgb: tuple[int, int, int], rng, amount: int = 14) -> tuple[int, int, int]:
@@ -71,6 +73,18 @@ class Shape:
 
 
 @dataclass(frozen=True)
+class Word:
+    """A short word drawn over the scene, centred on (cx, cy)."""
+
+    text: str
+    color: str
+    rgb: tuple[int, int, int]
+    cx: float  # fraction of width
+    cy: float  # fraction of height
+    size: float  # font size as a fraction of the shorter side
+
+
+@dataclass(frozen=True)
 class Background:
     rgb: tuple[int, int, int]
     rgb2: tuple[int, int, int] | None = None  # a vertical gradient to rgb2, if set
@@ -88,6 +102,7 @@ class Scene:
     objects: tuple[Shape, ...] = field(default_factory=tuple)
     grayscale: bool = False
     look: str | None = None  # a whole-image look (`looks.LOOKS`) applied after drawing
+    words: tuple[Word, ...] = ()  # drawn over the objects
 
     def without(self, index: int) -> "Scene":
         return replace(self, objects=self.objects[:index] + self.objects[index + 1 :])
@@ -154,6 +169,18 @@ def _draw_pattern(draw: ImageDraw.ImageDraw, bg: Background, w: int, h: int, fil
         draw.polygon(shape_polygon(bg.pattern, x, y, r), fill=fill)
 
 
+@lru_cache(maxsize=64)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def _draw_word(draw: ImageDraw.ImageDraw, word: Word, w: int, h: int, fill) -> None:
+    size = max(4, round(word.size * min(w, h)))
+    # A stroke in the fill colour makes the letters bold enough to survive an autoencoder's blur.
+    draw.text((word.cx * w, word.cy * h), word.text, font=_font(size), fill=fill, anchor="mm",
+              stroke_width=max(1, round(size * WORD_BOLD)), stroke_fill=fill)
+
+
 def render(scene: Scene) -> Image.Image:
     """The scene as an RGB image of scene.width × scene.height."""
     s = SUPERSAMPLE
@@ -165,6 +192,8 @@ def render(scene: Scene) -> Image.Image:
         _draw_pattern(draw, scene.background, w, h, fill=scene.background.pattern_rgb)
     for obj in scene.objects:
         draw.polygon(shape_polygon(obj.kind, obj.cx * w, obj.cy * h, obj.size * side, obj.angle), fill=obj.rgb)
+    for word in scene.words:
+        _draw_word(draw, word, w, h, fill=word.rgb)
     if scene.look == "outline":  # traced on the sharp canvas, so lines are antialiased like shapes
         canvas = looks.outline(canvas, width=2 * s)
     img = canvas.reduce(s)
@@ -181,6 +210,14 @@ def pattern_mask(scene: Scene) -> np.ndarray:
     m = Image.new("L", (scene.width * s, scene.height * s), 0)
     if scene.background.pattern is not None:
         _draw_pattern(ImageDraw.Draw(m), scene.background, *m.size, fill=255)
+    return np.asarray(m.reduce(s)) > 127
+
+
+def word_mask(scene: Scene, index: int) -> np.ndarray:
+    """Boolean (h, w) mask of the letters of word `index`."""
+    s = SUPERSAMPLE
+    m = Image.new("L", (scene.width * s, scene.height * s), 0)
+    _draw_word(ImageDraw.Draw(m), scene.words[index], *m.size, fill=255)
     return np.asarray(m.reduce(s)) > 127
 
 

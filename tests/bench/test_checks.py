@@ -96,6 +96,17 @@ def test_a_texture_of_the_wrong_colour_fails():
         assert not checks.success(ex, render(scene)), ex.instruction
 
 
+def test_a_word_that_reads_otherwise_or_in_another_colour_fails():
+    for ex in _examples("text")[:8]:
+        word = ex.target_scene.words[0]
+        other = next(w for w in COLORS if w not in (word.text, ex.scene.words[0].text))
+        misspelt = replace(ex.target_scene, words=(replace(word, text=other),))
+        assert not checks.success(ex, render(misspelt)), ex.instruction
+        wrong = next(c for c in COLORS if c not in (word.color, ex.scene.background.color, ex.scene.words[0].color))
+        recoloured = replace(ex.target_scene, words=(replace(word, color=wrong, rgb=COLORS[wrong]),))
+        assert not checks.success(ex, render(recoloured)), ex.instruction
+
+
 def test_repainting_the_whole_image_fails_preservation():
     for ex in _examples("recolor")[:4]:
         flat = Image.new("RGB", ex.target.size, COLORS[ex.info["color"]])

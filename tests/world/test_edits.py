@@ -10,7 +10,7 @@ import pytest
 
 from incontext.world.edits import FAMILIES, TRAIN_SIZES, make_example
 from incontext.world.language import vocabulary
-from incontext.world.scene import COLORS, POSITIONS, SHAPES
+from incontext.world.scene import COLORS, POSITIONS, SHAPES, word_mask
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -86,6 +86,21 @@ def test_replace_keeps_place_and_size_and_names_the_new_shape():
         assert (after.cx, after.cy, after.size) == (before.cx, before.cy, before.size)
         assert after.kind == ex.info["kind"] != before.kind
         assert ex.instruction.split()[-1] == after.kind or after.kind in ex.instruction.split()[-3:]
+
+
+def test_text_is_written_inside_the_image_and_edited_as_said():
+    rng = random.Random(8)
+    for size in TRAIN_SIZES * 3:
+        ex = make_example(rng, "text", size=size)
+        before, after = ex.scene.words[0], ex.target_scene.words[0]
+        letters = word_mask(ex.target_scene, 0)
+        assert letters.sum() > 40 and not (letters[0].any() or letters[-1].any() or letters[:, 0].any() or letters[:, -1].any())
+        if ex.info["edit"] == "color":
+            assert after == replace(before, color=ex.info["color"], rgb=COLORS[ex.info["color"]])
+            assert ex.info["color"] in ex.instruction.split()
+        else:
+            assert after == replace(before, text=ex.info["word"]) and after.text != before.text
+            assert after.text in ex.instruction.split()
 
 
 def test_sizes_are_square_and_non_square():

@@ -67,6 +67,8 @@ DEFAULT_OUT = Path("results/speed")
 DEFAULT_CONCURRENCY = (1, 4, 8, 16)
 MATMUL_SIZE = 2048
 SERVER_START_TIMEOUT_S = 600  # a loaded 2-core machine can take minutes to import torch
+POLL_FIRST_S = 0.05  # HTTP clients poll after 50 ms, then back off by 1.5× …
+POLL_MAX_S = 0.5  # … to every half second
 
 OnStage = Callable[[str], None]
 
@@ -362,8 +364,10 @@ class HttpClient:
 
     def wait(self, sent: float, sent_wall: float, run_id: str) -> Record:
         client = self.client()
+        delay = POLL_FIRST_S
         while True:
-            time.sleep(self.poll_seconds)
+            time.sleep(delay)
+            delay = min(delay * 1.5, self.poll_seconds)  # as incontext.client polls
             asked = time.perf_counter()
             run = client.get(f"/v1/runs/{run_id}").json()
             observed = time.perf_counter()
@@ -387,7 +391,7 @@ def run_http(directory: Path, jobs: list[Job], *, model_id: str, steps: int, gui
         on_stage("starting the server")
         healthy = server.start()
         # The first run is the warm-up; its acceptance ends the start-up time.
-        first = HttpClient(server, model_id, steps, guidance, 0.02)
+        first = HttpClient(server, model_id, steps, guidance, POLL_FIRST_S)
         posted = first.post(warmup_job(jobs[0]))
         accepted = time.perf_counter() - server.started
         first.wait(*posted)
@@ -396,8 +400,9 @@ def run_http(directory: Path, jobs: list[Job], *, model_id: str, steps: int, gui
         for c in concurrency:
             on_stage(f"HTTP, {c} concurrent")
             # The latency does not depend on polling (see the module docstring); polling only
-            # decides when a closed-loop client sends its next run. At most ~50 GETs/s in all.
-            poll = max(0.02, 0.02 * c)
+            # decides when a closed-loop client sends its next run. Clients back off as
+            # incontext.client does: every GET costs the 2-core server CPU the engine needs.
+            poll = POLL_MAX_S
             client = HttpClient(server, model_id, steps, guidance, poll)
             try:
                 records, wall = closed_loop(client, jobs, c)

@@ -18,6 +18,9 @@ family is checked by asking the output the question a person would ask of it:
 - outline: that too, and is it dark lines on white paper where the target has them?
 - text: of all colour names written in the word's place, does the requested one fit the
   output best, in the requested colour?
+- creature: where it was asked to be, does each of its traits (body, eyes, markings,
+  accessory) show in its colour, is each the target's kind rather than another (a crown
+  for its hat, three eyes for two), and is the background the requested colour?
 
 and, for every family, the rest of the image is preserved reasonably (`PRESERVE_MIN_DB`); a family
 that repaints every pixel (`WHOLE_IMAGE`) must instead stay that close to the target.
@@ -33,8 +36,9 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from incontext.world.creature import ACCESSORIES, BODIES, EYES, MARKINGS
 from incontext.world.edits import Example
-from incontext.world.scene import COLORS, ROTATED_SHAPES, SHAPES, Scene, object_mask, pattern_mask, render, word_mask
+from incontext.world.scene import COLORS, ROTATED_SHAPES, SHAPES, Scene, creature_masks, object_mask, pattern_mask, render, word_mask
 
 # Preservation outside the edit mask: RMS error ≈ 25 levels. Loose enough for an
 # autoencoder's blur, strict enough that repainting the scene fails.
@@ -44,6 +48,8 @@ TOWARD_TARGET = 0.75  # fraction of a region that must look more like the target
 COLORLESS = 20.0  # mean chroma (max − min channel) of a colourless region: σ≈10 noise per channel gives ≈17
 ERODE = 1  # pixels peeled off a region: antialiased rims are a mix of two colours
 OBJECT_MARGIN = 2  # pixels around objects left out of the background
+CREATURE_TRAITS = {"body": BODIES, "eyes": EYES, "marking": MARKINGS, "accessory": ACCESSORIES}
+MIN_TRAIT_PIXELS = 3  # a trait cut down to fewer pixels than this (at the image border) is not asked about
 HALF_WAY = 0.5  # a look's overall change (luminance, chroma) must reach this fraction of the target's
 WHOLE_IMAGE = ("grayscale", "invert", "night", "outline", "pixelate", "pastel")
 
@@ -281,6 +287,36 @@ def _text(ex: Example, output: Image.Image) -> bool:
     return is_color(output, _core(letters), word.color) and max(COLORS, key=fit) == word.text
 
 
+def _trait_fits(ex: Example, output: Image.Image, trait: str) -> bool:
+    """Of the creatures that differ from the target's only in `trait` (say, a crown instead of
+    its hat), the target's is the one the output is closest to, where they differ."""
+    c = ex.target_scene.creature
+    values = CREATURE_TRAITS[trait]
+    drawn = [_array(render(replace(ex.target_scene, creature=replace(c, **{trait: v})))) for v in values]
+    truth = drawn[values.index(getattr(c, trait))]
+    region = np.logical_or.reduce([np.abs(d - truth).max(axis=2) > CLEAR_DIFF for d in drawn])
+    errors = [mse(output, d, region) for d in drawn]
+    return int(np.argmin(errors)) == values.index(getattr(c, trait))
+
+
+def _creature(ex: Example, output: Image.Image) -> bool:
+    c = ex.target_scene.creature
+    parts = creature_masks(ex.target_scene)
+    eyes = parts["eyes"] | parts["pupils"]  # white with a small pupil: white, as a whole
+    traits = [(parts["body"], c.color), (parts["marking"], c.marking_color), (eyes, "white"), (parts["accessory"], c.accessory_color)]
+    cores = [(_core(region), color) for region, color in traits]
+    if not all(is_color(output, core, color) for core, color in cores if core.sum() >= MIN_TRAIT_PIXELS):
+        return False
+    if not all(_trait_fits(ex, output, trait) for trait in CREATURE_TRAITS):
+        return False
+    if "color" in ex.info:
+        creatures = np.logical_or.reduce([*parts.values(), *creature_masks(ex.scene).values()])
+        background = ~dilate(_object_pixels(ex) | creatures, OBJECT_MARGIN)
+        if not is_color(output, background, ex.info["color"]):
+            return False
+    return toward_target(ex, output, clearly_changed(ex))
+
+
 def _grayscale(ex: Example, output: Image.Image) -> bool:
     colored = chroma(ex.context) > CLEAR_DIFF
     return bool(colored.any()) and float(chroma(output)[colored].mean()) < COLORLESS
@@ -302,16 +338,20 @@ CHECKS: dict[str, Callable[[Example, Image.Image], bool]] = {
     "pixelate": _restyled,
     "pastel": _pastel,
     "text": _text,
+    "creature": _creature,
 }
 
 
 def preserved(example: Example, output: Image.Image) -> bool:
     """Whether the output kept what the edit should not touch. A whole-image family touches every
-    pixel, so there the output must stay close to the target instead."""
+    pixel, so there the output must stay close to the target instead. A creature kept in place
+    is left to its own check."""
     if example.family in WHOLE_IMAGE:
         return psnr(output, example.target) >= PRESERVE_MIN_DB
     outside = ~example.mask
-    return not outside.any() or preservation_psnr(example, output) >= PRESERVE_MIN_DB
+    if example.family == "creature":  # its fine detail is judged trait by trait instead
+        outside &= ~dilate(np.logical_or.reduce(list(creature_masks(example.target_scene).values())), 1)
+    return not outside.any() or psnr(output, example.context, outside) >= PRESERVE_MIN_DB
 
 
 def success(example: Example, output: Image.Image) -> bool:

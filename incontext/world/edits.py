@@ -15,13 +15,13 @@ import numpy as np
 from PIL import Image
 
 from incontext.world.language import POSITION_WORDS, phrase, say_object
-from incontext.world import restyle, text
+from incontext.world import character, restyle, text
 from incontext.world.scene import COLORS, POSITIONS, ROTATED_SHAPES, SHAPES, Background, Scene, Shape, distinct, jitter, render
 
 BASIC_FAMILIES = ("recolor", "remove", "add", "move", "background", "grayscale")
 # Appended, never interleaved: a family's examples come from its own rng draws, so the basic
 # families draw exactly what they drew before these existed.
-KONTEXT_FAMILIES = ("resize", "replace", *restyle.FAMILIES, "text")
+KONTEXT_FAMILIES = ("resize", "replace", *restyle.FAMILIES, "text", "creature")
 FAMILIES = BASIC_FAMILIES + KONTEXT_FAMILIES
 # Sizes the nano model is trained on (width, height): square and two non-square.
 TRAIN_SIZES = ((128, 128), (160, 96), (96, 160))
@@ -160,6 +160,8 @@ def apply_edit(scene: Scene, family: str, rng: random.Random) -> tuple[Scene, st
         return restyle.apply_edit(scene, family, rng)
     if family == "text":
         return text.apply_edit(scene, rng)
+    if family == "creature":
+        return character.apply_edit(scene, rng)
     raise ValueError(f"unknown edit family {family!r}")
 
 
@@ -201,7 +203,7 @@ def edit_mask(context: Image.Image, target: Image.Image) -> np.ndarray:
 
 
 # Families whose edit needs something a plain random scene does not have, and what adds it.
-_DRESS = {"text": text.with_word}
+_DRESS = {"text": text.with_word, "creature": character.with_creature}
 
 
 def make_example(rng: random.Random, family: str | None = None, size: tuple[int, int] | None = None) -> Example:

@@ -213,6 +213,34 @@ TEMPLATES: dict[str, list[str]] = {
         "please change the word {old} to {new}",
         "put the word {new} instead of {old}",
     ],
+    # Character reference: the creature (named by its body) elsewhere, on another background, or both.
+    "creature_move": [
+        "put the {obj} in the {pos}",
+        "move the {obj} to the {pos}",
+        "place the {obj} in the {pos}",
+        "the {obj} should be in the {pos}",
+        "i want the {obj} in the {pos}",
+        "put it in the {pos}",
+        "now put the {obj} at the {pos}",
+    ],
+    "creature_background": [
+        "put the {obj} on a {color} background",
+        "place the {obj} on a {color} background",
+        "give the {obj} a {color} background",
+        "put it on a {color} background",
+        "i want the {obj} on a {color} background",
+        "now put the {obj} on {color}",
+        "the {obj} on a {color} background",
+    ],
+    "creature_both": [
+        "put the {obj} in the {pos} on a {color} background",
+        "place the {obj} in the {pos} of a {color} picture",
+        "move the {obj} to the {pos} and make the background {color}",
+        "the {obj} in the {pos} on a {color} background",
+        "put it in the {pos} on a {color} background",
+        "on a {color} background put the {obj} in the {pos}",
+        "i want the {obj} at the {pos} on a {color} background",
+    ],
 }
 
 # Position phrases: the canonical name and a few ways to say it.

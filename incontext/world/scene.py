@@ -6,7 +6,6 @@ changes the data and renders again, so the ground truth of every edit is exact.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
@@ -14,6 +13,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from incontext.world import looks
+from incontext.world.creature import Creature, draw_creature, part_masks
+from incontext.world.shapes import shape_polygon
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -103,6 +104,7 @@ class Scene:
     grayscale: bool = False
     look: str | None = None  # a whole-image look (`looks.LOOKS`) applied after drawing
     words: tuple[Word, ...] = ()  # drawn over the objects
+    creature: Creature | None = None  # drawn over the objects, under the words
 
     def without(self, index: int) -> "Scene":
         return replace(self, objects=self.objects[:index] + self.objects[index + 1 :])
@@ -111,36 +113,6 @@ class Scene:
         objs = list(self.objects)
         objs[index] = obj
         return replace(self, objects=tuple(objs))
-
-
-def shape_polygon(kind: str, cx: float, cy: float, r: float, angle: float = 0.0) -> list[tuple[float, float]]:
-    """Outline points of a shape centred on (cx, cy) with radius r, in pixels."""
-    if kind == "circle":
-        n = 64
-        pts = [(math.cos(2 * math.pi * i / n), math.sin(2 * math.pi * i / n)) for i in range(n)]
-    elif kind == "square":
-        s = 0.8  # a square of the same visual weight as a circle of radius 1
-        pts = [(-s, -s), (s, -s), (s, s), (-s, s)]
-    elif kind == "triangle":
-        pts = [(math.cos(math.radians(a)), math.sin(math.radians(a))) for a in (-90, 30, 150)]
-        pts = [(x, y + 0.15) for x, y in pts]  # centre the visual mass
-    elif kind == "star":
-        pts = []
-        for i in range(10):
-            rad = 1.0 if i % 2 == 0 else 0.45
-            a = math.radians(-90 + 36 * i)
-            pts.append((rad * math.cos(a), rad * math.sin(a)))
-    elif kind == "heart":
-        pts = []
-        for i in range(64):
-            t = 2 * math.pi * i / 64
-            x = 16 * math.sin(t) ** 3
-            y = -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t))
-            pts.append((x / 17.0, (y + 2.0) / 17.0))
-    else:
-        raise ValueError(f"unknown shape {kind!r}")
-    ca, sa = math.cos(math.radians(angle)), math.sin(math.radians(angle))
-    return [(cx + r * (x * ca - y * sa), cy + r * (x * sa + y * ca)) for x, y in pts]
 
 
 def _background_array(bg: Background, w: int, h: int) -> np.ndarray:
@@ -192,6 +164,8 @@ def render(scene: Scene) -> Image.Image:
         _draw_pattern(draw, scene.background, w, h, fill=scene.background.pattern_rgb)
     for obj in scene.objects:
         draw.polygon(shape_polygon(obj.kind, obj.cx * w, obj.cy * h, obj.size * side, obj.angle), fill=obj.rgb)
+    if scene.creature is not None:
+        draw_creature(canvas, scene.creature)
     for word in scene.words:
         _draw_word(draw, word, w, h, fill=word.rgb)
     if scene.look == "outline":  # traced on the sharp canvas, so lines are antialiased like shapes
@@ -219,6 +193,11 @@ def word_mask(scene: Scene, index: int) -> np.ndarray:
     m = Image.new("L", (scene.width * s, scene.height * s), 0)
     _draw_word(ImageDraw.Draw(m), scene.words[index], *m.size, fill=255)
     return np.asarray(m.reduce(s)) > 127
+
+
+def creature_masks(scene: Scene) -> dict[str, np.ndarray]:
+    """Boolean (h, w) mask of each part of the scene's creature (`creature.PARTS`)."""
+    return part_masks(scene.creature, scene.width, scene.height, SUPERSAMPLE)
 
 
 def object_mask(scene: Scene, index: int) -> np.ndarray:

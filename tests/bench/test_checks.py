@@ -107,6 +107,25 @@ def test_a_word_that_reads_otherwise_or_in_another_colour_fails():
         assert not checks.success(ex, render(recoloured)), ex.instruction
 
 
+@pytest.mark.parametrize("trait", ["body", "eyes", "marking", "accessory"])
+def test_a_creature_with_one_trait_changed_fails(trait):
+    for ex in _examples("creature")[:6]:
+        c = ex.target_scene.creature
+        values = checks.CREATURE_TRAITS[trait]
+        other = values[(values.index(getattr(c, trait)) + 1) % len(values)]
+        changed = replace(ex.target_scene, creature=replace(c, **{trait: other}))
+        assert not checks.success(ex, render(changed)), (ex.instruction, trait, other)
+
+
+def test_a_creature_left_where_it_was_fails_a_move():
+    moved = [ex for ex in _examples("creature") if "position" in ex.info]
+    assert moved
+    for ex in moved:
+        c = ex.scene.creature
+        stayed = replace(ex.target_scene, creature=replace(ex.target_scene.creature, cx=c.cx, cy=c.cy))
+        assert not checks.success(ex, render(stayed)), ex.instruction
+
+
 def test_repainting_the_whole_image_fails_preservation():
     for ex in _examples("recolor")[:4]:
         flat = Image.new("RGB", ex.target.size, COLORS[ex.info["color"]])

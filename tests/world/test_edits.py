@@ -103,6 +103,20 @@ def test_text_is_written_inside_the_image_and_edited_as_said():
             assert after.text in ex.instruction.split()
 
 
+def test_the_creature_keeps_every_trait_and_goes_where_it_is_told():
+    rng = random.Random(9)
+    for _ in range(12):
+        ex = make_example(rng, "creature")
+        before, after = ex.scene.creature, ex.target_scene.creature
+        assert replace(after, cx=before.cx, cy=before.cy) == before
+        assert f"{before.color} " in ex.instruction or " it " in f" {ex.instruction} "
+        if "position" in ex.info:
+            assert (after.cx, after.cy) == POSITIONS[ex.info["position"]]
+        if "color" in ex.info:
+            assert ex.target_scene.background.color == ex.info["color"] != ex.scene.background.color
+        assert set(ex.info) - {"how"}
+
+
 def test_sizes_are_square_and_non_square():
     rng = random.Random(5)
     sizes = {make_example(rng).context.size for _ in range(60)}

@@ -3,7 +3,8 @@
 `make_example(rng, family)` draws a random scene, applies one edit of the family to the scene
 data and renders both. `BASIC_FAMILIES` are the issue-2 set (recolor, remove, add, move,
 background, grayscale); `KONTEXT_FAMILIES` extend the world towards KontextBench's task
-families; `FAMILIES` is all of them.
+families; `FAMILIES` is all of them. Local edits live here; whole-image looks and textures in
+`restyle`, written words in `text`, the creature (character reference) in `character`.
 """
 
 from __future__ import annotations

@@ -167,6 +167,20 @@ def score_row(name: str, editor: Editor, heldout_set: dict[str, list[Example]], 
 # ---------------------------------------------------------------- the benchmark
 
 
+def select_families(spec: str) -> tuple[str, ...]:
+    """"all", "basic" (the issue-2 families: recolor, remove, add, move, background,
+    grayscale) or a comma-separated list of family names."""
+    if spec == "all":
+        return heldout.families()
+    if spec == "basic":
+        return heldout.basic_families()
+    names = tuple(name.strip() for name in spec.split(",") if name.strip())
+    unknown = [name for name in names if name not in heldout.families()]
+    if unknown or not names:
+        raise InvalidInput(f"unknown edit families {unknown or spec!r}; known: all, basic, {', '.join(heldout.families())}")
+    return names
+
+
 def run_quality(
     model_id_or_dir: str | None,
     n_per_family: int = 50,
@@ -177,6 +191,7 @@ def run_quality(
     dtype: str = "auto",
     *,
     drift_scenes: int | None = None,
+    families: str = "all",
     seed: int = 0,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict:
@@ -192,6 +207,7 @@ def run_quality(
         resolve_dtype(dtype)
     except ValueError as e:
         raise InvalidInput(str(e)) from None
+    chosen = select_families(families)
 
     # 1. the model: resolve and load before drawing the held-out set, so a bad id fails fast
     if model_id_or_dir and (Path(model_id_or_dir) / "model_index.json").is_file():
@@ -203,7 +219,7 @@ def run_quality(
     models = load_model(preset.directory, dtype=dtype, max_sequence_length=preset.max_sequence_length)
 
     # 2. the held-out set
-    heldout_set = heldout.heldout_set(n_per_family)
+    heldout_set = heldout.heldout_set(n_per_family, only=chosen)
     sequences = heldout.heldout_sequences(drift_scenes if drift_scenes is not None else min(n_per_family, MAX_DRIFT_SCENES), turns)
 
     # 3. the model row, reporting progress per edit

@@ -79,12 +79,13 @@ def test_cli_passes_its_options_and_prints_the_table(run, monkeypatch, tmp_path)
 
     monkeypatch.setattr(quality, "run_quality", fake_run_quality)
     args = ["bench", "quality", "--model", "some/model", "--n", "3", "--turns", "4", "--steps", "2",
-            "--guidance", "2.5", "--dtype", "float32", "--out", str(tmp_path)]
+            "--guidance", "2.5", "--dtype", "float32", "--families", "basic", "--out", str(tmp_path)]
     result = CliRunner().invoke(_cli(), args, env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     (model, n, out, options) = calls[0]
     assert (model, n, out) == ("some/model", 3, tmp_path)
-    assert {k: options[k] for k in ("turns", "steps", "guidance", "dtype")} == {"turns": 4, "steps": 2, "guidance": 2.5, "dtype": "float32"}
+    assert {k: options[k] for k in ("turns", "steps", "guidance", "dtype", "families")} == {
+        "turns": 4, "steps": 2, "guidance": 2.5, "dtype": "float32", "families": "basic"}
     assert "ground truth" in result.output and "input unchanged" in result.output and "100%" in result.output
 
 
@@ -92,3 +93,16 @@ def test_cli_reports_an_unknown_model(tmp_path):
     result = CliRunner().invoke(_cli(), ["bench", "quality", "--model", "no/such-model", "--out", str(tmp_path)])
     assert result.exit_code == 1
     assert "MODEL_UNAVAILABLE" in result.output
+
+
+def test_a_subset_of_families_is_scored_alone(model_dir, tmp_path):
+    results = run_quality(str(model_dir), 1, tmp_path, turns=1, steps=1, dtype="float32", drift_scenes=1, families="remove,invert")
+    assert results["families"] == ["remove", "invert"]
+    assert set(results["rows"][0]["families"]) == {"remove", "invert"}
+    assert quality.select_families("basic") == ("recolor", "remove", "add", "move", "background", "grayscale")
+
+
+def test_an_unknown_family_is_refused_with_a_code(model_dir, tmp_path):
+    result = CliRunner().invoke(_cli(), ["bench", "quality", "--model", str(model_dir), "--families", "recolor,teleport", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "INVALID_INPUT" in result.output and "teleport" in result.output

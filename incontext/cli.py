@@ -156,15 +156,25 @@ def train_vae_cmd(out: Path = typer.Option(Path("runs/nano")), minutes: float = 
 
 
 @train_app.command("data")
-def train_data_cmd(out: Path = typer.Option(Path("runs/nano")), start: int = 0, chunks: int = 24, render_only: bool = False) -> None:
+def train_data_cmd(
+    out: Path = typer.Option(Path("runs/nano")), start: int = 0, chunks: int = 24, render_only: bool = False,
+    families: str = typer.Option("all", help="Edit families to draw: all, basic (the six the bundled weights were trained on) or a comma-separated list."),
+    chunk_size: int = typer.Option(1024, min=1, hidden=True),
+) -> None:
     """Stage 2: render world examples and encode them into latent chunks (needs OUT/vae.pt unless --render-only)."""
     from incontext.train.data import produce_chunks, render_chunks
     from incontext.train.export import load_vae
+    from incontext.errors import InvalidInput
+    from incontext.world.edits import select_families
 
+    try:
+        chosen = select_families(families)
+    except ValueError as e:
+        _fail(InvalidInput(str(e)))
     if render_only:
-        render_chunks(out, start, chunks)
+        render_chunks(out, start, chunks, chunk_size=chunk_size, families=chosen)
     else:
-        produce_chunks(out, load_vae(out), start, chunks)
+        produce_chunks(out, load_vae(out), start, chunks, chunk_size=chunk_size, families=chosen)
 
 
 @train_app.command("transformer")

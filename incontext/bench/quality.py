@@ -29,6 +29,7 @@ from incontext import sampler
 from incontext.bench import checks, heldout
 from incontext.bench.report import write_report
 from incontext.errors import InvalidInput
+from incontext.world import edits
 from incontext.world.edits import Example
 
 log = logging.getLogger(__name__)
@@ -168,17 +169,11 @@ def score_row(name: str, editor: Editor, heldout_set: dict[str, list[Example]], 
 
 
 def select_families(spec: str) -> tuple[str, ...]:
-    """"all", "basic" (the issue-2 families: recolor, remove, add, move, background,
-    grayscale) or a comma-separated list of family names."""
-    if spec == "all":
-        return heldout.families()
-    if spec == "basic":
-        return heldout.basic_families()
-    names = tuple(name.strip() for name in spec.split(",") if name.strip())
-    unknown = [name for name in names if name not in heldout.families()]
-    if unknown or not names:
-        raise InvalidInput(f"unknown edit families {unknown or spec!r}; known: all, basic, {', '.join(heldout.families())}")
-    return names
+    """"all", "basic" (recolor, remove, add, move, background, grayscale) or a comma list."""
+    try:
+        return edits.select_families(spec)
+    except ValueError as e:
+        raise InvalidInput(str(e)) from None
 
 
 def run_quality(

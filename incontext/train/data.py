@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from incontext.world.edits import TRAIN_SIZES, make_example
+from incontext.world.edits import FAMILIES, TRAIN_SIZES, make_example
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ def chunk_seed(index: int) -> int:
     return 1_000_003 * (index + 1)
 
 
-def _render_chunk(index: int, size: tuple[int, int], n: int, cache: Path | None = None) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+def _render_chunk(index: int, size: tuple[int, int], n: int, cache: Path | None = None,
+                  families: tuple[str, ...] = FAMILIES) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """Render a chunk's examples (from `cache` if it was rendered before the VAE was ready)."""
     if cache is not None and cache.exists():
         z = np.load(cache, allow_pickle=False)
@@ -36,7 +37,7 @@ def _render_chunk(index: int, size: tuple[int, int], n: int, cache: Path | None 
     rng = random.Random(chunk_seed(index))
     ctx, tgt, prompts, fams = [], [], [], []
     for _ in range(n):
-        ex = make_example(rng, size=size)
+        ex = make_example(rng, size=size, families=families)
         ctx.append(np.asarray(ex.context))
         tgt.append(np.asarray(ex.target))
         prompts.append(ex.instruction)
@@ -44,7 +45,7 @@ def _render_chunk(index: int, size: tuple[int, int], n: int, cache: Path | None 
     return np.stack(ctx), np.stack(tgt), prompts, fams
 
 
-def render_chunks(out: Path, start: int, count: int, chunk_size: int = CHUNK) -> None:
+def render_chunks(out: Path, start: int, count: int, chunk_size: int = CHUNK, families: tuple[str, ...] = FAMILIES) -> None:
     """Render chunks' images ahead of encoding: this needs no VAE, so it can run while one trains."""
     images = Path(out) / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -52,7 +53,7 @@ def render_chunks(out: Path, start: int, count: int, chunk_size: int = CHUNK) ->
         path = images / f"chunk_{index:05d}.npz"
         if path.exists() or (Path(out) / "data" / f"chunk_{index:05d}.pt").exists():
             continue
-        ctx, tgt, prompts, fams = _render_chunk(index, size_for_chunk(index), chunk_size)
+        ctx, tgt, prompts, fams = _render_chunk(index, size_for_chunk(index), chunk_size, families=families)
         tmp = path.with_name(path.stem + ".tmp.npz")
         np.savez(tmp, context=ctx, target=tgt, prompts=np.array(prompts), families=np.array(fams))
         tmp.rename(path)
@@ -74,7 +75,7 @@ def size_for_chunk(index: int) -> tuple[int, int]:
     return TRAIN_SIZES[(0, 0, 0, 1, 2)[index % 5]]
 
 
-def produce_chunks(out: Path, vae, start: int, count: int, chunk_size: int = CHUNK) -> None:
+def produce_chunks(out: Path, vae, start: int, count: int, chunk_size: int = CHUNK, families: tuple[str, ...] = FAMILIES) -> None:
     """Encode chunks `start`… into `out/data` (from `out/images` where they were rendered ahead)."""
     data = Path(out) / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -85,7 +86,7 @@ def produce_chunks(out: Path, vae, start: int, count: int, chunk_size: int = CHU
             continue
         size = size_for_chunk(index)
         cache = Path(out) / "images" / f"chunk_{index:05d}.npz"
-        ctx, tgt, prompts, fams = _render_chunk(index, size, chunk_size, cache)
+        ctx, tgt, prompts, fams = _render_chunk(index, size, chunk_size, cache, families=families)
         blob = {"size": size, "context": _encode(vae, ctx), "target": _encode(vae, tgt), "prompts": prompts, "families": fams}
         tmp = path.with_suffix(".tmp")
         torch.save(blob, tmp)

@@ -207,10 +207,24 @@ def edit_mask(context: Image.Image, target: Image.Image) -> np.ndarray:
 _DRESS = {"text": text.with_word, "creature": character.with_creature}
 
 
-def make_example(rng: random.Random, family: str | None = None, size: tuple[int, int] | None = None) -> Example:
-    """A random example of `family` (random family if None)."""
+def select_families(spec: str) -> tuple[str, ...]:
+    """"all", "basic" (BASIC_FAMILIES) or a comma-separated list of names; ValueError if unknown."""
+    if spec == "all":
+        return FAMILIES
+    if spec == "basic":
+        return BASIC_FAMILIES
+    names = tuple(name.strip() for name in spec.split(",") if name.strip())
+    unknown = [name for name in names if name not in FAMILIES]
+    if unknown or not names:
+        raise ValueError(f"unknown edit families {unknown or spec!r}; known: all, basic, {', '.join(FAMILIES)}")
+    return names
+
+
+def make_example(rng: random.Random, family: str | None = None, size: tuple[int, int] | None = None,
+                 families: tuple[str, ...] = FAMILIES) -> Example:
+    """A random example of `family` (if None, of a family drawn from `families`)."""
     while True:
-        fam = family or rng.choice(FAMILIES)
+        fam = family or rng.choice(families)
         scene = random_scene(rng, size=size)
         if fam in _DRESS:
             scene = _DRESS[fam](scene, rng)

@@ -308,3 +308,15 @@ def test_cli_export_stores_the_requested_dtype(trained_run, tmp_path, args, dtyp
         for k, v in stored.items():
             assert torch.equal(v, weights[name][k].to(dtype)), f"{name}.{k}"
     assert all(v.dtype == torch.float32 for v in model_files(to, "vae").values())  # the VAE stays fp32
+
+
+def test_train_data_draws_only_the_families_asked_for(tmp_path):
+    import numpy as np
+
+    args = ["train", "data", "--out", str(tmp_path), "--render-only", "--chunks", "1", "--chunk-size", "12"]
+    result = CliRunner().invoke(app, [*args, "--families", "remove,invert"])
+    assert result.exit_code == 0, result.output
+    rendered = np.load(tmp_path / "images" / "chunk_00000.npz")
+    assert set(rendered["families"]) == {"remove", "invert"}
+    refused = CliRunner().invoke(app, [*args, "--families", "teleport"])
+    assert refused.exit_code == 1 and "INVALID_INPUT" in refused.output

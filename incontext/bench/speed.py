@@ -69,6 +69,7 @@ MATMUL_SIZE = 2048
 SERVER_START_TIMEOUT_S = 600  # a loaded 2-core machine can take minutes to import torch
 POLL_FIRST_S = 0.05  # HTTP clients poll after 50 ms, then back off by 1.5× …
 POLL_MAX_S = 0.5  # … to every half second
+SERVER_SPLIT = ("dispatch_input", "engine_call", "dispatch_output")  # the dispatcher's timings_ms
 
 OnStage = Callable[[str], None]
 
@@ -95,6 +96,7 @@ class Record:
     evals: int | None = None
     engine_ms: float | None = None  # HTTP: the engine's own time for the run
     observed: float | None = None  # HTTP: when a polling client saw the result
+    timings_ms: dict = field(default_factory=dict)  # HTTP: the POST round trip and the server's own split
 
     @property
     def latency(self) -> float:
@@ -355,14 +357,15 @@ class HttpClient:
         client = self.client()
         sent, sent_wall = time.perf_counter(), time.time()
         response = client.post(self.path, json=body)
+        post_ms = (time.perf_counter() - sent) * 1000
         if response.status_code != 201:
             raise RuntimeError(f"the server refused a run: HTTP {response.status_code} {response.text[:300]}")
-        return sent, sent_wall, response.json()["id"]
+        return sent, sent_wall, response.json()["id"], post_ms
 
     def __call__(self, job: Job) -> Record:
         return self.wait(*self.post(job))
 
-    def wait(self, sent: float, sent_wall: float, run_id: str) -> Record:
+    def wait(self, sent: float, sent_wall: float, run_id: str, post_ms: float = math.nan) -> Record:
         client = self.client()
         delay = POLL_FIRST_S
         while True:
@@ -380,8 +383,9 @@ class HttpClient:
         # run may have completed while the last GET was on its way).
         done = min(observed, completed + (observed - asked))
         output = run["output"]
+        timings = {"post": post_ms, **{k: v for k, v in output["timings_ms"].items() if k in SERVER_SPLIT}}
         return Record(sent, done, image=imageio.decode_data_uri(output["outputs"][0]["url"]),
-                      engine_ms=output["timings_ms"]["total"], observed=observed)
+                      engine_ms=output["timings_ms"]["total"], observed=observed, timings_ms=timings)
 
 
 def run_http(directory: Path, jobs: list[Job], *, model_id: str, steps: int, guidance: float, concurrency: list[int],
@@ -450,6 +454,11 @@ def summarize(row: Row, reference: dict | None, peak: float | None, steps: int) 
     if row.kind == "http":
         out["http_overhead_p50_ms"] = percentile([r.latency * 1000 - r.engine_ms for r in row.records], 50)
         out["observed_latency_p50_ms"] = percentile([(r.observed - r.sent) * 1000 for r in row.records], 50)
+        # Where the overhead goes: the POST round trip, the dispatcher before and after the
+        # engine, and the hop to the engine process (engine_call − the engine's own total).
+        split = {key: percentile([r.timings_ms[key] for r in row.records if key in r.timings_ms], 50) for key in ("post", *SERVER_SPLIT)}
+        split["engine_hop"] = percentile([r.timings_ms["engine_call"] - r.engine_ms for r in row.records if "engine_call" in r.timings_ms], 50)
+        out["overhead_split_p50_ms"] = split
     if reference:
         out["throughput_vs_stock"] = out["images_per_second"] / reference["images_per_second"]
         out["latency_speedup_vs_stock"] = reference["latency_p50_ms"] / out["latency_p50_ms"]

@@ -95,6 +95,13 @@ def markdown(results: dict) -> str:
     flops = ", ".join(f"{size}: {g:.2f}" for size, g in results["transformer_gflops_per_image_pass"].items())
     server_line = (f"process start → /v1/health: {server['start_to_healthy_s']:.2f} s; → first run accepted: {server['start_to_first_accepted_s']:.2f} s."
                    if server else "HTTP was skipped.")
+    splits = [(r["name"], r["overhead_split_p50_ms"]) for r in results["rows"] if r.get("overhead_split_p50_ms")]
+    if splits:
+        server_line += "\n\nWhere the HTTP overhead goes (p50 ms): the POST round trip (validate, store, commit); the\n" \
+            "dispatcher before the engine (load, decode, mark running) and after it (encode, store); the hop\n" \
+            "to the engine process and back (the dispatcher's engine call − the engine's own time).\n\n" + markdown_table(
+                ["configuration", "POST", "dispatch in", "engine hop", "dispatch out"],
+                [[name, *(_num(split.get(k), "{:.1f}") for k in ("post", "dispatch_input", "engine_hop", "dispatch_output"))] for name, split in splits])
     return f"""# Speed benchmark
 
 Model `{results["model"]}` ({results["directory"]}): {results["steps"]} steps, guidance {results["guidance"]},

@@ -57,13 +57,16 @@ def test_every_configuration_is_measured(run):
 
 
 def test_http_rows_have_overhead_and_match_the_engine(run):
-    results, _ = run
+    results, out = run
     http = [r for r in results["rows"] if r["kind"] == "http"]
     assert [r["concurrency"] for r in http] == [1, 2]
     for row in http:
         assert row["http_overhead_p50_ms"] > 0
         assert row["observed_latency_p50_ms"] >= row["latency_p50_ms"] - 1  # polling only ever adds
         assert row["max_pixel_diff_to_engine_x1"] <= 1  # the same engine behind HTTP (up to float rounding)
+        split = row["overhead_split_p50_ms"]  # where the overhead went, from the server's own timings
+        assert split["post"] > 0 and split["dispatch_input"] > 0 and split["dispatch_output"] > 0 and split["engine_hop"] >= 0
+    assert "Where the HTTP overhead goes" in (out / "report.md").read_text()
     server = results["server"]
     assert 0 < server["start_to_healthy_s"] <= server["start_to_first_accepted_s"]
 

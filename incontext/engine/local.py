@@ -34,7 +34,7 @@ from incontext.engine.caches import LRU, image_key
 from incontext.engine.protocol import EditRequest, EditResult, ProgressCallback
 from incontext.engine.scheduler import SampleStatus, Sample, ScheduledBatch, Scheduler
 from incontext.engine.stepcache import StepCacheConfig
-from incontext.errors import Cancelled, IncontextError, InvalidInput
+from incontext.errors import Cancelled, IncontextError, InvalidInput, ModelError
 from incontext.models.loader import load_model
 from incontext.models.registry import Registry
 
@@ -243,6 +243,10 @@ class LocalEngine:
                 raise InvalidInput("the context image must already be at the output size")
         except IncontextError as e:
             fut.set_exception(e)
+            return
+        except Exception as e:  # a model that fails to load must fail its request, not the engine thread
+            log.exception("could not admit request %s", request.request_id)
+            fut.set_exception(ModelError(f"could not load model {request.model_id!r}: {e.__class__.__name__}: {e}"))
             return
         bucket = (preset.id, request.width, request.height)
         job = _Job(request, fut, on_progress, steps, started=submitted)

@@ -6,18 +6,22 @@ from the denoising loop (an edit took 60% longer behind HTTP than in-process). A
 process has its own interpreter, and the server process never imports torch, so it accepts
 requests while the child is still loading the model (they wait in the child's queue).
 
-Parent and child talk over one pipe, in plain tuples:
-    parent → child: ("edit", EditRequest) · ("cancel", request_id) · ("close",)
+Parent and child talk over one socket pair, in plain tuples:
+    parent → child: (registry, engine kwargs, threads, log level) first, then
+                    ("edit", EditRequest) · ("cancel", request_id) · ("close",)
     child → parent: ("ready",) · ("progress", id, done, total) · ("done", id, EditResult)
                     · ("error", id, code, message, http_status) · ("canceled", id, message)
-If the child dies, its requests fail with ENGINE_ERROR (their runs end `failed`) and a new
-child is started for the next ones.
+Every submitted request ends: with its result, its error, or — if the child dies while it
+has the request — ENGINE_ERROR (the run ends `failed`). A new child is started for the next
+requests, after a growing pause if children keep dying before they are ready.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import queue
 import socket
 import subprocess
 import sys
@@ -32,7 +36,9 @@ from incontext.models.registry import Registry
 
 log = logging.getLogger(__name__)
 
-RESPAWN_DELAY_S = 1.0
+RESPAWN_DELAY_S = 1.0  # after a child that never became ready; doubles up to RESPAWN_MAX_S
+RESPAWN_MAX_S = 60.0
+EXIT_LOAD_FAILED = 3  # the child's exit code when the default model does not load
 
 
 class EngineCrashed(IncontextError):
@@ -49,27 +55,38 @@ class ProcessEngine:
         self.threads = threads
         self.engine_kwargs = engine_kwargs
         self._conn: Connection | None = None
-        self._proc = None
-        self._send_lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        # Guards _conn, _pending, _unsent and _closing: sends, submits and a child's replacement.
+        self._lock = threading.Lock()
         self._pending: dict[str, tuple[Future, ProgressCallback | None]] = {}
-        self._unsent: list[EditRequest] = []  # submitted while a child was being replaced
+        self._unsent: list[EditRequest] = []  # submitted while no child could take them
         self._ready = threading.Event()
         self._closing = False
+        self._delay = RESPAWN_DELAY_S
 
     # ------------------------------------------------------------ EngineClient
 
     async def start(self) -> None:
         """Start the child and return at once: it loads the model while requests queue."""
-        self._spawn()
+        with self._lock:
+            self._spawn_locked()
 
     async def close(self) -> None:
-        self._closing = True
-        self._send(("close",))
-        if self._proc is not None:
+        with self._lock:
+            self._closing = True
+            self._send_locked(("close",))
+            proc = self._proc
+        if proc is not None:
             try:
-                await asyncio.to_thread(self._proc.wait, 10)
+                await asyncio.to_thread(proc.wait, 10)
             except subprocess.TimeoutExpired:
-                self._proc.kill()
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
+        with self._lock:
+            pending, self._pending, self._unsent = self._pending, {}, []
+        for fut, _ in pending.values():
+            if not fut.done():
+                fut.set_exception(EngineCrashed("the engine was shut down"))
 
     def is_ready(self) -> bool:
         return self._ready.is_set()
@@ -77,8 +94,11 @@ class ProcessEngine:
     def submit(self, request: EditRequest, on_progress: ProgressCallback | None = None) -> Future:
         fut: Future = Future()
         fut.set_running_or_notify_cancel()
-        self._pending[request.request_id] = (fut, on_progress)
-        with self._send_lock:
+        with self._lock:
+            if self._closing:
+                fut.set_exception(EngineCrashed("the engine was shut down"))
+                return fut
+            self._pending[request.request_id] = (fut, on_progress)
             if not self._send_locked(("edit", request)):
                 self._unsent.append(request)  # the child is being replaced: the next one gets it
         return fut
@@ -87,29 +107,39 @@ class ProcessEngine:
         return await asyncio.wrap_future(self.submit(request, on_progress))
 
     def cancel(self, request_id: str) -> bool:
-        self._send(("cancel", request_id))
-        return request_id in self._pending
+        with self._lock:
+            self._send_locked(("cancel", request_id))
+            return request_id in self._pending
 
     # ------------------------------------------------------------ plumbing
 
-    def _spawn(self) -> None:
-        # A plain `python -m incontext.engine.process` child (not multiprocessing's spawn,
-        # which re-imports the parent's __main__), fed over one end of a socket pair.
+    def _spawn_locked(self) -> None:
+        """Start a child (caller holds the lock). A plain `python -m incontext.engine.process`
+        child, not multiprocessing's spawn, which re-imports the parent's __main__. Its own
+        session: Ctrl-C or SIGTERM to the server must not kill it before the server has
+        stopped dispatching (runs in flight stay `running` and are queued again at restart)."""
         ours, theirs = socket.socketpair()
-        self._proc = subprocess.Popen([sys.executable, "-m", "incontext.engine.process", str(theirs.fileno())], pass_fds=(theirs.fileno(),))
-        theirs.close()
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "incontext.engine.process", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), start_new_session=True,
+            )
+        except OSError:
+            ours.close()
+            log.exception("could not start the engine process")
+            self._conn = None
+            threading.Thread(target=self._respawn_later, daemon=True).start()
+            return
+        finally:
+            theirs.close()
         conn = Connection(ours.detach())
-        with self._send_lock:
-            conn.send((self.registry, self.engine_kwargs, self.threads, logging.getLogger().getEffectiveLevel()))
-            self._conn = conn
-            unsent, self._unsent = self._unsent, []
-            for request in unsent:
-                self._send_locked(("edit", request))
+        self._conn = conn
+        self._send_locked((self.registry, self.engine_kwargs, self.threads, logging.getLogger().getEffectiveLevel()))
+        unsent, self._unsent = self._unsent, []
+        for request in unsent:
+            if request.request_id in self._pending and not self._send_locked(("edit", request)):
+                self._unsent.append(request)
         threading.Thread(target=self._read, args=(conn,), name="incontext-engine-reader", daemon=True).start()
-
-    def _send(self, message: tuple) -> bool:
-        with self._send_lock:
-            return self._send_locked(message)
 
     def _send_locked(self, message: tuple) -> bool:
         try:
@@ -120,65 +150,107 @@ class ProcessEngine:
 
     def _read(self, conn: Connection) -> None:
         """Hand the child's messages to the waiting futures; runs on its own thread."""
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                break
-            kind = message[0]
-            if kind == "ready":
-                self._ready.set()
-            elif kind == "progress":
-                _, request_id, done, total = message
-                entry = self._pending.get(request_id)
-                if entry and entry[1] is not None:
-                    try:
-                        entry[1](done, total)
-                    except Exception:  # a client's callback must not stop the reader
-                        log.exception("progress callback failed")
-            else:
+        try:
+            while True:
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError):
+                    return
+                self._handle(message)
+        except Exception:  # a message we cannot read must not leave requests waiting forever
+            log.exception("the engine process sent something unreadable")
+        finally:
+            conn.close()
+            self._child_gone(conn)
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "ready":
+            self._delay = RESPAWN_DELAY_S
+            self._ready.set()
+        elif kind == "progress":
+            _, request_id, done, total = message
+            entry = self._pending.get(request_id)
+            if entry and entry[1] is not None:
+                try:
+                    entry[1](done, total)
+                except Exception:  # a client's callback must not stop the reader
+                    log.exception("progress callback failed")
+        else:
+            with self._lock:
                 entry = self._pending.pop(message[1], None)
-                if entry is None:
-                    continue
-                fut = entry[0]
-                if kind == "done":
-                    fut.set_result(message[2])
-                elif kind == "canceled":
-                    fut.set_exception(Cancelled(message[2]))
-                else:
-                    _, _, code, text, status = message
-                    fut.set_exception(IncontextError(text, code=code, http_status=status))
-        self._child_gone(conn)
+            if entry is None:
+                return
+            fut = entry[0]
+            if kind == "done":
+                fut.set_result(message[2])
+            elif kind == "canceled":
+                fut.set_exception(Cancelled(message[2]))
+            else:
+                _, _, code, text, status = message
+                fut.set_exception(IncontextError(text, code=code, http_status=status))
 
     def _child_gone(self, conn: Connection) -> None:
         was_ready = self._ready.is_set()
         self._ready.clear()
-        with self._send_lock:
+        proc = self._proc
+        code = proc.wait() if proc is not None else None
+        why = ("the engine process could not load the model (see the server log)" if code == EXIT_LOAD_FAILED
+               else f"the engine process stopped during the request (exit code {code})")
+        with self._lock:
+            if conn is not self._conn:
+                return
             unsent = {r.request_id for r in self._unsent}
             # Requests the dead child had may be what killed it: they fail, they are not retried.
-            lost = {k: v for k, v in self._pending.items() if k not in unsent}
-            for request_id in lost:
-                del self._pending[request_id]
-        for fut, _ in lost.values():
+            lost = [self._pending.pop(k) for k in list(self._pending) if k not in unsent]
+            replace = not self._closing
+            if replace:
+                log.error("the engine process exited (code %s); starting a new one", code)
+                if was_ready:
+                    self._spawn_locked()
+        for fut, _ in lost:
             if not fut.done():
-                fut.set_exception(EngineCrashed("the engine process stopped during the request"))
-        if not self._closing and conn is self._conn:
-            log.error("the engine process exited (code %s); starting a new one", self._proc.wait() if self._proc else None)
-            if not was_ready:
-                time.sleep(RESPAWN_DELAY_S)  # a child that cannot start must not spin
-            self._spawn()
+                fut.set_exception(EngineCrashed(why))
+        if replace and not was_ready:
+            self._respawn_later()
+
+    def _respawn_later(self) -> None:
+        """A child that cannot start must not spin: wait longer each time, then try again."""
+        time.sleep(self._delay)
+        self._delay = min(self._delay * 2, RESPAWN_MAX_S)
+        with self._lock:
+            if not self._closing:
+                self._spawn_locked()
 
 
 def _child_main(conn: Connection) -> None:
-    """The child: a LocalEngine fed from the pipe. Requests queue while the model loads."""
+    """The child: a LocalEngine fed from the socket. It reads at once (so the server never
+    blocks on a full socket), queueing requests while torch is imported and the model loads."""
     registry, engine_kwargs, threads, log_level = conn.recv()
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine] %(message)s")
+    inbox: queue.Queue = queue.Queue()
+    loaded = threading.Event()
+
+    def receive() -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):  # the server is gone
+                message = ("close",)
+            if message[0] == "close" and not loaded.is_set():
+                os._exit(0)  # nothing is running yet: no need to finish loading first
+            inbox.put(message)
+            if message[0] == "close":
+                return
+
+    threading.Thread(target=receive, name="incontext-engine-inbox", daemon=True).start()
+
     import torch
 
     from incontext.engine.local import LocalEngine  # torch is imported here, not in the server
 
     if threads:
         torch.set_num_threads(threads)
-
     engine = LocalEngine(registry, **engine_kwargs)
     lock = threading.Lock()
 
@@ -186,8 +258,11 @@ def _child_main(conn: Connection) -> None:
         with lock:
             try:
                 conn.send(message)
-            except (OSError, BrokenPipeError):
-                pass  # the server is gone; the loop below ends on EOF
+            except (OSError, EOFError):
+                pass  # the server is gone; the inbox loop ends on its EOF
+            except Exception as exc:  # e.g. a result that cannot be pickled: the request still ends
+                if message[0] == "done":
+                    conn.send(("error", message[1], "ENGINE_ERROR", f"could not return the result: {exc.__class__.__name__}", 500))
 
     def resolved(request_id: str, fut: Future) -> None:
         exc = fut.exception()
@@ -200,40 +275,34 @@ def _child_main(conn: Connection) -> None:
         else:
             send(("error", request_id, "ENGINE_ERROR", f"the engine failed: {exc.__class__.__name__}", 500))
 
-    def progress(request_id: str):
-        return lambda done, total: send(("progress", request_id, done, total))
-
-    def receive() -> None:
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                message = ("close",)
-            if message[0] == "close":
-                engine.stop()
-                return
-            if message[0] == "cancel":
-                engine.cancel(message[1])
-            else:
-                request: EditRequest = message[1]
-                fut = engine.submit(request, progress(request.request_id))
-                fut.add_done_callback(lambda f, r=request.request_id: resolved(r, f))
-
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine] %(message)s")
-    reader = threading.Thread(target=receive, name="incontext-engine-inbox", daemon=True)
-    reader.start()
     try:
         engine.load(registry.default_id)
-        loaded = True
-    except Exception:  # requests still get the loader's error, with its code
+    except Exception:
         log.exception("could not load the default model")
-        loaded = False
+        os._exit(EXIT_LOAD_FAILED)  # the server fails the queued requests and tries again later
+    loaded.set()
     engine.start_thread()
-    if loaded:
-        send(("ready",))
-    reader.join()
-    if engine._thread is not None:
-        engine._thread.join(10)
+
+    def watch() -> None:  # the engine thread never ends on its own: if it does, so does the child
+        engine._thread.join()
+        if not engine._stop.is_set():
+            log.error("the engine thread died")
+            os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+    send(("ready",))
+    while True:
+        message = inbox.get()
+        if message[0] == "close":
+            engine.stop()
+            break
+        if message[0] == "cancel":
+            engine.cancel(message[1])
+        else:
+            request: EditRequest = message[1]
+            fut = engine.submit(request, lambda done, total, r=request.request_id: send(("progress", r, done, total)))
+            fut.add_done_callback(lambda f, r=request.request_id: resolved(r, f))
+    engine._thread.join(10)
 
 
 if __name__ == "__main__":

@@ -89,3 +89,31 @@ def test_a_crashed_child_fails_its_requests_and_is_replaced(registry, one_thread
     doomed_error, after = asyncio.run(go())
     assert doomed_error is not None and doomed_error.code == "ENGINE_ERROR"  # its run ends `failed`
     assert after.images[0].size == (64, 64)
+
+
+def test_a_model_that_does_not_load_fails_requests_instead_of_hanging(tiny_model, tmp_path, one_thread):
+    import shutil
+
+    from incontext.models.registry import Registry, preset_for_directory
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    shutil.rmtree(broken / "transformer")
+    registry = Registry(default_id="broken")
+    registry.add(preset_for_directory(broken, id="broken"))
+
+    async def go():
+        engine = ProcessEngine(registry, threads=1, dtype="float32")
+        await engine.start()
+        try:
+            await engine.edit(req("r", 1))
+            error = None
+        except IncontextError as exc:
+            error = exc
+        ready = engine.is_ready()
+        await engine.close()
+        return error, ready
+
+    error, ready = asyncio.run(go())
+    assert error is not None and error.code == "ENGINE_ERROR" and "could not load the model" in error.message
+    assert not ready

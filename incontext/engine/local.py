@@ -148,6 +148,12 @@ class LocalEngine:
         self._stop.set()
         self._inbox.put(None)
 
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the loop's thread to end; True if it ended because `stop` was called."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self._stop.is_set()
+
     async def close(self) -> None:
         self.stop()
         if self._thread is not None:

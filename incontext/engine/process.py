@@ -284,8 +284,7 @@ def _child_main(conn: Connection) -> None:
     engine.start_thread()
 
     def watch() -> None:  # the engine thread never ends on its own: if it does, so does the child
-        engine._thread.join()
-        if not engine._stop.is_set():
+        if not engine.join():
             log.error("the engine thread died")
             os._exit(1)
 
@@ -302,7 +301,7 @@ def _child_main(conn: Connection) -> None:
             request: EditRequest = message[1]
             fut = engine.submit(request, lambda done, total, r=request.request_id: send(("progress", r, done, total)))
             fut.add_done_callback(lambda f, r=request.request_id: resolved(r, f))
-    engine._thread.join(10)
+    engine.join(10)
 
 
 if __name__ == "__main__":

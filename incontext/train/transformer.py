@@ -61,6 +61,8 @@ class TransformerTrainConfig:
     # Rows without an instruction learn to return the context unchanged (see _step).
     dropped_rows_copy: bool = True
     edit_weight: float = 2.0  # extra loss weight on tokens the edit changes (see _weights)
+    # Rows whose t is drawn uniformly over the sampling schedule instead of logit-normal (see _timesteps).
+    uniform_t: float = 0.5
     guided_fraction: float = 0.3  # rows trained with g > 1 once guidance training starts
     guidance_start: float = 0.25  # fraction of the run before guidance training starts
     max_guidance: float = 20.0
@@ -168,9 +170,7 @@ def _step(m: sampler.Models, data: LatentChunks, cfg: TransformerTrainConfig, rn
         # makes guidance push away from "unchanged" towards the instruction.
         x0 = torch.where(dropped.view(-1, 1, 1), cond, x0)
     noise = torch.randn_like(x0)
-    shift = math.exp(sampler.shift_mu(x0.shape[1], m.scheduler_config))
-    s = torch.sigmoid(torch.randn(b))
-    t = shift * s / (1 + (shift - 1) * s)
+    t = _timesteps(b, math.exp(sampler.shift_mu(x0.shape[1], m.scheduler_config)), cfg.uniform_t)
     xt = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * noise
     target = noise - x0
     img_ids, txt_ids = sampler.kontext_ids(h, w, m.vae_scale_factor, m.max_sequence_length)
@@ -196,6 +196,16 @@ def _step(m: sampler.Models, data: LatentChunks, cfg: TransformerTrainConfig, rn
     err = ((pred.float() - target) ** 2).mean(-1)
     w = _weights(x0, cond, cfg.edit_weight)
     return ((w * err).sum(1) / w.sum(1)).mean()
+
+
+def _timesteps(b: int, shift: float, uniform_t: float) -> torch.Tensor:
+    """t for a batch: logit-normal (most rows) or uniform, then shifted as the sampling schedule is.
+
+    Logit-normal alone puts 4.5 % of rows at t > 0.9, where the sampler spends 4 of its 20
+    steps and where the layout is decided: there the first models did not carry the context's
+    objects over. A uniform share gives those steps about 15 %."""
+    s = torch.where(torch.rand(b) < uniform_t, torch.rand(b), torch.sigmoid(torch.randn(b)))
+    return shift * s / (1 + (shift - 1) * s)
 
 
 def _weights(x0: torch.Tensor, cond: torch.Tensor, edit_weight: float) -> torch.Tensor:

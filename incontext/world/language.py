@@ -213,7 +213,8 @@ TEMPLATES: dict[str, list[str]] = {
         "please change the word {old} to {new}",
         "put the word {new} instead of {old}",
     ],
-    # Character reference: the creature (named by its body) elsewhere, on another background, or both.
+    # Character reference: the creature (named by its body) elsewhere, on another background, or both;
+    # or beside other shapes. The words are the vocabulary's own ("next to", "beside" are not in it).
     "creature_move": [
         "put the {obj} in the {pos}",
         "move the {obj} to the {pos}",
@@ -240,6 +241,18 @@ TEMPLATES: dict[str, list[str]] = {
         "put it in the {pos} on a {color} background",
         "on a {color} background put the {obj} in the {pos}",
         "i want the {obj} at the {pos} on a {color} background",
+    ],
+    "creature_beside": [
+        "put the {obj} with {things}",
+        "put {things} at the side of the {obj}",
+        "place {things} at the side of the {obj}",
+        "add {things} at the side of the {obj}",
+        "draw {things} at the side of the {obj}",
+        "put it with {things} at its side",
+        "give the {obj} {things} at its side",
+        "i want the {obj} with {things} at its side",
+        "now put the {obj} with {things}",
+        "can you put {things} at the side of the {obj}",
     ],
 }
 
@@ -274,6 +287,12 @@ def say_object(color: str, kind: str, rng: random.Random) -> str:
     if rng.random() < 0.05:
         color = rng.choice([k for k, v in COLOR_SYNONYMS.items() if v == color] or [color])
     return f"{color} {kind}"
+
+
+def say_things(things: list[tuple[str, str]], rng: random.Random) -> str:
+    """Some (colour, kind) shapes as a person lists them: "a red circle and an orange star"."""
+    named = [say_object(color, kind, rng) for color, kind in things]
+    return " and ".join(f"{'an' if name[0] in 'aeiou' else 'a'} {name}" for name in named)
 
 
 def phrase(family: str, rng: random.Random, **slots: str) -> str:

@@ -8,9 +8,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from incontext.world.character import BESIDE_GAP, BESIDE_SIZE
 from incontext.world.edits import FAMILIES, TRAIN_SIZES, make_example
-from incontext.world.language import vocabulary
-from incontext.world.scene import COLORS, POSITIONS, SHAPES, word_mask
+from incontext.world.language import COLOR_SYNONYMS, SHAPE_SYNONYMS, vocabulary
+from incontext.world.scene import COLORS, POSITIONS, SHAPES, creature_masks, object_mask, word_mask
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -109,12 +110,47 @@ def test_the_creature_keeps_every_trait_and_goes_where_it_is_told():
         ex = make_example(rng, "creature")
         before, after = ex.scene.creature, ex.target_scene.creature
         assert replace(after, cx=before.cx, cy=before.cy) == before
-        assert f"{before.color} " in ex.instruction or " it " in f" {ex.instruction} "
+        said = [f"{color} " for color in _names(before.color, COLOR_SYNONYMS)] + [" it "]  # "crimson" is red
+        assert any(word in f" {ex.instruction} " for word in said), ex.instruction
         if "position" in ex.info:
             assert (after.cx, after.cy) == POSITIONS[ex.info["position"]]
         if "color" in ex.info:
             assert ex.target_scene.background.color == ex.info["color"] != ex.scene.background.color
         assert set(ex.info) - {"how"}
+
+
+def test_shapes_put_beside_the_creature_sit_next_to_it_as_named_without_touching_anything():
+    rng = random.Random(10)
+    beside = [ex for ex in (make_example(rng, "creature") for _ in range(40)) if ex.info["how"] == "beside"]
+    assert len(beside) >= 5 and {len(ex.info["added"]) for ex in beside} == {1, 2}
+    for ex in beside:
+        assert ex.target_scene.creature == ex.scene.creature  # it does not move to make room
+        assert ex.target_scene.objects[: len(ex.scene.objects)] == ex.scene.objects
+        side = min(ex.scene.width, ex.scene.height)
+        creature = _pixels(np.logical_or.reduce(list(creature_masks(ex.scene).values())))
+        others = [_pixels(object_mask(ex.target_scene, i)) for i in range(len(ex.target_scene.objects))]
+        for i in ex.info["added"]:
+            o = ex.target_scene.objects[i]
+            assert any(f"{color} {kind}" in ex.instruction for color in _names(o.color, COLOR_SYNONYMS)
+                       for kind in _names(o.kind, SHAPE_SYNONYMS)), ex.instruction
+            shape = object_mask(ex.target_scene, i)
+            assert not (shape[0].any() or shape[-1].any() or shape[:, 0].any() or shape[:, -1].any())
+            assert BESIDE_GAP * side - 1 <= _distance(others[i], creature) <= 2 * BESIDE_SIZE * side
+            assert all(_distance(others[i], p) >= BESIDE_GAP * side - 1 for j, p in enumerate(others) if j != i)
+
+
+def _names(name: str, synonyms: dict[str, str]) -> list[str]:
+    return [name] + [word for word, meaning in synonyms.items() if meaning == name]
+
+
+def _pixels(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    return np.stack([xs, ys], axis=1).astype(float)
+
+
+def _distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Between the nearest two pixels of two sets, from centre to centre."""
+    return float(np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=2)).min())
 
 
 def test_sizes_are_square_and_non_square():

@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from incontext import sampler
+from incontext import imageio, sampler
 from incontext.engine import stepcache
 from incontext.engine.caches import LRU, image_key
+from incontext.engine.compiled import CompiledModels
 from incontext.engine.protocol import EditRequest, EditResult, ProgressCallback
 from incontext.engine.scheduler import SampleStatus, Sample, ScheduledBatch, Scheduler
 from incontext.engine.stepcache import StepCacheConfig
@@ -61,6 +62,7 @@ class _Job:
     started: float = 0.0  # when submitted
     first_step: float = 0.0
     evals: int = 0  # transformer passes per image
+    compiled_evals: int = 0  # of which by the compiled transformer
 
     def computes(self, step: int) -> bool:
         return self.compute_steps is None or step in self.compute_steps
@@ -89,6 +91,7 @@ class _Step:
     img: torch.Tensor  # (B, N, 4C)
     velocities: torch.Tensor  # (B, N, 4C)
     computed: list[bool]
+    compiled: bool = False  # the computed rows ran the compiled transformer
 
 
 @dataclass
@@ -109,14 +112,18 @@ def _rows(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
 class LocalEngine:
     def __init__(self, registry: Registry, *, max_batch_size: int = 8, dtype: str = "auto", device: str = "cpu",
                  text_cache: int = 256, image_cache: int = 64, reuse_output_latents: bool = True,
-                 step_cache: StepCacheConfig | str | None = None):
+                 step_cache: StepCacheConfig | str | None = None, compile: bool = False):
         """`step_cache`: None for the exact sampler, a preset name ("fast") or a StepCacheConfig,
-        for every model; `set_step_cache` changes it, also for one model only."""
+        for every model; `set_step_cache` changes it, also for one model only. `compile`: each
+        loaded model's transformer is compiled in the background and used once warm
+        (engine/compiled.py); requests never wait for it."""
         self.registry = registry
         self.dtype = dtype
         self.device = device
         self.scheduler = Scheduler(max_batch_size)
         self.models: dict[str, sampler.Models] = {}
+        self.compile = compile
+        self.compiled: dict[str, CompiledModels] = {}
         self.text_cache: LRU[tuple] = LRU(text_cache)
         self.latent_cache: LRU[torch.Tensor] = LRU(image_cache)
         self.reuse_output_latents = reuse_output_latents
@@ -179,6 +186,10 @@ class LocalEngine:
         preset = self.registry.resolve(model_id)
         if preset.id not in self.models:
             self.models[preset.id] = load_model(preset.directory, device=self.device, dtype=self.dtype, max_sequence_length=preset.max_sequence_length)
+            if self.compile:
+                # The square bucket now; others when a request first needs them.
+                square = imageio.output_size(1, 1, target_area=preset.target_area, multiple=preset.multiple)
+                self.compiled[preset.id] = CompiledModels(self.models[preset.id], [square])
         return self.models[preset.id]
 
     def set_step_cache(self, spec: StepCacheConfig | str | None, model_id: str | None = None) -> None:
@@ -294,6 +305,8 @@ class LocalEngine:
         schedule computes this step; the others reuse their last velocity."""
         model_id, width, height = batch.bucket
         m = self.models[model_id]
+        if model_id in self.compiled:
+            m = self.compiled[model_id].for_bucket(width, height)
         now = time.perf_counter()
         for s in batch.new:
             job = self._jobs[s.request_id]
@@ -330,7 +343,7 @@ class LocalEngine:
         if index is not None:
             fresh = dict(zip(rows, v.split(1)))
             v = torch.cat([fresh[i] if i in fresh else j.velocities[s.index] for i, (j, s) in enumerate(zip(jobs, samples))])
-        return _Step(img, v, computed)
+        return _Step(img, v, computed, compiled=m is not self.models[model_id])
 
     def _batch_inputs(self, batch: ScheduledBatch, m: sampler.Models) -> _BatchInputs:
         """The stacked inputs of the running batch, rebuilt only when its samples change."""
@@ -365,6 +378,7 @@ class LocalEngine:
             if step.computed[row]:
                 j.velocities[s.index] = step.velocities[row : row + 1]
                 j.evals += 1 if s.index == 0 else 0
+                j.compiled_evals += 1 if s.index == 0 and step.compiled else 0
 
     def _after_update(self, batch: ScheduledBatch, finished: list[Sample]) -> None:
         for job in {id(self._jobs[s.request_id]): self._jobs[s.request_id] for s in batch.samples if s.request_id in self._jobs}.values():
@@ -390,7 +404,9 @@ class LocalEngine:
         result = EditResult(
             images=images, seeds=[r.seed + i for i in range(r.num_images)], num_inference_steps=job.steps,
             transformer_evals=job.evals,
-            timings_ms={"total": (time.perf_counter() - job.started) * 1000, "queued": (job.first_step - job.started) * 1000},
+            timings_ms={"total": (time.perf_counter() - job.started) * 1000, "queued": (job.first_step - job.started) * 1000,
+                        # not a time: the share of its transformer passes that ran compiled
+                        "compiled_share": job.compiled_evals / job.evals if job.evals else 0.0},
         )
         self._finish(job, result=result)
 

@@ -82,6 +82,7 @@ def speed(
     skip_http: Annotated[bool, typer.Option("--skip-http", help="Do not start the server.")] = False,
     step_cache: Annotated[str, typer.Option(help="The fast preset: a preset name or every,first,last (e.g. 3,3,2).")] = "fast",
     threads: Annotated[int | None, typer.Option(min=1, help="Torch threads for every configuration (default: torch's).")] = None,
+    compile: Annotated[bool, typer.Option(help="Compile the engine's transformer as the server does by default (eager rows are added beside).")] = True,
 ) -> None:
     """Stock diffusers, our engine in-process and over HTTP, and the fast preset, side by side."""
     from incontext.bench import speed as speed_bench
@@ -94,7 +95,7 @@ def speed(
         with console.status("measuring") as status:
             results = speed_bench.run_speed(
                 model, n, out, steps=steps, concurrency=levels, skip_stock=skip_stock, skip_http=skip_http,
-                step_cache=step_cache, threads=threads, on_stage=lambda stage: status.update(f"measuring: {stage}"),
+                step_cache=step_cache, threads=threads, compile=compile, on_stage=lambda stage: status.update(f"measuring: {stage}"),
             )
     except IncontextError as e:
         Console(stderr=True).print(f"[red]error[/red] {e.code}: {e.message}", highlight=False, soft_wrap=True)

@@ -223,12 +223,15 @@ def run_stock(directory: Path, dtype: torch.dtype, jobs: list[Job], steps: int, 
 
 
 def run_engine(registry, models, jobs: list[Job], *, model_id: str, steps: int, guidance: float, concurrency: int,
-               max_batch_size: int, step_cache=None, name: str) -> Row:
+               max_batch_size: int, step_cache=None, compiled=None, name: str) -> Row:
+    """`compiled`: a warm `CompiledModels` of `models` (engine/compiled.py), or None for eager."""
     from incontext.engine.local import LocalEngine
     from incontext.engine.protocol import EditRequest
 
     engine = LocalEngine(registry, dtype=models.dtype, max_batch_size=max_batch_size, step_cache=step_cache)
     engine.models[model_id] = models  # share the loaded weights between configurations
+    if compiled is not None:
+        engine.compiled[model_id] = compiled
     engine.start_thread()
     ids = itertools.count()
 
@@ -271,7 +274,7 @@ def free_port() -> int:
 class Server:
     """`incontext serve` in a subprocess, with a fresh data dir and one API key."""
 
-    def __init__(self, directory: Path, threads: int, max_concurrency: int, log_path: Path):
+    def __init__(self, directory: Path, threads: int, max_concurrency: int, log_path: Path, compile: bool = True):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.key = "ic_bench_" + secrets.token_urlsafe(24)
@@ -285,6 +288,7 @@ class Server:
             "INCONTEXT_MAX_CONCURRENT_RUNS_PER_MODEL": str(max_concurrency),
             "INCONTEXT_ENGINE_MAX_BATCH_SIZE": str(max_concurrency),
             "INCONTEXT_RATE_LIMIT_PER_MINUTE": "1000000",
+            "INCONTEXT_ENGINE_COMPILE": "true" if compile else "false",
         }
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
@@ -383,14 +387,31 @@ class HttpClient:
         # run may have completed while the last GET was on its way).
         done = min(observed, completed + (observed - asked))
         output = run["output"]
-        timings = {"post": post_ms, **{k: v for k, v in output["timings_ms"].items() if k in SERVER_SPLIT}}
+        timings = {"post": post_ms, **{k: v for k, v in output["timings_ms"].items() if k in (*SERVER_SPLIT, "compiled_share")}}
         return Record(sent, done, image=imageio.decode_data_uri(output["outputs"][0]["url"]),
                       engine_ms=output["timings_ms"]["total"], observed=observed, timings_ms=timings)
 
 
+def warm_until_compiled(client: "HttpClient", jobs: list[Job], timeout: float = SERVER_START_TIMEOUT_S) -> float:
+    """Send warm-up edits at each size of `jobs` until every one reports that all its passes ran
+    compiled (`timings_ms.compiled_share`); returns the seconds since the server started."""
+    pending = {(j.width, j.height): j for j in jobs}
+    deadline = time.perf_counter() + timeout
+    while pending:
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"the server's transformer was not compiled for {sorted(pending)} in {timeout:.0f} s")
+        for size, job in list(pending.items()):
+            record = client.wait(*client.post(warmup_job(job)))
+            if record.timings_ms.get("compiled_share") == 1.0:
+                del pending[size]
+        if pending:
+            time.sleep(2.0)
+    return time.perf_counter() - client.server.started
+
+
 def run_http(directory: Path, jobs: list[Job], *, model_id: str, steps: int, guidance: float, concurrency: list[int],
-             threads: int, log_path: Path, on_stage: OnStage) -> tuple[list[Row], dict]:
-    server = Server(directory, threads, max(concurrency), log_path)
+             threads: int, log_path: Path, on_stage: OnStage, compile: bool = True) -> tuple[list[Row], dict]:
+    server = Server(directory, threads, max(concurrency), log_path, compile)
     try:
         on_stage("starting the server")
         healthy = server.start()
@@ -399,6 +420,14 @@ def run_http(directory: Path, jobs: list[Job], *, model_id: str, steps: int, gui
         posted = first.post(warmup_job(jobs[0]))
         accepted = time.perf_counter() - server.started
         first.wait(*posted)
+        warm_s = None
+        if compile:
+            # The server compiles in the background and serves eagerly meanwhile (engine/compiled.py):
+            # time it once every bucket of the jobs runs compiled, as it does from then on.
+            on_stage("waiting for the server's compiled transformer")
+            t0 = time.perf_counter()
+            warm_s = warm_until_compiled(first, jobs)
+            log.info("server compiled for every bucket after %.0f s", time.perf_counter() - t0)
         first.close()
         rows = []
         for c in concurrency:
@@ -413,7 +442,7 @@ def run_http(directory: Path, jobs: list[Job], *, model_id: str, steps: int, gui
             finally:
                 client.close()
             rows.append(Row(f"HTTP ×{c}", "http", c, records, wall, {"poll_seconds": poll}))
-        server_info = {"start_to_healthy_s": healthy, "start_to_first_accepted_s": accepted}
+        server_info = {"start_to_healthy_s": healthy, "start_to_first_accepted_s": accepted, "start_to_compiled_s": warm_s}
         return rows, server_info
     finally:
         server.stop()
@@ -479,6 +508,7 @@ def run_speed(
     skip_http: bool = False,
     step_cache: str = "fast",
     threads: int | None = None,
+    compile: bool = True,
     matmul_size: int = MATMUL_SIZE,
     seed: int = 0,
     on_stage: OnStage | None = None,
@@ -527,13 +557,28 @@ def run_speed(
                 on_stage(f"stock diffusers, {_dtype_name(dtype)}")
                 rows.append(run_stock(preset.directory, dtype, jobs, steps, guidance, preset.max_sequence_length))
 
-        # 4. the engine in this process, exact and with the step cache
-        engine_runs = [(1, None, "engine ×1"), (max_c, None, f"engine ×{max_c}"),
-                       (1, cache_config, "engine fast ×1"), (max_c, cache_config, f"engine fast ×{max_c}")]
-        for c, cache, name in engine_runs if max_c > 1 else engine_runs[::2]:
+        # 4. the engine in this process, exact and with the step cache; compiled as the server
+        #    does by default (engine/compiled.py), with the eager engine beside it
+        compiled, compile_info = None, None
+        if compile:
+            from incontext.engine.compiled import CompiledModels
+
+            on_stage("compiling the transformer")
+            compiled = CompiledModels(models, sorted({(j.width, j.height) for j in jobs}))
+            compiled.wait()
+            compile_info = {"seconds": compiled.seconds, "failed": compiled.failed}
+            if compiled.failed:
+                compiled = None
+        engine_runs = [(1, None, compiled, "engine ×1"), (max_c, None, compiled, f"engine ×{max_c}"),
+                       (1, cache_config, compiled, "engine fast ×1"), (max_c, cache_config, compiled, f"engine fast ×{max_c}")]
+        if compiled is not None:
+            engine_runs += [(1, None, None, "engine eager ×1"), (max_c, None, None, f"engine eager ×{max_c}")]
+        for c, cache, comp, name in engine_runs:
+            if c > 1 and max_c == 1:
+                continue
             on_stage(name)
             rows.append(run_engine(registry, models, jobs, model_id=preset.id, steps=steps, guidance=guidance,
-                                   concurrency=c, max_batch_size=max_c, step_cache=cache, name=name))
+                                   concurrency=c, max_batch_size=max_c, step_cache=cache, compiled=comp, name=name))
 
         # 5. the server
         server = None
@@ -541,7 +586,7 @@ def run_speed(
             # The server serves the directory as its default model.
             http_rows, server = run_http(preset.directory, jobs, model_id=DEFAULT_MODEL_ID,
                                          steps=steps, guidance=guidance, concurrency=concurrency, threads=threads,
-                                         log_path=out_dir / "server.log", on_stage=on_stage)
+                                         log_path=out_dir / "server.log", on_stage=on_stage, compile=compiled is not None)
             rows += http_rows
 
         # 6. scores
@@ -576,6 +621,7 @@ def run_speed(
             "seed": seed,
             "threads": threads,
             "engine_dtype": _dtype_name(models.dtype),
+            "compile": compile_info,
             "concurrency": concurrency,
             "max_concurrency": max_c,
             "sizes": sorted({f"{j.width}x{j.height}" for j in jobs}),

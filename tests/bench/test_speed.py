@@ -30,7 +30,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def run(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("speed")
     # 4 steps with "2,1,1" computes steps {0, 1, 3}: the fast rows really skip one.
-    results = run_speed(str(tiny_model), 2, out, steps=4, concurrency=(1, 2), step_cache="2,1,1", threads=1, matmul_size=256)
+    results = run_speed(str(tiny_model), 2, out, steps=4, concurrency=(1, 2), step_cache="2,1,1", threads=1, matmul_size=256,
+                        compile=False)  # compiling: tests/engine/test_compiled.py
     return results, out
 
 
@@ -138,13 +139,13 @@ def test_cli_passes_its_options_and_prints_the_tables(run, monkeypatch, tmp_path
 
     monkeypatch.setattr(speed, "run_speed", fake_run_speed)
     args = ["bench", "speed", "--model", "some/model", "--n", "3", "--steps", "2", "--concurrency", "1,4", "--out", str(tmp_path),
-            "--skip-stock", "--skip-http", "--step-cache", "3,3,2", "--threads", "1"]
+            "--skip-stock", "--skip-http", "--step-cache", "3,3,2", "--threads", "1", "--no-compile"]
     result = CliRunner().invoke(_cli(), args, env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     model, n, out, options = calls[0]
     assert (model, n, out) == ("some/model", 3, tmp_path)
     assert options["concurrency"] == (1, 4) and options["skip_stock"] and options["skip_http"]
-    assert (options["steps"], options["step_cache"], options["threads"]) == (2, "3,3,2", 1)
+    assert (options["steps"], options["step_cache"], options["threads"], options["compile"]) == (2, "3,3,2", 1, False)
     assert "engine fast ×1" in result.output and "HTTP overhead" in result.output and "goals" in result.output
 
 

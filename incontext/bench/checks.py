@@ -20,7 +20,9 @@ family is checked by asking the output the question a person would ask of it:
   output best, in the requested colour?
 - creature: where it was asked to be, does each of its traits (body, eyes, markings,
   accessory) show in its colour, is each the target's kind rather than another (a crown
-  for its hat, three eyes for two), and is the background the requested colour?
+  for its hat, three eyes for two), and is the background the requested colour? Shapes asked
+  for beside it: on some spot beside it (the instruction names no side), is each in its colour,
+  and of all shapes drawn there, does the requested one fit best?
 
 and, for every family, the rest of the image is preserved reasonably (`PRESERVE_MIN_DB`); a family
 that repaints every pixel (`WHOLE_IMAGE`) must instead stay that close to the target.
@@ -36,9 +38,12 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from incontext.world.character import BESIDE_SIZE, SHAPE_REACH, beside_spots
 from incontext.world.creature import ACCESSORIES, BODIES, EYES, MARKINGS
 from incontext.world.edits import Example
-from incontext.world.scene import COLORS, ROTATED_SHAPES, SHAPES, Scene, creature_masks, object_mask, pattern_mask, render, word_mask
+from incontext.world.scene import (
+    COLORS, ROTATED_SHAPES, SHAPES, Scene, Shape, creature_masks, object_mask, pattern_mask, render, word_mask,
+)
 
 # Preservation outside the edit mask: RMS error ≈ 25 levels. Loose enough for an
 # autoencoder's blur, strict enough that repainting the scene fails.
@@ -314,7 +319,43 @@ def _creature(ex: Example, output: Image.Image) -> bool:
         background = ~dilate(_object_pixels(ex) | creatures, OBJECT_MARGIN)
         if not is_color(output, background, ex.info["color"]):
             return False
+    if "added" in ex.info:  # beside it: on any spot beside it, not only where the target has them
+        return all(_beside(ex, output, i) for i in ex.info["added"])
     return toward_target(ex, output, clearly_changed(ex))
+
+
+def _shape_alone(scene: Scene, shape: Shape) -> np.ndarray:
+    """Boolean (h, w) mask of `shape` drawn in `scene`'s frame."""
+    return object_mask(replace(scene, objects=(shape,)), 0)
+
+
+def _beside(ex: Example, output: Image.Image, index: int) -> bool:
+    """New object `index` shows on one of the spots beside the creature: most of its core is
+    closer to its colour than to what was there, the core is its colour, and of all shapes drawn
+    on that spot it fits the output best (a circle where a star was asked has its colour only)."""
+    shape = ex.target_scene.objects[index]
+    out = _array(output)
+    ink = np.abs(out - np.array(shape.rgb)).sum(axis=2) < np.abs(out - _array(ex.context)).sum(axis=2)
+    for x, y in beside_spots(ex.scene):
+        core = _core(_shape_alone(ex.scene, replace(shape, cx=x, cy=y)))
+        if float(ink[core].mean()) < TOWARD_TARGET or not is_color(output, core, shape.color):
+            continue
+        drawn = {kind: _shape_alone(ex.scene, replace(shape, kind=kind, cx=x, cy=y)) for kind in SHAPES}
+        # Only the ink around this spot: the other new shape may be inked too.
+        near = ink & dilate(np.logical_or.reduce(list(drawn.values())), OBJECT_MARGIN)
+        fit = {kind: float((near & mask).sum()) / max(1, int((near | mask).sum())) for kind, mask in drawn.items()}
+        if max(SHAPES, key=fit.__getitem__) == shape.kind:
+            return True
+    return False
+
+
+def _beside_zone(scene: Scene) -> np.ndarray:
+    """Boolean (h, w) mask of everywhere a shape put beside the creature may be drawn."""
+    zone = np.zeros((scene.height, scene.width), dtype=bool)
+    for x, y in beside_spots(scene):
+        disc = Shape(kind="circle", color="white", rgb=COLORS["white"], cx=x, cy=y, size=SHAPE_REACH * BESIDE_SIZE)
+        zone |= _shape_alone(scene, disc)
+    return dilate(zone, 1)
 
 
 def _grayscale(ex: Example, output: Image.Image) -> bool:
@@ -345,12 +386,14 @@ CHECKS: dict[str, Callable[[Example, Image.Image], bool]] = {
 def preserved(example: Example, output: Image.Image) -> bool:
     """Whether the output kept what the edit should not touch. A whole-image family touches every
     pixel, so there the output must stay close to the target instead. A creature kept in place
-    is left to its own check."""
+    is left to its own check, and so are the spots beside it where it was asked to get company."""
     if example.family in WHOLE_IMAGE:
         return psnr(output, example.target) >= PRESERVE_MIN_DB
     outside = ~example.mask
     if example.family == "creature":  # its fine detail is judged trait by trait instead
         outside &= ~dilate(np.logical_or.reduce(list(creature_masks(example.target_scene).values())), 1)
+        if "added" in example.info:  # the instruction names no side: any spot beside it may be drawn on
+            outside &= ~_beside_zone(example.scene)
     return not outside.any() or psnr(output, example.context, outside) >= PRESERVE_MIN_DB
 
 

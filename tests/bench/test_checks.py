@@ -11,9 +11,9 @@ from PIL import Image, ImageFilter
 
 from incontext.bench import checks
 from incontext.bench.heldout import visible
-from incontext.world import edits
+from incontext.world import character, edits
 from incontext.world.looks import LOOKS
-from incontext.world.scene import COLORS, SHAPES, render
+from incontext.world.scene import COLORS, SHAPES, Scene, distinct, render
 
 
 @cache
@@ -124,6 +124,64 @@ def test_a_creature_left_where_it_was_fails_a_move():
         c = ex.scene.creature
         stayed = replace(ex.target_scene, creature=replace(ex.target_scene.creature, cx=c.cx, cy=c.cy))
         assert not checks.success(ex, render(stayed)), ex.instruction
+
+
+@cache
+def _creature_examples(how: str, n: int = 4) -> tuple[edits.Example, ...]:
+    """Creature examples of one variant (`character.HOWS`): a family-wide draw may hold few of it."""
+    rng = random.Random(f"test-checks:creature:{how}")
+    out = []
+    while len(out) < n:
+        ex = edits.make_example(rng, "creature")
+        if ex.info["how"] == how and visible(ex):
+            out.append(ex)
+    return tuple(out)
+
+
+@pytest.mark.parametrize("how", character.HOWS)
+def test_every_creature_variant_succeeds_as_drawn_and_blurred_and_fails_unchanged(how):
+    for ex in _creature_examples(how):
+        assert checks.success(ex, ex.target), ex.instruction
+        assert checks.success(ex, ex.target.filter(ImageFilter.GaussianBlur(1))), ex.instruction
+        assert not checks.success(ex, ex.context), ex.instruction
+
+
+def _elsewhere_beside(ex: edits.Example) -> Scene | None:
+    """The target with each new shape on the spot beside the creature farthest from the target's."""
+    scene, w, h = ex.target_scene, ex.scene.width, ex.scene.height
+    apart = (2 * character.SHAPE_REACH * character.BESIDE_SIZE + character.BESIDE_GAP) * min(w, h)
+    placed: list[tuple[float, float]] = []
+    for i in ex.info["added"]:
+        o = scene.objects[i]
+        free = [(x, y) for x, y in character.beside_spots(ex.scene)
+                if all(math.hypot((x - px) * w, (y - py) * h) >= apart for px, py in placed)]
+        if not free:
+            return None
+        placed.append(max(free, key=lambda spot: math.hypot((spot[0] - o.cx) * w, (spot[1] - o.cy) * h)))
+        scene = scene.with_object(i, replace(o, cx=placed[-1][0], cy=placed[-1][1]))
+    return scene
+
+
+def test_shapes_beside_the_creature_on_another_side_than_the_targets_succeed():
+    # "Beside" names no side: a model that draws them on the other side did as asked.
+    elsewhere = [(ex, _elsewhere_beside(ex)) for ex in _creature_examples("beside")]
+    elsewhere = [(ex, scene) for ex, scene in elsewhere if scene is not None and scene != ex.target_scene]
+    assert len(elsewhere) >= 3
+    for ex, scene in elsewhere:
+        assert checks.success(ex, render(scene)), ex.instruction
+
+
+def test_a_shape_beside_the_creature_of_another_kind_or_colour_or_left_out_fails():
+    for ex in _creature_examples("beside"):
+        i = ex.info["added"][0]
+        o, bg = ex.target_scene.objects[i], ex.scene.background
+        for kind in SHAPES:
+            if kind != o.kind:
+                assert not checks.success(ex, render(ex.target_scene.with_object(i, replace(o, kind=kind)))), (ex.instruction, kind)
+        wrong = next(c for c in COLORS if c != o.color and distinct(COLORS[c], bg.rgb))
+        recoloured = ex.target_scene.with_object(i, replace(o, color=wrong, rgb=COLORS[wrong]))
+        assert not checks.success(ex, render(recoloured)), (ex.instruction, wrong)
+        assert not checks.success(ex, render(ex.target_scene.without(i))), ex.instruction
 
 
 def test_repainting_the_whole_image_fails_preservation():

@@ -14,7 +14,6 @@ import os
 import stat
 from urllib.parse import unquote_to_bytes
 
-import numpy as np
 from PIL import Image, ImageOps
 
 from incontext.errors import (
@@ -214,6 +213,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if mode.startswith("I;16") or mode in ("I", "F"):
         # Pillow's convert() clips 16-bit values at 255 instead of scaling; 16-bit PNGs
         # (the only source of these modes among accepted formats) span 0..65535.
+        import numpy as np  # here: the server's process has no other use for it, and it is slow to import
+
         arr = np.asarray(im, dtype=np.float64)
         grey = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
         trns = im.info.get("transparency")

@@ -204,7 +204,6 @@ class CallbackSender:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._http = httpx.AsyncClient(timeout=self._timeout_s, follow_redirects=False)
         self._task = asyncio.create_task(self._run(), name="callback-sender")
 
     async def close(self) -> None:
@@ -270,6 +269,10 @@ class CallbackSender:
         url, body, sign = await asyncio.to_thread(self._load, delivery_id)
         headers = sign(int(time.time()))
         status_code, error = None, None
+        if self._http is None:
+            # Made at the first delivery, not at start-up: loading the TLS certificates takes
+            # a noticeable part of a second, and many servers never send a callback.
+            self._http = httpx.AsyncClient(timeout=self._timeout_s, follow_redirects=False)
         started = time.perf_counter()
         try:
             response = await self._http.post(url, content=body, headers=headers)

@@ -44,15 +44,17 @@ def serve(
 
     settings = _settings(host=host, port=port, data_dir=data_dir, database_url=database_url, model_dir=model_dir)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Check before loading the model, so a refusal is quick and reads as a sentence.
-    db_engine, sessions = open_database(settings)
-    try:
-        check_safe_to_serve(settings, sessions)
-    except UnsafeStart as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-    finally:
-        db_engine.dispose()
+    if not settings.local_only:
+        # Check before starting the server, so a refusal is quick and reads as a sentence. On
+        # loopback there is nothing to check (the app opens the database itself).
+        db_engine, sessions = open_database(settings)
+        try:
+            check_safe_to_serve(settings, sessions)
+        except UnsafeStart as exc:
+            Console(stderr=True).print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
+        finally:
+            db_engine.dispose()
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level.lower(), timeout_graceful_shutdown=5)
 
 

@@ -6,20 +6,21 @@ this module only knows how to connect and how to bring the schema up to date.
 
 from __future__ import annotations
 
+import ast
 import logging
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+_REVISION_LINE = re.compile(r"^(revision|down_revision)\s*=\s*(.+)$", re.MULTILINE)
 
 
 def utcnow() -> datetime:
@@ -80,10 +81,65 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+# Alembic's bookkeeping table, as Alembic creates it: a new database is stamped in it directly.
+ALEMBIC_VERSION = sa.Table(
+    "alembic_version",
+    sa.MetaData(),
+    sa.Column("version_num", sa.String(32), nullable=False),
+    sa.PrimaryKeyConstraint("version_num", name="alembic_version_pkc"),
+)
+
+
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest migration shipped in the package."""
+    """Bring the schema to the newest migration shipped in the package.
+
+    Alembic (in imports alone a good part of the server's start-up) runs only for a database
+    that is behind. A new database gets the models' schema directly, stamped at the newest
+    revision (tests/service/test_lifecycle.py holds that the migrations build the same
+    schema); one already at the newest revision is recognised with one query."""
+    heads = shipped_heads()
+    with engine.begin() as conn:  # SQLite: under the write lock, so two processes cannot both create
+        if _create_if_new(conn, heads) or applied_revisions(conn) == heads:
+            return
+    alembic_upgrade(engine)
+
+
+def alembic_upgrade(engine: Engine) -> None:
+    from alembic import command
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+def _create_if_new(conn: Connection, heads: set[str]) -> bool:
+    if sa.inspect(conn).get_table_names():
+        return False
+    from incontext.service.models import Base  # here: models imports this module
+
+    Base.metadata.create_all(conn)
+    ALEMBIC_VERSION.create(conn)
+    conn.execute(ALEMBIC_VERSION.insert(), [{"version_num": head} for head in sorted(heads)])
+    return True
+
+
+def applied_revisions(conn: Connection) -> set[str]:
+    """The revisions Alembic recorded in the database; empty for a new database."""
+    if not sa.inspect(conn).has_table(ALEMBIC_VERSION.name):
+        return set()
+    return set(conn.scalars(sa.select(ALEMBIC_VERSION.c.version_num)))
+
+
+def shipped_heads() -> set[str]:
+    """The newest revisions in migrations/versions (one, unless the history branches), from
+    each file's `revision` and `down_revision` lines: importing the files would load Alembic."""
+    revisions, parents = set(), set()
+    for path in (MIGRATIONS_DIR / "versions").glob("*.py"):
+        lines = dict(_REVISION_LINE.findall(path.read_text()))
+        revisions.add(ast.literal_eval(lines["revision"]))
+        down = ast.literal_eval(lines["down_revision"])
+        parents.update(down if isinstance(down, tuple) else [down] if down else [])
+    return revisions - parents

@@ -1,11 +1,21 @@
-"""Run state transitions on a real (SQLite) database, without the engine."""
+"""Migrations and run state transitions on a real (SQLite) database, without the engine."""
 
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from incontext.service import lifecycle
-from incontext.service.db import create_db_engine, make_session_factory, migrate
+from incontext.service.db import (
+    MIGRATIONS_DIR,
+    alembic_upgrade,
+    applied_revisions,
+    create_db_engine,
+    make_session_factory,
+    migrate,
+    shipped_heads,
+)
 from incontext.service.errors import Conflict
 from incontext.service.keys import create_key
 from incontext.service.models import Base, Run
@@ -25,10 +35,39 @@ def new_run(session, key_id, model="m", **extra):
     return lifecycle.create_run(session, api_key_id=key_id, model_id=model, engine_model_id=model, input={}, params=params, **extra).id
 
 
-def test_migrations_match_the_models(db):
-    engine, _, _ = db
+def test_migrations_match_the_models(tmp_path):
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'migrated.sqlite'}")
+    alembic_upgrade(engine)
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    engine.dispose()
+
+
+def test_a_new_database_is_what_the_migrations_build(tmp_path):
+    # migrate() creates a new database from the models and stamps it without Alembic.
+    created = create_db_engine(f"sqlite:///{tmp_path / 'created.sqlite'}")
+    migrated = create_db_engine(f"sqlite:///{tmp_path / 'migrated.sqlite'}")
+    migrate(created)
+    alembic_upgrade(migrated)
+    assert sqlite_schema(created) == sqlite_schema(migrated)
+    heads = set(ScriptDirectory(str(MIGRATIONS_DIR)).get_heads())
+    with created.connect() as conn:
+        assert set(MigrationContext.configure(conn).get_current_heads()) == heads
+        assert applied_revisions(conn) == shipped_heads() == heads
+    alembic_upgrade(created)  # Alembic finds nothing to do
+    migrate(created)  # nor does migrate(), at the head
+    assert sqlite_schema(created) == sqlite_schema(migrated)
+    created.dispose()
+    migrated.dispose()
+
+
+def sqlite_schema(engine) -> dict[str, list[str]]:
+    """Every table's and index's DDL, line by line in any order (foreign keys may be listed in
+    another order), and the rows of alembic_version."""
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL")).all()
+        versions = conn.execute(sa.text("SELECT version_num FROM alembic_version")).all()
+    return {name: sorted(line.strip().rstrip(",") for line in sql.splitlines()) for name, sql in rows} | {"versions": sorted(versions)}
 
 
 def test_claim_respects_the_per_model_cap_and_order(db):

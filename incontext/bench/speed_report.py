@@ -98,7 +98,7 @@ def markdown(results: dict) -> str:
     splits = [(r["name"], r["overhead_split_p50_ms"]) for r in results["rows"] if r.get("overhead_split_p50_ms")]
     if splits:
         server_line += "\n\nWhere the HTTP overhead goes (p50 ms): the POST round trip (validate, store, commit); the\n" \
-            "dispatcher before the engine (load, decode, mark running) and after it (encode, store); the hop\n" \
+            "dispatcher before the engine (claim and start the run) and after it (encode, store); the hop\n" \
             "to the engine process and back (the dispatcher's engine call − the engine's own time).\n\n" + markdown_table(
                 ["configuration", "POST", "dispatch in", "engine hop", "dispatch out"],
                 [[name, *(_num(split.get(k), "{:.1f}") for k in ("post", "dispatch_input", "engine_hop", "dispatch_output"))] for name, split in splits])

@@ -1,17 +1,25 @@
 """The dispatcher: takes queued runs from the database and drives them through the engine.
 
 One loop claims runs (oldest first, at most `max_concurrent_runs_per_model` of a model in
-flight); each claimed run gets a task that loads its input, calls `engine.edit`, encodes
-and stores the images, and ends the run. The database is the queue, so a crash loses
-nothing: at start-up, runs left claimed or running are queued again (lifecycle.recover_interrupted).
+flight); each claimed run gets a task that calls `engine.edit`, encodes and stores the
+images, and ends the run. The database is the queue, so a crash loses nothing: at start-up,
+runs left claimed or running are queued again (lifecycle.recover_interrupted).
+
+The route that commits a run hands its decoded input over (`submitted`) and wakes the loop:
+the run is claimed and started in one transaction and its image goes to the engine as it
+is. Only a run without one (queued before a restart, or beyond MAX_HANDED_OVER) has its
+stored input read and decoded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from datetime import datetime
 
+from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
 from incontext import imageio
@@ -27,6 +35,11 @@ from incontext.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Inputs held for runs not yet claimed (a 1024² input is 3 MB). Beyond it the oldest are
+# dropped, and read back from storage when their runs are claimed: so are any a claim never
+# takes (e.g. runs another server process claimed).
+MAX_HANDED_OVER = 64
+
 
 class Dispatcher:
     def __init__(self, *, sessions: sessionmaker[Session], engine: EngineClient, storage: Storage, sender: CallbackSender, settings: Settings):
@@ -39,8 +52,12 @@ class Dispatcher:
         self._in_flight: dict[str, asyncio.Task] = {}
         self._cancel_requested: set[str] = set()
         self._log_writes: set[asyncio.Task] = set()
+        self._last_steps: dict[str, tuple[int, int, datetime]] = {}  # logged with the run's end
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._inputs: dict[str, Image.Image] = {}  # run id → its input, fitted, until claimed; oldest first
+        self._inputs_lock = threading.Lock()  # routes hand inputs over from their threads
+        self._waiting = False  # the last claim left runs queued (a model at its cap)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -59,10 +76,24 @@ class Dispatcher:
         if self._loop:
             self._loop.call_soon_threadsafe(self._wake.set)
 
+    def submitted(self, inputs: dict[str, Image.Image]) -> None:
+        """Runs were just committed: keep their inputs (decoded and fitted to the output size)
+        for the engine, and claim them now. Any thread."""
+        with self._inputs_lock:
+            self._inputs.update(inputs)
+            while len(self._inputs) > MAX_HANDED_OVER:
+                del self._inputs[next(iter(self._inputs))]
+        self.wake()
+
     def cancel(self, run_id: str) -> None:
         """Stop the engine's work on a run already canceled in the database; any thread."""
+        self._take_input(run_id)
         if self._loop:
             self._loop.call_soon_threadsafe(self._cancel_on_loop, run_id)
+
+    def _take_input(self, run_id: str) -> Image.Image | None:
+        with self._inputs_lock:
+            return self._inputs.pop(run_id, None)
 
     def _cancel_on_loop(self, run_id: str) -> None:
         if run_id in self._in_flight:
@@ -79,11 +110,12 @@ class Dispatcher:
     async def _run(self) -> None:
         while True:
             try:
-                claimed = await asyncio.to_thread(self._claim)
-                for run_id in claimed:
-                    task = asyncio.create_task(self._execute(run_id), name=f"run-{run_id}")
-                    self._in_flight[run_id] = task
-                    task.add_done_callback(lambda _t, r=run_id: self._done(r))
+                claimed_at = time.perf_counter()
+                claimed, self._waiting = await asyncio.to_thread(self._claim)
+                for run, image in claimed:
+                    task = asyncio.create_task(self._execute(run, image, claimed_at), name=f"run-{run.id}")
+                    self._in_flight[run.id] = task
+                    task.add_done_callback(lambda _t, r=run.id: self._done(r))
             except Exception:
                 log.exception("dispatcher: could not claim queued runs")
             try:
@@ -92,39 +124,47 @@ class Dispatcher:
                 pass
             self._wake.clear()
 
-    def _claim(self) -> list[str]:
+    def _claim(self) -> tuple[list[tuple[Run, Image.Image | None]], bool]:
+        """Claimed runs with their handed-over inputs (None: read it from storage), and whether
+        runs were left queued."""
+        with self._inputs_lock:
+            ready = set(self._inputs)
         with self._sessions.begin() as session:
-            return lifecycle.claim_queued(session, self._settings.max_concurrent_runs_per_model)
+            runs, waiting = lifecycle.claim_queued(session, self._settings.max_concurrent_runs_per_model, ready)
+        # A run canceled since `ready` was read has no input here: its task falls back to
+        # storage, and the cancel stands.
+        return [(run, self._take_input(run.id)) for run in runs], waiting
 
     def _done(self, run_id: str) -> None:
         self._in_flight.pop(run_id, None)
         self._cancel_requested.discard(run_id)
-        self._wake.set()  # a slot is free
+        self._last_steps.pop(run_id, None)
+        if self._waiting:  # a slot is free for a run the cap held back
+            self._wake.set()
 
-    async def _execute(self, run_id: str) -> None:
+    async def _execute(self, run: Run, image: Image.Image | None, claimed_at: float) -> None:
         try:
-            await self._drive(run_id)
+            await self._drive(run, image, claimed_at)
         except Exception as exc:
             # A bug or a database error must not leave the run `running` until the next restart.
-            log.exception("run %s: unexpected error", run_id)
-            await self._end(run_id, lifecycle.FAILED, failure=("INTERNAL_ERROR", f"internal error: {exc.__class__.__name__}", "dispatch"))
+            log.exception("run %s: unexpected error", run.id)
+            await self._end(run.id, lifecycle.FAILED, failure=("INTERNAL_ERROR", f"internal error: {exc.__class__.__name__}", "dispatch"))
 
-    async def _drive(self, run_id: str) -> None:
-        started = time.perf_counter()
-        # 1. Load and decode the stored input.
-        run = await asyncio.to_thread(self._load_run, run_id)
-        data = await asyncio.to_thread(self._storage.read_input, run_id)
-        if data is None:
-            return await self._end(run_id, lifecycle.FAILED, failure=("INPUT_LOST", "the run's input file is gone", "input"))
-        params = run.params
-        try:
-            image = await asyncio.to_thread(decode_stored, data, self._settings)
-            image = await asyncio.to_thread(imageio.fit_to_size, image, params["width"], params["height"])
-        except IncontextError as exc:
-            return await self._end(run_id, lifecycle.FAILED, failure=(exc.code, exc.message, "input"))
+    async def _drive(self, run: Run, image: Image.Image | None, claimed_at: float) -> None:
+        run_id, params = run.id, run.params
+        # 1. The input: handed over in memory, or (queued before a restart, beyond
+        # MAX_HANDED_OVER) read and decoded from storage.
+        if image is None:
+            try:
+                image = await asyncio.to_thread(self._read_input, run)
+            except IncontextError as exc:
+                return await self._end(run_id, lifecycle.FAILED, failure=(exc.code, exc.message, "input"))
+            if image is None:
+                return await self._end(run_id, lifecycle.FAILED, failure=("INPUT_LOST", "the run's input file is gone", "input"))
 
-        # 2. Mark running, unless it was canceled meanwhile.
-        if await asyncio.to_thread(self._mark_running, run_id) is None:
+        # 2. Mark running, unless it was canceled meanwhile (a run claimed with its input in
+        # memory already is).
+        if run.status == lifecycle.DISPATCHING and await asyncio.to_thread(self._mark_running, run_id) is None:
             return
         request = EditRequest(
             request_id=run_id,
@@ -152,29 +192,37 @@ class Dispatcher:
             log.exception("engine failed on run %s", run_id)
             return await self._end(run_id, lifecycle.FAILED, failure=("ENGINE_ERROR", f"the engine failed: {exc.__class__.__name__}", "inference"))
 
-        # 4. Encode and store the images, off the event loop.
+        # 4. Encode and store the images and end the run, in one trip off the event loop.
+        # Where the time went outside the engine: what `bench speed` reports as HTTP overhead.
         engine_done = time.perf_counter()
+        timings = {
+            "dispatch_input": (engine_started - claimed_at) * 1000,  # claim (and load, decode, mark running)
+            "engine_call": (engine_done - engine_started) * 1000,  # incl. the hop to the engine process
+        }
         try:
-            output = await asyncio.to_thread(self._store_outputs, run_id, params, result)
+            await asyncio.to_thread(self._succeed, run_id, params, result, timings, self._last_steps.pop(run_id, None))
         except IncontextError as exc:
             return await self._end(run_id, lifecycle.FAILED, failure=(exc.code, exc.message, "output"))
-        # Where the time went outside the engine: what `bench speed` reports as HTTP overhead.
-        output["timings_ms"].update({
-            "dispatch_input": (engine_started - started) * 1000,  # load, decode, mark running
-            "engine_call": (engine_done - engine_started) * 1000,  # incl. the hop to the engine process
-            "dispatch_output": (time.perf_counter() - engine_done) * 1000,  # encode, store
-        })
-        if not await self._end(run_id, lifecycle.SUCCEEDED, output=output):
-            # Canceled while the engine was finishing: the cancel stands, the files go.
-            await asyncio.to_thread(self._storage.delete_outputs, run_id)
 
-    def _load_run(self, run_id: str) -> Run:
-        with self._sessions() as session:
-            return session.get(Run, run_id)
+    def _read_input(self, run: Run) -> Image.Image | None:
+        """The stored input decoded and fitted as at submission; None if the file is gone."""
+        data = self._storage.read_input(run.id)
+        if data is None:
+            return None
+        image = decode_stored(data, self._settings)
+        return imageio.fit_to_size(image, run.params["width"], run.params["height"])
 
     def _mark_running(self, run_id: str) -> Run | None:
         with self._sessions.begin() as session:
             return lifecycle.mark_running(session, run_id)
+
+    def _succeed(self, run_id: str, params: dict, result: EditResult, timings: dict[str, float], last_step: tuple | None) -> None:
+        started = time.perf_counter()
+        output = self._store_outputs(run_id, params, result)
+        output["timings_ms"].update(timings, dispatch_output=(time.perf_counter() - started) * 1000)  # encode, store
+        if self._finish(run_id, lifecycle.SUCCEEDED, {"output": output}, last_step) is None:
+            # Canceled while the engine was finishing: the cancel stands, the files go.
+            self._storage.delete_outputs(run_id)
 
     def _store_outputs(self, run_id: str, params: dict, result: EditResult) -> dict:
         fmt = params["output_format"]
@@ -189,17 +237,19 @@ class Dispatcher:
             items.append(item)
         return {"outputs": items, "seed": params["seed"], "num_inference_steps": result.num_inference_steps, "timings_ms": result.timings_ms}
 
-    async def _end(self, run_id: str, status: str, **kw) -> bool:
-        ended = await asyncio.to_thread(self._finish, run_id, status, kw)
-        if ended:
-            self._sender.wake()
-        return ended
+    async def _end(self, run_id: str, status: str, **kw) -> None:
+        await asyncio.to_thread(self._finish, run_id, status, kw, self._last_steps.pop(run_id, None))
 
-    def _finish(self, run_id: str, status: str, kw: dict) -> bool:
+    def _finish(self, run_id: str, status: str, kw: dict, last_step: tuple | None = None) -> Run | None:
+        """End the run (None if it had already ended) and drop its input."""
         with self._sessions.begin() as session:
-            ended = lifecycle.finish(session, self._storage, run_id, status, **kw) is not None
-        if ended:
+            if last_step:
+                _log_step(session, run_id, *last_step)
+            ended = lifecycle.finish(session, self._storage, run_id, status, **kw)
+        if ended is not None:
             self._storage.delete_input(run_id)
+            if ended.callback_url or ended.batch_id:  # a delivery may be queued: its own or its batch's
+                self._sender.wake()
         return ended
 
     def _progress_hook(self, run_id: str):
@@ -211,11 +261,20 @@ class Dispatcher:
     def _on_progress(self, run_id: str, done: int, total: int, at) -> None:
         if run_id in self._cancel_requested:
             self._engine.cancel(run_id)
-        if done == total or done % self._settings.progress_log_every_steps == 0:
+        if done == total:
+            # Logged in the transaction that ends the run, which follows at once (an engine
+            # reports progress before the result): a write of its own would hold that one up,
+            # or be held up by it.
+            self._last_steps[run_id] = (done, total, at)
+        elif done % self._settings.progress_log_every_steps == 0:
             task = asyncio.create_task(asyncio.to_thread(self._write_progress, run_id, done, total, at))
             self._log_writes.add(task)
             task.add_done_callback(self._log_writes.discard)
 
-    def _write_progress(self, run_id: str, done: int, total: int, at) -> None:
+    def _write_progress(self, run_id: str, done: int, total: int, at: datetime) -> None:
         with self._sessions.begin() as session:
-            lifecycle.add_log(session, run_id, f"step {done}/{total}", meta={"step": done, "total_steps": total}, at=at)
+            _log_step(session, run_id, done, total, at)
+
+
+def _log_step(session: Session, run_id: str, done: int, total: int, at: datetime) -> None:
+    lifecycle.add_log(session, run_id, f"step {done}/{total}", meta={"step": done, "total_steps": total}, at=at)

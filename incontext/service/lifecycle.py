@@ -3,6 +3,9 @@
     queued → dispatching → running → succeeded | failed | canceled
        └──────────────┴────────┴──→ canceled (cancel) / failed (input lost at restart)
 
+A run whose input the dispatcher already holds in memory goes from queued straight to
+running: there is nothing left to prepare.
+
 Each transition is a compare-and-set on the status column, so the dispatcher, a cancel
 request and crash recovery can race and exactly one of them wins. The transition to a
 terminal state also queues the callback in the same transaction, so no finished run can
@@ -12,6 +15,7 @@ miss its callback.
 from __future__ import annotations
 
 import logging
+from collections.abc import Container
 from datetime import datetime
 from typing import Any
 
@@ -61,17 +65,20 @@ def create_run(session: Session, **fields: Any) -> Run:
 
 def _transition(session: Session, run_id: str, from_states: tuple[str, ...], **values: Any) -> Run | None:
     """Set `values` if the run is still in one of `from_states`; the updated run, or None if another writer won."""
-    result = session.execute(
-        sa.update(Run).where(Run.id == run_id, Run.status.in_(from_states)).values(**values),
-        execution_options={"synchronize_session": False},
-    )
-    if result.rowcount != 1:
-        return None
-    return session.get(Run, run_id, populate_existing=True)
+    # UPDATE … RETURNING: the compare-and-set and the updated row in one statement.
+    return session.scalars(
+        sa.update(Run).where(Run.id == run_id, Run.status.in_(from_states)).values(**values).returning(Run),
+        execution_options={"synchronize_session": False, "populate_existing": True},
+    ).one_or_none()
 
 
-def claim_queued(session: Session, cap_per_model: int) -> list[str]:
-    """Move queued runs to dispatching, oldest first, while each model stays under its cap."""
+def claim_queued(session: Session, cap_per_model: int, ready: Container[str] = ()) -> tuple[list[Run], bool]:
+    """Claim queued runs, oldest first, while each model stays under its cap. Runs in `ready`
+    (their input already prepared in memory) start running at once; the others move to
+    dispatching. Returns the claimed runs and whether queued runs were left waiting."""
+    queued = session.execute(sa.select(Run.id, Run.engine_model_id).where(Run.status == QUEUED).order_by(Run.id).limit(500)).all()
+    if not queued:
+        return [], False
     in_flight = dict(
         session.execute(
             sa.select(Run.engine_model_id, sa.func.count())
@@ -80,18 +87,21 @@ def claim_queued(session: Session, cap_per_model: int) -> list[str]:
         ).all()
     )
     claimed = []
-    queued = session.execute(sa.select(Run.id, Run.engine_model_id).where(Run.status == QUEUED).order_by(Run.id).limit(500))
     for run_id, model in queued:
         if in_flight.get(model, 0) >= cap_per_model:
             continue
-        if _transition(session, run_id, (QUEUED,), status=DISPATCHING):
+        if run_id in ready:
+            run = mark_running(session, run_id, from_states=(QUEUED,))
+        else:
+            run = _transition(session, run_id, (QUEUED,), status=DISPATCHING)
+        if run:
             in_flight[model] = in_flight.get(model, 0) + 1
-            claimed.append(run_id)
-    return claimed
+            claimed.append(run)
+    return claimed, len(claimed) < len(queued)
 
 
-def mark_running(session: Session, run_id: str) -> Run | None:
-    run = _transition(session, run_id, (DISPATCHING,), status=RUNNING, started_at=utcnow())
+def mark_running(session: Session, run_id: str, from_states: tuple[str, ...] = (DISPATCHING,)) -> Run | None:
+    run = _transition(session, run_id, from_states, status=RUNNING, started_at=utcnow())
     if run:
         add_log(session, run_id, "started", meta={"num_inference_steps": run.params.get("num_inference_steps")})
     return run

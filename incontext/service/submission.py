@@ -8,8 +8,10 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image
 from sqlalchemy.orm import Session
 
+from incontext import imageio
 from incontext.errors import IncontextError
 from incontext.models.registry import ModelPreset
 from incontext.service import lifecycle
@@ -26,7 +28,8 @@ _DATA_URI_HEAD = re.compile(r"^(data:[^,]{0,100}),", re.IGNORECASE)
 @dataclass
 class PreparedRun:
     fields: dict[str, Any]  # columns for lifecycle.create_run
-    input_bytes: bytes
+    input_bytes: bytes  # stored, so a restart can run it again
+    image: Image.Image  # decoded and fitted to the output size: what the engine gets
 
 
 def prepare(
@@ -80,12 +83,15 @@ def prepare(
         "num_images": item.num_images,
         "parent_run_id": source.parent_run_id,
     }
-    return PreparedRun(fields=fields, input_bytes=source.data)
+    # Fitted here, in the request's thread, so the dispatcher hands it to the engine as it is.
+    image = imageio.fit_to_size(source.image, width, height)
+    return PreparedRun(fields=fields, input_bytes=source.data, image=image)
 
 
 def queue(session: Session, storage: Storage, prepared: PreparedRun, **extra: Any) -> Run:
-    """Insert the run and store its input; the caller commits (and deletes the input file
-    with storage.delete_input if the commit fails)."""
+    """Insert the run and store its input; the caller commits, then hands the image to the
+    dispatcher (dispatcher.submitted), or deletes the input file with storage.delete_input
+    if the commit fails."""
     run = lifecycle.create_run(session, **prepared.fields, **extra)
     storage.save_input(run.id, prepared.input_bytes)
     return run

@@ -177,7 +177,7 @@ def submit(
     params: dict | None = None,
 ) -> tuple[str, dict[str, str]]:
     """Count one creation against the key, validate and store the image, queue the run and
-    wake the dispatcher. Returns the run id and the rate-limit headers for the answer.
+    hand it to the dispatcher. Returns the run id and the rate-limit headers for the answer.
     `params` are extra internal parameters (never shown to clients), e.g. a webhook style."""
     decision = service.limiter.hit(key.id)
     if not decision.allowed:
@@ -203,7 +203,7 @@ def submit(
             service.storage.delete_input(run.id)
             raise
         run_id = run.id
-    service.dispatcher.wake()
+    service.dispatcher.submitted({run_id: prepared.image})
     return run_id, decision.headers()
 
 

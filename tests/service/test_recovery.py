@@ -40,7 +40,9 @@ def test_sigkill_and_restart(tmp_path, tiny_model):
             assert list(statuses.values()).count("queued") >= 3, statuses
 
         srv.kill()
-        # One interrupted run loses its input file: it must fail clearly, not hang.
+        # The queued runs' inputs, handed to the dispatcher in memory, died with the process:
+        # after the restart they run from storage. One interrupted run loses its input file:
+        # it must fail clearly, not hang.
         lost = running[0]
         (data_dir / "inputs" / lost).unlink()
         receiver.fail_first = 0

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
+from PIL import Image
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -27,8 +28,9 @@ def replay_response(session: Session, api_key_id: str, key: str, digest: str, he
 
 
 def commit_created(session: Session, service, key_id: str, idempotency_key: str | None, digest: str | None,
-                   limits: dict, content: dict, run_ids: list[str]) -> JSONResponse:
-    """Commit newly queued runs (remembering the response under the Idempotency-Key) and answer 201.
+                   limits: dict, content: dict, inputs: dict[str, Image.Image]) -> JSONResponse:
+    """Commit newly queued runs (remembering the response under the Idempotency-Key), hand
+    their inputs (run id → fitted image) to the dispatcher and answer 201.
 
     If the same key won a race in another request, answer as it did and drop our inputs."""
     if digest:
@@ -37,12 +39,12 @@ def commit_created(session: Session, service, key_id: str, idempotency_key: str 
         session.commit()
     except IntegrityError:
         session.rollback()
-        for run_id in run_ids:
+        for run_id in inputs:
             service.storage.delete_input(run_id)
         if digest and (replay := replay_response(session, key_id, idempotency_key, digest, limits)):
             return replay
         raise
-    service.dispatcher.wake()
+    service.dispatcher.submitted(inputs)
     return JSONResponse(content, status_code=201, headers=limits)
 
 
@@ -74,7 +76,7 @@ def create_run(
         meta=body.metadata, callback_url=body.callback_url, client_ref=body.client_ref, request_id=request.state.request_id,
     )
     content = RunPublic.from_row(run, service.storage).model_dump(mode="json")
-    return commit_created(session, service, key.id, idempotency_key, digest, limits, content, [run.id])
+    return commit_created(session, service, key.id, idempotency_key, digest, limits, content, {run.id: prepared.image})
 
 
 @router.get("/runs/statuses", response_model=StatusList)

@@ -1,0 +1,154 @@
+"""The dispatcher on a real (SQLite) database and storage, with an engine that answers at once:
+an accepted run gets the same input whether it was handed over in memory or, after a
+restart, read back from storage."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from incontext.engine.protocol import EditRequest, EditResult
+from incontext.models.registry import ModelPreset
+from incontext.service import keys, lifecycle, store, submission
+from incontext.service.db import create_db_engine, make_session_factory, migrate
+from incontext.service.dispatcher import Dispatcher
+from incontext.service.models import Run
+from incontext.service.schemas import KontextInput
+from incontext.service.storage import Storage
+from incontext.settings import Settings
+
+from .helpers import data_uri
+
+PRESET = ModelPreset("m", Path("unused"), num_inference_steps=3, target_area=64 * 64)
+
+
+class InstantEngine:
+    """Answers every edit at once with its input; keeps the requests it was given."""
+
+    def __init__(self):
+        self.requests: list[EditRequest] = []
+
+    async def edit(self, request: EditRequest, on_progress=None) -> EditResult:
+        self.requests.append(request)
+        steps = request.num_inference_steps
+
+        def denoise() -> EditResult:  # on a thread of its own, as the engines report progress
+            for step in range(1, steps + 1):
+                on_progress(step, steps)
+            return EditResult([request.image], [request.seed], steps, timings_ms={"total": 0.0})
+
+        return await asyncio.to_thread(denoise)
+
+    def cancel(self, request_id: str) -> bool:
+        return False
+
+
+class NoCallbacks:
+    def wake(self) -> None:
+        pass
+
+
+@pytest.fixture
+def service(tmp_path):
+    settings = Settings(data_dir=tmp_path, poll_interval_seconds=0.05, progress_log_every_steps=2)
+    engine = create_db_engine(settings.resolved_database_url)
+    migrate(engine)
+    sessions = make_session_factory(engine)
+    storage = Storage(tmp_path, secret=b"s", base_url="http://x", ttl_seconds=60)
+    with sessions.begin() as session:
+        key, _ = keys.create_key(session)
+    yield settings, sessions, storage, key.id
+    engine.dispose()
+
+
+def rotated_jpeg() -> str:
+    """A JPEG stored sideways with an EXIF orientation, not at the output size: decoding it
+    takes the EXIF turn and a resize, so two decodings that differed would show."""
+    img = Image.new("RGB", (90, 60), (200, 40, 40))
+    img.paste((20, 20, 220), (0, 0, 30, 60))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif)
+    return data_uri(buf.getvalue(), "image/jpeg")
+
+
+def accept(service, image_url: str) -> tuple[str, submission.PreparedRun]:
+    """What POST /v1/models/{model}/runs does before it hands the input over: a committed, queued run."""
+    settings, sessions, storage, key_id = service
+    with sessions() as session:
+        item = KontextInput(prompt="make it blue", image_url=image_url, seed=7, num_inference_steps=3)
+        prepared = submission.prepare(
+            item, field="input", model_id="m", preset=PRESET, api_key_id=key_id, session=session, storage=storage, settings=settings
+        )
+        run_id = submission.queue(session, storage, prepared).id
+        session.commit()
+    return run_id, prepared
+
+
+def dispatcher_for(service, engine) -> Dispatcher:
+    settings, sessions, storage, _ = service
+    return Dispatcher(sessions=sessions, engine=engine, storage=storage, sender=NoCallbacks(), settings=settings)
+
+
+async def run_until_done(service, dispatcher: Dispatcher, run_ids: list[str]) -> None:
+    """Start the dispatcher (as a server start does) and wait for the runs to succeed."""
+    await dispatcher.start()
+    deadline = time.monotonic() + 60
+    try:
+        while statuses(service, run_ids) != ["succeeded"] * len(run_ids):
+            assert time.monotonic() < deadline, statuses(service, run_ids)
+            await asyncio.sleep(0.02)
+    finally:
+        await dispatcher.close()
+
+
+def statuses(service, run_ids: list[str]) -> list[str]:
+    with service[1]() as session:
+        return [session.get(Run, run_id).status for run_id in run_ids]
+
+
+def test_a_run_whose_input_was_not_handed_over_runs_from_storage_the_same(service):
+    engine = InstantEngine()
+    # Accepted, then the server stops before the dispatcher took it: the input in memory is lost.
+    lost_id, _ = accept(service, rotated_jpeg())
+    # The next start: a run accepted now is handed over.
+    dispatcher = dispatcher_for(service, engine)
+    handed_id, handed = accept(service, rotated_jpeg())
+    dispatcher.submitted({handed_id: handed.image})
+    asyncio.run(run_until_done(service, dispatcher, [lost_id, handed_id]))
+
+    by_id = {r.request_id: r for r in engine.requests}
+    from_storage, from_memory = by_id[lost_id].image, by_id[handed_id].image
+    assert from_storage.size == from_memory.size == (handed.fields["params"]["width"], handed.fields["params"]["height"])
+    assert from_storage.size[0] < from_storage.size[1]  # the EXIF turn was taken
+    assert from_storage.tobytes() == from_memory.tobytes()
+
+    _, sessions, storage, _ = service
+    with sessions() as session:
+        for run_id in (lost_id, handed_id):
+            messages = [log.message for log in store.run_logs(session, run_id)]
+            assert messages == ["accepted", "started", "step 2/3", "step 3/3", "succeeded"]
+            run = session.get(Run, run_id)
+            assert run.started_at is not None and run.cost_micros == 40_000
+            assert not storage.has_input(run_id)  # dropped once the run ended
+
+
+def test_a_run_canceled_before_it_is_claimed_never_reaches_the_engine(service):
+    engine = InstantEngine()
+    dispatcher = dispatcher_for(service, engine)
+    (canceled_id, canceled), (other_id, other) = accept(service, rotated_jpeg()), accept(service, rotated_jpeg())
+    dispatcher.submitted({canceled_id: canceled.image, other_id: other.image})
+    _, sessions, storage, _ = service
+    with sessions.begin() as session:  # as POST /v1/runs/{id}/cancel does
+        lifecycle.cancel(session, storage, session.get(Run, canceled_id))
+    storage.delete_input(canceled_id)
+    dispatcher.cancel(canceled_id)
+    asyncio.run(run_until_done(service, dispatcher, [other_id]))
+    assert [r.request_id for r in engine.requests] == [other_id]
+    assert statuses(service, [canceled_id]) == ["canceled"]

@@ -13,9 +13,11 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from incontext import __version__
 from incontext.engine.protocol import EngineClient
@@ -79,6 +81,30 @@ def build_engine(settings: Settings, registry: Registry) -> EngineClient:
     return LocalEngine(registry, **kwargs)
 
 
+class RequestIdMiddleware:
+    """`request.state.request_id` and the `X-Request-Id` answer header: runs record the id of
+    the request that created them; clients may send their own.
+
+    Plain ASGI rather than `@app.middleware("http")`, which streams every request and
+    response through an extra task and queue."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = Headers(scope=scope).get("x-request-id", "")[:64] or uuid7()
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["X-Request-Id"] = request_id
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 def create_app(settings: Settings | None = None, engine: EngineClient | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -128,15 +154,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
 
     app = FastAPI(title="incontext", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
-
-    @app.middleware("http")
-    async def request_id(request: Request, call_next):
-        # Runs record the id of the request that created them; clients may send their own.
-        request.state.request_id = request.headers.get("x-request-id", "")[:64] or uuid7()
-        response = await call_next(request)
-        response.headers["X-Request-Id"] = request.state.request_id
-        return response
-
+    app.add_middleware(RequestIdMiddleware)
     for module in (account, runs, batches, callbacks, files, discovery, bfl, openai):
         app.include_router(module.router)
     openapi.install(app, settings.base_url)

@@ -1,9 +1,12 @@
 """What routes may depend on, as named aliases: the service's parts from app state, a
-database session, the caller's API key, the rate limit, and the resolved model."""
+database session, the caller's API key, the rate limit, and the resolved model.
+
+FastAPI runs a plain `def` dependency in its thread pool, one trip per dependency: those that
+do no blocking I/O are `async def`, so they run on the event loop at no such cost."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -37,26 +40,28 @@ class Service:
     limiter: RateLimiter
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def get_settings(service: ServiceDep) -> Settings:
+async def get_settings(service: ServiceDep) -> Settings:
     return service.settings
 
 
-def get_engine(service: ServiceDep) -> EngineClient:
+async def get_engine(service: ServiceDep) -> EngineClient:
     return service.engine
 
 
-def get_storage(service: ServiceDep) -> Storage:
+async def get_storage(service: ServiceDep) -> Storage:
     return service.storage
 
 
-def get_session(service: ServiceDep) -> Iterator[Session]:
+async def get_session(service: ServiceDep) -> AsyncIterator[Session]:
+    # A session connects on first use, in the route's thread; closing it only ends what the
+    # route left open (a rollback, at once), so neither end needs the thread pool.
     with service.sessions() as session:
         yield session
 
@@ -68,7 +73,7 @@ SessionDep = Annotated[Session, Depends(get_session)]
 KeyDep = Annotated[ApiKey, Depends(authenticate)]
 
 
-def resolve_model(model_id: str, service: ServiceDep) -> ModelPreset:
+async def resolve_model(model_id: str, service: ServiceDep) -> ModelPreset:
     # Only registered ids and aliases: Registry.resolve also takes directory paths, which a
     # URL must not be able to name.
     if model_id.strip("/") not in service.registry.ids():
@@ -80,7 +85,7 @@ def resolve_model(model_id: str, service: ServiceDep) -> ModelPreset:
 PresetDep = Annotated[ModelPreset, Depends(resolve_model)]
 
 
-def rate_limit(key: KeyDep, service: ServiceDep, response: Response) -> dict[str, str]:
+async def rate_limit(key: KeyDep, service: ServiceDep, response: Response) -> dict[str, str]:
     """Count one creation against the key; the headers to send with the answer."""
     decision = service.limiter.hit(key.id)
     if not decision.allowed:

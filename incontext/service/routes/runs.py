@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -114,7 +114,10 @@ def list_runs(
 
 @router.get("/runs/{run_id}", response_model=RunPublic)
 def get_run(run_id: str, key: KeyDep, storage: StorageDep, session: SessionDep):
-    return RunPublic.from_row(store.get_run(session, key.id, run_id), storage)
+    # Serialised here, as FastAPI would: the route clients poll should not take one more trip
+    # to the thread pool for FastAPI to validate a model built just now.
+    run = RunPublic.from_row(store.get_run(session, key.id, run_id), storage)
+    return Response(run.model_dump_json(), media_type="application/json")
 
 
 @router.get("/runs/{run_id}/logs", response_model=LogList)

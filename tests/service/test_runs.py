@@ -77,6 +77,18 @@ def test_run_lifecycle_outputs_cost_logs(api):
     assert float(usage["cost"]) == round(float(usage_before["cost"]) + 0.08, 6)
 
 
+def test_request_ids_are_answered_and_recorded_on_runs(api):
+    body = {"input": {"prompt": "p", "image_url": data_uri(), "num_inference_steps": 1}}
+    chosen = api.post(f"/v1/models/{MODEL}/runs", json=body, headers={"X-Request-Id": "client-chosen-1"})
+    assert chosen.headers["X-Request-Id"] == chosen.json()["request_id"] == "client-chosen-1"
+    made = api.post(f"/v1/models/{MODEL}/runs", json=body)
+    assert made.headers["X-Request-Id"] == made.json()["request_id"] != ""
+    missing = api.get("/v1/runs/no-such-run")  # errors carry one too
+    assert missing.status_code == 404 and missing.headers["X-Request-Id"]
+    for r in (chosen, made):
+        assert wait_run(api, r.json()["id"])["status_code"] == "succeeded"
+
+
 def test_seed_is_random_when_absent_and_reported(api):
     a = wait_run(api, submit(api).json()["id"])
     assert isinstance(a["output"]["seed"], int) and a["output"]["outputs"][0]["seed"] == a["output"]["seed"]

@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-import httpx
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -199,7 +198,7 @@ class CallbackSender:
         self._wake = asyncio.Event()
         self._in_flight: dict[str, asyncio.Task] = {}
         self._task: asyncio.Task | None = None
-        self._http: httpx.AsyncClient | None = None
+        self._http = None  # an httpx.AsyncClient, made at the first delivery
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
@@ -266,12 +265,14 @@ class CallbackSender:
             log.exception("callback %s: could not send or record an attempt", delivery_id)
 
     async def _send(self, delivery_id: str) -> None:
+        # Imported (and the client made) at the first delivery, not at start-up: httpx and the
+        # TLS certificates take a noticeable part of a second, and many servers never send one.
+        import httpx
+
         url, body, sign = await asyncio.to_thread(self._load, delivery_id)
         headers = sign(int(time.time()))
         status_code, error = None, None
         if self._http is None:
-            # Made at the first delivery, not at start-up: loading the TLS certificates takes
-            # a noticeable part of a second, and many servers never send a callback.
             self._http = httpx.AsyncClient(timeout=self._timeout_s, follow_redirects=False)
         started = time.perf_counter()
         try:

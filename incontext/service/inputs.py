@@ -13,7 +13,6 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
-import httpx
 from PIL import Image
 from sqlalchemy.orm import Session
 
@@ -70,6 +69,8 @@ def output_size(image: Image.Image, aspect_ratio: str | None, preset: ModelPrese
 
 def fetch(url: str, settings: Settings) -> bytes:
     """GET an image, following a few redirects, each hop checked against the network policy."""
+    import httpx  # here: most runs send their image inline, and the server starts faster without it
+
     limit = settings.max_image_bytes
     with httpx.Client(timeout=settings.fetch_timeout_seconds, follow_redirects=False) as client:
         for _ in range(MAX_REDIRECTS + 1):

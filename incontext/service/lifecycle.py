@@ -51,14 +51,15 @@ def normalize_status(status: str) -> str:
     return CANCELED if status == "cancelled" else status
 
 
+# Rows on the path of every run are written with plain INSERT/UPDATE … RETURNING statements:
+# the ORM's bookkeeping for a new or changed object (session.add, flush) costs more than the
+# statements themselves.
 def add_log(session: Session, run_id: str, message: str, *, level: str = "info", meta: dict | None = None, at: datetime | None = None) -> None:
-    session.add(RunLog(run_id=run_id, level_code=level, message=message, meta=meta, timestamp=at or utcnow()))
+    session.execute(sa.insert(RunLog).values(run_id=run_id, level_code=level, message=message, meta=meta, timestamp=at or utcnow()))
 
 
 def create_run(session: Session, **fields: Any) -> Run:
-    run = Run(status=QUEUED, **fields)
-    session.add(run)
-    session.flush()
+    run = session.scalars(sa.insert(Run).values(status=QUEUED, **fields).returning(Run)).one()
     add_log(session, run.id, "accepted", meta={"model_id": run.engine_model_id, "num_images": run.num_images})
     return run
 
@@ -123,14 +124,14 @@ def finish(
     the first terminal status stands.
     """
     values: dict[str, Any] = {"status": status, "completed_at": utcnow(), "output": output, "cost_micros": 0}
+    if status == SUCCEEDED:
+        # Only delivered images are billed; the price was fixed when the run was accepted.
+        values["cost_micros"] = Run.params["unit_price_micros"].as_integer() * len(output["outputs"])
     if failure:
         values.update(failure_code=failure[0], failure_message=failure[1], failure_stage_code=failure[2])
     run = _transition(session, run_id, ACTIVE, **values)
     if run is None:
         return None
-    if status == SUCCEEDED:
-        # Only delivered images are billed; the price was fixed when the run was accepted.
-        run.cost_micros = run.params["unit_price_micros"] * len(output["outputs"])
     level = "error" if status == FAILED else "info"
     add_log(session, run_id, status, level=level, meta={"failure_code": failure[0]} if failure else None)
     if run.callback_url:

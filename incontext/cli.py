@@ -183,6 +183,7 @@ def train_transformer_cmd(
     init_from: Optional[Path] = typer.Option(None, help="Start from this model directory's weights (e.g. incontext/weights/nano) when OUT has no checkpoint."),
     edit_weight: float = typer.Option(2.0, help="Extra loss weight on the tokens the edit changes."),
     uniform_t: float = typer.Option(0.5, min=0.0, max=1.0, help="Share of rows with t uniform over the schedule (the rest logit-normal)."),
+    guidance_start: float = typer.Option(0.25, min=0.0, max=1.0, help="Share of the run before guidance distillation starts (0 when continuing a guided model)."),
 ) -> None:
     """Stage 3: the transformer and text encoders on the latent chunks. Resumes from OUT/transformer.pt."""
     from incontext.models.components import NanoConfig
@@ -190,7 +191,7 @@ def train_transformer_cmd(
     from incontext.train.transformer import TransformerTrainConfig, train_transformer
     from incontext.world.language import vocabulary
 
-    train_transformer(out, NanoConfig(vocab=vocabulary()), TransformerTrainConfig(minutes=minutes, batch=batch, lr=lr, edit_weight=edit_weight, uniform_t=uniform_t), load_vae(out), init_from=init_from)
+    train_transformer(out, NanoConfig(vocab=vocabulary()), TransformerTrainConfig(minutes=minutes, batch=batch, lr=lr, edit_weight=edit_weight, uniform_t=uniform_t, guidance_start=guidance_start), load_vae(out), init_from=init_from)
 
 
 @train_app.command("export")

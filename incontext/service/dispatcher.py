@@ -5,10 +5,10 @@ flight); each claimed run gets a task that calls `engine.edit`, encodes and stor
 images, and ends the run. The database is the queue, so a crash loses nothing: at start-up,
 runs left claimed or running are queued again (lifecycle.recover_interrupted).
 
-The route that commits a run hands its decoded input over (`submitted`) and wakes the loop:
-the run is claimed and started in one transaction and its image goes to the engine as it
-is. Only a run without one (queued before a restart, or beyond MAX_HANDED_OVER) has its
-stored input read and decoded.
+The route that commits a run hands its decoded input over (`submitted`) and, still in its
+own thread, claims it: the run is claimed and started in one transaction and its image goes
+to the engine as it is. Only a run without one (queued before a restart, or beyond
+MAX_HANDED_OVER) has its stored input read and decoded.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class Dispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inputs: dict[str, Image.Image] = {}  # run id → its input, fitted, until claimed; oldest first
         self._inputs_lock = threading.Lock()  # routes hand inputs over from their threads
+        self._claim_lock = threading.Lock()  # routes claim too; the cap counts what is in flight
         self._waiting = False  # the last claim left runs queued (a model at its cap)
 
     async def start(self) -> None:
@@ -78,12 +79,25 @@ class Dispatcher:
 
     def submitted(self, inputs: dict[str, Image.Image]) -> None:
         """Runs were just committed: keep their inputs (decoded and fitted to the output size)
-        for the engine, and claim them now. Any thread."""
+        for the engine and claim them now, in the caller's thread (a route's, off the event
+        loop): the commit reaches the engine without a trip through the loop and back to a
+        thread. Any thread but the event loop's."""
         with self._inputs_lock:
             self._inputs.update(inputs)
             while len(self._inputs) > MAX_HANDED_OVER:
                 del self._inputs[next(iter(self._inputs))]
-        self.wake()
+        if self._loop is None:  # not started: its first claim takes them
+            return
+        claimed_at = time.perf_counter()
+        try:
+            claimed = self._claim()
+        except Exception:
+            log.exception("dispatcher: could not claim submitted runs")
+            return self.wake()  # the loop tries again
+        try:
+            self._loop.call_soon_threadsafe(self._start, claimed, claimed_at)
+        except RuntimeError:
+            pass  # the server is stopping: runs it claimed are queued again at the next start
 
     def cancel(self, run_id: str) -> None:
         """Stop the engine's work on a run already canceled in the database; any thread."""
@@ -111,11 +125,7 @@ class Dispatcher:
         while True:
             try:
                 claimed_at = time.perf_counter()
-                claimed, self._waiting = await asyncio.to_thread(self._claim)
-                for run, image in claimed:
-                    task = asyncio.create_task(self._execute(run, image, claimed_at), name=f"run-{run.id}")
-                    self._in_flight[run.id] = task
-                    task.add_done_callback(lambda _t, r=run.id: self._done(r))
+                self._start(await asyncio.to_thread(self._claim), claimed_at)
             except Exception:
                 log.exception("dispatcher: could not claim queued runs")
             try:
@@ -124,16 +134,22 @@ class Dispatcher:
                 pass
             self._wake.clear()
 
-    def _claim(self) -> tuple[list[tuple[Run, Image.Image | None]], bool]:
-        """Claimed runs with their handed-over inputs (None: read it from storage), and whether
-        runs were left queued."""
-        with self._inputs_lock:
-            ready = set(self._inputs)
-        with self._sessions.begin() as session:
-            runs, waiting = lifecycle.claim_queued(session, self._settings.max_concurrent_runs_per_model, ready)
+    def _claim(self) -> list[tuple[Run, Image.Image | None]]:
+        """Claimed runs with their handed-over inputs (None: read it from storage)."""
+        with self._claim_lock:
+            with self._inputs_lock:
+                ready = set(self._inputs)
+            with self._sessions.begin() as session:
+                runs, self._waiting = lifecycle.claim_queued(session, self._settings.max_concurrent_runs_per_model, ready)
         # A run canceled since `ready` was read has no input here: its task falls back to
         # storage, and the cancel stands.
-        return [(run, self._take_input(run.id)) for run in runs], waiting
+        return [(run, self._take_input(run.id)) for run in runs]
+
+    def _start(self, claimed: list[tuple[Run, Image.Image | None]], claimed_at: float) -> None:
+        for run, image in claimed:
+            task = asyncio.create_task(self._execute(run, image, claimed_at), name=f"run-{run.id}")
+            self._in_flight[run.id] = task
+            task.add_done_callback(lambda _t, r=run.id: self._done(r))
 
     def _done(self, run_id: str) -> None:
         self._in_flight.pop(run_id, None)

@@ -13,15 +13,20 @@ from fastapi.testclient import TestClient
 
 from incontext.service.routes import discovery
 
-from .helpers import data_uri
+from .helpers import data_uri, wait_for
 
 MODEL = "flux-pro/kontext"
 
 
 def test_health_and_readiness_need_no_key(server):
     assert httpx.get(f"{server.url}/v1/health").json() == {"ok": True}
-    r = httpx.get(f"{server.url}/v1/readiness")
-    assert r.status_code == 200, r.text
+
+    def ready() -> httpx.Response | None:
+        r = httpx.get(f"{server.url}/v1/readiness")
+        return r if r.status_code == 200 else None
+
+    # The server answers while the engine process still loads the model: ready once it has.
+    r = wait_for(ready, timeout=300)
     body = r.json()
     assert body["ok"] is True and body["status"] == "ready"
     assert set(body["checks"]) == {"database", "storage", "model"}

@@ -71,7 +71,8 @@ def build_registry(settings: Settings) -> Registry:
 
 
 def build_engine(settings: Settings, registry: Registry) -> EngineClient:
-    kwargs = {"max_batch_size": settings.engine_max_batch_size, "step_cache": settings.engine_step_cache}
+    kwargs = {"max_batch_size": settings.engine_max_batch_size, "step_cache": settings.engine_step_cache,
+              "compile": settings.engine_compile}
     if settings.engine_mode == "process":
         from incontext.engine.process import ProcessEngine
 

@@ -102,6 +102,9 @@ def server_env(tiny_model: Path, **overrides: str) -> dict[str, str]:
         "INCONTEXT_CALLBACK_BACKOFF_SECONDS": "0.3",
         "INCONTEXT_CALLBACK_MAX_ATTEMPTS": "4",
         "INCONTEXT_CALLBACK_TIMEOUT_SECONDS": "2",
+        # Compiling is tested in tests/engine/test_compiled.py; in every server here it would
+        # only take the CPU the tests share.
+        "INCONTEXT_ENGINE_COMPILE": "false",
     }
     env.update(overrides)
     return env

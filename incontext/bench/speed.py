@@ -569,13 +569,11 @@ def run_speed(
             compile_info = {"seconds": compiled.seconds, "failed": compiled.failed}
             if compiled.failed:
                 compiled = None
-        engine_runs = [(1, None, compiled, "engine ×1"), (max_c, None, compiled, f"engine ×{max_c}"),
-                       (1, cache_config, compiled, "engine fast ×1"), (max_c, cache_config, compiled, f"engine fast ×{max_c}")]
+        levels = (1, max_c) if max_c > 1 else (1,)
+        engine_runs = [(c, cache, compiled, f"engine {label}×{c}") for cache, label in ((None, ""), (cache_config, "fast ")) for c in levels]
         if compiled is not None:
-            engine_runs += [(1, None, None, "engine eager ×1"), (max_c, None, None, f"engine eager ×{max_c}")]
+            engine_runs += [(c, None, None, f"engine eager ×{c}") for c in levels]
         for c, cache, comp, name in engine_runs:
-            if c > 1 and max_c == 1:
-                continue
             on_stage(name)
             rows.append(run_engine(registry, models, jobs, model_id=preset.id, steps=steps, guidance=guidance,
                                    concurrency=c, max_batch_size=max_c, step_cache=cache, compiled=comp, name=name))

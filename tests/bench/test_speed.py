@@ -84,8 +84,12 @@ def test_fast_preset_quality_and_goals(run):
 
 
 def test_skipping_stock_and_http(tiny_model, tmp_path):
+    # Compiled as the server does by default, with the eager engine beside it (unless the
+    # compile failed, e.g. without a C++ compiler: then the engine rows are eager and alone).
     results = run_speed(str(tiny_model), 1, tmp_path, steps=2, concurrency=(1,), skip_stock=True, skip_http=True, threads=1, matmul_size=128)
-    assert [r["name"] for r in results["rows"]] == ["engine ×1", "engine fast ×1"]
+    compiled = results["compile"]["failed"] is None
+    assert [r["name"] for r in results["rows"]] == ["engine ×1", "engine fast ×1"] + (["engine eager ×1"] if compiled else [])
+    assert results["compile"]["seconds"] > 0
     assert results["reference"] is None and results["server"] is None
     assert "throughput_vs_stock" not in results["rows"][0]
     assert (tmp_path / "report.md").is_file() and (tmp_path / "speed.png").is_file()

@@ -1,0 +1,214 @@
+"""`bench speed` over HTTP: the real server in a subprocess, and clients that poll it.
+
+A run's end-to-end latency is from sending its POST to its completion on the server
+(`completed_at`: same machine, same clock) plus one GET round trip to read it, so it does not
+depend on how often the client polls (see `incontext.bench.speed`).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import math
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+from incontext import imageio
+from incontext.bench.speed import (
+    POLL_FIRST_S, POLL_MAX_S, SERVER_SPLIT, SERVER_START_TIMEOUT_S, Job, OnStage, Record, Row, closed_loop, warmup_job,
+)
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`incontext serve` in a subprocess, with a fresh data dir and one API key."""
+
+    def __init__(self, directory: Path, threads: int, max_concurrency: int, log_path: Path, compile: bool = True):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.key = "ic_bench_" + secrets.token_urlsafe(24)
+        self.data_dir = Path(tempfile.mkdtemp(prefix="incontext-speed-"))
+        self.log_path = log_path
+        self.env = {
+            **os.environ,
+            "INCONTEXT_MODEL_DIR": str(directory),
+            "INCONTEXT_API_KEYS": self.key,
+            "OMP_NUM_THREADS": str(threads),
+            "INCONTEXT_MAX_CONCURRENT_RUNS_PER_MODEL": str(max_concurrency),
+            "INCONTEXT_ENGINE_MAX_BATCH_SIZE": str(max_concurrency),
+            "INCONTEXT_RATE_LIMIT_PER_MINUTE": "1000000",
+            "INCONTEXT_ENGINE_COMPILE": "true" if compile else "false",
+        }
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0
+
+    def start(self) -> float:
+        """Start and wait for /v1/health; returns the seconds from process start to healthy."""
+        import httpx
+
+        cmd = [sys.executable, "-m", "incontext", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir), "--log-level", "warning"]
+        self.log_file = open(self.log_path, "wb")
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT)
+        while time.perf_counter() - self.started < SERVER_START_TIMEOUT_S:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}: see {self.log_path}")
+            try:
+                if httpx.get(f"{self.url}/v1/health", timeout=1).status_code == 200:
+                    return time.perf_counter() - self.started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.01)
+        raise RuntimeError(f"the server did not start in {SERVER_START_TIMEOUT_S} s: see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        if getattr(self, "log_file", None):
+            self.log_file.close()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def run_body(job: Job, steps: int, guidance: float) -> dict:
+    buf = io.BytesIO()
+    job.image.save(buf, "PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return {"input": {"prompt": job.prompt, "image_url": uri, "seed": job.seed, "num_inference_steps": steps,
+                      "guidance_scale": guidance, "output_format": "png", "sync_mode": True}}
+
+
+class HttpClient:
+    """Sends one run and waits for it, as a client polling GET /v1/runs/{id} would."""
+
+    def __init__(self, server: Server, model_id: str, steps: int, guidance: float, poll_seconds: float):
+        import httpx
+
+        self.server, self.steps, self.guidance, self.poll_seconds = server, steps, guidance, poll_seconds
+        self.path = f"/v1/models/{model_id}/runs"
+        self.local = threading.local()
+        self.httpx = httpx
+        self.clients: list = []
+
+    def client(self):
+        """One connection per client thread, kept alive across its runs."""
+        if not hasattr(self.local, "client"):
+            self.local.client = self.httpx.Client(base_url=self.server.url, headers={"Authorization": f"Bearer {self.server.key}"}, timeout=600)
+            self.clients.append(self.local.client)
+        return self.local.client
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+    def post(self, job: Job) -> tuple[float, float, str]:
+        body = run_body(job, self.steps, self.guidance)
+        client = self.client()
+        sent, sent_wall = time.perf_counter(), time.time()
+        response = client.post(self.path, json=body)
+        post_ms = (time.perf_counter() - sent) * 1000
+        if response.status_code != 201:
+            raise RuntimeError(f"the server refused a run: HTTP {response.status_code} {response.text[:300]}")
+        return sent, sent_wall, response.json()["id"], post_ms
+
+    def __call__(self, job: Job) -> Record:
+        return self.wait(*self.post(job))
+
+    def wait(self, sent: float, sent_wall: float, run_id: str, post_ms: float = math.nan) -> Record:
+        client = self.client()
+        delay = POLL_FIRST_S
+        while True:
+            time.sleep(delay)
+            delay = min(delay * 1.5, self.poll_seconds)  # as incontext.client polls
+            asked = time.perf_counter()
+            run = client.get(f"/v1/runs/{run_id}").json()
+            observed = time.perf_counter()
+            if run["status_code"] in ("succeeded", "failed", "canceled"):
+                break
+        if run["status_code"] != "succeeded":
+            raise RuntimeError(f"run {run_id} {run['status_code']}: {run.get('failure_message')}")
+        completed = sent + datetime.fromisoformat(run["completed_at"]).timestamp() - sent_wall
+        # Readable one round trip after completion, and no later than this client saw it (the
+        # run may have completed while the last GET was on its way).
+        done = min(observed, completed + (observed - asked))
+        output = run["output"]
+        timings = {"post": post_ms, **{k: v for k, v in output["timings_ms"].items() if k in (*SERVER_SPLIT, "compiled_share")}}
+        return Record(sent, done, image=imageio.decode_data_uri(output["outputs"][0]["url"]),
+                      engine_ms=output["timings_ms"]["total"], observed=observed, timings_ms=timings)
+
+
+def warm_until_compiled(client: "HttpClient", jobs: list[Job], timeout: float = SERVER_START_TIMEOUT_S) -> float:
+    """Send warm-up edits at each size of `jobs` until every one reports that all its passes ran
+    compiled (`timings_ms.compiled_share`); returns the seconds since the server started."""
+    pending = {(j.width, j.height): j for j in jobs}
+    deadline = time.perf_counter() + timeout
+    while pending:
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"the server's transformer was not compiled for {sorted(pending)} in {timeout:.0f} s")
+        for size, job in list(pending.items()):
+            record = client.wait(*client.post(warmup_job(job)))
+            if record.timings_ms.get("compiled_share") == 1.0:
+                del pending[size]
+        if pending:
+            time.sleep(2.0)
+    return time.perf_counter() - client.server.started
+
+
+def run_http(directory: Path, jobs: list[Job], *, model_id: str, steps: int, guidance: float, concurrency: list[int],
+             threads: int, log_path: Path, on_stage: OnStage, compile: bool = True) -> tuple[list[Row], dict]:
+    server = Server(directory, threads, max(concurrency), log_path, compile)
+    try:
+        on_stage("starting the server")
+        healthy = server.start()
+        # The first run is the warm-up; its acceptance ends the start-up time.
+        first = HttpClient(server, model_id, steps, guidance, POLL_FIRST_S)
+        posted = first.post(warmup_job(jobs[0]))
+        accepted = time.perf_counter() - server.started
+        first.wait(*posted)
+        warm_s = None
+        if compile:
+            # The server compiles in the background and serves eagerly meanwhile (engine/compiled.py):
+            # time it once every bucket of the jobs runs compiled, as it does from then on.
+            on_stage("waiting for the server's compiled transformer")
+            t0 = time.perf_counter()
+            warm_s = warm_until_compiled(first, jobs)
+            log.info("server compiled for every bucket after %.0f s", time.perf_counter() - t0)
+        first.close()
+        rows = []
+        for c in concurrency:
+            on_stage(f"HTTP, {c} concurrent")
+            # The latency does not depend on polling (see the module docstring); polling only
+            # decides when a closed-loop client sends its next run. Clients back off as
+            # incontext.client does: every GET costs the 2-core server CPU the engine needs.
+            poll = POLL_MAX_S
+            client = HttpClient(server, model_id, steps, guidance, poll)
+            try:
+                records, wall = closed_loop(client, jobs, c)
+            finally:
+                client.close()
+            rows.append(Row(f"HTTP ×{c}", "http", c, records, wall, {"poll_seconds": poll}))
+        server_info = {"start_to_healthy_s": healthy, "start_to_first_accepted_s": accepted, "start_to_compiled_s": warm_s}
+        return rows, server_info
+    finally:
+        server.stop()

@@ -164,6 +164,29 @@ def warmup_job(job: Job) -> Job:
     return Job("warm up", Image.new("RGB", (job.width, job.height), (128, 128, 128)), job.target, job.width, job.height, 10**6)
 
 
+def in_own_thread(fn: Callable, *args, **kwargs):
+    """fn(*args, **kwargs) on a thread that ends with it; its result, or its exception.
+
+    The benchmark's torch work runs this way, one piece at a time, never on the main thread:
+    with libgomp, a live thread that has run parallel torch work makes every other thread's
+    ops several times slower on a small machine (LocalEngine.start_thread), so each
+    configuration must run with no other such thread alive — as a user's script would."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn(*args, **kwargs)
+        except BaseException as e:  # re-raised in the caller
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="incontext-bench")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def closed_loop(call: Callable[[Job], Record], jobs: list[Job], concurrency: int) -> tuple[list[Record], float]:
     """Run every job with `concurrency` clients, each sending its next job when its last one is
     done. Returns the records in job order and the wall time (first sent → last done)."""
@@ -179,9 +202,12 @@ def closed_loop(call: Callable[[Job], Record], jobs: list[Job], concurrency: int
                 return
             records[i] = call(jobs[i])
 
-    with ThreadPoolExecutor(concurrency) as pool:
-        for f in [pool.submit(client) for _ in range(concurrency)]:
-            f.result()
+    if concurrency == 1:  # in the calling thread: stock diffusers runs where it was loaded (see in_own_thread)
+        client()
+    else:
+        with ThreadPoolExecutor(concurrency) as pool:
+            for f in [pool.submit(client) for _ in range(concurrency)]:
+                f.result()
     done = [r for r in records if r is not None]
     return done, max(r.done for r in done) - min(r.sent for r in done)
 
@@ -345,13 +371,13 @@ def run_speed(
         registry.add(preset)
         steps = steps or preset.num_inference_steps
         guidance = preset.guidance_scale
-        models = load_model(preset.directory, dtype="auto", max_sequence_length=preset.max_sequence_length)
+        models = in_own_thread(load_model, preset.directory, dtype="auto", max_sequence_length=preset.max_sequence_length)
         jobs = make_jobs(n, preset, seed)
         max_c = max(concurrency)
 
         # 2. the machine
         on_stage("matmul peak")
-        peak = {"float32": matmul_peak(torch.float32, matmul_size), "bfloat16": matmul_peak(torch.bfloat16, matmul_size)}
+        peak = {name: in_own_thread(matmul_peak, dtype, matmul_size) for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
         engine_peak = peak.get(_dtype_name(models.dtype))
 
         # 3. stock diffusers
@@ -359,7 +385,7 @@ def run_speed(
         if not skip_stock:
             for dtype in (torch.float32, torch.bfloat16):
                 on_stage(f"stock diffusers, {_dtype_name(dtype)}")
-                rows.append(run_stock(preset.directory, dtype, jobs, steps, guidance, preset.max_sequence_length))
+                rows.append(in_own_thread(run_stock, preset.directory, dtype, jobs, steps, guidance, preset.max_sequence_length))
 
         # 4. the engine in this process, exact and with the step cache; compiled as the server
         #    does by default (engine/compiled.py), with the eager engine beside it

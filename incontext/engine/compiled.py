@@ -44,10 +44,10 @@ class CompiledModels:
         self._todo: queue.Queue = queue.Queue()
         self._idle = threading.Event()
         self._lock = threading.Lock()  # "queue empty → idle" must not interleave with a new bucket
+        self._start = start
+        self._warming = False  # a warm-up thread is running
         for bucket in buckets:
             self._queue(bucket)
-        if start:
-            threading.Thread(target=self._warm_loop, name="incontext-compile", daemon=True).start()
 
     def for_bucket(self, width: int, height: int) -> sampler.Models:
         if (width, height) in self.ready:
@@ -65,12 +65,19 @@ class CompiledModels:
                 self._seen.add(bucket)
                 self._idle.clear()
                 self._todo.put(bucket)
+                if self._start and not self._warming:
+                    self._warming = True
+                    threading.Thread(target=self._warm_loop, name="incontext-compile", daemon=True).start()
 
     def _warm_loop(self) -> None:
+        # The thread ends when there is nothing left to warm: while a thread that ran torch
+        # work lives, the engine thread's every op is slower (LocalEngine.start_thread).
         while True:
             with self._lock:
                 if self._todo.empty():
+                    self._warming = False
                     self._idle.set()
+                    return
             width, height = self._todo.get()
             t0 = time.perf_counter()
             try:

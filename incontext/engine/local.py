@@ -137,18 +137,43 @@ class LocalEngine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._ready = threading.Event()
+        self.load_error: Exception | None = None  # why the model of start() did not load
 
     # ------------------------------------------------------------ client interface
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.load, self.registry.default_id)
-        self.start_thread()
+        self.start_thread(preload=self.registry.default_id)
+        await asyncio.to_thread(self._ready.wait)
+        if self.load_error is not None:
+            raise self.load_error
 
-    def start_thread(self) -> None:
+    def start_thread(self, preload: str | None = None) -> None:
+        """Start the engine's thread. With `preload`, the thread loads that model first and
+        `is_ready()` turns true once it is loaded (or failed to: `load_error`, and the thread ends).
+
+        Every torch operation of the engine runs on this one thread, loading included. With
+        libgomp (torch's OpenMP on Linux), once two live threads of a process have each run
+        parallel work, their thread teams outnumber the cores and the workers stop spinning
+        between parallel regions: every small op then pays a futex wake-up. On 2 cores that
+        made each op about 10× slower (an add of 40k floats 6 → 84 µs) and a batch-1
+        transformer pass 2× slower, for as long as the other thread lived."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="incontext-engine", daemon=True)
+            self._thread = threading.Thread(target=self._run, args=(preload,), name="incontext-engine", daemon=True)
             self._thread.start()
-        self._ready.set()
+        if preload is None:
+            self._ready.set()
+
+    def _run(self, preload: str | None) -> None:
+        if preload is not None:
+            try:
+                self.load(preload)
+            except Exception as e:
+                log.exception("could not load model %s", preload)
+                self.load_error = e
+                self._ready.set()
+                return
+            self._ready.set()
+        self._loop()
 
     def stop(self) -> None:
         """Ask the loop to end after its current step (any thread)."""
@@ -167,7 +192,11 @@ class LocalEngine:
             await asyncio.to_thread(self._thread.join, 10)
 
     def is_ready(self) -> bool:
-        return self._ready.is_set()
+        return self._ready.is_set() and self.load_error is None
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until the thread's preload has ended (loaded, or failed: `load_error`)."""
+        return self._ready.wait(timeout)
 
     def submit(self, request: EditRequest, on_progress: ProgressCallback | None = None) -> Future:
         """Queue a request; the future resolves to an EditResult (or raises Cancelled/IncontextError)."""

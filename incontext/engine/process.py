@@ -275,13 +275,12 @@ def _child_main(conn: Connection) -> None:
         else:
             send(("error", request_id, "ENGINE_ERROR", f"the engine failed: {exc.__class__.__name__}", 500))
 
-    try:
-        engine.load(registry.default_id)
-    except Exception:
-        log.exception("could not load the default model")
+    # The engine's thread loads the model: this thread must run no torch work (see start_thread).
+    engine.start_thread(preload=registry.default_id)
+    engine.wait_ready()
+    if engine.load_error is not None:
         os._exit(EXIT_LOAD_FAILED)  # the server fails the queued requests and tries again later
     loaded.set()
-    engine.start_thread()
 
     def watch() -> None:  # the engine thread never ends on its own: if it does, so does the child
         if not engine.join():

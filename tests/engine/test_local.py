@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from incontext.engine.local import LocalEngine
 from incontext.engine.protocol import EditRequest
-from incontext.errors import Cancelled, InvalidInput
+from incontext.errors import Cancelled, InvalidInput, ModelError
 
 
 def picture(color=(200, 30, 30), size=(64, 64)) -> Image.Image:
@@ -146,3 +146,48 @@ def test_unchanged_batches_reuse_their_stacked_inputs(registry, monkeypatch):
 
     run(go())
     assert len(calls) == 1  # not once per step
+
+
+def test_the_engine_thread_loads_the_model_and_a_model_that_does_not_load_fails_start(registry, tmp_path):
+    import threading
+
+    from incontext.models.registry import Registry, preset_for_directory
+
+    loaded_on: list[str] = []
+
+    class Watching(LocalEngine):
+        def load(self, model_id):
+            loaded_on.append(threading.current_thread().name)
+            return super().load(model_id)
+
+    async def good():
+        eng = Watching(registry, dtype="float32")
+        await eng.start()
+        try:
+            assert eng.is_ready()
+            result = await eng.edit(req("loaded", 0, steps=2))
+            assert result.images[0].size == (64, 64)
+        finally:
+            await eng.close()
+
+    run(good())
+    # All torch work on the engine's own thread: another live thread that had run parallel
+    # ops would slow its every op (LocalEngine.start_thread).
+    assert loaded_on and set(loaded_on) == {"incontext-engine"}
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{}")
+    reg = Registry(default_id="broken")
+    reg.add(preset_for_directory(broken, id="broken"))
+
+    async def bad():
+        eng = LocalEngine(reg, dtype="float32")
+        try:
+            await eng.start()
+        finally:
+            assert not eng.is_ready()
+            await eng.close()
+
+    with pytest.raises(ModelError, match="missing"):
+        run(bad())

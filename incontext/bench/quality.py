@@ -79,6 +79,47 @@ class ModelEditor:
         return out
 
 
+@dataclass
+class EngineEditor:
+    """The engine (engine/local.py) with its cache of output latents: a turn whose input is
+    the previous turn's output starts from that output's latents, not from a decode → 8-bit
+    image → encode round trip. Seeds count up from `seed`, as ModelEditor's do."""
+
+    engine: object  # a started LocalEngine
+    model_id: str
+    steps: int
+    guidance: float
+    seed: int = 0
+    calls: int = 0
+
+    def __call__(self, example: Example, image: Image.Image) -> Image.Image:
+        from incontext.engine.protocol import EditRequest
+
+        request = EditRequest(f"quality-{self.calls}", self.model_id, example.instruction, image, image.width, image.height,
+                              self.seed + self.calls, guidance_scale=self.guidance, num_inference_steps=self.steps)
+        self.calls += 1
+        return self.engine.submit(request).result().images[0]
+
+
+def drift_on_cached_latents(preset, models: sampler.Models, sequences: list[list[Example]], *, steps: int, guidance: float,
+                            seed: int) -> dict:
+    """The drift score of the same turns (same seeds) run through the engine with its output-latent cache."""
+    from incontext.engine.local import LocalEngine
+    from incontext.models.registry import Registry
+
+    registry = Registry(default_id=preset.id)
+    registry.add(preset)
+    engine = LocalEngine(registry, dtype=models.dtype, reuse_output_latents=True)
+    engine.models[preset.id] = models
+    engine.start_thread()
+    try:
+        turns = run_turns(EngineEditor(engine, preset.id, steps, guidance, seed), sequences)
+    finally:
+        engine.stop()
+        engine.join(30)
+    return drift_scores(sequences, turns)
+
+
 # ---------------------------------------------------------------- scoring
 
 
@@ -230,6 +271,9 @@ def run_quality(
     editor = ModelEditor(models, steps, guidance, seed)
     model_row, model_outputs = score_row(preset.id, editor, heldout_set, sequences, on_edit)
     model_row["seconds_per_edit"] = float(np.mean(editor.seconds))
+    # the same turns with the engine's latent reuse; ModelEditor ran them after every single edit
+    single_edits = sum(len(examples) for examples in heldout_set.values())
+    reuse = drift_on_cached_latents(preset, models, sequences, steps=steps, guidance=guidance, seed=seed + single_edits)
 
     # 4. the reference rows, no model needed
     identity_row, _ = score_row(IDENTITY, identity_editor, heldout_set, sequences)
@@ -247,6 +291,7 @@ def run_quality(
         "held_out_seed": heldout.HELD_OUT_SEED,
         "families": list(heldout_set),
         "rows": [model_row, identity_row, truth_row],
+        "drift_rows": [{"name": f"{preset.id}, on cached latents", "drift": reuse}],
     }
     write_report(results, Path(out_dir), heldout_set, sequences, model_outputs, truth_outputs)
     log.info("quality report written to %s", out_dir)

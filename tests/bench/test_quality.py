@@ -63,6 +63,15 @@ def test_the_model_row_is_scored_and_timed(run):
     assert len(model["drift"]["preservation_psnr_by_turn"]) == 2
 
 
+def test_drift_is_also_measured_on_the_engines_cached_latents(run):
+    results, out = run
+    model, (reuse,) = results["rows"][0], results["drift_rows"]
+    assert "cached latents" in reuse["name"] and reuse["name"] in (out / "report.md").read_text()
+    assert len(reuse["drift"]["preservation_psnr_by_turn"]) == 2
+    # Turn 1 is the same edit with the same seed (only turn 2 starts from cached latents).
+    assert abs(reuse["drift"]["turn_1"] - model["drift"]["turn_1"]) < 0.1
+
+
 def _cli():
     app = typer.Typer()
     app.command("version")(lambda: None)  # a second command keeps `bench` a sub-command, as in incontext.cli

@@ -310,7 +310,9 @@ def encode_image(img: Image.Image, fmt: str, *, quality: int = 95) -> bytes:
             _to_rgb(img).save(buf, "JPEG", quality=quality, subsampling=subsampling, optimize=True)
         else:
             out = img if img.mode in ("RGB", "RGBA", "L", "LA", "P", "1", "I;16") else _to_rgb(img)
-            out.save(buf, "PNG", compress_level=6)
+            # zlib level 1: a 128² model-like output (slightly noisy) encodes in 1.7 ms instead
+            # of 3.3 ms at Pillow's default 6, for 15 % more bytes; it is on every run's path.
+            out.save(buf, "PNG", compress_level=1)
     except Exception as exc:  # noqa: BLE001
         raise InvalidImage(f"could not encode the image as {pil_id}") from exc
     return buf.getvalue()

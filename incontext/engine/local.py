@@ -424,6 +424,8 @@ class LocalEngine:
         r = job.request
         model_id = job.samples[0].bucket[0]
         m = self.models[model_id]
+        if model_id in self.compiled:
+            m = self.compiled[model_id].for_bucket(r.width, r.height)
         with torch.no_grad():
             lat = torch.cat([job.latents[i] for i in range(r.num_images)])
             images = sampler.decode(m, lat, r.height, r.width)

@@ -69,7 +69,7 @@ def test_a_failed_compile_leaves_the_eager_model_serving(tiny_model, monkeypatch
     class Broken(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
-            self.config = inner.config
+            self.config = getattr(inner, "config", None)  # torch.compile also takes plain functions (the VAE's)
 
         def forward(self, *args, **kwargs):
             raise RuntimeError("inductor is unavailable")

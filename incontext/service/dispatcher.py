@@ -96,8 +96,8 @@ class Dispatcher:
             return self.wake()  # the loop tries again
         try:
             self._loop.call_soon_threadsafe(self._start, claimed, claimed_at)
-        except RuntimeError:
-            pass  # the server is stopping: runs it claimed are queued again at the next start
+        except RuntimeError:  # the event loop is closed: the server is stopping
+            log.info("dispatcher: stopping; %d claimed run(s) are queued again at the next start", len(claimed))
 
     def cancel(self, run_id: str) -> None:
         """Stop the engine's work on a run already canceled in the database; any thread."""

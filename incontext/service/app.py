@@ -142,6 +142,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
             dispatcher=dispatcher,
             sender=sender,
             limiter=RateLimiter(settings.rate_limit_per_minute),
+            keys=keys.KeyCache(sessions, ttl_s=settings.api_key_cache_seconds, stamp=settings.data_dir / keys.STAMP_NAME),
         )
         log.info("serving %s on %s (data dir %s)", ", ".join(registry.ids()), settings.base_url, settings.data_dir)
         try:

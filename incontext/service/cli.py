@@ -101,10 +101,12 @@ def keys_revoke(
     from incontext.service import keys
     from incontext.service.app import open_database
 
-    db_engine, sessions = open_database(_settings(data_dir=data_dir, database_url=database_url))
+    settings = _settings(data_dir=data_dir, database_url=database_url)
+    db_engine, sessions = open_database(settings)
     try:
         with sessions.begin() as session:
             row = keys.revoke_key(session, key)
+        keys.mark_changed(settings.data_dir)  # servers on this data dir stop accepting it at once
     except IncontextError as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc.message}")
         raise typer.Exit(1) from None

@@ -20,6 +20,7 @@ from incontext.service.auth import authenticate
 from incontext.service.callbacks import CallbackSender
 from incontext.service.dispatcher import Dispatcher
 from incontext.service.errors import RateLimited
+from incontext.service.keys import KeyCache
 from incontext.service.models import ApiKey
 from incontext.service.ratelimit import RateLimiter
 from incontext.service.storage import Storage
@@ -38,6 +39,7 @@ class Service:
     dispatcher: Dispatcher
     sender: CallbackSender
     limiter: RateLimiter
+    keys: KeyCache
 
 
 async def get_service(request: Request) -> Service:

@@ -1,4 +1,4 @@
-"""API keys: made here, stored only as a hash, looked up on every request.
+"""API keys: made here, stored only as a hash, looked up on every request (through KeyCache).
 
 A key is `ic_live_` + 32 random bytes in url-safe base64. It has that much entropy, so a
 plain SHA-256 is enough to store it (a slow password hash would only slow every request).
@@ -7,10 +7,14 @@ plain SHA-256 is enough to store it (a slow password hash would only slow every 
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from incontext.errors import IncontextError
 from incontext.service.db import utcnow
@@ -48,6 +52,58 @@ def sync_env_keys(session: Session, keys: list[str]) -> None:
 
 def find_active(session: Session, plain: str) -> ApiKey | None:
     return session.scalar(sa.select(ApiKey).where(ApiKey.key_hash == hash_key(plain), ApiKey.revoked_at.is_(None)))
+
+
+STAMP_NAME = "keys.changed"
+_MAX_CACHED = 10_000
+
+
+def mark_changed(data_dir: Path) -> None:
+    """Tell servers on this data dir that a key was revoked: their caches empty at once."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    stamp = data_dir / STAMP_NAME
+    stamp.touch()
+    os.utime(stamp)  # touch() keeps an existing file's mtime on some filesystems
+
+
+class KeyCache:
+    """Active keys by hash, remembered for `ttl_s` seconds, so a request authenticates without
+    a database session (that was half of a GET's server time: docs/engine.md).
+
+    A revocation made with `incontext keys revoke` on this data dir touches `stamp`, which
+    empties the cache at the next request; one made elsewhere (another machine on the same
+    PostgreSQL) takes effect within `ttl_s`. Unknown keys are never remembered, so a key
+    created a moment ago works at once. `ttl_s` 0 turns the cache off."""
+
+    def __init__(self, sessions: sessionmaker[Session], *, ttl_s: float, stamp: Path, clock: Callable[[], float] = time.monotonic):
+        self._sessions, self._ttl, self._stamp, self._clock = sessions, ttl_s, stamp, clock
+        self._keys: dict[str, tuple[float, ApiKey]] = {}  # hash → (expires at, detached row)
+        self._stamp_seen = self._stamp_mtime()
+
+    def cached(self, plain: str) -> ApiKey | None:
+        """The key if it is remembered and fresh; None means: ask `find` (which blocks)."""
+        stamp = self._stamp_mtime()
+        if stamp != self._stamp_seen:
+            self._keys.clear()
+            self._stamp_seen = stamp
+        hit = self._keys.get(hash_key(plain))
+        return hit[1] if hit is not None and self._clock() < hit[0] else None
+
+    def find(self, plain: str) -> ApiKey | None:
+        """Look the key up in the database and remember it if it is active."""
+        with self._sessions() as session:
+            key = find_active(session, plain)
+        if key is not None and self._ttl > 0:
+            if len(self._keys) >= _MAX_CACHED:
+                self._keys.clear()
+            self._keys[key.key_hash] = (self._clock() + self._ttl, key)
+        return key
+
+    def _stamp_mtime(self) -> int:
+        try:
+            return self._stamp.stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0
 
 
 def has_active_key(session: Session) -> bool:

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 
 from incontext.errors import IncontextError
 from incontext.imageio import ASPECT_RATIOS
-from incontext.service import keys, lifecycle, submission
+from incontext.service import auth, lifecycle, submission
 from incontext.service.deps import Service
 from incontext.service.errors import STATUS_CODES, Conflict, RateLimited, ServiceError, Unauthorized, ValidationFailed, field_error
 from incontext.service.models import ApiKey, Run
@@ -48,7 +48,7 @@ _MAX_RATIO = max(w / h for w, h in RATIOS.values())
 
 
 # Keys.
-def key_from_headers(request: Request) -> ApiKey:
+async def key_from_headers(request: Request) -> ApiKey:
     """The caller's key from `x-key` (BFL clients) or `Authorization: Bearer` (everyone else)."""
     token = request.headers.get("x-key", "").strip()
     if not token:
@@ -56,8 +56,7 @@ def key_from_headers(request: Request) -> ApiKey:
         token = rest.strip() if scheme.lower() == "bearer" else ""
     if not token:
         raise Unauthorized("send your API key as 'x-key: <key>' or 'Authorization: Bearer <key>'")
-    with request.app.state.service.sessions() as session:
-        key = keys.find_active(session, token)
+    key = await auth.lookup(request, token)
     if key is None:
         raise Unauthorized("the API key is unknown or revoked")
     return key

@@ -130,6 +130,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
             timeout_s=settings.callback_timeout_seconds,
             poll_s=settings.poll_interval_seconds,
         )
+        read_sessions = make_session_factory(db_engine, read_only=True)
         dispatcher = Dispatcher(sessions=sessions, engine=model_engine, storage=storage, sender=sender, settings=settings)
         await sender.start()
         await dispatcher.start()
@@ -138,11 +139,12 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
             registry=registry,
             engine=model_engine,
             sessions=sessions,
+            read_sessions=read_sessions,
             storage=storage,
             dispatcher=dispatcher,
             sender=sender,
             limiter=RateLimiter(settings.rate_limit_per_minute),
-            keys=keys.KeyCache(sessions, ttl_s=settings.api_key_cache_seconds, stamp=settings.data_dir / keys.STAMP_NAME),
+            keys=keys.KeyCache(read_sessions, ttl_s=settings.api_key_cache_seconds, stamp=settings.data_dir / keys.STAMP_NAME),
         )
         log.info("serving %s on %s (data dir %s)", ", ".join(registry.ids()), settings.base_url, settings.data_dir)
         try:

@@ -70,15 +70,23 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
+READ_ONLY = "incontext_read_only"  # an execution option: see make_session_factory
+
+
 def _sqlite_begin(conn) -> None:
     # Take the write lock up front. A transaction that reads and then writes would otherwise
     # fail at once with SQLITE_BUSY when another writer got in between, instead of waiting.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # Read-only sessions need no lock: in WAL mode they read the last commit at once.
+    conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
 
-def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+def make_session_factory(engine: Engine, *, read_only: bool = False) -> sessionmaker[Session]:
+    """Sessions for the service. `read_only` ones are for routes that only read (the GET a
+    polling client sends over and over): on SQLite they do not queue behind the dispatcher's
+    writes for the write lock. They must not write; SQLite would refuse at commit if they did."""
     # Rows are handed from a session to the code that built the response after commit.
-    return sessionmaker(engine, expire_on_commit=False)
+    bind = engine.execution_options(**{READ_ONLY: True}) if read_only else engine
+    return sessionmaker(bind, expire_on_commit=False)
 
 
 # Alembic's bookkeeping table, as Alembic creates it: a new database is stamped in it directly.

@@ -35,6 +35,7 @@ class Service:
     registry: Registry
     engine: EngineClient
     sessions: sessionmaker[Session]
+    read_sessions: sessionmaker[Session]  # for routes that only read: db.make_session_factory
     storage: Storage
     dispatcher: Dispatcher
     sender: CallbackSender
@@ -68,10 +69,16 @@ async def get_session(service: ServiceDep) -> AsyncIterator[Session]:
         yield session
 
 
+async def get_read_session(service: ServiceDep) -> AsyncIterator[Session]:
+    with service.read_sessions() as session:
+        yield session
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[EngineClient, Depends(get_engine)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 SessionDep = Annotated[Session, Depends(get_session)]
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 KeyDep = Annotated[ApiKey, Depends(authenticate)]
 
 

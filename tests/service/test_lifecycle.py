@@ -1,5 +1,7 @@
 """Migrations and run state transitions on a real (SQLite) database, without the engine."""
 
+import threading
+
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -130,3 +132,28 @@ def test_batch_status():
     assert lifecycle.batch_status({**counts, "succeeded": 2, "total": 2}) == "succeeded"
     assert lifecycle.batch_status({**counts, "succeeded": 1, "canceled": 1, "total": 2}) == "partial_succeeded"
     assert lifecycle.batch_status({**counts, "failed": 2, "total": 2}) == "failed"
+
+
+def test_reads_are_not_held_up_by_a_writer(db):
+    # A client polling GET /v1/runs/{id} must not wait for the dispatcher's write lock.
+    engine, sessions, _ = db
+    with sessions.begin() as session:
+        key, _ = create_key(session)
+        run_id = new_run(session, key.id)
+    writer = sessions()
+    lifecycle.add_log(writer, run_id, "holding the write lock")  # BEGIN IMMEDIATE: the lock is taken
+    try:
+        done = threading.Event()
+
+        def read():
+            with make_session_factory(engine, read_only=True)() as session:
+                assert store.get_run(session, key.id, run_id).status == lifecycle.QUEUED
+            done.set()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert done.wait(5), "a read-only session waited for the writer"
+        reader.join()
+    finally:
+        writer.rollback()
+        writer.close()

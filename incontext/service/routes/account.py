@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from incontext.service import store
-from incontext.service.deps import KeyDep, SessionDep
+from incontext.service.deps import KeyDep, ReadSessionDep
 from incontext.service.schemas import KeyPublic, UsagePublic
 
 router = APIRouter(prefix="/v1", tags=["account"])
@@ -23,7 +23,7 @@ def auth_me(key: KeyDep):
 
 
 @router.get("/usage", response_model=UsagePublic)
-def get_usage(key: KeyDep, session: SessionDep):
+def get_usage(key: KeyDep, session: ReadSessionDep):
     """Runs, delivered images and cost of the calling key, per model. Failed and canceled
     runs are counted as runs but cost nothing."""
     return store.usage(session, key.id)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from incontext.service import lifecycle, store, submission
-from incontext.service.deps import KeyDep, PresetDep, RateLimitDep, ServiceDep, SessionDep
+from incontext.service.deps import KeyDep, PresetDep, RateLimitDep, ReadSessionDep, ServiceDep, SessionDep
 from incontext.service.models import Batch
 from incontext.service.routes.runs import IdempotencyKey, commit_created, replay_response
 from incontext.service.schemas import BatchCreate, BatchPublic, RunList, RunPublic
@@ -61,7 +61,7 @@ def create_batch(
 
 
 @router.get("/batches/{batch_id}", response_model=BatchPublic)
-def get_batch(batch_id: str, key: KeyDep, service: ServiceDep, session: SessionDep):
+def get_batch(batch_id: str, key: KeyDep, service: ServiceDep, session: ReadSessionDep):
     return batch_public(session, store.get_batch(session, key.id, batch_id), service.storage)
 
 
@@ -70,7 +70,7 @@ def get_batch_items(
     batch_id: str,
     key: KeyDep,
     service: ServiceDep,
-    session: SessionDep,
+    session: ReadSessionDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 100,
     cursor: str | None = None,
 ):

@@ -154,7 +154,7 @@ def create_kontext_edit(body: FluxKontextRequest, request: Request, key: BflKeyD
 def get_result(key: BflKeyDep, service: ServiceDep, id: Annotated[str, Query(description="the id from the submit answer")]):
     """The run's status in BFL terms: queued or running → `Pending`; succeeded → `Ready`;
     failed or canceled → `Error`; unknown (or another key's) → `Task not found` with HTTP 404."""
-    with service.sessions() as session:
+    with service.read_sessions() as session:
         try:
             run = store.get_run(session, key.id, id)
         except RunNotFound:

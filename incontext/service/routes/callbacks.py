@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from incontext.service import callbacks, lifecycle, store
-from incontext.service.deps import KeyDep, ServiceDep, SessionDep
+from incontext.service.deps import KeyDep, ReadSessionDep, ServiceDep, SessionDep
 from incontext.service.errors import Conflict
 from incontext.service.schemas import (
     CallbackSecretCreate,
@@ -29,7 +29,7 @@ def create_callback_secret(body: CallbackSecretCreate, key: KeyDep, session: Ses
 
 
 @router.get("/callback-secrets", response_model=CallbackSecretList)
-def list_callback_secrets(key: KeyDep, session: SessionDep):
+def list_callback_secrets(key: KeyDep, session: ReadSessionDep):
     return CallbackSecretList(items=[CallbackSecretPublic.from_row(r) for r in callbacks.list_secrets(session, key.id)])
 
 
@@ -41,7 +41,7 @@ def revoke_callback_secret(secret_id: str, key: KeyDep, session: SessionDep):
 
 
 @router.get("/runs/{run_id}/callback", response_model=DeliveryList)
-def get_run_callback(run_id: str, key: KeyDep, session: SessionDep):
+def get_run_callback(run_id: str, key: KeyDep, session: ReadSessionDep):
     """Every delivery of the run's callback, each with every attempt."""
     store.get_run(session, key.id, run_id)
     return DeliveryList(items=[DeliveryPublic.from_row(d, a) for d, a in callbacks.deliveries_for_run(session, run_id)])

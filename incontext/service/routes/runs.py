@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from incontext.service import lifecycle, store, submission
-from incontext.service.deps import KeyDep, PresetDep, RateLimitDep, ServiceDep, SessionDep, StorageDep
+from incontext.service.deps import KeyDep, PresetDep, RateLimitDep, ReadSessionDep, ServiceDep, SessionDep, StorageDep
 from incontext.service.errors import ValidationFailed, field_error
 from incontext.service.schemas import LogList, LogPublic, RunCreate, RunList, RunPublic, StatusList, StatusPublic
 
@@ -88,7 +88,7 @@ def run_statuses(_: KeyDep):
 def list_runs(
     key: KeyDep,
     service: ServiceDep,
-    session: SessionDep,
+    session: ReadSessionDep,
     status: Annotated[list[str] | None, Query(description="one or more statuses; repeat or comma-separate")] = None,
     model_id: str | None = None,
     batch_id: str | None = None,
@@ -113,7 +113,7 @@ def list_runs(
 
 
 @router.get("/runs/{run_id}", response_model=RunPublic)
-def get_run(run_id: str, key: KeyDep, storage: StorageDep, session: SessionDep):
+def get_run(run_id: str, key: KeyDep, storage: StorageDep, session: ReadSessionDep):
     # Serialised here, as FastAPI would: the route clients poll should not take one more trip
     # to the thread pool for FastAPI to validate a model built just now.
     run = RunPublic.from_row(store.get_run(session, key.id, run_id), storage)
@@ -121,7 +121,7 @@ def get_run(run_id: str, key: KeyDep, storage: StorageDep, session: SessionDep):
 
 
 @router.get("/runs/{run_id}/logs", response_model=LogList)
-def get_run_logs(run_id: str, key: KeyDep, session: SessionDep):
+def get_run_logs(run_id: str, key: KeyDep, session: ReadSessionDep):
     store.get_run(session, key.id, run_id)
     return LogList(items=[LogPublic.from_row(r) for r in store.run_logs(session, run_id)])
 

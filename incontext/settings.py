@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
     fetch_timeout_seconds: float = Field(15.0, gt=0)
-    # Whether image_url may point at loopback/private addresses. None: only when the
+    # Whether image_url and callback_url may point at loopback/private addresses. None: only when the
     # server itself listens on loopback (local development).
     fetch_private_networks: bool | None = None
 

@@ -129,6 +129,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
             backoff_max_s=settings.callback_backoff_max_seconds,
             timeout_s=settings.callback_timeout_seconds,
             poll_s=settings.poll_interval_seconds,
+            allow_private=settings.allow_private_fetch,
         )
         read_sessions = make_session_factory(db_engine, read_only=True)
         dispatcher = Dispatcher(sessions=sessions, engine=model_engine, storage=storage, sender=sender, settings=settings)

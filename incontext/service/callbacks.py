@@ -31,6 +31,7 @@ from datetime import timedelta
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from incontext.service import netpolicy
 from incontext.service.db import utcnow
 from incontext.service.errors import NotFound
 from incontext.service.models import Batch, CallbackAttempt, CallbackDelivery, CallbackSecret, Run
@@ -188,8 +189,10 @@ def signature_headers(body: bytes, secrets: list[str], msg_id: str, timestamp: i
 class CallbackSender:
     """Sends due deliveries; each failure is recorded and retried with exponential backoff."""
 
-    def __init__(self, sessions: sessionmaker[Session], *, max_attempts: int, backoff_s: float, backoff_max_s: float, timeout_s: float, poll_s: float):
+    def __init__(self, sessions: sessionmaker[Session], *, max_attempts: int, backoff_s: float, backoff_max_s: float, timeout_s: float, poll_s: float,
+                 allow_private: bool):
         self._sessions = sessions
+        self._allow_private = allow_private  # netpolicy: may callback_url be a private address
         self._max_attempts = max_attempts
         self._backoff_s = backoff_s
         self._backoff_max_s = backoff_max_s
@@ -270,6 +273,10 @@ class CallbackSender:
         import httpx
 
         url, body, sign = await asyncio.to_thread(self._load, delivery_id)
+        # Checked at each attempt, not at submission: a name can resolve elsewhere by then.
+        if refused := await asyncio.to_thread(netpolicy.refusal, url, allow_private=self._allow_private):
+            error = f"callback_url: {refused}; the server does not post to it (INCONTEXT_FETCH_PRIVATE_NETWORKS)"
+            return await asyncio.to_thread(self._record, delivery_id, None, 0, error, final=True)
         headers = sign(int(time.time()))
         status_code, error = None, None
         if self._http is None:
@@ -287,14 +294,14 @@ class CallbackSender:
         elapsed_ms = int((time.perf_counter() - started) * 1000)
         await asyncio.to_thread(self._record, delivery_id, status_code, elapsed_ms, error)
 
-    def _record(self, delivery_id: str, status_code: int | None, elapsed_ms: int, error: str | None) -> None:
+    def _record(self, delivery_id: str, status_code: int | None, elapsed_ms: int, error: str | None, *, final: bool = False) -> None:
         with self._sessions.begin() as session:
             d = session.get(CallbackDelivery, delivery_id)
             d.attempt_count += 1
             session.add(CallbackAttempt(delivery_id=d.id, attempt_number=d.attempt_count, status_code=status_code, response_time_ms=elapsed_ms, error_message=error))
             if error is None:
                 d.status, d.completed_at, d.next_attempt_at = "delivered", utcnow(), None
-            elif d.attempt_count >= self._max_attempts:
+            elif final or d.attempt_count >= self._max_attempts:
                 d.status, d.completed_at, d.next_attempt_at = "failed", utcnow(), None
                 log.warning("callback %s to %s failed after %d attempts: %s", d.id, d.url, d.attempt_count, error)
             else:

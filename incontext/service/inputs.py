@@ -8,8 +8,6 @@ text itself, so a restart decodes exactly what the submitter sent.
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
@@ -19,6 +17,7 @@ from sqlalchemy.orm import Session
 from incontext import imageio
 from incontext.models.registry import ModelPreset
 from incontext.errors import ImageTooLarge
+from incontext.service import netpolicy
 from incontext.service.errors import ImageFetchFailed
 from incontext.service.models import Run
 from incontext.service.storage import Storage
@@ -99,18 +98,5 @@ def fetch(url: str, settings: Settings) -> bytes:
 
 
 def check_host(url: str, settings: Settings) -> None:
-    """Refuse loopback, private and link-local addresses unless allowed (they would let a
-    client make the server probe its own network)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ImageFetchFailed(f"not an http(s) URL: {url[:100]}")
-    if settings.allow_private_fetch:
-        return
-    try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
-    except OSError:
-        raise ImageFetchFailed(f"cannot resolve host {parts.hostname}") from None
-    for info in infos:
-        addr = ipaddress.ip_address(info[4][0])
-        if not addr.is_global:
-            raise ImageFetchFailed(f"host {parts.hostname} resolves to a non-public address; fetching it is not allowed")
+    if reason := netpolicy.refusal(url, allow_private=settings.allow_private_fetch):
+        raise ImageFetchFailed(f"image_url: {reason}; the server does not fetch it")

@@ -1,0 +1,84 @@
+"""The server connects on a client's behalf (image_url, callback_url) only to public hosts,
+unless the settings allow private ones."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from incontext.service import keys, lifecycle, netpolicy
+from incontext.service.callbacks import CallbackSender
+from incontext.service.db import create_db_engine, make_session_factory, migrate
+from incontext.service.models import CallbackAttempt, CallbackDelivery
+from incontext.service.storage import Storage
+
+from .helpers import Receiver
+
+
+def test_private_and_non_http_urls_are_refused_unless_allowed():
+    assert "non-public" in netpolicy.refusal("http://127.0.0.1:8000/hook", allow_private=False)
+    assert "non-public" in netpolicy.refusal("http://[::1]/hook", allow_private=False)
+    assert "non-public" in netpolicy.refusal("https://10.1.2.3/a.png", allow_private=False)
+    assert netpolicy.refusal("http://127.0.0.1:8000/hook", allow_private=True) is None
+    assert netpolicy.refusal("https://93.184.215.14/hook", allow_private=False) is None  # a public address
+    assert "http(s)" in netpolicy.refusal("ftp://93.184.215.14/hook", allow_private=True)
+
+
+@pytest.fixture
+def finished_run_with_callback(tmp_path):
+    """A database holding one succeeded run whose callback goes to a loopback receiver."""
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate(engine)
+    sessions = make_session_factory(engine)
+    storage = Storage(tmp_path, secret=b"s", base_url="http://x", ttl_seconds=60)
+    receiver = Receiver()
+    with sessions.begin() as session:
+        key, _ = keys.create_key(session)
+        run = lifecycle.create_run(
+            session, api_key_id=key.id, model_id="m", engine_model_id="m", input={}, params={"unit_price_micros": 0},
+            callback_url=f"{receiver.url}/hook",
+        )
+        lifecycle.mark_running(session, run.id, from_states=(lifecycle.QUEUED,))
+        lifecycle.finish(session, storage, run.id, lifecycle.SUCCEEDED, output={"outputs": []})
+    yield sessions, receiver
+    receiver.close()
+    engine.dispose()
+
+
+def deliver(sessions, allow_private: bool) -> CallbackDelivery:
+    async def main() -> CallbackDelivery:
+        sender = CallbackSender(sessions, max_attempts=3, backoff_s=60, backoff_max_s=60, timeout_s=5, poll_s=0.05, allow_private=allow_private)
+        await sender.start()
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                with sessions() as session:
+                    delivery = session.scalars(sa.select(CallbackDelivery)).one()
+                    if delivery.attempt_count:
+                        return delivery
+                await asyncio.sleep(0.05)
+            raise AssertionError("no delivery attempt in 30 s")
+        finally:
+            await sender.close()
+
+    return asyncio.run(main())
+
+
+def test_a_callback_to_a_private_address_is_refused_once_and_not_sent(finished_run_with_callback):
+    sessions, receiver = finished_run_with_callback
+    delivery = deliver(sessions, allow_private=False)
+    assert delivery.status == "failed" and delivery.attempt_count == 1  # a policy refusal is not retried
+    with sessions() as session:
+        attempt = session.scalars(sa.select(CallbackAttempt).where(CallbackAttempt.delivery_id == delivery.id)).one()
+        assert attempt.status_code is None and "non-public" in attempt.error_message
+    assert receiver.requests == []
+
+
+def test_a_callback_to_a_private_address_is_sent_when_allowed(finished_run_with_callback):
+    sessions, receiver = finished_run_with_callback
+    delivery = deliver(sessions, allow_private=True)
+    assert delivery.status == "delivered"
+    assert len(receiver.requests) == 1

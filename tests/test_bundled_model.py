@@ -6,6 +6,8 @@ exported (see docs/training.md); a regression in training, export or sampling dr
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ from incontext.models.loader import load_model
 from incontext.models.registry import BUNDLED_NANO_DIR, default_registry
 
 N_PER_FAMILY = 4
-FLOOR = 8  # measured 9 (remove 4/4, grayscale 3/4, recolor 1/4, background 1/4); successes out of N_PER_FAMILY × families on the subset below
+FLOOR = 7  # measured 8 with run 3g (remove 4/4, grayscale 3/4, background 1/4; 3f measured 9); successes out of N_PER_FAMILY × families on the subset below
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +35,13 @@ def test_bundled_weights_are_small_and_half_precision():
 
     with safe_open(str(BUNDLED_NANO_DIR / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert f.get_tensor(next(iter(f.keys()))).dtype in (torch.float16, torch.bfloat16)
+
+
+def test_bundled_model_names_no_path_of_the_machine_that_made_it():
+    for config in BUNDLED_NANO_DIR.rglob("*.json"):
+        data = json.loads(config.read_text())
+        assert "_name_or_path" not in data, config
+        assert "/work/" not in config.read_text() and "/home/" not in config.read_text(), config
 
 
 def test_stock_diffusers_loads_the_bundled_model_offline(nano):

@@ -139,6 +139,14 @@ def build_components(cfg: NanoConfig, seed: int = 0) -> Components:
     return Components(tok, clip, t5, build_vae(cfg), build_transformer(cfg), build_scheduler(cfg))
 
 
+def _forget_source(config: Path) -> None:
+    # A module loaded with from_pretrained records where it came from (`_name_or_path`, an
+    # absolute path of the machine that exported it); a shipped model must not carry that.
+    data = json.loads(config.read_text())
+    if data.pop("_name_or_path", None) is not None:
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def save_model_dir(c: Components, path: Path, *, dtype: torch.dtype | None = None, preset: dict | None = None) -> Path:
     """Write the FluxKontextPipeline layout. `dtype` (fp16/bf16) halves the bundled size."""
     path = Path(path)
@@ -148,6 +156,7 @@ def save_model_dir(c: Components, path: Path, *, dtype: torch.dtype | None = Non
         if dtype is not None:
             module = _copy_to(module, dtype)
         module.save_pretrained(path / name, safe_serialization=True)
+        _forget_source(path / name / "config.json")
     c.tokenizer.save_pretrained(path / "tokenizer")
     c.tokenizer.save_pretrained(path / "tokenizer_2")
     c.scheduler.save_pretrained(path / "scheduler")

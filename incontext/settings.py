@@ -48,11 +48,11 @@ class Settings(BaseSettings):
 
     # Comma-separated API keys accepted besides those created with `incontext keys create`.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # Signs output URLs; generated once into the data dir when unset.
     # How long a server remembers an active key instead of asking the database on every request.
     # `incontext keys revoke` on the same data dir takes effect at once regardless; a key revoked
     # from another machine (a shared PostgreSQL) is refused within this time. 0: no cache.
     api_key_cache_seconds: float = Field(5.0, ge=0)
+    # Signs output URLs; generated once into the data dir when unset.
     secret_key: SecretStr | None = None
     file_url_ttl_seconds: int = Field(3600, ge=1)
 

@@ -7,7 +7,6 @@ plain SHA-256 is enough to store it (a slow password hash would only slow every 
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 import time
 from collections.abc import Callable
@@ -60,10 +59,7 @@ _MAX_CACHED = 10_000
 
 def mark_changed(data_dir: Path) -> None:
     """Tell servers on this data dir that a key was revoked: their caches empty at once."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    stamp = data_dir / STAMP_NAME
-    stamp.touch()
-    os.utime(stamp)  # touch() keeps an existing file's mtime on some filesystems
+    (data_dir / STAMP_NAME).touch()  # a new mtime is the signal (KeyCache compares it)
 
 
 class KeyCache:

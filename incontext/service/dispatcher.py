@@ -5,9 +5,10 @@ flight); each claimed run gets a task that calls `engine.edit`, encodes and stor
 images, and ends the run. The database is the queue, so a crash loses nothing: at start-up,
 runs left claimed or running are queued again (lifecycle.recover_interrupted).
 
-The route that commits a run hands its decoded input over (`submitted`) and, still in its
-own thread, claims it: the run is claimed and started in one transaction and its image goes
-to the engine as it is. Only a run without one (queued before a restart, or beyond
+The route that queues a run also claims it, in the transaction that inserts it
+(`claim_within`), so a POST commits once and its run is already running; after the commit it
+hands the decoded input over (`submitted`) and the run's task starts on the event loop with
+the image as it is. Only a run without one (queued before a restart, or beyond
 MAX_HANDED_OVER) has its stored input read and decoded.
 """
 
@@ -77,27 +78,49 @@ class Dispatcher:
         if self._loop:
             self._loop.call_soon_threadsafe(self._wake.set)
 
-    def submitted(self, inputs: dict[str, Image.Image]) -> None:
+    def claim_within(self, session: Session, inputs: dict[str, Image.Image]) -> list[Run]:
+        """Claim queued runs in the caller's open transaction, the one that queued the runs of
+        `inputs` (run id → image): they start running when it commits, with no transaction of
+        their own. Pass the result to `submitted` after the commit; if the commit fails, the
+        claim is rolled back with the runs. Nothing is claimed before the dispatcher starts.
+
+        The cap is counted inside the transaction: on SQLite it holds the write lock, so
+        claims never overlap; on PostgreSQL two servers claiming at once may each start one."""
+        if self._loop is None:
+            return []
+        with self._inputs_lock:
+            ready = set(self._inputs) | set(inputs)
+        runs, self._waiting = lifecycle.claim_queued(session, self._settings.max_concurrent_runs_per_model, ready)
+        return runs
+
+    def submitted(self, inputs: dict[str, Image.Image], claimed: list[Run] | None = None) -> None:
         """Runs were just committed: keep their inputs (decoded and fitted to the output size)
-        for the engine and claim them now, in the caller's thread (a route's, off the event
-        loop): the commit reaches the engine without a trip through the loop and back to a
-        thread. Any thread but the event loop's."""
+        for the engine and start the `claimed` runs (from `claim_within`, before the commit).
+        Without `claimed`, claim now in a transaction of its own. In the caller's thread (a
+        route's, off the event loop): the commit reaches the engine without a trip through the
+        loop and back to a thread. Any thread but the event loop's."""
+        claimed_at = time.perf_counter()
+        inputs, starting = dict(inputs), []
+        if claimed is not None:
+            starting = [(run, inputs.pop(run.id, None) or self._take_input(run.id)) for run in claimed]
         with self._inputs_lock:
             self._inputs.update(inputs)
             while len(self._inputs) > MAX_HANDED_OVER:
                 del self._inputs[next(iter(self._inputs))]
         if self._loop is None:  # not started: its first claim takes them
             return
-        claimed_at = time.perf_counter()
+        if claimed is None:
+            try:
+                starting = self._claim()
+            except Exception:
+                log.exception("dispatcher: could not claim submitted runs")
+                return self.wake()  # the loop tries again
+        if not starting:
+            return
         try:
-            claimed = self._claim()
-        except Exception:
-            log.exception("dispatcher: could not claim submitted runs")
-            return self.wake()  # the loop tries again
-        try:
-            self._loop.call_soon_threadsafe(self._start, claimed, claimed_at)
+            self._loop.call_soon_threadsafe(self._start, starting, claimed_at)
         except RuntimeError:  # the event loop is closed: the server is stopping
-            log.info("dispatcher: stopping; %d claimed run(s) are queued again at the next start", len(claimed))
+            log.info("dispatcher: stopping; %d claimed run(s) are queued again at the next start", len(starting))
 
     def cancel(self, run_id: str) -> None:
         """Stop the engine's work on a run already canceled in the database; any thread."""
@@ -212,7 +235,9 @@ class Dispatcher:
         # Where the time went outside the engine: what `bench speed` reports as HTTP overhead.
         engine_done = time.perf_counter()
         timings = {
-            "dispatch_input": (engine_started - claimed_at) * 1000,  # claim (and load, decode, mark running)
+            # From the claim (or, for a run claimed with its POST, the commit) to the engine:
+            # the hand-over to the event loop, and any load, decode and mark running.
+            "dispatch_input": (engine_started - claimed_at) * 1000,
             "engine_call": (engine_done - engine_started) * 1000,  # incl. the hop to the engine process
         }
         try:

@@ -152,3 +152,49 @@ def test_a_run_canceled_before_it_is_claimed_never_reaches_the_engine(service):
     asyncio.run(run_until_done(service, dispatcher, [other_id]))
     assert [r.request_id for r in engine.requests] == [other_id]
     assert statuses(service, [canceled_id]) == ["canceled"]
+
+
+def test_a_run_claimed_with_its_post_starts_at_that_commit_and_not_without_it(service):
+    """POST /v1/models/{model}/runs claims its run in the transaction that inserts it: the run
+    is running once that commits, and a commit that fails (e.g. an Idempotency-Key race lost
+    to another request) takes the claim with it, so nothing reaches the engine."""
+    settings, sessions, storage, key_id = service
+    engine = InstantEngine()
+    dispatcher = dispatcher_for(service, engine)
+
+    def post(commit: bool) -> str:
+        with sessions() as session:
+            item = KontextInput(prompt="make it blue", image_url=rotated_jpeg(), seed=7, num_inference_steps=3)
+            prepared = submission.prepare(
+                item, field="input", model_id="m", preset=PRESET, api_key_id=key_id, session=session, storage=storage, settings=settings
+            )
+            run_id = submission.queue(session, storage, prepared).id
+            claimed = dispatcher.claim_within(session, {run_id: prepared.image})
+            assert [run.id for run in claimed] == [run_id]
+            if not commit:
+                session.rollback()
+                return run_id
+            session.commit()
+        assert statuses(service, [run_id]) == ["running"]  # before the dispatcher was told
+        dispatcher.submitted({run_id: prepared.image}, claimed)
+        return run_id
+
+    async def scenario() -> tuple[str, str]:
+        await dispatcher.start()
+        try:
+            lost_id = await asyncio.to_thread(post, False)
+            kept_id = await asyncio.to_thread(post, True)
+            deadline = time.monotonic() + 60
+            while statuses(service, [kept_id]) != ["succeeded"]:
+                assert time.monotonic() < deadline, statuses(service, [kept_id])
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)  # a few more polls of the dispatcher's loop
+            return lost_id, kept_id
+        finally:
+            await dispatcher.close()
+
+    lost_id, kept_id = asyncio.run(scenario())
+    assert [r.request_id for r in engine.requests] == [kept_id]
+    with sessions() as session:
+        assert session.get(Run, lost_id) is None
+        assert [log.message for log in store.run_logs(session, kept_id)] == ["accepted", "started", "step 2/3", "step 3/3", "succeeded"]

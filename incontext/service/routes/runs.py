@@ -30,11 +30,13 @@ def replay_response(session: Session, api_key_id: str, key: str, digest: str, he
 def commit_created(session: Session, service, key_id: str, idempotency_key: str | None, digest: str | None,
                    limits: dict, content: dict, inputs: dict[str, Image.Image]) -> JSONResponse:
     """Commit newly queued runs (remembering the response under the Idempotency-Key), hand
-    their inputs (run id → fitted image) to the dispatcher and answer 201.
+    their inputs (run id → fitted image) to the dispatcher and answer 201. The runs are
+    claimed in the same transaction, so one commit starts them.
 
     If the same key won a race in another request, answer as it did and drop our inputs."""
     if digest:
         store.remember(session, key_id, idempotency_key, digest, 201, content)
+    claimed = service.dispatcher.claim_within(session, inputs)
     try:
         session.commit()
     except IntegrityError:
@@ -44,7 +46,7 @@ def commit_created(session: Session, service, key_id: str, idempotency_key: str 
         if digest and (replay := replay_response(session, key_id, idempotency_key, digest, limits)):
             return replay
         raise
-    service.dispatcher.submitted(inputs)
+    service.dispatcher.submitted(inputs, claimed)
     return JSONResponse(content, status_code=201, headers=limits)
 
 

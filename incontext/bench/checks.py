@@ -32,7 +32,7 @@ All functions are pure: images in, numbers or booleans out.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -397,9 +397,28 @@ def preserved(example: Example, output: Image.Image) -> bool:
     return not outside.any() or psnr(output, example.context, outside) >= PRESERVE_MIN_DB
 
 
-def success(example: Example, output: Image.Image) -> bool:
-    """The requested change happened and the rest is preserved. KeyError for a family with no check."""
+@dataclass(frozen=True)
+class Verdict:
+    """One edit judged twice: did the requested change happen, and was the rest kept. The
+    report shows both per family, so it says which of the two holds a family back."""
+
+    changed: bool
+    kept: bool
+
+    @property
+    def success(self) -> bool:
+        return self.changed and self.kept
+
+
+def verdict(example: Example, output: Image.Image) -> Verdict:
+    """Both questions for one output; KeyError for a family with no check. An output of the
+    wrong size answers neither."""
     check = CHECKS[example.family]
     if output.size != example.target.size:
-        return False
-    return check(example, output.convert("RGB")) and preserved(example, output)
+        return Verdict(changed=False, kept=False)
+    return Verdict(changed=check(example, output.convert("RGB")), kept=preserved(example, output))
+
+
+def success(example: Example, output: Image.Image) -> bool:
+    """The requested change happened and the rest is preserved. KeyError for a family with no check."""
+    return verdict(example, output).success

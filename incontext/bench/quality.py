@@ -44,10 +44,10 @@ Editor = Callable[[Example, Image.Image], Image.Image]
 
 @dataclass
 class Outputs:
-    """What one editor produced: per family, an output and a success per held-out example."""
+    """What one editor produced: per family, an output and a verdict per held-out example."""
 
     images: dict[str, list[Image.Image]] = field(default_factory=dict)
-    successes: dict[str, list[bool | None]] = field(default_factory=dict)
+    verdicts: dict[str, list[checks.Verdict | None]] = field(default_factory=dict)
     turns: list[list[Image.Image]] = field(default_factory=list)  # per drift sequence, output after each turn
 
 
@@ -128,20 +128,23 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def _rate(successes: list[bool | None]) -> float | None:
-    scored = [s for s in successes if s is not None]
+def _rate(verdicts: list[checks.Verdict | None], answer: str) -> float | None:
+    """The share of scored verdicts whose `answer` (success, changed, kept) is yes."""
+    scored = [getattr(v, answer) for v in verdicts if v is not None]
     return sum(scored) / len(scored) if scored else None
 
 
-def _success(example: Example, output: Image.Image) -> bool | None:
+def _verdict(example: Example, output: Image.Image) -> checks.Verdict | None:
     """None for a family the checks do not know yet: it is scored by PSNR only."""
-    return checks.success(example, output) if example.family in checks.CHECKS else None
+    return checks.verdict(example, output) if example.family in checks.CHECKS else None
 
 
-def _score(examples: list[Example], outputs: list[Image.Image], successes: list[bool | None]) -> dict:
+def _score(examples: list[Example], outputs: list[Image.Image], verdicts: list[checks.Verdict | None]) -> dict:
     return {
         "n": len(examples),
-        "success": _rate(successes),
+        "success": _rate(verdicts, "success"),
+        "changed": _rate(verdicts, "changed"),  # the requested change happened
+        "kept": _rate(verdicts, "kept"),  # the rest was preserved
         "psnr": checks.db(_mean([checks.mse(out, ex.target) for ex, out in zip(examples, outputs)])),
         "preservation_psnr": checks.db(_mean([checks.mse(out, ex.context, ~ex.mask) for ex, out in zip(examples, outputs)])),
     }
@@ -155,7 +158,7 @@ def run_single(editor: Editor, heldout_set: dict[str, list[Example]], on_edit: C
             out.images[family].append(editor(ex, ex.context))
             if on_edit is not None:
                 on_edit()
-        out.successes[family] = [_success(ex, o) for ex, o in zip(examples, out.images[family])]
+        out.verdicts[family] = [_verdict(ex, o) for ex, o in zip(examples, out.images[family])]
     return out
 
 
@@ -192,14 +195,14 @@ def score_row(name: str, editor: Editor, heldout_set: dict[str, list[Example]], 
               on_edit: Callable[[], None] | None = None) -> tuple[dict, Outputs]:
     outputs = run_single(editor, heldout_set, on_edit)
     outputs.turns = run_turns(editor, sequences, on_edit)
-    families = {f: _score(examples, outputs.images[f], outputs.successes[f]) for f, examples in heldout_set.items()}
+    families = {f: _score(examples, outputs.images[f], outputs.verdicts[f]) for f, examples in heldout_set.items()}
     every = [ex for examples in heldout_set.values() for ex in examples]
     every_output = [o for f in heldout_set for o in outputs.images[f]]
-    every_success = [s for f in heldout_set for s in outputs.successes[f]]
+    every_verdict = [v for f in heldout_set for v in outputs.verdicts[f]]
     row = {
         "name": name,
         "families": families,
-        "all": _score(every, every_output, every_success),
+        "all": _score(every, every_output, every_verdict),
         "drift": drift_scores(sequences, outputs.turns),
         "seconds_per_edit": None,
     }

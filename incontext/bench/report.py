@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageFont
 
-from incontext.bench.checks import PRESERVE_MIN_DB
+from incontext.bench.checks import PRESERVE_MIN_DB, Verdict
 from incontext.world.edits import Example
 
 if TYPE_CHECKING:
@@ -63,13 +63,17 @@ def summary_table(results: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def family_table(results: dict) -> tuple[list[str], list[list[str]]]:
-    """One line per family and row: success, PSNR to the target, preservation PSNR."""
-    headers = ["family", "row", "n", "success", "PSNR dB", "preserved dB"]
+    """One line per family and row: success and its two halves (change made, rest kept), PSNR
+    to the target, preservation PSNR."""
+    headers = ["family", "row", "n", "success", "change made", "rest kept", "PSNR dB", "preserved dB"]
     lines = []
     for family in results["families"]:
         for row in results["rows"]:
             s = row["families"][family]
-            lines.append([family, row["name"], str(s["n"]), fmt_rate(s["success"]), fmt_db(s["psnr"]), fmt_db(s["preservation_psnr"])])
+            lines.append([
+                family, row["name"], str(s["n"]), fmt_rate(s["success"]), fmt_rate(s.get("changed")), fmt_rate(s.get("kept")),
+                fmt_db(s["psnr"]), fmt_db(s["preservation_psnr"]),
+            ])
     return headers, lines
 
 
@@ -96,7 +100,9 @@ Model `{results["model"]}` ({results["directory"]}): {results["steps"]} steps, g
 {results["n_per_family"]} held-out examples per family (seed {results["held_out_seed"]}, never used in training).
 
 - **success**: the requested change happened, by the programmatic checks of `incontext/bench/checks.py`,
-  and what the edit should not touch is preserved (≥ {PRESERVE_MIN_DB:.0f} dB).
+  and what the edit should not touch is preserved (≥ {PRESERVE_MIN_DB:.0f} dB; for a family that repaints
+  every pixel, the whole image that close to the target). Per family, **change made** and **rest kept**
+  are the two halves on their own: which of them holds a family back.
 - **PSNR**: to the ground-truth target; **preserved**: to the input, outside the edit mask.
   Over several images, the dB of their mean squared error.
 - **drift**: {drift["scenes"]} scenes edited {drift["turns"]} times in a row, each edit applied to the previous output;
@@ -164,12 +170,20 @@ def grid(rows: list[list[Image.Image | None]], captions: list[str], columns: lis
     return canvas
 
 
-def family_grid(examples: list[Example], outputs: list[Image.Image], successes: list[bool | None], model: str) -> Image.Image:
+def family_grid(examples: list[Example], outputs: list[Image.Image], verdicts: list[Verdict | None], model: str) -> Image.Image:
     rows, captions = [], []
-    for ex, out, ok in list(zip(examples, outputs, successes))[:GRID_ROWS]:
+    for ex, out, v in list(zip(examples, outputs, verdicts))[:GRID_ROWS]:
         rows.append([ex.context, out, ex.target])
-        captions.append(f"{ex.instruction}  [{'-' if ok is None else 'ok' if ok else 'FAIL'}]")
+        captions.append(f"{ex.instruction}  [{_verdict_caption(v)}]")
     return grid(rows, captions, ["input", Path(model).name or model, "target"])
+
+
+def _verdict_caption(v: Verdict | None) -> str:
+    if v is None:
+        return "-"
+    if v.success:
+        return "ok"
+    return "FAIL: " + " and ".join(why for why, bad in (("no change", not v.changed), ("rest not kept", not v.kept)) if bad)
 
 
 def multiturn_grid(sequences: list[list[Example]], model_turns: list[list[Image.Image]], truth_turns: list[list[Image.Image]]) -> Image.Image:
@@ -192,6 +206,6 @@ def write_report(results: dict, out_dir: Path, heldout_set: dict[str, list[Examp
     (out_dir / "report.md").write_text(markdown(results))
     (out_dir / "results.json").write_text(json.dumps(jsonable(results), indent=2) + "\n")
     for family, examples in heldout_set.items():
-        family_grid(examples, model_outputs.images[family], model_outputs.successes[family], results["model"]).save(out_dir / f"grid_{family}.png")
+        family_grid(examples, model_outputs.images[family], model_outputs.verdicts[family], results["model"]).save(out_dir / f"grid_{family}.png")
     if sequences:
         multiturn_grid(sequences, model_outputs.turns, truth_outputs.turns).save(out_dir / "grid_multiturn.png")

@@ -41,6 +41,7 @@ def test_ground_truth_succeeds(family):
 def test_unchanged_input_fails(family):
     for ex in _examples(family):
         assert not checks.success(ex, ex.context), ex.instruction
+        assert not checks.verdict(ex, ex.context).changed, ex.instruction  # failed for the right reason
 
 
 @pytest.mark.parametrize("family", edits.FAMILIES)
@@ -187,6 +188,7 @@ def test_a_shape_beside_the_creature_of_another_kind_or_colour_or_left_out_fails
 def test_repainting_the_whole_image_fails_preservation():
     for ex in _examples("recolor")[:4]:
         flat = Image.new("RGB", ex.target.size, COLORS[ex.info["color"]])
+        assert checks.verdict(ex, flat) == checks.Verdict(changed=True, kept=False)  # the object has its colour, the rest is lost
         assert not checks.success(ex, flat)
 
 

@@ -35,7 +35,9 @@ def _row(results, name):
 
 def test_writes_the_report_the_results_and_a_grid_per_family(run):
     results, out = run
-    assert (out / "report.md").read_text().startswith("# Quality benchmark")
+    report = (out / "report.md").read_text()
+    assert report.startswith("# Quality benchmark")
+    assert "| family | row | n | success | change made | rest kept |" in report
     assert json.loads((out / "results.json").read_text())["n_per_family"] == 2
     for family in FAMILIES:
         assert (out / f"grid_{family}.png").is_file()
@@ -47,6 +49,9 @@ def test_ground_truth_and_identity_are_the_extremes(run):
     truth, identity = _row(results, GROUND_TRUTH), _row(results, IDENTITY)
     assert all(truth["families"][f]["success"] == 1.0 for f in FAMILIES)
     assert all(identity["families"][f]["success"] == 0.0 for f in FAMILIES)
+    # Split in its halves: the truth makes every change and keeps the rest; the input unchanged makes none.
+    assert all(truth["families"][f]["changed"] == truth["families"][f]["kept"] == 1.0 for f in FAMILIES)
+    assert all(identity["families"][f]["changed"] == 0.0 for f in FAMILIES)
     assert truth["all"]["psnr"] == math.inf
     assert identity["all"]["preservation_psnr"] == math.inf
     assert identity["drift"]["turn_last"] == math.inf and identity["drift"]["drift_db"] == 0.0

@@ -40,7 +40,8 @@ def free_port() -> int:
 class Server:
     """`incontext serve` in a subprocess, with a fresh data dir and one API key."""
 
-    def __init__(self, directory: Path, threads: int, max_concurrency: int, log_path: Path, compile: bool = True):
+    def __init__(self, directory: Path, threads: int, max_concurrency: int, log_path: Path, compile: bool = True,
+                 step_cache: str = "off"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.key = "ic_bench_" + secrets.token_urlsafe(24)
@@ -55,6 +56,7 @@ class Server:
             "INCONTEXT_ENGINE_MAX_BATCH_SIZE": str(max_concurrency),
             "INCONTEXT_RATE_LIMIT_PER_MINUTE": "1000000",
             "INCONTEXT_ENGINE_COMPILE": "true" if compile else "false",
+            "INCONTEXT_ENGINE_STEP_CACHE": step_cache,
         }
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
@@ -176,39 +178,62 @@ def warm_until_compiled(client: "HttpClient", jobs: list[Job], timeout: float = 
 
 
 def run_http(directory: Path, jobs: list[Job], *, model_id: str, steps: int, guidance: float, concurrency: list[int],
-             threads: int, log_path: Path, on_stage: OnStage, compile: bool = True) -> tuple[list[Row], dict]:
-    server = Server(directory, threads, max(concurrency), log_path, compile)
+             threads: int, log_path: Path, on_stage: OnStage, compile: bool = True,
+             fast_step_cache: str | None = None) -> tuple[list[Row], dict]:
+    """The exact server at each concurrency; with `fast_step_cache`, a second server started with
+    that step cache (INCONTEXT_ENGINE_STEP_CACHE) at the largest concurrency: what a user who
+    serves the fast preset gets."""
+    servers = [("HTTP", "off", log_path, concurrency)]
+    if fast_step_cache:
+        servers.append(("HTTP fast", fast_step_cache, log_path.with_name(log_path.stem + "_fast" + log_path.suffix), [max(concurrency)]))
+    rows, server_info = [], None
+    for label, step_cache, server_log, levels in servers:
+        server = Server(directory, threads, max(concurrency), server_log, compile, step_cache=step_cache)
+        try:
+            on_stage(f"starting the server ({label})")
+            info = _start(server, model_id, steps, guidance, jobs, compile, on_stage)
+            server_info = server_info or info  # start-up is the exact server's
+            rows += [_closed_loop(server, model_id, steps, guidance, jobs, c, f"{label} ×{c}", on_stage) for c in levels]
+        finally:
+            server.stop()
+    return rows, server_info
+
+
+def _start(server: Server, model_id: str, steps: int, guidance: float, jobs: list[Job], compile: bool, on_stage: OnStage) -> dict:
+    """Start the server and warm it up; the start-up times."""
+    healthy = server.start()
+    # The first run is the warm-up; its acceptance ends the start-up time.
+    first = HttpClient(server, model_id, steps, guidance, POLL_FIRST_S)
     try:
-        on_stage("starting the server")
-        healthy = server.start()
-        # The first run is the warm-up; its acceptance ends the start-up time.
-        first = HttpClient(server, model_id, steps, guidance, POLL_FIRST_S)
         posted = first.post(warmup_job(jobs[0]))
         accepted = time.perf_counter() - server.started
         first.wait(*posted)
-        warm_s = None
-        if compile:
-            # The server compiles in the background and serves eagerly meanwhile (engine/compiled.py):
-            # time it once every bucket of the jobs runs compiled, as it does from then on.
-            on_stage("waiting for the server's compiled transformer")
-            t0 = time.perf_counter()
-            warm_s = warm_until_compiled(first, jobs)
-            log.info("server compiled for every bucket after %.0f s", time.perf_counter() - t0)
-        first.close()
-        rows = []
-        for c in concurrency:
-            on_stage(f"HTTP, {c} concurrent")
-            # The latency does not depend on polling (see the module docstring); polling only
-            # decides when a closed-loop client sends its next run. Clients back off as
-            # incontext.client does: every GET costs the 2-core server CPU the engine needs.
-            poll = POLL_MAX_S
-            client = HttpClient(server, model_id, steps, guidance, poll)
-            try:
-                records, wall = closed_loop(client, jobs, c)
-            finally:
-                client.close()
-            rows.append(Row(f"HTTP ×{c}", "http", c, records, wall, {"poll_seconds": poll}))
-        server_info = {"start_to_healthy_s": healthy, "start_to_first_accepted_s": accepted, "start_to_compiled_s": warm_s}
-        return rows, server_info
+        warm_s = _wait_compiled(first, jobs, on_stage) if compile else None
     finally:
-        server.stop()
+        first.close()
+    return {"start_to_healthy_s": healthy, "start_to_first_accepted_s": accepted, "start_to_compiled_s": warm_s}
+
+
+def _wait_compiled(client: "HttpClient", jobs: list[Job], on_stage: OnStage) -> float:
+    # The server compiles in the background and serves eagerly meanwhile (engine/compiled.py):
+    # time it once every bucket of the jobs runs compiled, as it does from then on.
+    on_stage("waiting for the server's compiled transformer")
+    t0 = time.perf_counter()
+    warm_s = warm_until_compiled(client, jobs)
+    log.info("server compiled for every bucket after %.0f s", time.perf_counter() - t0)
+    return warm_s
+
+
+def _closed_loop(server: Server, model_id: str, steps: int, guidance: float, jobs: list[Job], c: int, name: str,
+                 on_stage: OnStage) -> Row:
+    on_stage(f"{name.replace('×', '')} concurrent")
+    # The latency does not depend on polling (see the module docstring); polling only
+    # decides when a closed-loop client sends its next run. Clients back off as
+    # incontext.client does: every GET costs the 2-core server CPU the engine needs.
+    poll = POLL_MAX_S
+    client = HttpClient(server, model_id, steps, guidance, poll)
+    try:
+        records, wall = closed_loop(client, jobs, c)
+    finally:
+        client.close()
+    return Row(name, "http", c, records, wall, {"poll_seconds": poll})

@@ -102,7 +102,9 @@ class Dispatcher:
         claimed_at = time.perf_counter()
         inputs, starting = dict(inputs), []
         if claimed is not None:
-            starting = [(run, inputs.pop(run.id, None) or self._take_input(run.id)) for run in claimed]
+            for run in claimed:  # ours, or runs an earlier request left waiting at the cap
+                image = inputs.pop(run.id, None)
+                starting.append((run, image if image is not None else self._take_input(run.id)))
         with self._inputs_lock:
             self._inputs.update(inputs)
             while len(self._inputs) > MAX_HANDED_OVER:

@@ -126,7 +126,8 @@ Reference for "× stock": **{results["reference"] or "–"}** (the faster stock 
 - **HTTP ×c**: `incontext serve` in a subprocess, c clients each POSTing a run (data URI, sync_mode)
   and polling it. Latency is POST sent → the run's `completed_at` + one GET round trip;
   HTTP overhead is that minus the engine's own time for the run (`output.timings_ms.total`).
-  The server runs the exact sampler, so its evaluations per image are the steps.
+  The server runs the exact sampler, so its evaluations per image are the steps (the fast
+  server's: the step cache's count for these steps).
 - **HTTP fast ×c**: a second server started with `INCONTEXT_ENGINE_STEP_CACHE` set to the fast
   preset, at the largest concurrency: what serving the fast preset gives.
 - **× stock**: images/s over the reference's. **GFLOP/s**: transformer FLOPs (linear layers and

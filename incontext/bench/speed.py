@@ -418,12 +418,6 @@ def run_speed(
                                          steps=steps, guidance=guidance, concurrency=concurrency, threads=threads,
                                          log_path=out_dir / "server.log", on_stage=on_stage, compile=compiled is not None,
                                          fast_step_cache=step_cache)
-            for row in http_rows:
-                if row.name.startswith("HTTP fast"):
-                    # The server does not report its passes; with a step cache they are the
-                    # config's count for these steps, as the engine rows above measured.
-                    for record in row.records:
-                        record.evals = cache_config.evals(steps)
             rows += http_rows
 
         # 6. scores

@@ -42,6 +42,7 @@ class Server:
 
     def __init__(self, directory: Path, threads: int, max_concurrency: int, log_path: Path, compile: bool = True,
                  step_cache: str = "off"):
+        self.step_cache = step_cache
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.key = "ic_bench_" + secrets.token_urlsafe(24)
@@ -107,7 +108,13 @@ class HttpClient:
     def __init__(self, server: Server, model_id: str, steps: int, guidance: float, poll_seconds: float):
         import httpx
 
+        from incontext.engine import stepcache
+
         self.server, self.steps, self.guidance, self.poll_seconds = server, steps, guidance, poll_seconds
+        # The server does not report its passes: they are the steps, or with a step cache its
+        # count for these steps (as the engine rows measure them).
+        cache = stepcache.resolve(server.step_cache)
+        self.evals = cache.evals(steps) if cache else steps
         self.path = f"/v1/models/{model_id}/runs"
         self.local = threading.local()
         self.httpx = httpx
@@ -156,7 +163,7 @@ class HttpClient:
         done = min(observed, completed + (observed - asked))
         output = run["output"]
         timings = {"post": post_ms, **{k: v for k, v in output["timings_ms"].items() if k in (*SERVER_SPLIT, "compiled_share")}}
-        return Record(sent, done, image=imageio.decode_data_uri(output["outputs"][0]["url"]),
+        return Record(sent, done, image=imageio.decode_data_uri(output["outputs"][0]["url"]), evals=self.evals,
                       engine_ms=output["timings_ms"]["total"], observed=observed, timings_ms=timings)
 
 

@@ -78,15 +78,20 @@ def rotated_jpeg() -> str:
     return data_uri(buf.getvalue(), "image/jpeg")
 
 
+def queue(service, session, image_url: str) -> tuple[str, submission.PreparedRun]:
+    """A run queued in `session`'s open transaction, as POST /v1/models/{model}/runs queues it."""
+    settings, _, storage, key_id = service
+    item = KontextInput(prompt="make it blue", image_url=image_url, seed=7, num_inference_steps=3)
+    prepared = submission.prepare(
+        item, field="input", model_id="m", preset=PRESET, api_key_id=key_id, session=session, storage=storage, settings=settings
+    )
+    return submission.queue(session, storage, prepared).id, prepared
+
+
 def accept(service, image_url: str) -> tuple[str, submission.PreparedRun]:
-    """What POST /v1/models/{model}/runs does before it hands the input over: a committed, queued run."""
-    settings, sessions, storage, key_id = service
-    with sessions() as session:
-        item = KontextInput(prompt="make it blue", image_url=image_url, seed=7, num_inference_steps=3)
-        prepared = submission.prepare(
-            item, field="input", model_id="m", preset=PRESET, api_key_id=key_id, session=session, storage=storage, settings=settings
-        )
-        run_id = submission.queue(session, storage, prepared).id
+    """What POST /v1/models/{model}/runs did before runs were claimed with it: a committed, queued run."""
+    with service[1]() as session:
+        run_id, prepared = queue(service, session, image_url)
         session.commit()
     return run_id, prepared
 
@@ -158,17 +163,13 @@ def test_a_run_claimed_with_its_post_starts_at_that_commit_and_not_without_it(se
     """POST /v1/models/{model}/runs claims its run in the transaction that inserts it: the run
     is running once that commits, and a commit that fails (e.g. an Idempotency-Key race lost
     to another request) takes the claim with it, so nothing reaches the engine."""
-    settings, sessions, storage, key_id = service
+    sessions = service[1]
     engine = InstantEngine()
     dispatcher = dispatcher_for(service, engine)
 
     def post(commit: bool) -> str:
         with sessions() as session:
-            item = KontextInput(prompt="make it blue", image_url=rotated_jpeg(), seed=7, num_inference_steps=3)
-            prepared = submission.prepare(
-                item, field="input", model_id="m", preset=PRESET, api_key_id=key_id, session=session, storage=storage, settings=settings
-            )
-            run_id = submission.queue(session, storage, prepared).id
+            run_id, prepared = queue(service, session, rotated_jpeg())
             claimed = dispatcher.claim_within(session, {run_id: prepared.image})
             assert [run.id for run in claimed] == [run_id]
             if not commit:

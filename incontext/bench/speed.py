@@ -101,6 +101,7 @@ class Row:
     records: list[Record] = field(default_factory=list)
     wall: float = 0.0
     extra: dict = field(default_factory=dict)
+    step_cache: bool = False  # sampled with the step cache (the fast preset)
 
 
 # ---------------------------------------------------------------- measuring the machine and the model
@@ -271,7 +272,7 @@ def run_engine(registry, models, jobs: list[Job], *, model_id: str, steps: int, 
     extra = {"transformer_gflops_per_second": flops / seconds / 1e9 if seconds > 0 else None,
              "mean_batch_size": float(np.mean(sizes)) if sizes else None,
              "transformer_seconds": seconds, "dtype": _dtype_name(models.dtype)}
-    return Row(name, "engine", concurrency, records, wall, extra)
+    return Row(name, "engine", concurrency, records, wall, extra, step_cache=step_cache is not None)
 
 
 def _snapshot(stats) -> dict:
@@ -300,6 +301,7 @@ def summarize(row: Row, reference: dict | None, peak: float | None, steps: int) 
         "name": row.name,
         "kind": row.kind,
         "concurrency": row.concurrency,
+        "step_cache": row.step_cache,
         "n": len(row.records),
         "latency_p50_ms": percentile(latencies, 50),
         "latency_p95_ms": percentile(latencies, 95),
@@ -443,7 +445,7 @@ def run_speed(
         for summary in summaries:
             # Parity: stock and HTTP should match the engine up to float rounding (rows with
             # the step cache: the engine with it).
-            same_sampler = fast if "fast" in summary["name"].split() else exact
+            same_sampler = fast if summary["step_cache"] else exact
             summary["max_pixel_diff_to_engine_x1"] = max_pixel_diff(images[summary["name"]], same_sampler)
         results = {
             "model": preset.id,

@@ -113,8 +113,8 @@ class HttpClient:
         self.server, self.steps, self.guidance, self.poll_seconds = server, steps, guidance, poll_seconds
         # The server does not report its passes: they are the steps, or with a step cache its
         # count for these steps (as the engine rows measure them).
-        cache = stepcache.resolve(server.step_cache)
-        self.evals = cache.evals(steps) if cache else steps
+        self.cache = stepcache.resolve(server.step_cache)
+        self.evals = self.cache.evals(steps) if self.cache else steps
         self.path = f"/v1/models/{model_id}/runs"
         self.local = threading.local()
         self.httpx = httpx
@@ -243,4 +243,4 @@ def _closed_loop(server: Server, model_id: str, steps: int, guidance: float, job
         records, wall = closed_loop(client, jobs, c)
     finally:
         client.close()
-    return Row(name, "http", c, records, wall, {"poll_seconds": poll})
+    return Row(name, "http", c, records, wall, {"poll_seconds": poll}, step_cache=client.cache is not None)

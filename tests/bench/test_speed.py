@@ -62,6 +62,7 @@ def test_http_rows_have_overhead_and_match_the_engine(run):
     http = [r for r in results["rows"] if r["kind"] == "http"]
     assert [r["concurrency"] for r in http] == [1, 2, 2]  # exact at each level, the fast preset at the largest
     assert [r["transformer_evals_per_image"] for r in http] == [4, 4, 3]
+    assert [r["step_cache"] for r in http] == [False, False, True]  # so the fast row is held to the fast engine
     for row in http:
         assert row["http_overhead_p50_ms"] > 0
         assert row["observed_latency_p50_ms"] >= row["latency_p50_ms"] - 1  # polling only ever adds

@@ -21,6 +21,25 @@ import torch
 from PIL import Image
 
 
+@dataclass(frozen=True)
+class FlowStart:
+    """Where sampling starts at t = 1, as the model directory declares it (incontext.json).
+
+    "noise": FLUX's flow, x1 = noise. "context": x1 = context latents + `noise`·noise, the
+    flow the nano model is trained with: a token the edit does not touch starts where it
+    should end, so the model only has to move what the instruction names. Stock
+    `FluxKontextPipeline` reproduces either when given these starting latents (`latents=`)."""
+
+    kind: str = "noise"
+    noise: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in ("noise", "context"):
+            raise ValueError(f"flow_start must be 'noise' or 'context', not {self.kind!r}")
+        if not 0.0 <= self.noise <= 10.0:
+            raise ValueError(f"start_noise must be within 0–10, not {self.noise}")
+
+
 @dataclass
 class Models:
     """A loaded Kontext model: the stock modules plus what sampling needs from their configs."""
@@ -35,6 +54,7 @@ class Models:
     max_sequence_length: int = 512
     dtype: torch.dtype = torch.float32  # transformer compute dtype
     device: torch.device = torch.device("cpu")
+    flow_start: FlowStart = FlowStart()
 
     @property
     def vae_scale_factor(self) -> int:
@@ -115,6 +135,19 @@ def initial_noise(seed: int, latent_channels: int, height: int, width: int, vae_
     return pack(torch.randn((1, latent_channels, h, w), generator=g, dtype=torch.float32))
 
 
+def flow_start_latents(start: FlowStart, img_cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """x1, the latents at t = 1: `noise` itself, or the context latents plus σ·noise."""
+    if start.kind == "noise":
+        return noise
+    return img_cond.to(noise.dtype) + start.noise * noise
+
+
+def initial_latents(m: Models, seed: int, img_cond: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """One sample's starting latents (1, N, 4C): the seed's noise, moved to the model's start."""
+    noise = initial_noise(seed, m.latent_channels, height, width, m.vae_scale_factor)
+    return flow_start_latents(m.flow_start, img_cond.float(), noise).to(m.dtype)
+
+
 # ---------------------------------------------------------------- schedule
 
 
@@ -182,6 +215,16 @@ def euler_step(img: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_ne
     return (img.float() + dt * v.float()).to(v.dtype)
 
 
+def change_map(img: torch.Tensor, img_cond: torch.Tensor, height: int, width: int, vae_scale_factor: int) -> np.ndarray:
+    """(B, h, w) per latent pixel: ‖output − context‖ / RMS(context), from packed latents
+    img (B, N, 4C) and img_cond (1 or B, N, 4C) of an output of height × width pixels.
+    Where the edit happened, as preserve.py reads it."""
+    out = unpack(img.float(), height, width, vae_scale_factor)
+    ctx = unpack(img_cond.float(), height, width, vae_scale_factor).expand_as(out)
+    rms = ctx.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-6)
+    return ((out - ctx).pow(2).mean(dim=1, keepdim=True).sqrt() / rms)[:, 0].numpy()
+
+
 def decode(m: Models, img: torch.Tensor, height: int, width: int) -> list[Image.Image]:
     z = unpack(img, height, width, m.vae_scale_factor)
     z = z / m.vae.config.scaling_factor + m.vae.config.shift_factor
@@ -189,7 +232,7 @@ def decode(m: Models, img: torch.Tensor, height: int, width: int) -> list[Image.
 
 
 @torch.no_grad()
-def edit(
+def denoise(
     m: Models,
     image: Image.Image,
     prompt: str,
@@ -198,14 +241,15 @@ def edit(
     num_steps: int = 20,
     guidance: float = 3.5,
     on_step=None,
-) -> list[Image.Image]:
-    """Edit one image with one prompt, one output per seed, in one batch. `image` is already
-    at the output size. For many requests at once, the engine calls the same functions."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output latents (n, N, 4C), context latents (1, N, 4C)) of one image edited by one
+    prompt, one output per seed, in one batch. `image` is already at the output size. For
+    many requests at once, the engine calls the same functions."""
     width, height = image.size
     n = len(seeds)
     txt, vec = encode_text(m, [prompt])
     img_cond = encode_images(m, [image])
-    img = torch.cat([initial_noise(s, m.latent_channels, height, width, m.vae_scale_factor) for s in seeds]).to(m.dtype)
+    img = torch.cat([initial_latents(m, s, img_cond, height, width) for s in seeds])
     img_ids, txt_ids = kontext_ids(height, width, m.vae_scale_factor, txt.shape[1])
     timesteps, sigmas = schedule(num_steps, img.shape[1], m.scheduler_config)
     for i in range(num_steps):
@@ -217,4 +261,12 @@ def edit(
         img = euler_step(img, v, torch.full((n,), sigmas[i]), torch.full((n,), sigmas[i + 1]))
         if on_step is not None:
             on_step(i + 1, num_steps)
-    return decode(m, img, height, width)
+    return img, img_cond
+
+
+@torch.no_grad()
+def edit(m: Models, image: Image.Image, prompt: str, *, seeds: list[int], num_steps: int = 20, guidance: float = 3.5,
+         on_step=None) -> list[Image.Image]:
+    """`denoise`, decoded: the model's raw outputs (preserve.py keeps the input's pixels)."""
+    img, _ = denoise(m, image, prompt, seeds=seeds, num_steps=num_steps, guidance=guidance, on_step=on_step)
+    return decode(m, img, image.height, image.width)

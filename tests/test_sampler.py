@@ -71,3 +71,61 @@ def test_schedule_matches_diffusers_shape(tiny_model):
     assert len(ts) == 5 and len(sigmas) == 6
     assert sigmas[0] == pytest.approx(1.0) and sigmas[-1] == 0.0
     assert all(a > b for a, b in zip(sigmas, sigmas[1:]))
+
+
+@pytest.fixture(scope="module")
+def context_start_model(tiny_model, tmp_path_factory):
+    """The tiny model, declaring a flow that starts at the context (as the nano model does)."""
+    import json
+    import shutil
+
+    path = tmp_path_factory.mktemp("context_start") / "model"
+    shutil.copytree(tiny_model, path)
+    extra_file = path / "incontext.json"
+    extra = json.loads(extra_file.read_text()) if extra_file.is_file() else {}
+    extra.update(flow_start="context", start_noise=0.3)
+    extra_file.write_text(json.dumps(extra))
+    return path
+
+
+def test_context_start_matches_stock_pipeline_given_the_same_start(context_start_model):
+    m = load_model(context_start_model, dtype="float32")
+    assert m.flow_start == sampler.FlowStart("context", 0.3)
+    img, prompt, seed, steps = _picture(64, 48), "make the red circle blue", 7, 5
+    ours = sampler.edit(m, img, prompt, seeds=[seed], num_steps=steps)[0]
+    start = sampler.initial_latents(m, seed, sampler.encode_images(m, [img]), 48, 64)
+    pipe = FluxKontextPipeline.from_pretrained(context_start_model, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(
+        image=img, prompt=prompt, height=48, width=64, max_area=64 * 48, _auto_resize=False, num_inference_steps=steps,
+        guidance_scale=3.5, max_sequence_length=m.max_sequence_length, latents=start,
+    ).images[0]
+    diff = np.abs(np.asarray(ours, dtype=np.float64) - np.asarray(ref, dtype=np.float64)).mean()
+    assert diff <= 1.0, f"mean abs difference {diff:.3f} / 255"
+    # The declared start is used: the same weights started from noise give another picture.
+    m.flow_start = sampler.FlowStart()
+    from_noise = sampler.edit(m, img, prompt, seeds=[seed], num_steps=steps)[0]
+    assert np.abs(np.asarray(ours, dtype=np.float64) - np.asarray(from_noise, dtype=np.float64)).mean() > 1.0
+
+
+def test_context_start_without_noise_starts_at_the_context_latents(context_start_model):
+    m = load_model(context_start_model, dtype="float32")
+    m.flow_start = sampler.FlowStart("context", 0.0)
+    cond = sampler.encode_images(m, [_picture(64, 48)])
+    assert torch.equal(sampler.initial_latents(m, 3, cond, 48, 64), cond)
+    m.flow_start = sampler.FlowStart("context", 0.3)
+    moved = sampler.initial_latents(m, 3, cond, 48, 64) - cond
+    assert moved.std().item() == pytest.approx(0.3, rel=0.2)
+
+
+def test_a_bad_flow_start_in_the_model_directory_is_a_model_error(context_start_model, tmp_path):
+    import json
+    import shutil
+
+    from incontext.errors import ModelError
+
+    path = tmp_path / "model"
+    shutil.copytree(context_start_model, path)
+    (path / "incontext.json").write_text(json.dumps({"flow_start": "sideways"}))
+    with pytest.raises(ModelError, match="flow_start"):
+        load_model(path, dtype="float32")

@@ -155,7 +155,8 @@ def save_model_dir(c: Components, path: Path, *, dtype: torch.dtype | None = Non
         module = getattr(c, name)
         if dtype is not None:
             module = _copy_to(module, dtype)
-        module.save_pretrained(path / name, safe_serialization=True)
+        # Shards of at most 15 MB: every file fits the 16 MiB that a GPU run can send back.
+        module.save_pretrained(path / name, safe_serialization=True, max_shard_size="15MB")
         _forget_source(path / name / "config.json")
     c.tokenizer.save_pretrained(path / "tokenizer")
     c.tokenizer.save_pretrained(path / "tokenizer_2")

@@ -14,7 +14,7 @@ import torch
 
 from incontext.errors import ModelError
 from incontext.models.device import resolve_dtype
-from incontext.sampler import Models
+from incontext.sampler import FlowStart, Models
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,17 @@ def load_model(path: Path, *, device: str = "cpu", dtype: str | torch.dtype = "a
         raise ModelError(f"transformer joint_attention_dim {tr.config.joint_attention_dim} does not match text_encoder_2 d_model {parts['text_encoder_2'].config.d_model}")
     if tr.config.pooled_projection_dim != parts["text_encoder"].config.hidden_size:
         raise ModelError(f"transformer pooled_projection_dim {tr.config.pooled_projection_dim} does not match text_encoder hidden size {parts['text_encoder'].config.hidden_size}")
+    extra_file = path / "incontext.json"
+    extra = json.loads(extra_file.read_text()) if extra_file.is_file() else {}
     if max_sequence_length is None:
-        extra = path / "incontext.json"
-        max_sequence_length = json.loads(extra.read_text()).get("max_sequence_length", 512) if extra.is_file() else 512
+        max_sequence_length = extra.get("max_sequence_length", 512)
+    try:
+        flow_start = FlowStart(extra.get("flow_start", "noise"), float(extra.get("start_noise", 1.0)))
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"{extra_file}: {e}") from None
     log.info("loaded model %s (%s, %s)", path, device, dt)
     return Models(
         tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer_2"], text_encoder=parts["text_encoder"],
         text_encoder_2=parts["text_encoder_2"], vae=vae, transformer=tr, scheduler_config=dict(parts["scheduler"].config),
-        max_sequence_length=max_sequence_length, dtype=dt, device=torch.device(device),
+        max_sequence_length=max_sequence_length, dtype=dt, device=torch.device(device), flow_start=flow_start,
     )

@@ -39,6 +39,7 @@ def load_vae(run_dir: Path, fallback: Path | None = BUNDLED_NANO_DIR):
 def export_model(run_dir: Path, to: Path, *, dtype: torch.dtype | None = torch.float16, steps: int = 20, guidance: float = 3.5, use_ema: bool = True) -> Path:
     run_dir = Path(run_dir)
     model_cfg, tok, modules, step = load_trained(run_dir / "transformer.pt", use_ema=use_ema)
+    train_cfg = load_checkpoint(run_dir / "transformer.pt")["train_config"]
     vae = load_vae(run_dir)
     c = Components(tok, modules["text_encoder"], modules["text_encoder_2"], vae, modules["transformer"], build_scheduler(model_cfg))
     preset = {
@@ -51,6 +52,9 @@ def export_model(run_dir: Path, to: Path, *, dtype: torch.dtype | None = torch.f
         "multiple": 16,
         "price_per_image": "0.04",
         "training_step": step,
+        # How sampling starts must match how the model was trained (sampler.FlowStart).
+        "flow_start": train_cfg.get("flow_start", "noise"),
+        "start_noise": train_cfg.get("start_noise", 1.0) if train_cfg.get("flow_start") == "context" else 1.0,
     }
     # The VAE stays fp32: it is 1M parameters and its reconstruction is the quality floor.
     for name in ("transformer", "text_encoder", "text_encoder_2"):

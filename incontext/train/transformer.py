@@ -2,8 +2,10 @@
 
     incontext train transformer --out runs/nano --minutes 90
 
-Rectified flow as in FLUX: x_t = (1−t)·x0 + t·noise, the model predicts v = noise − x0 from
-[x_t ; context tokens], the text and t. t is logit-normal, shifted like the sampling
+Rectified flow as in FLUX: x_t = (1−t)·x0 + t·x1, the model predicts v = x1 − x0 from
+[x_t ; context tokens], the text and t. x1 is noise (FLUX) or, with `flow_start="context"`,
+the context latents plus σ·noise: then a token the edit does not touch has velocity σ·noise
+only, and the model spends its capacity on the edit instead of redrawing the picture. t is logit-normal, shifted like the sampling
 schedule at this token count. Instructions are dropped 15% of the time and those rows are
 trained to return the context unchanged, so the model also
 learns the instruction-free velocity (which copies the context).
@@ -81,6 +83,11 @@ class TransformerTrainConfig:
     log_every: int = 50
     save_every_minutes: float = 5.0
     bf16: bool = field(default_factory=cpu_has_fast_bf16)  # autocast only where bf16 is fast
+    device: str = "cpu"  # "cuda" on a GPU machine (scripts/train_gpu.sh), with bf16 on
+    # Where the flow starts at t = 1 (see sampler.FlowStart): "noise" as in FLUX, or
+    # "context" (the context latents plus start_noise·noise), so untouched tokens barely move.
+    flow_start: str = "noise"
+    start_noise: float = 0.3
 
 
 TRAINED = ("transformer", "text_encoder", "text_encoder_2")
@@ -101,9 +108,10 @@ def train_transformer(out: Path, model_cfg: NanoConfig, cfg: TransformerTrainCon
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     tok, clip, t5, transformer = _build(model_cfg)
+    device = torch.device(cfg.device)
     m = sampler.Models(
         tokenizer=tok, tokenizer_2=tok, text_encoder=clip, text_encoder_2=t5, vae=vae, transformer=transformer,
-        scheduler_config=dict(build_scheduler(model_cfg).config), max_sequence_length=model_cfg.max_text_tokens,
+        scheduler_config=dict(build_scheduler(model_cfg).config), max_sequence_length=model_cfg.max_text_tokens, device=device,
     )
     modules = {"transformer": transformer, "text_encoder": clip, "text_encoder_2": t5}
     params = [p for mod in modules.values() for p in mod.parameters()]
@@ -122,6 +130,11 @@ def train_transformer(out: Path, model_cfg: NanoConfig, cfg: TransformerTrainCon
     elif init_from is not None:
         _load_from_model_dir(Path(init_from), modules, ema)
         log.info("initialised from %s", init_from)
+    for k in modules:  # after loading: optimizer state and EMA follow their parameters' device
+        modules[k].to(device)
+        ema[k].to(device)
+    if ckpt_path.exists():
+        opt.load_state_dict(opt.state_dict())  # moves resumed moment buffers to the parameters' device
 
     data = LatentChunks(out)
     log.info("training on %d examples", len(data))
@@ -168,8 +181,10 @@ def train_transformer(out: Path, model_cfg: NanoConfig, cfg: TransformerTrainCon
 
 def _step(m: sampler.Models, data: LatentChunks, cfg: TransformerTrainConfig, rng: random.Random, guided: bool) -> torch.Tensor:
     (w, h), ctx, tgt, prompts = data.sample(cfg.batch, rng)
+    dev = m.device
+    ctx, tgt = ctx.to(dev, non_blocking=True), tgt.to(dev, non_blocking=True)
     b = len(prompts)
-    dropped = torch.tensor([rng.random() < cfg.prompt_dropout for _ in range(b)])
+    dropped = torch.tensor([rng.random() < cfg.prompt_dropout for _ in range(b)], device=dev)
     prompts = ["" if d else p for p, d in zip(prompts, dropped)]
     x0, cond = sampler.pack(tgt), sampler.pack(ctx)
     if cfg.dropped_rows_copy and dropped.any():
@@ -179,24 +194,24 @@ def _step(m: sampler.Models, data: LatentChunks, cfg: TransformerTrainConfig, rn
         # 0.01–0.09), so untouched objects vanished. This supervises the copy directly, and
         # makes guidance push away from "unchanged" towards the instruction.
         x0 = torch.where(dropped.view(-1, 1, 1), cond, x0)
-    noise = torch.randn_like(x0)
-    t = _timesteps(b, math.exp(sampler.shift_mu(x0.shape[1], m.scheduler_config)), cfg.uniform_t)
-    xt = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * noise
-    target = noise - x0
-    img_ids, txt_ids = sampler.kontext_ids(h, w, m.vae_scale_factor, m.max_sequence_length)
-    guidance = torch.full((b,), NEUTRAL_GUIDANCE)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+    start = sampler.flow_start_latents(sampler.FlowStart(cfg.flow_start, cfg.start_noise), cond, torch.randn_like(x0))
+    t = _timesteps(b, math.exp(sampler.shift_mu(x0.shape[1], m.scheduler_config)), cfg.uniform_t).to(dev)
+    xt = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * start
+    target = start - x0
+    img_ids, txt_ids = (ids.to(dev) for ids in sampler.kontext_ids(h, w, m.vae_scale_factor, m.max_sequence_length))
+    guidance = torch.full((b,), NEUTRAL_GUIDANCE, device=dev)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         if guided:
-            rows = torch.tensor([(not d) and rng.random() < cfg.guided_fraction for d in dropped.tolist()])
+            rows = torch.tensor([(not d) and rng.random() < cfg.guided_fraction for d in dropped.tolist()], device=dev)
             if rows.any():
-                g = torch.exp(torch.empty(int(rows.sum())).uniform_(0, math.log(cfg.max_guidance)))
+                g = torch.exp(torch.empty(int(rows.sum()), device=dev).uniform_(0, math.log(cfg.max_guidance)))
                 guidance[rows] = g
                 with torch.no_grad():
                     n = int(rows.sum())
                     txt_c, vec_c = sampler.encode_text(m, [p for p, r in zip(prompts, rows) if r] + [""] * n)
                     v = sampler.predict_velocity(
                         m, img=xt[rows].repeat(2, 1, 1), img_cond=cond[rows].repeat(2, 1, 1), txt=txt_c, vec=vec_c,
-                        timesteps=(t[rows] * 1000).repeat(2), guidance=torch.full((2 * n,), NEUTRAL_GUIDANCE), img_ids=img_ids, txt_ids=txt_ids,
+                        timesteps=(t[rows] * 1000).repeat(2), guidance=torch.full((2 * n,), NEUTRAL_GUIDANCE, device=dev), img_ids=img_ids, txt_ids=txt_ids,
                     ).float()
                     target[rows] += (guidance_strength(g) - 1).view(-1, 1, 1) * (v[:n] - v[n:])
         txt, vec = sampler.encode_text(m, prompts)

@@ -99,7 +99,7 @@ def reference_edit(model_dir, request: EditRequest, config: StepCacheConfig) -> 
     m = load_model(model_dir, dtype="float32", max_sequence_length=32)
     txt, vec = sampler.encode_text(m, [request.prompt])
     img_cond = sampler.encode_images(m, [request.image])
-    img = sampler.initial_noise(request.seed, m.latent_channels, request.height, request.width, m.vae_scale_factor)
+    img = sampler.initial_latents(m, request.seed, img_cond, request.height, request.width)
     img_ids, txt_ids = sampler.kontext_ids(request.height, request.width, m.vae_scale_factor, txt.shape[1])
     steps = request.num_inference_steps
     timesteps, sigmas = sampler.schedule(steps, img.shape[1], m.scheduler_config)

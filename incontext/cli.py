@@ -20,8 +20,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from incontext.errors import IncontextError
 
 app = typer.Typer(help="Self-hostable in-context image editing (FLUX.1 Kontext-style).", no_args_is_help=True, add_completion=False)
-train_app = typer.Typer(help="Train the nano model (see docs/training.md for the recipe).", no_args_is_help=True)
-app.add_typer(train_app, name="train")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -48,6 +46,8 @@ def edit(
     num_images: int = typer.Option(1, "--num-images", min=1, max=4, help="Number of outputs, 1–4, from one batched pass."),
     aspect_ratio: Optional[str] = typer.Option(None, "--aspect-ratio", help="21:9 16:9 4:3 3:2 1:1 2:3 3:4 9:16 9:21 (default: the input's)."),
     model: Optional[str] = typer.Option(None, help="A model id (see `incontext models`) or a model directory."),
+    preserve: str = typer.Option("auto", help="auto: the input's own pixels, at its own size, wherever the edit did not happen; off: the model's raw output at its working size."),
+    mask: Optional[Path] = typer.Option(None, help="Also write the edited region as a PNG (white: the model's pixels, black: the input's)."),
     quality: int = typer.Option(95, min=1, max=100, help="JPEG quality."),
     server: Optional[str] = typer.Option(None, help="Send the edit to an incontext server at this URL instead of running it here."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="INCONTEXT_API_KEY", help="Key for --server."),
@@ -59,15 +59,23 @@ def edit(
         fmt = imageio.format_from_suffix(output)
         if seed is None:
             seed = random.randrange(2**31)
+        if preserve not in ("auto", "off"):
+            raise IncontextError(f"--preserve must be auto or off, not {preserve!r}", code="INVALID_INPUT")
         if server:
-            images = _edit_remote(server, api_key, image, prompt, seed, guidance, steps, num_images, aspect_ratio, model, fmt)
+            results = _edit_remote(server, api_key, image, prompt, seed, guidance, steps, num_images, aspect_ratio, model, fmt, preserve, mask is not None)
         else:
-            images = _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, model)
+            results = _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, model, preserve)
         output.parent.mkdir(parents=True, exist_ok=True)
-        for i, img in enumerate(images):
-            path = _indexed(output, i, len(images))
+        for i, (img, region, share) in enumerate(results):
+            path = _indexed(output, i, len(results))
             path.write_bytes(imageio.encode_image(img, fmt, quality=quality))
-            console.print(f"wrote {path} ({img.width}×{img.height}, seed {seed + i})", highlight=False)
+            changed = f", {share:.1%} of pixels changed" if share is not None else ""
+            console.print(f"wrote {path} ({img.width}×{img.height}, seed {seed + i}{changed})", highlight=False)
+            if mask is not None and region is not None:
+                mask_path = _indexed(mask, i, len(results))
+                mask_path.parent.mkdir(parents=True, exist_ok=True)
+                mask_path.write_bytes(imageio.encode_image(region, "png"))
+                console.print(f"wrote {mask_path} (the edited region)", highlight=False)
         console.print(f"seed: {seed}", highlight=False)
     except IncontextError as e:
         _fail(e)
@@ -86,8 +94,9 @@ def edit(
         raise
 
 
-def _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, model_id):
-    from incontext import imageio, sampler
+def _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, model_id, preserve_mode):
+    """[(image, region mask, changed share)] for each output, edited here."""
+    from incontext import imageio, preserve, sampler
     from incontext.models.loader import load_model
     from incontext.models.registry import default_registry
 
@@ -100,15 +109,22 @@ def _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, 
     guidance = guidance if guidance is not None else preset.guidance_scale
     with console.status(f"loading {preset.id}"):
         m = load_model(preset.directory, max_sequence_length=preset.max_sequence_length)
+    fitted = imageio.fit_to_size(src, w, h)
     with Progress(TextColumn("editing"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn(), console=console, transient=False) as progress:
         task = progress.add_task("denoise", total=steps)
-        return sampler.edit(
-            m, imageio.fit_to_size(src, w, h), prompt, seeds=[seed + i for i in range(num_images)], num_steps=steps,
+        latents, img_cond = sampler.denoise(
+            m, fitted, prompt, seeds=[seed + i for i in range(num_images)], num_steps=steps,
             guidance=guidance, on_step=lambda done, total: progress.update(task, completed=done),
         )
+        edited = sampler.decode(m, latents, h, w)
+    changes = sampler.change_map(latents, img_cond, h, w, m.vae_scale_factor)
+    source = src if imageio.keeps_framing(aspect_ratio, src.width, src.height) else None
+    kept = [preserve.preserve(img, c, context=fitted, source=source, mode=preserve_mode) for img, c in zip(edited, changes)]
+    return [(k.image, k.mask, k.changed_share) for k in kept]
 
 
-def _edit_remote(server, api_key, image, prompt, seed, guidance, steps, num_images, aspect_ratio, model_id, fmt):
+def _edit_remote(server, api_key, image, prompt, seed, guidance, steps, num_images, aspect_ratio, model_id, fmt, preserve_mode, return_mask):
+    """[(image, region mask or None, changed share)] for each output, edited by the server."""
     import base64
 
     from incontext import imageio
@@ -118,7 +134,7 @@ def _edit_remote(server, api_key, image, prompt, seed, guidance, steps, num_imag
     if data is None:
         raise IncontextError(f"no such file: {image}", code="INVALID_INPUT")
     inp = {"prompt": prompt, "image_url": "data:image/png;base64," + base64.b64encode(data).decode(), "seed": seed,
-           "num_images": num_images, "output_format": fmt, "sync_mode": True}
+           "num_images": num_images, "output_format": fmt, "sync_mode": True, "preserve": preserve_mode, "return_mask": return_mask}
     if guidance is not None:
         inp["guidance_scale"] = guidance
     if steps is not None:
@@ -127,7 +143,9 @@ def _edit_remote(server, api_key, image, prompt, seed, guidance, steps, num_imag
         inp["aspect_ratio"] = aspect_ratio
     with Client(server, api_key or "") as client, console.status("waiting for the server"):
         run = client.run(model_id or "flux-pro/kontext", inp)
-    return [imageio.decode_data_uri(o["url"]) for o in run["output"]["outputs"]]
+    outputs = run["output"]["outputs"]
+    return [(imageio.decode_data_uri(o["url"]), imageio.decode_data_uri(o["mask_url"]) if o.get("mask_url") else None, o.get("changed_share"))
+            for o in outputs]
 
 
 @app.command()
@@ -143,79 +161,15 @@ def models() -> None:
         console.print(f"  preset: {p.num_inference_steps} steps, guidance {p.guidance_scale}, ${p.price_per_image} per image, ~{side}×{side} pixels", highlight=False)
 
 
-@train_app.command("vae")
-def train_vae_cmd(out: Path = typer.Option(Path("runs/nano")), minutes: float = 15.0, lr: float = 1.5e-3) -> None:
-    """Stage 1: the autoencoder. Resumes from OUT/vae.pt."""
-    from incontext.models.components import NanoConfig
-    from incontext.train.vae import VaeTrainConfig, eval_vae_psnr, train_vae
-    from incontext.train.export import load_vae
-    from incontext.world.language import vocabulary
-
-    train_vae(out, NanoConfig(vocab=vocabulary()), VaeTrainConfig(minutes=minutes, lr=lr))
-    console.print(f"VAE reconstruction PSNR (held-out): {eval_vae_psnr(load_vae(out)):.2f} dB")
-
-
-@train_app.command("data")
-def train_data_cmd(
-    out: Path = typer.Option(Path("runs/nano")), start: int = 0, chunks: int = 24, render_only: bool = False,
-    families: str = typer.Option("all", help="Edit families to draw: all, basic (the six the bundled weights were trained on) or a comma-separated list."),
-    chunk_size: int = typer.Option(1024, min=1, hidden=True),
-) -> None:
-    """Stage 2: render world examples and encode them into latent chunks (needs OUT/vae.pt unless --render-only)."""
-    from incontext.train.data import produce_chunks, render_chunks
-    from incontext.train.export import load_vae
-    from incontext.errors import InvalidInput
-    from incontext.world.edits import select_families
-
-    try:
-        chosen = select_families(families)
-    except ValueError as e:
-        _fail(InvalidInput(str(e)))
-    if render_only:
-        render_chunks(out, start, chunks, chunk_size=chunk_size, families=chosen)
-    else:
-        produce_chunks(out, load_vae(out), start, chunks, chunk_size=chunk_size, families=chosen)
-
-
-@train_app.command("transformer")
-def train_transformer_cmd(
-    out: Path = typer.Option(Path("runs/nano")), minutes: float = 65.0, batch: int = 24, lr: float = 4e-4,
-    init_from: Optional[Path] = typer.Option(None, help="Start from this model directory's weights (e.g. incontext/weights/nano) when OUT has no checkpoint."),
-    edit_weight: float = typer.Option(2.0, help="Extra loss weight on the tokens the edit changes."),
-    uniform_t: float = typer.Option(0.5, min=0.0, max=1.0, help="Share of rows with t uniform over the schedule (the rest logit-normal)."),
-    guidance_start: float = typer.Option(0.25, min=0.0, max=1.0, help="Share of the run before guidance distillation starts (0 when continuing a guided model)."),
-) -> None:
-    """Stage 3: the transformer and text encoders on the latent chunks. Resumes from OUT/transformer.pt."""
-    from incontext.models.components import NanoConfig
-    from incontext.train.export import load_vae
-    from incontext.train.transformer import TransformerTrainConfig, train_transformer
-    from incontext.world.language import vocabulary
-
-    train_transformer(out, NanoConfig(vocab=vocabulary()), TransformerTrainConfig(minutes=minutes, batch=batch, lr=lr, edit_weight=edit_weight, uniform_t=uniform_t, guidance_start=guidance_start), load_vae(out), init_from=init_from)
-
-
-@train_app.command("export")
-def train_export_cmd(
-    out: Path = typer.Option(Path("runs/nano")), to: Path = typer.Option(Path("incontext/weights/nano")),
-    dtype: str = typer.Option("float16", help="Storage dtype of the transformer and text encoders (float16, bfloat16, float32)."),
-    ema: bool = typer.Option(True, help="Export the EMA weights (else the raw ones)."),
-) -> None:
-    """Write the trained model as a FluxKontextPipeline directory (the bundled model lives in incontext/weights/nano)."""
-    import torch
-
-    from incontext.train.export import export_model
-
-    export_model(out, to, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[dtype], use_ema=ema)
-    console.print(f"exported to {to}")
-
-
 def _register_subcommands() -> None:
-    """`serve`/`keys` and `bench` live beside the code they drive."""
+    """`serve`/`keys`, `bench` and `train` live beside the code they drive."""
     from incontext.bench.cli import register as register_bench
     from incontext.service.cli import register as register_service
+    from incontext.train.cli import train_app
 
     register_service(app)
     register_bench(app)
+    app.add_typer(train_app, name="train")
 
 
 _register_subcommands()

@@ -35,7 +35,9 @@ __all__ = [
     "decode_data_uri",
     "decode_image",
     "encode_image",
+    "crop_box",
     "fit_to_size",
+    "keeps_framing",
     "format_from_suffix",
     "load_image",
     "output_size",
@@ -390,6 +392,25 @@ def output_size(
     return best[1]
 
 
+def crop_box(src_w: int, src_h: int, w: int, h: int) -> tuple[float, float, float, float]:
+    """The centred box of a src_w × src_h image that `fit_to_size` scales to w × h, in source
+    coordinates (floats: resize() samples sub-pixel boxes exactly, so there is no double
+    rounding from a separate resize-then-crop)."""
+    if src_w * h > src_h * w:  # source is wider than the target: trim the sides
+        crop_w = src_h * w / h
+        return ((src_w - crop_w) / 2, 0.0, (src_w + crop_w) / 2, float(src_h))
+    crop_h = src_w * h / w
+    return (0.0, (src_h - crop_h) / 2, float(src_w), (src_h + crop_h) / 2)
+
+
+def keeps_framing(aspect_ratio: str | None, input_w: int, input_h: int) -> bool:
+    """Whether an output asked with `aspect_ratio` shows the input's framing, so an edit can
+    be returned at the input's own size (preserve.py). A ratio within 2 % of the input's does."""
+    if aspect_ratio is None:
+        return True
+    return abs(math.log(_requested_ratio(aspect_ratio, input_w, input_h) / (input_w / input_h))) < 0.02
+
+
 def fit_to_size(img: Image.Image, w: int, h: int) -> Image.Image:
     """Resize (LANCZOS) to cover (w, h) and centre-crop to exactly that size."""
     if not isinstance(img, Image.Image):
@@ -402,14 +423,7 @@ def fit_to_size(img: Image.Image, w: int, h: int) -> Image.Image:
     src_w, src_h = img.size
     if (src_w, src_h) == (w, h):
         return img.copy()
-    # Crop box in source coordinates (floats: resize() samples sub-pixel boxes exactly, so
-    # there is no double rounding from a separate resize-then-crop).
-    if src_w * h > src_h * w:  # source is wider than the target: trim the sides
-        crop_w = src_h * w / h
-        box = ((src_w - crop_w) / 2, 0.0, (src_w + crop_w) / 2, float(src_h))
-    else:
-        crop_h = src_w * h / w
-        box = (0.0, (src_h - crop_h) / 2, float(src_w), (src_h + crop_h) / 2)
+    box = crop_box(src_w, src_h, w, h)
     try:
         # reducing_gap: a cheap integer pre-reduction for big downscales, visually identical.
         return img.resize((w, h), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)

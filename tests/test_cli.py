@@ -28,8 +28,29 @@ def test_edit_writes_images_and_reports_the_seed(tiny_model, tmp_path):
     assert r.exit_code == 0, r.output
     assert "seed: 42" in r.output
     a, b = Image.open(tmp_path / "out_0.png"), Image.open(tmp_path / "out_1.png")
+    # preserve auto (the default): the outputs come back at the input's own size.
+    assert a.size == b.size == (90, 60)
+    assert "of pixels changed" in r.output
+
+
+def test_preserve_off_returns_the_models_raw_output_and_mask_writes_the_region(tiny_model, tmp_path):
+    src = shapes_png(tmp_path / "in.png")
+    out, mask = tmp_path / "out.png", tmp_path / "mask.png"
+    r = runner.invoke(app, ["edit", str(src), "make the red circle blue", "-o", str(out), "--model", str(tiny_model),
+                            "--seed", "1", "--steps", "2", "--preserve", "off", "--mask", str(mask)])
+    assert r.exit_code == 0, r.output
+    a = Image.open(out)
     # The tiny model works at 64×64-ish; a 3:2 input keeps its aspect ratio on multiples of 16.
-    assert a.size == b.size and a.size[0] > a.size[1] and a.size[0] % 16 == 0 and a.size[1] % 16 == 0
+    assert a.size[0] > a.size[1] and a.size[0] % 16 == 0 and a.size[1] % 16 == 0 and a.size != (90, 60)
+    m = Image.open(mask)
+    assert m.mode == "L" and m.size == a.size
+
+
+def test_an_unknown_preserve_mode_is_a_one_line_error(tiny_model, tmp_path):
+    src = shapes_png(tmp_path / "in.png")
+    r = runner.invoke(app, ["edit", str(src), "make it blue", "-o", str(tmp_path / "o.png"), "--model", str(tiny_model), "--preserve", "most"])
+    assert r.exit_code == 1
+    assert "INVALID_INPUT" in r.output and "--preserve" in r.output
 
 
 def test_aspect_ratio_and_jpeg_output(tiny_model, tmp_path):

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from incontext import imageio, sampler
+from incontext import imageio, preserve, sampler
 from incontext.engine import stepcache
 from incontext.engine.caches import LRU, image_key
 from incontext.engine.compiled import CompiledModels
@@ -342,7 +342,7 @@ class LocalEngine:
             if job.txt is None:  # the request's first sample to run
                 self._prepare(job, m, model_id)
                 job.first_step = now
-            job.latents[s.index] = sampler.initial_noise(job.request.seed + s.index, m.latent_channels, height, width, m.vae_scale_factor).to(m.dtype)
+            job.latents[s.index] = sampler.initial_latents(m, job.request.seed + s.index, job.img_cond, height, width)
         inputs = self._batch_inputs(batch, m)
         samples, jobs = batch.samples, inputs.jobs
         img = torch.cat([j.latents[s.index] for j, s in zip(jobs, samples)])
@@ -429,12 +429,13 @@ class LocalEngine:
         with torch.no_grad():
             lat = torch.cat([job.latents[i] for i in range(r.num_images)])
             images = sampler.decode(m, lat, r.height, r.width)
+            change_maps = list(sampler.change_map(lat, job.img_cond, r.height, r.width, m.vae_scale_factor))
         if self.reuse_output_latents:
             for i, img in enumerate(images):
                 self.latent_cache.put((model_id, image_key(img)), lat[i : i + 1])
         result = EditResult(
             images=images, seeds=[r.seed + i for i in range(r.num_images)], num_inference_steps=job.steps,
-            transformer_evals=job.evals,
+            transformer_evals=job.evals, change_maps=change_maps,
             timings_ms={"total": (time.perf_counter() - job.started) * 1000, "queued": (job.first_step - job.started) * 1000,
                         # not a time: the share of its transformer passes that ran compiled
                         "compiled_share": job.compiled_evals / job.evals if job.evals else 0.0},

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+import numpy as np
 from PIL import Image
 
 # (steps_done, steps_total): called from the engine's thread after every denoising step.
@@ -45,6 +46,9 @@ class EditResult:
     num_inference_steps: int
     transformer_evals: int = 0  # forward passes spent on this request (per image)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # Per image, where its latents moved from the context's (sampler.change_map): the
+    # caller keeps the input's pixels elsewhere (preserve.preserve), off the engine's thread.
+    change_maps: list[np.ndarray] = field(default_factory=list)
 
 
 class EngineClient(Protocol):

@@ -191,3 +191,24 @@ def test_the_engine_thread_loads_the_model_and_a_model_that_does_not_load_fails_
 
     with pytest.raises(ModelError, match="missing"):
         run(bad())
+
+
+def test_each_output_comes_with_where_its_latents_moved(registry):
+    """The change maps the engine reports are the sampler's own: preserve.py builds the
+    output from them, so they must match what one request alone computes."""
+    from incontext import preserve, sampler
+    from incontext.models.loader import load_model
+
+    async def go():
+        eng = LocalEngine(registry, dtype="float32")
+        await eng.start()
+        res = await eng.edit(req("maps", 11, n=2, size=(80, 48)))
+        await eng.close()
+        return res
+
+    res = run(go())
+    assert len(res.change_maps) == 2 and res.change_maps[0].shape == (6, 10)  # 48×80 pixels at 8×
+    m = load_model(registry.resolve("tiny").directory, dtype="float32")
+    latents, cond = sampler.denoise(m, picture(size=(80, 48)), "make it blue", seeds=[12], num_steps=5)
+    alone = sampler.change_map(latents, cond, 48, 80, m.vae_scale_factor)[0]
+    np.testing.assert_allclose(res.change_maps[1], alone, atol=1e-3)

@@ -29,7 +29,7 @@ def bench() -> None:
 @bench_app.command("quality")
 def quality(
     model: Annotated[str | None, typer.Option(help="A model id (see `incontext models`) or a model directory; default: the bundled nano model.")] = None,
-    n: Annotated[int, typer.Option("--n", min=1, help="Held-out examples per edit family.")] = 50,
+    n: Annotated[int, typer.Option("--n", min=1, help="Held-out examples per edit family (20 or more: one of 6 is 17 points).")] = 20,
     out: Annotated[Path, typer.Option(help="Folder for report.md, results.json and the grids.")] = Path("results/quality"),
     steps: Annotated[int | None, typer.Option(min=1, max=100, help="Denoising steps (default: the model's).")] = None,
     guidance: Annotated[float | None, typer.Option(min=1.0, max=20.0, help="Guidance scale (default: the model's).")] = None,

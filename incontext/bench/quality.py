@@ -1,7 +1,7 @@
 """The quality benchmark: a model, "return the input unchanged" and the ground truth, scored
 on the fixed held-out set by the programmatic checks.
 
-    incontext bench quality                                  # the bundled nano model, 50 per family
+    incontext bench quality                                  # the bundled nano model, 20 per family
     incontext bench quality --model ./my-model --n 10 --out results/quick
 
 Each row is an editor, a function (example, input image) → output image, run over:
@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 from PIL import Image
 
-from incontext import sampler
+from incontext import preserve, sampler
 from incontext.bench import checks, heldout
 from incontext.bench.report import write_report
+from incontext.engine.caches import image_key
 from incontext.errors import InvalidInput
 from incontext.world import edits
 from incontext.world.edits import Example
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 
 IDENTITY = "input unchanged"
 GROUND_TRUTH = "ground truth"
+AUTOENCODER = "autoencoder (target round trip)"
 DEFAULT_OUT = Path("results/quality")
 MAX_DRIFT_SCENES = 10
 
@@ -64,32 +67,60 @@ def ground_truth_editor(example: Example, image: Image.Image) -> Image.Image:
 
 @dataclass
 class ModelEditor:
-    """The sampler on a loaded model; seeds count up so every run draws the same noise."""
+    """The sampler on a loaded model, then preservation (`preserve` "auto" or "off").
+
+    Seeds count up with every call, so every run draws the same noise. Editors that share a
+    `memo` share the denoising of identical calls (same instruction, input and seed): the
+    "auto" and "off" rows then differ only by preservation, at the cost of one model run."""
 
     models: sampler.Models
     steps: int
     guidance: float
     seed: int = 0
-    seconds: list[float] = field(default_factory=list)
+    preserve: str = "auto"
+    memo: dict = field(default_factory=dict)
+    calls: int = 0
+    seconds: list[float] = field(default_factory=list)  # per denoised (not memoised) edit
 
     def __call__(self, example: Example, image: Image.Image) -> Image.Image:
+        key = (example.instruction, image_key(image), self.seed + self.calls)
+        self.calls += 1
         start = time.perf_counter()
-        out = sampler.edit(self.models, image, example.instruction, seeds=[self.seed + len(self.seconds)], num_steps=self.steps, guidance=self.guidance)[0]
-        self.seconds.append(time.perf_counter() - start)
-        return out
+        if key not in self.memo:
+            latents, img_cond = sampler.denoise(self.models, image, example.instruction, seeds=[key[2]], num_steps=self.steps, guidance=self.guidance)
+            raw = sampler.decode(self.models, latents, image.height, image.width)[0]
+            self.memo[key] = (raw, sampler.change_map(latents, img_cond, image.height, image.width, self.models.vae_scale_factor)[0])
+            self.seconds.append(time.perf_counter() - start)
+        raw, change = self.memo[key]
+        return preserve.preserve(raw, change, context=image, mode=self.preserve).image
+
+
+@dataclass
+class AutoencoderEditor:
+    """The target through the model's autoencoder (encode → decode): the best any output of
+    this model can be where it redraws pixels, so a family that fails here is capped."""
+
+    models: sampler.Models
+
+    def __call__(self, example: Example, image: Image.Image) -> Image.Image:
+        with torch.no_grad():
+            latents = sampler.encode_images(self.models, [example.target])
+            return sampler.decode(self.models, latents, example.target.height, example.target.width)[0]
 
 
 @dataclass
 class EngineEditor:
-    """The engine (engine/local.py) with its cache of output latents: a turn whose input is
-    the previous turn's output starts from that output's latents, not from a decode → 8-bit
-    image → encode round trip. Seeds count up from `seed`, as ModelEditor's do."""
+    """The engine (engine/local.py) with its cache of output latents, then preservation: a
+    turn whose input is the previous turn's raw output starts from that output's latents,
+    not from a decode → 8-bit image → encode round trip. Seeds count up from `seed`, as
+    ModelEditor's do."""
 
     engine: object  # a started LocalEngine
     model_id: str
     steps: int
     guidance: float
     seed: int = 0
+    preserve: str = "auto"
     calls: int = 0
 
     def __call__(self, example: Example, image: Image.Image) -> Image.Image:
@@ -98,11 +129,12 @@ class EngineEditor:
         request = EditRequest(f"quality-{self.calls}", self.model_id, example.instruction, image, image.width, image.height,
                               self.seed + self.calls, guidance_scale=self.guidance, num_inference_steps=self.steps)
         self.calls += 1
-        return self.engine.submit(request).result().images[0]
+        result = self.engine.submit(request).result()
+        return preserve.preserve(result.images[0], result.change_maps[0], context=image, mode=self.preserve).image
 
 
 def drift_on_cached_latents(preset, models: sampler.Models, sequences: list[list[Example]], *, steps: int, guidance: float,
-                            seed: int) -> dict:
+                            seed: int, preserve_mode: str = "off") -> dict:
     """The drift score of the same turns (same seeds) run through the engine with its output-latent cache."""
     from incontext.engine.local import LocalEngine
     from incontext.models.registry import Registry
@@ -113,7 +145,7 @@ def drift_on_cached_latents(preset, models: sampler.Models, sequences: list[list
     engine.models[preset.id] = models
     engine.start_thread()
     try:
-        turns = run_turns(EngineEditor(engine, preset.id, steps, guidance, seed), sequences)
+        turns = run_turns(EngineEditor(engine, preset.id, steps, guidance, seed, preserve_mode), sequences)
     finally:
         engine.stop()
         engine.join(30)
@@ -222,7 +254,7 @@ def select_families(spec: str) -> tuple[str, ...]:
 
 def run_quality(
     model_id_or_dir: str | None,
-    n_per_family: int = 50,
+    n_per_family: int = 20,
     out_dir: Path = DEFAULT_OUT,
     turns: int = 5,
     steps: int | None = None,
@@ -262,7 +294,7 @@ def run_quality(
     sequences = heldout.heldout_sequences(drift_scenes if drift_scenes is not None else min(n_per_family, MAX_DRIFT_SCENES), turns)
 
     # 3. the model row, reporting progress per edit
-    total = n_per_family * len(heldout_set) + len(sequences) * turns
+    total = 2 * (n_per_family * len(heldout_set) + len(sequences) * turns)
     done = 0
 
     def on_edit() -> None:
@@ -271,14 +303,19 @@ def run_quality(
         if on_progress is not None:
             on_progress(done, total)
 
-    editor = ModelEditor(models, steps, guidance, seed)
+    # The product's default (preserve auto) and the model's raw output, from one denoising
+    # of each single edit (the turns diverge after the first).
+    editor = ModelEditor(models, steps, guidance, seed, preserve="auto")
     model_row, model_outputs = score_row(preset.id, editor, heldout_set, sequences, on_edit)
+    raw_editor = ModelEditor(models, steps, guidance, seed, preserve="off", memo=editor.memo)
+    raw_row, raw_outputs = score_row(f"{preset.id}, preserve off", raw_editor, heldout_set, sequences, on_edit)
     model_row["seconds_per_edit"] = float(np.mean(editor.seconds))
     # the same turns with the engine's latent reuse; ModelEditor ran them after every single edit
     single_edits = sum(len(examples) for examples in heldout_set.values())
     reuse = drift_on_cached_latents(preset, models, sequences, steps=steps, guidance=guidance, seed=seed + single_edits)
 
-    # 4. the reference rows, no model needed
+    # 4. the reference rows: the autoencoder's ceiling, and two with no model
+    autoencoder_row, _ = score_row(AUTOENCODER, AutoencoderEditor(models), heldout_set, [])
     identity_row, _ = score_row(IDENTITY, identity_editor, heldout_set, sequences)
     truth_row, truth_outputs = score_row(GROUND_TRUTH, ground_truth_editor, heldout_set, sequences)
 
@@ -293,9 +330,9 @@ def run_quality(
         "n_per_family": n_per_family,
         "held_out_seed": heldout.HELD_OUT_SEED,
         "families": list(heldout_set),
-        "rows": [model_row, identity_row, truth_row],
-        "drift_rows": [{"name": f"{preset.id}, on cached latents", "drift": reuse}],
+        "rows": [model_row, raw_row, autoencoder_row, identity_row, truth_row],
+        "drift_rows": [{"name": f"{preset.id}, preserve off, on cached latents", "drift": reuse}],
     }
-    write_report(results, Path(out_dir), heldout_set, sequences, model_outputs, truth_outputs)
+    write_report(results, Path(out_dir), heldout_set, sequences, model_outputs, truth_outputs, raw_outputs)
     log.info("quality report written to %s", out_dir)
     return results

@@ -81,7 +81,8 @@ def drift_table(results: dict) -> tuple[list[str], list[list[str]]]:
     turns = results["rows"][0]["drift"]["turns"]
     headers = ["row", *(f"turn {t + 1} dB" for t in range(turns)), "drift dB"]
     rows = [*results["rows"][:1], *results.get("drift_rows", []), *results["rows"][1:]]
-    lines = [[row["name"], *map(fmt_db, row["drift"]["preservation_psnr_by_turn"]), fmt_db(row["drift"]["drift_db"])] for row in rows]
+    lines = [[row["name"], *map(fmt_db, row["drift"]["preservation_psnr_by_turn"]), fmt_db(row["drift"]["drift_db"])]
+             for row in rows if row["drift"]["turns"]]
     return headers, lines
 
 
@@ -109,6 +110,10 @@ Model `{results["model"]}` ({results["directory"]}): {results["steps"]} steps, g
   preservation PSNR (to the original, outside every edit mask so far) after turn 1 minus after turn {drift["turns"]}.
   The row "on cached latents" runs the same turns through the engine, whose next turn starts from
   the previous output's latents instead of its decoded 8-bit image (same seeds).
+- **rows**: the model as served (`preserve` auto: the input's own pixels outside the region its
+  latents moved, `incontext/preserve.py`), the same denoising with `preserve` off (the model's raw
+  output), and the **autoencoder** row: each target encoded and decoded, the ceiling of any pixel
+  the model redraws. A family whose autoencoder row fails its own check caps that family's success.
 - **s/edit**: mean wall time of one edit of the model.
 
 ## Summary
@@ -125,7 +130,7 @@ Model `{results["model"]}` ({results["directory"]}): {results["steps"]} steps, g
 
 ![multi-turn](grid_multiturn.png)
 
-## Examples (input | {results["model"]} | target)
+## Examples (input | {results["model"]} | its raw output, preserve off | target)
 
 {grids}
 """
@@ -170,12 +175,15 @@ def grid(rows: list[list[Image.Image | None]], captions: list[str], columns: lis
     return canvas
 
 
-def family_grid(examples: list[Example], outputs: list[Image.Image], verdicts: list[Verdict | None], model: str) -> Image.Image:
+def family_grid(examples: list[Example], outputs: list[Image.Image], verdicts: list[Verdict | None], model: str,
+                raw: list[Image.Image] | None = None) -> Image.Image:
+    """input | the model's output (preserve auto) | its raw output (preserve off) | target."""
     rows, captions = [], []
-    for ex, out, v in list(zip(examples, outputs, verdicts))[:GRID_ROWS]:
-        rows.append([ex.context, out, ex.target])
+    for i, (ex, out, v) in enumerate(list(zip(examples, outputs, verdicts))[:GRID_ROWS]):
+        rows.append([ex.context, out, *([raw[i]] if raw else []), ex.target])
         captions.append(f"{ex.instruction}  [{_verdict_caption(v)}]")
-    return grid(rows, captions, ["input", Path(model).name or model, "target"])
+    name = Path(model).name or model
+    return grid(rows, captions, ["input", name, *(["preserve off"] if raw else []), "target"])
 
 
 def _verdict_caption(v: Verdict | None) -> str:
@@ -200,12 +208,13 @@ def multiturn_grid(sequences: list[list[Example]], model_turns: list[list[Image.
 
 
 def write_report(results: dict, out_dir: Path, heldout_set: dict[str, list[Example]], sequences: list[list[Example]],
-                 model_outputs: Outputs, truth_outputs: Outputs) -> None:
+                 model_outputs: Outputs, truth_outputs: Outputs, raw_outputs: Outputs | None = None) -> None:
     """report.md, results.json, grid_<family>.png and grid_multiturn.png under out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.md").write_text(markdown(results))
     (out_dir / "results.json").write_text(json.dumps(jsonable(results), indent=2) + "\n")
     for family, examples in heldout_set.items():
-        family_grid(examples, model_outputs.images[family], model_outputs.verdicts[family], results["model"]).save(out_dir / f"grid_{family}.png")
+        raw = raw_outputs.images[family] if raw_outputs is not None else None
+        family_grid(examples, model_outputs.images[family], model_outputs.verdicts[family], results["model"], raw).save(out_dir / f"grid_{family}.png")
     if sequences:
         multiturn_grid(sequences, model_outputs.turns, truth_outputs.turns).save(out_dir / "grid_multiturn.png")

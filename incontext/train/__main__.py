@@ -1,0 +1,3 @@
+from incontext.train.cli import main
+
+main()

@@ -1,0 +1,105 @@
+"""`incontext train …`: the nano model's recipe, stage by stage (docs/training.md).
+
+Runnable alone as `python -m incontext.train …`, which needs only torch, diffusers,
+transformers, tokenizers, typer and rich: a GPU machine without the service's
+dependencies can train (scripts/train_gpu.sh).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+train_app = typer.Typer(help="Train the nano model (see docs/training.md for the recipe).", no_args_is_help=True)
+console = Console()
+
+
+def _fail(e: Exception) -> None:
+    code = getattr(e, "code", "ERROR")
+    message = getattr(e, "message", str(e))
+    Console(stderr=True).print(f"[red]error[/red] {code}: {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@train_app.command("vae")
+def train_vae_cmd(out: Path = typer.Option(Path("runs/nano")), minutes: float = 15.0, lr: float = 1.5e-3) -> None:
+    """Stage 1: the autoencoder. Resumes from OUT/vae.pt."""
+    from incontext.models.components import NanoConfig
+    from incontext.train.vae import VaeTrainConfig, eval_vae_psnr, train_vae
+    from incontext.train.export import load_vae
+    from incontext.world.language import vocabulary
+
+    train_vae(out, NanoConfig(vocab=vocabulary()), VaeTrainConfig(minutes=minutes, lr=lr))
+    console.print(f"VAE reconstruction PSNR (held-out): {eval_vae_psnr(load_vae(out)):.2f} dB")
+
+
+@train_app.command("data")
+def train_data_cmd(
+    out: Path = typer.Option(Path("runs/nano")), start: int = 0, chunks: int = 24, render_only: bool = False,
+    families: str = typer.Option("all", help="Edit families to draw: all, basic (the six the bundled weights were trained on) or a comma-separated list."),
+    chunk_size: int = typer.Option(1024, min=1, hidden=True),
+) -> None:
+    """Stage 2: render world examples and encode them into latent chunks (needs OUT/vae.pt unless --render-only)."""
+    from incontext.train.data import produce_chunks, render_chunks
+    from incontext.train.export import load_vae
+    from incontext.errors import InvalidInput
+    from incontext.world.edits import select_families
+
+    try:
+        chosen = select_families(families)
+    except ValueError as e:
+        _fail(InvalidInput(str(e)))
+    if render_only:
+        render_chunks(out, start, chunks, chunk_size=chunk_size, families=chosen)
+    else:
+        produce_chunks(out, load_vae(out), start, chunks, chunk_size=chunk_size, families=chosen)
+
+
+@train_app.command("transformer")
+def train_transformer_cmd(
+    out: Path = typer.Option(Path("runs/nano")), minutes: float = 65.0, batch: int = 24, lr: float = 4e-4,
+    init_from: Optional[Path] = typer.Option(None, help="Start from this model directory's weights (e.g. incontext/weights/nano) when OUT has no checkpoint."),
+    edit_weight: float = typer.Option(2.0, help="Extra loss weight on the tokens the edit changes."),
+    uniform_t: float = typer.Option(0.5, min=0.0, max=1.0, help="Share of rows with t uniform over the schedule (the rest logit-normal)."),
+    guidance_start: float = typer.Option(0.25, min=0.0, max=1.0, help="Share of the run before guidance distillation starts (0 when continuing a guided model)."),
+    flow_start: str = typer.Option("context", help="Where the flow starts at t = 1: context (the context latents plus --start-noise·noise) or noise (FLUX's)."),
+    start_noise: float = typer.Option(0.3, min=0.0, max=10.0, help="σ of the noise added to the context at t = 1 (with --flow-start context)."),
+    device: str = typer.Option("cpu", help="cpu, or cuda on a GPU machine (bf16 autocast there)."),
+    save_every: float = typer.Option(5.0, min=0.1, help="Minutes between checkpoints; new chunks under OUT/data are picked up at each."),
+) -> None:
+    """Stage 3: the transformer and text encoders on the latent chunks. Resumes from OUT/transformer.pt."""
+    from incontext.models.components import NanoConfig
+    from incontext.train.export import load_vae
+    from incontext.train.transformer import TransformerTrainConfig, train_transformer
+    from incontext.world.language import vocabulary
+
+    train_transformer(out, NanoConfig(vocab=vocabulary()), TransformerTrainConfig(minutes=minutes, batch=batch, lr=lr, edit_weight=edit_weight, uniform_t=uniform_t, guidance_start=guidance_start,
+                                                                              flow_start=flow_start, start_noise=start_noise, device=device, save_every_minutes=save_every,
+                                                                              **({"bf16": True} if device.startswith("cuda") else {})), load_vae(out), init_from=init_from)
+
+
+@train_app.command("export")
+def train_export_cmd(
+    out: Path = typer.Option(Path("runs/nano")), to: Path = typer.Option(Path("incontext/weights/nano")),
+    dtype: str = typer.Option("float16", help="Storage dtype of the transformer and text encoders (float16, bfloat16, float32)."),
+    ema: bool = typer.Option(True, help="Export the EMA weights (else the raw ones)."),
+    steps: int = typer.Option(20, min=1, max=100, help="The model's default number of denoising steps (incontext.json)."),
+) -> None:
+    """Write the trained model as a FluxKontextPipeline directory (the bundled model lives in incontext/weights/nano)."""
+    import torch
+
+    from incontext.train.export import export_model
+
+    export_model(out, to, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[dtype], use_ema=ema, steps=steps)
+    console.print(f"exported to {to}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    train_app()
+

@@ -1,15 +1,17 @@
 """The dispatcher: takes queued runs from the database and drives them through the engine.
 
 One loop claims runs (oldest first, at most `max_concurrent_runs_per_model` of a model in
-flight); each claimed run gets a task that calls `engine.edit`, encodes and stores the
-images, and ends the run. The database is the queue, so a crash loses nothing: at start-up,
-runs left claimed or running are queued again (lifecycle.recover_interrupted).
+flight); each claimed run gets a task that calls `engine.edit`, preserves, encodes and
+stores the images (outputs.py, in a worker thread), and ends the run. The database is the
+queue, so a crash loses nothing: at start-up, runs left claimed or running are queued again
+(lifecycle.recover_interrupted).
 
 The route that queues a run also claims it, in the transaction that inserts it
 (`claim_within`), so a POST commits once and its run is already running; after the commit it
-hands the decoded input over (`submitted`) and the run's task starts on the event loop with
-the image as it is. Only a run without one (queued before a restart, or beyond
-MAX_HANDED_OVER) has its stored input read and decoded.
+hands the decoded input over (`submitted`: a `RunInput`, the image at its own size and fitted
+to the output's) and the run's task starts on the event loop with it as it is. Only a run
+without one (queued before a restart, or beyond the hand-over limits) has its stored input
+read and decoded.
 """
 
 from __future__ import annotations
@@ -20,26 +22,26 @@ import threading
 import time
 from datetime import datetime
 
-from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
-from incontext import imageio
 from incontext.engine.protocol import EditRequest, EditResult, EngineClient
 from incontext.errors import Cancelled, IncontextError
-from incontext.service import lifecycle
+from incontext.service import lifecycle, outputs
 from incontext.service.callbacks import CallbackSender
 from incontext.service.db import utcnow
-from incontext.service.inputs import decode_stored
+from incontext.service.inputs import RunInput, decode_stored
 from incontext.service.models import Run
 from incontext.service.storage import Storage
 from incontext.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Inputs held for runs not yet claimed (a 1024² input is 3 MB). Beyond it the oldest are
-# dropped, and read back from storage when their runs are claimed: so are any a claim never
-# takes (e.g. runs another server process claimed).
+# Inputs held for runs not yet claimed: at most this many, and this many pixels (a source
+# may be 40 MP, 120 MB; a 1024² input fitted and at its own size is 6 MB). Beyond either the
+# oldest are dropped, and read back from storage when their runs are claimed: so are any a
+# claim never takes (e.g. runs another server process claimed).
 MAX_HANDED_OVER = 64
+MAX_HANDED_OVER_PIXELS = 256 * 1024 * 1024  # 768 MB of RGB
 
 
 class Dispatcher:
@@ -56,7 +58,8 @@ class Dispatcher:
         self._last_steps: dict[str, tuple[int, int, datetime]] = {}  # logged with the run's end
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._inputs: dict[str, Image.Image] = {}  # run id → its input, fitted, until claimed; oldest first
+        self._inputs: dict[str, RunInput] = {}  # run id → its input, until claimed; oldest first
+        self._input_pixels = 0  # held in self._inputs
         self._inputs_lock = threading.Lock()  # routes hand inputs over from their threads
         self._claim_lock = threading.Lock()  # routes claim too; the cap counts what is in flight
         self._waiting = False  # the last claim left runs queued (a model at its cap)
@@ -78,9 +81,9 @@ class Dispatcher:
         if self._loop:
             self._loop.call_soon_threadsafe(self._wake.set)
 
-    def claim_within(self, session: Session, inputs: dict[str, Image.Image]) -> list[Run]:
+    def claim_within(self, session: Session, inputs: dict[str, RunInput]) -> list[Run]:
         """Claim queued runs in the caller's open transaction, the one that queued the runs of
-        `inputs` (run id → image): they start running when it commits, with no transaction of
+        `inputs` (run id → its input): they start running when it commits, with no transaction of
         their own. Pass the result to `submitted` after the commit; if the commit fails, the
         claim is rolled back with the runs. Nothing is claimed before the dispatcher starts.
 
@@ -93,8 +96,8 @@ class Dispatcher:
         runs, self._waiting = lifecycle.claim_queued(session, self._settings.max_concurrent_runs_per_model, ready)
         return runs
 
-    def submitted(self, inputs: dict[str, Image.Image], claimed: list[Run] | None = None) -> None:
-        """Runs were just committed: keep their inputs (decoded and fitted to the output size)
+    def submitted(self, inputs: dict[str, RunInput], claimed: list[Run] | None = None) -> None:
+        """Runs were just committed: keep their inputs (decoded, and fitted to the output size)
         for the engine and start the `claimed` runs (from `claim_within`, before the commit).
         Without `claimed`, claim now in a transaction of its own. In the caller's thread (a
         route's, off the event loop): the commit reaches the engine without a trip through the
@@ -103,12 +106,14 @@ class Dispatcher:
         inputs, starting = dict(inputs), []
         if claimed is not None:
             for run in claimed:  # ours, or runs an earlier request left waiting at the cap
-                image = inputs.pop(run.id, None)
-                starting.append((run, image if image is not None else self._take_input(run.id)))
+                given = inputs.pop(run.id, None)
+                starting.append((run, given if given is not None else self._take_input(run.id)))
         with self._inputs_lock:
-            self._inputs.update(inputs)
-            while len(self._inputs) > MAX_HANDED_OVER:
-                del self._inputs[next(iter(self._inputs))]
+            for run_id, given in inputs.items():
+                self._input_pixels += given.pixels - (self._inputs[run_id].pixels if run_id in self._inputs else 0)
+                self._inputs[run_id] = given
+            while self._inputs and (len(self._inputs) > MAX_HANDED_OVER or self._input_pixels > MAX_HANDED_OVER_PIXELS):
+                self._input_pixels -= self._inputs.pop(next(iter(self._inputs))).pixels
         if self._loop is None:  # not started: its first claim takes them
             return
         if claimed is None:
@@ -130,9 +135,12 @@ class Dispatcher:
         if self._loop:
             self._loop.call_soon_threadsafe(self._cancel_on_loop, run_id)
 
-    def _take_input(self, run_id: str) -> Image.Image | None:
+    def _take_input(self, run_id: str) -> RunInput | None:
         with self._inputs_lock:
-            return self._inputs.pop(run_id, None)
+            given = self._inputs.pop(run_id, None)
+            if given is not None:
+                self._input_pixels -= given.pixels
+            return given
 
     def _cancel_on_loop(self, run_id: str) -> None:
         if run_id in self._in_flight:
@@ -159,7 +167,7 @@ class Dispatcher:
                 pass
             self._wake.clear()
 
-    def _claim(self) -> list[tuple[Run, Image.Image | None]]:
+    def _claim(self) -> list[tuple[Run, RunInput | None]]:
         """Claimed runs with their handed-over inputs (None: read it from storage)."""
         with self._claim_lock:
             with self._inputs_lock:
@@ -170,9 +178,9 @@ class Dispatcher:
         # storage, and the cancel stands.
         return [(run, self._take_input(run.id)) for run in runs]
 
-    def _start(self, claimed: list[tuple[Run, Image.Image | None]], claimed_at: float) -> None:
-        for run, image in claimed:
-            task = asyncio.create_task(self._execute(run, image, claimed_at), name=f"run-{run.id}")
+    def _start(self, claimed: list[tuple[Run, RunInput | None]], claimed_at: float) -> None:
+        for run, given in claimed:
+            task = asyncio.create_task(self._execute(run, given, claimed_at), name=f"run-{run.id}")
             self._in_flight[run.id] = task
             task.add_done_callback(lambda _t, r=run.id: self._done(r))
 
@@ -183,24 +191,24 @@ class Dispatcher:
         if self._waiting:  # a slot is free for a run the cap held back
             self._wake.set()
 
-    async def _execute(self, run: Run, image: Image.Image | None, claimed_at: float) -> None:
+    async def _execute(self, run: Run, given: RunInput | None, claimed_at: float) -> None:
         try:
-            await self._drive(run, image, claimed_at)
+            await self._drive(run, given, claimed_at)
         except Exception as exc:
             # A bug or a database error must not leave the run `running` until the next restart.
             log.exception("run %s: unexpected error", run.id)
             await self._end(run.id, lifecycle.FAILED, failure=("INTERNAL_ERROR", f"internal error: {exc.__class__.__name__}", "dispatch"))
 
-    async def _drive(self, run: Run, image: Image.Image | None, claimed_at: float) -> None:
+    async def _drive(self, run: Run, given: RunInput | None, claimed_at: float) -> None:
         run_id, params = run.id, run.params
-        # 1. The input: handed over in memory, or (queued before a restart, beyond
-        # MAX_HANDED_OVER) read and decoded from storage.
-        if image is None:
+        # 1. The input: handed over in memory, or (queued before a restart, beyond the
+        # hand-over limits) read and decoded from storage.
+        if given is None:
             try:
-                image = await asyncio.to_thread(self._read_input, run)
+                given = await asyncio.to_thread(self._read_input, run)
             except IncontextError as exc:
                 return await self._end(run_id, lifecycle.FAILED, failure=(exc.code, exc.message, "input"))
-            if image is None:
+            if given is None:
                 return await self._end(run_id, lifecycle.FAILED, failure=("INPUT_LOST", "the run's input file is gone", "input"))
 
         # 2. Mark running, unless it was canceled meanwhile (a run claimed with its input in
@@ -211,7 +219,7 @@ class Dispatcher:
             request_id=run_id,
             model_id=run.engine_model_id,
             prompt=params["prompt"],
-            image=image,
+            image=given.fitted,
             width=params["width"],
             height=params["height"],
             seed=params["seed"],
@@ -233,7 +241,8 @@ class Dispatcher:
             log.exception("engine failed on run %s", run_id)
             return await self._end(run_id, lifecycle.FAILED, failure=("ENGINE_ERROR", f"the engine failed: {exc.__class__.__name__}", "inference"))
 
-        # 4. Encode and store the images and end the run, in one trip off the event loop.
+        # 4. Preserve, encode and store the images and end the run, in one trip off the event
+        # loop (and off the engine's thread: composing at a large input's size takes a while).
         # Where the time went outside the engine: what `bench speed` reports as HTTP overhead.
         engine_done = time.perf_counter()
         timings = {
@@ -243,42 +252,28 @@ class Dispatcher:
             "engine_call": (engine_done - engine_started) * 1000,  # incl. the hop to the engine process
         }
         try:
-            await asyncio.to_thread(self._succeed, run_id, params, result, timings, self._last_steps.pop(run_id, None))
+            await asyncio.to_thread(self._succeed, run, given, result, timings, self._last_steps.pop(run_id, None))
         except IncontextError as exc:
             return await self._end(run_id, lifecycle.FAILED, failure=(exc.code, exc.message, "output"))
 
-    def _read_input(self, run: Run) -> Image.Image | None:
+    def _read_input(self, run: Run) -> RunInput | None:
         """The stored input decoded and fitted as at submission; None if the file is gone."""
         data = self._storage.read_input(run.id)
         if data is None:
             return None
-        image = decode_stored(data, self._settings)
-        return imageio.fit_to_size(image, run.params["width"], run.params["height"])
+        return RunInput.fit(decode_stored(data, self._settings), run.params["width"], run.params["height"])
 
     def _mark_running(self, run_id: str) -> Run | None:
         with self._sessions.begin() as session:
             return lifecycle.mark_running(session, run_id)
 
-    def _succeed(self, run_id: str, params: dict, result: EditResult, timings: dict[str, float], last_step: tuple | None) -> None:
+    def _succeed(self, run: Run, given: RunInput, result: EditResult, timings: dict[str, float], last_step: tuple | None) -> None:
         started = time.perf_counter()
-        output = self._store_outputs(run_id, params, result)
-        output["timings_ms"].update(timings, dispatch_output=(time.perf_counter() - started) * 1000)  # encode, store
-        if self._finish(run_id, lifecycle.SUCCEEDED, {"output": output}, last_step) is None:
-            # Canceled while the engine was finishing: the cancel stands, the files go.
-            self._storage.delete_outputs(run_id)
-
-    def _store_outputs(self, run_id: str, params: dict, result: EditResult) -> dict:
-        fmt = params["output_format"]
-        items = []
-        for index, (img, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
-            data = imageio.encode_image(img, fmt)
-            item = {"type": "image", "content_type": imageio.content_type(fmt), "width": img.width, "height": img.height, "seed": seed}
-            if params["sync_mode"]:
-                item["data_uri"] = imageio.to_data_uri(data, fmt)
-            else:
-                item["file"] = self._storage.save_output(run_id, index, data, fmt)
-            items.append(item)
-        return {"outputs": items, "seed": params["seed"], "num_inference_steps": result.num_inference_steps, "timings_ms": result.timings_ms}
+        output = outputs.store(run, given, result, self._storage)
+        output["timings_ms"].update(timings, dispatch_output=(time.perf_counter() - started) * 1000)  # preserve, encode, store
+        if self._finish(run.id, lifecycle.SUCCEEDED, {"output": output}, last_step) is None:
+            # Canceled while the engine was finishing: the cancel stands, the files go (masks too).
+            self._storage.delete_outputs(run.id)
 
     async def _end(self, run_id: str, status: str, **kw) -> None:
         await asyncio.to_thread(self._finish, run_id, status, kw, self._last_steps.pop(run_id, None))

@@ -26,6 +26,23 @@ from incontext.settings import Settings
 MAX_REDIRECTS = 3
 
 
+@dataclass(frozen=True)
+class RunInput:
+    """A run's input as the dispatcher holds it: what the engine gets, and what an output
+    keeps its untouched pixels from (preserve.py)."""
+
+    source: Image.Image  # decoded, RGB, at its own size
+    fitted: Image.Image  # fitted to the run's output size (params width × height)
+
+    @classmethod
+    def fit(cls, source: Image.Image, width: int, height: int) -> RunInput:
+        return cls(source=source, fitted=imageio.fit_to_size(source, width, height))
+
+    @property
+    def pixels(self) -> int:
+        return self.source.width * self.source.height + self.fitted.width * self.fitted.height
+
+
 @dataclass
 class SourceImage:
     data: bytes  # what is stored for the run

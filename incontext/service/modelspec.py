@@ -102,6 +102,8 @@ def model_card(preset: ModelPreset, registry: Registry, base_url: str, *, detail
 
 
 def _cell(value) -> str:
+    if isinstance(value, bool):  # as a client writes it in JSON
+        return "true" if value else "false"
     return "" if value is None else str(value).replace("|", "\\|")
 
 
@@ -129,6 +131,7 @@ def llms_txt(preset: ModelPreset, model_id: str, base_url: str, *, file_url_ttl_
     surfaces = (
         f"""- BFL-style: `POST {base_url}/v1/flux-kontext-pro` (`x-key`), then `GET {base_url}/v1/get_result?id=…`.
 - OpenAI-style, synchronous: `POST {base_url}/v1/images/edits` (multipart `image`, `prompt`, `n`, `size`).
+- Both take `preserve` and `return_mask` as above.
 """
         if is_default
         else ""
@@ -170,6 +173,13 @@ the first answer; the same key with another body is `409 CONFLICT`.
 `image_url` takes an http(s) URL, a `data:` URI (JPEG, PNG, WebP, GIF, AVIF), or an output URL
 of this server (multi-turn editing; expired ones work too). Unknown fields are ignored.
 
+`preserve`: with `auto` (the default) every output pixel outside the edited region is the
+input's own pixel, and the output has the input's own pixel size when it keeps the input's
+aspect ratio (no `aspect_ratio`, `match_input_image`, or one within 2 % of the input's;
+otherwise the model's size). `off` returns the model's raw output at its working size (about
+{preset.target_area} pixels, sides multiples of {preset.multiple}). PNG output keeps the untouched pixels
+bit for bit; JPEG (the default `output_format`) re-encodes them: ask for `png` for bit-exact pixels.
+
 ## Statuses
 
 | status_code | terminal | meaning |
@@ -185,7 +195,11 @@ curl -sS {base_url}/v1/runs/$RUN_ID -H "Authorization: Bearer $INCONTEXT_API_KEY
 Repeat about once a second until `status_code` is `succeeded`, `failed` or `canceled`.
 On `succeeded`, `output.outputs[i].url` (also `output.image_urls[i]`) is a signed URL, valid
 for {file_url_ttl_s} s and downloadable with no key; read the run again for fresh URLs.
-`output.seed` reproduces the result. On `failed`, see `failure_code` and `failure_message`.
+`output.seed` reproduces the result. Each `output.outputs[i]` also has `width`, `height`,
+`changed_share` (0–1, the share of its pixels that differ from the input; null if unknown) and
+`mask_url` (with `return_mask`: the edited region as a PNG, white where the pixels are the
+model's, black where they are the input's; a data URI in `sync_mode`; otherwise null).
+On `failed`, see `failure_code` and `failure_message`.
 Progress: `GET {base_url}/v1/runs/$RUN_ID/logs`. Cancel: `POST {base_url}/v1/runs/$RUN_ID/cancel`.
 
 ## Callbacks

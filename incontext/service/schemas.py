@@ -51,6 +51,13 @@ class KontextInput(BaseModel):
     enhance_prompt: bool = False
     sync_mode: bool = Field(False, description="return data URIs and keep no file")
     num_inference_steps: int | None = Field(None, ge=1, le=50, description="default: the model's")
+    # The modes of incontext.preserve.MODES (not imported: it needs torch; a test compares them).
+    preserve: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: the input's own pixels wherever the edit did not happen, at the input's size when the output "
+        "keeps its aspect ratio; off: the model's raw output at its working size",
+    )
+    return_mask: bool = Field(False, description="also return the edited region as a PNG (outputs[].mask_url)")
 
 
 def _check_callback_url(value: str | None) -> str | None:
@@ -88,13 +95,21 @@ def format_cost(micros: int) -> str:
 
 
 def public_output(output: dict | None, storage: Storage) -> dict | None:
-    """The stored output with URLs signed now: `outputs[]` and `image_urls[]`, both."""
+    """The stored output with URLs signed now: `outputs[]` and `image_urls[]` (images only).
+
+    Each output: `url`, `content_type`, `width`, `height`, `seed`, `changed_share` (null when
+    unknown: an engine without change maps, a run stored before preservation) and `mask_url`
+    (null unless the run asked for `return_mask`)."""
     if output is None:
         return None
     items = []
     for item in output["outputs"]:
         url = item["data_uri"] if item.get("data_uri") else storage.signed_url(item["file"])
-        items.append({"type": "image", "url": url, **{k: item[k] for k in ("content_type", "width", "height", "seed")}})
+        mask = item.get("mask_data_uri") or (storage.signed_url(item["mask_file"]) if item.get("mask_file") else None)
+        items.append({
+            "type": "image", "url": url, **{k: item[k] for k in ("content_type", "width", "height", "seed")},
+            "changed_share": item.get("changed_share"), "mask_url": mask,
+        })
     extra = {k: v for k, v in output.items() if k != "outputs"}
     return {"outputs": items, "image_urls": [i["url"] for i in items], **extra}
 
@@ -104,7 +119,10 @@ class RunPublic(BaseModel):
     model_id: str
     status_code: str
     input: dict[str, Any]
-    output: dict[str, Any] | None
+    output: dict[str, Any] | None = Field(
+        description="on succeeded: outputs[] ({type, url, content_type, width, height, seed, changed_share, mask_url}), "
+        "image_urls[] (the images' urls), seed, num_inference_steps, timings_ms"
+    )
     duration_ms: int | None
     cost: str
     cost_breakdown: list[dict[str, Any]]

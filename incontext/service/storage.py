@@ -1,7 +1,8 @@
 """Run inputs and outputs on disk, and the signed, expiring URLs that serve outputs.
 
-    <data_dir>/inputs/<run_id>              the input image bytes as received
-    <data_dir>/outputs/<run_id>/<i>.<ext>   output image i
+    <data_dir>/inputs/<run_id>                 the input image bytes as received
+    <data_dir>/outputs/<run_id>/<i>.<ext>      output image i
+    <data_dir>/outputs/<run_id>/<i>.mask.png   its edited region, when the run asked for it
 
 An output URL is `<base>/v1/files/<run_id>/<i>.<ext>?expires=<unix s>&sig=<HMAC>`: whoever holds
 it may download the file until it expires, with no API key (as hosted output URLs work).
@@ -23,7 +24,7 @@ from urllib.parse import urlencode, urlsplit, parse_qs
 from incontext.service.errors import NotFound, PermissionDenied
 
 FILES_PREFIX = "/v1/files/"
-_RELPATH = re.compile(r"^[0-9a-f-]{36}/[0-9]{1,2}\.(jpeg|png)$")
+_RELPATH = re.compile(r"^[0-9a-f-]{36}/[0-9]{1,2}\.(jpeg|png|mask\.png)$")
 
 
 def load_or_create_secret(data_dir: Path, configured: str | None) -> bytes:
@@ -69,6 +70,10 @@ class Storage:
         (self.outputs / run_id).mkdir(exist_ok=True)
         _write_atomic(self.outputs / relpath, data)
         return relpath
+
+    def save_mask(self, run_id: str, index: int, png: bytes) -> str:
+        # Beside its image, so it goes with the run's other outputs (delete_outputs).
+        return self.save_output(run_id, index, png, "mask.png")
 
     def delete_outputs(self, run_id: str) -> None:
         shutil.rmtree(self.outputs / run_id, ignore_errors=True)

@@ -8,15 +8,13 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
 from sqlalchemy.orm import Session
 
-from incontext import imageio
 from incontext.errors import IncontextError
 from incontext.models.registry import ModelPreset
 from incontext.service import lifecycle
 from incontext.service.errors import at_field
-from incontext.service.inputs import load_source, output_size
+from incontext.service.inputs import RunInput, load_source, output_size
 from incontext.service.models import Run
 from incontext.service.schemas import KontextInput
 from incontext.service.storage import Storage
@@ -29,7 +27,7 @@ _DATA_URI_HEAD = re.compile(r"^(data:[^,]{0,100}),", re.IGNORECASE)
 class PreparedRun:
     fields: dict[str, Any]  # columns for lifecycle.create_run
     input_bytes: bytes  # stored, so a restart can run it again
-    image: Image.Image  # decoded and fitted to the output size: what the engine gets
+    run_input: RunInput  # decoded, and fitted to the output size: what the dispatcher hands on
 
 
 def prepare(
@@ -67,6 +65,11 @@ def prepare(
         "sync_mode": item.sync_mode,
         "width": width,
         "height": height,
+        # What the output keeps of the input (dispatcher → outputs.py). Runs stored before
+        # these existed lack them: read as "auto", False and the echoed input's aspect_ratio.
+        "aspect_ratio": item.aspect_ratio,
+        "preserve": item.preserve,
+        "return_mask": item.return_mask,
         "unit_price_micros": int(preset.price_per_image * 1_000_000),
         # Multi-turn: the engine may reuse the parent's latents, which only identify the
         # image when the parent made exactly one.
@@ -84,12 +87,11 @@ def prepare(
         "parent_run_id": source.parent_run_id,
     }
     # Fitted here, in the request's thread, so the dispatcher hands it to the engine as it is.
-    image = imageio.fit_to_size(source.image, width, height)
-    return PreparedRun(fields=fields, input_bytes=source.data, image=image)
+    return PreparedRun(fields=fields, input_bytes=source.data, run_input=RunInput.fit(source.image, width, height))
 
 
 def queue(session: Session, storage: Storage, prepared: PreparedRun, **extra: Any) -> Run:
-    """Insert the run and store its input; the caller commits, then hands the image to the
+    """Insert the run and store its input; the caller commits, then hands `run_input` to the
     dispatcher (dispatcher.submitted), or deletes the input file with storage.delete_input
     if the commit fails."""
     run = lifecycle.create_run(session, **prepared.fields, **extra)

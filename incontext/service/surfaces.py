@@ -195,7 +195,7 @@ def submit(
         prepared.fields["params"].update(params or {})
         run = submission.queue(session, service.storage, prepared, callback_url=callback_url, request_id=request_id)
         lifecycle.add_log(session, run.id, f"received through {surface}")
-        claimed = service.dispatcher.claim_within(session, {run.id: prepared.image})
+        claimed = service.dispatcher.claim_within(session, {run.id: prepared.run_input})
         try:
             session.commit()
         except Exception:
@@ -203,7 +203,7 @@ def submit(
             service.storage.delete_input(run.id)
             raise
         run_id = run.id
-    service.dispatcher.submitted({run_id: prepared.image}, claimed)
+    service.dispatcher.submitted({run_id: prepared.run_input}, claimed)
     return run_id, decision.headers()
 
 

@@ -8,11 +8,14 @@ import hashlib
 import hmac
 import io
 import time
+from pathlib import Path
 
 import httpx
 from PIL import Image
 
 from .helpers import ImageHost, Receiver, data_uri, png_bytes, wait_for
+
+SHAPES = Path(__file__).parents[2] / "examples" / "shapes.png"  # 256×256 PNG
 
 
 def b64(data: bytes | None = None) -> str:
@@ -167,3 +170,26 @@ def test_webhook_with_whsec_secret_verifies_as_standard_webhooks(server):
         assert h["webhook-signature"] == "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
     finally:
         receiver.close()
+
+
+def test_preserve_and_return_mask(server):
+    """preserve=off gives the model's output at its size; the default keeps the input's size.
+    return_mask adds result.mask and result.changed_share (our extension)."""
+    sizes = {}
+    for preserve in ("off", None):
+        body = {"prompt": "p", "input_image": b64(SHAPES.read_bytes()), "return_mask": True}
+        if preserve:
+            body["preserve"] = preserve
+        r = submit(server, body)
+        assert r.status_code == 200, r.text
+        result = poll(r.json()["polling_url"], server.keys[0])["result"]
+        sizes[preserve] = Image.open(io.BytesIO(httpx.get(result["sample"]).content)).size
+        assert Image.open(io.BytesIO(httpx.get(result["mask"]).content)).size == sizes[preserve]
+        assert 0 <= result["changed_share"] <= 1
+    assert sizes == {"off": (64, 64), None: (256, 256)}  # the tiny model's size; the input's
+
+    r = submit(server, {"prompt": "p", "input_image": b64()})
+    result = poll(r.json()["polling_url"], server.keys[0])["result"]
+    assert "mask" not in result and "changed_share" not in result  # the hosted API's shape unless asked
+    errors = submit(server, {"prompt": "p", "input_image": b64(), "preserve": "bogus"})
+    assert errors.status_code == 422 and ["body", "preserve"] in [e["loc"] for e in errors.json()["detail"]]

@@ -205,3 +205,28 @@ def test_agent_skill_and_docs(server):
     r = httpx.get(f"{server.url}/v1/docs/../app.py")
     assert r.status_code == 404
     assert httpx.get(f"{server.url}/v1/docs/secret_key").status_code == 404
+
+
+def test_preserve_and_return_mask_are_published_on_every_surface(server):
+    """The model card, llms.txt and OpenAPI list both fields with their defaults and values."""
+    inputs = {i["name"]: i for i in httpx.get(f"{server.url}/v1/models/{MODEL}").json()["inputs"]}
+    assert (inputs["preserve"]["type"], inputs["preserve"]["default"], inputs["preserve"]["enum"]) == ("string", "auto", ["auto", "off"])
+    assert (inputs["return_mask"]["type"], inputs["return_mask"]["default"]) == ("boolean", False)
+    text = httpx.get(f"{server.url}/v1/models/{MODEL}/llms.txt").text
+    assert "| `preserve` | string | auto | `auto` `off` |" in text and "| `return_mask` | boolean | false |" in text
+    assert "changed_share" in text and "mask_url" in text
+
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+
+    def body_schema(path: str, media: str) -> dict:
+        ref = spec["paths"][path]["post"]["requestBody"]["content"][media]["schema"]["$ref"]
+        return schemas[ref.split("/")[-1]]
+
+    runflow = schemas[body_schema("/v1/models/{model_id}/runs", "application/json")["properties"]["input"]["$ref"].split("/")[-1]]
+    bfl = body_schema("/v1/flux-kontext-pro", "application/json")
+    openai = body_schema("/v1/images/edits", "multipart/form-data")
+    for name, schema in (("runflow", runflow), ("bfl", bfl), ("openai", openai)):
+        preserve, mask = schema["properties"]["preserve"], schema["properties"]["return_mask"]
+        assert (preserve["enum"], preserve["default"]) == (["auto", "off"], "auto"), name
+        assert (mask["type"], mask["default"]) == ("boolean", False), name

@@ -1,6 +1,6 @@
 """The dispatcher on a real (SQLite) database and storage, with an engine that answers at once:
 an accepted run gets the same input whether it was handed over in memory or, after a
-restart, read back from storage."""
+restart, read back from storage, and its output keeps the same input's pixels."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import io
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from incontext import imageio
 from incontext.engine.protocol import EditRequest, EditResult
 from incontext.models.registry import ModelPreset
 from incontext.service import keys, lifecycle, store, submission
@@ -28,10 +30,12 @@ PRESET = ModelPreset("m", Path("unused"), num_inference_steps=3, target_area=64 
 
 
 class InstantEngine:
-    """Answers every edit at once with its input; keeps the requests it was given."""
+    """Answers every edit at once with its input; keeps the requests it was given. With
+    `change_maps`, reports (as the local engine does) that no latent moved."""
 
-    def __init__(self):
+    def __init__(self, change_maps: bool = False):
         self.requests: list[EditRequest] = []
+        self.change_maps = change_maps
 
     async def edit(self, request: EditRequest, on_progress=None) -> EditResult:
         self.requests.append(request)
@@ -40,7 +44,8 @@ class InstantEngine:
         def denoise() -> EditResult:  # on a thread of its own, as the engines report progress
             for step in range(1, steps + 1):
                 on_progress(step, steps)
-            return EditResult([request.image], [request.seed], steps, timings_ms={"total": 0.0})
+            unmoved = [np.zeros((request.height // 16, request.width // 16), np.float32)] if self.change_maps else []
+            return EditResult([request.image], [request.seed], steps, timings_ms={"total": 0.0}, change_maps=unmoved)
 
         return await asyncio.to_thread(denoise)
 
@@ -78,20 +83,24 @@ def rotated_jpeg() -> str:
     return data_uri(buf.getvalue(), "image/jpeg")
 
 
-def queue(service, session, image_url: str) -> tuple[str, submission.PreparedRun]:
-    """A run queued in `session`'s open transaction, as POST /v1/models/{model}/runs queues it."""
+def queue(service, session, image_url: str, legacy: bool = False, **fields) -> tuple[str, submission.PreparedRun]:
+    """A run queued in `session`'s open transaction, as POST /v1/models/{model}/runs queues it.
+    `legacy`: its params as stored before runs recorded what an output keeps of the input."""
     settings, _, storage, key_id = service
-    item = KontextInput(prompt="make it blue", image_url=image_url, seed=7, num_inference_steps=3)
+    item = KontextInput(prompt="make it blue", image_url=image_url, seed=7, num_inference_steps=3, **fields)
     prepared = submission.prepare(
         item, field="input", model_id="m", preset=PRESET, api_key_id=key_id, session=session, storage=storage, settings=settings
     )
+    if legacy:
+        for name in ("aspect_ratio", "preserve", "return_mask"):
+            del prepared.fields["params"][name]
     return submission.queue(session, storage, prepared).id, prepared
 
 
-def accept(service, image_url: str) -> tuple[str, submission.PreparedRun]:
+def accept(service, image_url: str, **fields) -> tuple[str, submission.PreparedRun]:
     """What POST /v1/models/{model}/runs did before runs were claimed with it: a committed, queued run."""
     with service[1]() as session:
-        run_id, prepared = queue(service, session, image_url)
+        run_id, prepared = queue(service, session, image_url, **fields)
         session.commit()
     return run_id, prepared
 
@@ -125,7 +134,7 @@ def test_a_run_whose_input_was_not_handed_over_runs_from_storage_the_same(servic
     # The next start: a run accepted now is handed over.
     dispatcher = dispatcher_for(service, engine)
     handed_id, handed = accept(service, rotated_jpeg())
-    dispatcher.submitted({handed_id: handed.image})
+    dispatcher.submitted({handed_id: handed.run_input})
     asyncio.run(run_until_done(service, dispatcher, [lost_id, handed_id]))
 
     by_id = {r.request_id: r for r in engine.requests}
@@ -148,7 +157,7 @@ def test_a_run_canceled_before_it_is_claimed_never_reaches_the_engine(service):
     engine = InstantEngine()
     dispatcher = dispatcher_for(service, engine)
     (canceled_id, canceled), (other_id, other) = accept(service, rotated_jpeg()), accept(service, rotated_jpeg())
-    dispatcher.submitted({canceled_id: canceled.image, other_id: other.image})
+    dispatcher.submitted({canceled_id: canceled.run_input, other_id: other.run_input})
     _, sessions, storage, _ = service
     with sessions.begin() as session:  # as POST /v1/runs/{id}/cancel does
         lifecycle.cancel(session, storage, session.get(Run, canceled_id))
@@ -170,14 +179,14 @@ def test_a_run_claimed_with_its_post_starts_at_that_commit_and_not_without_it(se
     def post(commit: bool) -> str:
         with sessions() as session:
             run_id, prepared = queue(service, session, rotated_jpeg())
-            claimed = dispatcher.claim_within(session, {run_id: prepared.image})
+            claimed = dispatcher.claim_within(session, {run_id: prepared.run_input})
             assert [run.id for run in claimed] == [run_id]
             if not commit:
                 session.rollback()
                 return run_id
             session.commit()
         assert statuses(service, [run_id]) == ["running"]  # before the dispatcher was told
-        dispatcher.submitted({run_id: prepared.image}, claimed)
+        dispatcher.submitted({run_id: prepared.run_input}, claimed)
         return run_id
 
     async def scenario() -> tuple[str, str]:
@@ -199,3 +208,32 @@ def test_a_run_claimed_with_its_post_starts_at_that_commit_and_not_without_it(se
     with sessions() as session:
         assert session.get(Run, lost_id) is None
         assert [log.message for log in store.run_logs(session, kept_id)] == ["accepted", "started", "step 2/3", "step 3/3", "succeeded"]
+
+
+def test_outputs_keep_the_input_at_its_own_size_from_memory_or_storage(service):
+    """Where the engine reports that nothing moved, the output is the input itself, pixel for
+    pixel, at the input's size (not the model's): for a run handed over in memory, and for one
+    read back from storage after a restart whose params predate preservation (read as "auto")."""
+    image_url = rotated_jpeg()
+    engine = InstantEngine(change_maps=True)
+    lost_id, _ = accept(service, image_url, legacy=True, output_format="png")
+    dispatcher = dispatcher_for(service, engine)
+    handed_id, handed = accept(service, image_url, output_format="png", return_mask=True)
+    dispatcher.submitted({handed_id: handed.run_input})
+    asyncio.run(run_until_done(service, dispatcher, [lost_id, handed_id]))
+
+    source = imageio.decode_data_uri(image_url)
+    params = handed.fields["params"]
+    assert source.size == (60, 90) and engine.requests[0].image.size == (params["width"], params["height"]) != source.size
+    _, sessions, storage, _ = service
+    with sessions() as session:
+        for run_id in (lost_id, handed_id):
+            (out,) = session.get(Run, run_id).output["outputs"]
+            assert (out["width"], out["height"], out["changed_share"]) == (60, 90, 0.0)
+            kept = Image.open(storage.output_path(out["file"]))
+            assert kept.size == source.size and kept.tobytes() == source.tobytes()
+            assert ("mask_file" in out) == (run_id == handed_id)  # asked for with return_mask only
+        mask = session.get(Run, handed_id).output["outputs"][0]["mask_file"]
+    assert Image.open(storage.output_path(mask)).getextrema() == (0, 0)  # no pixel is the model's
+    storage.delete_outputs(handed_id)  # as when a cancel wins over the finished run
+    assert not (storage.outputs / handed_id).exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -16,6 +17,8 @@ from incontext.service.errors import ServiceError
 from incontext.service.routes import openai
 
 from .helpers import png_bytes
+
+SHAPES = Path(__file__).parents[2] / "examples" / "shapes.png"  # 256×256 PNG
 
 
 def edit(server, data: dict, files=None, key: str | None = "alice") -> httpx.Response:
@@ -126,3 +129,25 @@ def test_wait_cancels_the_run_when_the_client_disconnects_or_time_runs_out(monke
     with pytest.raises(ServiceError) as late:
         asyncio.run(openai.wait_for_run(None, "r2", SimpleNamespace(receive=stay)))
     assert late.value.http_status == 504 and late.value.code == "TIMEOUT" and canceled[-1][0] == "r2"
+
+
+def test_preserve_and_return_mask(server):
+    """preserve=off gives the model's output at its size; the default keeps the input's size.
+    return_mask adds the mask and changed_share to each data[] item (our extension)."""
+    files = [("image", ("shapes.png", SHAPES.read_bytes(), "image/png"))]
+    r = edit(server, {"prompt": "p", "preserve": "off", "return_mask": "true"}, files=files)
+    assert r.status_code == 200, r.text
+    (item,) = r.json()["data"]
+    assert r.json()["size"] == "64x64"  # the tiny model's working size
+    assert Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).size == (64, 64)
+    assert Image.open(io.BytesIO(base64.b64decode(item["mask_b64_json"]))).size == (64, 64)
+    assert 0 <= item["changed_share"] <= 1
+
+    r = edit(server, {"prompt": "p", "response_format": "url", "return_mask": "true"}, files=files)
+    (item,) = r.json()["data"]
+    assert r.json()["size"] == "256x256"  # preserve=auto: the input's own size
+    assert set(item) == {"url", "mask_url", "changed_share", "revised_prompt"}
+    assert Image.open(io.BytesIO(httpx.get(item["mask_url"]).content)).size == (256, 256)
+
+    e = edit(server, {"prompt": "p", "preserve": "bogus"}).json()["error"]
+    assert (e["param"], e["code"]) == ("preserve", "invalid_value")

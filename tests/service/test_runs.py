@@ -224,3 +224,10 @@ def test_http_image_url_is_fetched(api):
         host.close()
     refused = submit(api, {"image_url": "http://127.0.0.1:9/nothing.png"})
     assert refused.status_code == 422 and refused.json()["code"] == "IMAGE_FETCH_FAILED"
+
+
+def test_preserve_must_be_auto_or_off(api):
+    r = submit(api, {"preserve": "bogus"})
+    assert r.status_code == 422 and r.json()["code"] == "VALIDATION_ERROR"
+    assert [e["field"] for e in r.json()["errors"]] == ["input.preserve"]
+    assert "auto" in r.json()["errors"][0]["message"]

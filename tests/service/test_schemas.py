@@ -1,6 +1,9 @@
+from typing import get_args
+
 import pytest
 from pydantic import ValidationError
 
+from incontext import preserve
 from incontext.service.schemas import KontextInput, format_cost
 from incontext.service.submission import abbreviate_data_uri
 
@@ -14,6 +17,12 @@ def test_kontext_input_defaults_and_spellings():
     assert (i.safety_tolerance, i.output_format, i.num_images, i.guidance_scale, i.sync_mode) == ("3", "jpeg", 1, 3.5, False)
     with pytest.raises(ValidationError):
         KontextInput(prompt="p", image_url="u", num_inference_steps=51)
+
+
+def test_preserve_modes_are_the_ones_preservation_knows():
+    assert get_args(KontextInput.model_fields["preserve"].annotation) == preserve.MODES
+    i = KontextInput(prompt="p", image_url="u")
+    assert (i.preserve, i.return_mask) == ("auto", False)
 
 
 def test_data_uris_are_abbreviated_in_the_echo():

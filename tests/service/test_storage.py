@@ -1,6 +1,6 @@
 import pytest
 
-from incontext.service.errors import PermissionDenied
+from incontext.service.errors import NotFound, PermissionDenied
 from incontext.service.storage import Storage
 
 RUN = "01a20ae6-9d8b-772c-acf2-5cbc80614e72"
@@ -22,3 +22,14 @@ def test_signed_urls_expire_and_are_recognised(tmp_path):
     other = Storage(tmp_path, secret=b"t", base_url="http://h:1", ttl_seconds=10)
     assert other.own_output(url) is None
     assert storage.own_output("http://h:1/v1/files/../../etc/passwd?expires=1&sig=x") is None
+
+
+def test_masks_are_served_beside_their_image_and_deleted_with_it(tmp_path):
+    storage = Storage(tmp_path, secret=b"s", base_url="http://h:1", ttl_seconds=10)
+    image, mask = storage.save_output(RUN, 0, b"img", "png"), storage.save_mask(RUN, 0, b"mask")
+    assert mask == f"{RUN}/0.mask.png" and storage.output_path(mask).read_bytes() == b"mask"
+    assert storage.own_output(storage.signed_url(mask)) == (RUN, mask)
+    storage.delete_outputs(RUN)
+    for relpath in (image, mask):
+        with pytest.raises(NotFound):
+            storage.output_path(relpath)

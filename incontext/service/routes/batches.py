@@ -57,7 +57,7 @@ def create_batch(
         for p, item in zip(prepared, body.input)
     ]
     content = batch_public(session, batch, service.storage).model_dump(mode="json")
-    return commit_created(session, service, key.id, idempotency_key, digest, limits, content, {run.id: p.image for run, p in zip(runs, prepared)})
+    return commit_created(session, service, key.id, idempotency_key, digest, limits, content, {run.id: p.run_input for run, p in zip(runs, prepared)})
 
 
 @router.get("/batches/{batch_id}", response_model=BatchPublic)

@@ -75,6 +75,12 @@ class FluxKontextRequest(BaseModel):
     prompt_upsampling: bool = Field(False, description="recorded only: this server has no prompt enhancer")
     webhook_url: str | None = Field(None, max_length=2048, description="POSTed the get_result body when the run ends")
     webhook_secret: str | None = Field(None, max_length=512, description="signs the webhook; see the X-Webhook-Signature docs")
+    preserve: Literal["auto", "off"] = Field(
+        "auto",
+        description="extension: auto keeps the input's own pixels (at its own size when the aspect ratio is kept) wherever "
+        "the edit did not happen; off returns the model's raw output at its working size",
+    )
+    return_mask: bool = Field(False, description="extension: result.mask (signed URL of the edited region as a PNG) and result.changed_share")
 
     @field_validator("output_format", mode="before")
     @classmethod
@@ -100,7 +106,8 @@ class ResultPublic(BaseModel):
         description="never Request Moderated or Content Moderated here: this server does not moderate"
     )
     result: dict[str, Any] | None = Field(
-        description="on Ready: sample (signed URL, expires), samples, prompt, seed, start_time, end_time, duration (seconds)"
+        description="on Ready: sample (signed URL, expires), samples, prompt, seed, start_time, end_time, duration (seconds); "
+        "with return_mask also mask (signed URL of the edited region, PNG; null without a change map) and changed_share (0..1)"
     )
     progress: float | None = Field(description="0..1 while running; null while queued")
     details: dict[str, Any] | None = Field(description="on Error: code, message, stage")
@@ -138,6 +145,8 @@ def create_kontext_edit(body: FluxKontextRequest, request: Request, key: BflKeyD
             "seed": body.seed,
             "safety_tolerance": str(max(1, body.safety_tolerance)),
             "enhance_prompt": body.prompt_upsampling,
+            "preserve": body.preserve,
+            "return_mask": body.return_mask,
         },
         NAMES,
     )
@@ -176,6 +185,9 @@ def result_body(run: Run, storage: Storage, progress: float | None = None) -> di
             "end_time": run.completed_at.timestamp(),
             "duration": (run.completed_at - run.started_at).total_seconds() if run.started_at else None,
         })
+        if run.params.get("return_mask"):  # our extension: only for clients that asked for it
+            first = output["outputs"][0]
+            body["result"].update(mask=first["mask_url"], changed_share=first["changed_share"])
     elif run.status == lifecycle.CANCELED:
         body.update(status="Error", details={"code": "CANCELED", "message": "the run was canceled", "stage": None})
     elif run.status == lifecycle.FAILED:

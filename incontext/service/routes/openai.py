@@ -66,6 +66,10 @@ class ImageData(BaseModel):
     b64_json: str | None = Field(None, description="with response_format=b64_json")
     url: str | None = Field(None, description="with response_format=url: signed, expires (INCONTEXT_FILE_URL_TTL_SECONDS)")
     revised_prompt: str = Field(description="the prompt as used: unchanged (no prompt rewriting here)")
+    # Extensions, with return_mask only: clients that did not ask see OpenAI's shape.
+    mask_b64_json: str | None = Field(None, description="with return_mask and response_format=b64_json: the edited region, PNG")
+    mask_url: str | None = Field(None, description="with return_mask and response_format=url: the edited region, PNG (signed, expires)")
+    changed_share: float | None = Field(None, description="with return_mask: the share of pixels that differ from the input, 0..1")
 
 
 class ImagesResponse(BaseModel):
@@ -96,6 +100,13 @@ async def create_image_edit(
     seed: Annotated[int | None, Form(description="extension: image i uses seed+i; random when absent")] = None,
     mask: Annotated[UploadFile | None, File(description="not supported: describe the region in the prompt")] = None,
     stream: Annotated[bool, Form(description="not supported")] = False,
+    preserve: Annotated[
+        Literal["auto", "off"],
+        Form(description="extension: auto keeps the input's own pixels (at its own size when size keeps its aspect ratio) "
+             "wherever the edit did not happen; off returns the model's raw output at its working size"),
+    ] = "auto",
+    return_mask: Annotated[bool, Form(description="extension: each data[] item also carries the edited region as a PNG "
+                                                  "(mask_b64_json or mask_url, as response_format) and changed_share")] = False,
 ):
     """Edit an image, synchronously. Other OpenAI fields (quality, background, user,
     input_fidelity, output_compression) are accepted and ignored."""
@@ -122,6 +133,8 @@ async def create_image_edit(
             "aspect_ratio": _aspect_ratio(size),
             "output_format": output_format,
             "seed": seed,
+            "preserve": preserve,
+            "return_mask": return_mask,
         },
         NAMES,
     )
@@ -141,7 +154,7 @@ async def create_image_edit(
     # 4. The images, inline or as signed URLs.
     fmt = response_format or ("url" if (model or "").startswith("dall-e") else "b64_json")
     outputs = run.output["outputs"]
-    content = await run_in_threadpool(_image_data, service, outputs, fmt, item.prompt)
+    content = await run_in_threadpool(_image_data, service, outputs, fmt, item.prompt, item.return_mask)
     first = outputs[0]
     body = {"created": int(time.time()), "data": content, "output_format": item.output_format, "size": f"{first['width']}x{first['height']}"}
     return JSONResponse(body, headers=headers)
@@ -173,11 +186,21 @@ async def wait_for_run(service: Service, run_id: str, request: Request) -> Run:
         client_gone.cancel()
 
 
-def _image_data(service: Service, outputs: list[dict], fmt: str, prompt: str) -> list[dict]:
-    if fmt == "b64_json":
-        encoded = (base64.b64encode(service.storage.output_path(o["file"]).read_bytes()).decode() for o in outputs)
-        return [{"b64_json": b64, "revised_prompt": prompt} for b64 in encoded]
-    return [{"url": service.storage.signed_url(o["file"]), "revised_prompt": prompt} for o in outputs]
+def _image_data(service: Service, outputs: list[dict], fmt: str, prompt: str, return_mask: bool) -> list[dict]:
+    def file(relpath: str | None) -> str | None:
+        if relpath is None:  # no mask: the engine reported no change map
+            return None
+        if fmt == "b64_json":
+            return base64.b64encode(service.storage.output_path(relpath).read_bytes()).decode()
+        return service.storage.signed_url(relpath)
+
+    data = []
+    for o in outputs:
+        item = {fmt: file(o["file"]), "revised_prompt": prompt}
+        if return_mask:
+            item.update({f"mask_{fmt}": file(o.get("mask_file")), "changed_share": o["changed_share"]})
+        data.append(item)
+    return data
 
 
 def _model_id(model: str | None, service: Service) -> str:

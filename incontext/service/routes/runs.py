@@ -6,13 +6,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
-from PIL import Image
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from incontext.service import lifecycle, store, submission
 from incontext.service.deps import KeyDep, PresetDep, RateLimitDep, ReadSessionDep, ServiceDep, SessionDep, StorageDep
 from incontext.service.errors import ValidationFailed, field_error
+from incontext.service.inputs import RunInput
 from incontext.service.schemas import LogList, LogPublic, RunCreate, RunList, RunPublic, StatusList, StatusPublic
 
 router = APIRouter(prefix="/v1", tags=["runs"])
@@ -28,9 +28,9 @@ def replay_response(session: Session, api_key_id: str, key: str, digest: str, he
 
 
 def commit_created(session: Session, service, key_id: str, idempotency_key: str | None, digest: str | None,
-                   limits: dict, content: dict, inputs: dict[str, Image.Image]) -> JSONResponse:
+                   limits: dict, content: dict, inputs: dict[str, RunInput]) -> JSONResponse:
     """Commit newly queued runs (remembering the response under the Idempotency-Key), hand
-    their inputs (run id → fitted image) to the dispatcher and answer 201. The runs are
+    their inputs (run id → RunInput) to the dispatcher and answer 201. The runs are
     claimed in the same transaction, so one commit starts them.
 
     If the same key won a race in another request, answer as it did and drop our inputs."""
@@ -78,7 +78,7 @@ def create_run(
         meta=body.metadata, callback_url=body.callback_url, client_ref=body.client_ref, request_id=request.state.request_id,
     )
     content = RunPublic.from_row(run, service.storage).model_dump(mode="json")
-    return commit_created(session, service, key.id, idempotency_key, digest, limits, content, {run.id: prepared.image})
+    return commit_created(session, service, key.id, idempotency_key, digest, limits, content, {run.id: prepared.run_input})
 
 
 @router.get("/runs/statuses", response_model=StatusList)

@@ -51,7 +51,7 @@ class KontextInput(BaseModel):
     enhance_prompt: bool = False
     sync_mode: bool = Field(False, description="return data URIs and keep no file")
     num_inference_steps: int | None = Field(None, ge=1, le=50, description="default: the model's")
-    # The modes of incontext.preserve.MODES (not imported: it needs torch; a test compares them).
+    # The modes of incontext.preserve.MODES, spelled out for the OpenAPI schema (a test compares them).
     preserve: Literal["auto", "off"] = Field(
         "auto",
         description="auto: the input's own pixels wherever the edit did not happen, at the input's size when the output "

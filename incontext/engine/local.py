@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from incontext import imageio, preserve, sampler
+from incontext import imageio, sampler
 from incontext.engine import stepcache
 from incontext.engine.caches import LRU, image_key
 from incontext.engine.compiled import CompiledModels

@@ -196,7 +196,7 @@ def test_the_engine_thread_loads_the_model_and_a_model_that_does_not_load_fails_
 def test_each_output_comes_with_where_its_latents_moved(registry):
     """The change maps the engine reports are the sampler's own: preserve.py builds the
     output from them, so they must match what one request alone computes."""
-    from incontext import preserve, sampler
+    from incontext import sampler
     from incontext.models.loader import load_model
 
     async def go():

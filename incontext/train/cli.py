@@ -27,14 +27,19 @@ def _fail(e: Exception) -> None:
 
 
 @train_app.command("vae")
-def train_vae_cmd(out: Path = typer.Option(Path("runs/nano")), minutes: float = 15.0, lr: float = 1.5e-3) -> None:
+def train_vae_cmd(
+    out: Path = typer.Option(Path("runs/nano")), minutes: float = 15.0, lr: float = 1.5e-3,
+    decoder_only: bool = typer.Option(False, help="Train the decoder alone: the latents, and a transformer trained on them, stay valid."),
+    init_from: Optional[Path] = typer.Option(None, help="Start from this model directory's VAE (e.g. incontext/weights/nano) when OUT has no checkpoint."),
+    crop: int = typer.Option(64, min=16, help="Training crop side in pixels (a multiple of 8)."),
+) -> None:
     """Stage 1: the autoencoder. Resumes from OUT/vae.pt."""
     from incontext.models.components import NanoConfig
     from incontext.train.vae import VaeTrainConfig, eval_vae_psnr, train_vae
     from incontext.train.export import load_vae
     from incontext.world.language import vocabulary
 
-    train_vae(out, NanoConfig(vocab=vocabulary()), VaeTrainConfig(minutes=minutes, lr=lr))
+    train_vae(out, NanoConfig(vocab=vocabulary()), VaeTrainConfig(minutes=minutes, lr=lr, decoder_only=decoder_only, crop=crop), init_from=init_from)
     console.print(f"VAE reconstruction PSNR (held-out): {eval_vae_psnr(load_vae(out)):.2f} dB")
 
 

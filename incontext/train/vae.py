@@ -60,7 +60,10 @@ def _random_crops(pool: list[torch.Tensor], n: int, crop: int, rng: random.Rando
     return torch.stack(out).contiguous(memory_format=torch.channels_last)
 
 
-def train_vae(out: Path, model_cfg: NanoConfig, cfg: VaeTrainConfig) -> Path:
+def train_vae(out: Path, model_cfg: NanoConfig, cfg: VaeTrainConfig, init_from: Path | None = None) -> Path:
+    """Train (or resume from `out/vae.pt`). With no checkpoint, `init_from` (a model directory,
+    e.g. the bundled one) gives the starting weights and latent normalisation: with
+    `decoder_only`, its latents (and a transformer trained on them) stay valid."""
     out = Path(out)
     ckpt_path = out / "vae.pt"
     torch.manual_seed(cfg.seed)
@@ -78,6 +81,13 @@ def train_vae(out: Path, model_cfg: NanoConfig, cfg: VaeTrainConfig) -> Path:
         if "scaling_factor" in (ck.get("extra") or {}):
             vae.register_to_config(shift_factor=ck["extra"]["shift_factor"], scaling_factor=ck["extra"]["scaling_factor"])
         log.info("resumed VAE from step %d", step)
+    elif init_from is not None:
+        from diffusers import AutoencoderKL
+
+        start = AutoencoderKL.from_pretrained(Path(init_from) / "vae", local_files_only=True)
+        vae.load_state_dict(start.state_dict())
+        vae.register_to_config(shift_factor=start.config.shift_factor, scaling_factor=start.config.scaling_factor)
+        log.info("initialised the VAE from %s", init_from)
     if cfg.decoder_only:
         vae.encoder.requires_grad_(False)
 

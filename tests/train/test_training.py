@@ -130,6 +130,22 @@ def test_decoder_only_fine_tuning_keeps_the_latents(vae_run, model_cfg, tmp_path
     assert after["extra"] == before["extra"]  # same latents, same normalisation
 
 
+def test_decoder_fine_tuning_can_start_from_a_model_directory(tmp_path):
+    """A fresh machine sharpens the bundled decoder: its encoder and latent normalisation,
+    and so the transformer's latents, stay as they are."""
+    from diffusers import AutoencoderKL
+
+    from incontext.models.registry import BUNDLED_NANO_DIR
+
+    bundled = AutoencoderKL.from_pretrained(BUNDLED_NANO_DIR / "vae", local_files_only=True)
+    train_vae(tmp_path, NanoConfig(vocab=vocabulary()), vae_config(decoder_only=True), init_from=BUNDLED_NANO_DIR)
+    vae = load_vae(tmp_path, fallback=None)
+    start = bundled.state_dict()
+    assert all(torch.equal(v, start[k]) for k, v in vae.state_dict().items() if k.startswith("encoder."))
+    assert any(not torch.equal(v, start[k]) for k, v in vae.state_dict().items() if k.startswith("decoder."))
+    assert (vae.config.shift_factor, vae.config.scaling_factor) == (bundled.config.shift_factor, bundled.config.scaling_factor)
+
+
 # ---------------------------------------------------------------- stage 2: latent chunks
 
 

@@ -92,6 +92,17 @@ def _decode_data_uri(url: str) -> bytes | None:
     return base64.b64decode(url.partition(",")[2])
 
 
+def _throttled(e: APIError) -> float | None:
+    """Seconds to wait before polling again if the server refused a read as too many
+    (429 RATE_LIMITED, with Retry-After); None for any other error."""
+    if e.status_code != 429:
+        return None
+    try:
+        return max(float((e.headers or {}).get("retry-after", 1)), 0.1)
+    except ValueError:
+        return 1.0
+
+
 def _next_delay(delay: float, poll_interval: float) -> float:
     # Start quick (short runs end in well under a second), then settle at poll_interval.
     return min(delay * 1.5, poll_interval)
@@ -131,7 +142,13 @@ class Client:
         """Poll until the run ends; returns it if it succeeded, else raises RunFailed/RunCanceled."""
         deadline, delay = time.monotonic() + timeout, 0.1
         while True:
-            run = self.get(run_id)
+            try:
+                run = self.get(run_id)
+            except APIError as e:
+                if (wait := _throttled(e)) is None or time.monotonic() + wait >= deadline:
+                    raise
+                time.sleep(wait)
+                continue
             if run["status_code"] in TERMINAL:
                 return _outcome(run)
             if time.monotonic() >= deadline:
@@ -187,7 +204,13 @@ class AsyncClient:
     async def wait(self, run_id: str, *, timeout: float = 300.0, poll_interval: float = 1.0) -> dict:
         deadline, delay = time.monotonic() + timeout, 0.1
         while True:
-            run = await self.get(run_id)
+            try:
+                run = await self.get(run_id)
+            except APIError as e:
+                if (wait := _throttled(e)) is None or time.monotonic() + wait >= deadline:
+                    raise
+                await asyncio.sleep(wait)
+                continue
             if run["status_code"] in TERMINAL:
                 return _outcome(run)
             if time.monotonic() >= deadline:

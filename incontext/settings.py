@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     engine_compile: bool = True
     # Runs (or batches) one key may create per minute.
     rate_limit_per_minute: int = Field(120, ge=1)
+    # Run reads (GET of a run, the run list, logs, the BFL get_result) one key may make per
+    # minute, 304s included. 100/s: a client with 16 runs in flight polling each every 200 ms
+    # stays well inside it, while a loop polling every millisecond is refused. 0: unlimited.
+    read_rate_limit_per_minute: int = Field(6000, ge=0)
     progress_log_every_steps: int = Field(5, ge=1)
 
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)

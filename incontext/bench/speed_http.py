@@ -56,6 +56,7 @@ class Server:
             "INCONTEXT_MAX_CONCURRENT_RUNS_PER_MODEL": str(max_concurrency),
             "INCONTEXT_ENGINE_MAX_BATCH_SIZE": str(max_concurrency),
             "INCONTEXT_RATE_LIMIT_PER_MINUTE": "1000000",
+            "INCONTEXT_READ_RATE_LIMIT_PER_MINUTE": "0",  # its pollers measure the engine, not the limit
             "INCONTEXT_ENGINE_COMPILE": "true" if compile else "false",
             "INCONTEXT_ENGINE_STEP_CACHE": step_cache,
         }

@@ -145,6 +145,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
             dispatcher=dispatcher,
             sender=sender,
             limiter=RateLimiter(settings.rate_limit_per_minute),
+            read_limiter=RateLimiter(settings.read_rate_limit_per_minute) if settings.read_rate_limit_per_minute else None,
             keys=keys.KeyCache(read_sessions, ttl_s=settings.api_key_cache_seconds, stamp=settings.data_dir / keys.STAMP_NAME),
         )
         log.info("serving %s on %s (data dir %s)", ", ".join(registry.ids()), settings.base_url, settings.data_dir)

@@ -1,5 +1,5 @@
 """What routes may depend on, as named aliases: the service's parts from app state, a
-database session, the caller's API key, the rate limit, and the resolved model.
+database session, the caller's API key, the rate limits, and the resolved model.
 
 FastAPI runs a plain `def` dependency in its thread pool, one trip per dependency: those that
 do no blocking I/O are `async def`, so they run on the event loop at no such cost."""
@@ -40,6 +40,7 @@ class Service:
     dispatcher: Dispatcher
     sender: CallbackSender
     limiter: RateLimiter
+    read_limiter: RateLimiter | None  # None: run reads are not limited
     keys: KeyCache
 
 
@@ -106,3 +107,27 @@ async def rate_limit(key: KeyDep, service: ServiceDep, response: Response) -> di
 
 
 RateLimitDep = Annotated[dict[str, str], Depends(rate_limit)]
+
+
+def count_read(service: Service, key: ApiKey) -> dict[str, str]:
+    """Count one run read against the key; the headers to send with the answer (none when
+    reads are unlimited). Its own budget: polling never uses up the key's creations."""
+    if service.read_limiter is None:
+        return {}
+    decision = service.read_limiter.hit(key.id)
+    if not decision.allowed:
+        raise RateLimited(
+            f"rate limit of {decision.limit} run reads per minute reached; retry in {decision.reset_s} s "
+            "(poll with backoff and If-None-Match, or use callback_url)",
+            headers=decision.headers(),
+        )
+    return decision.headers()
+
+
+async def read_limit(key: KeyDep, service: ServiceDep, response: Response) -> dict[str, str]:
+    headers = count_read(service, key)
+    response.headers.update(headers)  # for routes that return a model; the others pass them on
+    return headers
+
+
+ReadLimitDep = Annotated[dict[str, str], Depends(read_limit)]

@@ -112,6 +112,43 @@ def test_validation_errors_in_fastapi_shape(server):
     assert ok.status_code == 200, ok.text
 
 
+def test_get_result_answers_304_while_unchanged(server, api):
+    key = {"x-key": server.keys[0]}
+    # Any run of the key can be polled here: one slow enough to be read before it ends, and in
+    # sync_mode (no signed URLs), so its ended body stays the same whether canceled or Ready.
+    slow = api.post("/v1/models/flux-pro/kontext/runs", json={
+        "input": {"prompt": "p", "image_url": data_uri(), "num_inference_steps": 50, "num_images": 4, "sync_mode": True},
+    }).json()
+    url = f"{server.url}/v1/get_result?id={slow['id']}"
+    pending = httpx.get(url, headers=key)
+    assert pending.status_code == 200 and pending.json()["status"] == "Pending"
+    assert pending.headers["Cache-Control"] == "no-cache"
+    api.post(f"/v1/runs/{slow['id']}/cancel")
+    ended = poll(url, server.keys[0])
+    changed = httpx.get(url, headers={**key, "If-None-Match": pending.headers["ETag"]})
+    assert changed.status_code == 200 and changed.json() == ended and changed.headers["ETag"] != pending.headers["ETag"]
+    same = httpx.get(url, headers={**key, "If-None-Match": changed.headers["ETag"]})
+    assert same.status_code == 304 and same.content == b""
+    assert same.headers["ETag"] == changed.headers["ETag"] and same.headers["X-RateLimit-Limit"]
+
+
+def test_get_result_never_answers_304_for_older_signed_urls(server):
+    key = {"x-key": server.keys[0]}
+    sub = submit(server, {"prompt": "p", "input_image": b64()}).json()
+    assert poll(sub["polling_url"], server.keys[0])["status"] == "Ready"
+
+    def unchanged() -> httpx.Response | None:
+        # `sample` is signed at each read, to the second: two reads in one second are equal.
+        first = httpx.get(sub["polling_url"], headers=key)
+        again = httpx.get(sub["polling_url"], headers={**key, "If-None-Match": first.headers["ETag"]})
+        return again if again.status_code == 304 else None
+
+    same = wait_for(unchanged, timeout=10)
+    time.sleep(1.1)
+    resigned = httpx.get(sub["polling_url"], headers={**key, "If-None-Match": same.headers["ETag"]})
+    assert resigned.status_code == 200 and resigned.headers["ETag"] != same.headers["ETag"]
+
+
 def test_task_not_found_and_other_keys(server):
     r = httpx.get(f"{server.url}/v1/get_result", params={"id": "no-such-id"}, headers={"x-key": server.keys[0]})
     assert r.status_code == 404

@@ -61,3 +61,47 @@ def test_async_client(server):
                 await client.cancel(runs[0]["id"])  # already ended: 409
 
     asyncio.run(main())
+
+
+def _throttling_server(reads: list[int]):
+    """A server that refuses the second read as too many (429, Retry-After), then succeeds."""
+    import httpx
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        reads.append(1)
+        if len(reads) == 2:
+            return httpx.Response(429, json={"code": "RATE_LIMITED", "message": "too many reads"}, headers={"Retry-After": "0.1"})
+        status = "running" if len(reads) == 1 else "succeeded"
+        return httpx.Response(200, json={"id": "r1", "status_code": status, "output": {"outputs": []}})
+
+    return httpx.MockTransport(handle)
+
+
+def test_wait_backs_off_when_reads_are_rate_limited():
+    import httpx
+
+    reads: list[int] = []
+    client = Client("http://test", "k", http=httpx.Client(base_url="http://test", transport=_throttling_server(reads)))
+    assert client.wait("r1", timeout=5)["status_code"] == "succeeded"
+    assert len(reads) == 3
+
+
+def test_async_wait_backs_off_when_reads_are_rate_limited():
+    import httpx
+
+    reads: list[int] = []
+    client = AsyncClient("http://test", "k", http=httpx.AsyncClient(base_url="http://test", transport=_throttling_server(reads)))
+    assert asyncio.run(client.wait("r1", timeout=5))["status_code"] == "succeeded"
+    assert len(reads) == 3
+
+
+def test_a_rate_limited_wait_past_its_deadline_raises_the_refusal():
+    import httpx
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(429, json={"code": "RATE_LIMITED", "message": "too many reads"}, headers={"Retry-After": "30"})
+
+    client = Client("http://test", "k", http=httpx.Client(base_url="http://test", transport=httpx.MockTransport(handle)))
+    with pytest.raises(APIError) as e:
+        client.wait("r1", timeout=1)
+    assert e.value.status_code == 429 and e.value.code == "RATE_LIMITED"

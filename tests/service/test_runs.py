@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -199,6 +200,36 @@ def test_output_urls_are_signed(api):
     parts = urlsplit(url)
     r = httpx.get(urlunsplit(parts._replace(query=parts.query.replace("expires=", "expires=9"))))
     assert r.status_code == 403 and r.json()["code"] == "PERMISSION_DENIED"
+
+
+def test_polling_with_if_none_match_gets_304_until_the_run_changes(api):
+    # Slow enough to be read before it ends; sync_mode (data URIs, not signed URLs) keeps an
+    # ended run's body byte for byte the same, had it succeeded before the cancel.
+    run_id = submit(api, {"sync_mode": True, "num_inference_steps": 50, "num_images": 4}).json()["id"]
+    first = api.get(f"/v1/runs/{run_id}")
+    assert first.status_code == 200 and first.headers["Cache-Control"] == "no-cache"
+    assert first.json()["status_code"] in ("queued", "running")
+    api.post(f"/v1/runs/{run_id}/cancel")
+    done = wait_run(api, run_id)
+    changed = api.get(f"/v1/runs/{run_id}", headers={"If-None-Match": first.headers["ETag"]})
+    assert changed.status_code == 200 and changed.json() == done
+    tag = changed.headers["ETag"]
+    assert tag != first.headers["ETag"] and tag.startswith('"')  # strong: no W/
+    for held in (tag, f'"stale", W/{tag}'):
+        same = api.get(f"/v1/runs/{run_id}", headers={"If-None-Match": held})
+        assert same.status_code == 304 and same.content == b""
+        assert same.headers["ETag"] == tag and same.headers["Cache-Control"] == "no-cache"
+        assert same.headers["X-RateLimit-Limit"] == "6000"  # a 304 is counted as a read
+
+
+def test_an_old_copy_of_signed_urls_is_never_answered_304(api):
+    run_id = submit(api).json()["id"]
+    wait_run(api, run_id)
+    first = api.get(f"/v1/runs/{run_id}")
+    time.sleep(1.1)  # URLs are signed at each read, to the second
+    later = api.get(f"/v1/runs/{run_id}", headers={"If-None-Match": first.headers["ETag"]})
+    assert later.status_code == 200 and later.headers["ETag"] != first.headers["ETag"]
+    assert later.json()["output"]["image_urls"] != first.json()["output"]["image_urls"]
 
 
 def test_multi_turn_uses_own_output_without_fetching(api):

@@ -20,6 +20,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -28,8 +29,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from incontext.imageio import ASPECT_RATIOS
-from incontext.service import callbacks, lifecycle, store, surfaces
-from incontext.service.deps import ServiceDep
+from incontext.service import callbacks, conditional, lifecycle, store, surfaces
+from incontext.service.conditional import IfNoneMatch
+from incontext.service.deps import ServiceDep, count_read
 from incontext.service.errors import RunNotFound, ValidationFailed, field_error
 from incontext.service.models import ApiKey, Run
 from incontext.service.schemas import MAX_SEED, public_output
@@ -54,6 +56,13 @@ def render_error(problem: surfaces.Problem) -> JSONResponse:
 
 router = APIRouter(prefix="/v1", tags=["bfl"], route_class=surfaces.route_class(render_error))
 BflKeyDep = Annotated[ApiKey, Depends(surfaces.key_from_headers)]
+
+
+async def read_limit(key: BflKeyDep, service: ServiceDep) -> dict[str, str]:
+    return count_read(service, key)
+
+
+BflReadLimitDep = Annotated[dict[str, str], Depends(read_limit)]
 
 
 class FluxKontextRequest(BaseModel):
@@ -159,17 +168,30 @@ def create_kontext_edit(body: FluxKontextRequest, request: Request, key: BflKeyD
     return JSONResponse({"id": run_id, "polling_url": polling_url}, headers=limits)
 
 
-@router.get("/get_result", response_model=ResultPublic, responses={404: {"model": ResultPublic, "description": "status `Task not found`"}})
-def get_result(key: BflKeyDep, service: ServiceDep, id: Annotated[str, Query(description="the id from the submit answer")]):
+@router.get(
+    "/get_result", response_model=ResultPublic,
+    responses={404: {"model": ResultPublic, "description": "status `Task not found`"}, **conditional.NOT_MODIFIED},
+)
+def get_result(
+    key: BflKeyDep,
+    limits: BflReadLimitDep,
+    service: ServiceDep,
+    id: Annotated[str, Query(description="the id from the submit answer")],
+    if_none_match: IfNoneMatch = None,
+):
     """The run's status in BFL terms: queued or running → `Pending`; succeeded → `Ready`;
-    failed or canceled → `Error`; unknown (or another key's) → `Task not found` with HTTP 404."""
+    failed or canceled → `Error`; unknown (or another key's) → `Task not found` with HTTP 404.
+    An `If-None-Match` holding the current ETag gets 304 with no body."""
     with service.read_sessions() as session:
         try:
             run = store.get_run(session, key.id, id)
         except RunNotFound:
-            return JSONResponse({"id": id, "status": "Task not found", "result": None, "progress": None, "details": None}, status_code=404)
-        progress = _progress(session, run)
-        return result_body(run, service.storage, progress)
+            body = {"id": id, "status": "Task not found", "result": None, "progress": None, "details": None}
+            return JSONResponse(body, status_code=404, headers=limits)
+        body = result_body(run, service.storage, _progress(session, run))
+    # Serialised as JSONResponse does, so the ETag is the hash of the bytes sent.
+    content = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    return conditional.answer(content, if_none_match, headers=limits)
 
 
 def result_body(run: Run, storage: Storage, progress: float | None = None) -> dict:

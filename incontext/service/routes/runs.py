@@ -1,16 +1,20 @@
-"""Runs: create (201, queued at once), read, list, logs, statuses, cancel."""
+"""Runs: create (201, queued at once), read, list, logs, statuses, cancel.
+
+Reads (a run, the list, logs) count against the key's read limit; `GET /v1/runs/{id}`, the
+route clients poll, answers 304 to an `If-None-Match` that holds its current ETag."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from incontext.service import lifecycle, store, submission
-from incontext.service.deps import KeyDep, PresetDep, RateLimitDep, ReadSessionDep, ServiceDep, SessionDep, StorageDep
+from incontext.service import conditional, lifecycle, store, submission
+from incontext.service.conditional import IfNoneMatch
+from incontext.service.deps import KeyDep, PresetDep, RateLimitDep, ReadLimitDep, ReadSessionDep, ServiceDep, SessionDep, StorageDep
 from incontext.service.errors import ValidationFailed, field_error
 from incontext.service.inputs import RunInput
 from incontext.service.schemas import LogList, LogPublic, RunCreate, RunList, RunPublic, StatusList, StatusPublic
@@ -89,6 +93,7 @@ def run_statuses(_: KeyDep):
 @router.get("/runs", response_model=RunList)
 def list_runs(
     key: KeyDep,
+    _: ReadLimitDep,
     service: ServiceDep,
     session: ReadSessionDep,
     status: Annotated[list[str] | None, Query(description="one or more statuses; repeat or comma-separate")] = None,
@@ -114,16 +119,16 @@ def list_runs(
     return RunList(items=[RunPublic.from_row(r, service.storage) for r in rows], next_cursor=next_cursor)
 
 
-@router.get("/runs/{run_id}", response_model=RunPublic)
-def get_run(run_id: str, key: KeyDep, storage: StorageDep, session: ReadSessionDep):
+@router.get("/runs/{run_id}", response_model=RunPublic, responses=conditional.NOT_MODIFIED)
+def get_run(run_id: str, key: KeyDep, limits: ReadLimitDep, storage: StorageDep, session: ReadSessionDep, if_none_match: IfNoneMatch = None):
     # Serialised here, as FastAPI would: the route clients poll should not take one more trip
     # to the thread pool for FastAPI to validate a model built just now.
     run = RunPublic.from_row(store.get_run(session, key.id, run_id), storage)
-    return Response(run.model_dump_json(), media_type="application/json")
+    return conditional.answer(run.model_dump_json().encode(), if_none_match, headers=limits)
 
 
 @router.get("/runs/{run_id}/logs", response_model=LogList)
-def get_run_logs(run_id: str, key: KeyDep, session: ReadSessionDep):
+def get_run_logs(run_id: str, key: KeyDep, _: ReadLimitDep, session: ReadSessionDep):
     store.get_run(session, key.id, run_id)
     return LogList(items=[LogPublic.from_row(r) for r in store.run_logs(session, run_id)])
 

@@ -11,6 +11,8 @@
 # Continues from INIT (the bundled weights) with the context-start flow; a checkpoint under
 # OUT resumes instead. Uses .venv/bin/python when there is one, else python3 (a GPU image
 # with torch, transformers and typer; wheels in .whl/, e.g. diffusers, are installed first).
+# A GPU image without diffusers gets it from wheels fetched here beforehand (pure Python):
+#   pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1 importlib_metadata
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}

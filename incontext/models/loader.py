@@ -5,6 +5,8 @@ Loading is offline only (local files); errors name the missing or mismatched par
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -39,12 +41,14 @@ def check_model_dir(path: Path) -> dict:
 
 def _load_part(path: Path, name: str, index: dict, **kwargs):
     library, class_name = index[name]
-    import importlib
 
     module = importlib.import_module(library)
     cls = getattr(module, class_name, None)
     if cls is None:
         raise ModelError(f"{name}: class {library}.{class_name} does not exist in this installation")
+    if library == "diffusers" and importlib.util.find_spec("accelerate") is None:
+        # What diffusers falls back to without accelerate anyway, said so it does not warn.
+        kwargs.setdefault("low_cpu_mem_usage", False)
     try:
         return cls.from_pretrained(path / name, local_files_only=True, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
@@ -56,6 +60,9 @@ def load_model(path: Path, *, device: str = "cpu", dtype: str | torch.dtype = "a
     ("auto": bf16 where this machine has bf16 units, else fp32); the VAE stays in fp32 (it is
     small and bf16 convolutions are slower on CPUs)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a bar per text encoder on every load
     path = Path(path)
     index = check_model_dir(path)
     dt = resolve_dtype(dtype, device)

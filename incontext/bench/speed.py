@@ -221,19 +221,38 @@ def run_stock(directory: Path, dtype: torch.dtype, jobs: list[Job], steps: int, 
 
     pipe = FluxKontextPipeline.from_pretrained(directory, dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
+    start_latents = _context_start(directory, dtype, max_sequence_length)
 
     def call(job: Job) -> Record:
+        # A model whose flow starts at the context gets our starting latents (made before the
+        # clock starts); one that starts from noise draws it from the seed, as stock does.
+        latents = start_latents(job) if start_latents else None
         sent = time.perf_counter()
         image = pipe(
             image=job.image, prompt=job.prompt, height=job.height, width=job.width, max_area=job.width * job.height,
             _auto_resize=False, num_inference_steps=steps, guidance_scale=guidance, max_sequence_length=max_sequence_length,
-            generator=torch.Generator().manual_seed(job.seed),
+            generator=torch.Generator().manual_seed(job.seed), latents=latents,
         ).images[0]
         return Record(sent, time.perf_counter(), image=image, evals=steps)
 
     call(warmup_job(jobs[0]))
     records, wall = closed_loop(call, jobs, 1)
     return Row(f"stock diffusers {_dtype_name(dtype)}", "stock", 1, records, wall, {"dtype": _dtype_name(dtype)})
+
+
+def _context_start(directory: Path, dtype: torch.dtype, max_sequence_length: int):
+    """For a model directory that declares a flow from the context (sampler.FlowStart), a
+    function job → its starting latents, as our sampler makes them; else None."""
+    import json
+
+    extra = Path(directory) / "incontext.json"
+    if not extra.is_file() or json.loads(extra.read_text()).get("flow_start", "noise") != "context":
+        return None
+    from incontext import sampler
+    from incontext.models.loader import load_model
+
+    m = load_model(directory, dtype=dtype, max_sequence_length=max_sequence_length)
+    return lambda job: sampler.initial_latents(m, job.seed, sampler.encode_images(m, [job.image]), job.height, job.width)
 
 
 # ---------------------------------------------------------------- our engine, in this process

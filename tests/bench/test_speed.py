@@ -159,3 +159,29 @@ def test_cli_passes_its_options_and_prints_the_tables(run, monkeypatch, tmp_path
 def test_cli_refuses_bad_concurrency(tmp_path):
     result = CliRunner().invoke(_cli(), ["bench", "speed", "--concurrency", "1,x", "--out", str(tmp_path)])
     assert result.exit_code == 2
+
+
+def test_stock_row_follows_a_model_that_starts_at_the_context(tiny_model, tmp_path):
+    """Stock diffusers is handed our starting latents for a context-start model, so its
+    images are the ones our sampler makes (and the speed ratio compares equal work)."""
+    import json
+    import shutil
+
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw
+
+    from incontext import sampler
+    from incontext.bench.speed import Job, run_stock
+    from incontext.models.loader import load_model
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    extra = json.loads((model / "incontext.json").read_text()) if (model / "incontext.json").is_file() else {}
+    (model / "incontext.json").write_text(json.dumps({**extra, "flow_start": "context", "start_noise": 0.3}))
+    image = Image.new("RGB", (64, 48), (230, 230, 220))
+    ImageDraw.Draw(image).ellipse((8, 8, 30, 30), fill=(200, 30, 30))
+    row = run_stock(model, torch.float32, [Job("make the circle blue", image, image, 64, 48, 5)], 3, 3.5, 32)
+    ours = sampler.edit(load_model(model, dtype="float32", max_sequence_length=32), image, "make the circle blue", seeds=[5], num_steps=3)[0]
+    diff = np.abs(np.asarray(row.records[0].image, dtype=float) - np.asarray(ours, dtype=float)).mean()
+    assert diff <= 1.0

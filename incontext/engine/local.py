@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 import torch
 
 from incontext import imageio, sampler
-from incontext.engine import stepcache
+from incontext.engine import preview, stepcache
 from incontext.engine.caches import LRU, image_key
 from incontext.engine.compiled import CompiledModels
-from incontext.engine.protocol import EditRequest, EditResult, ProgressCallback
+from incontext.engine.protocol import EditRequest, EditResult, ProgressCallback, StepProgress
 from incontext.engine.scheduler import SampleStatus, Sample, ScheduledBatch, Scheduler
 from incontext.engine.stepcache import StepCacheConfig
 from incontext.errors import Cancelled, IncontextError, InvalidInput, ModelError
@@ -122,6 +122,7 @@ class LocalEngine:
         self.device = device
         self.scheduler = Scheduler(max_batch_size)
         self.models: dict[str, sampler.Models] = {}
+        self.projections: dict[str, torch.Tensor] = {}  # model id → its latent-to-RGB preview map
         self.compile = compile
         self.compiled: dict[str, CompiledModels] = {}
         self.text_cache: LRU[tuple] = LRU(text_cache)
@@ -215,6 +216,7 @@ class LocalEngine:
         preset = self.registry.resolve(model_id)
         if preset.id not in self.models:
             self.models[preset.id] = load_model(preset.directory, device=self.device, dtype=self.dtype, max_sequence_length=preset.max_sequence_length)
+            self.projections[preset.id] = preview.fit_projection(self.models[preset.id])
             if self.compile:
                 # The square bucket now; others when a request first needs them.
                 square = imageio.output_size(1, 1, target_area=preset.target_area, multiple=preset.multiple)
@@ -413,12 +415,24 @@ class LocalEngine:
         for job in {id(self._jobs[s.request_id]): self._jobs[s.request_id] for s in batch.samples if s.request_id in self._jobs}.values():
             if job.on_progress is not None:
                 done = min(s.step for s in job.samples)
+                shown = self._preview(job) if preview.due(done, job.steps, job.request.previews) else None
                 try:
-                    job.on_progress(done, job.steps)
+                    job.on_progress(StepProgress(done, job.steps, shown))
                 except Exception:  # a client's callback must not stop the engine
                     log.exception("progress callback failed")
             if all(s.status == SampleStatus.FINISHED for s in job.samples):
                 self._decode_and_finish(job)
+
+    def _preview(self, job: _Job):
+        """The first image as this step predicts it will end: x0 = x_t − σ·v for a rectified
+        flow, through the model's fixed latent-to-RGB map (a small matmul, no VAE)."""
+        sample = job.samples[0]
+        if sample.index not in job.velocities:
+            return None
+        r = job.request
+        model_id = sample.bucket[0]
+        x0 = job.latents[sample.index].float() - job.sigmas[sample.step] * job.velocities[sample.index].float()
+        return preview.render(x0, r.height, r.width, self.models[model_id].vae_scale_factor, self.projections[model_id])
 
     def _decode_and_finish(self, job: _Job) -> None:
         r = job.request

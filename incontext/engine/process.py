@@ -9,7 +9,7 @@ requests while the child is still loading the model (they wait in the child's qu
 Parent and child talk over one socket pair, in plain tuples:
     parent → child: (registry, engine kwargs, threads, log level) first, then
                     ("edit", EditRequest) · ("cancel", request_id) · ("close",)
-    child → parent: ("ready",) · ("progress", id, done, total) · ("done", id, EditResult)
+    child → parent: ("ready",) · ("progress", id, StepProgress) · ("done", id, EditResult)
                     · ("error", id, code, message, http_status) · ("canceled", id, message)
 Every submitted request ends: with its result, its error, or — if the child dies while it
 has the request — ENGINE_ERROR (the run ends `failed`). A new child is started for the next
@@ -169,11 +169,11 @@ class ProcessEngine:
             self._delay = RESPAWN_DELAY_S
             self._ready.set()
         elif kind == "progress":
-            _, request_id, done, total = message
+            _, request_id, progress = message
             entry = self._pending.get(request_id)
             if entry and entry[1] is not None:
                 try:
-                    entry[1](done, total)
+                    entry[1](progress)
                 except Exception:  # a client's callback must not stop the reader
                     log.exception("progress callback failed")
         else:
@@ -298,7 +298,7 @@ def _child_main(conn: Connection) -> None:
             engine.cancel(message[1])
         else:
             request: EditRequest = message[1]
-            fut = engine.submit(request, lambda done, total, r=request.request_id: send(("progress", r, done, total)))
+            fut = engine.submit(request, lambda progress, r=request.request_id: send(("progress", r, progress)))
             fut.add_done_callback(lambda f, r=request.request_id: resolved(r, f))
     engine.join(10)
 

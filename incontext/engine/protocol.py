@@ -12,8 +12,22 @@ from typing import Callable, Protocol
 import numpy as np
 from PIL import Image
 
-# (steps_done, steps_total): called from the engine's thread after every denoising step.
-ProgressCallback = Callable[[int, int], None]
+
+@dataclass(frozen=True)
+class StepProgress:
+    """A request's progress after a denoising step. `preview`, on the steps a request asked
+    for one (`EditRequest.previews`), is its first image as the step predicts it will end:
+    (h, w, 3) uint8 at the latent resolution (the output's size / 8), from a fixed linear map
+    of the latents (engine/preview.py), not the VAE."""
+
+    done: int
+    total: int
+    preview: np.ndarray | None = None
+
+
+# Called from the engine's thread (or the thread that reads the engine process) after every
+# denoising step; it must return quickly.
+ProgressCallback = Callable[[StepProgress], None]
 
 
 @dataclass(frozen=True)
@@ -37,6 +51,8 @@ class EditRequest:
     # The request whose output `image` is, if any: lets the engine reuse that output's
     # latents instead of a decode/encode round trip (multi-turn editing).
     parent_request_id: str | None = None
+    # Low-resolution previews to report over the run, evenly spaced (0: none).
+    previews: int = 0
 
 
 @dataclass

@@ -55,12 +55,13 @@ def test_progress_is_reported_every_step(registry):
     async def go():
         eng = LocalEngine(registry, dtype="float32")
         await eng.start()
-        res = await eng.edit(req("p", 1, steps=4), lambda done, total: seen.append((done, total)))
+        res = await eng.edit(req("p", 1, steps=4), lambda p: seen.append((p.done, p.total, p.preview)))
         await eng.close()
         return res
 
     res = run(go())
-    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert [(done, total) for done, total, _ in seen] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert all(shown is None for _, _, shown in seen)  # none asked for
     assert res.num_inference_steps == 4 and res.transformer_evals == 4
 
 
@@ -72,9 +73,9 @@ def test_cancel_stops_a_running_request_between_steps(registry):
         started = asyncio.Event()
         loop = asyncio.get_running_loop()
 
-        def progress(done, total):
-            steps_seen.append(done)
-            if done == 2:
+        def progress(p):
+            steps_seen.append(p.done)
+            if p.done == 2:
                 loop.call_soon_threadsafe(started.set)
 
         task = asyncio.ensure_future(eng.edit(req("c", 1, steps=200), progress))

@@ -33,7 +33,7 @@ def test_child_process_gives_the_in_process_result_with_progress(registry, one_t
         engine = ProcessEngine(registry, threads=1, dtype="float32")
         await engine.start()  # returns before the model is loaded: requests queue meanwhile
         progress: list[tuple[int, int]] = []
-        got = await engine.edit(req("a", 11, steps=4), on_progress=lambda d, t: progress.append((d, t)))
+        got = await engine.edit(req("a", 11, steps=4), on_progress=lambda p: progress.append((p.done, p.total)))
         ready = engine.is_ready()
         await engine.close()
         return expected, got, progress, ready
@@ -50,7 +50,7 @@ def test_cancel_and_bad_input_keep_their_codes(registry, one_thread):
         engine = ProcessEngine(registry, threads=1, dtype="float32")
         await engine.start()
         await _wait_ready(engine)
-        long = asyncio.ensure_future(engine.edit(req("long", 1, steps=50), on_progress=lambda d, t: d == 1 and engine.cancel("long")))
+        long = asyncio.ensure_future(engine.edit(req("long", 1, steps=50), on_progress=lambda p: p.done == 1 and engine.cancel("long")))
         outcomes = []
         for call in (long, engine.edit(req("odd", 1, size=(70, 64)))):
             try:
@@ -73,8 +73,8 @@ def test_a_crashed_child_fails_its_requests_and_is_replaced(registry, one_thread
         await _wait_ready(engine)
         pid = engine._proc.pid
 
-        def kill_at_first_step(done: int, total: int) -> None:
-            if done == 1:
+        def kill_at_first_step(progress) -> None:
+            if progress.done == 1:
                 os.kill(pid, signal.SIGKILL)
 
         try:

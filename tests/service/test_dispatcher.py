@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from incontext import imageio
-from incontext.engine.protocol import EditRequest, EditResult
+from incontext.engine.protocol import EditRequest, EditResult, StepProgress
 from incontext.models.registry import ModelPreset
 from incontext.service import keys, lifecycle, store, submission
 from incontext.service.db import create_db_engine, make_session_factory, migrate
@@ -43,7 +43,7 @@ class InstantEngine:
 
         def denoise() -> EditResult:  # on a thread of its own, as the engines report progress
             for step in range(1, steps + 1):
-                on_progress(step, steps)
+                on_progress(StepProgress(step, steps))
             unmoved = [np.zeros((request.height // 16, request.width // 16), np.float32)] if self.change_maps else []
             return EditResult([request.image], [request.seed], steps, timings_ms={"total": 0.0}, change_maps=unmoved)
 

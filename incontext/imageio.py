@@ -225,12 +225,48 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         return Image.fromarray(grey, "L").convert("RGB")
     if mode == "RGB" and not im.has_transparency_data:
         return im
+    if mode == "P" and "transparency" in im.info:
+        # Composite the palette, not the pixels: 256 entries instead of an RGBA copy of the
+        # whole image (a 39 KB 6300×6300 PNG once took 600 MB here).
+        return _palette_on_white(im)
     if im.has_transparency_data or mode in ("RGBA", "RGBa", "LA", "La", "PA"):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
+        return _composite_on_white(im)
     # P, L, 1, CMYK, YCbCr, LAB, HSV: Pillow's conversions are exact enough.
     return im.convert("RGB")
+
+
+def _over_white(value: int, alpha: int) -> int:
+    """One channel composited on white, rounded as Image.alpha_composite rounds it (7-bit
+    fixed point, division by 255 by shifts), so both paths give the same bytes."""
+    tmp = value * alpha * 128 + 255 * (255 - alpha) * 128 + (0x80 << 7)
+    return (((tmp >> 8) + tmp) >> 8) >> 7
+
+
+def _palette_on_white(im: Image.Image) -> Image.Image:
+    rgba = im.convert("RGBA") if im.size[0] * im.size[1] <= 256 else None  # tiny: no saving to be had
+    if rgba is not None:
+        return _composite_on_white(rgba)
+    entries = Image.new("P", (256, 1))
+    entries.putpalette(im.getpalette("RGB") or [])
+    entries.info["transparency"] = im.info["transparency"]
+    entries.putdata(list(range(256)))
+    colours = list(entries.convert("RGBA").getdata())  # what each index means, with its alpha
+    flat = im.copy()  # the same indices, with the composited colours and no transparency
+    flat.info.pop("transparency", None)
+    flat.putpalette([_over_white(c, a) for r, g, b, a in colours for c in (r, g, b)])
+    return flat.convert("RGB")
+
+
+def _composite_on_white(im: Image.Image, band_rows: int = 256) -> Image.Image:
+    """Composite on white a band of rows at a time: the peak is the image, the RGB result
+    and one band, not three full RGBA copies."""
+    out = Image.new("RGB", im.size)
+    w, h = im.size
+    for top in range(0, h, band_rows):
+        band = im.crop((0, top, w, min(h, top + band_rows))).convert("RGBA")
+        white = Image.new("RGBA", band.size, (255, 255, 255, 255))
+        out.paste(Image.alpha_composite(white, band).convert("RGB"), (0, top))
+    return out
 
 
 def _unrecognised(data: bytes) -> IncontextError:

@@ -71,8 +71,12 @@ class Settings(BaseSettings):
     # (engine/compiled.py): an edit 1.6× faster on the 2-core CPU of docs/engine.md, batches
     # 1.2×; requests never wait for it, and a failed compile leaves the eager model serving.
     engine_compile: bool = True
-    # Runs (or batches) one key may create per minute.
+    # Images one key may ask for per minute: a run counts its num_images, a batch all its
+    # items' (a batch of 100 × 4 is 400). Refused with 429 and Retry-After.
     rate_limit_per_minute: int = Field(120, ge=1)
+    # Images one key may have queued or running at once; past it a create is refused with 429
+    # and Retry-After, so one key's backlog stays bounded (admission also takes keys in turn).
+    max_active_images_per_key: int = Field(400, ge=1)
     # Run reads (GET of a run, the run list, logs, the BFL get_result) one key may make per
     # minute, 304s included. 100/s: a client with 16 runs in flight polling each every 200 ms
     # stays well inside it, while a loop polling every millisecond is refused. 0: unlimited.
@@ -81,25 +85,49 @@ class Settings(BaseSettings):
 
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
-    fetch_timeout_seconds: float = Field(15.0, gt=0)
-    # Whether image_url and callback_url may point at loopback/private addresses. None: only when the
-    # server itself listens on loopback (local development).
-    fetch_private_networks: bool | None = None
+    # Images decoded at once (each may take width × height × 4 bytes while it decodes).
+    max_concurrent_decodes: int = Field(2, ge=1)
+    # A request body past this is refused with 413 while it streams in. Inline images are
+    # base64 (4/3 of their bytes): the default takes one max_image_bytes image and the rest.
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    # The whole fetch of an image_url: resolving, connecting, every read and redirect.
+    fetch_timeout_seconds: float = Field(30.0, gt=0)
+    # image_url fetches in progress at once, server-wide; more wait (inside their deadline).
+    fetch_max_concurrent: int = Field(16, ge=1)
+    # Whether image_url and callback_url may point at loopback, private, link-local and other
+    # non-public addresses. Off whatever the bind: behind a reverse proxy the app listens on
+    # loopback, and its neighbours are what a client must not reach through it.
+    fetch_private_networks: bool = False
+    # Comma-separated networks allowed even though not public (e.g. an internal image store:
+    # 10.20.0.0/16), without opening every private address.
+    fetch_allowed_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     callback_max_attempts: int = Field(6, ge=1)
     callback_backoff_seconds: float = Field(2.0, gt=0)  # delay before attempt 2; doubles after
     callback_backoff_max_seconds: float = Field(600.0, gt=0)
     callback_timeout_seconds: float = Field(10.0, gt=0)
 
+    # Days a finished run's files (input and output images) are kept; a cleanup job deletes
+    # older ones every hour, and their URLs answer 404. The run rows stay (usage, history).
+    # 0: keep forever.
+    retention_days: float = Field(7.0, ge=0)
+
     # How often the dispatcher and the callback sender look at the database when nothing
     # woke them (a second process may have written to it).
     poll_interval_seconds: float = Field(1.0, gt=0)
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "fetch_allowed_networks", mode="before")
     @classmethod
     def _split_keys(cls, value):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("fetch_allowed_networks")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            ipaddress.ip_network(network, strict=False)  # a ValueError names the bad one
         return value
 
     @model_validator(mode="after")
@@ -127,7 +155,3 @@ class Settings(BaseSettings):
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
-
-    @property
-    def allow_private_fetch(self) -> bool:
-        return self.local_only if self.fetch_private_networks is None else self.fetch_private_networks

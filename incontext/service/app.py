@@ -23,12 +23,15 @@ from incontext import __version__
 from incontext.engine.protocol import EngineClient
 from incontext.models.registry import DEFAULT_MODEL_ID, HOSTED_ALIASES, Registry, default_registry, preset_for_directory
 from incontext.service import keys, openapi
+from incontext.service.bodylimit import BodyLimitMiddleware
 from incontext.service.callbacks import CallbackSender
 from incontext.service.db import create_db_engine, make_session_factory, migrate
 from incontext.service.deps import Service
 from incontext.service.dispatcher import Dispatcher
 from incontext.service.errors import install_error_handlers
 from incontext.service.ids import uuid7
+from incontext.service.netpolicy import NetPolicy
+from incontext.service.outbound import Outbound
 from incontext.service.ratelimit import RateLimiter
 from incontext.service.routes import account, batches, bfl, callbacks, discovery, files, openai, runs
 from incontext.service.storage import Storage, load_or_create_secret
@@ -129,8 +132,9 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
             backoff_max_s=settings.callback_backoff_max_seconds,
             timeout_s=settings.callback_timeout_seconds,
             poll_s=settings.poll_interval_seconds,
-            allow_private=settings.allow_private_fetch,
+            policy=NetPolicy.from_settings(settings),
         )
+        outbound = Outbound(NetPolicy.from_settings(settings), max_concurrent=settings.fetch_max_concurrent)
         read_sessions = make_session_factory(db_engine, read_only=True)
         dispatcher = Dispatcher(sessions=sessions, engine=model_engine, storage=storage, sender=sender, settings=settings)
         await sender.start()
@@ -144,6 +148,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
             storage=storage,
             dispatcher=dispatcher,
             sender=sender,
+            outbound=outbound,
             limiter=RateLimiter(settings.rate_limit_per_minute),
             read_limiter=RateLimiter(settings.read_rate_limit_per_minute) if settings.read_rate_limit_per_minute else None,
             keys=keys.KeyCache(read_sessions, ttl_s=settings.api_key_cache_seconds, stamp=settings.data_dir / keys.STAMP_NAME),
@@ -154,12 +159,14 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
         finally:
             await dispatcher.close()
             await sender.close()
+            await outbound.aclose()
             if engine is None:  # a caller that passed an engine owns it
                 await model_engine.close()
             db_engine.dispose()
 
     app = FastAPI(title="incontext", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestIdMiddleware)
     for module in (account, runs, batches, callbacks, files, discovery, bfl, openai):
         app.include_router(module.router)

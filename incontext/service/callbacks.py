@@ -31,10 +31,11 @@ from datetime import timedelta
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from incontext.service import netpolicy
 from incontext.service.db import utcnow
 from incontext.service.errors import NotFound
 from incontext.service.models import Batch, CallbackAttempt, CallbackDelivery, CallbackSecret, Run
+from incontext.service.netpolicy import NetPolicy
+from incontext.service.outbound import Outbound, OutboundFailed, Refused, Resolver
 from incontext.service.schemas import RunPublic, public_output
 from incontext.service.storage import Storage
 
@@ -187,12 +188,20 @@ def signature_headers(body: bytes, secrets: list[str], msg_id: str, timestamp: i
 
 # Delivery.
 class CallbackSender:
-    """Sends due deliveries; each failure is recorded and retried with exponential backoff."""
+    """Sends due deliveries; each failure is recorded and retried with exponential backoff.
+
+    Every attempt ends in a recorded row, whatever goes wrong (a URL the client library cannot
+    parse, a bug), so every delivery ends after `max_attempts`. Receivers are served in turn:
+    at most PER_KEY_IN_FLIGHT deliveries of one key are in flight, and due deliveries are
+    taken round-robin between keys, so one key's slow or failing receivers cannot hold up
+    another key's callbacks."""
+
+    PER_KEY_IN_FLIGHT = 4
+    MAX_IN_FLIGHT = 100
 
     def __init__(self, sessions: sessionmaker[Session], *, max_attempts: int, backoff_s: float, backoff_max_s: float, timeout_s: float, poll_s: float,
-                 allow_private: bool):
+                 policy: NetPolicy, resolver: Resolver | None = None):
         self._sessions = sessions
-        self._allow_private = allow_private  # netpolicy: may callback_url be a private address
         self._max_attempts = max_attempts
         self._backoff_s = backoff_s
         self._backoff_max_s = backoff_max_s
@@ -200,8 +209,10 @@ class CallbackSender:
         self._poll_s = poll_s
         self._wake = asyncio.Event()
         self._in_flight: dict[str, asyncio.Task] = {}
+        self._in_flight_keys: dict[str, str] = {}  # delivery id → its API key id
         self._task: asyncio.Task | None = None
-        self._http = None  # an httpx.AsyncClient, made at the first delivery
+        # Its own outbound slots: slow receivers never take the ones image fetches use.
+        self._outbound = Outbound(policy, max_concurrent=self.MAX_IN_FLIGHT, **({"resolver": resolver} if resolver else {}))
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
@@ -213,8 +224,7 @@ class CallbackSender:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._http:
-            await self._http.aclose()
+        await self._outbound.aclose()
 
     def wake(self) -> None:
         """Look for due deliveries now; callable from any thread."""
@@ -224,11 +234,11 @@ class CallbackSender:
     async def _run(self) -> None:
         while True:
             try:
-                for delivery_id in await asyncio.to_thread(self._due):
-                    if delivery_id not in self._in_flight:
-                        task = asyncio.create_task(self._attempt(delivery_id))
-                        self._in_flight[delivery_id] = task
-                        task.add_done_callback(lambda _t, d=delivery_id: self._in_flight.pop(d, None))
+                for delivery_id, key_id in await asyncio.to_thread(self._due):
+                    task = asyncio.create_task(self._attempt(delivery_id))
+                    self._in_flight[delivery_id] = task
+                    self._in_flight_keys[delivery_id] = key_id
+                    task.add_done_callback(lambda _t, d=delivery_id: self._untrack(d))
             except Exception:
                 log.exception("callback sender: could not read due deliveries")
             try:
@@ -237,16 +247,36 @@ class CallbackSender:
                 pass
             self._wake.clear()
 
-    def _due(self) -> list[str]:
+    def _untrack(self, delivery_id: str) -> None:
+        self._in_flight.pop(delivery_id, None)
+        self._in_flight_keys.pop(delivery_id, None)
+        self._wake.set()  # a slot is free: its key (or another) may have more due
+
+    def _due(self) -> list[tuple[str, str]]:
+        """Due deliveries not in flight, (id, key id), oldest first within each key and keys in turn."""
+        busy = dict(self._in_flight_keys)  # a copy: the loop's thread changes it
+        room = self.MAX_IN_FLIGHT - len(busy)
+        if room <= 0:
+            return []
+        per_key: dict[str, int] = {}
+        for key_id in busy.values():
+            per_key[key_id] = per_key.get(key_id, 0) + 1
+        rank = sa.func.row_number().over(partition_by=CallbackDelivery.api_key_id, order_by=(CallbackDelivery.next_attempt_at, CallbackDelivery.id))
+        due = (
+            sa.select(CallbackDelivery.id, CallbackDelivery.api_key_id, rank.label("rank"))
+            .where(CallbackDelivery.status == "pending", CallbackDelivery.next_attempt_at <= utcnow(), CallbackDelivery.id.not_in(list(busy)))
+            .subquery()
+        )
         with self._sessions() as session:
-            return list(
-                session.scalars(
-                    sa.select(CallbackDelivery.id)
-                    .where(CallbackDelivery.status == "pending", CallbackDelivery.next_attempt_at <= utcnow())
-                    .order_by(CallbackDelivery.next_attempt_at)
-                    .limit(100)
-                )
-            )
+            rows = session.execute(
+                sa.select(due.c.id, due.c.api_key_id).where(due.c.rank <= self.PER_KEY_IN_FLIGHT).order_by(due.c.rank, due.c.id).limit(room)
+            ).all()
+        picked = []
+        for delivery_id, key_id in rows:
+            if per_key.get(key_id, 0) < self.PER_KEY_IN_FLIGHT:
+                per_key[key_id] = per_key.get(key_id, 0) + 1
+                picked.append((delivery_id, key_id))
+        return picked
 
     def _load(self, delivery_id: str) -> tuple[str, bytes, Callable[[int], dict[str, str]]]:
         """The URL, the body, and how to sign it at a given unix time."""
@@ -263,36 +293,32 @@ class CallbackSender:
     async def _attempt(self, delivery_id: str) -> None:
         try:
             await self._send(delivery_id)
-        except Exception:
-            # The delivery stays pending and due: the next pass tries it again.
-            log.exception("callback %s: could not send or record an attempt", delivery_id)
+        except Exception as exc:
+            # Recorded like any failed attempt, so it is retried with backoff and ends after
+            # max_attempts instead of staying due (and tried every poll) forever.
+            log.exception("callback %s: could not send", delivery_id)
+            try:
+                await asyncio.to_thread(self._record, delivery_id, None, 0, f"internal error: {exc.__class__.__name__}")
+            except Exception:
+                log.exception("callback %s: could not record the attempt", delivery_id)
 
     async def _send(self, delivery_id: str) -> None:
-        # Imported (and the client made) at the first delivery, not at start-up: httpx and the
-        # TLS certificates take a noticeable part of a second, and many servers never send one.
-        import httpx
-
         url, body, sign = await asyncio.to_thread(self._load, delivery_id)
-        # Checked at each attempt, not at submission: a name can resolve elsewhere by then.
-        if refused := await asyncio.to_thread(netpolicy.refusal, url, allow_private=self._allow_private):
-            error = f"callback_url: {refused}; the server does not post to it (INCONTEXT_FETCH_PRIVATE_NETWORKS)"
-            return await asyncio.to_thread(self._record, delivery_id, None, 0, error, final=True)
         headers = sign(int(time.time()))
-        status_code, error = None, None
-        if self._http is None:
-            self._http = httpx.AsyncClient(timeout=self._timeout_s, follow_redirects=False)
+        status_code, error, final = None, None, False
         started = time.perf_counter()
         try:
-            response = await self._http.post(url, content=body, headers=headers)
-            status_code = response.status_code
+            # The address is checked at each attempt, not at submission: a name can resolve
+            # elsewhere by then. A refusal is final: trying again cannot change it.
+            status_code = await self._outbound.post(url, content=body, headers=headers, deadline_s=self._timeout_s)
             if not 200 <= status_code < 300:
                 error = f"receiver answered HTTP {status_code}"
-        except httpx.TimeoutException:
-            error = f"timed out after {self._timeout_s:g} s"
-        except httpx.HTTPError as exc:
-            error = f"connection error: {exc.__class__.__name__}: {exc}"
+        except Refused as exc:
+            error, final = f"callback_url refused: {exc}; the server does not post to it (INCONTEXT_FETCH_PRIVATE_NETWORKS)", True
+        except OutboundFailed as exc:
+            error = str(exc)
         elapsed_ms = int((time.perf_counter() - started) * 1000)
-        await asyncio.to_thread(self._record, delivery_id, status_code, elapsed_ms, error)
+        await asyncio.to_thread(self._record, delivery_id, status_code, elapsed_ms, error, final=final)
 
     def _record(self, delivery_id: str, status_code: int | None, elapsed_ms: int, error: str | None, *, final: bool = False) -> None:
         with self._sessions.begin() as session:

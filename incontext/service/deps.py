@@ -22,6 +22,7 @@ from incontext.service.dispatcher import Dispatcher
 from incontext.service.errors import RateLimited
 from incontext.service.keys import KeyCache
 from incontext.service.models import ApiKey
+from incontext.service.outbound import Outbound
 from incontext.service.ratelimit import RateLimiter
 from incontext.service.storage import Storage
 from incontext.settings import Settings
@@ -39,6 +40,7 @@ class Service:
     storage: Storage
     dispatcher: Dispatcher
     sender: CallbackSender
+    outbound: Outbound  # image_url fetches (inputs.prefetch)
     limiter: RateLimiter
     read_limiter: RateLimiter | None  # None: run reads are not limited
     keys: KeyCache
@@ -95,18 +97,15 @@ async def resolve_model(model_id: str, service: ServiceDep) -> ModelPreset:
 PresetDep = Annotated[ModelPreset, Depends(resolve_model)]
 
 
-async def rate_limit(key: KeyDep, service: ServiceDep, response: Response) -> dict[str, str]:
-    """Count one creation against the key; the headers to send with the answer."""
-    decision = service.limiter.hit(key.id)
+def count_images(service: Service, key: ApiKey, images: int) -> dict[str, str]:
+    """Count the images a create asks for (a batch: all its items') against the key's
+    per-minute limit; the headers to send with the answer."""
+    decision = service.limiter.hit(key.id, images)
     if not decision.allowed:
         raise RateLimited(
-            f"rate limit of {decision.limit} creations per minute reached; retry in {decision.reset_s} s", headers=decision.headers()
+            f"rate limit of {decision.limit} images per minute reached; retry in {decision.reset_s} s", headers=decision.headers()
         )
-    response.headers.update(decision.headers())
     return decision.headers()
-
-
-RateLimitDep = Annotated[dict[str, str], Depends(rate_limit)]
 
 
 def count_read(service: Service, key: ApiKey) -> dict[str, str]:

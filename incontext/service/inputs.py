@@ -1,29 +1,34 @@
 """An `image_url` → image bytes, checked at submit time, and back to an image at run time.
 
 Three kinds of URL: `data:` URIs, this server's own output URLs (read from storage with no
-network fetch: multi-turn editing), and http(s) URLs (downloaded with a size cap and a
-timeout). What is stored for a run is what was received: the fetched bytes, or the data URI
-text itself, so a restart decodes exactly what the submitter sent.
+network fetch: multi-turn editing), and http(s) URLs (downloaded by `prefetch` on the event
+loop before the route takes a thread, through outbound.py). What is stored for a run is what
+was received: the fetched bytes, or the data URI text itself, so a restart decodes exactly
+what the submitter sent.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 from PIL import Image
 from sqlalchemy.orm import Session
 
 from incontext import imageio
 from incontext.models.registry import ModelPreset
-from incontext.errors import ImageTooLarge
-from incontext.service import netpolicy
+from incontext.errors import ImageTooLarge, IncontextError
 from incontext.service.errors import ImageFetchFailed
 from incontext.service.models import Run
+from incontext.service.outbound import Outbound, OutboundFailed, TooLarge
 from incontext.service.storage import Storage
 from incontext.settings import Settings
 
-MAX_REDIRECTS = 3
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,15 +55,37 @@ class SourceImage:
     parent_run_id: str | None  # set when the image is an earlier output of this server
 
 
+class _DecodeSlots:
+    """Decodes in progress at once, server-wide: a decode may briefly take several times
+    the image's RGB size, so what bounds the server's memory is how many run together."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._slots: tuple[int, threading.BoundedSemaphore] | None = None
+
+    def __call__(self, size: int) -> threading.BoundedSemaphore:
+        with self._lock:
+            if self._slots is None or self._slots[0] != size:
+                self._slots = (size, threading.BoundedSemaphore(size))
+            return self._slots[1]
+
+
+_decode_slots = _DecodeSlots()
+
+
 def decode_stored(data: bytes, settings: Settings) -> Image.Image:
     limits = {"max_bytes": settings.max_image_bytes, "max_pixels": settings.max_image_pixels}
-    if data[:5].lower() == b"data:":
-        return imageio.decode_data_uri(data.decode("ascii", "replace"), **limits)
-    return imageio.decode_image(data, **limits)
+    with _decode_slots(settings.max_concurrent_decodes):
+        if data[:5].lower() == b"data:":
+            return imageio.decode_data_uri(data.decode("ascii", "replace"), **limits)
+        return imageio.decode_image(data, **limits)
 
 
-def load_source(url: str, *, api_key_id: str, session: Session, storage: Storage, settings: Settings) -> SourceImage:
-    """Resolve and decode `image_url`. Raises IncontextError subclasses (INVALID_IMAGE,
+def load_source(
+    url: str, *, api_key_id: str, session: Session, storage: Storage, settings: Settings, remote: Mapping[str, bytes | IncontextError] | None = None
+) -> SourceImage:
+    """Resolve and decode `image_url`; an http(s) URL must have been fetched already
+    (`remote`, from prefetch). Raises IncontextError subclasses (INVALID_IMAGE,
     IMAGE_TOO_LARGE, UNSUPPORTED_FORMAT, IMAGE_FETCH_FAILED)."""
     url = url.strip()
     parent = None
@@ -73,7 +100,10 @@ def load_source(url: str, *, api_key_id: str, session: Session, storage: Storage
         data = storage.output_path(relpath).read_bytes()
         parent = run_id
     elif urlsplit(url).scheme in ("http", "https"):
-        data = fetch(url, settings)
+        fetched = (remote or {}).get(url) or ImageFetchFailed(FETCH_FAILED)
+        if isinstance(fetched, IncontextError):
+            raise fetched
+        data = fetched
     else:
         raise ImageFetchFailed("image_url must be an http(s) URL, a data: URI, or an output URL of this server")
     return SourceImage(data=data, image=decode_stored(data, settings), parent_run_id=parent)
@@ -83,37 +113,29 @@ def output_size(image: Image.Image, aspect_ratio: str | None, preset: ModelPrese
     return imageio.output_size(image.width, image.height, aspect_ratio, target_area=preset.target_area, multiple=preset.multiple)
 
 
-def fetch(url: str, settings: Settings) -> bytes:
-    """GET an image, following a few redirects, each hop checked against the network policy."""
-    import httpx  # here: most runs send their image inline, and the server starts faster without it
-
-    limit = settings.max_image_bytes
-    with httpx.Client(timeout=settings.fetch_timeout_seconds, follow_redirects=False) as client:
-        for _ in range(MAX_REDIRECTS + 1):
-            check_host(url, settings)
-            try:
-                with client.stream("GET", url, headers={"Accept": "image/*"}) as response:
-                    if response.is_redirect and "location" in response.headers:
-                        url = urljoin(url, response.headers["location"])
-                        continue
-                    if response.status_code != 200:
-                        raise ImageFetchFailed(f"fetching image_url returned HTTP {response.status_code}")
-                    declared = response.headers.get("content-length")
-                    if declared and declared.isdigit() and int(declared) > limit:
-                        raise ImageTooLarge(f"image_url is {int(declared):,} bytes; the limit is {limit:,} bytes")
-                    body = bytearray()
-                    for chunk in response.iter_bytes():
-                        body += chunk
-                        if len(body) > limit:
-                            raise ImageTooLarge(f"image_url is larger than the {limit:,}-byte limit")
-                    return bytes(body)
-            except httpx.TimeoutException:
-                raise ImageFetchFailed(f"fetching image_url timed out after {settings.fetch_timeout_seconds:g} s") from None
-            except httpx.HTTPError as exc:
-                raise ImageFetchFailed(f"could not fetch image_url: {exc.__class__.__name__}: {exc}") from None
-    raise ImageFetchFailed(f"image_url redirected more than {MAX_REDIRECTS} times")
+FETCH_FAILED = "image_url could not be fetched"  # the same words for every refusal and failure
 
 
-def check_host(url: str, settings: Settings) -> None:
-    if reason := netpolicy.refusal(url, allow_private=settings.allow_private_fetch):
-        raise ImageFetchFailed(f"image_url: {reason}; the server does not fetch it")
+async def prefetch(urls: list[str], *, outbound: Outbound, storage: Storage, settings: Settings) -> dict[str, bytes | IncontextError]:
+    """Download the http(s) `urls` that are not this server's own outputs, at once, on the
+    event loop (outbound.py): url → its bytes, or the error to report for it. Never raises:
+    the caller pins each error to the field that named the URL (load_source)."""
+    remote = {u.strip() for u in urls if _is_remote(u.strip(), storage)}
+    results = await asyncio.gather(*(_fetch(u, outbound, settings) for u in remote))
+    return dict(zip(remote, results))
+
+
+def _is_remote(url: str, storage: Storage) -> bool:
+    return url[:5].lower() != "data:" and urlsplit(url).scheme in ("http", "https") and storage.own_output(url) is None
+
+
+async def _fetch(url: str, outbound: Outbound, settings: Settings) -> bytes | IncontextError:
+    try:
+        return await outbound.get(url, deadline_s=settings.fetch_timeout_seconds, max_bytes=settings.max_image_bytes, headers={"Accept": "image/*"})
+    except TooLarge as exc:
+        return ImageTooLarge(f"image_url is larger than the {exc.limit:,}-byte limit")
+    except OutboundFailed as exc:
+        # Which of refused, unreachable, 404 or slow stays in the log: told to the client, it
+        # would map the network the server sits in.
+        log.info("image_url refused or failed: %s", exc)
+        return ImageFetchFailed(FETCH_FAILED)

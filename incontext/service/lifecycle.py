@@ -64,6 +64,13 @@ def create_run(session: Session, **fields: Any) -> Run:
     return run
 
 
+def active_images(session: Session, api_key_id: str) -> int:
+    """Images the key has queued or running."""
+    return session.scalar(
+        sa.select(sa.func.coalesce(sa.func.sum(Run.num_images), 0)).where(Run.api_key_id == api_key_id, Run.status.in_(ACTIVE))
+    )
+
+
 def _transition(session: Session, run_id: str, from_states: tuple[str, ...], **values: Any) -> Run | None:
     """Set `values` if the run is still in one of `from_states`; the updated run, or None if another writer won."""
     # UPDATE … RETURNING: the compare-and-set and the updated row in one statement.
@@ -74,10 +81,14 @@ def _transition(session: Session, run_id: str, from_states: tuple[str, ...], **v
 
 
 def claim_queued(session: Session, cap_per_model: int, ready: Container[str] = ()) -> tuple[list[Run], bool]:
-    """Claim queued runs, oldest first, while each model stays under its cap. Runs in `ready`
-    (their input already prepared in memory) start running at once; the others move to
-    dispatching. Returns the claimed runs and whether queued runs were left waiting."""
-    queued = session.execute(sa.select(Run.id, Run.engine_model_id).where(Run.status == QUEUED).order_by(Run.id).limit(500)).all()
+    """Claim queued runs while each model stays under its cap: keys in turn (each key's
+    oldest, then each key's second oldest, …), so one key's backlog of a hundred runs does not
+    stand before another key's single run. Runs in `ready` (their input already prepared in
+    memory) start running at once; the others move to dispatching. Returns the claimed runs
+    and whether queued runs were left waiting."""
+    turn = sa.func.row_number().over(partition_by=Run.api_key_id, order_by=Run.id).label("turn")
+    waiting = sa.select(Run.id, Run.engine_model_id, turn).where(Run.status == QUEUED).subquery()
+    queued = session.execute(sa.select(waiting.c.id, waiting.c.engine_model_id).order_by(waiting.c.turn, waiting.c.id).limit(500)).all()
     if not queued:
         return [], False
     in_flight = dict(

@@ -6,12 +6,14 @@ costs as decimal strings and signs output URLs afresh on every read.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator
 
+from incontext.service import netpolicy
 from incontext.service.models import ApiKey, Batch, CallbackAttempt, CallbackDelivery, CallbackSecret, Run, RunLog
 from incontext.service.storage import Storage
 
@@ -61,14 +63,27 @@ class KontextInput(BaseModel):
 
 
 def _check_callback_url(value: str | None) -> str | None:
-    if value is not None and not value.startswith(("http://", "https://")):
-        raise ValueError("callback_url must be an http(s) URL")
+    # The sender's own check (netpolicy.url_refusal): a URL accepted here is one it can parse.
+    if value is not None and (reason := netpolicy.url_refusal(value)):
+        raise ValueError(f"callback_url: {reason}")
     return value
+
+
+MAX_METADATA_BYTES = 16 * 1024  # as compact JSON: it is stored and echoed in every read, list and callback
+
+
+def _check_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is not None and len(json.dumps(value, separators=(",", ":"), default=str)) > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata is larger than {MAX_METADATA_BYTES:,} bytes as JSON")
+    return value
+
+
+Metadata = Annotated[dict[str, Any] | None, AfterValidator(_check_metadata), Field(description=f"returned untouched; at most {MAX_METADATA_BYTES:,} bytes as JSON")]
 
 
 class RunCreate(BaseModel):
     input: KontextInput
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata = None
     callback_url: str | None = Field(None, max_length=2048)
     client_ref: str | None = Field(None, max_length=255)
 
@@ -81,7 +96,7 @@ class BatchItem(KontextInput):
 
 class BatchCreate(BaseModel):
     input: list[BatchItem] = Field(min_length=1, max_length=100)
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata = None
     callback_url: str | None = Field(None, max_length=2048)
 
     _callback = field_validator("callback_url")(_check_callback_url)

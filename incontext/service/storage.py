@@ -93,7 +93,7 @@ class Storage:
 
     def check_signature(self, relpath: str, expires: int, sig: str, *, now: float | None = None) -> None:
         """Raises PermissionDenied (403) for a bad signature or a past expiry."""
-        if not hmac.compare_digest(self._sign(relpath, expires), sig):
+        if not _same(self._sign(relpath, expires), sig):
             raise PermissionDenied("bad file signature")
         if expires < (time.time() if now is None else now):
             raise PermissionDenied("file URL expired; fetch the run again for a fresh URL")
@@ -113,13 +113,19 @@ class Storage:
             expires, sig = int(query["expires"][0]), query["sig"][0]
         except (KeyError, ValueError):
             return None
-        if not _RELPATH.match(relpath) or not hmac.compare_digest(self._sign(relpath, expires), sig):
+        if not _RELPATH.match(relpath) or not _same(self._sign(relpath, expires), sig):
             return None
         return relpath.split("/", 1)[0], relpath
 
     def _sign(self, relpath: str, expires: int) -> str:
         mac = hmac.new(self._secret, f"{relpath}\n{expires}".encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+def _same(expected: str, given: str) -> bool:
+    # compare_digest refuses a str with non-ASCII characters (a TypeError, once a 500);
+    # as bytes any string compares, in constant time.
+    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "surrogatepass"))
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ from sqlalchemy.orm import Session
 from incontext.errors import IncontextError
 from incontext.models.registry import ModelPreset
 from incontext.service import lifecycle
-from incontext.service.errors import at_field
+from incontext.service.errors import RateLimited, at_field
 from incontext.service.inputs import RunInput, load_source, output_size
 from incontext.service.models import Run
 from incontext.service.schemas import KontextInput
@@ -40,11 +41,12 @@ def prepare(
     session: Session,
     storage: Storage,
     settings: Settings,
+    remote: Mapping[str, bytes | IncontextError] | None = None,
 ) -> PreparedRun:
-    """Fetch and validate the image; raises IncontextError pinned to `field`.image_url etc.
-    May fetch over the network: call it with no database transaction open."""
+    """Validate the image (http(s) ones already fetched into `remote` by inputs.prefetch);
+    raises IncontextError pinned to `field`.image_url etc."""
     try:
-        source = load_source(item.image_url, api_key_id=api_key_id, session=session, storage=storage, settings=settings)
+        source = load_source(item.image_url, api_key_id=api_key_id, session=session, storage=storage, settings=settings, remote=remote)
     except IncontextError as exc:
         raise at_field(exc, f"{field}.image_url") from None
     try:
@@ -88,6 +90,24 @@ def prepare(
     }
     # Fitted here, in the request's thread, so the dispatcher hands it to the engine as it is.
     return PreparedRun(fields=fields, input_bytes=source.data, run_input=RunInput.fit(source.image, width, height))
+
+
+# What a refusal for too many active images tells the client to wait: about the time the
+# engine takes for a few batched images on a small machine; the client may retry sooner.
+ACTIVE_IMAGES_RETRY_S = 5
+
+
+def check_active_images(session: Session, api_key_id: str, images: int, settings: Settings) -> None:
+    """Refuse (429, Retry-After) a create that would take the key past its cap of queued and
+    running images. One request over the whole cap is let through when nothing is active,
+    so no batch is refused forever."""
+    cap = settings.max_active_images_per_key
+    active = lifecycle.active_images(session, api_key_id)
+    if active and active + images > cap:
+        raise RateLimited(
+            f"this key has {active} images queued or running and may have {cap}; retry when some have finished",
+            headers={"Retry-After": str(ACTIVE_IMAGES_RETRY_S)},
+        )
 
 
 def queue(session: Session, storage: Storage, prepared: PreparedRun, **extra: Any) -> Run:

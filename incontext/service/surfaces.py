@@ -18,7 +18,7 @@ import binascii
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -32,7 +32,7 @@ from incontext.errors import IncontextError
 from incontext.imageio import ASPECT_RATIOS
 from incontext.service import auth, lifecycle, submission
 from incontext.service.deps import Service
-from incontext.service.errors import STATUS_CODES, Conflict, RateLimited, ServiceError, Unauthorized, ValidationFailed, field_error
+from incontext.service.errors import STATUS_CODES, Conflict, ServiceError, Unauthorized, ValidationFailed, field_error
 from incontext.service.models import ApiKey, Run
 from incontext.service.schemas import KontextInput
 
@@ -174,21 +174,19 @@ def submit(
     names: dict[str, str],
     callback_url: str | None = None,
     params: dict | None = None,
-) -> tuple[str, dict[str, str]]:
-    """Count one creation against the key, validate and store the image, queue the run and
-    hand it to the dispatcher. Returns the run id and the rate-limit headers for the answer.
-    `params` are extra internal parameters (never shown to clients), e.g. a webhook style."""
-    decision = service.limiter.hit(key.id)
-    if not decision.allowed:
-        raise RateLimited(
-            f"rate limit of {decision.limit} creations per minute reached; retry in {decision.reset_s} s", headers=decision.headers()
-        )
+    remote: Mapping[str, bytes | IncontextError] | None = None,
+) -> str:
+    """Validate and store the image, queue the run and hand it to the dispatcher; the run id.
+    The caller counted the images (deps.count_images) and fetched an http(s) image into
+    `remote` (inputs.prefetch) first. `params` are extra internal parameters (never shown to
+    clients), e.g. a webhook style."""
     preset = service.registry.resolve(model_id)
     with service.sessions() as session:
         try:
+            submission.check_active_images(session, key.id, item.num_images, service.settings)
             prepared = submission.prepare(
                 item, field="input", model_id=model_id, preset=preset, api_key_id=key.id,
-                session=session, storage=service.storage, settings=service.settings,
+                session=session, storage=service.storage, settings=service.settings, remote=remote,
             )
         except IncontextError as exc:
             raise renamed(exc, names) from None
@@ -204,7 +202,7 @@ def submit(
             raise
         run_id = run.id
     service.dispatcher.submitted({run_id: prepared.run_input}, claimed)
-    return run_id, decision.headers()
+    return run_id
 
 
 def load_run(service: Service, run_id: str) -> Run | None:

@@ -105,6 +105,9 @@ def server_env(tiny_model: Path, **overrides: str) -> dict[str, str]:
         # Compiling is tested in tests/engine/test_compiled.py; in every server here it would
         # only take the CPU the tests share.
         "INCONTEXT_ENGINE_COMPILE": "false",
+        # Image hosts and callback receivers here listen on loopback, which a server refuses
+        # to reach by default (tests/service/test_outbound.py holds that).
+        "INCONTEXT_FETCH_PRIVATE_NETWORKS": "true",
     }
     env.update(overrides)
     return env
@@ -185,9 +188,11 @@ class ImageHost:
 
     def __init__(self, files: dict[str, tuple[int, bytes]]):
         host = self
+        self.requests: list[dict] = []  # path and headers of every GET
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
+                host.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}})
                 status, body = host.files.get(self.path, (404, b"not found"))
                 if status in (301, 302):
                     self.send_response(status)

@@ -4,6 +4,7 @@ unless the settings allow private ones."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 
 import pytest
@@ -13,18 +14,20 @@ from incontext.service import keys, lifecycle, netpolicy
 from incontext.service.callbacks import CallbackSender
 from incontext.service.db import create_db_engine, make_session_factory, migrate
 from incontext.service.models import CallbackAttempt, CallbackDelivery
+from incontext.service.netpolicy import NetPolicy
 from incontext.service.storage import Storage
 
 from .helpers import Receiver
 
 
 def test_private_and_non_http_urls_are_refused_unless_allowed():
-    assert "non-public" in netpolicy.refusal("http://127.0.0.1:8000/hook", allow_private=False)
-    assert "non-public" in netpolicy.refusal("http://[::1]/hook", allow_private=False)
-    assert "non-public" in netpolicy.refusal("https://10.1.2.3/a.png", allow_private=False)
-    assert netpolicy.refusal("http://127.0.0.1:8000/hook", allow_private=True) is None
-    assert netpolicy.refusal("https://93.184.215.14/hook", allow_private=False) is None  # a public address
-    assert "http(s)" in netpolicy.refusal("ftp://93.184.215.14/hook", allow_private=True)
+    strict, open_ = NetPolicy(), NetPolicy(allow_private=True)
+    for address in ("127.0.0.1", "::1", "10.1.2.3", "169.254.169.254", "100.64.0.1", "224.0.0.1", "0.0.0.0", "::ffff:127.0.0.1", "2002:7f00:1::"):
+        assert strict.refusal(ipaddress.ip_address(address)), address
+    assert open_.refusal(ipaddress.ip_address("127.0.0.1")) is None
+    assert strict.refusal(ipaddress.ip_address("93.184.215.14")) is None  # a public address
+    assert "http(s)" in netpolicy.url_refusal("ftp://93.184.215.14/hook")
+    assert "valid" in netpolicy.url_refusal("http://[::1/hook")
 
 
 @pytest.fixture
@@ -50,7 +53,9 @@ def finished_run_with_callback(tmp_path):
 
 def deliver(sessions, allow_private: bool) -> CallbackDelivery:
     async def main() -> CallbackDelivery:
-        sender = CallbackSender(sessions, max_attempts=3, backoff_s=60, backoff_max_s=60, timeout_s=5, poll_s=0.05, allow_private=allow_private)
+        sender = CallbackSender(
+            sessions, max_attempts=3, backoff_s=60, backoff_max_s=60, timeout_s=5, poll_s=0.05, policy=NetPolicy(allow_private=allow_private)
+        )
         await sender.start()
         try:
             deadline = time.monotonic() + 30
@@ -73,7 +78,7 @@ def test_a_callback_to_a_private_address_is_refused_once_and_not_sent(finished_r
     assert delivery.status == "failed" and delivery.attempt_count == 1  # a policy refusal is not retried
     with sessions() as session:
         attempt = session.scalars(sa.select(CallbackAttempt).where(CallbackAttempt.delivery_id == delivery.id)).one()
-        assert attempt.status_code is None and "non-public" in attempt.error_message
+        assert attempt.status_code is None and "not a public address" in attempt.error_message
     assert receiver.requests == []
 
 

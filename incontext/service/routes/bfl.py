@@ -27,12 +27,14 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.concurrency import run_in_threadpool
 
 from incontext.imageio import ASPECT_RATIOS
-from incontext.service import callbacks, conditional, lifecycle, store, surfaces
+from incontext.service import callbacks, conditional, lifecycle, netpolicy, store, surfaces
 from incontext.service.conditional import IfNoneMatch
-from incontext.service.deps import ServiceDep, count_read
+from incontext.service.deps import ServiceDep, count_images, count_read
 from incontext.service.errors import RunNotFound, ValidationFailed, field_error
+from incontext.service.inputs import prefetch
 from incontext.service.models import ApiKey, Run
 from incontext.service.schemas import MAX_SEED, public_output
 from incontext.service.storage import Storage
@@ -99,8 +101,8 @@ class FluxKontextRequest(BaseModel):
     @field_validator("webhook_url")
     @classmethod
     def _http(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("webhook_url must be an http(s) URL")
+        if value is not None and (reason := netpolicy.url_refusal(value)):
+            raise ValueError(f"webhook_url: {reason}")
         return value
 
 
@@ -136,7 +138,7 @@ def aspect_ratio(value: str | None) -> str | None:
 
 
 @router.post("/flux-kontext-pro", response_model=Submitted, responses={401: {"description": '`{"detail": "..."}`'}})
-def create_kontext_edit(body: FluxKontextRequest, request: Request, key: BflKeyDep, service: ServiceDep):
+async def create_kontext_edit(body: FluxKontextRequest, request: Request, key: BflKeyDep, service: ServiceDep):
     """Queue an edit; poll `polling_url` (with the same key) until `status` is `Ready` or `Error`.
     Key: `x-key` or `Authorization: Bearer`."""
     if extra := [f"input_image_{i}" for i in (2, 3, 4) if getattr(body, f"input_image_{i}")]:
@@ -160,9 +162,12 @@ def create_kontext_edit(body: FluxKontextRequest, request: Request, key: BflKeyD
         NAMES,
     )
     params = {"callback_style": STYLE, "webhook_secret": body.webhook_secret} if body.webhook_url else None
-    run_id, limits = surfaces.submit(
-        service, key, item, model_id=surfaces.SURFACE_MODEL_ID, request_id=request.state.request_id,
-        surface="POST /v1/flux-kontext-pro", names=NAMES, callback_url=body.webhook_url, params=params,
+    limits = count_images(service, key, item.num_images)
+    # Fetched on the event loop (async route), then the rest in the thread pool.
+    remote = await prefetch([item.image_url], outbound=service.outbound, storage=service.storage, settings=service.settings)
+    run_id = await run_in_threadpool(
+        surfaces.submit, service, key, item, model_id=surfaces.SURFACE_MODEL_ID, request_id=request.state.request_id,
+        surface="POST /v1/flux-kontext-pro", names=NAMES, callback_url=body.webhook_url, params=params, remote=remote,
     )
     polling_url = f"{service.storage.base_url}/v1/get_result?id={run_id}"
     return JSONResponse({"id": run_id, "polling_url": polling_url}, headers=limits)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from incontext.errors import ImageTooLarge, ModelNotFound
 from incontext.service import lifecycle, surfaces
-from incontext.service.deps import KeyDep, Service, ServiceDep
+from incontext.service.deps import KeyDep, Service, ServiceDep, count_images
 from incontext.service.errors import ServiceError, ValidationFailed, field_error
 from incontext.service.models import Run
 
@@ -140,7 +140,8 @@ async def create_image_edit(
     )
 
     # 3. Queue it as a stored run and wait for the engine.
-    run_id, limits = await run_in_threadpool(
+    limits = count_images(service, key, item.num_images)
+    run_id = await run_in_threadpool(
         surfaces.submit, service, key, item, model_id=model_id, request_id=request.state.request_id,
         surface="POST /v1/images/edits", names=NAMES,
     )

@@ -9,14 +9,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from incontext.service import conditional, lifecycle, store, submission
 from incontext.service.conditional import IfNoneMatch
-from incontext.service.deps import KeyDep, PresetDep, RateLimitDep, ReadLimitDep, ReadSessionDep, ServiceDep, SessionDep, StorageDep
+from incontext.service.deps import KeyDep, PresetDep, ReadLimitDep, ReadSessionDep, ServiceDep, SessionDep, StorageDep, count_images
 from incontext.service.errors import ValidationFailed, field_error
-from incontext.service.inputs import RunInput
+from incontext.service.inputs import RunInput, prefetch
 from incontext.service.schemas import LogList, LogPublic, RunCreate, RunList, RunPublic, StatusList, StatusPublic
 
 router = APIRouter(prefix="/v1", tags=["runs"])
@@ -55,34 +56,51 @@ def commit_created(session: Session, service, key_id: str, idempotency_key: str 
 
 
 @router.post("/models/{model_id:path}/runs", status_code=201, response_model=RunPublic)
-def create_run(
+async def create_run(
     model_id: str,
     body: RunCreate,
     request: Request,
     key: KeyDep,
     preset: PresetDep,
-    limits: RateLimitDep,
     service: ServiceDep,
     session: SessionDep,
     idempotency_key: IdempotencyKey = None,
 ):
+    # Async, so that fetching an image_url waits on the event loop, never in a thread the
+    # reads need; the database work goes to the thread pool before and after it.
+    limits = count_images(service, key, body.input.num_images)
     digest = None
     if idempotency_key is not None:
         store.check_idempotency_key(idempotency_key)
         digest = store.request_hash(f"runs {model_id.strip('/')}", body.model_dump(mode="json", exclude_unset=True))
-        if replay := replay_response(session, key.id, idempotency_key, digest, limits):
+        if replay := await run_in_threadpool(replay_or_release, session, key.id, idempotency_key, digest, limits):
             return replay
-        session.commit()  # no transaction open while the image is fetched
+    remote = await prefetch([body.input.image_url], outbound=service.outbound, storage=service.storage, settings=service.settings)
+    return await run_in_threadpool(
+        _create_run, model_id, body, request.state.request_id, key.id, preset, service, session, idempotency_key, digest, limits, remote
+    )
+
+
+def replay_or_release(session: Session, api_key_id: str, key: str, digest: str, headers: dict) -> JSONResponse | None:
+    """The remembered answer to this Idempotency-Key, or None with no transaction left open
+    (the image is fetched next)."""
+    replay = replay_response(session, api_key_id, key, digest, headers)
+    session.commit()
+    return replay
+
+
+def _create_run(model_id, body: RunCreate, request_id, key_id, preset, service, session, idempotency_key, digest, limits, remote) -> JSONResponse:
+    submission.check_active_images(session, key_id, body.input.num_images, service.settings)
     prepared = submission.prepare(
-        body.input, field="input", model_id=model_id, preset=preset, api_key_id=key.id,
-        session=session, storage=service.storage, settings=service.settings,
+        body.input, field="input", model_id=model_id, preset=preset, api_key_id=key_id,
+        session=session, storage=service.storage, settings=service.settings, remote=remote,
     )
     run = submission.queue(
         session, service.storage, prepared,
-        meta=body.metadata, callback_url=body.callback_url, client_ref=body.client_ref, request_id=request.state.request_id,
+        meta=body.metadata, callback_url=body.callback_url, client_ref=body.client_ref, request_id=request_id,
     )
     content = RunPublic.from_row(run, service.storage).model_dump(mode="json")
-    return commit_created(session, service, key.id, idempotency_key, digest, limits, content, {run.id: prepared.run_input})
+    return commit_created(session, service, key_id, idempotency_key, digest, limits, content, {run.id: prepared.run_input})
 
 
 @router.get("/runs/statuses", response_model=StatusList)

@@ -33,6 +33,7 @@ from incontext.service.ids import uuid7
 from incontext.service.netpolicy import NetPolicy
 from incontext.service.outbound import Outbound
 from incontext.service.ratelimit import RateLimiter
+from incontext.service.retention import RetentionJob
 from incontext.service.routes import account, batches, bfl, callbacks, discovery, files, openai, runs
 from incontext.service.storage import Storage, load_or_create_secret
 from incontext.settings import Settings
@@ -137,8 +138,10 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
         outbound = Outbound(NetPolicy.from_settings(settings), max_concurrent=settings.fetch_max_concurrent)
         read_sessions = make_session_factory(db_engine, read_only=True)
         dispatcher = Dispatcher(sessions=sessions, engine=model_engine, storage=storage, sender=sender, settings=settings)
+        retention = RetentionJob(sessions, storage, days=settings.retention_days)
         await sender.start()
         await dispatcher.start()
+        await retention.start()
         app.state.service = Service(
             settings=settings,
             registry=registry,
@@ -157,6 +160,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
         try:
             yield
         finally:
+            await retention.close()
             await dispatcher.close()
             await sender.close()
             await outbound.aclose()

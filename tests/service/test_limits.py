@@ -1,5 +1,5 @@
 """Cancel, the per-model concurrency cap, rate limits and URL expiry, on a server with a cap
-of one run in flight, 4 creations per minute per key, and 3-second file URLs."""
+of one run in flight, 8 images per minute per key, and 3-second file URLs."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def strict(tmp_path_factory, tiny_model):
     env = server_env(
         tiny_model,
         INCONTEXT_MAX_CONCURRENT_RUNS_PER_MODEL="1",
-        INCONTEXT_RATE_LIMIT_PER_MINUTE="4",
+        INCONTEXT_RATE_LIMIT_PER_MINUTE="8",
         INCONTEXT_FILE_URL_TTL_SECONDS=str(TTL_S),
         INCONTEXT_PROGRESS_LOG_EVERY_STEPS="1",
     )
@@ -109,11 +109,11 @@ def test_rate_limit_per_key(strict):
     with strict.client(strict.keys[2]) as api:
         remaining = []
         for _ in range(4):
-            r = submit(api, num_inference_steps=1)
+            r = submit(api, num_inference_steps=1, num_images=2)  # the limit counts images
             assert r.status_code == 201
-            assert r.headers["X-RateLimit-Limit"] == "4"
+            assert r.headers["X-RateLimit-Limit"] == "8"
             remaining.append(int(r.headers["X-RateLimit-Remaining"]))
-        assert remaining == [3, 2, 1, 0]
+        assert remaining == [6, 4, 2, 0]
         refused = submit(api, num_inference_steps=1)
         assert refused.status_code == 429 and refused.json()["code"] == "RATE_LIMITED"
         assert 1 <= int(refused.headers["Retry-After"]) <= 60

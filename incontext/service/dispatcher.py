@@ -24,13 +24,14 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from incontext.engine.protocol import EditRequest, EditResult, EngineClient
+from incontext.engine.protocol import EditRequest, EditResult, EngineClient, StepProgress
 from incontext.errors import Cancelled, IncontextError
 from incontext.service import lifecycle, outputs
 from incontext.service.callbacks import CallbackSender
 from incontext.service.db import utcnow
 from incontext.service.inputs import RunInput, decode_stored
 from incontext.service.models import Run
+from incontext.service.progress import RunProgress
 from incontext.service.storage import Storage
 from incontext.settings import Settings
 
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 # claim never takes (e.g. runs another server process claimed).
 MAX_HANDED_OVER = 64
 MAX_HANDED_OVER_PIXELS = 256 * 1024 * 1024  # 768 MB of RGB
+# Previews per run for the event stream: enough to watch an edit form, few enough that runs
+# nobody watches lose nothing (each is one small matmul and a PNG of the latent size).
+PREVIEWS_PER_RUN = 4
 
 
 class Dispatcher:
@@ -51,6 +55,7 @@ class Dispatcher:
         self._storage = storage
         self._sender = sender
         self._settings = settings
+        self.progress = RunProgress()  # every step of the runs in flight, for event streams
         self._wake = asyncio.Event()
         self._in_flight: dict[str, asyncio.Task] = {}
         self._cancel_requested: set[str] = set()
@@ -66,6 +71,7 @@ class Dispatcher:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.progress.bind(self._loop)
         await asyncio.to_thread(self._recover)
         self._task = asyncio.create_task(self._run(), name="dispatcher")
 
@@ -132,6 +138,7 @@ class Dispatcher:
     def cancel(self, run_id: str) -> None:
         """Stop the engine's work on a run already canceled in the database; any thread."""
         self._take_input(run_id)
+        self.progress.ended(run_id)
         if self._loop:
             self._loop.call_soon_threadsafe(self._cancel_on_loop, run_id)
 
@@ -227,6 +234,7 @@ class Dispatcher:
             guidance_scale=params["guidance_scale"],
             num_inference_steps=params["num_inference_steps"],
             parent_request_id=params.get("parent_request_id"),
+            previews=PREVIEWS_PER_RUN,
         )
 
         # 3. Denoise.
@@ -285,6 +293,7 @@ class Dispatcher:
                 _log_step(session, run_id, *last_step)
             ended = lifecycle.finish(session, self._storage, run_id, status, **kw)
         if ended is not None:
+            self.progress.ended(run_id)
             self._storage.delete_input(run_id)
             if ended.callback_url or ended.batch_id:  # a delivery may be queued: its own or its batch's
                 self._sender.wake()
@@ -293,9 +302,12 @@ class Dispatcher:
     def _progress_hook(self, run_id: str):
         every = self._settings.progress_log_every_steps
 
-        def on_progress(done: int, total: int) -> None:  # called on the engine's thread
+        def on_progress(progress: StepProgress) -> None:  # called on the engine's (reader) thread
+            self.progress.publish(run_id, progress)
+            done, total = progress.done, progress.total
             # Only the steps that do something wake the event loop: a wake-up per step per
-            # run took server CPU from the engine on every denoising step.
+            # run took server CPU from the engine on every denoising step. (Streams are woken
+            # by `publish` only while someone watches.)
             if done == total or done % every == 0 or run_id in self._cancel_requested:
                 self._loop.call_soon_threadsafe(self._on_progress, run_id, done, total, utcnow())
 

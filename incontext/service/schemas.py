@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator
 
 from incontext.service import netpolicy
+from incontext.service.errors import NotFound
 from incontext.service.models import ApiKey, Batch, CallbackAttempt, CallbackDelivery, CallbackSecret, Run, RunLog
 from incontext.service.storage import Storage
 
@@ -193,6 +194,56 @@ class RunPublic(BaseModel):
             failure_message=run.failure_message,
             failure_stage_code=run.failure_stage_code,
         )
+
+
+def source_url(run: Run, storage: Storage) -> str | None:
+    """The image a run edited, if it can still be shown: a fresh URL of the parent's output, or
+    the http(s) URL it was given. None for an inline upload (inputs are not kept once a run
+    ends) or a parent output that is gone."""
+    url = (run.input or {}).get("image_url") or ""
+    if own := storage.own_output(url):
+        try:
+            storage.output_path(own[1])
+        except NotFound:
+            return None
+        return storage.signed_url(own[1])
+    return url if url.startswith(("http://", "https://")) else None
+
+
+class LineageItem(BaseModel):
+    """One turn of an edit tree: enough to draw it and to continue from any output."""
+
+    id: str
+    parent_run_id: str | None
+    model_id: str
+    status_code: str
+    prompt: str | None
+    input: dict[str, Any]
+    source_url: str | None = Field(description="the image this run edited (see runs-api.md); null for an upload")
+    output: dict[str, Any] | None = Field(description="as on the run: outputs[], image_urls[], seed, timings_ms")
+    duration_ms: int | None
+    cost: str
+    created_at: Timestamp
+    failure_code: str | None
+    failure_message: str | None
+
+    @classmethod
+    def from_row(cls, run: Run, storage: Storage) -> LineageItem:
+        public = RunPublic.from_row(run, storage)
+        return cls(
+            id=run.id, parent_run_id=run.parent_run_id, model_id=run.model_id, status_code=run.status,
+            prompt=(run.input or {}).get("prompt"), input=run.input, source_url=source_url(run, storage),
+            output=public.output, duration_ms=public.duration_ms, cost=public.cost, created_at=run.created_at,
+            failure_code=run.failure_code, failure_message=run.failure_message,
+        )
+
+
+class Lineage(BaseModel):
+    run_id: str
+    root_id: str
+    path: list[str] = Field(description="run ids from the root down to run_id")
+    items: list[LineageItem] = Field(description="every run of the tree (parents and children), oldest first")
+    truncated: bool = Field(description="the tree has more runs than one answer holds (500)")
 
 
 class RunList(BaseModel):

@@ -53,6 +53,43 @@ def list_runs(
     return rows[:limit], next_cursor
 
 
+def queue_position(session: Session, run: Run) -> int:
+    """How many runs of the same model wait ahead of a queued one (any key's: the queue is
+    the server's, and a count says nothing else about them). Oldest first, as claimed."""
+    return session.scalar(
+        sa.select(sa.func.count()).select_from(Run)
+        .where(Run.engine_model_id == run.engine_model_id, Run.status == "queued", Run.id < run.id)
+    )
+
+
+MAX_LINEAGE = 500  # runs in one answer; a tree is rarely more than a few dozen turns
+
+
+def lineage(session: Session, api_key_id: str, run_id: str) -> tuple[list[str], list[Run], bool]:
+    """The edit tree a run belongs to, through `parent_run_id` (an output of this server given
+    as `image_url`): the ids from the root down to the run, every run of the tree oldest first,
+    and whether the tree was cut at MAX_LINEAGE runs. Only the key's own runs."""
+    run = get_run(session, api_key_id, run_id)
+    path = [run]
+    while path[0].parent_run_id and len(path) < MAX_LINEAGE:
+        parent = session.get(Run, path[0].parent_run_id)
+        if parent is None or parent.api_key_id != api_key_id:
+            break  # the parent was deleted: the tree starts here
+        path.insert(0, parent)
+    tree = {r.id: r for r in path}
+    frontier, cut = [path[0].id], False
+    while frontier:  # one query per generation
+        children = list(session.scalars(
+            sa.select(Run).where(Run.api_key_id == api_key_id, Run.parent_run_id.in_(frontier)).order_by(Run.id)
+        ))
+        fresh = [c for c in children if c.id not in tree]
+        if len(tree) + len(fresh) > MAX_LINEAGE:
+            fresh, cut = fresh[: MAX_LINEAGE - len(tree)], True
+        tree.update((c.id, c) for c in fresh)
+        frontier = [] if cut else [c.id for c in fresh]
+    return [r.id for r in path], sorted(tree.values(), key=lambda r: r.id), cut
+
+
 def run_logs(session: Session, run_id: str) -> list[RunLog]:
     return list(session.scalars(sa.select(RunLog).where(RunLog.run_id == run_id).order_by(RunLog.timestamp, RunLog.id)))
 

@@ -18,7 +18,7 @@ from incontext.service.conditional import IfNoneMatch
 from incontext.service.deps import KeyDep, PresetDep, ReadLimitDep, ReadSessionDep, ServiceDep, SessionDep, StorageDep, count_images
 from incontext.service.errors import ValidationFailed, field_error
 from incontext.service.inputs import RunInput, prefetch
-from incontext.service.schemas import LogList, LogPublic, RunCreate, RunList, RunPublic, StatusList, StatusPublic
+from incontext.service.schemas import Lineage, LineageItem, LogList, LogPublic, RunCreate, RunList, RunPublic, StatusList, StatusPublic
 
 router = APIRouter(prefix="/v1", tags=["runs"])
 
@@ -149,6 +149,15 @@ def get_run(run_id: str, key: KeyDep, limits: ReadLimitDep, storage: StorageDep,
 def get_run_logs(run_id: str, key: KeyDep, _: ReadLimitDep, session: ReadSessionDep):
     store.get_run(session, key.id, run_id)
     return LogList(items=[LogPublic.from_row(r) for r in store.run_logs(session, run_id)])
+
+
+@router.get("/runs/{run_id}/lineage", response_model=Lineage)
+def get_run_lineage(run_id: str, key: KeyDep, _: ReadLimitDep, storage: StorageDep, session: ReadSessionDep):
+    """The edit tree of a run: its parents up to the first upload and every run that continued
+    from any of them (`parent_run_id`: an output of this server given as `image_url`), with
+    prompts, outputs and the image each one edited. A playground rebuilds its timeline from it."""
+    path, runs, cut = store.lineage(session, key.id, run_id)
+    return Lineage(run_id=run_id, root_id=path[0], path=path, items=[LineageItem.from_row(r, storage) for r in runs], truncated=cut)
 
 
 @router.post("/runs/{run_id}/cancel", response_model=RunPublic)

@@ -25,6 +25,7 @@ STATUS_CODES = {
     415: "UNSUPPORTED_MEDIA_TYPE",
     422: "VALIDATION_ERROR",
     429: "RATE_LIMITED",
+    507: "STORAGE_ERROR",
 }
 
 
@@ -70,6 +71,14 @@ class RateLimited(ServiceError):
 class ValidationFailed(ServiceError):
     code = "VALIDATION_ERROR"
     http_status = 422
+
+
+class StorageError(ServiceError):
+    """A run's file could not be written (disk full, unwritable data dir): the request or run
+    fails with this code and the server goes on serving."""
+
+    code = "STORAGE_ERROR"
+    http_status = 507
 
 
 class ImageFetchFailed(ServiceError):

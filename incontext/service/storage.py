@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit, parse_qs
 
-from incontext.service.errors import NotFound, PermissionDenied
+from incontext.service.errors import NotFound, PermissionDenied, StorageError
 
 FILES_PREFIX = "/v1/files/"
 _RELPATH = re.compile(r"^[0-9a-f-]{36}/[0-9]{1,2}\.(jpeg|png|mask\.png)$")
@@ -52,7 +52,8 @@ class Storage:
 
     # Inputs: kept until the run ends, so a restart can run it again.
     def save_input(self, run_id: str, data: bytes) -> None:
-        _write_atomic(self.inputs / run_id, data)
+        # Synced: the run is acknowledged (201) once this returns, and a crash must not lose it.
+        _write_atomic(self.inputs / run_id, data, sync=True)
 
     def read_input(self, run_id: str) -> bytes | None:
         path = self.inputs / run_id
@@ -67,7 +68,10 @@ class Storage:
     # Outputs.
     def save_output(self, run_id: str, index: int, data: bytes, ext: str) -> str:
         relpath = f"{run_id}/{index}.{ext}"
-        (self.outputs / run_id).mkdir(exist_ok=True)
+        try:
+            (self.outputs / run_id).mkdir(exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"could not store the output: {exc.strerror or exc}") from None
         _write_atomic(self.outputs / relpath, data)
         return relpath
 
@@ -128,8 +132,18 @@ def _same(expected: str, given: str) -> bool:
     return hmac.compare_digest(expected.encode(), given.encode("utf-8", "surrogatepass"))
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data: bytes, *, sync: bool = False) -> None:
     # A crash mid-write must not leave a truncated image that a restart would then use.
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        # Disk full or unwritable: the request or run fails with STORAGE_ERROR, not the server.
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        raise StorageError(f"could not write a file of the run: {exc.strerror or exc}") from None

@@ -8,7 +8,6 @@ import asyncio
 import threading
 import time
 
-import pytest
 from fastapi.testclient import TestClient
 
 from incontext.service.app import create_app
@@ -135,7 +134,12 @@ def test_a_key_may_have_only_so_many_images_queued_or_running(tmp_path):
         assert client.post(RUNS, json=one, headers=B).status_code == 201  # another key is not affected
 
 
-@pytest.mark.parametrize("path", ["/openapi.json"])
-def test_openapi_still_builds(tmp_path, path):
+def test_an_unwritable_data_dir_fails_the_request_not_the_server(tmp_path):
     with app_client(tmp_path) as client:
-        assert client.get(path).status_code == 200
+        blocked = tmp_path / "blocked"
+        blocked.write_text("a file where the inputs directory should be")
+        client.app.state.service.storage.inputs = blocked
+        r = client.post(RUNS, json={"input": {"prompt": "p", "image_url": data_uri()}}, headers=A)
+        assert r.status_code == 507 and r.json()["code"] == "STORAGE_ERROR"
+        assert client.get("/v1/runs", headers=A).json()["items"] == []  # nothing half-stored
+        assert client.get("/v1/health").status_code == 200

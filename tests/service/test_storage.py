@@ -33,3 +33,12 @@ def test_masks_are_served_beside_their_image_and_deleted_with_it(tmp_path):
     for relpath in (image, mask):
         with pytest.raises(NotFound):
             storage.output_path(relpath)
+
+
+def test_an_output_that_cannot_be_written_is_a_storage_error(tmp_path):
+    from incontext.service.errors import StorageError
+
+    storage = Storage(tmp_path, secret=b"s", base_url="http://x", ttl_seconds=60)
+    (storage.outputs / "run").write_text("a file where the run's directory should be")
+    with pytest.raises(StorageError):
+        storage.save_output("run", 0, b"png", "png")

@@ -246,14 +246,13 @@ def _palette_on_white(im: Image.Image) -> Image.Image:
     rgba = im.convert("RGBA") if im.size[0] * im.size[1] <= 256 else None  # tiny: no saving to be had
     if rgba is not None:
         return _composite_on_white(rgba)
-    entries = Image.new("P", (256, 1))
+    entries = Image.frombytes("P", (256, 1), bytes(range(256)))
     entries.putpalette(im.getpalette("RGB") or [])
     entries.info["transparency"] = im.info["transparency"]
-    entries.putdata(list(range(256)))
-    colours = list(entries.convert("RGBA").getdata())  # what each index means, with its alpha
+    rgba = entries.convert("RGBA").tobytes()  # what each index means, with its alpha
     flat = im.copy()  # the same indices, with the composited colours and no transparency
     flat.info.pop("transparency", None)
-    flat.putpalette([_over_white(c, a) for r, g, b, a in colours for c in (r, g, b)])
+    flat.putpalette([_over_white(rgba[i + c], rgba[i + 3]) for i in range(0, 1024, 4) for c in range(3)])
     return flat.convert("RGB")
 
 

@@ -474,3 +474,51 @@ def test_fit_to_size_palette_and_bad_args():
 def test_public_names():
     for name in imageio.__all__:
         assert hasattr(imageio, name)
+
+
+# A 39 KB PNG of 6300×6300 palette pixels with a transparent index, decoded in a fresh process
+# so its peak RSS is its own. It used to take three RGBA copies (about 650 MB over the
+# baseline); composited through its palette it takes the indices and the RGB result.
+_BOMB_SCRIPT = """
+import io, resource, sys
+from PIL import Image
+from incontext import imageio
+im = Image.new("P", (6300, 6300), 0)
+im.putpalette([255, 0, 0] * 256)
+buf = io.BytesIO()
+im.save(buf, "PNG", transparency=0, optimize=True)
+del im
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rgb = imageio.decode_image(buf.getvalue(), max_bytes=1 << 20, max_pixels=40_000_000)
+assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (255, 255, 255)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_palette_bomb_with_transparency_decodes_in_bounded_memory():
+    import subprocess
+    import sys
+
+    grown_mb = int(subprocess.run([sys.executable, "-c", _BOMB_SCRIPT], capture_output=True, text=True, check=True, timeout=120).stdout)
+    rgb_mb = 6300 * 6300 * 3 / 2**20  # 114 MB: the result itself
+    assert grown_mb < 2.2 * rgb_mb, f"decoding grew the process by {grown_mb} MB"
+
+
+def test_palette_transparency_composites_as_alpha_composite_does():
+    src = Image.new("P", (40, 20))
+    src.putpalette([(i * 7) % 256 for i in range(768)])
+    src.putdata([i % 256 for i in range(800)])
+    alpha = bytes(range(0, 256))
+    out = imageio.decode_image(_save(src, transparency=alpha))
+    expected = Image.alpha_composite(Image.new("RGBA", src.size, "white"), _open(_save(src, transparency=alpha)).convert("RGBA")).convert("RGB")
+    assert out.tobytes() == expected.tobytes()
+
+
+def _save(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def _open(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))

@@ -1,0 +1,148 @@
+"""The playground and the API reference in a real browser: Debian's Chromium, headless,
+driven by Playwright, against a real server with the bundled nano model.
+
+Skipped with the reason where Playwright or Chromium is missing (.ci/run installs both).
+Screenshots of each stage are written to the test's tmp_path."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .helpers import Server, create_key
+
+CHROMIUM = os.environ.get("INCONTEXT_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "shapes.png"
+EDIT_TIMEOUT_MS = 240_000  # a loaded 2-core machine; an edit alone takes about a second
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e .[test])")
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def nano_server(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("playground")
+    env = {"OMP_NUM_THREADS": "1", "INCONTEXT_ENGINE_COMPILE": "false", "INCONTEXT_POLL_INTERVAL_SECONDS": "0.2"}
+    srv = Server(data_dir, env)
+    srv.keys = [create_key(data_dir, "browser")]
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+def offline(page, server) -> list[str]:
+    """Abort every request that leaves the loopback server; returns the URLs refused."""
+    refused: list[str] = []
+
+    def route(r):
+        if r.request.url.startswith((server.url, "data:", "blob:")):
+            return r.continue_()
+        refused.append(r.request.url)
+        return r.abort()
+
+    page.route("**/*", route)
+    return refused
+
+
+def wait_for_result(page, turns: int) -> None:
+    """The live progress shows and ends, and the timeline holds `turns` turns."""
+    expect = sync_api.expect
+    live = page.locator("#live-text")
+    expect(live).to_contain_text(re.compile("succeeded|failed|canceled"), timeout=EDIT_TIMEOUT_MS)
+    assert "succeeded" in live.text_content(), page.locator("#err-form").text_content()
+    expect(page.locator("#timeline .turn")).to_have_count(turns)
+    expect(page.locator("#results .result")).not_to_have_count(0)
+
+
+def test_a_three_turn_edit_with_a_branch_survives_a_reload(browser, nano_server, tmp_path):
+    expect = sync_api.expect
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    refused = offline(page, nano_server)
+    page.goto(nano_server.url + "/")
+    expect(page.locator("#model option")).not_to_have_count(0)
+    page.get_by_text("API key").first.click()
+    page.get_by_label("API key, kept in this browser only").fill(nano_server.keys[0])
+    page.get_by_label("API key, kept in this browser only").dispatch_event("change")
+
+    # An error from the server shows beside its field: an edit with no instruction.
+    page.locator("#file").set_input_files(str(EXAMPLE))
+    expect(page.locator("#source-img")).to_be_visible()
+    page.get_by_role("button", name="Edit", exact=True).click()
+    expect(page.locator("#err-prompt")).to_contain_text("VALIDATION_ERROR")
+    page.screenshot(path=tmp_path / "0-error.png")
+
+    # Turn 1: the uploaded image, watched through the live progress.
+    page.get_by_label("Instruction").fill("make the red circle blue")
+    page.get_by_label("Format").select_option("png")
+    page.get_by_role("button", name="Edit", exact=True).click()
+    expect(page.locator("#live")).to_be_visible()
+    wait_for_result(page, 1)
+    steps = page.locator("#live-text").text_content()
+    assert page.locator("#bar").evaluate("b => b.value") == 1, steps
+    page.screenshot(path=tmp_path / "1-first-turn.png")
+    first_run = page.evaluate("location.hash")
+
+    # Turn 2 continues from turn 1's output, with no upload.
+    expect(page.locator("#continuing")).to_contain_text("turn 1")
+    page.get_by_label("Instruction").fill("make the background white")
+    page.get_by_role("button", name="Edit", exact=True).click()
+    wait_for_result(page, 2)
+    page.screenshot(path=tmp_path / "2-second-turn.png")
+
+    # A branch from turn 1.
+    page.locator("#timeline .turn").first.click()
+    expect(page.locator("#continuing")).to_contain_text("turn 1")
+    assert page.evaluate("location.hash") == first_run
+    page.get_by_label("Instruction").fill("make the triangle green")
+    page.get_by_role("button", name="Edit", exact=True).click()
+    wait_for_result(page, 3)
+    page.screenshot(path=tmp_path / "3-branch.png")
+
+    # After a reload the timeline is the server's lineage: three turns, the branch current.
+    page.reload()
+    expect(page.locator("#timeline .turn")).to_have_count(3)
+    expect(page.locator("#timeline .turn[aria-current]")).to_contain_text("Turn 2")
+    expect(page.locator("#timeline .turn.off-path")).to_have_count(1)  # the other turn 2
+
+    # The before/after slider moves the split, and the changed region can be shown.
+    split = page.locator("#results .split").first
+    after = page.locator("#results .after").first
+    expect(split).to_be_visible()
+    before = after.evaluate("img => img.style.clipPath")
+    split.focus()
+    for _ in range(20):
+        page.keyboard.press("ArrowLeft")
+    moved = after.evaluate("img => img.style.clipPath")
+    assert before == "inset(0px 0px 0px 50%)" and moved == "inset(0px 0px 0px 30%)", (before, moved)
+    page.locator("#results .show-mask").first.check()
+    expect(page.locator("#results .mask").first).to_be_visible()
+    page.wait_for_function("document.querySelector('#results .mask').width > 0")  # the mask has loaded
+    page.screenshot(path=tmp_path / "4-after-reload.png", full_page=True)
+    assert refused == []
+
+
+def test_api_docs_render_with_the_network_blocked(browser, nano_server, tmp_path):
+    expect = sync_api.expect
+    page = browser.new_page()
+    refused = offline(page, nano_server)
+    page.goto(nano_server.url + "/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("incontext", timeout=60_000)
+    expect(page.locator(".opblock").first).to_be_visible()
+    page.screenshot(path=tmp_path / "docs.png")
+    page.goto(nano_server.url + "/redoc")
+    expect(page.locator("h1").first).to_contain_text("incontext", timeout=60_000)
+    page.screenshot(path=tmp_path / "redoc.png")
+    assert refused == []

@@ -141,11 +141,37 @@ def _edit_remote(server, api_key, image, prompt, seed, guidance, steps, num_imag
         inp["num_inference_steps"] = steps
     if aspect_ratio:
         inp["aspect_ratio"] = aspect_ratio
-    with Client(server, api_key or "") as client, console.status("waiting for the server"):
-        run = client.run(model_id or "flux-pro/kontext", inp)
+    with Client(server, api_key or "") as client:
+        run = client.submit(model_id or "flux-pro/kontext", inp)
+        run = _follow(client, run["id"])
     outputs = run["output"]["outputs"]
     return [(imageio.decode_data_uri(o["url"]), imageio.decode_data_uri(o["mask_url"]) if o.get("mask_url") else None, o.get("changed_share"))
             for o in outputs]
+
+
+def _follow(client, run_id: str) -> dict:
+    """The run when it ends, with a progress bar fed by its event stream (polling, for a server
+    without one); raises the client's RunFailed/RunCanceled as `Client.wait` does."""
+    from incontext.client import APIError, _outcome
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("waiting", total=None)
+        try:
+            for kind, data in client.events(run_id):
+                if kind == "queued":
+                    progress.update(task, description=f"queued, {data.get('queue_position') or 0} ahead")
+                elif kind == "running":
+                    progress.update(task, description="editing")
+                elif kind == "step":
+                    progress.update(task, description="editing", completed=data["step"], total=data["total_steps"])
+                elif kind == "end":
+                    return _outcome(data)
+        except APIError as e:
+            if e.status_code not in (404, 405) or e.code == "RUN_NOT_FOUND":
+                raise
+        progress.update(task, description="waiting for the server")  # no event stream there: poll
+        return client.wait(run_id)
 
 
 @app.command()
@@ -177,4 +203,6 @@ _register_subcommands()
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    # httpx logs every request at INFO: one line per poll of `edit --server` said nothing useful.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     app()

@@ -6,6 +6,7 @@
         png = client.download(run["output"]["image_urls"][0])
 
 `run` submits, polls until the run ends, and returns the run (a dict, as the API sends it);
+`events` follows a run's Server-Sent Events instead (steps, previews, the end) for a progress bar;
 it raises `RunFailed` or `RunCanceled` for those ends, `RunTimeout` if none came in time,
 and `APIError` (with `.code` and `.status_code`) when the server refuses a request.
 `AsyncClient` has the same methods, awaitable.
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import httpx
@@ -103,6 +106,21 @@ def _throttled(e: APIError) -> float | None:
         return 1.0
 
 
+def parse_sse(lines: Iterable[str]) -> Iterator[dict[str, str]]:
+    """Server-Sent Events from a stream's lines: {"event", "data", and "id" if sent} each;
+    comments and id-less retry lines are skipped."""
+    event: dict[str, str] = {}
+    for line in lines:
+        if not line:
+            if "event" in event:
+                yield event
+            event = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            event[name] = event[name] + "\n" + value if name == "data" and "data" in event else value
+
+
 def _next_delay(delay: float, poll_interval: float) -> float:
     # Start quick (short runs end in well under a second), then settle at poll_interval.
     return min(delay * 1.5, poll_interval)
@@ -137,6 +155,33 @@ class Client:
 
     def logs(self, run_id: str) -> list[dict]:
         return _check(self._http.get(f"/v1/runs/{run_id}/logs"))["items"]
+
+    def events(self, run_id: str, *, timeout: float = 300.0) -> Iterator[tuple[str, dict]]:
+        """The run's event stream (`GET /v1/runs/{id}/events`): ("queued" | "running" | "step",
+        data) pairs, then ("end", run) and no more. A dropped connection is resumed with
+        Last-Event-ID, so no step comes twice. Raises APIError as `get` does, RunTimeout after
+        `timeout` seconds."""
+        deadline, last_id = time.monotonic() + timeout, None
+        # The server sends a comment every 15 s on a quiet stream: a minute of silence is a dead one.
+        read_timeout = httpx.Timeout(60.0, connect=10.0)
+        while True:
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            try:
+                with self._http.stream("GET", f"/v1/runs/{run_id}/events", headers=headers, timeout=read_timeout) as response:
+                    if not response.is_success:
+                        response.read()
+                        _check(response)
+                    for event in parse_sse(response.iter_lines()):
+                        last_id = event.get("id", last_id)
+                        yield event["event"], json.loads(event["data"])
+                        if event["event"] == "end":
+                            return
+                        if time.monotonic() >= deadline:
+                            raise RunTimeout(self.get(run_id), timeout)
+            except httpx.TransportError:
+                if time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.2)
 
     def wait(self, run_id: str, *, timeout: float = 300.0, poll_interval: float = 1.0) -> dict:
         """Poll until the run ends; returns it if it succeeded, else raises RunFailed/RunCanceled."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -34,3 +35,16 @@ def test_a_bad_key_is_a_one_line_error(server, tmp_path):
     )
     assert proc.returncode != 0
     assert "UNAUTHORIZED" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_edit_through_the_server_is_quiet_and_shows_its_steps(server, tmp_path):
+    src = tmp_path / "in.png"
+    src.write_bytes(png_bytes())
+    proc = subprocess.run(
+        [sys.executable, "-m", "incontext", "edit", str(src), "make it blue", "-o", str(tmp_path / "o.png"), "--steps", "6",
+         "--server", server.url, "--api-key", server.keys[0]],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "120"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "6/6 steps" in proc.stdout  # the bar, fed by the event stream
+    assert "HTTP Request" not in proc.stderr + proc.stdout  # no line per request

@@ -67,10 +67,13 @@ class Settings(BaseSettings):
     # Step cache for every model: "off" (exact, reproducible in stock diffusers), "fast"
     # (2× fewer transformer passes, ~40 dB from the exact output) or "every,first,last".
     engine_step_cache: str = "off"
-    # Compile the transformer with torch.compile in the background and use it once warm
-    # (engine/compiled.py): an edit 1.6× faster on the 2-core CPU of docs/engine.md, batches
-    # 1.2×; requests never wait for it, and a failed compile leaves the eager model serving.
+    # Serve each model's transformer compiled ahead of time (engine/compiled.py): loaded from
+    # compile_dir in under a second when this machine has built it for these weights, else
+    # served eagerly while a child process at the lowest CPU priority builds it (minutes), or
+    # `incontext warmup` beforehand. A failed build leaves the eager model serving.
     engine_compile: bool = True
+    # Where the compiled packages are kept (default: DATA_DIR/compiled).
+    compile_dir: Path | None = None
     # Images one key may ask for per minute: a run counts its num_images, a batch all its
     # items' (a batch of 100 × 4 is 400). Refused with 429 and Retry-After.
     rate_limit_per_minute: int = Field(120, ge=1)
@@ -142,6 +145,10 @@ class Settings(BaseSettings):
     @property
     def local_only(self) -> bool:
         return is_loopback(self.host)
+
+    @property
+    def resolved_compile_dir(self) -> Path:
+        return self.compile_dir or self.data_dir / "compiled"
 
     @property
     def resolved_database_url(self) -> str:

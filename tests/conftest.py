@@ -31,3 +31,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_compile_dir(tmp_path_factory):
+    """Where the tiny model's compiled transformer is kept, shared by the tests that need one."""
+    return tmp_path_factory.mktemp("compiled")

@@ -1,135 +1,259 @@
-"""The transformer and the VAE compiled with torch.compile, made ready in the background.
+"""The transformer compiled ahead of time: built once per machine and model, loaded at every start.
 
 At the nano model's sizes a transformer pass is mostly Python and kernel-launch overhead,
-which torch.compile removes: on the 2-core CPU the docs' figures come from, a pass at batch 1
-takes 37 ms eager and 22 ms compiled, a 128² VAE decode 45 ms and 18 ms (docs/engine.md).
-Compiling costs about a minute per graph, though, so the engine never waits for it: it
-serves eagerly from the start, while a thread compiles and runs the graphs a bucket needs
-(batch 1 is specialised by dynamo; batch ≥ 2 is one graph with a dynamic batch and token
-count) on dummy inputs, and then ends. Only then do requests of that bucket use the compiled
-modules. A bucket first seen in a request is queued for warming and served eagerly until it
-is warm, so a request never stalls on a compile. Inductor keeps its compiled code in an
-on-disk cache (TORCHINDUCTOR_CACHE_DIR), which makes later starts of the engine quicker.
+which a compiled graph removes (docs/engine.md has the figures). torch.compile inside the
+serving process paid for that with minutes of compiling at every start, on the same cores
+as the requests it was meant to speed up. Instead, AOTInductor exports the transformer once,
+with a dynamic batch and token count, compiles it to a shared library packaged as a `.pt2`
+file, and the engine loads that file in well under a second:
+
+- The package's name is a fingerprint of everything that makes it valid: torch's version,
+  the CPU (or GPU) it was compiled for, the transformer's weights and config, the dtype and
+  the text length. A new torch, another machine or new weights simply find no package.
+- With no package, the engine serves eagerly and builds one in a child process at the
+  lowest CPU priority (nice 19): the kernel gives the engine's threads the cores whenever a
+  request runs, and the build gets what is left. `incontext warmup` builds it in the
+  foreground instead, e.g. at install time.
+- The engine switches to the package between two steps once the child has written it. A
+  build that fails (no C++ compiler, say) leaves the eager model serving, with a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
-import queue
-import threading
+import os
+import platform
+import subprocess
+import sys
 import time
-from types import SimpleNamespace
+import warnings
+from pathlib import Path
 
 import torch
-from PIL import Image
 
 from incontext import sampler
 
 log = logging.getLogger(__name__)
 
-WARM_BATCHES = (1, 2)  # one specialised graph for a single request, one dynamic graph for more
+# Bump when what a package holds changes (the wrapper's signature, the dynamic dimensions).
+FORMAT = 1
+MAX_BATCH = 1024
+MAX_TOKENS = 65536  # target and context tokens together: 1024² and its context is 8192
+_POLL_SECONDS = 1.0  # how often the engine looks whether the build has ended
 
 
-class CompiledVae:
-    """The VAE's encode (to the posterior mode) and decode, compiled; it offers what the
-    sampler reads of a VAE: `config`, `dtype`, `encode(x).latent_dist.mode()` and
-    `decode(z, return_dict=False)[0]`. Compiled, a 128² decode takes 18 ms instead of 45."""
+class _Forward(torch.nn.Module):
+    """The transformer's forward with positional tensors only, as torch.export wants."""
 
-    def __init__(self, vae: torch.nn.Module):
-        self.config, self.dtype = vae.config, vae.dtype
-        # The posterior's mode inside the graph: the distribution object is plain Python.
-        self._encode = torch.compile(lambda x: vae.encode(x).latent_dist.mode(), dynamic=True)
-        self._decode = torch.compile(vae.decode, dynamic=True)
+    def __init__(self, transformer: torch.nn.Module, guidance: bool):
+        super().__init__()
+        self.transformer, self.guidance = transformer, guidance
 
-    def encode(self, x: torch.Tensor):
-        z = self._encode(x)
-        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: z))
+    def forward(self, x, t, vec, txt, txt_ids, img_ids, g=None):
+        return self.transformer(hidden_states=x, timestep=t, guidance=g if self.guidance else None, pooled_projections=vec,
+                                encoder_hidden_states=txt, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
 
-    def decode(self, z: torch.Tensor, return_dict: bool = False):
-        return self._decode(z, return_dict=False)
+
+class AotTransformer:
+    """A loaded package behind the call the sampler makes of a FluxTransformer2DModel
+    (`sampler.predict_velocity`): keyword tensors in, a one-element tuple out."""
+
+    def __init__(self, package: Path, config):
+        self.config = config
+        self._run = torch._inductor.aoti_load_package(str(package))
+
+    def __call__(self, *, hidden_states, timestep, guidance, pooled_projections, encoder_hidden_states, txt_ids, img_ids,
+                 return_dict: bool = False):
+        args = [hidden_states, timestep, pooled_projections, encoder_hidden_states, txt_ids, img_ids]
+        if self.config.guidance_embeds:
+            args.append(guidance)
+        return (self._run(*args),)
+
+
+def fingerprint(model_dir: Path, m: sampler.Models) -> str:
+    """What a package compiled from `model_dir`'s transformer, loaded as `m`, is valid for."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"format": FORMAT, "torch": torch.__version__, "machine": _machine(m.device), "dtype": str(m.dtype),
+                         "max_sequence_length": m.max_sequence_length}, sort_keys=True).encode())
+    for f in sorted(p for p in (Path(model_dir) / "transformer").iterdir() if p.is_file()):
+        h.update(f.name.encode())
+        stat = f.stat()
+        if stat.st_size <= 1 << 30:  # the weights themselves where hashing them is cheap
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+        else:  # a 12B model's shards: size and time of change stand in for their bytes
+            h.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
+def _machine(device: torch.device) -> str:
+    """The instruction sets the generated code may use: another CPU needs another package."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}:{torch.version.cuda}"
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()}:{torch.backends.cpu.get_cpu_capability()}:{hashlib.sha256(flags.encode()).hexdigest()[:16]}"
+
+
+def package_path(cache_dir: Path, model_dir: Path, m: sampler.Models) -> Path:
+    return Path(cache_dir) / f"transformer-{fingerprint(model_dir, m)}.pt2"
+
+
+@torch.no_grad()
+def build(m: sampler.Models, out: Path) -> Path:
+    """Export `m`'s transformer and compile it into the package `out` (minutes on a CPU).
+    Written under another name and renamed, so a reader never sees half a package."""
+    tr = m.transformer.eval()
+    cfg = tr.config
+    img_ids, txt_ids = sampler.kontext_ids(64, 64, m.vae_scale_factor, m.max_sequence_length)  # any size: it is dynamic
+    tokens = img_ids.shape[0]
+    dev, dt, b = m.device, m.dtype, 2
+    args = [torch.zeros(b, tokens, cfg.in_channels, dtype=dt, device=dev), torch.full((b,), 0.5, dtype=dt, device=dev),
+            torch.zeros(b, cfg.pooled_projection_dim, dtype=dt, device=dev),
+            torch.zeros(b, m.max_sequence_length, cfg.joint_attention_dim, dtype=dt, device=dev),
+            txt_ids.to(dev), img_ids.to(dev)]
+    batch, n = torch.export.Dim("batch", min=1, max=MAX_BATCH), torch.export.Dim("tokens", min=2, max=MAX_TOKENS)
+    shapes = [{0: batch, 1: n}, {0: batch}, {0: batch}, {0: batch}, None, {0: n}]
+    if cfg.guidance_embeds:
+        args.append(torch.full((b,), 3.5, device=dev))
+        shapes.append({0: batch})
+    with warnings.catch_warnings():  # torch's own deprecation inside export, nothing a user can act on
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        exported = torch.export.export(_Forward(tr, cfg.guidance_embeds), tuple(args), dynamic_shapes=tuple(shapes), strict=False)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.stem + f".partial-{os.getpid()}.pt2")
+    try:
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(partial))
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return out
 
 
 class CompiledModels:
-    """A model's compiled twin, warmed up bucket by bucket on a background thread.
+    """A model's compiled twin. `current()` is what the engine calls each step: the models
+    with the packaged transformer once it is loaded, the eager ones until then (or if the
+    build failed). Only the engine's thread calls `current()`, so the package is loaded on
+    the thread that runs every other torch op (LocalEngine.start_thread says why)."""
 
-    `for_bucket(width, height)` is what the engine calls each step: the compiled models once
-    that bucket is warm, the eager ones until then (or if compiling failed)."""
-
-    def __init__(self, models: sampler.Models, buckets: list[tuple[int, int]], *, start: bool = True):
+    def __init__(self, models: sampler.Models, model_dir: Path, cache_dir: Path, *, build_missing: bool = True):
         self.eager = models
-        self.compiled = dataclasses.replace(models, transformer=torch.compile(models.transformer, dynamic=True),
-                                            vae=CompiledVae(models.vae))
-        self.ready: set[tuple[int, int]] = set()
+        self.compiled: sampler.Models | None = None
+        self.package = package_path(cache_dir, model_dir, models)
         self.failed: str | None = None
-        self.seconds = 0.0  # spent warming, so far
-        self._seen: set[tuple[int, int]] = set()
-        self._todo: queue.Queue = queue.Queue()
-        self._idle = threading.Event()
-        self._lock = threading.Lock()  # "queue empty → idle" must not interleave with a new bucket
-        self._start = start
-        self._warming = False  # a warm-up thread is running
-        for bucket in buckets:
-            self._queue(bucket)
+        self.build_seconds: float | None = None  # of a build this engine started, once it ended
+        self.load_seconds: float | None = None
+        self._model_dir = Path(model_dir)
+        self._child: subprocess.Popen | None = None
+        self._started = 0.0
+        self._next_poll = 0.0
+        if not self.package.exists() and build_missing:
+            self._start_build()
 
-    def for_bucket(self, width: int, height: int) -> sampler.Models:
-        if (width, height) in self.ready:
+    def current(self) -> sampler.Models:
+        if self.compiled is not None:
             return self.compiled
-        self._queue((width, height))
-        return self.eager
+        if self.failed is None and time.monotonic() >= self._next_poll:
+            self._next_poll = time.monotonic() + _POLL_SECONDS
+            self._poll()
+        return self.compiled or self.eager
+
+    @property
+    def building(self) -> bool:
+        return self._child is not None and self._child.poll() is None
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until every bucket queued so far is warm (or compiling failed); True if so."""
-        return self._idle.wait(timeout)
+        """Block until no build of this engine's runs (it ended or none was started); True if so.
+        The package is loaded at the next `current()`."""
+        if self._child is None:
+            return True
+        try:
+            self._child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        self._next_poll = 0.0  # the engine's next step looks at once
+        return True
 
-    def _queue(self, bucket: tuple[int, int]) -> None:
-        with self._lock:
-            if bucket not in self._seen and self.failed is None:
-                self._seen.add(bucket)
-                self._idle.clear()
-                self._todo.put(bucket)
-                if self._start and not self._warming:
-                    self._warming = True
-                    threading.Thread(target=self._warm_loop, name="incontext-compile", daemon=True).start()
-
-    def _warm_loop(self) -> None:
-        # The thread ends when there is nothing left to warm: while a thread that ran torch
-        # work lives, the engine thread's every op is slower (LocalEngine.start_thread).
-        while True:
-            with self._lock:
-                if self._todo.empty():
-                    self._warming = False
-                    self._idle.set()
-                    return
-            width, height = self._todo.get()
-            t0 = time.perf_counter()
+    def close(self) -> None:
+        """Stop a build still running: a package half built is worth nothing."""
+        if self.building:
+            self._child.terminate()
             try:
-                for batch in WARM_BATCHES:
-                    self._run(width, height, batch)
-            except Exception as e:  # compiling is an optimisation: the eager model keeps serving
-                self.failed = f"{e.__class__.__name__}: {e}"
-                log.warning("torch.compile failed, serving the eager transformer: %s", self.failed)
-                self._idle.set()
-                return
-            finally:
-                self.seconds += time.perf_counter() - t0
-            self.ready.add((width, height))
-            log.info("compiled transformer ready for %dx%d (%.0f s of compiling so far)", width, height, self.seconds)
+                self._child.wait(10)
+            except subprocess.TimeoutExpired:
+                self._child.kill()
 
-    @torch.no_grad()  # the engine's mode: a different grad mode would be another graph
-    def _run(self, width: int, height: int, batch: int) -> None:
-        m = self.compiled
-        tokens = (height // m.vae_scale_factor // 2) * (width // m.vae_scale_factor // 2)
-        cfg = m.transformer.config
-        img = torch.zeros(batch, tokens, cfg.in_channels, dtype=m.dtype)
-        txt = torch.zeros(batch, m.max_sequence_length, cfg.joint_attention_dim, dtype=m.dtype)
-        vec = torch.zeros(batch, cfg.pooled_projection_dim, dtype=m.dtype)
-        img_ids, txt_ids = sampler.kontext_ids(height, width, m.vae_scale_factor, m.max_sequence_length)
-        sampler.predict_velocity(
-            m, img=img, img_cond=img, txt=txt, vec=vec, timesteps=torch.full((batch,), 500.0),
-            guidance=torch.full((batch,), 3.5), img_ids=img_ids, txt_ids=txt_ids,
-        )
-        # the VAE as the engine calls it: one context image in, `num_images` outputs out
-        if batch == 1:
-            sampler.encode_images(m, [Image.new("RGB", (width, height))])
-        sampler.decode(m, img, height, width)
+    def _poll(self) -> None:
+        if self.building:
+            return
+        if self._child is not None and self.build_seconds is None:
+            self.build_seconds = time.monotonic() - self._started
+            if self._child.returncode != 0:
+                tail = _tail(self.package.with_suffix(".log"))
+                self.failed = f"the build exited with {self._child.returncode}: {tail}"
+                log.warning("compiling the transformer ahead of time failed; serving it eagerly. %s", self.failed)
+                return
+            log.info("compiled transformer built in %.0f s: %s", self.build_seconds, self.package)
+        if self.package.exists():
+            try:
+                t0 = time.perf_counter()
+                self.compiled = dataclasses.replace(self.eager, transformer=AotTransformer(self.package, self.eager.transformer.config))
+                self.load_seconds = time.perf_counter() - t0
+                log.info("serving the compiled transformer %s (loaded in %.2f s)", self.package.name, self.load_seconds)
+            except Exception as e:  # a package that does not load is an optimisation lost, not an outage
+                self.failed = f"{e.__class__.__name__}: {e}"
+                log.warning("could not load %s; serving the eager transformer: %s", self.package, self.failed)
+
+    def _start_build(self) -> None:
+        self.package.parent.mkdir(parents=True, exist_ok=True)
+        m = self.eager
+        cmd = [sys.executable, "-m", "incontext.engine.compiled", str(self._model_dir), str(self.package),
+               "--dtype", str(m.dtype).removeprefix("torch."), "--device", str(m.device),
+               "--max-sequence-length", str(m.max_sequence_length)]
+        with open(self.package.with_suffix(".log"), "w") as logfile:
+            self._child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
+                                           start_new_session=True)
+        self._started = time.monotonic()
+        log.info("building the compiled transformer in the background at the lowest priority (pid %d): %s",
+                 self._child.pid, self.package.name)
+
+
+def _tail(path: Path, n: int = 400) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:].strip()
+    except OSError:
+        return "(no log)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m incontext.engine.compiled MODEL_DIR PACKAGE`: what the engine's build child runs."""
+    import argparse
+
+    from incontext.models.loader import load_model
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("package", type=Path)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-sequence-length", type=int, default=None)
+    a = p.parse_args(argv)
+    os.nice(19)  # the engine's requests come first; the C++ compiler processes inherit it
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    t0 = time.perf_counter()
+    m = load_model(a.model_dir, device=a.device, dtype=a.dtype, max_sequence_length=a.max_sequence_length)
+    build(m, a.package)
+    log.info("wrote %s in %.0f s", a.package, time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    main()

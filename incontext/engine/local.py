@@ -25,10 +25,11 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from incontext import imageio, sampler
+from incontext import sampler
 from incontext.engine import preview, stepcache
 from incontext.engine.caches import LRU, image_key
 from incontext.engine.compiled import CompiledModels
@@ -112,18 +113,19 @@ def _rows(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
 class LocalEngine:
     def __init__(self, registry: Registry, *, max_batch_size: int = 8, dtype: str = "auto", device: str = "cpu",
                  text_cache: int = 256, image_cache: int = 64, reuse_output_latents: bool = True,
-                 step_cache: StepCacheConfig | str | None = None, compile: bool = False):
+                 step_cache: StepCacheConfig | str | None = None, compile_dir: Path | None = None):
         """`step_cache`: None for the exact sampler, a preset name ("fast") or a StepCacheConfig,
-        for every model; `set_step_cache` changes it, also for one model only. `compile`: each
-        loaded model's transformer is compiled in the background and used once warm
-        (engine/compiled.py); requests never wait for it."""
+        for every model; `set_step_cache` changes it, also for one model only. `compile_dir`:
+        where each loaded model's ahead-of-time compiled transformer is kept (engine/compiled.py);
+        it is loaded from there, or built there at the lowest priority while the engine serves
+        eagerly. None: eager only."""
         self.registry = registry
         self.dtype = dtype
         self.device = device
         self.scheduler = Scheduler(max_batch_size)
         self.models: dict[str, sampler.Models] = {}
         self.projections: dict[str, torch.Tensor] = {}  # model id → its latent-to-RGB preview map
-        self.compile = compile
+        self.compile_dir = compile_dir
         self.compiled: dict[str, CompiledModels] = {}
         self.text_cache: LRU[tuple] = LRU(text_cache)
         self.latent_cache: LRU[torch.Tensor] = LRU(image_cache)
@@ -217,10 +219,8 @@ class LocalEngine:
         if preset.id not in self.models:
             self.models[preset.id] = load_model(preset.directory, device=self.device, dtype=self.dtype, max_sequence_length=preset.max_sequence_length)
             self.projections[preset.id] = preview.fit_projection(self.models[preset.id])
-            if self.compile:
-                # The square bucket now; others when a request first needs them.
-                square = imageio.output_size(1, 1, target_area=preset.target_area, multiple=preset.multiple)
-                self.compiled[preset.id] = CompiledModels(self.models[preset.id], [square])
+            if self.compile_dir is not None:
+                self.compiled[preset.id] = CompiledModels(self.models[preset.id], preset.directory, self.compile_dir)
         return self.models[preset.id]
 
     def set_step_cache(self, spec: StepCacheConfig | str | None, model_id: str | None = None) -> None:
@@ -248,6 +248,8 @@ class LocalEngine:
             batch = self.scheduler.schedule()
             if not batch.samples:
                 self._inputs = None  # let the last batch's tensors go
+                for compiled in self.compiled.values():  # load a package just built while nothing waits
+                    compiled.current()
                 continue
             t0 = time.perf_counter()
             try:
@@ -261,6 +263,8 @@ class LocalEngine:
             finished = self.scheduler.update(batch)
             self.stats.busy_seconds += time.perf_counter() - t0
             self._after_update(batch, finished)
+        for compiled in self.compiled.values():
+            compiled.close()
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -337,7 +341,7 @@ class LocalEngine:
         model_id, width, height = batch.bucket
         m = self.models[model_id]
         if model_id in self.compiled:
-            m = self.compiled[model_id].for_bucket(width, height)
+            m = self.compiled[model_id].current()
         now = time.perf_counter()
         for s in batch.new:
             job = self._jobs[s.request_id]
@@ -439,7 +443,7 @@ class LocalEngine:
         model_id = job.samples[0].bucket[0]
         m = self.models[model_id]
         if model_id in self.compiled:
-            m = self.compiled[model_id].for_bucket(r.width, r.height)
+            m = self.compiled[model_id].current()
         with torch.no_grad():
             lat = torch.cat([job.latents[i] for i in range(r.num_images)])
             images = sampler.decode(m, lat, r.height, r.width)

@@ -76,7 +76,7 @@ def build_registry(settings: Settings) -> Registry:
 
 def build_engine(settings: Settings, registry: Registry) -> EngineClient:
     kwargs = {"max_batch_size": settings.engine_max_batch_size, "step_cache": settings.engine_step_cache,
-              "compile": settings.engine_compile}
+              "compile_dir": settings.resolved_compile_dir if settings.engine_compile else None}
     if settings.engine_mode == "process":
         from incontext.engine.process import ProcessEngine
 

@@ -1,4 +1,4 @@
-"""`incontext serve` and `incontext keys …`; `register(app)` adds them to a Typer app.
+"""`incontext serve`, `incontext warmup` and `incontext keys …`; `register(app)` adds them to a Typer app.
 
     incontext keys create --data-dir ./data --label laptop    # prints the key, once
     INCONTEXT_MODEL_DIR=./my-model incontext serve --data-dir ./data --port 8000
@@ -56,6 +56,35 @@ def serve(
         finally:
             db_engine.dispose()
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level.lower(), timeout_graceful_shutdown=5)
+
+
+def warmup(
+    data_dir: DataDir = None,
+    model_dir: Annotated[Path | None, typer.Option(help="the model directory `serve --model-dir` will serve")] = None,
+    model: Annotated[str | None, typer.Option(help="another registered model id or directory")] = None,
+) -> None:
+    """Compile the served model's transformer ahead of time (minutes), so `serve` loads it at once.
+
+    Without it, the first `serve` on a machine builds it in the background at the lowest CPU
+    priority and serves eagerly until it is ready. Kept per torch version, CPU and weights."""
+    import time
+
+    from incontext.engine.compiled import build, package_path
+    from incontext.models.loader import load_model
+    from incontext.service.app import build_registry
+
+    settings = _settings(data_dir=data_dir, model_dir=model_dir)
+    preset = build_registry(settings).resolve(model)
+    console = Console(stderr=True)
+    m = load_model(preset.directory, max_sequence_length=preset.max_sequence_length)
+    path = package_path(settings.resolved_compile_dir, preset.directory, m)
+    if path.exists():
+        console.print(f"already compiled for this machine: {path}")
+        return
+    t0 = time.perf_counter()
+    with console.status(f"compiling {preset.id}'s transformer (minutes on a CPU)"):
+        build(m, path)
+    console.print(f"compiled in {time.perf_counter() - t0:.0f} s: {path}")
 
 
 def keys_create(
@@ -117,6 +146,7 @@ def keys_revoke(
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
+    app.command("warmup")(warmup)
     keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
     keys_app.command("create")(keys_create)
     keys_app.command("list")(keys_list)

@@ -1,17 +1,16 @@
-"""The compiled transformer: warmed in the background, same images, never in a request's way."""
+"""The transformer compiled ahead of time: built beside a serving engine, then loaded at once."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
+import shutil
+import sys
 
 import numpy as np
-import pytest
-import torch
 from PIL import Image
 
-from incontext.engine.compiled import CompiledModels
+from incontext.engine import compiled as compiled_module
+from incontext.engine.compiled import CompiledModels, package_path
 from incontext.engine.local import LocalEngine
 from incontext.engine.protocol import EditRequest
 from incontext.models.loader import load_model
@@ -23,60 +22,72 @@ def _scene() -> Image.Image:
     return im
 
 
-def _edit(engine: LocalEngine, request_id: str) -> tuple[np.ndarray, float]:
-    request = EditRequest(request_id, "tiny", "make the red square blue", _scene(), 64, 64, 7, guidance_scale=3.5, num_inference_steps=4)
-    result = engine.submit(request).result(timeout=600)
+def _edit(engine: LocalEngine, request_id: str, size: tuple[int, int] = (64, 64)) -> tuple[np.ndarray, float]:
+    request = EditRequest(request_id, "tiny", "make the red square blue", _scene().resize(size), *size, 7, guidance_scale=3.5, num_inference_steps=4)
+    result = engine.submit(request).result(timeout=900)
     return np.asarray(result.images[0], dtype=np.int16), result.timings_ms["compiled_share"]
 
 
-def test_compiled_engine_gives_the_eager_images(registry, one_thread):
-    eager = LocalEngine(registry)
-    compiled = LocalEngine(registry, compile=True)
-    for engine in (eager, compiled):
-        engine.load("tiny")
-        engine.start_thread()
+def _engine(registry, **kwargs) -> LocalEngine:
+    engine = LocalEngine(registry, **kwargs)
+    engine.load("tiny")
+    engine.start_thread()
+    return engine
+
+
+def test_the_engine_serves_eagerly_while_it_builds_then_every_start_loads_the_package(registry, one_thread, tmp_path):
+    eager = _engine(registry)
+    building = _engine(registry, compile_dir=tmp_path)
     try:
-        warm = compiled.compiled["tiny"]
-        before, _ = _edit(compiled, "served-while-compiling")  # does not wait for the compile
-        assert warm.wait(timeout=900), "compiling the tiny model did not finish"
-        assert warm.failed is None
-        # The warm-up thread ends once idle: a live thread that ran torch work slows the engine's.
-        deadline = time.monotonic() + 10
-        while any(t.name == "incontext-compile" for t in threading.enumerate()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not any(t.name == "incontext-compile" for t in threading.enumerate())
-        after, share = _edit(compiled, "served-compiled")
-        assert share == 1.0  # every pass of a warm bucket runs compiled
+        cm = building.compiled["tiny"]
+        assert cm.building  # a child process, so no torch thread of the engine's competes
+        before, share = _edit(building, "served-while-building")  # does not wait for the build
+        assert share == 0.0
+        assert cm.wait(timeout=900), "building the tiny model's package did not end"
+        assert cm.package.exists(), cm.package.with_suffix(".log").read_text()
+        after, share = _edit(building, "served-compiled")
+        assert cm.failed is None
+        assert share == 1.0  # switched between requests, without a restart
         reference, eager_share = _edit(eager, "eager")
         assert eager_share == 0.0
         assert np.abs(before - reference).mean() < 1.0
         assert np.abs(after - reference).mean() < 1.0  # same seed, same image, within a pixel level
+        # One package serves every size: batch and token count are dynamic.
+        other, share = _edit(building, "another-size", size=(96, 48))
+        assert share == 1.0
     finally:
-        for engine in (eager, compiled):
+        asyncio.run(building.close())
+
+    # A later start on the same machine loads it instead of building it again.
+    restarted = _engine(registry, compile_dir=tmp_path)
+    try:
+        assert not restarted.compiled["tiny"].building
+        again, share = _edit(restarted, "after-restart")
+        assert share == 1.0
+        assert np.abs(again - reference).mean() < 1.0
+    finally:
+        for engine in (eager, restarted):
             asyncio.run(engine.close())
 
 
-def test_a_bucket_not_warmed_yet_runs_eager(tiny_model):
+def test_a_failed_build_leaves_the_eager_model_serving(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(compiled_module.sys, "executable", shutil.which("false") or sys.executable + "-missing")
     m = load_model(tiny_model)
-    cm = CompiledModels(m, [(64, 64)], start=False)
-    assert cm.for_bucket(64, 64) is m
-    cm.ready.add((64, 64))
-    assert cm.for_bucket(64, 64).transformer is not m.transformer
-    assert cm.for_bucket(96, 48) is m
-
-
-def test_a_failed_compile_leaves_the_eager_model_serving(tiny_model, monkeypatch):
-    class Broken(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.config = getattr(inner, "config", None)  # torch.compile also takes plain functions (the VAE's)
-
-        def forward(self, *args, **kwargs):
-            raise RuntimeError("inductor is unavailable")
-
-    monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken(module))
-    m = load_model(tiny_model)
-    cm = CompiledModels(m, [(64, 64)])
+    cm = CompiledModels(m, tiny_model, tmp_path)
     assert cm.wait(timeout=60)
-    assert "inductor is unavailable" in cm.failed
-    assert cm.for_bucket(64, 64) is m
+    assert cm.current() is m
+    assert cm.failed and "exited" in cm.failed
+
+
+def test_new_weights_or_another_machine_need_another_package(tiny_model, tmp_path, monkeypatch):
+    m = load_model(tiny_model)
+    first = package_path(tmp_path, tiny_model, m)
+    assert package_path(tmp_path, tiny_model, m) == first
+    changed = shutil.copytree(tiny_model, tmp_path / "changed")
+    weights = next((changed / "transformer").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert package_path(tmp_path, changed, m) != first
+    monkeypatch.setattr(compiled_module.torch, "__version__", "0.0.0-another")
+    assert package_path(tmp_path, tiny_model, m) != first

@@ -50,6 +50,7 @@ from incontext import imageio
 from incontext.bench import checks, heldout
 from incontext.bench.speed_report import goals, write_report
 from incontext.errors import InvalidInput
+from incontext.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -360,12 +361,16 @@ def run_speed(
     step_cache: str = "fast",
     threads: int | None = None,
     compile: bool = True,
+    compile_dir: Path | None = None,
+    cold_seconds: float | None = None,
     matmul_size: int = MATMUL_SIZE,
     seed: int = 0,
     on_stage: OnStage | None = None,
 ) -> dict:
     """Measure every configuration; write report.md, results.json and speed.png under
-    `out_dir`; return the results (as in results.json)."""
+    `out_dir`; return the results (as in results.json). `compile_dir`: where the compiled
+    transformer is kept (default: the one `serve` uses); `cold_seconds`: the window of the
+    cold-start row (default: a minute; 0 skips it)."""
     from incontext.engine import stepcache
     from incontext.models.loader import load_model
     from incontext.models.registry import DEFAULT_MODEL_ID, Registry, default_registry, preset_for_directory
@@ -411,15 +416,9 @@ def run_speed(
         # 4. the engine in this process, exact and with the step cache; compiled as the server
         #    does by default (engine/compiled.py), with the eager engine beside it
         compiled, compile_info = None, None
+        compile_dir = compile_dir or Settings().resolved_compile_dir  # the package `serve` and `warmup` use
         if compile:
-            from incontext.engine.compiled import CompiledModels
-
-            on_stage("compiling the transformer")
-            compiled = CompiledModels(models, sorted({(j.width, j.height) for j in jobs}))
-            compiled.wait()
-            compile_info = {"seconds": compiled.seconds, "failed": compiled.failed}
-            if compiled.failed:
-                compiled = None
+            compiled, compile_info = in_own_thread(_compiled_models, models, preset.directory, compile_dir, on_stage)
         levels = (1, max_c) if max_c > 1 else (1,)
         engine_runs = [(c, cache, compiled, f"engine {label}×{c}") for cache, label in ((None, ""), (cache_config, "fast ")) for c in levels]
         if compiled is not None:
@@ -437,8 +436,9 @@ def run_speed(
             # The server serves the directory as its default model.
             http_rows, server = run_http(preset.directory, jobs, model_id=DEFAULT_MODEL_ID,
                                          steps=steps, guidance=guidance, concurrency=concurrency, threads=threads,
-                                         log_path=out_dir / "server.log", on_stage=on_stage, compile=compiled is not None,
-                                         fast_step_cache=step_cache)
+                                         log_path=out_dir / "server.log", on_stage=on_stage,
+                                         compile_dir=compile_dir if compiled is not None else None, fast_step_cache=step_cache,
+                                         **({} if cold_seconds is None else {"cold_seconds": cold_seconds}))
             rows += http_rows
 
         # 6. scores
@@ -475,6 +475,7 @@ def run_speed(
             "seed": seed,
             "threads": threads,
             "engine_dtype": _dtype_name(models.dtype),
+            "machine": machine(),
             "compile": compile_info,
             "concurrency": concurrency,
             "max_concurrency": max_c,
@@ -492,6 +493,49 @@ def run_speed(
         return results
     finally:
         torch.set_num_threads(saved_threads)
+
+
+def machine() -> dict:
+    """The CPU the figures were taken on: its model, cores and the instruction sets that decide
+    the numerics (docs/engine.md: bf16 is emulated without AVX512-BF16 or AMX)."""
+    import os
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {"cpu": name, "cores": os.cpu_count(), "flags": [f for f in wanted if f in flags],
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def _compiled_models(models, model_dir: Path, compile_dir: Path, on_stage: OnStage):
+    """The engine's compiled transformer (engine/compiled.py), built here first if this
+    machine has no package for it yet; (None, info) if that fails."""
+    from incontext.engine.compiled import CompiledModels, build, package_path
+
+    path = package_path(compile_dir, model_dir, models)
+    info = {"package": path.name, "build_seconds": None, "load_seconds": None, "failed": None}
+    if not path.exists():
+        on_stage("compiling the transformer ahead of time")
+        t0 = time.perf_counter()
+        try:
+            build(models, path)
+        except Exception as e:  # the eager rows are still worth measuring
+            info["failed"] = f"{e.__class__.__name__}: {e}"
+            return None, info
+        info["build_seconds"] = time.perf_counter() - t0
+    compiled = CompiledModels(models, model_dir, compile_dir, build_missing=False)
+    compiled.current()
+    info["load_seconds"], info["failed"] = compiled.load_seconds, compiled.failed
+    return (None if compiled.compiled is None else compiled), info
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

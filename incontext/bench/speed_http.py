@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import itertools
 import tempfile
 import threading
 import time
@@ -30,6 +31,9 @@ from incontext.bench.speed import (
 
 log = logging.getLogger(__name__)
 
+COLD_START_S = 60.0  # the cold-start row: the first minute after `serve`, as issue 21 asks
+POLL_AGGRESSIVE_S = 0.01  # a careless client: a GET every 10 ms, no backoff
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -41,7 +45,9 @@ class Server:
     """`incontext serve` in a subprocess, with a fresh data dir and one API key."""
 
     def __init__(self, directory: Path, threads: int, max_concurrency: int, log_path: Path, compile: bool = True,
-                 step_cache: str = "off"):
+                 step_cache: str = "off", compile_dir: Path | None = None):
+        """`compile_dir`: where the server finds (or builds) its compiled transformer; None: in its
+        fresh data dir, i.e. a machine that has never compiled it."""
         self.step_cache = step_cache
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -59,6 +65,7 @@ class Server:
             "INCONTEXT_READ_RATE_LIMIT_PER_MINUTE": "0",  # its pollers measure the engine, not the limit
             "INCONTEXT_ENGINE_COMPILE": "true" if compile else "false",
             "INCONTEXT_ENGINE_STEP_CACHE": step_cache,
+            **({"INCONTEXT_COMPILE_DIR": str(compile_dir)} if compile_dir else {}),
         }
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
@@ -186,25 +193,63 @@ def warm_until_compiled(client: "HttpClient", jobs: list[Job], timeout: float = 
 
 
 def run_http(directory: Path, jobs: list[Job], *, model_id: str, steps: int, guidance: float, concurrency: list[int],
-             threads: int, log_path: Path, on_stage: OnStage, compile: bool = True,
-             fast_step_cache: str | None = None) -> tuple[list[Row], dict]:
-    """The exact server at each concurrency; with `fast_step_cache`, a second server started with
-    that step cache (INCONTEXT_ENGINE_STEP_CACHE) at the largest concurrency: what a user who
-    serves the fast preset gets."""
+             threads: int, log_path: Path, on_stage: OnStage, compile_dir: Path | None = None,
+             fast_step_cache: str | None = None, cold_seconds: float = COLD_START_S) -> tuple[list[Row], dict]:
+    """First a server with the defaults on a machine that has never compiled the model (an
+    empty compile dir): one client's back-to-back edits over its first `cold_seconds`. Then the
+    exact server at each concurrency, with the compiled transformer of `compile_dir` (None:
+    eager), polite pollers, and at the largest concurrency pollers asking every 10 ms; with
+    `fast_step_cache`, a server started with that step cache (INCONTEXT_ENGINE_STEP_CACHE) at
+    the largest concurrency: what a user who serves the fast preset gets."""
+    compile = compile_dir is not None
+    rows, server_info = [], None
+    if cold_seconds > 0:
+        rows.append(_cold_start(directory, jobs, model_id=model_id, steps=steps, guidance=guidance, threads=threads,
+                                log_path=log_path.with_name(log_path.stem + "_cold" + log_path.suffix), seconds=cold_seconds,
+                                on_stage=on_stage))
     servers = [("HTTP", "off", log_path, concurrency)]
     if fast_step_cache:
         servers.append(("HTTP fast", fast_step_cache, log_path.with_name(log_path.stem + "_fast" + log_path.suffix), [max(concurrency)]))
-    rows, server_info = [], None
     for label, step_cache, server_log, levels in servers:
-        server = Server(directory, threads, max(concurrency), server_log, compile, step_cache=step_cache)
+        server = Server(directory, threads, max(concurrency), server_log, compile, step_cache=step_cache, compile_dir=compile_dir)
         try:
             on_stage(f"starting the server ({label})")
             info = _start(server, model_id, steps, guidance, jobs, compile, on_stage)
             server_info = server_info or info  # start-up is the exact server's
             rows += [_closed_loop(server, model_id, steps, guidance, jobs, c, f"{label} ×{c}", on_stage) for c in levels]
+            if label == "HTTP":
+                c = max(levels)
+                rows.append(_closed_loop(server, model_id, steps, guidance, jobs, c, f"{label} aggressive pollers ×{c}", on_stage,
+                                         poll=POLL_AGGRESSIVE_S))
         finally:
             server.stop()
     return rows, server_info
+
+
+def _cold_start(directory: Path, jobs: list[Job], *, model_id: str, steps: int, guidance: float, threads: int, log_path: Path,
+                seconds: float, on_stage: OnStage) -> Row:
+    """The server's defaults on an empty compile cache: from the moment `serve` starts, one
+    polite client sends the edits back to back for `seconds`. Its latencies include the
+    model's loading, and anything the server does beside serving (building its compiled
+    transformer) shows in them."""
+    on_stage(f"cold start: the first {seconds:.0f} s after serve")
+    server = Server(directory, threads, 1, log_path)
+    client = HttpClient(server, model_id, steps, guidance, POLL_MAX_S)
+    records: list[Record] = []
+    try:
+        server.start()
+        t0 = time.perf_counter()
+        for i in itertools.count():
+            if records and time.perf_counter() - server.started >= seconds:
+                break
+            records.append(client(jobs[i % len(jobs)]))
+        wall = time.perf_counter() - t0
+    finally:
+        client.close()
+        server.stop()
+    shares = [r.timings_ms.get("compiled_share", 0.0) for r in records]
+    return Row(f"HTTP cold start ×1 (first {seconds:.0f} s)", "http", 1, records, wall,
+               {"poll_seconds": POLL_MAX_S, "compiled_share": sum(shares) / len(shares) if shares else 0.0})
 
 
 def _start(server: Server, model_id: str, steps: int, guidance: float, jobs: list[Job], compile: bool, on_stage: OnStage) -> dict:
@@ -233,12 +278,11 @@ def _wait_compiled(client: "HttpClient", jobs: list[Job], on_stage: OnStage) -> 
 
 
 def _closed_loop(server: Server, model_id: str, steps: int, guidance: float, jobs: list[Job], c: int, name: str,
-                 on_stage: OnStage) -> Row:
+                 on_stage: OnStage, poll: float = POLL_MAX_S) -> Row:
     on_stage(f"{name.replace('×', '')} concurrent")
     # The latency does not depend on polling (see the module docstring); polling only
     # decides when a closed-loop client sends its next run. Clients back off as
     # incontext.client does: every GET costs the 2-core server CPU the engine needs.
-    poll = POLL_MAX_S
     client = HttpClient(server, model_id, steps, guidance, poll)
     try:
         records, wall = closed_loop(client, jobs, c)

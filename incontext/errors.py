@@ -56,3 +56,12 @@ class ModelNotFound(IncontextError):
 class Cancelled(IncontextError):
     code = "CANCELED"
     http_status = 409
+
+
+class EngineLost(IncontextError):
+    """The engine's process died while it had the request. Nothing says the request was at
+    fault (the OOM killer, a signal, a driver fault), so the service queues its run again;
+    a run the engine keeps dying on fails with this code after a few tries."""
+
+    code = "ENGINE_CRASHED"
+    http_status = 503

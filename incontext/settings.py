@@ -105,6 +105,10 @@ class Settings(BaseSettings):
     # 10.20.0.0/16), without opening every private address.
     fetch_allowed_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # Times a run may be on the engine when its process dies (killed, out of memory) before
+    # the run fails with ENGINE_CRASHED; each death before that queues the run again.
+    engine_max_attempts: int = Field(3, ge=1)
+
     callback_max_attempts: int = Field(6, ge=1)
     callback_backoff_seconds: float = Field(2.0, gt=0)  # delay before attempt 2; doubles after
     callback_backoff_max_seconds: float = Field(600.0, gt=0)

@@ -12,8 +12,9 @@ Parent and child talk over one socket pair, in plain tuples:
     child → parent: ("ready",) · ("progress", id, StepProgress) · ("done", id, EditResult)
                     · ("error", id, code, message, http_status) · ("canceled", id, message)
 Every submitted request ends: with its result, its error, or — if the child dies while it
-has the request — ENGINE_ERROR (the run ends `failed`). A new child is started for the next
-requests, after a growing pause if children keep dying before they are ready.
+has the request — EngineLost (ENGINE_CRASHED: the dispatcher queues the run again, and fails
+it only when children keep dying on it). A new child is started for the next requests, after
+a growing pause if children keep dying before they are ready.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from concurrent.futures import Future
 from multiprocessing.connection import Connection
 
 from incontext.engine.protocol import EditRequest, EditResult, ProgressCallback
-from incontext.errors import Cancelled, IncontextError
+from incontext.errors import Cancelled, EngineLost, IncontextError
 from incontext.models.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -195,13 +196,18 @@ class ProcessEngine:
         self._ready.clear()
         proc = self._proc
         code = proc.wait() if proc is not None else None
-        why = ("the engine process could not load the model (see the server log)" if code == EXIT_LOAD_FAILED
-               else f"the engine process stopped during the request (exit code {code})")
+
+        def error() -> IncontextError:  # one per request: a shared one collects every task's traceback
+            if code == EXIT_LOAD_FAILED:  # the next child would fail the same way: not worth a retry
+                return EngineCrashed("the engine process could not load the model (see the server log)")
+            return EngineLost(f"the engine process stopped during the request (exit code {code})")
+
         with self._lock:
             if conn is not self._conn:
                 return
             unsent = {r.request_id for r in self._unsent}
-            # Requests the dead child had may be what killed it: they fail, they are not retried.
+            # Requests the dead child had may be what killed it: they end here, and the caller
+            # decides whether to try again (the dispatcher does, a bounded number of times).
             lost = [self._pending.pop(k) for k in list(self._pending) if k not in unsent]
             replace = not self._closing
             if replace:
@@ -210,7 +216,7 @@ class ProcessEngine:
                     self._spawn_locked()
         for fut, _ in lost:
             if not fut.done():
-                fut.set_exception(EngineCrashed(why))
+                fut.set_exception(error())
         if replace and not was_ready:
             self._respawn_later()
 

@@ -25,7 +25,7 @@ from datetime import datetime
 from sqlalchemy.orm import Session, sessionmaker
 
 from incontext.engine.protocol import EditRequest, EditResult, EngineClient, StepProgress
-from incontext.errors import Cancelled, IncontextError
+from incontext.errors import Cancelled, EngineLost, IncontextError
 from incontext.service import lifecycle, outputs
 from incontext.service.callbacks import CallbackSender
 from incontext.service.db import utcnow
@@ -189,9 +189,11 @@ class Dispatcher:
         for run, given in claimed:
             task = asyncio.create_task(self._execute(run, given, claimed_at), name=f"run-{run.id}")
             self._in_flight[run.id] = task
-            task.add_done_callback(lambda _t, r=run.id: self._done(r))
+            task.add_done_callback(lambda t, r=run.id: self._done(r, t))
 
-    def _done(self, run_id: str) -> None:
+    def _done(self, run_id: str, task: asyncio.Task) -> None:
+        if self._in_flight.get(run_id) is not task:  # requeued, and claimed again already
+            return
         self._in_flight.pop(run_id, None)
         self._cancel_requested.discard(run_id)
         self._last_steps.pop(run_id, None)
@@ -243,6 +245,8 @@ class Dispatcher:
             result = await self._engine.edit(request, on_progress=self._progress_hook(run_id))
         except Cancelled:
             return await self._end(run_id, lifecycle.CANCELED)
+        except EngineLost as exc:
+            return await asyncio.to_thread(self._requeue, run_id, given, exc.message)
         except IncontextError as exc:
             return await self._end(run_id, lifecycle.FAILED, failure=(exc.code, exc.message, "inference"))
         except Exception as exc:
@@ -271,6 +275,19 @@ class Dispatcher:
             return None
         return RunInput.fit(decode_stored(data, self._settings), run.params["width"], run.params["height"])
 
+    def _requeue(self, run_id: str, given: RunInput, why: str) -> None:
+        """The engine died with the run: back to the queue with its input still in memory (the
+        next claim starts it with no decode), or failed if the engine keeps dying on it."""
+        self._last_steps.pop(run_id, None)
+        with self._sessions.begin() as session:
+            run = lifecycle.requeue_lost(session, self._storage, run_id, self._settings.engine_max_attempts, why)
+        if run is None:  # canceled meanwhile
+            return
+        if run.status != lifecycle.QUEUED:
+            return self._ended(run)
+        log.warning("run %s: %s; queued again (%d of %d)", run_id, why, run.engine_crashes, self._settings.engine_max_attempts)
+        self.submitted({run_id: given})  # claims it in a transaction of its own, or wakes the loop
+
     def _mark_running(self, run_id: str) -> Run | None:
         with self._sessions.begin() as session:
             return lifecycle.mark_running(session, run_id)
@@ -293,11 +310,15 @@ class Dispatcher:
                 _log_step(session, run_id, *last_step)
             ended = lifecycle.finish(session, self._storage, run_id, status, **kw)
         if ended is not None:
-            self.progress.ended(run_id)
-            self._storage.delete_input(run_id)
-            if ended.callback_url or ended.batch_id:  # a delivery may be queued: its own or its batch's
-                self._sender.wake()
+            self._ended(ended)
         return ended
+
+    def _ended(self, run: Run) -> None:
+        """After the commit that ended `run`: its streams, its input file, its callback."""
+        self.progress.ended(run.id)
+        self._storage.delete_input(run.id)
+        if run.callback_url or run.batch_id:  # a delivery may be queued: its own or its batch's
+            self._sender.wake()
 
     def _progress_hook(self, run_id: str):
         every = self._settings.progress_log_every_steps

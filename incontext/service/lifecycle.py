@@ -2,6 +2,8 @@
 
     queued → dispatching → running → succeeded | failed | canceled
        └──────────────┴────────┴──→ canceled (cancel) / failed (input lost at restart)
+       ↑                       │
+       └───────────────────────┘ the engine's process died (requeue_lost, a bounded number of times)
 
 A run whose input the dispatcher already holds in memory goes from queued straight to
 running: there is nothing left to prepare.
@@ -177,6 +179,25 @@ def recover_interrupted(session: Session, storage: Storage) -> tuple[int, int]:
     if requeued or failed:
         log.warning("recovered interrupted runs: %d requeued, %d failed", requeued, failed)
     return requeued, failed
+
+
+def requeue_lost(session: Session, storage: Storage, run_id: str, max_attempts: int, why: str) -> Run | None:
+    """The engine's process died while it had the run: queue the run again, or fail it with
+    ENGINE_CRASHED once the engine has died under it `max_attempts` times (a run that kills
+    every engine it reaches must not take the service down forever). Other runs in flight
+    count a death too: which one was at fault cannot be told. Returns the run, queued or
+    failed; None if it had already ended (e.g. canceled)."""
+    run = _transition(session, run_id, (DISPATCHING, RUNNING), status=QUEUED, started_at=None, engine_crashes=Run.engine_crashes + 1)
+    if run is None:
+        return None
+    if run.engine_crashes >= max_attempts:
+        message = f"the engine stopped {run.engine_crashes} times while it had this run; the last time: {why}"
+        return finish(session, storage, run_id, FAILED, failure=("ENGINE_CRASHED", message, "inference"))
+    add_log(
+        session, run_id, f"requeued: {why} (attempt {run.engine_crashes} of {max_attempts})",
+        level="warning", meta={"engine_crashes": run.engine_crashes},
+    )
+    return run
 
 
 def batch_counts(session: Session, batch_id: str) -> tuple[dict[str, int], int]:

@@ -68,6 +68,9 @@ class Run(Base):
     failure_code: Mapped[str | None] = mapped_column(sa.String(64))
     failure_message: Mapped[str | None] = mapped_column(sa.Text)
     failure_stage_code: Mapped[str | None] = mapped_column(sa.String(32))
+    # Times the engine's process died while it had the run: each queues it again, until
+    # INCONTEXT_ENGINE_MAX_ATTEMPTS, when it fails with ENGINE_CRASHED (lifecycle.requeue_lost).
+    engine_crashes: Mapped[int] = mapped_column(default=0, server_default=sa.text("0"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     completed_at: Mapped[datetime | None]

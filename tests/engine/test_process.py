@@ -1,5 +1,6 @@
 """The engine in a child process (what `incontext serve` runs): same results as in-process,
-progress, cancellation, errors with their codes, and a crashed child replaced."""
+progress, cancellation, errors with their codes, and a crashed child replaced (its requests
+end with EngineLost, which the dispatcher requeues: tests/service/test_recovery.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from incontext.engine.local import LocalEngine
 from incontext.engine.process import ProcessEngine
-from incontext.errors import Cancelled, IncontextError
+from incontext.errors import Cancelled, EngineLost, IncontextError
 from tests.engine.test_local import req
 
 
@@ -66,7 +67,7 @@ def test_cancel_and_bad_input_keep_their_codes(registry, one_thread):
     assert bad.code == "INVALID_INPUT" and "multiple" in bad.message
 
 
-def test_a_crashed_child_fails_its_requests_and_is_replaced(registry, one_thread):
+def test_a_crashed_child_ends_its_requests_as_lost_and_is_replaced(registry, one_thread):
     async def go():
         engine = ProcessEngine(registry, threads=1, dtype="float32")
         await engine.start()
@@ -87,7 +88,9 @@ def test_a_crashed_child_fails_its_requests_and_is_replaced(registry, one_thread
         return doomed_error, after
 
     doomed_error, after = asyncio.run(go())
-    assert doomed_error is not None and doomed_error.code == "ENGINE_ERROR"  # its run ends `failed`
+    # Lost, not failed: the dispatcher queues its run again.
+    assert isinstance(doomed_error, EngineLost) and doomed_error.code == "ENGINE_CRASHED"
+    assert "exit code -9" in doomed_error.message
     assert after.images[0].size == (64, 64)
 
 
@@ -116,4 +119,5 @@ def test_a_model_that_does_not_load_fails_requests_instead_of_hanging(tiny_model
 
     error, ready = asyncio.run(go())
     assert error is not None and error.code == "ENGINE_ERROR" and "could not load the model" in error.message
+    assert not isinstance(error, EngineLost)  # a retry would fail the same way: the run fails
     assert not ready

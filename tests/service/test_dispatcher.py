@@ -15,6 +15,7 @@ from PIL import Image
 
 from incontext import imageio
 from incontext.engine.protocol import EditRequest, EditResult, StepProgress
+from incontext.errors import EngineLost
 from incontext.models.registry import ModelPreset
 from incontext.service import keys, lifecycle, store, submission
 from incontext.service.db import create_db_engine, make_session_factory, migrate
@@ -237,3 +238,68 @@ def test_outputs_keep_the_input_at_its_own_size_from_memory_or_storage(service):
     assert Image.open(storage.output_path(mask)).getextrema() == (0, 0)  # no pixel is the model's
     storage.delete_outputs(handed_id)  # as when a cancel wins over the finished run
     assert not (storage.outputs / handed_id).exists()
+
+
+class DyingEngine(InstantEngine):
+    """Loses its first `deaths` requests as ProcessEngine does when its child dies with them."""
+
+    def __init__(self, deaths: int):
+        super().__init__()
+        self.deaths = deaths
+
+    async def edit(self, request: EditRequest, on_progress=None) -> EditResult:
+        if self.deaths:
+            self.deaths -= 1
+            self.requests.append(request)
+            raise EngineLost("the engine process stopped during the request (exit code -9)")
+        return await super().edit(request, on_progress)
+
+
+async def run_until_ended(service, dispatcher: Dispatcher, run_ids: list[str]) -> None:
+    await dispatcher.start()
+    deadline = time.monotonic() + 60
+    try:
+        while any(s in lifecycle.ACTIVE for s in statuses(service, run_ids)):
+            assert time.monotonic() < deadline, statuses(service, run_ids)
+            await asyncio.sleep(0.02)
+    finally:
+        await dispatcher.close()
+
+
+def test_a_run_the_engine_dies_with_is_queued_again_then_succeeds(service):
+    engine = DyingEngine(deaths=2)  # INCONTEXT_ENGINE_MAX_ATTEMPTS is 3
+    dispatcher = dispatcher_for(service, engine)
+    run_id, prepared = accept(service, rotated_jpeg())
+    dispatcher.submitted({run_id: prepared.run_input})
+    asyncio.run(run_until_ended(service, dispatcher, [run_id]))
+
+    assert [r.request_id for r in engine.requests] == [run_id] * 3
+    # Every try got the input handed over in memory, not re-read from storage.
+    assert all(r.image.tobytes() == engine.requests[0].image.tobytes() for r in engine.requests)
+    sessions = service[1]
+    with sessions() as session:
+        run = session.get(Run, run_id)
+        assert (run.status, run.engine_crashes, run.failure_code) == ("succeeded", 2, None)
+        messages = [log.message for log in store.run_logs(session, run_id)]
+    requeued = "requeued: the engine process stopped during the request (exit code -9)"
+    assert messages == [
+        "accepted", "started", f"{requeued} (attempt 1 of 3)", "started", f"{requeued} (attempt 2 of 3)",
+        "started", "step 2/3", "step 3/3", "succeeded",
+    ]
+
+
+def test_a_run_the_engine_keeps_dying_with_fails_cleanly_after_the_last_attempt(service):
+    engine = DyingEngine(deaths=10**6)
+    dispatcher = dispatcher_for(service, engine)
+    run_id, prepared = accept(service, rotated_jpeg())
+    dispatcher.submitted({run_id: prepared.run_input})
+    asyncio.run(run_until_ended(service, dispatcher, [run_id]))
+
+    assert len(engine.requests) == 3
+    sessions = service[1]
+    with sessions() as session:
+        run = session.get(Run, run_id)
+        assert (run.status, run.engine_crashes, run.failure_code, run.failure_stage_code, run.cost_micros) == (
+            "failed", 3, "ENGINE_CRASHED", "inference", 0
+        )
+        assert run.failure_message.startswith("the engine stopped 3 times while it had this run")

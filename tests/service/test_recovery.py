@@ -1,7 +1,12 @@
 """Durability: SIGKILL the server with runs queued and running and callbacks pending,
-restart it on the same data dir, and every run still ends (and every callback arrives)."""
+restart it on the same data dir, and every run still ends (and every callback arrives);
+SIGKILL the engine process under running runs, and they run again on a new one."""
 
 from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +84,82 @@ def test_sigkill_and_restart(tmp_path, tiny_model):
     finally:
         srv.stop()
         receiver.close()
+
+
+def engine_child(srv) -> int:
+    """The pid of the server's engine process (engine/process.py), read from /proc."""
+    def children() -> list[int]:
+        pids = []
+        for task in Path(f"/proc/{srv.proc.pid}/task").iterdir():
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        return pids
+
+    (pid,) = wait_for(children, timeout=60)
+    return pid
+
+
+def test_runs_in_flight_when_the_engine_process_dies_are_requeued_then_fail_cleanly(tmp_path, tiny_model):
+    """SIGKILL the engine child (as the OOM killer would) with two runs on it: both go back to
+    the queue and a new child runs them. A run the engine dies on INCONTEXT_ENGINE_MAX_ATTEMPTS
+    times fails with ENGINE_CRASHED instead of killing engines forever."""
+    data_dir = tmp_path / "data"
+    env = server_env(tiny_model, INCONTEXT_ENGINE_MAX_ATTEMPTS="2", INCONTEXT_PROGRESS_LOG_EVERY_STEPS="1")
+    srv = Server(data_dir, env)
+    key = create_key(data_dir)
+    srv.start()
+    stopped: list[int] = []
+    try:
+        with srv.client(key) as api:
+            def submit() -> str:
+                body = {"input": {"prompt": "p", "image_url": data_uri(), "num_inference_steps": 50}}
+                r = api.post(f"/v1/models/{MODEL}/runs", json=body)
+                assert r.status_code == 201, r.text
+                return r.json()["id"]
+
+            def messages(run_id: str) -> list[str]:
+                return [log["message"] for log in api.get(f"/v1/runs/{run_id}/logs").json()["items"]]
+
+            def stop_the_engine_mid_run(run_ids: list[str], after_requeues: int) -> int:
+                """SIGSTOP the engine once every run has denoised a step since its last requeue
+                (so the kill lands mid-run however fast the steps are), then return its pid."""
+                def mid_run() -> bool:
+                    for run_id in run_ids:
+                        logs = messages(run_id)
+                        requeues = [i for i, m in enumerate(logs) if m.startswith("requeued:")]
+                        if len(requeues) != after_requeues or not any(m.startswith("step ") for m in logs[(requeues or [0])[-1]:]):
+                            return False
+                    return True
+
+                wait_for(mid_run, timeout=240, interval=0.01)
+                pid = engine_child(srv)
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+                assert all(api.get(f"/v1/runs/{r}").json()["status_code"] == "running" for r in run_ids)
+                return pid
+
+            def kill(pid: int) -> None:
+                os.kill(pid, signal.SIGKILL)
+                stopped.remove(pid)
+
+            first, second = submit(), submit()
+            kill(stop_the_engine_mid_run([first, second], after_requeues=0))
+            # Both were requeued and a fresh engine process finished them.
+            for run_id in (first, second):
+                assert wait_run(api, run_id, timeout=300)["status_code"] == "succeeded"
+                logs = messages(run_id)
+                assert "requeued: the engine process stopped during the request (exit code -9) (attempt 1 of 2)" in logs, logs
+                assert logs[-1] == "succeeded"
+
+            # A second death on the same run is its last: it fails, costs nothing, and says why.
+            doomed = submit()
+            kill(stop_the_engine_mid_run([doomed], after_requeues=0))
+            kill(stop_the_engine_mid_run([doomed], after_requeues=1))
+            run = wait_run(api, doomed, timeout=120)
+            assert (run["status_code"], run["failure_code"], run["failure_stage_code"], run["cost"]) == (
+                "failed", "ENGINE_CRASHED", "inference", "0.00"
+            )
+            assert run["failure_message"].startswith("the engine stopped 2 times while it had this run")
+    finally:
+        for pid in stopped:  # a failed assertion must not leave a stopped engine behind
+            os.kill(pid, signal.SIGKILL)
+        srv.stop()

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from incontext.errors import IncontextError
 from incontext.service.db import utcnow
-from incontext.service.models import ApiKey
+from incontext.service.models import ApiKey, Run
 
 KEY_PREFIX = "ic_live_"
 
@@ -122,3 +122,11 @@ def revoke_key(session: Session, id_or_prefix: str) -> ApiKey:
     if rows[0].revoked_at is None:
         rows[0].revoked_at = utcnow()
     return rows[0]
+
+
+def run_key_revoked(session: Session, run_id: str) -> bool:
+    """Whether the key that made run `run_id` is revoked: its signed file URLs stop working
+    with it (a leaked key's outputs should not stay public until their URLs expire). False
+    for a run the database does not know; its files answer 404."""
+    revoked_at = session.scalar(sa.select(ApiKey.revoked_at).join(Run, Run.api_key_id == ApiKey.id).where(Run.id == run_id))
+    return revoked_at is not None

@@ -143,3 +143,26 @@ def test_an_unwritable_data_dir_fails_the_request_not_the_server(tmp_path):
         assert r.status_code == 507 and r.json()["code"] == "STORAGE_ERROR"
         assert client.get("/v1/runs", headers=A).json()["items"] == []  # nothing half-stored
         assert client.get("/v1/health").status_code == 200
+
+
+def test_output_urls_stop_working_once_their_key_is_revoked(tmp_path):
+    from incontext.service import keys, lifecycle
+
+    with app_client(tmp_path) as client:
+        service = client.app.state.service
+        urls = {}
+        with service.sessions.begin() as session:
+            for plain in ("key-a", "key-b"):
+                key = keys.find_active(session, plain)
+                run = lifecycle.create_run(session, api_key_id=key.id, model_id="m", engine_model_id="m", input={}, params={"unit_price_micros": 0})
+                lifecycle.mark_running(session, run.id, from_states=(lifecycle.QUEUED,))
+                lifecycle.finish(session, service.storage, run.id, lifecycle.SUCCEEDED, output={"outputs": []})
+                urls[plain] = service.storage.signed_url(service.storage.save_output(run.id, 0, b"\x89PNG", "png"))
+        assert [client.get(url).status_code for url in urls.values()] == [200, 200]
+
+        with service.sessions.begin() as session:
+            keys.revoke_key(session, keys.find_active(session, "key-a").id)
+        revoked = client.get(urls["key-a"])
+        assert revoked.status_code == 403 and revoked.json()["code"] == "PERMISSION_DENIED"
+        assert "revoked" in revoked.json()["message"]
+        assert client.get(urls["key-b"]).status_code == 200  # another key's outputs still work

@@ -6,17 +6,21 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from incontext import imageio
-from incontext.service.deps import StorageDep
+from incontext.service.deps import ReadSessionDep, StorageDep
 from incontext.service.errors import PermissionDenied
+from incontext.service.keys import run_key_revoked
 
 router = APIRouter(prefix="/v1", tags=["files"])
 
 
 @router.get("/files/{relpath:path}", response_class=FileResponse)
-def get_file(relpath: str, storage: StorageDep, expires: int | None = None, sig: str | None = None):
-    """403 for a missing or bad signature or a past expiry: fetch the run again for fresh URLs."""
+def get_file(relpath: str, storage: StorageDep, session: ReadSessionDep, expires: int | None = None, sig: str | None = None):
+    """403 for a missing or bad signature, a past expiry (fetch the run again for fresh URLs)
+    or a run whose key was revoked."""
     if expires is None or sig is None:
         raise PermissionDenied("file URLs must carry expires and sig; take them from the run's output")
-    storage.check_signature(relpath, expires, sig)
+    storage.check_signature(relpath, expires, sig)  # first: a forged URL costs no query
+    if run_key_revoked(session, relpath.split("/", 1)[0]):
+        raise PermissionDenied("the API key that made this run was revoked")
     path = storage.output_path(relpath)
     return FileResponse(path, media_type=imageio.content_type(path.suffix), headers={"Cache-Control": "private, max-age=300"})

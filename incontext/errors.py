@@ -53,6 +53,13 @@ class ModelNotFound(IncontextError):
     http_status = 404
 
 
+class UnknownModel(ModelNotFound):
+    """No model has this id or alias. MODEL_UNAVAILABLE stays for a model that exists but
+    cannot serve now; a client tells a typo from an outage by the code."""
+
+    code = "MODEL_NOT_FOUND"
+
+
 class Cancelled(IncontextError):
     code = "CANCELED"
     http_status = 409

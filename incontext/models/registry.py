@@ -11,11 +11,13 @@ from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
-from incontext.errors import ModelNotFound
+from incontext.errors import ModelNotFound, UnknownModel
 
 BUNDLED_NANO_DIR = Path(__file__).resolve().parent.parent / "weights" / "nano"
 DEFAULT_MODEL_ID = "incontext/nano"
-HOSTED_ALIASES = ("flux-pro/kontext", "black-forest-labs/flux-pro/kontext")
+# The first is the id runs of the model report (ModelPreset.run_model_id), whatever alias was
+# sent; the others are what Runflow, Replicate and fal clients name the same model.
+HOSTED_ALIASES = ("flux-pro/kontext", "black-forest-labs/flux-pro/kontext", "black-forest-labs/flux-kontext-pro", "fal-ai/flux-pro/kontext")
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,12 @@ class ModelPreset:
     max_sequence_length: int = 32  # text tokens; the 12B model uses 512
     aliases: tuple[str, ...] = ()
     description: str = ""
+
+    @property
+    def run_model_id(self) -> str:
+        """The `model_id` its runs report: one per model, so a client that filters or compares
+        runs by it sees the same id whichever alias it called."""
+        return self.aliases[0] if self.aliases else self.id
 
     def public(self) -> dict:
         d = asdict(self)
@@ -47,11 +55,20 @@ class Registry:
         self.models[preset.id] = preset
 
     def resolve(self, model_id: str | None) -> ModelPreset:
-        """An id, an alias, or a directory path → its preset. Raises ModelNotFound."""
+        """An id, an alias, or a directory path → its preset. Raises ModelNotFound. For local
+        callers (CLI, engine): anything from a request goes through `registered`."""
+        if model_id and (Path(model_id) / "model_index.json").is_file():
+            return preset_for_directory(Path(model_id))
+        try:
+            return self.registered(model_id)
+        except UnknownModel as exc:
+            raise ModelNotFound(exc.message) from None
+
+    def registered(self, model_id: str | None) -> ModelPreset:
+        """A registered id or alias → its preset; never a path, so a URL cannot make the server
+        load a directory. Raises UnknownModel (404 MODEL_NOT_FOUND)."""
         if not model_id:
             return self.models[self.default_id]
-        if (Path(model_id) / "model_index.json").is_file():
-            return preset_for_directory(Path(model_id))
         model_id = model_id.strip("/")
         if model_id in self.models:
             return self.models[model_id]
@@ -59,7 +76,7 @@ class Registry:
             if model_id in preset.aliases:
                 return preset
         known = ", ".join(sorted(self.ids()))
-        raise ModelNotFound(f"unknown model '{model_id}'; known models: {known}")
+        raise UnknownModel(f"unknown model '{model_id}'; known models: {known}")
 
     def ids(self) -> list[str]:
         out = []

@@ -34,7 +34,7 @@ from incontext.service.netpolicy import NetPolicy
 from incontext.service.outbound import Outbound
 from incontext.service.ratelimit import RateLimiter
 from incontext.service.retention import RetentionJob
-from incontext.service.routes import account, batches, bfl, callbacks, discovery, events, files, openai, playground, runs
+from incontext.service.routes import account, batches, bfl, callbacks, discovery, events, fal, files, openai, playground, replicate, runs
 from incontext.service.storage import Storage, load_or_create_secret
 from incontext.settings import Settings
 
@@ -173,7 +173,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestIdMiddleware)
-    for module in (account, runs, events, batches, callbacks, files, discovery, bfl, openai):
+    for module in (account, runs, events, batches, callbacks, files, discovery, bfl, openai, replicate, fal):
         app.include_router(module.router)
     playground.install(app)
     openapi.install(app, settings.base_url)

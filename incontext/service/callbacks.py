@@ -6,8 +6,9 @@ pending delivery survives a restart. The sender is its own task: a slow receiver
 holds up the engine.
 
 Signing (every secret from `POST /v1/callback-secrets` is `whsec_` + base64 of 32 bytes):
-- `Runflow-Signature`: lowercase hex HMAC-SHA256(key=the whole secret string, msg=raw body).
-  While two secrets are active (rotation) it holds both, newest first, comma-separated.
+- `Runflow-Signature`: one lowercase hex HMAC-SHA256(key=the whole secret string, msg=raw
+  body), 64 characters, from the newest secret: Runflow's own verifier compares the whole
+  header with one digest. During rotation the older secret signs only in `webhook-signature`.
 - Standard Webhooks: `webhook-id` (the delivery id, fixed across retries), `webhook-timestamp`
   (unix seconds of this attempt), `webhook-signature`: `v1,<base64 HMAC-SHA256(key=base64-decoded
   part after whsec_, msg="{id}.{timestamp}.{body}")>`, one per active secret, space-separated.
@@ -36,6 +37,7 @@ from incontext.service.errors import NotFound
 from incontext.service.models import Batch, CallbackAttempt, CallbackDelivery, CallbackSecret, Run
 from incontext.service.netpolicy import NetPolicy
 from incontext.service.outbound import Outbound, OutboundFailed, Refused, Resolver
+from incontext.service.runparams import RunParams
 from incontext.service.schemas import RunPublic, public_output
 from incontext.service.storage import Storage
 
@@ -55,7 +57,10 @@ class CallbackStyle:
     """Another API surface's callback (routes/bfl.py): its own body and signature headers."""
 
     envelope: Callable[[Run, Storage], dict]
-    headers: Callable[[bytes, dict, str, int], dict[str, str]]  # (body, run params, delivery id, unix time)
+    # (body, run params, delivery id, unix time, the key's signing secrets newest first)
+    headers: Callable[[bytes, RunParams, str, int, list[str]], dict[str, str]]
+    # Whether the run's end is told at all (Replicate: webhook_events_filter without "completed").
+    wanted: Callable[[RunParams], bool] = lambda params: True
 
 
 # Chosen per run by run.params["callback_style"]; registered by the surfaces that create such runs.
@@ -63,7 +68,7 @@ CALLBACK_STYLES: dict[str, CallbackStyle] = {}
 
 
 def style_of(run: Run | None) -> CallbackStyle | None:
-    return CALLBACK_STYLES.get((run.params or {}).get("callback_style", "")) if run is not None else None
+    return CALLBACK_STYLES.get(RunParams.of(run).callback_style or "") if run is not None else None
 
 
 # Envelopes.
@@ -119,8 +124,11 @@ def _enqueue(session: Session, *, api_key_id: str, url: str, envelope: dict, run
     return delivery
 
 
-def enqueue_run(session: Session, run: Run, storage: Storage) -> CallbackDelivery:
+def enqueue_run(session: Session, run: Run, storage: Storage) -> CallbackDelivery | None:
+    """The run's callback, queued for sending; None when its surface's client asked not to hear of this end."""
     style = style_of(run)
+    if style and not style.wanted(RunParams.of(run)):
+        return None
     envelope = style.envelope(run, storage) if style else run_envelope(run, storage)
     return _enqueue(session, api_key_id=run.api_key_id, url=run.callback_url, envelope=envelope, run_id=run.id, event=EVENTS[run.status])
 
@@ -177,7 +185,7 @@ def signing_secrets(session: Session, api_key_id: str) -> list[str]:
 def signature_headers(body: bytes, secrets: list[str], msg_id: str, timestamp: int) -> dict[str, str]:
     headers = {"Content-Type": "application/json", "Runflow-Request-Id": msg_id, "webhook-id": msg_id, "webhook-timestamp": str(timestamp)}
     if secrets:
-        headers["Runflow-Signature"] = ",".join(hmac.new(s.encode(), body, hashlib.sha256).hexdigest() for s in secrets)
+        headers["Runflow-Signature"] = hmac.new(secrets[0].encode(), body, hashlib.sha256).hexdigest()
         signed = f"{msg_id}.{timestamp}.".encode() + body
         headers["webhook-signature"] = " ".join(
             "v1," + base64.b64encode(hmac.new(base64.b64decode(s.removeprefix("whsec_")), signed, hashlib.sha256).digest()).decode()
@@ -284,10 +292,10 @@ class CallbackSender:
             d = session.get(CallbackDelivery, delivery_id)
             body = d.body.encode()
             run = session.get(Run, d.run_id) if d.run_id else None
-            if style := style_of(run):
-                params = run.params
-                return d.url, body, lambda ts: style.headers(body, params, delivery_id, ts)
             secrets = signing_secrets(session, d.api_key_id)
+            if style := style_of(run):
+                params = RunParams.of(run)
+                return d.url, body, lambda ts: style.headers(body, params, delivery_id, ts, secrets)
             return d.url, body, lambda ts: signature_headers(body, secrets, delivery_id, ts)
 
     async def _attempt(self, delivery_id: str) -> None:

@@ -14,7 +14,6 @@ from fastapi import Depends, Request, Response
 from sqlalchemy.orm import Session, sessionmaker
 
 from incontext.engine.protocol import EngineClient
-from incontext.errors import ModelNotFound
 from incontext.models.registry import ModelPreset, Registry
 from incontext.service.auth import authenticate
 from incontext.service.callbacks import CallbackSender
@@ -86,12 +85,8 @@ KeyDep = Annotated[ApiKey, Depends(authenticate)]
 
 
 async def resolve_model(model_id: str, service: ServiceDep) -> ModelPreset:
-    # Only registered ids and aliases: Registry.resolve also takes directory paths, which a
-    # URL must not be able to name.
-    if model_id.strip("/") not in service.registry.ids():
-        known = ", ".join(sorted(service.registry.ids()))
-        raise ModelNotFound(f"unknown model '{model_id}'; known models: {known}")
-    return service.registry.resolve(model_id)
+    # Registry.registered: ids and aliases only, never a directory path a URL could name.
+    return service.registry.registered(model_id)
 
 
 PresetDep = Annotated[ModelPreset, Depends(resolve_model)]

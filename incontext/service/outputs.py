@@ -23,14 +23,14 @@ from incontext import imageio, preserve
 from incontext.engine.protocol import EditResult
 from incontext.service.inputs import RunInput
 from incontext.service.models import Run
+from incontext.service.runparams import RunParams
 from incontext.service.storage import Storage
 
 
 def store(run: Run, run_input: RunInput, result: EditResult, storage: Storage) -> dict:
     """The run's output dict (as stored in `runs.output`); files are written on the way."""
-    params = run.params
-    fmt, sync = params["output_format"], params["sync_mode"]
-    return_mask = params.get("return_mask", False)  # runs stored before it existed lack it
+    params = RunParams.of(run)
+    fmt, sync, return_mask = params.output_format, params.sync_mode, params.return_mask
     items, preserve_ms = [], 0.0
     for index, (edited, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
         started = time.perf_counter()
@@ -54,7 +54,7 @@ def store(run: Run, run_input: RunInput, result: EditResult, storage: Storage) -
                 item["mask_file"] = storage.save_mask(run.id, index, png)
         items.append(item)
     timings = {**result.timings_ms, "preserve": preserve_ms}
-    return {"outputs": items, "seed": params["seed"], "num_inference_steps": result.num_inference_steps, "timings_ms": timings}
+    return {"outputs": items, "seed": params.seed, "num_inference_steps": result.num_inference_steps, "timings_ms": timings}
 
 
 def _preserved(run: Run, run_input: RunInput, edited: Image.Image, change: np.ndarray | None) -> tuple[Image.Image, Image.Image | None, float | None]:
@@ -67,6 +67,6 @@ def _preserved(run: Run, run_input: RunInput, edited: Image.Image, change: np.nd
     source = run_input.source
     keeps = imageio.keeps_framing(aspect_ratio, source.width, source.height)
     kept = preserve.preserve(
-        edited, change, context=run_input.fitted, source=source if keeps else None, mode=run.params.get("preserve", "auto")
+        edited, change, context=run_input.fitted, source=source if keeps else None, mode=RunParams.of(run).preserve
     )
     return kept.image, kept.mask, kept.changed_share

@@ -141,7 +141,9 @@ class RunPublic(BaseModel):
     )
     duration_ms: int | None
     cost: str
-    cost_breakdown: list[dict[str, Any]]
+    cost_breakdown: dict[str, Any] = Field(
+        description="an object: currency, unit (image), quantity (images billed), unit_price and total (decimal strings)"
+    )
     client_ref: str | None
     batch_id: str | None
     parent_run_id: str | None
@@ -162,10 +164,12 @@ class RunPublic(BaseModel):
         duration = None
         if run.started_at and run.completed_at:
             duration = int((run.completed_at - run.started_at).total_seconds() * 1000)
-        breakdown = []
-        if run.cost_micros:
-            unit = run.params["unit_price_micros"]
-            breakdown = [{"item": "image", "quantity": run.num_images, "unit_price": format_cost(unit), "amount": format_cost(run.cost_micros)}]
+        # An object, as Runflow publishes it; failed and canceled runs bill nothing.
+        unit = (run.params or {}).get("unit_price_micros", 0)
+        breakdown = {
+            "currency": "USD", "unit": "image", "quantity": run.cost_micros // unit if unit else 0,
+            "unit_price": format_cost(unit), "total": format_cost(run.cost_micros),
+        }
         base = f"{storage.base_url}/v1/runs/{run.id}"
         links = {"self": base, "logs": f"{base}/logs", "cancel": f"{base}/cancel", "callback": f"{base}/callback"}
         if run.batch_id:
@@ -312,22 +316,25 @@ class CallbackSecretCreate(BaseModel):
 
 
 class CallbackSecretPublic(BaseModel):
+    """A signing secret, with Runflow's field names."""
+
     id: str
     label: str | None
+    key_prefix: str = Field(description="the secret's first characters, to tell secrets apart")
+    is_current: bool = Field(description="the newest active secret: the one Runflow-Signature is made with")
     created_at: Timestamp
-    revoked_at: Timestamp | None
+    disabled_at: Timestamp | None = Field(description="when it was revoked; null while it signs")
 
     @classmethod
-    def from_row(cls, row: CallbackSecret) -> CallbackSecretPublic:
-        return cls(id=row.id, label=row.label, created_at=row.created_at, revoked_at=row.revoked_at)
+    def from_row(cls, row: CallbackSecret, current_id: str | None = None) -> CallbackSecretPublic:
+        return cls(
+            id=row.id, label=row.label, key_prefix=row.secret[:12], is_current=row.id == current_id and row.revoked_at is None,
+            created_at=row.created_at, disabled_at=row.revoked_at,
+        )
 
 
 class CallbackSecretCreated(CallbackSecretPublic):
     plain_secret: str = Field(description="shown once; store it to verify callback signatures")
-
-
-class CallbackSecretList(BaseModel):
-    items: list[CallbackSecretPublic]
 
 
 class AttemptPublic(BaseModel):
@@ -339,28 +346,39 @@ class AttemptPublic(BaseModel):
 
 
 class DeliveryPublic(BaseModel):
+    """One callback delivery, with Runflow's field names."""
+
     id: str
     run_id: str | None
     batch_id: str | None
-    url: str
     event: str
-    status: str
+    callback_url: str
+    status: str = Field(description="pending, delivered or failed")
+    status_code: int | None = Field(description="the receiver's HTTP status at the last attempt; null if none answered")
+    payload: dict[str, Any] = Field(description="the envelope, as sent (and signed) at every attempt")
     attempt_count: int
+    max_attempts: int
+    error_message: str | None = Field(description="why the last attempt failed; null after a delivery")
     next_attempt_at: Timestamp | None
     created_at: Timestamp
     completed_at: Timestamp | None
     attempts: list[AttemptPublic]
 
     @classmethod
-    def from_row(cls, row: CallbackDelivery, attempts: list[CallbackAttempt]) -> DeliveryPublic:
+    def from_row(cls, row: CallbackDelivery, attempts: list[CallbackAttempt], max_attempts: int) -> DeliveryPublic:
+        last = attempts[-1] if attempts else None
         return cls(
             id=row.id,
             run_id=row.run_id,
             batch_id=row.batch_id,
-            url=row.url,
             event=row.event,
+            callback_url=row.url,
             status=row.status,
+            status_code=last.status_code if last else None,
+            payload=json.loads(row.body),
             attempt_count=row.attempt_count,
+            max_attempts=max_attempts,
+            error_message=last.error_message if last else None,
             next_attempt_at=row.next_attempt_at,
             created_at=row.created_at,
             completed_at=row.completed_at,
@@ -375,10 +393,6 @@ class DeliveryPublic(BaseModel):
                 for a in attempts
             ],
         )
-
-
-class DeliveryList(BaseModel):
-    items: list[DeliveryPublic]
 
 
 class KeyPublic(BaseModel):

@@ -1,22 +1,33 @@
-"""A validated `input` → a queued run: the image checked and stored, defaults and the seed
-fixed, the price recorded. Shared by single runs and batch items."""
+"""Run intake, once for every surface: a surface translates its client's request into a
+`RunRequest` and calls `submit`, which does the rest in one order:
+
+    validate the model → count images (rate limit) → replay an Idempotency-Key → fetch
+    image URLs (event loop) → check the key's active images → decode and fit each image →
+    store runs (and a batch) with typed `RunParams` → claim → commit → hand the inputs over
+
+A surface (routes/runs.py, batches.py, bfl.py, openai.py, replicate.py, fal.py) then only
+renders the stored runs in its own shape.
+"""
 
 from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from incontext.errors import IncontextError
 from incontext.models.registry import ModelPreset
-from incontext.service import lifecycle
-from incontext.service.errors import RateLimited, at_field
-from incontext.service.inputs import RunInput, load_source, output_size
-from incontext.service.models import Run
+from incontext.service import lifecycle, store
+from incontext.service.errors import RateLimited, ServiceError, at_field, field_error
+from incontext.service.inputs import RunInput, load_source, output_size, prefetch
+from incontext.service.models import ApiKey, Batch, Run
+from incontext.service.runparams import RunParams
 from incontext.service.schemas import KontextInput
 from incontext.service.storage import Storage
 from incontext.settings import Settings
@@ -24,9 +35,143 @@ from incontext.settings import Settings
 _DATA_URI_HEAD = re.compile(r"^(data:[^,]{0,100}),", re.IGNORECASE)
 
 
+RUNS_SURFACE = "POST /v1/models/{model_id}/runs"
+BATCHES_SURFACE = "POST /v1/models/{model_id}/batches"
+PRIMARY_SURFACES = (RUNS_SURFACE, BATCHES_SURFACE)
+
+
+@dataclass
+class Callback:
+    """Where and how a surface's client hears that its run ended."""
+
+    url: str
+    style: str | None = None  # None: Runflow's envelope, signed with the key's callback secrets
+    secret: str | None = None
+    events: list[str] | None = None
+
+
+@dataclass
+class RunRequest:
+    """One surface's request, translated: one run, or a batch of runs of one model."""
+
+    model_id: str  # as the client named it; only registered ids and aliases resolve
+    items: list[KontextInput]
+    surface: str  # "POST /v1/flux-kontext-pro": logged on the run
+    batch: bool = False  # a Batch row groups the runs (POST …/batches)
+    metadata: dict | None = None
+    client_refs: list[str | None] = field(default_factory=list)
+    callback: Callback | None = None
+    # Our input names → the client's (image_url → input_image), for error messages; None
+    # keeps Runflow's `input.image_url` (`input.3.image_url` in a batch).
+    names: dict[str, str] | None = None
+    # Idempotency: the same key and body replay the first answer (Runflow routes only).
+    idempotency_key: str | None = None
+    idempotency_body: Any = None
+
+
+@dataclass
+class Accepted:
+    runs: list[Run]  # detached rows, as committed; empty for a replay
+    batch: Batch | None
+    content: dict | None  # the answer `render` built (or the replayed one)
+    status_code: int
+    headers: dict[str, str]  # rate-limit headers (and Idempotent-Replayed)
+
+
+Render = Callable[[Session, list[Run], Batch | None], dict]
+
+
+async def submit(service, key: ApiKey, request: RunRequest, *, request_id: str | None, render: Render | None = None) -> Accepted:
+    """Queue the request's runs and start them. `render` builds the answer inside the
+    transaction (so an Idempotency-Key remembers exactly it). Raises IncontextError: unknown
+    model (404), rate limit (429), validation (422, fields named as the client sent them),
+    Idempotency-Key reused with another body (409)."""
+    from incontext.service.deps import count_images  # deps imports this module's neighbours
+
+    preset = service.registry.registered(request.model_id)
+    limits = count_images(service, key, sum(item.num_images for item in request.items))
+    digest = None
+    if request.idempotency_key is not None:
+        store.check_idempotency_key(request.idempotency_key)
+        digest = store.request_hash(f"{request.surface} {preset.id}", request.idempotency_body)
+        replay = await run_in_threadpool(_replay, service, key.id, request.idempotency_key, digest, limits)
+        if replay is not None:
+            return replay
+    # On the event loop: a slow image host never holds a thread the reads need.
+    remote = await prefetch([i.image_url for i in request.items], outbound=service.outbound, storage=service.storage, settings=service.settings)
+    return await run_in_threadpool(_store, service, key, request, preset, request_id, digest, limits, remote, render)
+
+
+def _replay(service, api_key_id: str, key: str, digest: str, limits: dict) -> Accepted | None:
+    with service.sessions() as session:
+        record = store.replay(session, api_key_id, key, digest)
+        if record is None:
+            return None
+        return Accepted([], None, record.response, record.status_code, {**limits, "Idempotent-Replayed": "true"})
+
+
+def _store(service, key: ApiKey, request: RunRequest, preset: ModelPreset, request_id, digest, limits, remote, render) -> Accepted:
+    with service.sessions() as session:
+        # 1. Validate every item before anything is stored: one bad item refuses the request.
+        try:
+            check_active_images(session, key.id, sum(i.num_images for i in request.items), service.settings)
+            prepared = [
+                prepare(
+                    item, field="input" if not request.batch else f"input.{i}", preset=preset, api_key_id=key.id,
+                    session=session, storage=service.storage, settings=service.settings, remote=remote,
+                )
+                for i, item in enumerate(request.items)
+            ]
+        except IncontextError as exc:
+            raise renamed(exc, request.names) if request.names is not None else exc from None
+
+        # 2. Store the runs (and their batch), with how the end is told.
+        callback = request.callback
+        if callback is not None:
+            for p in prepared:
+                p.params.callback_style, p.params.webhook_secret, p.params.webhook_events = callback.style, callback.secret, callback.events
+        batch = None
+        if request.batch:
+            batch = Batch(api_key_id=key.id, model_id=preset.run_model_id, meta=request.metadata, callback_url=callback.url if callback else None)
+            session.add(batch)
+            session.flush()
+        runs = []
+        for i, p in enumerate(prepared):
+            run = queue(
+                session, service.storage, p, batch_id=batch.id if batch else None,
+                client_ref=request.client_refs[i] if i < len(request.client_refs) else None,
+                meta=None if request.batch else request.metadata,
+                callback_url=callback.url if callback and not request.batch else None, request_id=request_id,
+            )
+            if request.surface not in PRIMARY_SURFACES:  # a run of another surface says so in its log
+                lifecycle.add_log(session, run.id, f"received through {request.surface}")
+            runs.append(run)
+        content = render(session, runs, batch) if render else None
+
+        # 3. Commit, claimed in the same transaction so that one commit starts them.
+        if digest:
+            store.remember(session, key.id, request.idempotency_key, digest, 201, content)
+        inputs = {run.id: p.run_input for run, p in zip(runs, prepared)}
+        claimed = service.dispatcher.claim_within(session, inputs)
+        try:
+            session.commit()
+        except Exception as exc:
+            session.rollback()
+            for run_id in inputs:
+                service.storage.delete_input(run_id)
+            # The same Idempotency-Key won a race in another request: answer as it did.
+            if isinstance(exc, IntegrityError) and digest:
+                if replay := _replay(service, key.id, request.idempotency_key, digest, limits):
+                    return replay
+            raise
+    service.dispatcher.submitted(inputs, claimed)
+    return Accepted(runs, batch, content, 201, limits)
+
+
 @dataclass
 class PreparedRun:
-    fields: dict[str, Any]  # columns for lifecycle.create_run
+    fields: dict[str, Any]  # columns for lifecycle.create_run, but params
+    params: RunParams
     input_bytes: bytes  # stored, so a restart can run it again
     run_input: RunInput  # decoded, and fitted to the output size: what the dispatcher hands on
 
@@ -35,7 +180,6 @@ def prepare(
     item: KontextInput,
     *,
     field: str,
-    model_id: str,
     preset: ModelPreset,
     api_key_id: str,
     session: Session,
@@ -55,41 +199,34 @@ def prepare(
         raise at_field(exc, f"{field}.aspect_ratio") from None
 
     given = item.model_fields_set
-    params = {
-        "prompt": item.prompt,
-        # Drawn here, not in the engine, so it is recorded and a re-run after a restart
-        # produces the same images.
-        "seed": item.seed if item.seed is not None else secrets.randbelow(2**32),
-        "num_images": item.num_images,
-        "guidance_scale": item.guidance_scale if "guidance_scale" in given else preset.guidance_scale,
-        "num_inference_steps": item.num_inference_steps or preset.num_inference_steps,
-        "output_format": item.output_format,
-        "sync_mode": item.sync_mode,
-        "width": width,
-        "height": height,
-        # What the output keeps of the input (dispatcher → outputs.py). Runs stored before
-        # these existed lack them: read as "auto", False and the echoed input's aspect_ratio.
-        "aspect_ratio": item.aspect_ratio,
-        "preserve": item.preserve,
-        "return_mask": item.return_mask,
-        "unit_price_micros": int(preset.price_per_image * 1_000_000),
-        # Multi-turn: the engine may reuse the parent's latents, which only identify the
-        # image when the parent made exactly one.
-        "parent_request_id": _single_output_parent(session, source.parent_run_id),
-    }
+    params = RunParams(
+        prompt=item.prompt,
+        seed=item.seed if item.seed is not None else secrets.randbelow(2**32),
+        num_images=item.num_images,
+        guidance_scale=item.guidance_scale if "guidance_scale" in given else preset.guidance_scale,
+        num_inference_steps=item.num_inference_steps or preset.num_inference_steps,
+        output_format=item.output_format,
+        sync_mode=item.sync_mode,
+        width=width,
+        height=height,
+        aspect_ratio=item.aspect_ratio,
+        preserve=item.preserve,
+        return_mask=item.return_mask,
+        unit_price_micros=int(preset.price_per_image * 1_000_000),
+        parent_request_id=_single_output_parent(session, source.parent_run_id),
+    )
     echo = item.model_dump(mode="json", include=given - {"client_ref"})
     echo["image_url"] = abbreviate_data_uri(echo["image_url"])
     fields = {
         "api_key_id": api_key_id,
-        "model_id": model_id.strip("/"),
+        "model_id": preset.run_model_id,
         "engine_model_id": preset.id,
         "input": echo,
-        "params": params,
         "num_images": item.num_images,
         "parent_run_id": source.parent_run_id,
     }
     # Fitted here, in the request's thread, so the dispatcher hands it to the engine as it is.
-    return PreparedRun(fields=fields, input_bytes=source.data, run_input=RunInput.fit(source.image, width, height))
+    return PreparedRun(fields=fields, params=params, input_bytes=source.data, run_input=RunInput.fit(source.image, width, height))
 
 
 # What a refusal for too many active images tells the client to wait: about the time the
@@ -114,9 +251,36 @@ def queue(session: Session, storage: Storage, prepared: PreparedRun, **extra: An
     """Insert the run and store its input; the caller commits, then hands `run_input` to the
     dispatcher (dispatcher.submitted), or deletes the input file with storage.delete_input
     if the commit fails."""
-    run = lifecycle.create_run(session, **prepared.fields, **extra)
+    params = prepared.params.model_dump(mode="json")
+    run = lifecycle.create_run(session, **prepared.fields, params=params, **extra)
     storage.save_input(run.id, prepared.input_bytes)
     return run
+
+
+def cancel(service, run_id: str, reason: str | None = None) -> Run:
+    """Cancel a queued or running run, as every surface's cancel does: the engine stops at the
+    next denoising step and the run costs nothing. Raises Conflict if it already ended."""
+    with service.sessions() as session:
+        run = session.get(Run, run_id)
+        if reason:
+            lifecycle.add_log(session, run_id, reason, level="warning")
+        run = lifecycle.cancel(session, service.storage, run)
+        session.commit()
+    service.storage.delete_input(run_id)
+    service.dispatcher.cancel(run_id)
+    service.sender.wake()
+    return run
+
+
+def renamed(exc: IncontextError, names: dict[str, str]) -> ServiceError:
+    """The error with its fields named as the surface's client sent them (input.image_url → input_image)."""
+    errors = [field_error(surface_field(e["field"], names), e["message"], e["code"]) for e in getattr(exc, "errors", [])]
+    return ServiceError(exc.message, code=exc.code, http_status=exc.http_status, errors=errors, headers=getattr(exc, "headers", None))
+
+
+def surface_field(field_name: str, names: dict[str, str]) -> str:
+    name = field_name.removeprefix("input.")
+    return names.get(name, name)
 
 
 def abbreviate_data_uri(url: str) -> str:

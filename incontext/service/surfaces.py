@@ -1,9 +1,9 @@
-"""What the BFL-style and OpenAI-style surfaces share.
+"""What the BFL, OpenAI, Replicate and fal surfaces share.
 
-Both turn their clients' bodies into a `KontextInput` and create the run through the same
-stored-run path as `POST /v1/models/{model_id}/runs`:
+Each turns its clients' bodies into a `KontextInput` and a `submission.RunRequest`, and
+creates the run through the one intake path of `POST /v1/models/{model_id}/runs`:
 
-    surface route → KontextInput → submission.prepare/queue → dispatcher → engine
+    surface route → RunRequest → submission.submit → dispatcher → engine
 
 so their runs are durable, priced, rate-limited and listed by `GET /v1/runs`. Besides that:
 the key from `x-key` or `Authorization: Bearer`, image strings and bytes as data URIs, sizes
@@ -18,7 +18,7 @@ import binascii
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -30,9 +30,9 @@ from starlette.exceptions import HTTPException
 
 from incontext.errors import IncontextError
 from incontext.imageio import ASPECT_RATIOS
-from incontext.service import auth, lifecycle, submission
+from incontext.service import auth, submission
 from incontext.service.deps import Service
-from incontext.service.errors import STATUS_CODES, Conflict, ServiceError, Unauthorized, ValidationFailed, field_error
+from incontext.service.errors import STATUS_CODES, Conflict, Unauthorized, ValidationFailed, field_error
 from incontext.service.models import ApiKey, Run
 from incontext.service.schemas import KontextInput
 
@@ -49,11 +49,12 @@ _MAX_RATIO = max(w / h for w, h in RATIOS.values())
 
 # Keys.
 async def key_from_headers(request: Request) -> ApiKey:
-    """The caller's key from `x-key` (BFL clients) or `Authorization: Bearer` (everyone else)."""
+    """The caller's key from `x-key` (BFL clients) or `Authorization: Bearer` (everyone else;
+    `Key` as fal clients send it, `Token` as older Replicate clients do)."""
     token = request.headers.get("x-key", "").strip()
     if not token:
         scheme, _, rest = request.headers.get("authorization", "").partition(" ")
-        token = rest.strip() if scheme.lower() == "bearer" else ""
+        token = rest.strip() if scheme.lower() in ("bearer", "key", "token") else ""
     if not token:
         raise Unauthorized("send your API key as 'x-key: <key>' or 'Authorization: Bearer <key>'")
     key = await auth.lookup(request, token)
@@ -107,24 +108,13 @@ def route_class(render: Callable[[Problem], Response]) -> type[APIRoute]:
     return SurfaceRoute
 
 
-def renamed(exc: IncontextError, names: dict[str, str]) -> ServiceError:
-    """The error with its fields named as the surface's client sent them (input.image_url → input_image)."""
-    errors = [field_error(surface_field(e["field"], names), e["message"], e["code"]) for e in getattr(exc, "errors", [])]
-    return ServiceError(exc.message, code=exc.code, http_status=exc.http_status, errors=errors, headers=getattr(exc, "headers", None))
-
-
-def surface_field(field_name: str, names: dict[str, str]) -> str:
-    name = field_name.removeprefix("input.")
-    return names.get(name, name)
-
-
 # Inputs.
 def kontext_input(values: dict, names: dict[str, str]) -> KontextInput:
     """Validate against the one input model every surface shares; errors name the surface's fields."""
     try:
         return KontextInput.model_validate(values)
     except ValidationError as exc:
-        errors = [field_error(surface_field(".".join(map(str, e["loc"])), names), e["msg"], e["type"]) for e in exc.errors()]
+        errors = [field_error(submission.surface_field(".".join(map(str, e["loc"])), names), e["msg"], e["type"]) for e in exc.errors()]
         summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:3])
         raise ValidationFailed(f"invalid request: {summary}", errors=errors) from None
 
@@ -163,48 +153,6 @@ def within_ratio_range(width: float, height: float) -> bool:
 
 
 # Runs.
-def submit(
-    service: Service,
-    key: ApiKey,
-    item: KontextInput,
-    *,
-    model_id: str,
-    request_id: str,
-    surface: str,
-    names: dict[str, str],
-    callback_url: str | None = None,
-    params: dict | None = None,
-    remote: Mapping[str, bytes | IncontextError] | None = None,
-) -> str:
-    """Validate and store the image, queue the run and hand it to the dispatcher; the run id.
-    The caller counted the images (deps.count_images) and fetched an http(s) image into
-    `remote` (inputs.prefetch) first. `params` are extra internal parameters (never shown to
-    clients), e.g. a webhook style."""
-    preset = service.registry.resolve(model_id)
-    with service.sessions() as session:
-        try:
-            submission.check_active_images(session, key.id, item.num_images, service.settings)
-            prepared = submission.prepare(
-                item, field="input", model_id=model_id, preset=preset, api_key_id=key.id,
-                session=session, storage=service.storage, settings=service.settings, remote=remote,
-            )
-        except IncontextError as exc:
-            raise renamed(exc, names) from None
-        prepared.fields["params"].update(params or {})
-        run = submission.queue(session, service.storage, prepared, callback_url=callback_url, request_id=request_id)
-        lifecycle.add_log(session, run.id, f"received through {surface}")
-        claimed = service.dispatcher.claim_within(session, {run.id: prepared.run_input})
-        try:
-            session.commit()
-        except Exception:
-            session.rollback()
-            service.storage.delete_input(run.id)
-            raise
-        run_id = run.id
-    service.dispatcher.submitted({run_id: prepared.run_input}, claimed)
-    return run_id
-
-
 def load_run(service: Service, run_id: str) -> Run | None:
     """A detached snapshot of the run (the session is closed before it is read)."""
     with service.sessions() as session:
@@ -213,16 +161,7 @@ def load_run(service: Service, run_id: str) -> Run | None:
 
 def cancel_run(service: Service, run_id: str, reason: str) -> None:
     """Cancel as POST /v1/runs/{id}/cancel does; nothing if the run already ended."""
-    with service.sessions() as session:
-        run = session.get(Run, run_id)
-        if run is None:
-            return
-        lifecycle.add_log(session, run_id, reason, level="warning")
-        try:
-            lifecycle.cancel(session, service.storage, run)
-        except Conflict:
-            return
-        session.commit()
-    service.storage.delete_input(run_id)
-    service.dispatcher.cancel(run_id)
-    service.sender.wake()
+    try:
+        submission.cancel(service, run_id, reason)
+    except Conflict:
+        pass

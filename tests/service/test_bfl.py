@@ -187,8 +187,8 @@ def test_webhook_is_sent_and_signed(server, api):
         assert h["webhook-signature"] == "v1," + base64.b64encode(hmac.new(secret.encode(), signed, hashlib.sha256).digest()).decode()
         assert "runflow-signature" not in h  # the key's callback secrets do not sign these
 
-        history = api.get(f"/v1/runs/{run_id}/callback").json()["items"]
-        assert history[0]["url"] == f"{receiver.url}/bfl" and history[0]["event"] == "run.completed"
+        history = api.get(f"/v1/runs/{run_id}/callback").json()
+        assert history[0]["callback_url"] == f"{receiver.url}/bfl" and history[0]["event"] == "run.completed"
         # Not leaked: the secret is internal.
         assert secret not in api.get(f"/v1/runs/{run_id}").text
     finally:

@@ -24,9 +24,11 @@ def test_callback_signed_with_both_secrets_and_retried(server, api):
     try:
         old = api.post("/v1/callback-secrets", json={"label": "old"}).json()
         new = api.post("/v1/callback-secrets", json={"label": "new"}).json()
-        assert old["plain_secret"].startswith("whsec_") and set(new) == {"id", "label", "created_at", "revoked_at", "plain_secret"}
-        listed = api.get("/v1/callback-secrets").json()["items"]
+        assert old["plain_secret"].startswith("whsec_")
+        assert set(new) == {"id", "label", "key_prefix", "is_current", "created_at", "disabled_at", "plain_secret"}
+        listed = api.get("/v1/callback-secrets").json()  # a bare array, as Runflow answers
         assert {s["id"] for s in listed} >= {old["id"], new["id"]} and all("plain_secret" not in s for s in listed)
+        assert [s["id"] for s in listed if s["is_current"]] == [new["id"]]
 
         run = api.post(
             f"/v1/models/{MODEL}/runs",
@@ -40,9 +42,10 @@ def test_callback_signed_with_both_secrets_and_retried(server, api):
         assert first["headers"]["webhook-id"] == second["headers"]["webhook-id"]
         for req in (first, second):
             h, body = req["headers"], req["body"]
-            sigs = h["runflow-signature"].split(",")
+            # One 64-hex HMAC from the newest secret (Runflow's verifier compares the whole
+            # header); during rotation the older secret signs in webhook-signature only.
+            assert h["runflow-signature"] == hmac.new(new["plain_secret"].encode(), body, hashlib.sha256).hexdigest()
             for secret in (old["plain_secret"], new["plain_secret"]):
-                assert hmac.new(secret.encode(), body, hashlib.sha256).hexdigest() in sigs
                 assert verify_standard_webhook(h, body, secret)
             assert h["runflow-request-id"] == h["webhook-id"]
             assert not verify_standard_webhook(h, body, "whsec_" + base64.b64encode(b"x" * 32).decode())
@@ -53,8 +56,10 @@ def test_callback_signed_with_both_secrets_and_retried(server, api):
         assert envelope["created_at"].endswith("+00:00") and envelope["completed_at"].endswith("+00:00")
         assert envelope["output"]["image_urls"] and envelope["duration_ms"] > 0
 
-        history = wait_for(lambda: (h := api.get(f"/v1/runs/{run['id']}/callback").json()["items"]) and h[0]["status"] == "delivered" and h)
+        history = wait_for(lambda: (h := api.get(f"/v1/runs/{run['id']}/callback").json()) and h[0]["status"] == "delivered" and h)
         attempts = history[0]["attempts"]
+        assert history[0]["callback_url"] == f"{receiver.url}/hook" and history[0]["status_code"] == 200
+        assert history[0]["payload"] == envelope and history[0]["max_attempts"] == 4 and history[0]["attempt_count"] == 2
         assert [a["attempt_number"] for a in attempts] == [1, 2]
         assert attempts[0]["status_code"] == 500 and attempts[0]["error_message"]
         assert attempts[1]["status_code"] == 200 and attempts[1]["error_message"] is None
@@ -85,7 +90,7 @@ def test_failing_receiver_gets_bounded_attempts(api):
         ).json()
         wait_run(api, run["id"])
         # INCONTEXT_CALLBACK_MAX_ATTEMPTS=4 in the test server.
-        history = wait_for(lambda: (h := api.get(f"/v1/runs/{run['id']}/callback").json()["items"]) and h[0]["status"] == "failed" and h, timeout=120)
+        history = wait_for(lambda: (h := api.get(f"/v1/runs/{run['id']}/callback").json()) and h[0]["status"] == "failed" and h, timeout=120)
         assert [a["attempt_number"] for a in history[0]["attempts"]] == [1, 2, 3, 4]
         assert len(receiver.requests) == 4
     finally:
@@ -97,7 +102,7 @@ def test_unreachable_receiver_is_recorded(api):
         f"/v1/models/{MODEL}/runs", json={"input": {"prompt": "cb", "image_url": data_uri()}, "callback_url": "http://127.0.0.1:9/hook"}
     ).json()
     wait_run(api, run["id"])
-    history = wait_for(lambda: (h := api.get(f"/v1/runs/{run['id']}/callback").json()["items"]) and h[0]["attempts"] and h)
+    history = wait_for(lambda: (h := api.get(f"/v1/runs/{run['id']}/callback").json()) and h[0]["attempts"] and h)
     attempt = history[0]["attempts"][0]
     assert attempt["status_code"] is None and "connection" in attempt["error_message"]
 

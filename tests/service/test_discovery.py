@@ -84,7 +84,7 @@ def test_models_list_and_detail_are_public(server):
     assert detail["input_schema"]["required"] == ["prompt", "image_url"]
 
     r = httpx.get(f"{server.url}/v1/models/no/such/model")
-    assert r.status_code == 404 and r.json()["code"] == "MODEL_UNAVAILABLE"
+    assert r.status_code == 404 and r.json()["code"] == "MODEL_NOT_FOUND"
 
 
 def test_published_ranges_are_the_enforced_ones(server, api):

@@ -66,10 +66,13 @@ def test_defaults_several_images_and_openai_model_names(server):
     wide, tall = png_bytes((96, 64)), png_bytes((64, 96))
     files = [("image[]", ("a.png", tall, "image/png")), ("image[]", ("b.png", wide, "image/png"))]
     r = edit(server, {"prompt": "p", "model": "gpt-image-1"}, files=files)
+    # Several references: the model edits one image, so a clear 400 rather than an edit of the first.
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image" and "one image" in r.json()["error"]["message"]
+    r = edit(server, {"prompt": "p", "model": "gpt-image-1"}, files=files[:1])
     assert r.status_code == 200, r.text
     (item,) = r.json()["data"]
     img = Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))  # b64_json by default
-    assert img.height > img.width  # the first image was used
+    assert img.height > img.width
     r = edit(server, {"prompt": "p", "model": "dall-e-2"})
     assert set(r.json()["data"][0]) == {"url", "revised_prompt"}  # dall-e's default is url
     r = edit(server, {"prompt": "p", "model": "black-forest-labs/flux-pro/kontext"})

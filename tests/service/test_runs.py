@@ -53,7 +53,7 @@ def test_run_lifecycle_outputs_cost_logs(api):
     done = wait_run(api, run["id"])
     assert done["status_code"] == "succeeded", done
     assert done["cost"] == "0.08"
-    assert done["cost_breakdown"] == [{"item": "image", "quantity": 2, "unit_price": "0.04", "amount": "0.08"}]
+    assert done["cost_breakdown"] == {"currency": "USD", "unit": "image", "quantity": 2, "unit_price": "0.04", "total": "0.08"}
     assert done["duration_ms"] > 0 and done["started_at"] and done["completed_at"].endswith("+00:00")
     outputs = done["output"]["outputs"]
     assert [o["seed"] for o in outputs] == [1234, 1235]
@@ -101,8 +101,9 @@ def test_aliases_and_unknown_model(api):
     run = wait_run(api, r.json()["id"])
     out = run["output"]["outputs"][0]
     assert out["height"] > out["width"]
+    assert run["model_id"] == "flux-pro/kontext"  # one id per model, whichever alias was called
     r = submit(api, model="no/such/model")
-    assert r.status_code == 404 and r.json()["code"] == "MODEL_UNAVAILABLE"
+    assert r.status_code == 404 and r.json()["code"] == "MODEL_NOT_FOUND"
 
 
 def test_validation_errors_have_one_shape(api):

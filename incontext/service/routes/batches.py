@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
-from starlette.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 
 from incontext.service import lifecycle, store, submission
-from incontext.service.deps import KeyDep, PresetDep, ReadSessionDep, ServiceDep, SessionDep, count_images
+from incontext.service.deps import KeyDep, ReadSessionDep, ServiceDep
 from incontext.service.models import Batch
-from incontext.service.inputs import prefetch
-from incontext.service.routes.runs import IdempotencyKey, commit_created, replay_or_release
+from incontext.service.routes.runs import IdempotencyKey
 from incontext.service.schemas import BatchCreate, BatchPublic, RunList, RunPublic
 
 router = APIRouter(prefix="/v1", tags=["batches"])
@@ -24,50 +23,22 @@ def batch_public(session, batch: Batch, storage) -> BatchPublic:
 
 
 @router.post("/models/{model_id:path}/batches", status_code=201, response_model=BatchPublic)
-async def create_batch(
-    model_id: str,
-    body: BatchCreate,
-    request: Request,
-    key: KeyDep,
-    preset: PresetDep,
-    service: ServiceDep,
-    session: SessionDep,
-    idempotency_key: IdempotencyKey = None,
-):
+async def create_batch(model_id: str, body: BatchCreate, request: Request, key: KeyDep, service: ServiceDep, idempotency_key: IdempotencyKey = None):
     """All items are validated (images fetched and decoded) before any is queued: one bad
     item rejects the batch with a 422 naming it (`input.3.image_url`). Every item's images
     count against the key's rate limit."""
-    limits = count_images(service, key, sum(item.num_images for item in body.input))
-    digest = None
-    if idempotency_key is not None:
-        store.check_idempotency_key(idempotency_key)
-        digest = store.request_hash(f"batches {model_id.strip('/')}", body.model_dump(mode="json", exclude_unset=True))
-        if replay := await run_in_threadpool(replay_or_release, session, key.id, idempotency_key, digest, limits):
-            return replay
-    remote = await prefetch([item.image_url for item in body.input], outbound=service.outbound, storage=service.storage, settings=service.settings)
-    return await run_in_threadpool(
-        _create_batch, model_id, body, request.state.request_id, key.id, preset, service, session, idempotency_key, digest, limits, remote
+    run_request = submission.RunRequest(
+        model_id=model_id, items=list(body.input), surface=submission.BATCHES_SURFACE, batch=True,
+        metadata=body.metadata, client_refs=[item.client_ref for item in body.input],
+        callback=submission.Callback(body.callback_url) if body.callback_url else None,
+        idempotency_key=idempotency_key, idempotency_body=body.model_dump(mode="json", exclude_unset=True),
     )
 
+    def render(session, runs, batch) -> dict:
+        return batch_public(session, batch, service.storage).model_dump(mode="json")
 
-def _create_batch(model_id, body: BatchCreate, request_id, key_id, preset, service, session, idempotency_key, digest, limits, remote):
-    submission.check_active_images(session, key_id, sum(item.num_images for item in body.input), service.settings)
-    prepared = [
-        submission.prepare(
-            item, field=f"input.{i}", model_id=model_id, preset=preset, api_key_id=key_id,
-            session=session, storage=service.storage, settings=service.settings, remote=remote,
-        )
-        for i, item in enumerate(body.input)
-    ]
-    batch = Batch(api_key_id=key_id, model_id=model_id.strip("/"), meta=body.metadata, callback_url=body.callback_url)
-    session.add(batch)
-    session.flush()
-    runs = [
-        submission.queue(session, service.storage, p, batch_id=batch.id, client_ref=item.client_ref, request_id=request_id)
-        for p, item in zip(prepared, body.input)
-    ]
-    content = batch_public(session, batch, service.storage).model_dump(mode="json")
-    return commit_created(session, service, key_id, idempotency_key, digest, limits, content, {run.id: p.run_input for run, p in zip(runs, prepared)})
+    accepted = await submission.submit(service, key, run_request, request_id=request.state.request_id, render=render)
+    return JSONResponse(accepted.content, status_code=accepted.status_code, headers=accepted.headers)
 
 
 @router.get("/batches/{batch_id}", response_model=BatchPublic)

@@ -27,17 +27,16 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from starlette.concurrency import run_in_threadpool
 
 from incontext.imageio import ASPECT_RATIOS
-from incontext.service import callbacks, conditional, lifecycle, netpolicy, store, surfaces
+from incontext.service import callbacks, conditional, lifecycle, netpolicy, store, submission, surfaces
 from incontext.service.conditional import IfNoneMatch
-from incontext.service.deps import ServiceDep, count_images, count_read
+from incontext.service.deps import ServiceDep, count_read
 from incontext.service.errors import RunNotFound, ValidationFailed, field_error
-from incontext.service.inputs import prefetch
 from incontext.service.models import ApiKey, Run
 from incontext.service.schemas import MAX_SEED, public_output
 from incontext.service.storage import Storage
+from incontext.service.runparams import RunParams
 
 STYLE = "bfl"
 # Our input names → theirs, for error messages.
@@ -161,14 +160,12 @@ async def create_kontext_edit(body: FluxKontextRequest, request: Request, key: B
         },
         NAMES,
     )
-    params = {"callback_style": STYLE, "webhook_secret": body.webhook_secret} if body.webhook_url else None
-    limits = count_images(service, key, item.num_images)
-    # Fetched on the event loop (async route), then the rest in the thread pool.
-    remote = await prefetch([item.image_url], outbound=service.outbound, storage=service.storage, settings=service.settings)
-    run_id = await run_in_threadpool(
-        surfaces.submit, service, key, item, model_id=surfaces.SURFACE_MODEL_ID, request_id=request.state.request_id,
-        surface="POST /v1/flux-kontext-pro", names=NAMES, callback_url=body.webhook_url, params=params, remote=remote,
+    callback = submission.Callback(body.webhook_url, style=STYLE, secret=body.webhook_secret) if body.webhook_url else None
+    run_request = submission.RunRequest(
+        model_id=surfaces.SURFACE_MODEL_ID, items=[item], surface="POST /v1/flux-kontext-pro", callback=callback, names=NAMES
     )
+    accepted = await submission.submit(service, key, run_request, request_id=request.state.request_id)
+    run_id, limits = accepted.runs[0].id, accepted.headers
     polling_url = f"{service.storage.base_url}/v1/get_result?id={run_id}"
     return JSONResponse({"id": run_id, "polling_url": polling_url}, headers=limits)
 
@@ -206,13 +203,13 @@ def result_body(run: Run, storage: Storage, progress: float | None = None) -> di
         body.update(status="Ready", progress=1.0, result={
             "sample": output["image_urls"][0],
             "samples": output["image_urls"],
-            "prompt": run.params["prompt"],
+            "prompt": RunParams.of(run).prompt,
             "seed": output["outputs"][0]["seed"],
             "start_time": run.started_at.timestamp() if run.started_at else None,
             "end_time": run.completed_at.timestamp(),
             "duration": (run.completed_at - run.started_at).total_seconds() if run.started_at else None,
         })
-        if run.params.get("return_mask"):  # our extension: only for clients that asked for it
+        if RunParams.of(run).return_mask:  # our extension: only for clients that asked for it
             first = output["outputs"][0]
             body["result"].update(mask=first["mask_url"], changed_share=first["changed_share"])
     elif run.status == lifecycle.CANCELED:
@@ -230,9 +227,9 @@ def _progress(session, run: Run) -> float | None:
 
 
 # The webhook: the get_result body of the ended run, signed with the request's webhook_secret.
-def webhook_headers(body: bytes, params: dict, msg_id: str, timestamp: int) -> dict[str, str]:
+def webhook_headers(body: bytes, params: RunParams, msg_id: str, timestamp: int, key_secrets: list[str]) -> dict[str, str]:
     headers = {"Content-Type": "application/json", "webhook-id": msg_id, "webhook-timestamp": str(timestamp)}
-    secret = params.get("webhook_secret")
+    secret = params.webhook_secret
     if secret:
         headers["X-Webhook-Signature"] = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
         signed = f"{msg_id}.{timestamp}.".encode() + body

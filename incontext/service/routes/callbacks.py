@@ -7,14 +7,7 @@ from fastapi import APIRouter
 from incontext.service import callbacks, lifecycle, store
 from incontext.service.deps import KeyDep, ReadSessionDep, ServiceDep, SessionDep
 from incontext.service.errors import Conflict
-from incontext.service.schemas import (
-    CallbackSecretCreate,
-    CallbackSecretCreated,
-    CallbackSecretList,
-    CallbackSecretPublic,
-    DeliveryList,
-    DeliveryPublic,
-)
+from incontext.service.schemas import CallbackSecretCreate, CallbackSecretCreated, CallbackSecretPublic, DeliveryPublic
 
 router = APIRouter(prefix="/v1", tags=["callbacks"])
 
@@ -25,12 +18,15 @@ def create_callback_secret(body: CallbackSecretCreate, key: KeyDep, session: Ses
     rotate by creating a new one, updating the receiver, then revoking the old one."""
     row, plain = callbacks.create_secret(session, key.id, body.label)
     session.commit()
-    return CallbackSecretCreated(**CallbackSecretPublic.from_row(row).model_dump(), plain_secret=plain)
+    return CallbackSecretCreated(**CallbackSecretPublic.from_row(row, row.id).model_dump(), plain_secret=plain)
 
 
-@router.get("/callback-secrets", response_model=CallbackSecretList)
+@router.get("/callback-secrets", response_model=list[CallbackSecretPublic])
 def list_callback_secrets(key: KeyDep, session: ReadSessionDep):
-    return CallbackSecretList(items=[CallbackSecretPublic.from_row(r) for r in callbacks.list_secrets(session, key.id)])
+    """A bare array, as Runflow answers; `is_current` marks the secret Runflow-Signature uses."""
+    rows = callbacks.list_secrets(session, key.id)
+    current = next((r.id for r in reversed(rows) if r.revoked_at is None), None)
+    return [CallbackSecretPublic.from_row(r, current) for r in rows]
 
 
 @router.delete("/callback-secrets/{secret_id}", response_model=CallbackSecretPublic)
@@ -40,11 +36,12 @@ def revoke_callback_secret(secret_id: str, key: KeyDep, session: SessionDep):
     return CallbackSecretPublic.from_row(row)
 
 
-@router.get("/runs/{run_id}/callback", response_model=DeliveryList)
-def get_run_callback(run_id: str, key: KeyDep, session: ReadSessionDep):
-    """Every delivery of the run's callback, each with every attempt."""
+@router.get("/runs/{run_id}/callback", response_model=list[DeliveryPublic])
+def get_run_callback(run_id: str, key: KeyDep, service: ServiceDep, session: ReadSessionDep):
+    """Every delivery of the run's callback, each with every attempt: a bare array, as Runflow answers."""
     store.get_run(session, key.id, run_id)
-    return DeliveryList(items=[DeliveryPublic.from_row(d, a) for d, a in callbacks.deliveries_for_run(session, run_id)])
+    max_attempts = service.settings.callback_max_attempts
+    return [DeliveryPublic.from_row(d, a, max_attempts) for d, a in callbacks.deliveries_for_run(session, run_id)]
 
 
 @router.post("/runs/{run_id}/callback-redeliveries", status_code=201, response_model=DeliveryPublic)
@@ -56,6 +53,8 @@ def redeliver_run_callback(run_id: str, key: KeyDep, service: ServiceDep, sessio
     if run.status not in lifecycle.TERMINAL:
         raise Conflict(f"the run has not ended (status {run.status}); its callback is sent when it does")
     delivery = callbacks.enqueue_run(session, run, service.storage)
+    if delivery is None:
+        raise Conflict("the run's webhook_events_filter asks for no callback at its end")
     session.commit()
     service.sender.wake()
-    return DeliveryPublic.from_row(delivery, [])
+    return DeliveryPublic.from_row(delivery, [], service.settings.callback_max_attempts)

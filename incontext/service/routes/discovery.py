@@ -128,15 +128,29 @@ class ModelPublic(BaseModel):
     input_schema: dict[str, Any] | None = Field(None, description="detail only: the JSON schema `input` is validated with")
 
 
+class OpenAIModel(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str
+
+
 class ModelList(BaseModel):
     items: list[ModelPublic]
+    # The same models as OpenAI lists them, so the OpenAI SDKs' models.list() works: one entry
+    # per id and alias (each is a name a client may send).
+    object: str = "list"
+    data: list[OpenAIModel]
 
 
 @router.get("/v1/models", response_model=ModelList, response_model_exclude_none=True)
 def list_models(service: ServiceDep):
-    """Every model this server serves, with aliases and price. No key."""
+    """Every model this server serves, with aliases and price (`items`); also as OpenAI's
+    `{object: "list", data: [{id, object, created, owned_by}]}`. No key."""
     presets = service.registry.models.values()
-    return {"items": [modelspec.model_card(p, service.registry, service.storage.base_url, detail=False) for p in presets]}
+    data = [{"id": name, "created": 0, "owned_by": name.split("/")[0] if "/" in name else "incontext"}
+            for p in presets for name in (p.id, *p.aliases)]
+    return {"items": [modelspec.model_card(p, service.registry, service.storage.base_url, detail=False) for p in presets], "data": data}
 
 
 # Before the detail route: its {model_id:path} would swallow ".../llms.txt".

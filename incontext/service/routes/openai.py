@@ -20,9 +20,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from incontext.errors import ImageTooLarge, ModelNotFound
-from incontext.service import lifecycle, surfaces
-from incontext.service.deps import KeyDep, Service, ServiceDep, count_images
+from incontext.errors import ImageTooLarge, UnknownModel
+from incontext.service import lifecycle, submission, surfaces
+from incontext.service.deps import KeyDep, Service, ServiceDep
 from incontext.service.errors import ServiceError, ValidationFailed, field_error
 from incontext.service.models import Run
 
@@ -33,7 +33,7 @@ _SIZE = re.compile(r"^\s*(\d{1,5})\s*x\s*(\d{1,5})\s*$", re.IGNORECASE)
 # Model names OpenAI clients send: served by the default model rather than refused, so
 # code written for OpenAI works after changing only the base URL and key.
 OPENAI_MODEL_PREFIXES = ("gpt-image", "dall-e")
-_CODES = {"UNAUTHORIZED": "invalid_api_key", "RATE_LIMITED": "rate_limit_exceeded", "MODEL_UNAVAILABLE": "model_not_found"}
+_CODES = {"UNAUTHORIZED": "invalid_api_key", "RATE_LIMITED": "rate_limit_exceeded", "MODEL_UNAVAILABLE": "model_not_found", "MODEL_NOT_FOUND": "model_not_found"}
 
 
 class OpenAIError(BaseModel):
@@ -90,7 +90,7 @@ async def create_image_edit(
     key: KeyDep,
     service: ServiceDep,
     prompt: Annotated[str, Form(description="the edit instruction")],
-    image: Annotated[list[UploadFile] | None, File(description="the image to edit; if several are sent, the first is used")] = None,
+    image: Annotated[list[UploadFile] | None, File(description="the image to edit; one (several: 400, no multi-reference here)")] = None,
     image_array: Annotated[list[UploadFile] | None, File(alias="image[]", description="as image (the SDKs' spelling for a list)")] = None,
     n: Annotated[int, Form(ge=1, le=4, description="images to make, 1–4")] = 1,
     size: Annotated[str, Form(description="auto (the input's aspect ratio) or WxH → the nearest of 21:9 … 9:21; the model sets the resolution")] = "auto",
@@ -119,6 +119,9 @@ async def create_image_edit(
     files = [*(image or []), *(image_array or [])]
     if not files:
         raise ValidationFailed("image is required", errors=[field_error("image", "image is required", "missing")])
+    if len(files) > 1:
+        # Using only the first would return an edit the caller did not ask for.
+        raise _invalid("image", f"this model edits one image; {len(files)} were sent (multi-reference editing is not supported)")
 
     # 2. The first image, as a data URI (stored with the run, as inline images are).
     data = await files[0].read(service.settings.max_image_bytes + 1)
@@ -140,11 +143,9 @@ async def create_image_edit(
     )
 
     # 3. Queue it as a stored run and wait for the engine.
-    limits = count_images(service, key, item.num_images)
-    run_id = await run_in_threadpool(
-        surfaces.submit, service, key, item, model_id=model_id, request_id=request.state.request_id,
-        surface="POST /v1/images/edits", names=NAMES,
-    )
+    run_request = submission.RunRequest(model_id=model_id, items=[item], surface="POST /v1/images/edits", names=NAMES)
+    accepted = await submission.submit(service, key, run_request, request_id=request.state.request_id)
+    run_id, limits = accepted.runs[0].id, accepted.headers
     run = await wait_for_run(service, run_id, request)
     headers = {**limits, "Incontext-Run-Id": run_id}
     if run.status == lifecycle.CANCELED:
@@ -159,6 +160,15 @@ async def create_image_edit(
     first = outputs[0]
     body = {"created": int(time.time()), "data": content, "output_format": item.output_format, "size": f"{first['width']}x{first['height']}"}
     return JSONResponse(body, headers=headers)
+
+
+@router.api_route("/images/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+async def other_images_route(rest: str, request: Request):
+    """Every other /v1/images/* path (generations, variations, a GET of edits): an OpenAI-shaped
+    error, so the SDKs raise their own NotFoundError instead of failing to parse ours."""
+    if rest == "edits":
+        raise ServiceError(f"{request.method} is not allowed on /v1/images/edits; POST a multipart form", code="METHOD_NOT_ALLOWED", http_status=405)
+    raise ServiceError(f"/v1/images/{rest} is not served here: this server edits images (POST /v1/images/edits)", code="NOT_FOUND", http_status=404)
 
 
 async def wait_for_run(service: Service, run_id: str, request: Request) -> Run:
@@ -211,7 +221,7 @@ def _model_id(model: str | None, service: Service) -> str:
         return model.strip("/")
     known = ", ".join(sorted(service.registry.ids()))
     message = f"unknown model '{model}'; known models: {known} (or any gpt-image-*/dall-e-* name)"
-    raise ServiceError(message, code=ModelNotFound.code, http_status=404, errors=[field_error("model", message, "model_not_found")])
+    raise ServiceError(message, code=UnknownModel.code, http_status=404, errors=[field_error("model", message, "model_not_found")])
 
 
 def _aspect_ratio(size: str) -> str | None:

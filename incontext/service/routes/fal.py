@@ -1,0 +1,149 @@
+"""The fal-style surface, as `fal-client` speaks it. fal-client builds its URLs from two
+environment variables, read when it is imported, and speaks only HTTPS:
+
+    FAL_RUN_HOST=<host:port>              POST /fal-ai/{app}          (run: answers when done)
+    FAL_QUEUE_RUN_HOST=<host:port>/queue  POST /queue/fal-ai/{app}    → {request_id, status_url, response_url, cancel_url}
+                                          GET  /queue/fal-ai/{app}/requests/{id}/status   IN_QUEUE | IN_PROGRESS | COMPLETED
+                                          GET  /queue/fal-ai/{app}/requests/{id}          the result
+                                          PUT  /queue/fal-ai/{app}/requests/{id}/cancel
+
+so the server must listen with TLS (uvicorn --ssl-certfile/--ssl-keyfile) under a certificate
+the client trusts (SSL_CERT_FILE); docs/other-surfaces.md has the recipe. `{app}` is
+`flux-pro/kontext` (fal's app id `fal-ai/flux-pro/kontext`), or, in status, result and cancel
+URLs, its first part only (`flux-pro`), as fal-client builds them. Key: `Authorization: Key …`.
+
+The inputs are fal's Kontext names, which are ours (image_url, prompt, guidance_scale,
+num_images, output_format, safety_tolerance, aspect_ratio, seed, sync_mode). A request is an
+ordinary stored run. The result: `{images: [{url, width, height, content_type}], seed,
+has_nsfw_concepts, prompt, timings}`. Errors are fal's: `{"detail": message}` (a list of
+`{loc, msg, type}` for 422). fal-client's file upload goes to fal's own storage, not here:
+send URLs or data URIs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from incontext.service import lifecycle, store, submission, surfaces
+from incontext.service.deps import ServiceDep, count_read
+from incontext.service.errors import Conflict, ServiceError
+from incontext.service.models import ApiKey, Run
+from incontext.service.routes import bfl
+from incontext.service.runparams import RunParams
+from incontext.service.schemas import public_output
+from incontext.service.storage import Storage
+
+OWNER = "fal-ai"
+RUN_WAIT_S = 600.0  # the run route holds the request this long at most, then cancels
+POLL_S = 0.2
+
+router = APIRouter(tags=["fal"], route_class=surfaces.route_class(bfl.render_error))  # fal apps answer FastAPI-shaped errors
+FalKeyDep = Annotated[ApiKey, Depends(surfaces.key_from_headers)]
+
+
+async def _submit(app: str, values: dict, request: Request, key: ApiKey, service) -> Run:
+    item = surfaces.kontext_input(values, {})
+    run_request = submission.RunRequest(model_id=f"{OWNER}/{app}", items=[item], surface=f"POST /{OWNER}/{app}", names={})
+    accepted = await submission.submit(service, key, run_request, request_id=request.state.request_id)
+    return accepted.runs[0]
+
+
+@router.post("/queue/fal-ai/{app:path}")
+async def submit_request(app: str, request: Request, key: FalKeyDep, service: ServiceDep, values: Annotated[dict[str, Any], Body()]):
+    """Queue a request; poll status_url, then GET response_url."""
+    run = await _submit(app, values, request, key, service)
+    return JSONResponse(_handle(run.id, app, service.storage) | {"status": "IN_QUEUE", "queue_position": 0})
+
+
+@router.post("/fal-ai/{app:path}")
+async def run_request(app: str, request: Request, key: FalKeyDep, service: ServiceDep, values: Annotated[dict[str, Any], Body()]):
+    """Run and answer with the result (fal's synchronous `run`); canceled if not done in time."""
+    run = await _submit(app, values, request, key, service)
+    deadline = time.monotonic() + RUN_WAIT_S
+    while run.status not in lifecycle.TERMINAL:
+        if time.monotonic() > deadline:
+            await run_in_threadpool(surfaces.cancel_run, service, run.id, f"not done within {RUN_WAIT_S:g} s for POST /{OWNER}/{app}")
+            raise ServiceError(f"request {run.id} did not finish in time and was canceled", code="TIMEOUT", http_status=504)
+        await asyncio.sleep(POLL_S)
+        run = await run_in_threadpool(surfaces.load_run, service, run.id)
+    return JSONResponse(_result_or_raise(run, service.storage), headers={"x-fal-request-id": run.id})
+
+
+@router.get("/queue/fal-ai/{app:path}/requests/{request_id}/status")
+def request_status(app: str, request_id: str, key: FalKeyDep, service: ServiceDep, logs: Annotated[bool, Query()] = False):
+    count_read(service, key)
+    with service.read_sessions() as session:
+        run = store.get_run(session, key.id, request_id)
+        body = _handle(run.id, app, service.storage)
+        entries = [
+            {"message": e.message, "level": e.level_code.upper(), "source": "server", "timestamp": e.timestamp.isoformat()}
+            for e in store.run_logs(session, run.id)
+        ] if logs else None
+        if run.status in (lifecycle.QUEUED, lifecycle.DISPATCHING):
+            body.update(status="IN_QUEUE", queue_position=store.queue_position(session, run) if run.status == lifecycle.QUEUED else 0)
+        elif run.status == lifecycle.RUNNING:
+            body.update(status="IN_PROGRESS", logs=entries)
+        else:
+            body.update(status="COMPLETED", logs=entries, metrics=_metrics(run))
+            if run.status == lifecycle.FAILED:
+                body.update(error=run.failure_message, error_type=run.failure_code)
+            elif run.status == lifecycle.CANCELED:
+                body.update(error="the request was canceled", error_type="request_canceled")
+    return body
+
+
+@router.get("/queue/fal-ai/{app:path}/requests/{request_id}")
+def request_result(app: str, request_id: str, key: FalKeyDep, service: ServiceDep):
+    count_read(service, key)
+    with service.read_sessions() as session:
+        run = store.get_run(session, key.id, request_id)
+    if run.status not in lifecycle.TERMINAL:
+        raise ServiceError("the request is still in progress", code="REQUEST_IN_PROGRESS", http_status=400)
+    return JSONResponse(_result_or_raise(run, service.storage), headers={"x-fal-request-id": run.id})
+
+
+@router.put("/queue/fal-ai/{app:path}/requests/{request_id}/cancel")
+def cancel_request(app: str, request_id: str, key: FalKeyDep, service: ServiceDep):
+    """202 `CANCELLATION_REQUESTED`; 400 `ALREADY_COMPLETED` if it had ended (as fal answers)."""
+    with service.read_sessions() as session:
+        store.get_run(session, key.id, request_id)
+    try:
+        submission.cancel(service, request_id, f"cancel requested through PUT /queue/{OWNER}/{app}/requests/{{id}}/cancel")
+    except Conflict:
+        return JSONResponse({"status": "ALREADY_COMPLETED"}, status_code=400)
+    return JSONResponse({"status": "CANCELLATION_REQUESTED"}, status_code=202)
+
+
+def _handle(run_id: str, app: str, storage: Storage) -> dict:
+    # fal-client builds these URLs itself from the app's first part (owner/alias); give the same.
+    base = f"{storage.base_url}/queue/{OWNER}/{app.split('/')[0]}/requests/{run_id}"
+    return {"request_id": run_id, "response_url": base, "status_url": f"{base}/status", "cancel_url": f"{base}/cancel", "logs": None, "metrics": {}}
+
+
+def _metrics(run: Run) -> dict:
+    if run.started_at and run.completed_at:
+        return {"inference_time": (run.completed_at - run.started_at).total_seconds()}
+    return {}
+
+
+def _result_or_raise(run: Run, storage: Storage) -> dict:
+    if run.status == lifecycle.FAILED:
+        raise ServiceError(run.failure_message or "the request failed", code=run.failure_code or "INTERNAL_ERROR", http_status=500)
+    if run.status == lifecycle.CANCELED:
+        raise ServiceError("the request was canceled", code="CANCELED", http_status=400)
+    output = public_output(run.output, storage)
+    images = [{k: o[k] for k in ("url", "width", "height", "content_type")} for o in output["outputs"]]
+    params = RunParams.of(run)
+    return {
+        "images": images,
+        "seed": output["seed"],
+        "has_nsfw_concepts": [False] * len(images),  # no safety checker here
+        "prompt": params.prompt,
+        "timings": {"inference": _metrics(run).get("inference_time")},
+    }

@@ -1,0 +1,260 @@
+"""The Replicate-style surface, as the `replicate` Python client speaks it:
+
+    POST /v1/models/{owner}/{name}/predictions   {input, webhook, webhook_events_filter}
+         (`Prefer: wait` or `wait=N`: answer when done, or after N ≤ 60 s as it is then)
+    GET  /v1/predictions/{id}   POST /v1/predictions/{id}/cancel   GET /v1/predictions
+    GET  /v1/webhooks/default/secret   (the key's newest callback secret, made if none)
+
+A prediction is an ordinary stored run (listed by GET /v1/runs, priced, rate-limited); any run
+of the key can be read here. Kontext's Replicate inputs map onto ours: input_image → image_url,
+prompt_upsampling → enhance_prompt, safety_tolerance 0–6 (0 recorded as 1), output_format
+jpg|png (png by default, as there). `output` is one URL string, as for Kontext there.
+Statuses: queued/dispatching → starting, running → processing. `logs` is the run's log as
+text, steps written as tqdm lines, so `prediction.progress` parses them.
+
+Errors are Replicate's problem details: `{title, detail, status}` (+ `invalid_fields` for 422).
+Webhooks POST the prediction, signed per Standard Webhooks with the key's callback secrets
+(`webhook-id`, `webhook-timestamp`, `webhook-signature`), so `replicate.webhooks.validate`
+verifies them with the secret from GET /v1/webhooks/default/secret. Only the `completed`
+event is sent: a filter without it sends nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.concurrency import run_in_threadpool
+
+from incontext.service import callbacks, lifecycle, netpolicy, store, submission, surfaces
+from incontext.service.deps import ServiceDep, count_read
+from incontext.service.errors import Conflict, ValidationFailed, field_error
+from incontext.service.models import ApiKey, Run
+from incontext.service.runparams import RunParams
+from incontext.service.schemas import MAX_SEED, public_output
+from incontext.service.storage import Storage
+
+STYLE = "replicate"
+NAMES = {"image_url": "input_image", "enhance_prompt": "prompt_upsampling"}
+MAX_WAIT_S = 60  # Replicate's own cap on Prefer: wait
+POLL_S = 0.2
+_WAIT = re.compile(r"^\s*wait(?:\s*=\s*(\d+))?\s*$", re.IGNORECASE)
+STATUSES = {
+    lifecycle.QUEUED: "starting", lifecycle.DISPATCHING: "starting", lifecycle.RUNNING: "processing",
+    lifecycle.SUCCEEDED: "succeeded", lifecycle.FAILED: "failed", lifecycle.CANCELED: "canceled",
+}
+EVENTS = ("start", "output", "logs", "completed")
+
+
+def render_error(problem: surfaces.Problem) -> JSONResponse:
+    body: dict[str, Any] = {"title": problem.code.replace("_", " ").capitalize(), "detail": problem.message, "status": problem.status}
+    if problem.errors:
+        body["invalid_fields"] = [{"type": e["code"], "field": e["field"], "description": e["message"]} for e in problem.errors]
+    return JSONResponse(body, status_code=problem.status, headers=problem.headers, media_type="application/problem+json")
+
+
+router = APIRouter(prefix="/v1", tags=["replicate"], route_class=surfaces.route_class(render_error))
+ReplicateKeyDep = Annotated[ApiKey, Depends(surfaces.key_from_headers)]
+
+
+class KontextPredictionInput(BaseModel):
+    """Replicate's inputs of black-forest-labs/flux-kontext-pro."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(description="the edit instruction")
+    input_image: str | None = Field(None, description="the image to edit: http(s) URL or data: URI; required here")
+    aspect_ratio: str = Field("match_input_image", description="match_input_image, or 21:9 … 9:21")
+    output_format: Literal["jpg", "jpeg", "png"] = "png"
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    safety_tolerance: int = Field(2, ge=0, le=6, description="recorded only: this server has no moderation (0 is recorded as 1)")
+    prompt_upsampling: bool = Field(False, description="recorded only: this server has no prompt enhancer")
+
+
+class PredictionCreate(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    input: KontextPredictionInput
+    webhook: str | None = Field(None, max_length=2048)
+    webhook_events_filter: list[Literal["start", "output", "logs", "completed"]] | None = Field(
+        None, description="only `completed` is sent here; without it no webhook is sent"
+    )
+
+    @field_validator("webhook")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and (reason := netpolicy.url_refusal(value)):
+            raise ValueError(f"webhook: {reason}")
+        return value
+
+
+@router.post("/models/{owner}/{name}/predictions", status_code=201)
+async def create_prediction(
+    owner: str, name: str, body: PredictionCreate, request: Request, key: ReplicateKeyDep, service: ServiceDep,
+    prefer: Annotated[str | None, Header(description="wait, or wait=N (seconds, at most 60): answer when done")] = None,
+):
+    """Create a prediction of `owner/name` (black-forest-labs/flux-kontext-pro, or any model id of this server)."""
+    given = body.input
+    if not given.input_image:
+        message = "input_image is required: this server edits images (http(s) URL or data: URI)"
+        raise ValidationFailed(message, errors=[field_error("input_image", message, "missing")])
+    item = surfaces.kontext_input(
+        {
+            "prompt": given.prompt, "image_url": given.input_image, "aspect_ratio": given.aspect_ratio, "output_format": given.output_format,
+            "seed": given.seed, "safety_tolerance": max(1, given.safety_tolerance), "enhance_prompt": given.prompt_upsampling,
+        },
+        NAMES,
+    )
+    callback = None
+    if body.webhook:
+        callback = submission.Callback(body.webhook, style=STYLE, events=body.webhook_events_filter or list(EVENTS))
+    run_request = submission.RunRequest(
+        model_id=f"{owner}/{name}", items=[item], surface=f"POST /v1/models/{owner}/{name}/predictions", callback=callback, names=NAMES
+    )
+    accepted = await submission.submit(service, key, run_request, request_id=request.state.request_id)
+    run = accepted.runs[0]
+    if (wait := _wait_seconds(prefer)) is not None:
+        run = await _wait(service, run.id, wait)
+    body_out = await run_in_threadpool(_prediction_with_logs, service, run)
+    return JSONResponse(body_out, status_code=201, headers={**accepted.headers, "Location": body_out["urls"]["get"]})
+
+
+@router.get("/predictions")
+def list_predictions(key: ReplicateKeyDep, service: ServiceDep, cursor: Annotated[str | None, Query()] = None):
+    """The key's runs, newest first: `{previous, next, results}`; `next` is a URL to GET."""
+    count_read(service, key)
+    with service.read_sessions() as session:
+        rows, next_cursor = store.list_runs(session, key.id, limit=100, cursor=cursor)
+        results = [prediction(r, service.storage) for r in rows]
+    base = f"{service.storage.base_url}/v1/predictions"
+    return {"previous": None, "next": f"{base}?cursor={next_cursor}" if next_cursor else None, "results": results}
+
+
+@router.get("/predictions/{prediction_id}")
+def get_prediction(prediction_id: str, key: ReplicateKeyDep, service: ServiceDep):
+    headers = count_read(service, key)
+    with service.read_sessions() as session:
+        run = store.get_run(session, key.id, prediction_id)
+        body = prediction(run, service.storage, logs=store.run_logs(session, run.id))
+    return JSONResponse(body, headers=headers)
+
+
+@router.post("/predictions/{prediction_id}/cancel")
+def cancel_prediction(prediction_id: str, key: ReplicateKeyDep, service: ServiceDep):
+    """Cancel; a prediction that already ended is answered as it is, as Replicate does."""
+    with service.read_sessions() as session:
+        store.get_run(session, key.id, prediction_id)
+    try:
+        submission.cancel(service, prediction_id, "cancel requested through POST /v1/predictions/{id}/cancel")
+    except Conflict:
+        pass
+    return _prediction_with_logs(service, surfaces.load_run(service, prediction_id))
+
+
+@router.get("/webhooks/default/secret")
+def default_webhook_secret(key: ReplicateKeyDep, service: ServiceDep):
+    """`{key}`: the newest callback secret of the API key (one is made if it has none): the
+    secret webhooks are signed with, for `replicate.webhooks.validate`."""
+    with service.sessions() as session:
+        secrets = callbacks.signing_secrets(session, key.id)
+        if secrets:
+            return {"key": secrets[0]}
+        _, plain = callbacks.create_secret(session, key.id, "replicate default")
+        session.commit()
+    return {"key": plain}
+
+
+# Rendering.
+def prediction(run: Run, storage: Storage, logs: list | None = None) -> dict:
+    params = RunParams.of(run)
+    base = f"{storage.base_url}/v1/predictions/{run.id}"
+    output = error = None
+    if run.status == lifecycle.SUCCEEDED:
+        urls = public_output(run.output, storage)["image_urls"]
+        output = urls[0] if len(urls) == 1 else urls  # Kontext there: one URI
+    elif run.status == lifecycle.FAILED:
+        error = f"{run.failure_code}: {run.failure_message}"
+    metrics = {}
+    if run.started_at and run.completed_at:
+        metrics["predict_time"] = (run.completed_at - run.started_at).total_seconds()
+    if run.status == lifecycle.SUCCEEDED:
+        metrics["image_count"] = len(run.output["outputs"])
+    return {
+        "id": run.id,
+        "model": run.model_id,
+        "version": run.engine_model_id,
+        "input": _replicate_input(run.input, params),
+        "output": output,
+        "logs": _logs_text(logs or []),
+        "error": error,
+        "status": STATUSES[run.status],
+        "source": "api",
+        "data_removed": False,
+        "created_at": run.created_at.isoformat(),
+        "started_at": run.started_at.isoformat() if run.started_at else None,
+        "completed_at": run.completed_at.isoformat() if run.completed_at else None,
+        "metrics": metrics,
+        "urls": {"get": base, "cancel": f"{base}/cancel"},
+    }
+
+
+def _replicate_input(echo: dict, params: RunParams) -> dict:
+    reverse = {ours: theirs for theirs, ours in {"input_image": "image_url", "prompt_upsampling": "enhance_prompt"}.items()}
+    return {reverse.get(k, k): v for k, v in echo.items()}
+
+
+def _logs_text(logs: list) -> str:
+    """The run's log as text; steps as tqdm lines (` 50%|█████     | 4/8`), as Replicate's
+    models print them, so the client's `Prediction.progress` reads them."""
+    lines = []
+    for entry in logs:
+        meta = entry.meta or {}
+        if "step" in meta and meta.get("total_steps"):
+            done, total = meta["step"], meta["total_steps"]
+            filled = int(10 * done / total)
+            lines.append(f"{int(100 * done / total):3d}%|{'█' * filled}{' ' * (10 - filled)}| {done}/{total}")
+        else:
+            lines.append(entry.message)
+    return "\n".join(lines)
+
+
+def _prediction_with_logs(service, run: Run) -> dict:
+    with service.read_sessions() as session:
+        return prediction(run, service.storage, logs=store.run_logs(session, run.id))
+
+
+def _wait_seconds(prefer: str | None) -> float | None:
+    match = _WAIT.match(prefer or "")
+    if not match:
+        return None
+    return min(int(match[1]), MAX_WAIT_S) if match[1] else MAX_WAIT_S
+
+
+async def _wait(service, run_id: str, seconds: float) -> Run:
+    """The run once it ends, or as it is after `seconds` (the client then polls urls.get)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        run = await run_in_threadpool(surfaces.load_run, service, run_id)
+        if run.status in lifecycle.TERMINAL or time.monotonic() >= deadline:
+            return run
+        await asyncio.sleep(POLL_S)
+
+
+# The webhook: the prediction, signed per Standard Webhooks with the key's callback secrets.
+def webhook_body(run: Run, storage: Storage) -> dict:
+    return prediction(run, storage)
+
+
+def webhook_headers(body: bytes, params: RunParams, msg_id: str, timestamp: int, key_secrets: list[str]) -> dict[str, str]:
+    headers = callbacks.signature_headers(body, key_secrets, msg_id, timestamp)
+    return {k: v for k, v in headers.items() if not k.startswith("Runflow-")}
+
+
+callbacks.CALLBACK_STYLES[STYLE] = callbacks.CallbackStyle(
+    envelope=webhook_body, headers=webhook_headers, wanted=lambda params: "completed" in (params.webhook_events or EVENTS)
+)

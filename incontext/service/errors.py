@@ -125,6 +125,9 @@ def install_error_handlers(app: FastAPI) -> None:
             loc = [str(p) for p in err["loc"] if p != "body"]
             errors.append({"field": ".".join(loc), "loc": loc, "message": err["msg"], "code": err["type"]})
         summary = "; ".join(f"{e['field'] or 'body'}: {e['message']}" for e in errors[:3])
+        if any(e["code"] == "json_invalid" for e in errors):
+            # A body that is not JSON is a malformed request (400), not a field problem (422).
+            return JSONResponse(error_body("BAD_REQUEST", f"the body is not valid JSON: {summary}", errors), status_code=400)
         return JSONResponse(error_body("VALIDATION_ERROR", f"invalid request: {summary}", errors), status_code=422)
 
     @app.exception_handler(Exception)

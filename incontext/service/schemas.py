@@ -11,7 +11,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator, model_validator
 
 from incontext.service import netpolicy
 from incontext.service.errors import NotFound
@@ -37,11 +37,23 @@ def _output_format(value: Any) -> Any:
     return "jpeg" if isinstance(value, str) and value.lower() in ("jpg", "jpeg") else value
 
 
+# Fields of the request body, not of `input`: sent inside it they would be ignored silently
+# (no callback ever comes), so they are refused with a message saying where they belong.
+_MISPLACED = ("callback_url", "metadata", "webhook_url", "webhook")
+
+
 class KontextInput(BaseModel):
     """The `input` of flux-pro/kontext (and every model this server serves)."""
 
     # Unknown fields are ignored, as hosted APIs do, so clients sending extra options still work.
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _misplaced(cls, values: Any) -> Any:
+        if isinstance(values, dict) and (found := [k for k in _MISPLACED if k in values]):
+            raise ValueError(f"{found[0]} belongs at the top level of the body, beside input, not inside it")
+        return values
 
     prompt: str = Field(min_length=1, max_length=4000, description="the edit instruction")
     image_url: str = Field(min_length=1, description="http(s) URL, data: URI, or an output URL of this server")

@@ -263,3 +263,10 @@ def test_preserve_must_be_auto_or_off(api):
     assert r.status_code == 422 and r.json()["code"] == "VALIDATION_ERROR"
     assert [e["field"] for e in r.json()["errors"]] == ["input.preserve"]
     assert "auto" in r.json()["errors"][0]["message"]
+
+
+def test_malformed_json_is_400_and_misplaced_fields_are_refused(api):
+    r = api.post(f"/v1/models/{MODEL}/runs", content=b'{"input": {', headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["code"] == "BAD_REQUEST"
+    r = submit(api, {"callback_url": "https://example.com/hook"})
+    assert r.status_code == 422 and "top level" in r.json()["message"]

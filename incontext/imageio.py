@@ -32,6 +32,7 @@ __all__ = [
     "OUTPUT_FORMATS",
     "content_type",
     "decode_base64_image",
+    "data_uri_bytes",
     "decode_data_uri",
     "decode_image",
     "encode_image",
@@ -41,6 +42,7 @@ __all__ = [
     "format_from_suffix",
     "load_image",
     "output_size",
+    "sniff_content_type",
     "to_data_uri",
 ]
 
@@ -54,6 +56,7 @@ ACCEPTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WebP", "GIF", "AVIF")
 _ACCEPTED_TEXT = ", ".join(ACCEPTED_FORMATS)
 # MPO is produced by the JPEG plugin's factory, so restricting Image.open to these ids still yields it.
 _OPEN_IDS = ["JPEG", "PNG", "WEBP", "GIF", "AVIF"]
+_CONTENT_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif", "AVIF": "image/avif"}
 
 # Canonical output format -> (Pillow id, content type).
 OUTPUT_FORMATS: dict[str, tuple[str, str]] = {"jpeg": ("JPEG", "image/jpeg"), "png": ("PNG", "image/png")}
@@ -147,9 +150,15 @@ def decode_data_uri(
     uri: str, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> Image.Image:
     """Decode `data:image/...;base64,...` (or a bare base64 string) to RGB."""
+    # The declared media type is not trusted: decode_image sniffs the real format.
+    return decode_image(data_uri_bytes(uri, max_bytes=max_bytes), max_bytes=max_bytes, max_pixels=max_pixels)
+
+
+def data_uri_bytes(uri: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The encoded image inside `data:image/...;base64,...` (or a bare base64 string), undecoded."""
     text = _as_text(uri)
     if text.lstrip()[:5].lower() != "data:":
-        return decode_base64_image(text, max_bytes=max_bytes, max_pixels=max_pixels)
+        return _b64decode(text, max_bytes)
     header, sep, payload = text.strip()[5:].partition(",")
     if not sep:
         raise InvalidImage("malformed data URI: no ',' separating the header from the data")
@@ -158,14 +167,21 @@ def decode_data_uri(
     if media_type and not media_type.startswith("image/"):
         raise UnsupportedFormat(f"data URI has media type {media_type!r}; expected an image ({_ACCEPTED_TEXT})")
     if "base64" in params[1:]:
-        data = _b64decode(payload, max_bytes)
-    else:
-        # RFC 2397 also allows percent-encoded data; rare for images but cheap to honour.
-        if len(payload) > 3 * max_bytes:
-            raise ImageTooLarge(f"the data URI is larger than the {max_bytes:,}-byte image limit")
-        data = unquote_to_bytes(payload)
-    # The declared media type is not trusted: decode_image sniffs the real format.
-    return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+        return _b64decode(payload, max_bytes)
+    # RFC 2397 also allows percent-encoded data; rare for images but cheap to honour.
+    if len(payload) > 3 * max_bytes:
+        raise ImageTooLarge(f"the data URI is larger than the {max_bytes:,}-byte image limit")
+    return unquote_to_bytes(payload)
+
+
+def sniff_content_type(data: bytes) -> str | None:
+    """The content type of encoded image bytes in an accepted format, read from the header alone
+    (nothing is decoded); None for anything else."""
+    try:
+        with Image.open(io.BytesIO(data), formats=_OPEN_IDS) as im:
+            return _CONTENT_TYPES.get(im.format or "")
+    except Exception:  # noqa: BLE001 - not an image we accept, whatever Pillow says why
+        return None
 
 
 def decode_base64_image(

@@ -304,7 +304,8 @@ class Dispatcher:
         await asyncio.to_thread(self._finish, run_id, status, kw, self._last_steps.pop(run_id, None))
 
     def _finish(self, run_id: str, status: str, kw: dict, last_step: tuple | None = None) -> Run | None:
-        """End the run (None if it had already ended) and drop its input."""
+        """End the run (None if it had already ended). Its input file stays as long as its
+        outputs (retention.py): the lineage shows it as the first turn's "before"."""
         with self._sessions.begin() as session:
             if last_step:
                 _log_step(session, run_id, *last_step)
@@ -314,9 +315,8 @@ class Dispatcher:
         return ended
 
     def _ended(self, run: Run) -> None:
-        """After the commit that ended `run`: its streams, its input file, its callback."""
+        """After the commit that ended `run`: its streams, its callback."""
         self.progress.ended(run.id)
-        self._storage.delete_input(run.id)
         if run.callback_url or run.batch_id:  # a delivery may be queued: its own or its batch's
             self._sender.wake()
 

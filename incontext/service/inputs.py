@@ -81,6 +81,14 @@ def decode_stored(data: bytes, settings: Settings) -> Image.Image:
         return imageio.decode_image(data, **limits)
 
 
+def stored_file(data: bytes, settings: Settings) -> tuple[bytes, str]:
+    """A stored input as the image file it holds (a data URI unwrapped) and that file's
+    content type, for the input's signed URL. No pixel is decoded."""
+    if data[:5].lower() == b"data:":
+        data = imageio.data_uri_bytes(data.decode("ascii", "replace"), max_bytes=settings.max_image_bytes)
+    return data, imageio.sniff_content_type(data) or "application/octet-stream"
+
+
 def load_source(
     url: str, *, api_key_id: str, session: Session, storage: Storage, settings: Settings, remote: Mapping[str, bytes | IncontextError] | None = None
 ) -> SourceImage:

@@ -132,7 +132,8 @@ def finish(
 ) -> Run | None:
     """Move an active run to a terminal status, price it, log it, queue its callback.
 
-    The caller deletes the run's input file after committing (storage.delete_input).
+    The run's input file stays until retention deletes the run's files (a cancel drops it
+    at once: there is no output to compare it with).
     Returns None when the run had already ended (e.g. canceled while the engine finished it):
     the first terminal status stands.
     """

@@ -1,4 +1,4 @@
-"""Retention: a finished run's files (output images, masks, any input left behind) are deleted
+"""Retention: a finished run's files (its input, output images and masks) are deleted
 `retention_days` after it ended; the run row stays, for usage and history, and its output
 URLs answer 404 from then on (docs: incontext/service/docs/runs-api.md).
 

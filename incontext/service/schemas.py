@@ -213,17 +213,20 @@ class RunPublic(BaseModel):
 
 
 def source_url(run: Run, storage: Storage) -> str | None:
-    """The image a run edited, if it can still be shown: a fresh URL of the parent's output, or
-    the http(s) URL it was given. None for an inline upload (inputs are not kept once a run
-    ends) or a parent output that is gone."""
+    """The image a run edited, while it can still be shown: a fresh URL of the parent's output,
+    else of the run's stored input (kept as long as its outputs), else the http(s) URL it was
+    given. None once retention has deleted the files."""
     url = (run.input or {}).get("image_url") or ""
-    if own := storage.own_output(url):
+    own = storage.own_output(url)
+    if own:
         try:
             storage.output_path(own[1])
+            return storage.signed_url(own[1])
         except NotFound:
-            return None
-        return storage.signed_url(own[1])
-    return url if url.startswith(("http://", "https://")) else None
+            pass
+    if input_url := storage.input_url(run.id):
+        return input_url
+    return url if not own and url.startswith(("http://", "https://")) else None
 
 
 class LineageItem(BaseModel):
@@ -235,7 +238,7 @@ class LineageItem(BaseModel):
     status_code: str
     prompt: str | None
     input: dict[str, Any]
-    source_url: str | None = Field(description="the image this run edited (see runs-api.md); null for an upload")
+    source_url: str | None = Field(description="the image this run edited (see runs-api.md); null once its files are deleted")
     output: dict[str, Any] | None = Field(description="as on the run: outputs[], image_urls[], seed, timings_ms")
     duration_ms: int | None
     cost: str

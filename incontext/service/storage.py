@@ -1,11 +1,12 @@
 """Run inputs and outputs on disk, and the signed, expiring URLs that serve outputs.
 
-    <data_dir>/inputs/<run_id>                 the input image bytes as received
+    <data_dir>/inputs/<run_id>                 the input image bytes as received (or the data URI)
     <data_dir>/outputs/<run_id>/<i>.<ext>      output image i
     <data_dir>/outputs/<run_id>/<i>.mask.png   its edited region, when the run asked for it
 
 An output URL is `<base>/v1/files/<run_id>/<i>.<ext>?expires=<unix s>&sig=<HMAC>`: whoever holds
 it may download the file until it expires, with no API key (as hosted output URLs work).
+A run's input is signed the same way as `<run_id>/input` (the "before" of its first turn).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from incontext.service.errors import NotFound, PermissionDenied, StorageError
 
 FILES_PREFIX = "/v1/files/"
 _RELPATH = re.compile(r"^[0-9a-f-]{36}/[0-9]{1,2}\.(jpeg|png|mask\.png)$")
+_INPUT_RELPATH = re.compile(r"^([0-9a-f-]{36})/input$")
 
 
 def load_or_create_secret(data_dir: Path, configured: str | None) -> bytes:
@@ -50,7 +52,8 @@ class Storage:
         self.base_url = base_url.rstrip("/")
         self.ttl_seconds = ttl_seconds
 
-    # Inputs: kept until the run ends, so a restart can run it again.
+    # Inputs: kept as long as the run's outputs (retention.py), so a restart can run the run
+    # again and a client can show what it edited.
     def save_input(self, run_id: str, data: bytes) -> None:
         # Synced: the run is acknowledged (201) once this returns, and a crash must not lose it.
         _write_atomic(self.inputs / run_id, data, sync=True)
@@ -64,6 +67,19 @@ class Storage:
 
     def delete_input(self, run_id: str) -> None:
         (self.inputs / run_id).unlink(missing_ok=True)
+
+    def input_url(self, run_id: str) -> str | None:
+        """A signed URL of the run's input while it is kept, else None."""
+        return self.signed_url(f"{run_id}/input") if self.has_input(run_id) else None
+
+    def input_at(self, relpath: str) -> bytes | None:
+        """The stored input a file URL's path names (`<run_id>/input`); None for any other path.
+        NotFound once it is gone."""
+        if not (match := _INPUT_RELPATH.match(relpath)):
+            return None
+        if (data := self.read_input(match[1])) is None:
+            raise NotFound("no such file")
+        return data
 
     # Outputs.
     def save_output(self, run_id: str, index: int, data: bytes, ext: str) -> str:

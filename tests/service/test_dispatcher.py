@@ -151,7 +151,7 @@ def test_a_run_whose_input_was_not_handed_over_runs_from_storage_the_same(servic
             assert messages == ["accepted", "started", "step 2/3", "step 3/3", "succeeded"]
             run = session.get(Run, run_id)
             assert run.started_at is not None and run.cost_micros == 40_000
-            assert not storage.has_input(run_id)  # dropped once the run ended
+            assert storage.has_input(run_id)  # kept with the outputs, until retention deletes both
 
 
 def test_a_run_canceled_before_it_is_claimed_never_reaches_the_engine(service):
@@ -276,7 +276,7 @@ def test_a_run_the_engine_dies_with_is_queued_again_then_succeeds(service):
     assert [r.request_id for r in engine.requests] == [run_id] * 3
     # Every try got the input handed over in memory, not re-read from storage.
     assert all(r.image.tobytes() == engine.requests[0].image.tobytes() for r in engine.requests)
-    sessions = service[1]
+    _, sessions, storage, _ = service
     with sessions() as session:
         run = session.get(Run, run_id)
         assert (run.status, run.engine_crashes, run.failure_code) == ("succeeded", 2, None)
@@ -286,6 +286,7 @@ def test_a_run_the_engine_dies_with_is_queued_again_then_succeeds(service):
         "accepted", "started", f"{requeued} (attempt 1 of 3)", "started", f"{requeued} (attempt 2 of 3)",
         "started", "step 2/3", "step 3/3", "succeeded",
     ]
+    assert storage.has_input(run_id)  # kept with the outputs, until retention deletes both
 
 
 def test_a_run_the_engine_keeps_dying_with_fails_cleanly_after_the_last_attempt(service):
@@ -296,10 +297,11 @@ def test_a_run_the_engine_keeps_dying_with_fails_cleanly_after_the_last_attempt(
     asyncio.run(run_until_ended(service, dispatcher, [run_id]))
 
     assert len(engine.requests) == 3
-    sessions = service[1]
+    _, sessions, storage, _ = service
     with sessions() as session:
         run = session.get(Run, run_id)
         assert (run.status, run.engine_crashes, run.failure_code, run.failure_stage_code, run.cost_micros) == (
             "failed", 3, "ENGINE_CRASHED", "inference", 0
         )
         assert run.failure_message.startswith("the engine stopped 3 times while it had this run")
+    assert storage.has_input(run_id)  # kept until retention, as a run's input always is

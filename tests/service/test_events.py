@@ -12,7 +12,7 @@ from incontext.engine import preview
 from incontext.engine.protocol import StepProgress
 from incontext.service.progress import RunProgress
 
-from .helpers import data_uri, wait_run
+from .helpers import data_uri, png_bytes, wait_run
 
 MODEL = "flux-pro/kontext"
 
@@ -102,7 +102,10 @@ def test_lineage_is_the_whole_tree_with_prompts_sources_and_outputs(api, server)
     items = {i["id"]: i for i in tree["items"]}
     assert [i["id"] for i in tree["items"]] == [first["id"], second["id"], third["id"], branch["id"]]
     assert items[branch["id"]]["parent_run_id"] == first["id"] and items[branch["id"]]["prompt"] == "a branch"
-    assert items[first["id"]]["source_url"] is None  # an upload: the server keeps no input once a run ends
+    # An upload: the server keeps the input as long as the outputs, so turn 1 has a "before".
+    uploaded = api.get(items[first["id"]]["source_url"])
+    assert uploaded.status_code == 200 and uploaded.headers["content-type"] == "image/png"
+    assert uploaded.content == png_bytes()  # the file inside the data URI, as sent
     source = items[second["id"]]["source_url"]
     assert source.split("?")[0] == url.split("?")[0] and api.get(source).status_code == 200
     assert items[third["id"]]["output"]["image_urls"] and items[third["id"]]["status_code"] == "succeeded"

@@ -12,7 +12,6 @@ const state = {
   source: null,       // {url, runId?, index?, label}: what the next edit starts from
   tree: null,         // the lineage answer for the current run
   current: null,      // id of the run shown
-  uploads: new Map(), // root run id → its uploaded image (the server keeps no copy once it ends)
   watching: null,     // id of the run whose progress is shown
 };
 
@@ -243,7 +242,6 @@ async function submit(event) {
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ input }),
     });
-    if (!run.parent_run_id && state.source) state.uploads.set(run.id, state.source.url);
     location.hash = `run=${run.id}`;
     await follow(run.id);
   } catch (error) {
@@ -371,7 +369,7 @@ function drawResults(run) {
   $("results-meta").textContent = run.output
     ? `${images.length} image${images.length > 1 ? "s" : ""} in ${seconds(run.duration_ms)}, cost $${run.cost}`
     : run.failure_code ? `${run.status_code}: ${run.failure_code} ${run.failure_message || ""}` : run.status_code;
-  const before = run.source_url || state.uploads.get(run.id) || null;
+  const before = run.source_url; // null once the server's retention deleted the run's input
   images.forEach((output, i) => box.append(resultFigure(run, output, i, before)));
 }
 

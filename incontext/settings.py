@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     # "process": the engine runs in a child process (its own GIL; the server accepts runs
     # while the model loads). "thread": in the server's process, as the tests' doubles do.
     engine_mode: Literal["process", "thread"] = "process"
+    # With the engine in its own process: how many nice levels the HTTP process runs below it,
+    # so polls and uploads never take a core from the denoising loop (docs/engine.md).
+    http_nice: int = Field(5, ge=0, le=19)
     # Requests the engine batches into one denoising step.
     engine_max_batch_size: int = Field(16, ge=1)
     # Step cache for every model: "off" (exact, reproducible in stock diffusers), "fast"

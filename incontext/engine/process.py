@@ -50,10 +50,15 @@ class EngineCrashed(IncontextError):
 class ProcessEngine:
     """An `EngineClient` whose `LocalEngine` (built from `engine_kwargs`) runs in a child process."""
 
-    def __init__(self, registry: Registry, *, threads: int | None = None, **engine_kwargs):
-        """`threads`: torch threads in the child (default: torch's, i.e. the cores)."""
+    def __init__(self, registry: Registry, *, threads: int | None = None, http_nice: int = 0, **engine_kwargs):
+        """`threads`: torch threads in the child (default: torch's, i.e. the cores). `http_nice`:
+        once the child runs, this process (the HTTP server) lowers its own CPU priority by that
+        many nice levels, so that on a machine with few cores requests and polls never take a
+        core from the denoising loop (whose OpenMP threads all wait for the slowest one)."""
         self.registry = registry
         self.threads = threads
+        self.http_nice = http_nice
+        self._engine_nice: int | None = None  # this process's nice value before lowering it
         self.engine_kwargs = engine_kwargs
         self._conn: Connection | None = None
         self._proc: subprocess.Popen | None = None
@@ -119,6 +124,8 @@ class ProcessEngine:
         child, not multiprocessing's spawn, which re-imports the parent's __main__. Its own
         session: Ctrl-C or SIGTERM to the server must not kill it before the server has
         stopped dispatching (runs in flight stay `running` and are queued again at restart)."""
+        if self._engine_nice is None:
+            self._engine_nice = os.getpriority(os.PRIO_PROCESS, 0)
         ours, theirs = socket.socketpair()
         try:
             self._proc = subprocess.Popen(
@@ -135,7 +142,11 @@ class ProcessEngine:
             theirs.close()
         conn = Connection(ours.detach())
         self._conn = conn
-        self._send_locked((self.registry, self.engine_kwargs, self.threads, logging.getLogger().getEffectiveLevel()))
+        self._send_locked((self.registry, self.engine_kwargs, self.threads, logging.getLogger().getEffectiveLevel(), self._engine_nice))
+        if self.http_nice and os.getpriority(os.PRIO_PROCESS, 0) == self._engine_nice:
+            # On Linux the nice value belongs to the thread: this is the event loop's (startup
+            # runs on it), and the worker threads it starts later inherit it.
+            os.setpriority(os.PRIO_PROCESS, 0, min(19, self._engine_nice + self.http_nice))
         unsent, self._unsent = self._unsent, []
         for request in unsent:
             if request.request_id in self._pending and not self._send_locked(("edit", request)):
@@ -232,8 +243,13 @@ class ProcessEngine:
 def _child_main(conn: Connection) -> None:
     """The child: a LocalEngine fed from the socket. It reads at once (so the server never
     blocks on a full socket), queueing requests while torch is imported and the model loads."""
-    registry, engine_kwargs, threads, log_level = conn.recv()
+    registry, engine_kwargs, threads, log_level, nice = conn.recv()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine] %(message)s")
+    try:  # a child started after the server lowered its priority takes the engine's back
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except PermissionError:  # raising a priority needs privileges; the server's is still lower
+        log.warning("the engine runs at the server's lowered priority (nice %d): restarting the server restores it",
+                    os.getpriority(os.PRIO_PROCESS, 0))
     inbox: queue.Queue = queue.Queue()
     loaded = threading.Event()
 

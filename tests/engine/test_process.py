@@ -121,3 +121,28 @@ def test_a_model_that_does_not_load_fails_requests_instead_of_hanging(tiny_model
     assert error is not None and error.code == "ENGINE_ERROR" and "could not load the model" in error.message
     assert not isinstance(error, EngineLost)  # a retry would fail the same way: the run fails
     assert not ready
+
+
+def test_the_server_side_yields_the_cpu_to_the_engine_process(registry, one_thread):
+    # On a 2-core machine every poll the server answers takes a core from the denoising loop:
+    # the server's thread lowers its priority below the engine's once the child runs.
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+
+    async def go():
+        engine = ProcessEngine(registry, threads=1, dtype="float32", http_nice=3)
+        await engine.start()
+        await _wait_ready(engine)
+        server_side, engine_side = os.getpriority(os.PRIO_PROCESS, 0), os.getpriority(os.PRIO_PROCESS, engine._proc.pid)
+        await engine.edit(req("a", 1, steps=2))
+        await engine.close()
+        return server_side, engine_side
+
+    try:
+        server_side, engine_side = asyncio.run(go())
+    finally:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, before)
+        except PermissionError:  # only a privileged user may raise it back; the rest of the run is merely nicer
+            pass
+    assert engine_side == before
+    assert server_side == min(19, before + 3)

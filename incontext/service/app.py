@@ -80,7 +80,7 @@ def build_engine(settings: Settings, registry: Registry) -> EngineClient:
     if settings.engine_mode == "process":
         from incontext.engine.process import ProcessEngine
 
-        return ProcessEngine(registry, **kwargs)
+        return ProcessEngine(registry, http_nice=settings.http_nice, **kwargs)
     from incontext.engine.local import LocalEngine  # imports torch: only when actually serving
 
     return LocalEngine(registry, **kwargs)

@@ -37,25 +37,50 @@ def serve(
     model_dir: Annotated[Path | None, typer.Option(help="serve this model directory as the default model")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
-    """Serve the HTTP API: database, engine and callbacks in this one process."""
-    import uvicorn
+    """Serve the HTTP API: database, engine and callbacks in this one process.
 
+    On loopback with no API key at all, a key for the playground is made and the printed
+    address carries it (DATA_DIR/playground.key)."""
+    from incontext.service import keys
     from incontext.service.app import UnsafeStart, check_safe_to_serve, create_app, open_database
 
     settings = _settings(host=host, port=port, data_dir=data_dir, database_url=database_url, model_dir=model_dir)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not settings.local_only:
-        # Check before starting the server, so a refusal is quick and reads as a sentence. On
-        # loopback there is nothing to check (the app opens the database itself).
-        db_engine, sessions = open_database(settings)
-        try:
-            check_safe_to_serve(settings, sessions)
-        except UnsafeStart as exc:
-            Console(stderr=True).print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2) from None
-        finally:
-            db_engine.dispose()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level.lower(), timeout_graceful_shutdown=5)
+    # Checked before the server starts, so a refusal is quick and reads as a sentence.
+    db_engine, sessions = open_database(settings)
+    try:
+        check_safe_to_serve(settings, sessions)
+        key = None
+        if settings.local_only:
+            with sessions.begin() as session:
+                key = keys.playground_key(session, settings.data_dir, may_create=not settings.api_keys)
+    except UnsafeStart as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    finally:
+        db_engine.dispose()
+    page = settings.base_url + "/" + (f"#key={key}" if key else "")
+    if not _run_until_stopped(create_app(settings), settings, log_level, announce=f"The playground: {page}"):
+        raise typer.Exit(3)  # uvicorn has logged why (e.g. the port is taken)
+
+
+def _run_until_stopped(app, settings, log_level: str, *, announce: str) -> bool:
+    """uvicorn.run, printing `announce` once the socket listens; False if it never started."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                # soft_wrap: a link broken over two lines cannot be clicked or copied whole.
+                Console(stderr=True).print(announce, soft_wrap=True, markup=False, highlight=False)
+
+    server = Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level.lower(), timeout_graceful_shutdown=5))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    return server.started
 
 
 def warmup(

@@ -7,6 +7,7 @@ plain SHA-256 is enough to store it (a slow password hash would only slow every 
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -100,6 +101,42 @@ class KeyCache:
             return self._stamp.stat().st_mtime_ns
         except FileNotFoundError:
             return 0
+
+
+PLAYGROUND_KEY_NAME = "playground.key"
+PLAYGROUND_LABEL = "local playground"
+
+
+def playground_key(session: Session, data_dir: Path, *, may_create: bool) -> str | None:
+    """The key a loopback `serve` puts in the playground link it prints (as Jupyter prints its
+    token), so a new user's first page needs no key setup.
+
+    With `may_create` and no key at all (revoked ones count: a user who revoked keys chose to
+    manage them), a key labelled "local playground" is created and its plain text kept in
+    `<data_dir>/playground.key`, readable by its owner only; later starts read it back. None
+    when there is no such file or its key was revoked: the user pastes a key of their own.
+    The caller commits."""
+    path = data_dir / PLAYGROUND_KEY_NAME
+    if may_create and session.scalar(sa.select(sa.func.count()).select_from(ApiKey)) == 0:
+        _, plain = create_key(session, PLAYGROUND_LABEL)
+        # Written before the commit: if the commit fails, no key exists and the next start
+        # makes a new one over this file; the other order could leave a key no file holds.
+        _write_private(path, plain)
+        return plain
+    try:
+        plain = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return plain if plain and find_active(session, plain) is not None else None
+
+
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # a tmp file left by a crash may have other bits
+        f.write(text + "\n")
+    os.replace(tmp, path)
 
 
 def has_active_key(session: Session) -> bool:

@@ -37,6 +37,7 @@ def test_serve_refuses_non_loopback_without_a_key(tmp_path):
     result = cli("serve", "--host", "0.0.0.0", "--port", str(free_port()), "--data-dir", str(tmp_path))
     assert result.returncode == 2
     assert "refusing to listen on 0.0.0.0" in result.stderr and "keys create" in result.stderr
+    assert not (tmp_path / "playground.key").exists()  # the playground's key is for loopback only
 
 
 def test_serve_refuses_short_env_keys_beyond_loopback(tmp_path):

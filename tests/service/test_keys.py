@@ -1,4 +1,5 @@
-"""The API-key cache: requests authenticate without the database, and revocation still holds."""
+"""API keys: the cache (requests authenticate without the database, and revocation still
+holds) and the key a loopback `serve` makes for the playground."""
 
 from __future__ import annotations
 
@@ -70,3 +71,32 @@ def test_ttl_zero_turns_the_cache_off(sessions, tmp_path):
     key_id, plain = new_key(sessions)
     assert cache.find(plain).id == key_id
     assert cache.cached(plain) is None
+
+
+def playground_key(sessions, data_dir, *, may_create: bool = True) -> str | None:
+    with sessions.begin() as session:  # as `serve` does at every start
+        return keys.playground_key(session, data_dir, may_create=may_create)
+
+
+def test_the_playground_key_is_made_once_and_read_back_at_every_start(sessions, tmp_path):
+    made = playground_key(sessions, tmp_path)
+    path = tmp_path / keys.PLAYGROUND_KEY_NAME
+    assert made.startswith(keys.KEY_PREFIX) and path.read_text().strip() == made
+    assert path.stat().st_mode & 0o777 == 0o600  # the owner's alone
+    assert playground_key(sessions, tmp_path) == made  # a restart: the same key, no new one
+    with sessions() as session:
+        rows = keys.list_keys(session)
+        assert [(r.label, r.revoked_at) for r in rows] == [("local playground", None)]
+        assert keys.find_active(session, made).id == rows[0].id
+
+    revoke(sessions, rows[0].id)  # revoked: no link, and no new key behind the user's back
+    assert playground_key(sessions, tmp_path) is None
+    with sessions() as session:
+        assert len(keys.list_keys(session)) == 1
+
+
+def test_no_playground_key_is_made_where_a_key_exists_or_creating_is_not_allowed(sessions, tmp_path):
+    assert playground_key(sessions, tmp_path, may_create=False) is None  # INCONTEXT_API_KEYS set
+    new_key(sessions)
+    assert playground_key(sessions, tmp_path) is None  # the user has a key: they paste it
+    assert not (tmp_path / keys.PLAYGROUND_KEY_NAME).exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import Server, create_key
+from .helpers import Server, wait_for
 
 CHROMIUM = os.environ.get("INCONTEXT_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "shapes.png"
@@ -28,9 +28,11 @@ if not Path(CHROMIUM).exists():
 def nano_server(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("playground")
     env = {"OMP_NUM_THREADS": "1", "INCONTEXT_ENGINE_COMPILE": "false", "INCONTEXT_POLL_INTERVAL_SECONDS": "0.2"}
-    srv = Server(data_dir, env)
-    srv.keys = [create_key(data_dir, "browser")]
+    srv = Server(data_dir, env)  # no key: a first start on loopback makes one for the page
     srv.start()
+    # The line a new user opens: the page's address with the key in the fragment.
+    printed = wait_for(lambda: re.search(r"The playground: (\S+)", srv.log()))
+    srv.page_url = printed[1]
     yield srv
     srv.stop()
 
@@ -71,11 +73,13 @@ def test_a_three_turn_edit_with_a_branch_survives_a_reload(browser, nano_server,
     expect = sync_api.expect
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     refused = offline(page, nano_server)
-    page.goto(nano_server.url + "/")
+    assert re.fullmatch(re.escape(nano_server.url) + r"/#key=ic_live_[\w-]+", nano_server.page_url)
+    page.goto(nano_server.page_url)
     expect(page.locator("#model option")).not_to_have_count(0)
-    page.get_by_text("API key").first.click()
-    page.get_by_label("API key, kept in this browser only").fill(nano_server.keys[0])
-    page.get_by_label("API key, kept in this browser only").dispatch_event("change")
+    key = nano_server.page_url.split("#key=")[1]
+    assert page.evaluate("location.href") == nano_server.url + "/"  # the key is off the address bar
+    assert page.evaluate("localStorage.getItem('incontext.apiKey')") == key
+    assert page.get_by_label("API key, kept in this browser only").input_value() == key
 
     # An error from the server shows beside its field: an edit with no instruction.
     page.locator("#file").set_input_files(str(EXAMPLE))
@@ -131,6 +135,14 @@ def test_a_three_turn_edit_with_a_branch_survives_a_reload(browser, nano_server,
     expect(page.locator("#results .mask").first).to_be_visible()
     page.wait_for_function("document.querySelector('#results .mask').width > 0")  # the mask has loaded
     page.screenshot(path=tmp_path / "4-after-reload.png", full_page=True)
+
+    # Turn 1's "before" is the upload, which the server keeps as long as the outputs.
+    page.locator("#timeline .turn").first.click()
+    before_img = page.locator("#results .before").first
+    expect(before_img).to_have_attribute("src", re.compile(r"/input\?"))
+    # decode() waits for the image and fails if it cannot load (the page's CSP forbids the
+    # eval that a polling wait_for_function would need).
+    assert before_img.evaluate("img => img.decode().then(() => img.naturalWidth)") == 256
     assert refused == []
 
 

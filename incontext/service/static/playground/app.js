@@ -447,7 +447,18 @@ const seconds = (ms) => (ms == null ? "–" : `${(ms / 1000).toFixed(1)} s`);
 
 // ---------------------------------------------------------------- start
 
+// The link `incontext serve` prints carries a key: /#key=…. Keep it in this browser and take
+// it out of the address bar, so it is not bookmarked, shared or left on screen.
+function takeKeyFromHash() {
+  const match = location.hash.match(/(?:^#|&)key=([^&]*)/);
+  if (!match) return;
+  localStorage.setItem(KEY_STORE, decodeURIComponent(match[1]).trim());
+  const rest = location.hash.slice(1).split("&").filter((part) => !part.startsWith("key=")).join("&");
+  history.replaceState(null, "", location.pathname + location.search + (rest ? `#${rest}` : ""));
+}
+
 function start() {
+  takeKeyFromHash();
   const key = $("api-key");
   key.value = localStorage.getItem(KEY_STORE) || "";
   key.addEventListener("change", () => {

@@ -35,6 +35,9 @@ def ensure_env() -> None:
     print("installing dependencies into .venv (first run takes a few minutes) …", file=sys.stderr)
     subprocess.run(pip + ["torch==2.13.0"], check=True)
     subprocess.run(pip + ["-e", f"{ROOT}[test]"], check=True)
+    # Black Forest Labs' client, for its compatibility test: it pins pillow==10.4.0, which
+    # would downgrade ours, and it runs with our pillow; so it comes without its dependencies.
+    subprocess.run(pip + ["--no-deps", "blackforest==0.1.3"], check=True)
     STAMP.write_text(want)
 
 

@@ -6,6 +6,8 @@
   core operations say so (401, 422 and default). The BFL routes keep FastAPI's `detail`
   shape, which is theirs; the OpenAI routes declare their own.
 - `servers` from the public URL, and `model_id` parameters described (they may hold '/').
+- As strict as the server where a route parses a parameter itself: the `status` filter of
+  `GET /v1/runs` takes only the statuses of lifecycle.STATUSES (and `cancelled`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute, RouteContext, iter_route_contexts
 
+from incontext.service import lifecycle
 from incontext.service.auth import authenticate
 from incontext.service.surfaces import key_from_headers
 
@@ -93,6 +96,8 @@ def complete(spec: dict, routes: list[RouteContext], base_url: str) -> None:
             for param in op.get("parameters", []):
                 if param["name"] == "model_id" and param["in"] == "path":
                     param["description"] = "a model id or alias; may contain '/' (flux-pro/kontext), sent as is"
+                if (path, method, param["name"]) == ("/v1/runs", "get", "status"):
+                    param["schema"] = _status_filter(param["schema"])
 
 
 def _complete_operation(op: dict, route: RouteContext) -> None:
@@ -111,6 +116,15 @@ def _complete_operation(op: dict, route: RouteContext) -> None:
     if keyed:
         responses.setdefault("401", {"description": "missing, unknown or revoked key", "content": {"application/json": {"schema": error}}})
     responses.setdefault("default", {"description": "any other error", "content": {"application/json": {"schema": error}}})
+
+
+def _status_filter(schema: dict) -> dict:
+    """Each value a comma-separated list of known statuses (blanks and empty items are
+    skipped, as routes/runs.py reads them)."""
+    known = "|".join(sorted({code for code, _, _ in lifecycle.STATUSES} | {"cancelled"}))
+    one = rf"\s*(?:{known})?\s*"
+    item = {"type": "string", "pattern": rf"^{one}(?:,{one})*$"}
+    return {**schema, "anyOf": [{"type": "array", "items": item}, {"type": "null"}]}
 
 
 def depends_on(dependant: Dependant, call) -> bool:

@@ -11,7 +11,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema, field_validator, model_validator
 
 from incontext.service import netpolicy
 from incontext.service.errors import NotFound
@@ -26,11 +26,20 @@ MAX_SEED = 2**62  # seeds of one run are seed..seed+3; keep them inside a signed
 
 def _tolerance(value: Any) -> Any:
     # Hosted docs say "1".."6" (a string); clients written against the BFL API send an int.
+    if isinstance(value, float) and value.is_integer():  # JSON's 2.0 is the integer 2 (and so says JSON Schema)
+        value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if value not in {"1", "2", "3", "4", "5", "6"}:
         raise ValueError('safety_tolerance must be one of "1".."6"')
     return value
+
+
+# What _tolerance takes, for the OpenAPI document (a plain "string" let clients send "7").
+TOLERANCE_SCHEMA = {
+    "anyOf": [{"type": "string", "enum": ["1", "2", "3", "4", "5", "6"]}, {"type": "integer", "minimum": 1, "maximum": 6}],
+    "description": 'recorded only; "1".."6" as the hosted API spells it, or the integer',
+}
 
 
 def _output_format(value: Any) -> Any:
@@ -62,7 +71,7 @@ class KontextInput(BaseModel):
     guidance_scale: float = Field(3.5, ge=1, le=20)
     output_format: Annotated[Literal["jpeg", "png"], BeforeValidator(_output_format)] = "jpeg"
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when absent; reported in the output")
-    safety_tolerance: Annotated[str, BeforeValidator(_tolerance)] = "2"
+    safety_tolerance: Annotated[str, BeforeValidator(_tolerance), WithJsonSchema(TOLERANCE_SCHEMA)] = "2"
     enhance_prompt: bool = False
     sync_mode: bool = Field(False, description="return data URIs and keep no file")
     num_inference_steps: int | None = Field(None, ge=1, le=50, description="default: the model's")
@@ -73,6 +82,19 @@ class KontextInput(BaseModel):
         "keeps its aspect ratio; off: the model's raw output at its working size",
     )
     return_mask: bool = Field(False, description="also return the edited region as a PNG (outputs[].mask_url)")
+
+
+_PORT = r"(?:6553[0-5]|655[0-2]\d|65[0-4]\d\d|6[0-4]\d{3}|[1-5]\d{4}|\d{1,4})"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# The URLs _check_callback_url takes, as near as a pattern gets (a little stricter: no user
+# info, ASCII host names), so a client built from the OpenAPI document sends only URLs we take.
+CALLBACK_URL_SCHEMA = {
+    "type": "string",
+    "format": "uri",
+    "maxLength": 2048,
+    "pattern": rf"^https?://(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]+\])(?::{_PORT})?(?:[/?#]\S*)?$",
+}
+CallbackUrl = Annotated[str, WithJsonSchema(CALLBACK_URL_SCHEMA)]
 
 
 def _check_callback_url(value: str | None) -> str | None:
@@ -97,7 +119,7 @@ Metadata = Annotated[dict[str, Any] | None, AfterValidator(_check_metadata), Fie
 class RunCreate(BaseModel):
     input: KontextInput
     metadata: Metadata = None
-    callback_url: str | None = Field(None, max_length=2048)
+    callback_url: CallbackUrl | None = Field(None, max_length=2048)
     client_ref: str | None = Field(None, max_length=255)
 
     _callback = field_validator("callback_url")(_check_callback_url)
@@ -110,7 +132,7 @@ class BatchItem(KontextInput):
 class BatchCreate(BaseModel):
     input: list[BatchItem] = Field(min_length=1, max_length=100)
     metadata: Metadata = None
-    callback_url: str | None = Field(None, max_length=2048)
+    callback_url: CallbackUrl | None = Field(None, max_length=2048)
 
     _callback = field_validator("callback_url")(_check_callback_url)
 

@@ -1,0 +1,132 @@
+"""schemathesis over every operation of /openapi.json: generated requests, valid and not, to
+the app on a loopback server (an engine that answers at once, so runs reach every status's
+shape). No answer may be a 5xx; every answer must match the document (status code, content
+type, headers, body schema); and no request the document calls valid may be refused (the
+document is as strict as the routes). Held: a client generated from the document gets what
+it was promised, and a hostile one cannot make the server fail.
+
+Not held: that every request the document calls invalid is refused. A query string cannot
+carry the values the generator makes invalid ones with (an array for `cursor` goes as a
+repeated parameter, which reads as its last value), so that check reports HTTP's limits.
+Runs in about 25-60 s on 2 shared cores."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import hypothesis
+import pytest
+import schemathesis
+import uvicorn
+from schemathesis import GenerationMode
+from schemathesis.specs.openapi.checks import negative_data_rejection
+
+from incontext.engine.protocol import EditResult, StepProgress
+from incontext.service.app import create_app
+from incontext.settings import Settings
+
+KEY = "key-a"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+EXAMPLES_PER_OPERATION = 12  # × 2 modes × 45 operations
+# Operations whose document is still looser than the route (issue 16's surfaces), with what
+# schemathesis finds. Held strictly: an operation listed here that passes fails the test, so
+# the list only shrinks.
+KNOWN_GAPS = {
+    "POST /v1/flux-kontext-pro": "input_image is optional in the document, required by the route",
+    "POST /v1/images/edits": "an empty prompt is valid in the document; the form reads it as missing",
+    "POST /v1/models/{owner}/{name}/predictions": "application/problem+json errors undocumented; input_image optional in the document",
+    "GET /v1/predictions": "application/problem+json errors undocumented",
+    "GET /v1/predictions/{prediction_id}": "application/problem+json errors undocumented",
+    "POST /v1/predictions/{prediction_id}/cancel": "application/problem+json errors undocumented",
+    "GET /v1/webhooks/default/secret": "application/problem+json errors undocumented",
+    "POST /queue/fal-ai/{app}": "error content type undocumented",
+    "POST /fal-ai/{app}": "error content type undocumented",
+    "GET /queue/fal-ai/{app}/requests/{request_id}/status": "error content type undocumented",
+    "GET /queue/fal-ai/{app}/requests/{request_id}": "error content type undocumented",
+    "PUT /queue/fal-ai/{app}/requests/{request_id}/cancel": "error content type undocumented",
+}
+
+
+class InstantEngine:
+    """Every edit succeeds at once with its input as the output."""
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def is_ready(self) -> bool:
+        return True
+
+    def cancel(self, request_id: str) -> bool:
+        return False
+
+    async def edit(self, request, on_progress=None) -> EditResult:
+        if on_progress:
+            on_progress(StepProgress(request.num_inference_steps, request.num_inference_steps))
+        images = [request.image] * request.num_images
+        seeds = [request.seed + i for i in range(request.num_images)]
+        return EditResult(images, seeds, request.num_inference_steps, timings_ms={"total": 0.0})
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("schemathesis"),
+        api_keys=[KEY],
+        rate_limit_per_minute=10**6,
+        max_active_images_per_key=10**6,
+        read_rate_limit_per_minute=0,
+        fetch_timeout_seconds=1,
+        poll_interval_seconds=0.2,
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(settings, engine=InstantEngine())
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(30)
+
+
+def test_every_operation_answers_as_documented_and_never_5xx(server):
+    api = schemathesis.openapi.from_url(f"{server}/openapi.json")
+    failures, operations, failing = [], 0, set()
+    for loaded in api.get_all_operations():
+        operation = loaded.ok()
+        operations += 1
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
+            @hypothesis.settings(
+                max_examples=EXAMPLES_PER_OPERATION,
+                deadline=None,
+                derandomize=True,  # the same requests every run: a failure reproduces
+                database=None,
+                suppress_health_check=list(hypothesis.HealthCheck),
+                phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+            )
+            def check(case):
+                case.call_and_validate(base_url=server, headers=AUTH, excluded_checks=[negative_data_rejection])
+
+            try:
+                check()
+            except hypothesis.errors.Unsatisfiable:
+                pass  # nothing of it can be made invalid (no parameters, no body)
+            except (Exception, BaseExceptionGroup) as exc:  # every operation's failures, not just the first
+                failing.add(operation.label)
+                if operation.label not in KNOWN_GAPS or "Server error" in str(exc):  # a 5xx is never a known gap
+                    failures.append(f"{operation.label} ({mode.value}): {exc}")
+    assert operations >= 30
+    assert not failures, "\n\n".join(failures)
+    assert not (closed := sorted(set(KNOWN_GAPS) - failing)), f"these pass now: take them off KNOWN_GAPS: {closed}"

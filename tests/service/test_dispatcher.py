@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 from PIL import Image
 
 from incontext import imageio
@@ -89,13 +90,12 @@ def queue(service, session, image_url: str, legacy: bool = False, **fields) -> t
     `legacy`: its params as stored before runs recorded what an output keeps of the input."""
     settings, _, storage, key_id = service
     item = KontextInput(prompt="make it blue", image_url=image_url, seed=7, num_inference_steps=3, **fields)
-    prepared = submission.prepare(
-        item, field="input", model_id="m", preset=PRESET, api_key_id=key_id, session=session, storage=storage, settings=settings
-    )
+    prepared = submission.prepare(item, field="input", preset=PRESET, api_key_id=key_id, session=session, storage=storage, settings=settings)
+    run = submission.queue(session, storage, prepared)
     if legacy:
-        for name in ("aspect_ratio", "preserve", "return_mask"):
-            del prepared.fields["params"][name]
-    return submission.queue(session, storage, prepared).id, prepared
+        old = {k: v for k, v in run.params.items() if k not in ("aspect_ratio", "preserve", "return_mask")}
+        session.execute(sa.update(Run).where(Run.id == run.id).values(params=old))
+    return run.id, prepared
 
 
 def accept(service, image_url: str, **fields) -> tuple[str, submission.PreparedRun]:
@@ -140,7 +140,7 @@ def test_a_run_whose_input_was_not_handed_over_runs_from_storage_the_same(servic
 
     by_id = {r.request_id: r for r in engine.requests}
     from_storage, from_memory = by_id[lost_id].image, by_id[handed_id].image
-    assert from_storage.size == from_memory.size == (handed.fields["params"]["width"], handed.fields["params"]["height"])
+    assert from_storage.size == from_memory.size == (handed.params.width, handed.params.height)
     assert from_storage.size[0] < from_storage.size[1]  # the EXIF turn was taken
     assert from_storage.tobytes() == from_memory.tobytes()
 
@@ -224,8 +224,8 @@ def test_outputs_keep_the_input_at_its_own_size_from_memory_or_storage(service):
     asyncio.run(run_until_done(service, dispatcher, [lost_id, handed_id]))
 
     source = imageio.decode_data_uri(image_url)
-    params = handed.fields["params"]
-    assert source.size == (60, 90) and engine.requests[0].image.size == (params["width"], params["height"]) != source.size
+    params = handed.params
+    assert source.size == (60, 90) and engine.requests[0].image.size == (params.width, params.height) != source.size
     _, sessions, storage, _ = service
     with sessions() as session:
         for run_id in (lost_id, handed_id):

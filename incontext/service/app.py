@@ -173,7 +173,8 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestIdMiddleware)
-    for module in (account, runs, events, batches, callbacks, files, discovery, bfl, openai, replicate, fal):
+    # replicate before discovery: its GET /v1/models/{owner}/{name}/versions would match discovery's {model_id:path}
+    for module in (account, runs, events, batches, callbacks, files, replicate, discovery, bfl, openai, fal):
         app.include_router(module.router)
     playground.install(app)
     openapi.install(app, settings.base_url)

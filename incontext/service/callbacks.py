@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from incontext.service.db import utcnow
 from incontext.service.errors import NotFound
@@ -54,13 +54,21 @@ SIGNING_SECRETS = 2  # the newest active secrets sign; two allow rotation withou
 
 @dataclass(frozen=True)
 class CallbackStyle:
-    """Another API surface's callback (routes/bfl.py): its own body and signature headers."""
+    """Another API surface's callback (routes/bfl.py, replicate.py): its own body and
+    signature headers, and which of a run's events it tells."""
 
-    envelope: Callable[[Run, Storage], dict]
+    # (session, run as it is at the event, storage): the body, rendered when the event happens
+    envelope: Callable[[Session, Run, Storage], dict]
     # (body, run params, delivery id, unix time, the key's signing secrets newest first)
     headers: Callable[[bytes, RunParams, str, int, list[str]], dict[str, str]]
-    # Whether the run's end is told at all (Replicate: webhook_events_filter without "completed").
-    wanted: Callable[[RunParams], bool] = lambda params: True
+    # Whether an event is told: "completed" (the run ended) or, for Replicate, "start",
+    # "logs", "output" (its webhook_events_filter). By default only the end is.
+    wanted: Callable[[RunParams, str], bool] = lambda params, event: event == "completed"
+
+
+# Events before the end (Replicate's) are sent at most this often per run, as Replicate
+# sends its `logs` events; `start`, `output` and the end are always sent.
+PROGRESS_EVENT_INTERVAL_S = 0.5
 
 
 # Chosen per run by run.params["callback_style"]; registered by the surfaces that create such runs.
@@ -125,12 +133,40 @@ def _enqueue(session: Session, *, api_key_id: str, url: str, envelope: dict, run
 
 
 def enqueue_run(session: Session, run: Run, storage: Storage) -> CallbackDelivery | None:
-    """The run's callback, queued for sending; None when its surface's client asked not to hear of this end."""
+    """The run's callback, queued for sending; None when its surface's client asked not to
+    hear of this end. A succeeded Replicate-style run that asked for `output` events gets one
+    first (its images appear as it ends)."""
     style = style_of(run)
-    if style and not style.wanted(RunParams.of(run)):
+    if style is None:
+        return _enqueue(session, api_key_id=run.api_key_id, url=run.callback_url, envelope=run_envelope(run, storage), run_id=run.id, event=EVENTS[run.status])
+    if run.status == "succeeded":
+        enqueue_event(session, run, "output", storage)
+    if not style.wanted(RunParams.of(run), "completed"):
         return None
-    envelope = style.envelope(run, storage) if style else run_envelope(run, storage)
+    envelope = style.envelope(session, run, storage)
     return _enqueue(session, api_key_id=run.api_key_id, url=run.callback_url, envelope=envelope, run_id=run.id, event=EVENTS[run.status])
+
+
+def enqueue_event(session: Session, run: Run | str, event: str, storage: Storage) -> CallbackDelivery | None:
+    """An event before the run's end ("start", "logs", "output"), queued for sending if the
+    run's surface tells it and its client asked for it (Replicate's webhook_events_filter).
+    `logs` events closer than PROGRESS_EVENT_INTERVAL_S to the run's last one are dropped:
+    the next one (and the end's body) carries every line."""
+    if isinstance(run, str):
+        run = session.get(Run, run)
+    style = style_of(run)
+    if run is None or not run.callback_url or style is None or not style.wanted(RunParams.of(run), event):
+        return None
+    if event == "logs":
+        if run.status not in ("queued", "dispatching", "running"):  # lines written as it ended: the end's body has them
+            return None
+        last = session.scalar(
+            sa.select(sa.func.max(CallbackDelivery.created_at)).where(CallbackDelivery.run_id == run.id, CallbackDelivery.event == "logs")
+        )
+        if last is not None and (utcnow() - last).total_seconds() < PROGRESS_EVENT_INTERVAL_S:
+            return None
+    envelope = style.envelope(session, run, storage)
+    return _enqueue(session, api_key_id=run.api_key_id, url=run.callback_url, envelope=envelope, run_id=run.id, event=event)
 
 
 def enqueue_batch(session: Session, batch: Batch, counts: dict[str, int], storage: Storage) -> CallbackDelivery:
@@ -270,9 +306,13 @@ class CallbackSender:
         for key_id in busy.values():
             per_key[key_id] = per_key.get(key_id, 0) + 1
         rank = sa.func.row_number().over(partition_by=CallbackDelivery.api_key_id, order_by=(CallbackDelivery.next_attempt_at, CallbackDelivery.id))
+        # One run's deliveries go one at a time, oldest first (ids are time-ordered): a
+        # Replicate receiver never sees a `logs` event after the `completed` one.
+        earlier = aliased(CallbackDelivery)
+        waits = sa.exists().where(earlier.run_id == CallbackDelivery.run_id, earlier.status == "pending", earlier.id < CallbackDelivery.id)
         due = (
             sa.select(CallbackDelivery.id, CallbackDelivery.api_key_id, rank.label("rank"))
-            .where(CallbackDelivery.status == "pending", CallbackDelivery.next_attempt_at <= utcnow(), CallbackDelivery.id.not_in(list(busy)))
+            .where(CallbackDelivery.status == "pending", CallbackDelivery.next_attempt_at <= utcnow(), CallbackDelivery.id.not_in(list(busy)), ~waits)
             .subquery()
         )
         with self._sessions() as session:

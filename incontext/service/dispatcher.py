@@ -26,12 +26,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from incontext.engine.protocol import EditRequest, EditResult, EngineClient, StepProgress
 from incontext.errors import Cancelled, EngineLost, IncontextError
-from incontext.service import lifecycle, outputs
+from incontext.service import callbacks, lifecycle, outputs
 from incontext.service.callbacks import CallbackSender
 from incontext.service.db import utcnow
 from incontext.service.inputs import RunInput, decode_stored
 from incontext.service.models import Run
 from incontext.service.progress import RunProgress
+from incontext.service.runparams import RunParams
 from incontext.service.storage import Storage
 from incontext.settings import Settings
 
@@ -209,7 +210,7 @@ class Dispatcher:
             await self._end(run.id, lifecycle.FAILED, failure=("INTERNAL_ERROR", f"internal error: {exc.__class__.__name__}", "dispatch"))
 
     async def _drive(self, run: Run, given: RunInput | None, claimed_at: float) -> None:
-        run_id, params = run.id, run.params
+        run_id, params = run.id, RunParams.of(run)
         # 1. The input: handed over in memory, or (queued before a restart, beyond the
         # hand-over limits) read and decoded from storage.
         if given is None:
@@ -227,15 +228,15 @@ class Dispatcher:
         request = EditRequest(
             request_id=run_id,
             model_id=run.engine_model_id,
-            prompt=params["prompt"],
+            prompt=params.prompt,
             image=given.fitted,
-            width=params["width"],
-            height=params["height"],
-            seed=params["seed"],
-            num_images=params["num_images"],
-            guidance_scale=params["guidance_scale"],
-            num_inference_steps=params["num_inference_steps"],
-            parent_request_id=params.get("parent_request_id"),
+            width=params.width,
+            height=params.height,
+            seed=params.seed,
+            num_images=params.num_images,
+            guidance_scale=params.guidance_scale,
+            num_inference_steps=params.num_inference_steps,
+            parent_request_id=params.parent_request_id,
             previews=PREVIEWS_PER_RUN,
         )
 
@@ -273,7 +274,8 @@ class Dispatcher:
         data = self._storage.read_input(run.id)
         if data is None:
             return None
-        return RunInput.fit(decode_stored(data, self._settings), run.params["width"], run.params["height"])
+        params = RunParams.of(run)
+        return RunInput.fit(decode_stored(data, self._settings), params.width, params.height)
 
     def _requeue(self, run_id: str, given: RunInput, why: str) -> None:
         """The engine died with the run: back to the queue with its input still in memory (the
@@ -350,6 +352,9 @@ class Dispatcher:
     def _write_progress(self, run_id: str, done: int, total: int, at: datetime) -> None:
         with self._sessions.begin() as session:
             _log_step(session, run_id, done, total, at)
+            told = callbacks.enqueue_event(session, run_id, "logs", self._storage)  # Replicate's, when asked for
+        if told:
+            self._sender.wake()
 
 
 def _log_step(session: Session, run_id: str, done: int, total: int, at: datetime) -> None:

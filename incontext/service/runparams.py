@@ -31,6 +31,9 @@ class RunParams(BaseModel):
     # Multi-turn: the engine may reuse the parent's latents, which only identify the image
     # when the parent made exactly one.
     parent_request_id: str | None = None
+    # The model as the client named it (`black-forest-labs/flux-kontext-pro`): Replicate's
+    # `model` shows it; `runs.model_id` is the model's one id whatever the alias.
+    requested_model_id: str | None = None
     # How another surface wants the end told (callbacks.CALLBACK_STYLES); None: Runflow's envelope.
     callback_style: str | None = None
     webhook_secret: str | None = None  # BFL: the request's own signing secret

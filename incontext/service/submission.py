@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from incontext.errors import IncontextError
 from incontext.models.registry import ModelPreset
-from incontext.service import lifecycle, store
+from incontext.service import callbacks, lifecycle, store
 from incontext.service.errors import RateLimited, ServiceError, at_field, field_error
 from incontext.service.inputs import RunInput, load_source, output_size, prefetch
 from incontext.service.models import ApiKey, Batch, Run
@@ -125,17 +125,18 @@ def _store(service, key: ApiKey, request: RunRequest, preset: ModelPreset, reque
         except IncontextError as exc:
             raise renamed(exc, request.names) if request.names is not None else exc from None
 
-        # 2. Store the runs (and their batch), with how the end is told.
+        # 2. Store the runs (and their batch), with the model as named and how the end is told.
         callback = request.callback
-        if callback is not None:
-            for p in prepared:
+        for p in prepared:
+            p.params.requested_model_id = request.model_id.strip("/")
+            if callback is not None:
                 p.params.callback_style, p.params.webhook_secret, p.params.webhook_events = callback.style, callback.secret, callback.events
         batch = None
         if request.batch:
             batch = Batch(api_key_id=key.id, model_id=preset.run_model_id, meta=request.metadata, callback_url=callback.url if callback else None)
             session.add(batch)
             session.flush()
-        runs = []
+        runs, told = [], False
         for i, p in enumerate(prepared):
             run = queue(
                 session, service.storage, p, batch_id=batch.id if batch else None,
@@ -145,6 +146,7 @@ def _store(service, key: ApiKey, request: RunRequest, preset: ModelPreset, reque
             )
             if request.surface not in PRIMARY_SURFACES:  # a run of another surface says so in its log
                 lifecycle.add_log(session, run.id, f"received through {request.surface}")
+            told |= callbacks.enqueue_event(session, run, "start", service.storage) is not None  # Replicate's, when asked for
             runs.append(run)
         content = render(session, runs, batch) if render else None
 
@@ -165,6 +167,8 @@ def _store(service, key: ApiKey, request: RunRequest, preset: ModelPreset, reque
                     return replay
             raise
     service.dispatcher.submitted(inputs, claimed)
+    if told:
+        service.sender.wake()
     return Accepted(runs, batch, content, 201, limits)
 
 

@@ -1,9 +1,11 @@
 """The official client libraries of the hosted APIs, unchanged, against the real server on
 loopback: only the base URL (or host) and the key differ from what their users run.
 
-- replicate 1.0.7: run (Prefer: wait), models.predictions.create with a webhook, wait/reload,
-  progress from logs, predictions.get/list/cancel, webhooks.default.secret + webhooks.validate,
-  and its error type.
+- replicate 1.0.7: run (Prefer: wait) by owner/name and by owner/name:version, versions.list,
+  predictions.create(version=…) and an unknown version, models.predictions.create with webhooks
+  (a webhook_events_filter and none: start, logs, output, completed in order), wait/reload,
+  progress from logs, predictions.get/list/cancel, webhooks.default.secret + webhooks.validate
+  of every webhook, and its error type.
 - fal-client 1.0.3: submit, status (with logs), result, subscribe, run, cancel, its error
   type; over HTTPS (fal-client speaks nothing else) to a TLS listener whose CA is made here.
 - openai: images.edit and models.list.
@@ -39,27 +41,57 @@ def test_replicate_client_runs_predicts_cancels_and_verifies_webhooks(server):
     url = str(output)
     assert httpx.get(url).headers["content-type"] == "image/png"
 
+    # run() of owner/name:version: POST /v1/predictions {version}, then GET …/versions/{id}.
+    (listed,) = replicate.version.Versions(client, model=kontext).list().results
+    output = client.run(f"{kontext}:{listed.id}", input={"prompt": "make it blue", "input_image": image, "seed": 7})
+    assert str(output).startswith("http") and len(listed.id) == 64
+    made = client.predictions.create(version=listed.id, input={"prompt": "p", "input_image": image})
+    assert made.model == "flux-pro/kontext" and made.version == listed.id
+    with pytest.raises(replicate.exceptions.ReplicateError) as err:
+        client.predictions.create(version="0" * 64, input={"prompt": "p", "input_image": image})
+    assert err.value.status == 422 and "not a model version" in err.value.detail
+
     receiver = Receiver()
     try:
         secret = client.webhooks.default.secret()
-        prediction = client.models.predictions.create(
+        filtered = client.models.predictions.create(
             model=kontext, input={"prompt": "p", "input_image": image, "aspect_ratio": "match_input_image", "output_format": "jpg"},
-            webhook=f"{receiver.url}/replicate", webhook_events_filter=["completed"],
+            webhook=f"{receiver.url}/filtered", webhook_events_filter=["start", "completed"],
         )
-        assert prediction.status in ("starting", "processing") and prediction.urls["get"].endswith(prediction.id)
-        prediction.wait()
-        assert prediction.status == "succeeded" and prediction.error is None
-        assert prediction.output.startswith("http") and prediction.metrics["predict_time"] > 0
-        assert prediction.progress is not None and prediction.progress.percentage == 1.0  # tqdm lines in logs
-        assert client.predictions.get(prediction.id).status == "succeeded"
-        assert prediction.id in {p.id for p in client.predictions.list().results}
+        assert filtered.status in ("starting", "processing") and filtered.urls["get"].endswith(filtered.id)
+        assert filtered.model == kontext  # as the client named it
+        every = client.models.predictions.create(model=kontext, input={"prompt": "q", "input_image": image}, webhook=f"{receiver.url}/every")
+        filtered.wait()
+        assert filtered.status == "succeeded" and filtered.error is None
+        assert filtered.output.startswith("http") and filtered.metrics["predict_time"] > 0
+        assert filtered.progress is not None and filtered.progress.percentage == 1.0  # tqdm lines in logs
+        assert client.predictions.get(filtered.id).status == "succeeded"
+        assert filtered.id in {p.id for p in client.predictions.list().results}
+        every.wait()
 
-        wait_for(lambda: receiver.requests, timeout=60)
+        # Each prediction's events, in order, as the delivery history names them; each body
+        # is the prediction at that event, signed so replicate.webhooks.validate accepts it.
+        def events(prediction_id):
+            with server.client(key) as api:
+                return [d["event"] for d in api.get(f"/v1/runs/{prediction_id}/callback").json()]
+
+        wait_for(lambda: len(receiver.requests) >= 2 + len(events(every.id)) and len(events(every.id)) >= 3, timeout=60)
+        assert events(filtered.id) == ["start", "run.completed"]
+        sent = events(every.id)
+        assert sent[0] == "start" and sent[-2:] == ["output", "run.completed"] and set(sent[1:-2]) <= {"logs"}
+        hooks = {path: [r for r in receiver.requests if r["path"] == path] for path in ("/filtered", "/every")}
+        assert len(hooks["/filtered"]) == 2 and len(hooks["/every"]) == len(sent)
+        for hook in receiver.requests:
+            replicate.webhooks.validate(headers=hook["headers"], body=hook["body"].decode(), secret=secret)  # raises if not signed so
+        bodies = {path: [json.loads(r["body"]) for r in reqs] for path, reqs in hooks.items()}
+        assert [b["status"] for b in bodies["/filtered"]] == ["starting", "succeeded"] and bodies["/filtered"][0]["id"] == filtered.id
+        assert bodies["/every"][0]["status"] == "starting" and bodies["/every"][-1]["status"] == "succeeded"
+        assert bodies["/every"][-2]["output"] == bodies["/every"][-1]["output"] and bodies["/every"][-1]["output"].startswith("http")
+        assert all(b["status"] == "processing" and "step" in b["logs"] for b in bodies["/every"][1:-2])
+        assert "succeeded" in bodies["/every"][-1]["logs"]
         hook = receiver.requests[0]
-        replicate.webhooks.validate(headers=hook["headers"], body=hook["body"].decode(), secret=secret)  # raises if not signed so
         with pytest.raises(replicate.webhook.InvalidSignatureError):
             replicate.webhooks.validate(headers=hook["headers"], body=hook["body"].decode() + " ", secret=secret)
-        assert json.loads(hook["body"])["id"] == prediction.id and json.loads(hook["body"])["status"] == "succeeded"
     finally:
         receiver.close()
 

@@ -246,4 +246,4 @@ def _standard_key(secret: str) -> bytes:
     return secret.encode()
 
 
-callbacks.CALLBACK_STYLES[STYLE] = callbacks.CallbackStyle(envelope=result_body, headers=webhook_headers)
+callbacks.CALLBACK_STYLES[STYLE] = callbacks.CallbackStyle(envelope=lambda session, run, storage: result_body(run, storage), headers=webhook_headers)

@@ -2,6 +2,8 @@
 
     POST /v1/models/{owner}/{name}/predictions   {input, webhook, webhook_events_filter}
          (`Prefer: wait` or `wait=N`: answer when done, or after N ≤ 60 s as it is then)
+    POST /v1/predictions   {version, input, …}   (a version of GET …/versions, or a model id)
+    GET  /v1/models/{owner}/{name}/versions[/{id}]   (one version per model of this server)
     GET  /v1/predictions/{id}   POST /v1/predictions/{id}/cancel   GET /v1/predictions
     GET  /v1/webhooks/default/secret   (the key's newest callback secret, made if none)
 
@@ -13,17 +15,22 @@ Statuses: queued/dispatching → starting, running → processing. `logs` is the
 text, steps written as tqdm lines, so `prediction.progress` parses them.
 
 Errors are Replicate's problem details: `{title, detail, status}` (+ `invalid_fields` for 422).
-Webhooks POST the prediction, signed per Standard Webhooks with the key's callback secrets
-(`webhook-id`, `webhook-timestamp`, `webhook-signature`), so `replicate.webhooks.validate`
-verifies them with the secret from GET /v1/webhooks/default/secret. Only the `completed`
-event is sent: a filter without it sends nothing.
+Webhooks POST the prediction as it is at each event, signed per Standard Webhooks with the
+key's callback secrets (`webhook-id`, `webhook-timestamp`, `webhook-signature`), so
+`replicate.webhooks.validate` verifies them with the secret from GET /v1/webhooks/default/secret.
+Events, as Replicate sends them: `start` (created), `logs` (step lines written, at most every
+0.5 s), `output` (the image stored, just before the end), `completed` (succeeded, failed or
+canceled). No `webhook_events_filter` means all four; a filter sends only the events it lists.
+`webhook_completed` (the client's older field) is a URL for `completed` alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import time
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -32,8 +39,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from incontext.service import callbacks, lifecycle, netpolicy, store, submission, surfaces
-from incontext.service.deps import ServiceDep, count_read
-from incontext.service.errors import Conflict, ValidationFailed, field_error
+from incontext.service.deps import Service, ServiceDep, count_read
+from incontext.models.registry import ModelPreset
+from incontext.service.errors import Conflict, NotFound, ValidationFailed, field_error
 from incontext.service.models import ApiKey, Run
 from incontext.service.runparams import RunParams
 from incontext.service.schemas import MAX_SEED, public_output
@@ -81,16 +89,34 @@ class PredictionCreate(BaseModel):
 
     input: KontextPredictionInput
     webhook: str | None = Field(None, max_length=2048)
+    webhook_completed: str | None = Field(None, max_length=2048, description="older field: a URL told of `completed` only")
     webhook_events_filter: list[Literal["start", "output", "logs", "completed"]] | None = Field(
-        None, description="only `completed` is sent here; without it no webhook is sent"
+        None, description="the events POSTed to `webhook`; all four when absent"
     )
 
-    @field_validator("webhook")
+    @field_validator("webhook", "webhook_completed")
     @classmethod
     def _http(cls, value: str | None) -> str | None:
         if value is not None and (reason := netpolicy.url_refusal(value)):
             raise ValueError(f"webhook: {reason}")
         return value
+
+    def callback(self) -> submission.Callback | None:
+        """Where the prediction's events go. A run has one callback URL: `webhook_completed`
+        beside a different `webhook` is refused rather than half ignored."""
+        if self.webhook and self.webhook_completed and self.webhook_completed != self.webhook:
+            message = "webhook_completed differs from webhook: this server sends a prediction's events to one URL"
+            raise ValidationFailed(message, errors=[field_error("webhook_completed", message, "value_error")])
+        if self.webhook:
+            events = list(EVENTS) if self.webhook_events_filter is None else list(dict.fromkeys(self.webhook_events_filter))
+            return submission.Callback(self.webhook, style=STYLE, events=events)
+        if self.webhook_completed:
+            return submission.Callback(self.webhook_completed, style=STYLE, events=["completed"])
+        return None
+
+
+class VersionedPredictionCreate(PredictionCreate):
+    version: str = Field(description="a version id from GET /v1/models/{owner}/{name}/versions, owner/name:version, or a model id")
 
 
 @router.post("/models/{owner}/{name}/predictions", status_code=201)
@@ -99,6 +125,33 @@ async def create_prediction(
     prefer: Annotated[str | None, Header(description="wait, or wait=N (seconds, at most 60): answer when done")] = None,
 ):
     """Create a prediction of `owner/name` (black-forest-labs/flux-kontext-pro, or any model id of this server)."""
+    return await _create(f"{owner}/{name}", body, request, key, service, prefer)
+
+
+@router.post("/predictions", status_code=201)
+async def create_versioned_prediction(
+    body: VersionedPredictionCreate, request: Request, key: ReplicateKeyDep, service: ServiceDep,
+    prefer: Annotated[str | None, Header(description="wait, or wait=N (seconds, at most 60): answer when done")] = None,
+):
+    """Create a prediction of a model version (what `replicate.run("owner/name:version")` sends)."""
+    return await _create(_model_of_version(service, body.version), body, request, key, service, prefer)
+
+
+@router.get("/models/{owner}/{name}/versions")
+def list_versions(owner: str, name: str, key: ReplicateKeyDep, service: ServiceDep):
+    """The model's one version here: `{previous, next, results}`."""
+    return {"previous": None, "next": None, "results": [version_body(service.registry.registered(f"{owner}/{name}"))]}
+
+
+@router.get("/models/{owner}/{name}/versions/{version_id}")
+def get_version(owner: str, name: str, version_id: str, key: ReplicateKeyDep, service: ServiceDep):
+    preset = service.registry.registered(f"{owner}/{name}")
+    if version_id != version_of(preset):
+        raise NotFound(f"model {owner}/{name} has no version {version_id}; its version is {version_of(preset)}")
+    return version_body(preset)
+
+
+async def _create(model_id: str, body: PredictionCreate, request: Request, key: ApiKey, service, prefer: str | None) -> JSONResponse:
     given = body.input
     if not given.input_image:
         message = "input_image is required: this server edits images (http(s) URL or data: URI)"
@@ -110,12 +163,8 @@ async def create_prediction(
         },
         NAMES,
     )
-    callback = None
-    if body.webhook:
-        callback = submission.Callback(body.webhook, style=STYLE, events=body.webhook_events_filter or list(EVENTS))
-    run_request = submission.RunRequest(
-        model_id=f"{owner}/{name}", items=[item], surface=f"POST /v1/models/{owner}/{name}/predictions", callback=callback, names=NAMES
-    )
+    surface = f"POST /v1/models/{model_id}/predictions" if not isinstance(body, VersionedPredictionCreate) else "POST /v1/predictions"
+    run_request = submission.RunRequest(model_id=model_id, items=[item], surface=surface, callback=body.callback(), names=NAMES)
     accepted = await submission.submit(service, key, run_request, request_id=request.state.request_id)
     run = accepted.runs[0]
     if (wait := _wait_seconds(prefer)) is not None:
@@ -169,6 +218,39 @@ def default_webhook_secret(key: ReplicateKeyDep, service: ServiceDep):
     return {"key": plain}
 
 
+# Versions: one per model of this server, its id a digest of the model's id (64 hex
+# characters, as Replicate's are), so `owner/name:version` references stay stable.
+def version_of(preset: ModelPreset) -> str:
+    return hashlib.sha256(f"incontext:{preset.id}".encode()).hexdigest()
+
+
+def _model_of_version(service: Service, version: str) -> str:
+    """The model id a `version` names: one of version_of's ids, `owner/name:id`, or a model
+    id or alias. Refused with 422 on `version` otherwise."""
+    name, _, version_id = version.rpartition(":") if ":" in version else ("", "", version)
+    for preset in service.registry.models.values():
+        if version_id == version_of(preset) and (not name or name in (preset.id, *preset.aliases)):
+            return name or preset.run_model_id
+    if not name and version_id.strip("/") in service.registry.ids():
+        return version_id
+    message = (
+        f"version {version!r} is not a model version of this server; use the id from "
+        "GET /v1/models/{owner}/{name}/versions, or create with POST /v1/models/{owner}/{name}/predictions"
+    )
+    raise ValidationFailed(message, errors=[field_error("version", message, "invalid_version")])
+
+
+def version_body(preset: ModelPreset) -> dict:
+    schema = {
+        "openapi": "3.0.2",
+        "info": {"title": preset.id, "version": "incontext"},
+        "components": {"schemas": {"Input": KontextPredictionInput.model_json_schema(), "Output": {"type": "string", "format": "uri"}}},
+    }
+    made = (preset.directory / "model_index.json").stat().st_mtime  # when the weights were written
+    created = datetime.fromtimestamp(made, UTC).isoformat()
+    return {"id": version_of(preset), "created_at": created, "cog_version": "incontext", "openapi_schema": schema}
+
+
 # Rendering.
 def prediction(run: Run, storage: Storage, logs: list | None = None) -> dict:
     params = RunParams.of(run)
@@ -186,8 +268,8 @@ def prediction(run: Run, storage: Storage, logs: list | None = None) -> dict:
         metrics["image_count"] = len(run.output["outputs"])
     return {
         "id": run.id,
-        "model": run.model_id,
-        "version": run.engine_model_id,
+        "model": params.requested_model_id or run.model_id,  # as the client named it
+        "version": hashlib.sha256(f"incontext:{run.engine_model_id}".encode()).hexdigest(),
         "input": _replicate_input(run.input, params),
         "output": output,
         "logs": _logs_text(logs or []),
@@ -245,9 +327,9 @@ async def _wait(service, run_id: str, seconds: float) -> Run:
         await asyncio.sleep(POLL_S)
 
 
-# The webhook: the prediction, signed per Standard Webhooks with the key's callback secrets.
-def webhook_body(run: Run, storage: Storage) -> dict:
-    return prediction(run, storage)
+# The webhook: the prediction at the event, signed per Standard Webhooks with the key's callback secrets.
+def webhook_body(session, run: Run, storage: Storage) -> dict:
+    return prediction(run, storage, logs=store.run_logs(session, run.id))
 
 
 def webhook_headers(body: bytes, params: RunParams, msg_id: str, timestamp: int, key_secrets: list[str]) -> dict[str, str]:
@@ -256,5 +338,5 @@ def webhook_headers(body: bytes, params: RunParams, msg_id: str, timestamp: int,
 
 
 callbacks.CALLBACK_STYLES[STYLE] = callbacks.CallbackStyle(
-    envelope=webhook_body, headers=webhook_headers, wanted=lambda params: "completed" in (params.webhook_events or EVENTS)
+    envelope=webhook_body, headers=webhook_headers, wanted=lambda params, event: event in (params.webhook_events if params.webhook_events is not None else EVENTS)
 )

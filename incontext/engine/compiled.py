@@ -1,15 +1,17 @@
-"""The transformer compiled ahead of time: built once per machine and model, loaded at every start.
+"""The transformer and the VAE compiled ahead of time: built once per machine and model, loaded at every start.
 
 At the nano model's sizes a transformer pass is mostly Python and kernel-launch overhead,
 which a compiled graph removes (docs/engine.md has the figures). torch.compile inside the
 serving process paid for that with minutes of compiling at every start, on the same cores
 as the requests it was meant to speed up. Instead, AOTInductor exports the transformer once,
-with a dynamic batch and token count, compiles it to a shared library packaged as a `.pt2`
-file, and the engine loads that file in well under a second:
+with a dynamic batch and token count, and the VAE's encode and decode with a dynamic image
+size, compiles each to a shared library packaged as a `.pt2` file, and the engine loads them
+in well under a second. The three files are one package, a directory:
 
 - The package's name is a fingerprint of everything that makes it valid: torch's version,
-  the CPU (or GPU) it was compiled for, the transformer's weights and config, the dtype and
-  the text length. A new torch, another machine or new weights simply find no package.
+  the CPU (or GPU) it was compiled for, the weights and configs of the transformer and the
+  VAE, the dtype and the text length. A new torch, another machine or new weights simply
+  find no package.
 - With no package, the engine serves eagerly and builds one in a child process at the
   lowest CPU priority (nice 19): the kernel gives the engine's threads the cores whenever a
   request runs, and the build gets what is left. `incontext warmup` builds it in the
@@ -26,11 +28,13 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -39,9 +43,10 @@ from incontext import sampler
 log = logging.getLogger(__name__)
 
 # Bump when what a package holds changes (the wrapper's signature, the dynamic dimensions).
-FORMAT = 1
+FORMAT = 2
 MAX_BATCH = 1024
 MAX_TOKENS = 65536  # target and context tokens together: 1024² and its context is 8192
+MAX_LATENT_SIDE = 512  # 4096 pixels at 8×
 _POLL_SECONDS = 1.0  # how often the engine looks whether the build has ended
 
 
@@ -73,13 +78,58 @@ class AotTransformer:
         return (self._run(*args),)
 
 
+class _Encode(torch.nn.Module):
+    """The VAE's encode to the posterior's mode (the mean: the first half of the moments)."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x):
+        h = self.vae.encoder(x)
+        if self.vae.quant_conv is not None:
+            h = self.vae.quant_conv(h)
+        return h[:, : self.vae.config.latent_channels]
+
+
+class _Decode(torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z):
+        if self.vae.post_quant_conv is not None:
+            z = self.vae.post_quant_conv(z)
+        return self.vae.decoder(z)
+
+
+class AotVae:
+    """Loaded packages behind what the sampler reads of a VAE: `config`, `dtype`,
+    `encode(x).latent_dist.mode()` and `decode(z, return_dict=False)[0]`. The packages take
+    one image at a time (dynamo cannot keep a batch of 1 and of more in one graph here), so a
+    batch is a loop: an edit encodes one image and decodes one to four."""
+
+    def __init__(self, encode: Path, decode: Path, vae):
+        self.config, self.dtype = vae.config, vae.dtype
+        self._encode = torch._inductor.aoti_load_package(str(encode))
+        self._decode = torch._inductor.aoti_load_package(str(decode))
+
+    def encode(self, x: torch.Tensor):
+        z = torch.cat([self._encode(x[i : i + 1]) for i in range(x.shape[0])])
+        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: z))
+
+    def decode(self, z: torch.Tensor, return_dict: bool = False):
+        return (torch.cat([self._decode(z[i : i + 1]) for i in range(z.shape[0])]),)
+
+
 def fingerprint(model_dir: Path, m: sampler.Models) -> str:
-    """What a package compiled from `model_dir`'s transformer, loaded as `m`, is valid for."""
+    """What a package compiled from `model_dir`'s transformer and VAE, loaded as `m`, is valid for."""
     h = hashlib.sha256()
     h.update(json.dumps({"format": FORMAT, "torch": torch.__version__, "machine": _machine(m.device), "dtype": str(m.dtype),
-                         "max_sequence_length": m.max_sequence_length}, sort_keys=True).encode())
-    for f in sorted(p for p in (Path(model_dir) / "transformer").iterdir() if p.is_file()):
-        h.update(f.name.encode())
+                         "vae_dtype": str(m.vae.dtype), "max_sequence_length": m.max_sequence_length}, sort_keys=True).encode())
+    files = [p for part in ("transformer", "vae") for p in (Path(model_dir) / part).iterdir() if p.is_file()]
+    for f in sorted(files):
+        h.update(f"{f.parent.name}/{f.name}".encode())
         stat = f.stat()
         if stat.st_size <= 1 << 30:  # the weights themselves where hashing them is cheap
             h.update(hashlib.sha256(f.read_bytes()).digest())
@@ -104,13 +154,37 @@ def _machine(device: torch.device) -> str:
 
 
 def package_path(cache_dir: Path, model_dir: Path, m: sampler.Models) -> Path:
-    return Path(cache_dir) / f"transformer-{fingerprint(model_dir, m)}.pt2"
+    """The package's directory: one `.pt2` file per part."""
+    return Path(cache_dir) / f"model-{fingerprint(model_dir, m)}"
 
 
 @torch.no_grad()
 def build(m: sampler.Models, out: Path) -> Path:
-    """Export `m`'s transformer and compile it into the package `out` (minutes on a CPU).
-    Written under another name and renamed, so a reader never sees half a package."""
+    """Export `m`'s transformer and VAE and compile them into the package `out` (minutes on
+    a CPU). Written under another name and renamed, so a reader never sees half a package."""
+    out = Path(out)
+    partial = out.with_name(out.name + f".partial-{os.getpid()}")
+    partial.mkdir(parents=True, exist_ok=True)
+    try:
+        for part, program in (("transformer", _export_transformer(m)), *_export_vae(m)):
+            torch._inductor.aoti_compile_and_package(program, package_path=str(partial / f"{part}.pt2"))
+        try:
+            os.replace(partial, out)
+        except OSError:  # another build finished first: its package is as good
+            if not out.is_dir():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return out
+
+
+def _export(module: torch.nn.Module, args: tuple, shapes: tuple):
+    with warnings.catch_warnings():  # torch's own deprecation inside export, nothing a user can act on
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        return torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+
+
+def _export_transformer(m: sampler.Models):
     tr = m.transformer.eval()
     cfg = tr.config
     img_ids, txt_ids = sampler.kontext_ids(64, 64, m.vae_scale_factor, m.max_sequence_length)  # any size: it is dynamic
@@ -125,18 +199,16 @@ def build(m: sampler.Models, out: Path) -> Path:
     if cfg.guidance_embeds:
         args.append(torch.full((b,), 3.5, device=dev))
         shapes.append({0: batch})
-    with warnings.catch_warnings():  # torch's own deprecation inside export, nothing a user can act on
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        exported = torch.export.export(_Forward(tr, cfg.guidance_embeds), tuple(args), dynamic_shapes=tuple(shapes), strict=False)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.stem + f".partial-{os.getpid()}.pt2")
-    try:
-        torch._inductor.aoti_compile_and_package(exported, package_path=str(partial))
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
-    return out
+    return _export(_Forward(tr, cfg.guidance_embeds), tuple(args), tuple(shapes))
+
+
+def _export_vae(m: sampler.Models):
+    vae, f = m.vae.eval(), m.vae_scale_factor
+    h, w = torch.export.Dim("h", min=1, max=MAX_LATENT_SIDE), torch.export.Dim("w", min=1, max=MAX_LATENT_SIDE)
+    x = torch.zeros(1, 3, 8 * f, 8 * f, dtype=vae.dtype, device=m.device)
+    z = torch.zeros(1, vae.config.latent_channels, 8, 8, dtype=vae.dtype, device=m.device)
+    return (("vae_encode", _export(_Encode(vae), (x,), ({2: f * h, 3: f * w},))),
+            ("vae_decode", _export(_Decode(vae), (z,), ({2: h, 3: w},))))
 
 
 class CompiledModels:
@@ -202,13 +274,15 @@ class CompiledModels:
                 self.failed = f"the build exited with {self._child.returncode}: {tail}"
                 log.warning("compiling the transformer ahead of time failed; serving it eagerly. %s", self.failed)
                 return
-            log.info("compiled transformer built in %.0f s: %s", self.build_seconds, self.package)
+            log.info("compiled transformer and VAE built in %.0f s: %s", self.build_seconds, self.package)
         if self.package.exists():
             try:
                 t0 = time.perf_counter()
-                self.compiled = dataclasses.replace(self.eager, transformer=AotTransformer(self.package, self.eager.transformer.config))
+                p, e = self.package, self.eager
+                self.compiled = dataclasses.replace(e, transformer=AotTransformer(p / "transformer.pt2", e.transformer.config),
+                                                    vae=AotVae(p / "vae_encode.pt2", p / "vae_decode.pt2", e.vae))
                 self.load_seconds = time.perf_counter() - t0
-                log.info("serving the compiled transformer %s (loaded in %.2f s)", self.package.name, self.load_seconds)
+                log.info("serving the compiled transformer and VAE %s (loaded in %.2f s)", self.package.name, self.load_seconds)
             except Exception as e:  # a package that does not load is an optimisation lost, not an outage
                 self.failed = f"{e.__class__.__name__}: {e}"
                 log.warning("could not load %s; serving the eager transformer: %s", self.package, self.failed)

@@ -18,7 +18,7 @@ def test_warmup_builds_the_package_serve_loads_and_a_second_run_keeps_it(tiny_mo
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
     package = package_path(tiny_compile_dir, tiny_model, load_model(tiny_model, max_sequence_length=preset_for_directory(tiny_model).max_sequence_length))
-    assert package.is_file() and str(package.name) in first.output.replace("\n", "")
+    assert (package / "transformer.pt2").is_file() and str(package.name) in first.output.replace("\n", "")
     built = package.stat().st_mtime_ns
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "already compiled" in again.output

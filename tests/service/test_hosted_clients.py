@@ -6,8 +6,8 @@ loopback: only the base URL (or host) and the key differ from what their users r
   (a webhook_events_filter and none: start, logs, output, completed in order), wait/reload,
   progress from logs, predictions.get/list/cancel, webhooks.default.secret + webhooks.validate
   of every webhook, and its error type.
-- fal-client 1.0.3: submit, status (with logs), result, subscribe, run, cancel, its error
-  type; over HTTPS (fal-client speaks nothing else) to a TLS listener whose CA is made here.
+- fal-client 1.0.3: submit, status (with logs), result, subscribe, run, submit with a
+  webhook_url (fal_webhook, received and verified), cancel, its error type; over HTTPS (fal-client speaks nothing else) to a TLS listener whose CA is made here.
 - openai: images.edit and models.list.
 - blackforest: generate (async, then get_polling_result).
 """
@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from .helpers import Receiver, Server, create_key, data_uri, free_port, png_bytes, server_env, wait_for
+from .test_callbacks import verify_standard_webhook
 
 
 # Replicate.
@@ -132,6 +133,8 @@ FAL_SCRIPT = textwrap.dedent(
     results["fetched"] = client.result(app, handle.request_id)
     results["subscribed"] = client.subscribe(app, arguments=args)
     results["run"] = client.run(app, arguments=args)
+    hooked = client.submit(app, arguments=args, webhook_url=sys.argv[2])
+    results["hooked"] = [hooked.request_id, hooked.get()]
 
     handles = [client.submit(app, arguments=args) for _ in range(3)]
     try:
@@ -203,9 +206,26 @@ def test_fal_client_queue_run_and_cancel_over_tls(tls_server, tmp_path):
         "FAL_QUEUE_RUN_HOST": f"{tls_server['host']}/queue",
         "SSL_CERT_FILE": str(tls_server["ca"]),  # httpx (fal-client's transport) trusts our CA
     }
-    done = subprocess.run([sys.executable, str(script), data_uri(png_bytes((96, 64)))], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:] + (tls_server["dir"] / "server.log").read_text()[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    ca = ssl.create_default_context(cafile=str(tls_server["ca"]))
+    secret = httpx.post(f"{tls_server['url']}/v1/callback-secrets", json={"label": "fal"}, verify=ca,
+                        headers={"Authorization": f"Bearer {tls_server['key']}"}).json()["plain_secret"]
+    receiver = Receiver()
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script), data_uri(png_bytes((96, 64))), f"{receiver.url}/fal"], env=env, capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stderr[-3000:] + (tls_server["dir"] / "server.log").read_text()[-3000:]
+        results = json.loads(done.stdout.strip().splitlines()[-1])
+        # fal_webhook: fal's body once the request ends, signed per Standard Webhooks.
+        wait_for(lambda: receiver.requests, timeout=60)
+    finally:
+        receiver.close()
+    (hook,) = receiver.requests
+    body = json.loads(hook["body"])
+    request_id, result = results["hooked"]
+    assert body["request_id"] == body["gateway_request_id"] == request_id and body["status"] == "OK" and body["error"] is None
+    assert body["payload"]["images"][0]["url"].startswith(tls_server["url"]) and body["payload"]["seed"] == result["seed"] == 3
+    assert verify_standard_webhook(hook["headers"], hook["body"], secret)
 
     assert results["events"][-1] == "Completed" and results["status"] == "Completed"
     for name in ("result", "fetched", "subscribed", "run"):

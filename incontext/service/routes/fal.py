@@ -18,6 +18,12 @@ ordinary stored run. The result: `{images: [{url, width, height, content_type}],
 has_nsfw_concepts, prompt, timings}`. Errors are fal's: `{"detail": message}` (a list of
 `{loc, msg, type}` for 422). fal-client's file upload goes to fal's own storage, not here:
 send URLs or data URIs.
+
+`?fal_webhook=<url>` on a queue submit (fal-client's `submit(..., webhook_url=…)`): when the
+request ends, `{request_id, gateway_request_id, status: "OK" | "ERROR", payload, error}` is
+POSTed to it, `payload` being the result (or `{"detail": …}` on error), with the retries and
+history of any callback. fal signs with its own ED25519 keys, which this server does not hold:
+it signs per Standard Webhooks with the key's callback secrets instead.
 """
 
 from __future__ import annotations
@@ -30,9 +36,9 @@ from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from incontext.service import lifecycle, store, submission, surfaces
+from incontext.service import callbacks, lifecycle, netpolicy, store, submission, surfaces
 from incontext.service.deps import ServiceDep, count_read
-from incontext.service.errors import Conflict, ServiceError
+from incontext.service.errors import Conflict, ServiceError, ValidationFailed, field_error
 from incontext.service.models import ApiKey, Run
 from incontext.service.routes import bfl
 from incontext.service.runparams import RunParams
@@ -40,6 +46,7 @@ from incontext.service.schemas import public_output
 from incontext.service.storage import Storage
 
 OWNER = "fal-ai"
+STYLE = "fal"
 RUN_WAIT_S = 600.0  # the run route holds the request this long at most, then cancels
 POLL_S = 0.2
 
@@ -47,18 +54,25 @@ router = APIRouter(tags=["fal"], route_class=surfaces.route_class(bfl.render_err
 FalKeyDep = Annotated[ApiKey, Depends(surfaces.key_from_headers)]
 
 
-async def _submit(app: str, values: dict, request: Request, key: ApiKey, service) -> Run:
+async def _submit(app: str, values: dict, request: Request, key: ApiKey, service, webhook: str | None = None) -> Run:
     item = surfaces.kontext_input(values, {})
-    run_request = submission.RunRequest(model_id=f"{OWNER}/{app}", items=[item], surface=f"POST /{OWNER}/{app}", names={})
+    if webhook is not None and (reason := netpolicy.url_refusal(webhook)):
+        message = f"fal_webhook: {reason}"
+        raise ValidationFailed(message, errors=[field_error("fal_webhook", message, "value_error")])
+    callback = submission.Callback(webhook, style=STYLE) if webhook else None
+    run_request = submission.RunRequest(model_id=f"{OWNER}/{app}", items=[item], surface=f"POST /{OWNER}/{app}", names={}, callback=callback)
     accepted = await submission.submit(service, key, run_request, request_id=request.state.request_id)
     return accepted.runs[0]
 
 
 @router.post("/queue/fal-ai/{app:path}")
-async def submit_request(app: str, request: Request, key: FalKeyDep, service: ServiceDep, values: Annotated[dict[str, Any], Body()]):
-    """Queue a request; poll status_url, then GET response_url."""
-    run = await _submit(app, values, request, key, service)
-    return JSONResponse(_handle(run.id, app, service.storage) | {"status": "IN_QUEUE", "queue_position": 0})
+async def submit_request(
+    app: str, request: Request, key: FalKeyDep, service: ServiceDep, values: Annotated[dict[str, Any], Body()],
+    fal_webhook: Annotated[str | None, Query(max_length=2048, description="POSTed the result when the request ends")] = None,
+):
+    """Queue a request; poll status_url, then GET response_url (or hear of the end at fal_webhook)."""
+    run = await _submit(app, values, request, key, service, webhook=fal_webhook)
+    return JSONResponse(_handle(run.id, app, service.storage) | {"status": "IN_QUEUE", "queue_position": 0, "gateway_request_id": run.id})
 
 
 @router.post("/fal-ai/{app:path}")
@@ -147,3 +161,21 @@ def _result_or_raise(run: Run, storage: Storage) -> dict:
         "prompt": params.prompt,
         "timings": {"inference": _metrics(run).get("inference_time")},
     }
+
+
+# The webhook: fal's body, signed per Standard Webhooks with the key's callback secrets.
+def webhook_body(session, run: Run, storage: Storage) -> dict:
+    body = {"request_id": run.id, "gateway_request_id": run.id, "status": "OK", "payload": None, "error": None}
+    try:
+        body["payload"] = _result_or_raise(run, storage)
+    except ServiceError as exc:
+        body.update(status="ERROR", error=exc.message, payload={"detail": exc.message})
+    return body
+
+
+def webhook_headers(body: bytes, params: RunParams, msg_id: str, timestamp: int, key_secrets: list[str]) -> dict[str, str]:
+    headers = callbacks.signature_headers(body, key_secrets, msg_id, timestamp)
+    return {k: v for k, v in headers.items() if not k.startswith("Runflow-")}
+
+
+callbacks.CALLBACK_STYLES[STYLE] = callbacks.CallbackStyle(envelope=webhook_body, headers=webhook_headers)

@@ -4,6 +4,7 @@
     incontext bench quality --model ./my-model --n 10 --steps 8 --out results/quick
     incontext bench speed                            # stock diffusers vs the engine vs HTTP, bundled model
     incontext bench speed --model ./my-model --n 8 --concurrency 1,4 --skip-stock --out results/quick-speed
+    incontext bench load                             # peak memory under palette bombs, huge bodies, trickling fetches
 
 A new benchmark is one more `@bench_app.command(...)` here.
 """
@@ -110,6 +111,28 @@ def speed(
             table.add_row(*line)
         console.print(table)
     console.print(f"report: {out / 'report.md'}", highlight=False)
+
+
+@bench_app.command("load")
+def load(
+    out: Annotated[Path, typer.Option(help="Folder for results.json and the server's log.")] = Path("results/load"),
+    bombs: Annotated[int, typer.Option(min=1, help="Palette-bomb runs sent at once.")] = 4,
+    tricklers: Annotated[int, typer.Option(min=1, help="Runs at once whose image_url trickles a byte every 0.1 s.")] = 40,
+    model: Annotated[str | None, typer.Option(help="The model directory the server serves (default: the bundled one).")] = None,
+) -> None:
+    """The server's peak memory and a bystander's read under hostile inputs (bench/load.py)."""
+    from incontext.bench.load import run_load
+
+    console = _wide_console()
+    with console.status("hostile inputs against a local server"):
+        result = run_load(out, bombs=bombs, tricklers=tricklers, model=model)
+    table = Table("scenario", "answers", "expected", "s", "RSS before MB", "peak RSS MB", "RSS after MB", "bystander GET ms", title="bench load: the HTTP process")
+    for row in result["rows"]:
+        ms = "" if row["bystander_get_ms"] is None else f"{row['bystander_get_ms']:.0f}"
+        table.add_row(row["scenario"], ",".join(map(str, row["answers"])), row["expected"], f"{row['seconds']:.1f}",
+                      str(row["rss_before_mb"]), str(row["peak_rss_mb"]), str(row["rss_after_mb"]), ms)
+    console.print(table)
+    console.print(f"results: {out / 'results.json'}", highlight=False)
 
 
 def _wide_console() -> Console:

@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import secrets as pysecrets
 import time
 from collections.abc import Callable
@@ -81,7 +82,7 @@ def style_of(run: Run | None) -> CallbackStyle | None:
 
 # Envelopes.
 def run_envelope(run: Run, storage: Storage) -> dict:
-    public = RunPublic.from_row(run, storage)
+    public = RunPublic.from_row(run, storage, synchronous=True)
     if run.status == "failed":
         output = {"code": run.failure_code, "message": run.failure_message, "errors": [], "stage_code": run.failure_stage_code}
     else:
@@ -120,6 +121,19 @@ def batch_envelope(batch: Batch, runs: list[Run], counts: dict[str, int], storag
         "completed_at": batch.completed_at.isoformat(),
         "metadata": batch.meta,
     }
+
+
+# A data URI in a JSON body: base64 needs no escapes, so the string ends at the next quote.
+_INLINE_IMAGE = re.compile(r'"(data:[^",;]*;base64),([A-Za-z0-9+/=]*)"')
+
+
+def without_inline_images(body: str) -> str:
+    """A delivery's body once it has ended (delivered or given up): a sync_mode run's data URIs
+    abbreviated, as a run's input echo abbreviates them, so the callback history does not keep
+    the images. Until then the body is kept whole: every retry sends the same bytes."""
+    if '"data:' not in body:
+        return body
+    return _INLINE_IMAGE.sub(lambda m: f'"{m[1]},<{len(m[2]):,} characters omitted>"', body)
 
 
 def _enqueue(session: Session, *, api_key_id: str, url: str, envelope: dict, run_id=None, batch_id=None, event=None) -> CallbackDelivery:
@@ -378,6 +392,8 @@ class CallbackSender:
             elif final or d.attempt_count >= self._max_attempts:
                 d.status, d.completed_at, d.next_attempt_at = "failed", utcnow(), None
                 log.warning("callback %s to %s failed after %d attempts: %s", d.id, d.url, d.attempt_count, error)
+            if d.completed_at is not None:
+                d.body = without_inline_images(d.body)
             else:
                 delay = min(self._backoff_s * 2 ** (d.attempt_count - 1), self._backoff_max_s)
                 d.next_attempt_at = utcnow() + timedelta(seconds=delay)

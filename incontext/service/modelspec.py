@@ -198,7 +198,7 @@ for {file_url_ttl_s} s and downloadable with no key; read the run again for fres
 `output.seed` reproduces the result. Each `output.outputs[i]` also has `width`, `height`,
 `changed_share` (0–1, the share of its pixels that differ from the input; null if unknown) and
 `mask_url` (with `return_mask`: the edited region as a PNG, white where the pixels are the
-model's, black where they are the input's; a data URI in `sync_mode`; otherwise null).
+model's, black where they are the input's; a data URI where the url is one (`sync_mode`); otherwise null).
 On `failed`, see `failure_code` and `failure_message`.
 Progress: `GET {base_url}/v1/runs/$RUN_ID/logs`. Cancel: `POST {base_url}/v1/runs/$RUN_ID/cancel`.
 

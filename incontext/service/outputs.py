@@ -1,26 +1,32 @@
 """An engine's images → a run's stored output: each image preserved (incontext/preserve.py),
-encoded, and stored as a file (inlined as a data URI in sync_mode), with its mask if asked.
+encoded, and stored as a file, with its mask if asked.
 
 The dispatcher calls `store` in a worker thread: off the event loop, and off the engine's
 thread, so composing and encoding at a large input's size never holds up a denoising step.
 
     output = outputs.store(run, run_input, result, storage)
     # {"outputs": [{type, content_type, width, height, seed, changed_share,
-    #               file | data_uri, [mask_file | mask_data_uri]}, ...],
+    #               file, [mask_file]}, ...],
     #  "seed", "num_inference_steps", "timings_ms"}
 
-schemas.public_output turns `file`/`data_uri` into `url` and `mask_*` into `mask_url`.
+schemas.public_output turns `file` into `url` and `mask_file` into `mask_url`: a signed URL,
+or the file as a data URI in the synchronous answer of a `sync_mode` run (`inline_now`).
+A sync_mode run's images are files like any run's: the database never holds them inline
+(runs.output is read by every listing), and its history gives their signed URLs.
 """
 
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import numpy as np
 from PIL import Image
 
 from incontext import imageio, preserve
 from incontext.engine.protocol import EditResult
+from incontext.service.db import utcnow
+from incontext.service.errors import NotFound
 from incontext.service.inputs import RunInput
 from incontext.service.models import Run
 from incontext.service.runparams import RunParams
@@ -30,7 +36,7 @@ from incontext.service.storage import Storage
 def store(run: Run, run_input: RunInput, result: EditResult, storage: Storage) -> dict:
     """The run's output dict (as stored in `runs.output`); files are written on the way."""
     params = RunParams.of(run)
-    fmt, sync, return_mask = params.output_format, params.sync_mode, params.return_mask
+    fmt, return_mask = params.output_format, params.return_mask
     items, preserve_ms = [], 0.0
     for index, (edited, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
         started = time.perf_counter()
@@ -41,20 +47,38 @@ def store(run: Run, run_input: RunInput, result: EditResult, storage: Storage) -
             "type": "image", "content_type": imageio.content_type(fmt), "width": image.width, "height": image.height, "seed": seed,
             "changed_share": None if share is None else round(share, 4),
         }
-        data = imageio.encode_image(image, fmt)
-        if sync:
-            item["data_uri"] = imageio.to_data_uri(data, fmt)
-        else:
-            item["file"] = storage.save_output(run.id, index, data, fmt)
+        item["file"] = storage.save_output(run.id, index, imageio.encode_image(image, fmt), fmt)
         if return_mask and mask is not None:
-            png = imageio.encode_image(mask, "png")
-            if sync:
-                item["mask_data_uri"] = imageio.to_data_uri(png, "png")
-            else:
-                item["mask_file"] = storage.save_mask(run.id, index, png)
+            item["mask_file"] = storage.save_mask(run.id, index, imageio.encode_image(mask, "png"))
         items.append(item)
     timings = {**result.timings_ms, "preserve": preserve_ms}
     return {"outputs": items, "seed": params.seed, "num_inference_steps": result.num_inference_steps, "timings_ms": timings}
+
+
+# How long after a sync_mode run ends its synchronous answer (GET /v1/runs/{id}, its callback,
+# a surface's own result read) still carries data URIs. A client that asked for sync_mode is
+# waiting: a poll backs off to once a second and the callback is rendered as the run ends, so
+# seconds would do; five minutes also covers a poll retried after a dropped connection and a
+# receiver that reads the run back after its callback. Longer would only make every read of
+# the run megabytes again, which is what sync_mode history should not be (runs-api.md).
+SYNC_HOLD = timedelta(minutes=5)
+
+
+def inline_now(run: Run) -> bool:
+    """Whether the synchronous answer of `run` carries its images inline now: a sync_mode run,
+    within SYNC_HOLD of its end."""
+    if run.completed_at is None or not RunParams.of(run).sync_mode:
+        return False
+    return utcnow() - run.completed_at < SYNC_HOLD
+
+
+def data_uri(storage: Storage, relpath: str) -> str | None:
+    """A stored output file (`<run>/<i>.<ext>`) as a data URI; None once it is gone."""
+    try:
+        data = storage.output_path(relpath).read_bytes()
+    except (NotFound, OSError):
+        return None
+    return imageio.to_data_uri(data, imageio.format_from_suffix(relpath))
 
 
 def _preserved(run: Run, run_input: RunInput, edited: Image.Image, change: np.ndarray | None) -> tuple[Image.Image, Image.Image | None, float | None]:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema, field_validator, model_validator
 
-from incontext.service import netpolicy
+from incontext.service import netpolicy, outputs
 from incontext.service.errors import NotFound
 from incontext.service.models import ApiKey, Batch, CallbackAttempt, CallbackDelivery, CallbackSecret, Run, RunLog
 from incontext.service.storage import Storage
@@ -73,7 +73,7 @@ class KontextInput(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when absent; reported in the output")
     safety_tolerance: Annotated[str, BeforeValidator(_tolerance), WithJsonSchema(TOLERANCE_SCHEMA)] = "2"
     enhance_prompt: bool = False
-    sync_mode: bool = Field(False, description="return data URIs and keep no file")
+    sync_mode: bool = Field(False, description="the run's own answer carries its images as data URIs; listings give URLs")
     num_inference_steps: int | None = Field(None, ge=1, le=50, description="default: the model's")
     # The modes of incontext.preserve.MODES, spelled out for the OpenAPI schema (a test compares them).
     preserve: Literal["auto", "off"] = Field(
@@ -144,24 +144,30 @@ def format_cost(micros: int) -> str:
     return f"{cents:f}" if cents == value else f"{value.normalize():f}"
 
 
-def public_output(output: dict | None, storage: Storage) -> dict | None:
+def public_output(output: dict | None, storage: Storage, *, inline: bool = False) -> dict | None:
     """The stored output with URLs signed now: `outputs[]` and `image_urls[]` (images only).
 
     Each output: `url`, `content_type`, `width`, `height`, `seed`, `changed_share` (null when
     unknown: an engine without change maps, a run stored before preservation) and `mask_url`
-    (null unless the run asked for `return_mask`)."""
+    (null unless the run asked for `return_mask`). `inline`: the files as data URIs instead
+    (the synchronous answer of a sync_mode run, outputs.inline_now)."""
     if output is None:
         return None
+
+    def url(item: dict, file: str, legacy: str) -> str | None:
+        if item.get(file):
+            return outputs.data_uri(storage, item[file]) if inline else storage.signed_url(item[file])
+        # Runs stored before sync_mode outputs were files held the data URI itself, and no file.
+        return item.get(legacy) if inline else None
+
     items = []
     for item in output["outputs"]:
-        url = item["data_uri"] if item.get("data_uri") else storage.signed_url(item["file"])
-        mask = item.get("mask_data_uri") or (storage.signed_url(item["mask_file"]) if item.get("mask_file") else None)
         items.append({
-            "type": "image", "url": url, **{k: item[k] for k in ("content_type", "width", "height", "seed")},
-            "changed_share": item.get("changed_share"), "mask_url": mask,
+            "type": "image", "url": url(item, "file", "data_uri"), **{k: item[k] for k in ("content_type", "width", "height", "seed")},
+            "changed_share": item.get("changed_share"), "mask_url": url(item, "mask_file", "mask_data_uri"),
         })
     extra = {k: v for k, v in output.items() if k != "outputs"}
-    return {"outputs": items, "image_urls": [i["url"] for i in items], **extra}
+    return {"outputs": items, "image_urls": [i["url"] for i in items if i["url"] is not None], **extra}
 
 
 class RunPublic(BaseModel):
@@ -194,7 +200,9 @@ class RunPublic(BaseModel):
     failure_stage_code: str | None
 
     @classmethod
-    def from_row(cls, run: Run, storage: Storage) -> RunPublic:
+    def from_row(cls, run: Run, storage: Storage, *, synchronous: bool = False) -> RunPublic:
+        """`synchronous`: the run's own answer (its GET, its callback), which carries a
+        sync_mode run's images as data URIs for a while after it ends; listings do not."""
         duration = None
         if run.started_at and run.completed_at:
             duration = int((run.completed_at - run.started_at).total_seconds() * 1000)
@@ -213,7 +221,7 @@ class RunPublic(BaseModel):
             model_id=run.model_id,
             status_code=run.status,
             input=run.input,
-            output=public_output(run.output, storage),
+            output=public_output(run.output, storage, inline=synchronous and outputs.inline_now(run)),
             duration_ms=duration,
             cost=format_cost(run.cost_micros),
             cost_breakdown=breakdown,

@@ -185,13 +185,6 @@ def test_list_filter_and_paginate(api):
     assert {s["code"] for s in statuses if s["terminal"]} == {"succeeded", "failed", "canceled", "partial_succeeded"}
 
 
-def test_sync_mode_returns_data_uris_and_keeps_no_file(api, server):
-    run = wait_run(api, submit(api, {"sync_mode": True}).json()["id"])
-    url = run["output"]["image_urls"][0]
-    assert url.startswith("data:image/jpeg;base64,")
-    assert not (server.data_dir / "outputs" / run["id"]).exists()
-
-
 def test_output_urls_are_signed(api):
     run = wait_run(api, submit(api).json()["id"])
     url = run["output"]["image_urls"][0]
@@ -204,8 +197,8 @@ def test_output_urls_are_signed(api):
 
 
 def test_polling_with_if_none_match_gets_304_until_the_run_changes(api):
-    # Slow enough to be read before it ends; sync_mode (data URIs, not signed URLs) keeps an
-    # ended run's body byte for byte the same, had it succeeded before the cancel.
+    # Slow enough to be read before it ends; sync_mode (data URIs, not signed URLs, in the hold
+    # after it ends) keeps an ended run's body byte for byte the same, had it succeeded before the cancel.
     run_id = submit(api, {"sync_mode": True, "num_inference_steps": 50, "num_images": 4}).json()["id"]
     first = api.get(f"/v1/runs/{run_id}")
     assert first.status_code == 200 and first.headers["Cache-Control"] == "no-cache"

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from incontext.imageio import ASPECT_RATIOS
-from incontext.service import callbacks, conditional, lifecycle, netpolicy, store, submission, surfaces
+from incontext.service import callbacks, conditional, lifecycle, netpolicy, outputs, store, submission, surfaces
 from incontext.service.conditional import IfNoneMatch
 from incontext.service.deps import ServiceDep, count_read
 from incontext.service.errors import RunNotFound, ValidationFailed, field_error
@@ -199,9 +199,10 @@ def get_result(
 def result_body(run: Run, storage: Storage, progress: float | None = None) -> dict:
     body = {"id": run.id, "status": "Pending", "result": None, "progress": progress, "details": None}
     if run.status == lifecycle.SUCCEEDED:
-        output = public_output(run.output, storage)
+        # The run's own answer (get_result, its webhook): inline for a sync_mode run's hold.
+        output = public_output(run.output, storage, inline=outputs.inline_now(run))
         body.update(status="Ready", progress=1.0, result={
-            "sample": output["image_urls"][0],
+            "sample": output["image_urls"][0] if output["image_urls"] else None,  # None: a legacy sync_mode run's, after its hold
             "samples": output["image_urls"],
             "prompt": RunParams.of(run).prompt,
             "seed": output["outputs"][0]["seed"],

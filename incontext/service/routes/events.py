@@ -64,7 +64,7 @@ def _read(service: Service, key_id: str, run_id: str) -> tuple[Run, int | None, 
     with service.read_sessions() as session:
         run = store.get_run(session, key_id, run_id)
         position = store.queue_position(session, run) if run.status == lifecycle.QUEUED else None
-        body = RunPublic.from_row(run, service.storage).model_dump_json() if run.status in lifecycle.TERMINAL else None
+        body = RunPublic.from_row(run, service.storage, synchronous=True).model_dump_json() if run.status in lifecycle.TERMINAL else None
         return run, position, body
 
 

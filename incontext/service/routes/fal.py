@@ -36,7 +36,7 @@ from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from incontext.service import callbacks, lifecycle, netpolicy, store, submission, surfaces
+from incontext.service import callbacks, lifecycle, netpolicy, outputs, store, submission, surfaces
 from incontext.service.deps import ServiceDep, count_read
 from incontext.service.errors import Conflict, ServiceError, ValidationFailed, field_error
 from incontext.service.models import ApiKey, Run
@@ -151,7 +151,8 @@ def _result_or_raise(run: Run, storage: Storage) -> dict:
         raise ServiceError(run.failure_message or "the request failed", code=run.failure_code or "INTERNAL_ERROR", http_status=500)
     if run.status == lifecycle.CANCELED:
         raise ServiceError("the request was canceled", code="CANCELED", http_status=400)
-    output = public_output(run.output, storage)
+    # Every caller is the request's own answer (its result, the sync route, its webhook).
+    output = public_output(run.output, storage, inline=outputs.inline_now(run))
     images = [{k: o[k] for k in ("url", "width", "height", "content_type")} for o in output["outputs"]]
     params = RunParams.of(run)
     return {

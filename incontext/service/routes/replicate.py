@@ -38,7 +38,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from incontext.service import callbacks, lifecycle, netpolicy, store, submission, surfaces
+from incontext.service import callbacks, lifecycle, netpolicy, outputs, store, submission, surfaces
 from incontext.service.deps import Service, ServiceDep, count_read
 from incontext.models.registry import ModelPreset
 from incontext.service.errors import Conflict, NotFound, ValidationFailed, field_error
@@ -189,7 +189,7 @@ def get_prediction(prediction_id: str, key: ReplicateKeyDep, service: ServiceDep
     headers = count_read(service, key)
     with service.read_sessions() as session:
         run = store.get_run(session, key.id, prediction_id)
-        body = prediction(run, service.storage, logs=store.run_logs(session, run.id))
+        body = prediction(run, service.storage, logs=store.run_logs(session, run.id), synchronous=True)
     return JSONResponse(body, headers=headers)
 
 
@@ -252,12 +252,14 @@ def version_body(preset: ModelPreset) -> dict:
 
 
 # Rendering.
-def prediction(run: Run, storage: Storage, logs: list | None = None) -> dict:
+def prediction(run: Run, storage: Storage, logs: list | None = None, *, synchronous: bool = False) -> dict:
+    """`synchronous`: the prediction's own answer (its GET, a waited create, its webhook); a
+    sync_mode run's images are data URIs there for a while after it ends (outputs.inline_now)."""
     params = RunParams.of(run)
     base = f"{storage.base_url}/v1/predictions/{run.id}"
     output = error = None
     if run.status == lifecycle.SUCCEEDED:
-        urls = public_output(run.output, storage)["image_urls"]
+        urls = public_output(run.output, storage, inline=synchronous and outputs.inline_now(run))["image_urls"]
         output = urls[0] if len(urls) == 1 else urls  # Kontext there: one URI
     elif run.status == lifecycle.FAILED:
         error = f"{run.failure_code}: {run.failure_message}"
@@ -307,7 +309,7 @@ def _logs_text(logs: list) -> str:
 
 def _prediction_with_logs(service, run: Run) -> dict:
     with service.read_sessions() as session:
-        return prediction(run, service.storage, logs=store.run_logs(session, run.id))
+        return prediction(run, service.storage, logs=store.run_logs(session, run.id), synchronous=True)
 
 
 def _wait_seconds(prefer: str | None) -> float | None:
@@ -329,7 +331,7 @@ async def _wait(service, run_id: str, seconds: float) -> Run:
 
 # The webhook: the prediction at the event, signed per Standard Webhooks with the key's callback secrets.
 def webhook_body(session, run: Run, storage: Storage) -> dict:
-    return prediction(run, storage, logs=store.run_logs(session, run.id))
+    return prediction(run, storage, logs=store.run_logs(session, run.id), synchronous=True)
 
 
 def webhook_headers(body: bytes, params: RunParams, msg_id: str, timestamp: int, key_secrets: list[str]) -> dict[str, str]:

@@ -75,7 +75,7 @@ def list_runs(
 def get_run(run_id: str, key: KeyDep, limits: ReadLimitDep, storage: StorageDep, session: ReadSessionDep, if_none_match: IfNoneMatch = None):
     # Serialised here, as FastAPI would: the route clients poll should not take one more trip
     # to the thread pool for FastAPI to validate a model built just now.
-    run = RunPublic.from_row(store.get_run(session, key.id, run_id), storage)
+    run = RunPublic.from_row(store.get_run(session, key.id, run_id), storage, synchronous=True)
     return conditional.answer(run.model_dump_json().encode(), if_none_match, headers=limits)
 
 
@@ -99,4 +99,4 @@ def cancel_run(run_id: str, key: KeyDep, service: ServiceDep, session: ReadSessi
     """Cancel a queued or running run: the engine stops at the next denoising step and the
     run costs nothing. 409 CONFLICT if it already ended."""
     store.get_run(session, key.id, run_id)
-    return RunPublic.from_row(submission.cancel(service, run_id), service.storage)
+    return RunPublic.from_row(submission.cancel(service, run_id), service.storage, synchronous=True)

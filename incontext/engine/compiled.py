@@ -43,7 +43,7 @@ from incontext import sampler
 log = logging.getLogger(__name__)
 
 # Bump when what a package holds changes (the wrapper's signature, the dynamic dimensions).
-FORMAT = 2
+FORMAT = 3
 MAX_BATCH = 1024
 MAX_TOKENS = 65536  # target and context tokens together: 1024² and its context is 8192
 MAX_LATENT_SIDE = 512  # 4096 pixels at 8×
@@ -75,7 +75,9 @@ class AotTransformer:
         args = [hidden_states, timestep, pooled_projections, encoder_hidden_states, txt_ids, img_ids]
         if self.config.guidance_embeds:
             args.append(guidance)
-        return (self._run(*args),)
+        # The compiled code indexes its inputs as the traced (contiguous) ones were laid out:
+        # a permuted view would be read in the wrong order, silently.
+        return (self._run(*(a.contiguous() for a in args)),)
 
 
 class _Encode(torch.nn.Module):
@@ -115,11 +117,11 @@ class AotVae:
         self._decode = torch._inductor.aoti_load_package(str(decode))
 
     def encode(self, x: torch.Tensor):
-        z = torch.cat([self._encode(x[i : i + 1]) for i in range(x.shape[0])])
+        z = torch.cat([self._encode(x[i : i + 1].contiguous()) for i in range(x.shape[0])])  # see AotTransformer
         return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: z))
 
     def decode(self, z: torch.Tensor, return_dict: bool = False):
-        return (torch.cat([self._decode(z[i : i + 1]) for i in range(z.shape[0])]),)
+        return (torch.cat([self._decode(z[i : i + 1].contiguous()) for i in range(z.shape[0])]),)
 
 
 def fingerprint(model_dir: Path, m: sampler.Models) -> str:
@@ -168,6 +170,7 @@ def build(m: sampler.Models, out: Path) -> Path:
     try:
         for part, program in (("transformer", _export_transformer(m)), *_export_vae(m)):
             torch._inductor.aoti_compile_and_package(program, package_path=str(partial / f"{part}.pt2"))
+        verify(m, partial)
         try:
             os.replace(partial, out)
         except OSError:  # another build finished first: its package is as good
@@ -176,6 +179,43 @@ def build(m: sampler.Models, out: Path) -> Path:
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return out
+
+
+# Sizes (pixels) the compiled parts are checked at against the eager model: two shapes, so a
+# dimension the compiler wrongly took as fixed shows. An exported VAE once gave wrong images
+# at every size but the one it was traced at, silently: hence the check and EXPORT_SIDE.
+CHECK_SIZES = ((128, 128), (160, 96))
+EXPORT_SIDE = 128  # pixels of the example the VAE is traced at
+
+
+@torch.no_grad()
+def verify(m: sampler.Models, package: Path, tolerance: float = 1e-3) -> None:
+    """Raise if a compiled part's outputs differ from the eager model's (relative max error)."""
+    compiled = dataclasses.replace(m, transformer=AotTransformer(package / "transformer.pt2", m.transformer.config),
+                                   vae=AotVae(package / "vae_encode.pt2", package / "vae_decode.pt2", m.vae))
+    g = torch.Generator().manual_seed(0)
+    cfg = m.transformer.config
+    for width, height in CHECK_SIZES:
+        # laid out as the sampler's image tensors are (a permuted view of HWC pixels)
+        x = (torch.rand(1, height, width, 3, generator=g).to(m.device, m.vae.dtype) * 2 - 1).permute(0, 3, 1, 2)
+        checks = {"VAE encode": lambda mm: mm.vae.encode(x).latent_dist.mode()}
+        z = m.vae.encode(x).latent_dist.mode()
+        checks["VAE decode"] = lambda mm: mm.vae.decode(z, return_dict=False)[0]
+        img_ids, txt_ids = sampler.kontext_ids(height, width, m.vae_scale_factor, m.max_sequence_length)
+        b, n = 3, img_ids.shape[0] // 2
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=g).to(m.device, m.dtype)
+
+        kw = dict(img=rand(b, n, cfg.in_channels), img_cond=rand(b, n, cfg.in_channels), txt=rand(b, m.max_sequence_length, cfg.joint_attention_dim),
+                  vec=rand(b, cfg.pooled_projection_dim), timesteps=torch.tensor([900.0, 500.0, 100.0]), guidance=torch.tensor([1.0, 3.5, 5.0]),
+                  img_ids=img_ids.to(m.device), txt_ids=txt_ids.to(m.device))
+        checks["transformer"] = lambda mm: sampler.predict_velocity(mm, **kw)
+        for part, run in checks.items():
+            want, got = run(m).float(), run(compiled).float()
+            error = float((want - got).abs().max() / want.abs().max().clamp_min(1e-6))
+            if not error <= tolerance:
+                raise RuntimeError(f"the compiled {part} differs from the eager one at {width}x{height} (relative error {error:.2g})")
 
 
 def _export(module: torch.nn.Module, args: tuple, shapes: tuple):
@@ -205,8 +245,9 @@ def _export_transformer(m: sampler.Models):
 def _export_vae(m: sampler.Models):
     vae, f = m.vae.eval(), m.vae_scale_factor
     h, w = torch.export.Dim("h", min=1, max=MAX_LATENT_SIDE), torch.export.Dim("w", min=1, max=MAX_LATENT_SIDE)
-    x = torch.zeros(1, 3, 8 * f, 8 * f, dtype=vae.dtype, device=m.device)
-    z = torch.zeros(1, vae.config.latent_channels, 8, 8, dtype=vae.dtype, device=m.device)
+    side = EXPORT_SIDE // f
+    x = torch.zeros(1, 3, side * f, side * f, dtype=vae.dtype, device=m.device)
+    z = torch.zeros(1, vae.config.latent_channels, side, side, dtype=vae.dtype, device=m.device)
     return (("vae_encode", _export(_Encode(vae), (x,), ({2: f * h, 3: f * w},))),
             ("vae_decode", _export(_Decode(vae), (z,), ({2: h, 3: w},))))
 

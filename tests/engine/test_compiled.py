@@ -7,10 +7,12 @@ import shutil
 import sys
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 from incontext.engine import compiled as compiled_module
-from incontext.engine.compiled import CompiledModels, package_path
+from incontext.engine.compiled import CompiledModels, package_path, verify
 from incontext.engine.local import LocalEngine
 from incontext.engine.protocol import EditRequest
 from incontext.models.loader import load_model
@@ -68,6 +70,16 @@ def test_the_engine_serves_eagerly_while_it_builds_then_every_start_loads_the_pa
     finally:
         for engine in (eager, restarted):
             asyncio.run(engine.close())
+
+    # Every build is checked against the eager model before it is used: a package that
+    # computes something else (here: other weights) is refused.
+    m = load_model(registry.resolve("tiny").directory, max_sequence_length=registry.resolve("tiny").max_sequence_length)
+    verify(m, cm.package)
+    with torch.no_grad():
+        for p in m.vae.decoder.parameters():
+            p.mul_(1.5)
+    with pytest.raises(RuntimeError, match="compiled VAE decode differs"):
+        verify(m, cm.package)
 
 
 def test_a_failed_build_leaves_the_eager_model_serving(tiny_model, tmp_path, monkeypatch):

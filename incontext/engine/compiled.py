@@ -335,8 +335,9 @@ class CompiledModels:
                "--dtype", str(m.dtype).removeprefix("torch."), "--device", str(m.device),
                "--max-sequence-length", str(m.max_sequence_length)]
         with open(self.package.with_suffix(".log"), "w") as logfile:
-            self._child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
-                                           start_new_session=True)
+            # In the engine's session: the scheduler shares the CPU between sessions before
+            # it looks at nice values, so a build in a session of its own took half the cores.
+            self._child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT)
         self._started = time.monotonic()
         log.info("building the compiled transformer in the background at the lowest priority (pid %d): %s",
                  self._child.pid, self.package.name)

@@ -122,15 +122,18 @@ class ProcessEngine:
     def _spawn_locked(self) -> None:
         """Start a child (caller holds the lock). A plain `python -m incontext.engine.process`
         child, not multiprocessing's spawn, which re-imports the parent's __main__. Its own
-        session: Ctrl-C or SIGTERM to the server must not kill it before the server has
-        stopped dispatching (runs in flight stay `running` and are queued again at restart)."""
+        process group: Ctrl-C or SIGTERM to the server must not kill it before the server has
+        stopped dispatching (runs in flight stay `running` and are queued again at restart).
+        Not its own session: Linux's scheduler shares the CPU between sessions first
+        (autogroups), so nice values only order processes within one; in the server's
+        session, the server's lowered priority (`http_nice`) really yields to the engine."""
         if self._engine_nice is None:
             self._engine_nice = os.getpriority(os.PRIO_PROCESS, 0)
         ours, theirs = socket.socketpair()
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "incontext.engine.process", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), start_new_session=True,
+                pass_fds=(theirs.fileno(),), process_group=0,
             )
         except OSError:
             ours.close()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -43,6 +45,12 @@ def test_the_engine_serves_eagerly_while_it_builds_then_every_start_loads_the_pa
     try:
         cm = building.compiled["tiny"]
         assert cm.building  # a child process, so no torch thread of the engine's competes
+        # at nice 19 in the engine's session, where that priority counts (see ProcessEngine)
+        assert os.getsid(cm._child.pid) == os.getsid(0)
+        deadline = time.monotonic() + 60  # it lowers its priority once torch is imported
+        while os.getpriority(os.PRIO_PROCESS, cm._child.pid) != 19 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert os.getpriority(os.PRIO_PROCESS, cm._child.pid) == 19
         before, share = _edit(building, "served-while-building")  # does not wait for the build
         assert share == 0.0
         assert cm.wait(timeout=900), "building the tiny model's package did not end"

@@ -133,6 +133,10 @@ def test_the_server_side_yields_the_cpu_to_the_engine_process(registry, one_thre
         await engine.start()
         await _wait_ready(engine)
         server_side, engine_side = os.getpriority(os.PRIO_PROCESS, 0), os.getpriority(os.PRIO_PROCESS, engine._proc.pid)
+        # Linux shares the CPU between sessions (autogroups) before nice values count: the
+        # engine must stay in the server's session for its priority to mean anything.
+        assert os.getsid(engine._proc.pid) == os.getsid(0)
+        assert os.getpgid(engine._proc.pid) != os.getpgid(0)  # while Ctrl-C to the server's group misses it
         await engine.edit(req("a", 1, steps=2))
         await engine.close()
         return server_side, engine_side

@@ -8,10 +8,11 @@ queue, so a crash loses nothing: at start-up, runs left claimed or running are q
 
 The route that queues a run also claims it, in the transaction that inserts it
 (`claim_within`), so a POST commits once and its run is already running; after the commit it
-hands the decoded input over (`submitted`: a `RunInput`, the image at its own size and fitted
-to the output's) and the run's task starts on the event loop with it as it is. Only a run
-without one (queued before a restart, or beyond the hand-over limits) has its stored input
-read and decoded.
+hands the decoded input over (`submitted`: a `RunInput`, the image fitted to the output's
+size, and at its own size only if small) and the run's task starts on the event loop with it
+as it is. Only a run without one (queued before a restart, or beyond the hand-over limits) has
+its stored input read and decoded; a large source is read again when the output is composed
+at its size (outputs.py).
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ from incontext.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Inputs held for runs not yet claimed: at most this many, and this many pixels (a source
-# may be 40 MP, 120 MB; a 1024² input fitted and at its own size is 6 MB). Beyond either the
-# oldest are dropped, and read back from storage when their runs are claimed: so are any a
-# claim never takes (e.g. runs another server process claimed).
+# Inputs held for runs not yet claimed: at most this many, and this many pixels. A run holds
+# its input fitted to the output size, and its source only up to inputs.KEEP_SOURCE_PIXELS
+# (a 1024² upload fitted to a 1024² model and at its own size is 6 MB; a 40 MP upload fitted
+# to nano's 128² is 48 KB). Beyond either the oldest are dropped, and read back from storage
+# when their runs are claimed: so are any a claim never takes (e.g. runs another server
+# process claimed).
 MAX_HANDED_OVER = 64
-MAX_HANDED_OVER_PIXELS = 256 * 1024 * 1024  # 768 MB of RGB
+MAX_HANDED_OVER_PIXELS = 64 * 1024 * 1024  # 192 MB of RGB
 # Previews per run for the event stream: enough to watch an edit form, few enough that runs
 # nobody watches lose nothing (each is one small matmul and a PNG of the latent size).
 PREVIEWS_PER_RUN = 4
@@ -296,7 +299,7 @@ class Dispatcher:
 
     def _succeed(self, run: Run, given: RunInput, result: EditResult, timings: dict[str, float], last_step: tuple | None) -> None:
         started = time.perf_counter()
-        output = outputs.store(run, given, result, self._storage)
+        output = outputs.store(run, given, result, self._storage, self._settings)
         output["timings_ms"].update(timings, dispatch_output=(time.perf_counter() - started) * 1000)  # preserve, encode, store
         if self._finish(run.id, lifecycle.SUCCEEDED, {"output": output}, last_step) is None:
             # Canceled while the engine was finishing: the cancel stands, the files go (masks too).

@@ -31,21 +31,40 @@ from incontext.settings import Settings
 log = logging.getLogger(__name__)
 
 
+# A source up to this size stays in memory with its run (3 MB of RGB: a 1024² upload is
+# composed with no second decode); a larger one is decoded again from the stored input when
+# the output is composed. Kept, a 40 MP source would hold 120 MB for as long as its run waits
+# in the queue, and a handful of accepted palette bombs would hold a gigabyte (bench load).
+KEEP_SOURCE_PIXELS = 1024 * 1024
+
+
 @dataclass(frozen=True)
 class RunInput:
-    """A run's input as the dispatcher holds it: what the engine gets, and what an output
-    keeps its untouched pixels from (preserve.py)."""
+    """A run's input as the dispatcher holds it while the run waits: what the engine gets
+    (`fitted`), and what an output keeps its untouched pixels from (preserve.py): the
+    source at its own size when it is small, else nothing (`source_image` reads it back)."""
 
-    source: Image.Image  # decoded, RGB, at its own size
     fitted: Image.Image  # fitted to the run's output size (params width × height)
+    source_size: tuple[int, int]  # (width, height) of the input as decoded
+    source: Image.Image | None = None  # decoded, RGB, at its own size; None above KEEP_SOURCE_PIXELS
 
     @classmethod
     def fit(cls, source: Image.Image, width: int, height: int) -> RunInput:
-        return cls(source=source, fitted=imageio.fit_to_size(source, width, height))
+        kept = source if source.width * source.height <= KEEP_SOURCE_PIXELS else None
+        return cls(fitted=imageio.fit_to_size(source, width, height), source_size=source.size, source=kept)
 
     @property
     def pixels(self) -> int:
-        return self.source.width * self.source.height + self.fitted.width * self.fitted.height
+        kept = self.source.width * self.source.height if self.source is not None else 0
+        return kept + self.fitted.width * self.fitted.height
+
+    def source_image(self, run_id: str, storage: Storage, settings: Settings) -> Image.Image | None:
+        """The input at its own size: the one kept, or the run's stored input decoded again
+        (under the decode slots, as at submission); None if that file is gone."""
+        if self.source is not None:
+            return self.source
+        data = storage.read_input(run_id)
+        return None if data is None else decode_stored(data, settings)
 
 
 @dataclass

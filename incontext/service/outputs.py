@@ -4,7 +4,7 @@ encoded, and stored as a file, with its mask if asked.
 The dispatcher calls `store` in a worker thread: off the event loop, and off the engine's
 thread, so composing and encoding at a large input's size never holds up a denoising step.
 
-    output = outputs.store(run, run_input, result, storage)
+    output = outputs.store(run, run_input, result, storage, settings)
     # {"outputs": [{type, content_type, width, height, seed, changed_share,
     #               file, [mask_file]}, ...],
     #  "seed", "num_inference_steps", "timings_ms"}
@@ -17,6 +17,9 @@ A sync_mode run's images are files like any run's: the database never holds them
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
 import time
 from datetime import timedelta
 
@@ -31,17 +34,35 @@ from incontext.service.inputs import RunInput
 from incontext.service.models import Run
 from incontext.service.runparams import RunParams
 from incontext.service.storage import Storage
+from incontext.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
-def store(run: Run, run_input: RunInput, result: EditResult, storage: Storage) -> dict:
+def store(run: Run, run_input: RunInput, result: EditResult, storage: Storage, settings: Settings) -> dict:
     """The run's output dict (as stored in `runs.output`); files are written on the way."""
+    params = RunParams.of(run)
+    with _LARGE if run_input.source is None else contextlib.nullcontext():
+        items, preserve_ms = _store(run, run_input, result, storage, settings)
+    timings = {**result.timings_ms, "preserve": preserve_ms}
+    return {"outputs": items, "seed": params.seed, "num_inference_steps": result.num_inference_steps, "timings_ms": timings}
+
+
+# Runs whose source is large (not kept in memory: inputs.KEEP_SOURCE_PIXELS) are composed and
+# encoded one at a time: each holds the source, its output and the model's output resized to
+# it, about 0.5 GB at the 40 MP limit; four at once took the server past 2 GB (bench load).
+_LARGE = threading.Lock()
+
+
+def _store(run: Run, run_input: RunInput, result: EditResult, storage: Storage, settings: Settings) -> tuple[list[dict], float]:
     params = RunParams.of(run)
     fmt, return_mask = params.output_format, params.return_mask
     items, preserve_ms = [], 0.0
+    canvas = _Canvas(run, run_input, storage, settings)
     for index, (edited, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
         started = time.perf_counter()
         change = result.change_maps[index] if result.change_maps else None
-        image, mask, share = _preserved(run, run_input, edited, change)
+        image, mask, share = _preserved(run, run_input, canvas, edited, change)
         preserve_ms += (time.perf_counter() - started) * 1000
         item = {
             "type": "image", "content_type": imageio.content_type(fmt), "width": image.width, "height": image.height, "seed": seed,
@@ -51,8 +72,7 @@ def store(run: Run, run_input: RunInput, result: EditResult, storage: Storage) -
         if return_mask and mask is not None:
             item["mask_file"] = storage.save_mask(run.id, index, imageio.encode_image(mask, "png"))
         items.append(item)
-    timings = {**result.timings_ms, "preserve": preserve_ms}
-    return {"outputs": items, "seed": params.seed, "num_inference_steps": result.num_inference_steps, "timings_ms": timings}
+    return items, preserve_ms
 
 
 # How long after a sync_mode run ends its synchronous answer (GET /v1/runs/{id}, its callback,
@@ -81,16 +101,34 @@ def data_uri(storage: Storage, relpath: str) -> str | None:
     return imageio.to_data_uri(data, imageio.format_from_suffix(relpath))
 
 
-def _preserved(run: Run, run_input: RunInput, edited: Image.Image, change: np.ndarray | None) -> tuple[Image.Image, Image.Image | None, float | None]:
+class _Canvas:
+    """The input at its own size for composing, read at most once per run and only if an
+    output keeps the input's framing (a large source is not kept in memory while its run
+    waits: inputs.RunInput)."""
+
+    def __init__(self, run: Run, run_input: RunInput, storage: Storage, settings: Settings):
+        self._args = (run.id, storage, settings)
+        self._run_input = run_input
+        self._image: Image.Image | None = None
+        self._read = False
+
+    def get(self) -> Image.Image | None:
+        if not self._read:
+            self._read = True
+            self._image = self._run_input.source_image(*self._args)
+            if self._image is None:
+                log.warning("run %s: its input file is gone; composing at the model's size", self._args[0])
+        return self._image
+
+
+def _preserved(run: Run, run_input: RunInput, canvas: _Canvas, edited: Image.Image, change: np.ndarray | None) -> tuple[Image.Image, Image.Image | None, float | None]:
     """(image, mask, changed share) of one output; the image as it is, with no mask and no
     share, when the engine reported no change map."""
     if change is None:
         return edited, None, None
     # Runs stored before params held it: the echoed input has it when the client sent it.
     aspect_ratio = run.params["aspect_ratio"] if "aspect_ratio" in run.params else run.input.get("aspect_ratio")
-    source = run_input.source
-    keeps = imageio.keeps_framing(aspect_ratio, source.width, source.height)
-    kept = preserve.preserve(
-        edited, change, context=run_input.fitted, source=source if keeps else None, mode=RunParams.of(run).preserve
-    )
+    mode = RunParams.of(run).preserve
+    keeps = mode != "off" and imageio.keeps_framing(aspect_ratio, *run_input.source_size)
+    kept = preserve.preserve(edited, change, context=run_input.fitted, source=canvas.get() if keeps else None, mode=mode)
     return kept.image, kept.mask, kept.changed_share

@@ -18,7 +18,7 @@ from incontext import imageio
 from incontext.engine.protocol import EditRequest, EditResult, StepProgress
 from incontext.errors import EngineLost
 from incontext.models.registry import ModelPreset
-from incontext.service import keys, lifecycle, store, submission
+from incontext.service import inputs, keys, lifecycle, store, submission
 from incontext.service.db import create_db_engine, make_session_factory, migrate
 from incontext.service.dispatcher import Dispatcher
 from incontext.service.models import Run
@@ -238,6 +238,30 @@ def test_outputs_keep_the_input_at_its_own_size_from_memory_or_storage(service):
     assert Image.open(storage.output_path(mask)).getextrema() == (0, 0)  # no pixel is the model's
     storage.delete_outputs(handed_id)  # as when a cancel wins over the finished run
     assert not (storage.outputs / handed_id).exists()
+
+
+def test_a_large_source_waits_as_its_fitted_image_only_and_is_composed_from_storage(service, monkeypatch):
+    """An accepted input larger than KEEP_SOURCE_PIXELS (a palette bomb, a 40 MP photo) waits
+    in memory only at the model's size: the output is still the input at its own size, read
+    back from the stored input when the output is composed."""
+    monkeypatch.setattr(inputs, "KEEP_SOURCE_PIXELS", 59 * 90)  # the 60×90 input counts as large
+    image_url = rotated_jpeg()
+    engine = InstantEngine(change_maps=True)
+    dispatcher = dispatcher_for(service, engine)
+    run_id, prepared = accept(service, image_url, output_format="png")
+    given = prepared.run_input
+    params = prepared.params
+    assert given.source is None and given.source_size == (60, 90)
+    assert given.pixels == params.width * params.height  # what the engine needs, nothing more
+    dispatcher.submitted({run_id: given})
+    asyncio.run(run_until_done(service, dispatcher, [run_id]))
+
+    source = imageio.decode_data_uri(image_url)
+    _, sessions, storage, _ = service
+    with sessions() as session:
+        (out,) = session.get(Run, run_id).output["outputs"]
+    assert (out["width"], out["height"], out["changed_share"]) == (60, 90, 0.0)
+    assert Image.open(storage.output_path(out["file"])).tobytes() == source.tobytes()
 
 
 class DyingEngine(InstantEngine):

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from incontext import __version__
 from incontext.engine.protocol import EngineClient
 from incontext.models.registry import DEFAULT_MODEL_ID, HOSTED_ALIASES, Registry, default_registry, preset_for_directory
-from incontext.service import keys, openapi
+from incontext.service import keys, memory, openapi
 from incontext.service.bodylimit import BodyLimitMiddleware
 from incontext.service.callbacks import CallbackSender
 from incontext.service.db import create_db_engine, make_session_factory, migrate
@@ -120,6 +120,8 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
         registry = build_registry(settings)
         model_engine = engine or build_engine(settings, registry)
         await model_engine.start()
+        if engine is None and settings.engine_mode == "process":  # not an engine in this process (memory.py)
+            memory.return_freed_memory()
         storage = Storage(
             settings.data_dir,
             secret=load_or_create_secret(settings.data_dir, settings.secret_key.get_secret_value() if settings.secret_key else None),

@@ -167,7 +167,7 @@ def test_progress_is_still_reported_every_step(registry):
     async def go():
         eng = LocalEngine(registry, dtype="float32", step_cache=CACHE)
         await eng.start()
-        await eng.edit(req("p", 1), lambda done, total: seen.append(done))
+        await eng.edit(req("p", 1), lambda progress: seen.append(progress.done))
         await eng.close()
 
     asyncio.run(go())

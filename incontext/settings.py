@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     # Runs of one model in flight at once; the rest wait in `queued`. As many as the engine
     # batches: throughput grows with the batch (bench speed at 16 concurrent).
     max_concurrent_runs_per_model: int = Field(16, ge=1)
+    # Runs of one key in flight at once (all models). Below the engine's batch, so another
+    # key's edit finds room in the running batch at the next denoising step instead of waiting
+    # for a whole batch of this key's to end (bench load's fairness row).
+    max_concurrent_runs_per_key: int = Field(16, ge=1)
     # "process": the engine runs in a child process (its own GIL; the server accepts runs
     # while the model loads). "thread": in the server's process, as the tests' doubles do.
     engine_mode: Literal["process", "thread"] = "process"

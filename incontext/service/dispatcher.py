@@ -103,7 +103,7 @@ class Dispatcher:
             return []
         with self._inputs_lock:
             ready = set(self._inputs) | set(inputs)
-        runs, self._waiting = lifecycle.claim_queued(session, self._settings.max_concurrent_runs_per_model, ready)
+        runs, self._waiting = lifecycle.claim_queued(session, self._settings.max_concurrent_runs_per_model, ready, self._settings.max_concurrent_runs_per_key)
         return runs
 
     def submitted(self, inputs: dict[str, RunInput], claimed: list[Run] | None = None) -> None:
@@ -184,7 +184,7 @@ class Dispatcher:
             with self._inputs_lock:
                 ready = set(self._inputs)
             with self._sessions.begin() as session:
-                runs, self._waiting = lifecycle.claim_queued(session, self._settings.max_concurrent_runs_per_model, ready)
+                runs, self._waiting = lifecycle.claim_queued(session, self._settings.max_concurrent_runs_per_model, ready, self._settings.max_concurrent_runs_per_key)
         # A run canceled since `ready` was read has no input here: its task falls back to
         # storage, and the cancel stands.
         return [(run, self._take_input(run.id)) for run in runs]

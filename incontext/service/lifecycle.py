@@ -82,27 +82,34 @@ def _transition(session: Session, run_id: str, from_states: tuple[str, ...], **v
     ).one_or_none()
 
 
-def claim_queued(session: Session, cap_per_model: int, ready: Container[str] = ()) -> tuple[list[Run], bool]:
-    """Claim queued runs while each model stays under its cap: keys in turn (each key's
-    oldest, then each key's second oldest, …), so one key's backlog of a hundred runs does not
-    stand before another key's single run. Runs in `ready` (their input already prepared in
-    memory) start running at once; the others move to dispatching. Returns the claimed runs
-    and whether queued runs were left waiting."""
+def claim_queued(session: Session, cap_per_model: int, ready: Container[str] = (), cap_per_key: int | None = None) -> tuple[list[Run], bool]:
+    """Claim queued runs while each model stays under its cap and each key under
+    `cap_per_key`: keys in turn, counting what each already has in flight, so one key's
+    backlog of a hundred runs does not stand before another key's single run, neither at once
+    nor as slots free one at a time (a key with 16 runs in flight waits behind a key with
+    none). Runs in `ready` (their input already prepared in memory) start running at once; the
+    others move to dispatching. Returns the claimed runs and whether queued runs were left
+    waiting."""
     turn = sa.func.row_number().over(partition_by=Run.api_key_id, order_by=Run.id).label("turn")
-    waiting = sa.select(Run.id, Run.engine_model_id, turn).where(Run.status == QUEUED).subquery()
-    queued = session.execute(sa.select(waiting.c.id, waiting.c.engine_model_id).order_by(waiting.c.turn, waiting.c.id).limit(500)).all()
+    waiting = sa.select(Run.id, Run.engine_model_id, Run.api_key_id, turn).where(Run.status == QUEUED).subquery()
+    queued = session.execute(
+        sa.select(waiting.c.id, waiting.c.engine_model_id, waiting.c.api_key_id, waiting.c.turn).order_by(waiting.c.turn, waiting.c.id).limit(500)
+    ).all()
     if not queued:
         return [], False
-    in_flight = dict(
-        session.execute(
-            sa.select(Run.engine_model_id, sa.func.count())
-            .where(Run.status.in_((DISPATCHING, RUNNING)))
-            .group_by(Run.engine_model_id)
-        ).all()
+    active = (
+        sa.select(Run.engine_model_id, Run.api_key_id, sa.func.count())
+        .where(Run.status.in_((DISPATCHING, RUNNING)))
+        .group_by(Run.engine_model_id, Run.api_key_id)
     )
+    in_flight: dict[str, int] = {}
+    key_in_flight: dict[str, int] = {}
+    for model, key, count in session.execute(active).all():
+        in_flight[model] = in_flight.get(model, 0) + count
+        key_in_flight[key] = key_in_flight.get(key, 0) + count
     claimed = []
-    for run_id, model in queued:
-        if in_flight.get(model, 0) >= cap_per_model:
+    for run_id, model, key, _ in sorted(queued, key=lambda q: (q.turn + key_in_flight.get(q.api_key_id, 0), q.id)):
+        if in_flight.get(model, 0) >= cap_per_model or (cap_per_key is not None and key_in_flight.get(key, 0) >= cap_per_key):
             continue
         if run_id in ready:
             run = mark_running(session, run_id, from_states=(QUEUED,))
@@ -110,6 +117,7 @@ def claim_queued(session: Session, cap_per_model: int, ready: Container[str] = (
             run = _transition(session, run_id, (QUEUED,), status=DISPATCHING)
         if run:
             in_flight[model] = in_flight.get(model, 0) + 1
+            key_in_flight[key] = key_in_flight.get(key, 0) + 1
             claimed.append(run)
     return claimed, len(claimed) < len(queued)
 

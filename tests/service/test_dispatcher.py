@@ -329,3 +329,55 @@ def test_a_run_the_engine_keeps_dying_with_fails_cleanly_after_the_last_attempt(
         )
         assert run.failure_message.startswith("the engine stopped 3 times while it had this run")
     assert storage.has_input(run_id)  # kept until retention, as a run's input always is
+
+
+class OneAtATimeEngine(InstantEngine):
+    """Edits one request at a time, `seconds` each, in the order it is given them: a busy
+    engine whose every slot another key could fill."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+        self.ended: list[str] = []
+        self._lock: asyncio.Lock | None = None
+
+    async def edit(self, request: EditRequest, on_progress=None) -> EditResult:
+        self._lock = self._lock or asyncio.Lock()
+        async with self._lock:
+            await asyncio.sleep(self.seconds)
+            result = await super().edit(request, on_progress)
+            self.ended.append(request.request_id)
+            return result
+
+
+def test_another_keys_single_edit_ends_well_before_a_keys_backlog(service):
+    """Key A's 12 runs fill the model's slots (2) before key B sends one edit: B's edit is
+    the next run to start when a slot frees, not the 13th, so it ends among the first few."""
+    settings, sessions, storage, key_a = service
+    settings = settings.model_copy(update={"max_concurrent_runs_per_model": 2})
+    with sessions.begin() as session:
+        key_b = keys.create_key(session)[0].id
+    as_a, as_b = (settings, sessions, storage, key_a), (settings, sessions, storage, key_b)
+    image_url = rotated_jpeg()
+    engine = OneAtATimeEngine(seconds=0.05)
+    backlog = [accept(as_a, image_url)[0] for _ in range(12)]
+    dispatcher = dispatcher_for(as_a, engine)
+
+    async def scenario() -> str:
+        await dispatcher.start()
+        try:
+            while len(engine.requests) < 1:  # A's first runs hold both slots
+                await asyncio.sleep(0.01)
+            mine, _ = await asyncio.to_thread(accept, as_b, image_url)
+            dispatcher.wake()
+            deadline = time.monotonic() + 60
+            while any(s != "succeeded" for s in statuses(as_a, [*backlog, mine])):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            return mine
+        finally:
+            await dispatcher.close()
+
+    mine = asyncio.run(scenario())
+    assert engine.ended.index(mine) <= 3, engine.ended.index(mine)  # was 12th: after all of A's
+    assert engine.ended[-1] == backlog[-1]

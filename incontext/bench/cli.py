@@ -118,20 +118,32 @@ def load(
     out: Annotated[Path, typer.Option(help="Folder for results.json and the server's log.")] = Path("results/load"),
     bombs: Annotated[int, typer.Option(min=1, help="Palette-bomb runs sent at once.")] = 4,
     tricklers: Annotated[int, typer.Option(min=1, help="Runs at once whose image_url trickles a byte every 0.1 s.")] = 40,
+    batch: Annotated[int, typer.Option(min=1, max=100, help="Items of key A's batch that key B's single edit follows.")] = 48,
     model: Annotated[str | None, typer.Option(help="The model directory the server serves (default: the bundled one).")] = None,
+    only: Annotated[str | None, typer.Option(help="'hostile' or 'fairness': that part only.")] = None,
+    per_key: Annotated[int | None, typer.Option(help="The server's INCONTEXT_MAX_CONCURRENT_RUNS_PER_KEY (default: its own).")] = None,
 ) -> None:
-    """The server's peak memory and a bystander's read under hostile inputs (bench/load.py)."""
+    """The server's memory and a bystander's reads under hostile inputs, and one key's edit
+    behind another key's batch (bench/load.py)."""
     from incontext.bench.load import run_load
 
     console = _wide_console()
     with console.status("hostile inputs against a local server"):
-        result = run_load(out, bombs=bombs, tricklers=tricklers, model=model)
-    table = Table("scenario", "answers", "expected", "s", "RSS before MB", "peak RSS MB", "RSS after MB", "bystander GET ms", title="bench load: the HTTP process")
+        result = run_load(out, bombs=bombs, tricklers=tricklers, batch=batch, model=model, hostile=only != "fairness", fair=only != "hostile",
+                          env_extra={} if per_key is None else {"INCONTEXT_MAX_CONCURRENT_RUNS_PER_KEY": str(per_key)})
+    table = Table("scenario", "answers", "errors", "s", "RSS before MB", "peak RSS MB", "RSS after MB", "RSS settled MB",
+                  "bystander GET ms p50/p95/max", title="bench load: the HTTP process")
     for row in result["rows"]:
-        ms = "" if row["bystander_get_ms"] is None else f"{row['bystander_get_ms']:.0f}"
-        table.add_row(row["scenario"], ",".join(map(str, row["answers"])), row["expected"], f"{row['seconds']:.1f}",
-                      str(row["rss_before_mb"]), str(row["peak_rss_mb"]), str(row["rss_after_mb"]), ms)
+        get = row["bystander_get_ms"]
+        ms = "" if not get["n"] else f"{get['p50']:.0f}/{get['p95']:.0f}/{get['max']:.0f} (n={get['n']})"
+        settled = "" if row["rss_settled_mb"] is None else str(row["rss_settled_mb"])
+        table.add_row(row["scenario"], ",".join(map(str, row["answers"])), str(row["errors"]), f"{row['seconds']:.1f}",
+                      str(row["rss_before_mb"]), str(row["peak_rss_mb"]), str(row["rss_after_mb"]), settled, ms)
     console.print(table)
+    if f := result["fairness"]:
+        console.print(f"fairness: key B's edit alone {f['b_alone_median_s']:.2f} s (median of {f['b_alone_s']}), behind key A's "
+                      f"{f['batch_items']}-item batch {f['b_behind_batch_s']:.2f} s ({f['ratio']:.1f}×; goal ≤ 2×); "
+                      f"the batch ended at {f['batch_done_at_s']:.1f} s", highlight=False)
     console.print(f"results: {out / 'results.json'}", highlight=False)
 
 

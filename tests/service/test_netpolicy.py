@@ -16,6 +16,7 @@ from incontext.service.db import create_db_engine, make_session_factory, migrate
 from incontext.service.models import CallbackAttempt, CallbackDelivery
 from incontext.service.netpolicy import NetPolicy
 from incontext.service.storage import Storage
+from incontext.service.runparams import RunParams
 
 from .helpers import Receiver
 
@@ -41,7 +42,9 @@ def finished_run_with_callback(tmp_path):
     with sessions.begin() as session:
         key, _ = keys.create_key(session)
         run = lifecycle.create_run(
-            session, api_key_id=key.id, model_id="m", engine_model_id="m", input={}, params={"unit_price_micros": 0},
+            session, api_key_id=key.id, model_id="m", engine_model_id="m", input={},
+            params=RunParams(prompt="p", seed=0, num_images=1, guidance_scale=3.5, num_inference_steps=4, output_format="png",
+                             width=64, height=64, unit_price_micros=0).model_dump(),
             callback_url=f"{receiver.url}/hook",
         )
         lifecycle.mark_running(session, run.id, from_states=(lifecycle.QUEUED,))

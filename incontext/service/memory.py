@@ -38,3 +38,13 @@ def return_freed_memory(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
         log.warning("mallopt(M_MMAP_THRESHOLD) refused: freed image memory may stay with the process")
         return False
     return True
+
+
+def trim() -> None:
+    """Hand the free memory at the top of every malloc arena back (glibc's malloc_trim): what
+    the threshold above leaves, the many small blocks of a large compose or decode."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -17,7 +17,6 @@ A sync_mode run's images are files like any run's: the database never holds them
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -29,6 +28,7 @@ from PIL import Image
 from incontext import imageio, preserve
 from incontext.engine.protocol import EditResult
 from incontext.service.db import utcnow
+from incontext.service import memory
 from incontext.service.errors import NotFound
 from incontext.service.inputs import RunInput
 from incontext.service.models import Run
@@ -42,7 +42,11 @@ log = logging.getLogger(__name__)
 def store(run: Run, run_input: RunInput, result: EditResult, storage: Storage, settings: Settings) -> dict:
     """The run's output dict (as stored in `runs.output`); files are written on the way."""
     params = RunParams.of(run)
-    with _LARGE if run_input.source is None else contextlib.nullcontext():
+    if run_input.source is None:
+        with _LARGE:
+            items, preserve_ms = _store(run, run_input, result, storage, settings)
+            memory.trim()
+    else:
         items, preserve_ms = _store(run, run_input, result, storage, settings)
     timings = {**result.timings_ms, "preserve": preserve_ms}
     return {"outputs": items, "seed": params.seed, "num_inference_steps": result.num_inference_steps, "timings_ms": timings}

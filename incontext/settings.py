@@ -60,9 +60,12 @@ class Settings(BaseSettings):
     # batches: throughput grows with the batch (bench speed at 16 concurrent).
     max_concurrent_runs_per_model: int = Field(16, ge=1)
     # Runs of one key in flight at once (all models). Below the engine's batch, so another
-    # key's edit finds room in the running batch at the next denoising step instead of waiting
-    # for a whole batch of this key's to end (bench load's fairness row).
-    max_concurrent_runs_per_key: int = Field(16, ge=1)
+    # key's edit is admitted at once and joins the running batch at the next denoising step.
+    # On the CPU a step's cost grows with its batch, so a small share matters: bench load on 2
+    # cores, B's single edit (1.0-1.2 s alone) behind A's 48-item batch took 18.4 s at 16,
+    # 3.5 s at 4 and 2.2 s at 2, while A's batch took 31.5, 33.1 and 38.7 s. 4 keeps a lone
+    # batch's throughput; on a GPU, where a bigger batch costs little more, raise it.
+    max_concurrent_runs_per_key: int = Field(4, ge=1)
     # "process": the engine runs in a child process (its own GIL; the server accepts runs
     # while the model loads). "thread": in the server's process, as the tests' doubles do.
     engine_mode: Literal["process", "thread"] = "process"

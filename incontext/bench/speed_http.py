@@ -60,6 +60,7 @@ class Server:
             "INCONTEXT_API_KEYS": self.key,
             "OMP_NUM_THREADS": str(threads),
             "INCONTEXT_MAX_CONCURRENT_RUNS_PER_MODEL": str(max_concurrency),
+            "INCONTEXT_MAX_CONCURRENT_RUNS_PER_KEY": str(max_concurrency),  # one client: the engine's batching is measured
             "INCONTEXT_ENGINE_MAX_BATCH_SIZE": str(max_concurrency),
             "INCONTEXT_RATE_LIMIT_PER_MINUTE": "1000000",
             "INCONTEXT_READ_RATE_LIMIT_PER_MINUTE": "0",  # its pollers measure the engine, not the limit

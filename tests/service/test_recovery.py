@@ -30,8 +30,9 @@ def test_sigkill_and_restart(tmp_path, tiny_model):
     srv.start()
     try:
         with srv.client(key) as api:
-            def submit(steps):
-                body = {"input": {"prompt": "p", "image_url": data_uri(), "num_inference_steps": steps}, "callback_url": receiver.url}
+            def submit(steps, images=1):
+                body = {"input": {"prompt": "p", "image_url": data_uri(), "num_inference_steps": steps, "num_images": images},
+                        "callback_url": receiver.url}
                 r = api.post(f"/v1/models/{MODEL}/runs", json=body)
                 assert r.status_code == 201
                 return r.json()["id"]
@@ -39,7 +40,7 @@ def test_sigkill_and_restart(tmp_path, tiny_model):
             quick = submit(1)
             assert wait_run(api, quick)["status_code"] == "succeeded"
             wait_for(lambda: receiver.requests)  # its callback failed once and waits for a retry
-            slow = [submit(50) for _ in range(5)]
+            slow = [submit(50, images=4) for _ in range(5)]  # slow enough that none ends before the kill
             running = wait_for(lambda: [r for r in slow if api.get(f"/v1/runs/{r}").json()["status_code"] == "running"], timeout=120)
             statuses = {r: api.get(f"/v1/runs/{r}").json()["status_code"] for r in slow}
             assert list(statuses.values()).count("queued") >= 3, statuses

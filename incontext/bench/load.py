@@ -36,8 +36,9 @@ import threading
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from incontext.testing import TrickleHost
 
 RUNS = "/v1/models/flux-pro/kontext/runs"
 BATCHES = "/v1/models/flux-pro/kontext/batches"
@@ -64,36 +65,6 @@ def memory_mb(pid: int) -> tuple[float, float]:
     """(VmRSS, VmHWM) of `pid` in MB."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
-
-
-class Trickle:
-    """An image host that sends one byte every `interval_s`, with no Content-Length."""
-
-    def __init__(self, interval_s: float = 0.1):
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.0"
-
-            def do_GET(self):
-                self.send_response(200)
-                self.end_headers()
-                try:
-                    for _ in range(100_000):
-                        self.wfile.write(b"x")
-                        self.wfile.flush()
-                        time.sleep(interval_s)
-                except OSError:
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/slow.png"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
 
 
 def _free_port() -> int:
@@ -193,7 +164,7 @@ def run_load(out: Path, *, bombs: int = 4, tricklers: int = 40, batch: int = 48,
     headers = {"Authorization": f"Bearer {key}"}
     rows: list[dict] = []
     fairness: dict = {}
-    trickle = Trickle()
+    trickle = TrickleHost(interval_s=0.1)
     sampler = None
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -285,7 +256,7 @@ def run_load(out: Path, *, bombs: int = 4, tricklers: int = 40, batch: int = 48,
                 scenario("200 MB body", [post_huge], {413})
 
                 def post_trickle() -> int:
-                    return client.post(RUNS, json={"input": {"prompt": "p", "image_url": trickle.url}}).status_code
+                    return client.post(RUNS, json={"input": {"prompt": "p", "image_url": f"{trickle.url}/slow.png"}}).status_code
 
                 scenario(f"trickling image_url ×{tricklers}", [post_trickle] * tricklers, {422})
 

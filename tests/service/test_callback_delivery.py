@@ -4,9 +4,7 @@ attempt that blows up), and one key's slow receivers do not hold up another key'
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import sqlalchemy as sa
@@ -16,6 +14,7 @@ from incontext.service.callbacks import CallbackSender
 from incontext.service.db import create_db_engine, make_session_factory, migrate
 from incontext.service.models import CallbackAttempt, CallbackDelivery
 from incontext.service.netpolicy import NetPolicy
+from incontext.testing import LoopbackHost, QuietHandler
 
 from .helpers import Receiver
 
@@ -90,9 +89,9 @@ def test_an_attempt_that_blows_up_is_recorded_and_the_delivery_ends(db):
         assert errors == ["internal error: RuntimeError"] * 3
 
 
-class SlowReceiver:
+class SlowReceiver(LoopbackHost):
     def __init__(self, delay_s: float):
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self):
                 self.rfile.read(int(self.headers["Content-Length"]))
                 time.sleep(delay_s)
@@ -103,16 +102,7 @@ class SlowReceiver:
                 except OSError:
                     pass
 
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
+        super().__init__(Handler)
 
 
 def test_one_keys_slow_receivers_do_not_hold_up_another_keys_callback(db):

@@ -8,9 +8,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -21,6 +19,7 @@ from incontext.service.netpolicy import NetPolicy
 from incontext.service.outbound import Outbound, OutboundFailed, Refused, TooLarge
 from incontext.service.storage import Storage
 from incontext.settings import Settings
+from incontext.testing import TrickleHost
 
 from .helpers import ImageHost, png_bytes
 
@@ -111,38 +110,8 @@ def test_a_redirect_to_a_private_address_is_refused(host):
     assert [r["path"] for r in host.requests] == ["/to-metadata", "/to-other-loopback", "/to-name"]
 
 
-class TrickleHost:
-    """Sends a valid-looking answer one byte every `interval_s`, without a Content-Length."""
-
-    def __init__(self, interval_s: float, total: int = 10_000):
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.0"
-
-            def do_GET(self):
-                self.send_response(200)
-                self.end_headers()
-                try:
-                    for _ in range(total):
-                        self.wfile.write(b"x")
-                        self.wfile.flush()
-                        time.sleep(interval_s)
-                except OSError:
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-
-
 def test_a_trickling_server_is_cut_off_at_the_total_deadline():
-    trickle = TrickleHost(interval_s=0.05)  # every read arrives well within any per-read timeout
+    trickle = TrickleHost(interval_s=0.05, total=10_000)  # every read arrives well within any per-read timeout
     try:
         started = time.monotonic()
         with pytest.raises(OutboundFailed, match="not done within"):

@@ -40,6 +40,22 @@ def create_key(data_dir: Path, label: str = "test", env: dict | None = None) -> 
     return result.stdout.strip()
 
 
+class EngineDouble:
+    """What an engine stand-in answers besides `edit`: always ready, nothing to cancel."""
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def is_ready(self) -> bool:
+        return True
+
+    def cancel(self, request_id: str) -> bool:
+        return False
+
+
 class Server:
     """One `serve` process; restartable on the same data dir."""
 

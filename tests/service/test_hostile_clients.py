@@ -13,27 +13,15 @@ from fastapi.testclient import TestClient
 from incontext.service.app import create_app
 from incontext.settings import Settings
 
-from .helpers import data_uri
+from .helpers import EngineDouble, data_uri
 from .test_outbound import TrickleHost
 
 RUNS = "/v1/models/flux-pro/kontext/runs"
 A, B = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
 
 
-class ParkedEngine:
+class ParkedEngine(EngineDouble):
     """Takes every edit and never finishes it: runs stay running until the app stops."""
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    def is_ready(self) -> bool:
-        return True
-
-    def cancel(self, request_id: str) -> bool:
-        return False
 
     async def edit(self, request, on_progress=None):
         await asyncio.Event().wait()

@@ -9,6 +9,8 @@ from incontext.service.app import create_app
 from incontext.service.ratelimit import RateLimiter
 from incontext.settings import Settings
 
+from .helpers import EngineDouble
+
 
 def test_fixed_window_per_key():
     now = [100.0]
@@ -23,19 +25,7 @@ def test_fixed_window_per_key():
     assert limiter.hit("a").allowed  # a new window
 
 
-class IdleEngine:
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    def is_ready(self) -> bool:
-        return True
-
-    def cancel(self, request_id: str) -> bool:
-        return False
-
+class IdleEngine(EngineDouble):
     async def edit(self, request, on_progress=None):
         raise AssertionError("these tests only read")
 

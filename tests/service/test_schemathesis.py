@@ -27,6 +27,8 @@ from incontext.engine.protocol import EditResult, StepProgress
 from incontext.service.app import create_app
 from incontext.settings import Settings
 
+from .helpers import EngineDouble
+
 KEY = "key-a"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 EXAMPLES_PER_OPERATION = 12  # × 2 modes × 45 operations
@@ -52,20 +54,8 @@ KNOWN_GAPS = {
 }
 
 
-class InstantEngine:
+class InstantEngine(EngineDouble):
     """Every edit succeeds at once with its input as the output."""
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    def is_ready(self) -> bool:
-        return True
-
-    def cancel(self, request_id: str) -> bool:
-        return False
 
     async def edit(self, request, on_progress=None) -> EditResult:
         if on_progress:

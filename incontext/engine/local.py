@@ -305,7 +305,7 @@ class LocalEngine:
         cache = self.step_cache_for(preset.id)
         if cache is not None and cache.evals(steps) < steps:
             job.compute_steps = cache.compute_steps(steps)
-        job.samples = [Sample(request.request_id, i, bucket, steps) for i in range(request.num_images)]
+        job.samples = [Sample(request.request_id, i, bucket, steps, owner=request.owner) for i in range(request.num_images)]
         self._jobs[request.request_id] = job
         self.scheduler.add(job.samples)
 

@@ -53,6 +53,9 @@ class EditRequest:
     parent_request_id: str | None = None
     # Low-resolution previews to report over the run, evenly spaced (0: none).
     previews: int = 0
+    # Who asked (the service passes the API key's id): the engine shares each denoising step
+    # equally between owners, so one key's backlog cannot slow another key's edit to a crawl.
+    owner: str = ""
 
 
 @dataclass

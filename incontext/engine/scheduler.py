@@ -5,6 +5,12 @@ model and one resolution bucket (their token sequences must have the same length
 join at any step boundary while there is room and leave when they finish or are cancelled.
 Requests are admitted first come, first served; a bucket that is not running waits at most
 until the running batch drains, so no request starves.
+
+Owners (API keys) share each step equally. An admitted sample keeps its latents between
+steps, so it can sit a step out: when several owners have samples running, every owner puts
+the same number of samples into the step (as many as the smallest owner has running), so a
+key with one edit gets half the compute beside a key with a backlog, not one slot in sixteen.
+One owner alone fills the batch as before.
 """
 
 from __future__ import annotations
@@ -32,11 +38,14 @@ class Sample:
     total_steps: int
     step: int = 0
     status: SampleStatus = SampleStatus.WAITING
+    owner: str = ""  # who asked (an API key's id): steps are shared equally between owners
+    started: bool = False  # has been in a step (its inputs are prepared)
 
 
 @dataclass
 class ScheduledBatch:
-    """What `execute` runs: the samples, and which of them are new (need their inputs prepared)."""
+    """What `execute` runs: the samples stepped now, and which of them are new (need their
+    inputs prepared). Admitted samples that sit this step out are in neither."""
 
     samples: list[Sample]
     new: list[Sample] = field(default_factory=list)
@@ -70,11 +79,13 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
-        """The running samples plus as many waiting ones of the same bucket as fit.
+        """Admit waiting samples of the running bucket, then pick which admitted ones step.
 
         When nothing runs, the oldest waiting sample's bucket becomes the running one. Waiting
         samples of other buckets are skipped over, not reordered, so within a bucket the
-        order is arrival order.
+        order is arrival order. Each owner may have `max_batch_size` samples admitted, and at
+        most `max_batch_size` owners may have samples admitted, so every admitted owner is in
+        every step.
         """
         if not self.running and self.waiting:
             bucket = self.waiting[0].bucket
@@ -82,20 +93,42 @@ class Scheduler:
             bucket = self.running[0].bucket
         else:
             return ScheduledBatch([])
-        new: list[Sample] = []
-        room = self.max_batch_size - len(self.running)
-        if room > 0 and not self._oldest_waiting_elsewhere(bucket):
-            keep: deque[Sample] = deque()
-            for s in self.waiting:
-                if room > 0 and s.bucket == bucket:
-                    s.status = SampleStatus.RUNNING
-                    new.append(s)
-                    room -= 1
-                else:
-                    keep.append(s)
-            self.waiting = keep
-        self.running.extend(new)
-        return ScheduledBatch(list(self.running), new)
+        if not self._oldest_waiting_elsewhere(bucket):
+            self._admit(bucket)
+        picked = self._pick()
+        new = [s for s in picked if not s.started]
+        for s in new:
+            s.started = True
+        return ScheduledBatch(picked, new)
+
+    def _admit(self, bucket) -> None:
+        admitted: dict[str, int] = {}
+        for s in self.running:
+            admitted[s.owner] = admitted.get(s.owner, 0) + 1
+        keep: deque[Sample] = deque()
+        for s in self.waiting:
+            n = admitted.get(s.owner)
+            room = n < self.max_batch_size if n is not None else len(admitted) < self.max_batch_size
+            if s.bucket == bucket and room:
+                s.status = SampleStatus.RUNNING
+                admitted[s.owner] = (n or 0) + 1
+                self.running.append(s)
+            else:
+                keep.append(s)
+        self.waiting = keep
+
+    def _pick(self) -> list[Sample]:
+        """The samples that step now: all of them for one owner; with several, the same number
+        from each (the smallest owner's count, within the batch size), each owner's furthest
+        along first so its earliest requests finish first."""
+        by_owner: dict[str, list[Sample]] = {}
+        for s in self.running:
+            by_owner.setdefault(s.owner, []).append(s)
+        if len(by_owner) <= 1:
+            return list(self.running)
+        share = max(1, min(min(len(g) for g in by_owner.values()), self.max_batch_size // len(by_owner)))
+        chosen = {id(s) for g in by_owner.values() for s in sorted(g, key=lambda s: -s.step)[:share]}
+        return [s for s in self.running if id(s) in chosen]  # rows in admission order
 
     def _oldest_waiting_elsewhere(self, bucket) -> bool:
         # Fairness: once the oldest waiting sample belongs to another bucket, stop admitting

@@ -241,6 +241,7 @@ class Dispatcher:
             num_inference_steps=params.num_inference_steps,
             parent_request_id=params.parent_request_id,
             previews=PREVIEWS_PER_RUN,
+            owner=run.api_key_id,
         )
 
         # 3. Denoise.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -47,6 +48,36 @@ def test_same_seed_same_image_whatever_else_is_in_the_batch(registry):
     assert max(stats.batch_sizes) > 1  # the crowd really shared batches
     assert crowd[0].seeds == [1, 2] and len(crowd[0].images) == 2
     assert crowd[3].images[0].size == (80, 48)
+
+
+def test_another_keys_edit_overtakes_a_backlog_and_comes_out_the_same(registry):
+    """Owners share each step: a key's single edit, submitted behind another key's batch of
+    eight images, finishes first, and sitting steps out changes no pixel of anyone's output."""
+
+    async def go():
+        eng = LocalEngine(registry, dtype="float32", max_batch_size=8)
+        await eng.start()
+        alone = await eng.edit(req("alone", 7, steps=6))
+        hog_alone = await eng.edit(req("hog-alone", 1, "remove the square", picture((20, 200, 20)), n=8, steps=6))
+        finished = []
+
+        async def timed(r):
+            res = await eng.edit(r)
+            finished.append(r.request_id)
+            return res
+
+        hog = asyncio.ensure_future(timed(replace(req("hog", 1, "remove the square", picture((20, 200, 20)), n=8, steps=6), owner="key-a")))
+        await asyncio.sleep(0)
+        single = await timed(replace(req("single", 7, steps=6), owner="key-b"))
+        hog_res = await hog
+        await eng.close()
+        return alone, single, hog_alone, hog_res, finished
+
+    alone, single, hog_alone, hog, finished = run(go())
+    assert finished == ["single", "hog"]
+    assert np.array_equal(np.asarray(alone.images[0]), np.asarray(single.images[0]))
+    for a, b in zip(hog_alone.images, hog.images):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1  # batch-size rounding only
 
 
 def test_progress_is_reported_every_step(registry):

@@ -50,9 +50,12 @@ _MAX_RATIO = max(w / h for w, h in RATIOS.values())
 # Keys.
 async def key_from_headers(request: Request) -> ApiKey:
     """The caller's key from `x-key` (BFL clients) or `Authorization: Bearer` (everyone else;
-    `Key` as fal clients send it, `Token` as older Replicate clients do)."""
-    token = request.headers.get("x-key", "").strip()
-    if not token:
+    `Key` as fal clients send it, `Token` as older Replicate clients do). A blank `x-key` is
+    refused like a wrong one, not passed over for `Authorization`: the key a request names is
+    the one checked."""
+    if "x-key" in request.headers:
+        token = request.headers["x-key"].strip()
+    else:
         scheme, _, rest = request.headers.get("authorization", "").partition(" ")
         token = rest.strip() if scheme.lower() in ("bearer", "key", "token") else ""
     if not token:

@@ -22,6 +22,7 @@ from incontext.service.storage import Storage
 Timestamp = Annotated[datetime, PlainSerializer(lambda d: d.isoformat(), return_type=str, when_used="json")]
 
 MAX_SEED = 2**62  # seeds of one run are seed..seed+3; keep them inside a signed 64-bit int
+MAX_PROMPT_LENGTH = 4000  # characters; every surface's prompt is bounded the same
 
 
 def _tolerance(value: Any) -> Any:
@@ -64,7 +65,7 @@ class KontextInput(BaseModel):
             raise ValueError(f"{found[0]} belongs at the top level of the body, beside input, not inside it")
         return values
 
-    prompt: str = Field(min_length=1, max_length=4000, description="the edit instruction")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_LENGTH, description="the edit instruction")
     image_url: str = Field(min_length=1, description="http(s) URL, data: URI, or an output URL of this server")
     aspect_ratio: str | None = Field(None, description="21:9 … 9:21 or match_input_image; default: the input's")
     num_images: int = Field(1, ge=1, le=4)

@@ -36,8 +36,8 @@ EXAMPLES_PER_OPERATION = 12  # × 2 modes × 45 operations
 # schemathesis finds. Held strictly: an operation listed here that passes fails the test, so
 # the list only shrinks.
 KNOWN_GAPS = {
-    "POST /v1/flux-kontext-pro": "input_image is optional in the document, required by the route",
-    "POST /v1/images/edits": "an empty prompt is valid in the document; the form reads it as missing",
+    "POST /v1/flux-kontext-pro": "input_image must decode as an image: a generated string is refused, 422 INVALID_IMAGE",
+    "POST /v1/images/edits": "image must be a file part holding an image: a generated one is a text part or not an image, 400",
     "POST /v1/models/{owner}/{name}/predictions": "application/problem+json errors undocumented; input_image optional in the document",
     "POST /v1/predictions": "application/problem+json errors undocumented; input_image optional in the document",
     "GET /v1/predictions": "application/problem+json errors undocumented",

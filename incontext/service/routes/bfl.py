@@ -34,7 +34,7 @@ from incontext.service.conditional import IfNoneMatch
 from incontext.service.deps import ServiceDep, count_read
 from incontext.service.errors import RunNotFound, ValidationFailed, field_error
 from incontext.service.models import ApiKey, Run
-from incontext.service.schemas import MAX_SEED, public_output
+from incontext.service.schemas import MAX_PROMPT_LENGTH, MAX_SEED, public_output
 from incontext.service.storage import Storage
 from incontext.service.runparams import RunParams
 
@@ -71,8 +71,10 @@ class FluxKontextRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Field(description="the edit instruction")
-    input_image: str | None = Field(None, description="the image to edit: base64 (bare), a data: URI, or an http(s) URL; required here")
+    # input_image required (the hosted API also generates from a prompt alone; this server only
+    # edits), prompt bounded as KontextInput bounds it.
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_LENGTH, description="the edit instruction")
+    input_image: str = Field(min_length=1, description="the image to edit: base64 (bare), a data: URI, or an http(s) URL; required here")
     input_image_2: str | None = Field(None, description="extra reference image: not supported by this model; rejected when set")
     input_image_3: str | None = Field(None, description="as input_image_2")
     input_image_4: str | None = Field(None, description="as input_image_2")
@@ -143,9 +145,6 @@ async def create_kontext_edit(body: FluxKontextRequest, request: Request, key: B
     if extra := [f"input_image_{i}" for i in (2, 3, 4) if getattr(body, f"input_image_{i}")]:
         message = "this model edits one image: extra reference images (input_image_2..4) are not supported"
         raise ValidationFailed(message, errors=[field_error(name, message, "not_supported") for name in extra])
-    if not body.input_image:
-        message = "input_image is required: this server edits images (base64, data: URI or http(s) URL)"
-        raise ValidationFailed(message, errors=[field_error("input_image", message, "missing")])
     item = surfaces.kontext_input(
         {
             "prompt": body.prompt,

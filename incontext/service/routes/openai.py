@@ -25,6 +25,7 @@ from incontext.service import lifecycle, submission, surfaces
 from incontext.service.deps import KeyDep, Service, ServiceDep
 from incontext.service.errors import ServiceError, ValidationFailed, field_error
 from incontext.service.models import Run
+from incontext.service.schemas import MAX_PROMPT_LENGTH
 
 WAIT_TIMEOUT_S = 600.0  # the OpenAI SDKs' own default timeout
 POLL_S = 0.25
@@ -84,12 +85,17 @@ class ImagesResponse(BaseModel):
     response_model=ImagesResponse,
     response_model_exclude_none=True,
     responses={status: {"model": OpenAIErrorBody, "description": "OpenAI-shaped error"} for status in ("4XX", "5XX")},
+    # The image comes as `image` or as `image[]`: the route needs one file, and a null part is no file.
+    openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": {"oneOf": [
+        {"required": [name], "properties": {name: {"type": "array", "minItems": 1}}} for name in ("image", "image[]")
+    ]}}}}},
 )
 async def create_image_edit(
     request: Request,
     key: KeyDep,
     service: ServiceDep,
-    prompt: Annotated[str, Form(description="the edit instruction")],
+    # An empty form field reads as missing: the document says so with minLength.
+    prompt: Annotated[str, Form(min_length=1, max_length=MAX_PROMPT_LENGTH, description="the edit instruction")],
     image: Annotated[list[UploadFile] | None, File(description="the image to edit; one (several: 400, no multi-reference here)")] = None,
     image_array: Annotated[list[UploadFile] | None, File(alias="image[]", description="as image (the SDKs' spelling for a list)")] = None,
     n: Annotated[int, Form(ge=1, le=4, description="images to make, 1–4")] = 1,

@@ -160,22 +160,26 @@ def shift_mu(seq_len: int, scheduler_config: dict) -> float:
 
 
 @lru_cache(maxsize=64)
-def _schedule_cached(num_steps: int, seq_len: int, config_items: tuple) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _schedule_cached(num_steps: int, mu: float | None, config_items: tuple) -> tuple[tuple[float, ...], tuple[float, ...]]:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    config = dict(config_items)
-    sched = FlowMatchEulerDiscreteScheduler.from_config(config)
-    sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
-    mu = shift_mu(seq_len, config) if config.get("use_dynamic_shifting") else None
-    sched.set_timesteps(num_steps, sigmas=sigmas, mu=mu)
+    sched = FlowMatchEulerDiscreteScheduler.from_config(dict(config_items))
+    sched.set_timesteps(num_steps, sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
     return tuple(float(t) for t in sched.timesteps), tuple(float(s) for s in sched.sigmas)
+
+
+def flow_schedule(num_steps: int, mu: float | None, scheduler_config: dict) -> tuple[list[float], list[float]]:
+    """(timesteps, sigmas) of diffusers' flow-matching Euler scheduler from evenly spaced
+    sigmas, shifted by `mu` where the config shifts dynamically; len(sigmas) = steps + 1."""
+    items = tuple(sorted((k, v if not isinstance(v, list) else tuple(v)) for k, v in scheduler_config.items() if not k.startswith("_")))
+    ts, ss = _schedule_cached(num_steps, mu, items)
+    return list(ts), list(ss)
 
 
 def schedule(num_steps: int, seq_len: int, scheduler_config: dict) -> tuple[list[float], list[float]]:
     """(timesteps, sigmas) exactly as FluxKontextPipeline would set them; len(sigmas) = steps + 1."""
-    items = tuple(sorted((k, v if not isinstance(v, list) else tuple(v)) for k, v in scheduler_config.items() if not k.startswith("_")))
-    ts, ss = _schedule_cached(num_steps, seq_len, items)
-    return list(ts), list(ss)
+    mu = shift_mu(seq_len, scheduler_config) if scheduler_config.get("use_dynamic_shifting") else None
+    return flow_schedule(num_steps, mu, scheduler_config)
 
 
 # ---------------------------------------------------------------- denoise

@@ -44,12 +44,13 @@ def features(z: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fit_projection(m: sampler.Models, seed: int = 0) -> torch.Tensor:
+def fit_projection(m, seed: int = 0, encode=sampler.encode_images) -> torch.Tensor:
     """(features, 3): RGB in [-1, 1] ≈ features(latents) @ projection, for the model's
-    normalised latents (as the transformer sees them)."""
+    normalised latents (as the transformer sees them). `encode(m, images)`: the model
+    family's encoder to packed latents (engine/families)."""
     images = calibration_images(seed)
     size = images[0].width
-    z = sampler.unpack(sampler.encode_images(m, images).float(), size, size, m.vae_scale_factor)  # (B, C, h, w)
+    z = sampler.unpack(encode(m, images).float(), size, size, m.vae_scale_factor)  # (B, C, h, w)
     rgb = F.adaptive_avg_pool2d(sampler.image_to_tensor(images), z.shape[-2:])  # (B, 3, h, w)
     x = features(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
     y = rgb.permute(0, 2, 3, 1).reshape(-1, 3)

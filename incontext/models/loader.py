@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 
 
-def check_model_dir(path: Path) -> dict:
+def check_model_dir(path: Path, parts: tuple[str, ...] = PARTS) -> dict:
     """The parsed model_index.json, after checking every part is present. Raises ModelError."""
     path = Path(path)
     index_file = path / "model_index.json"
@@ -33,13 +33,14 @@ def check_model_dir(path: Path) -> dict:
         index = json.loads(index_file.read_text())
     except json.JSONDecodeError as e:
         raise ModelError(f"{index_file} is not valid JSON: {e}") from None
-    missing = [p for p in PARTS if p not in index or not (path / p).is_dir()]
+    missing = [p for p in parts if p not in index or not (path / p).is_dir()]
     if missing:
         raise ModelError(f"model directory {path} is missing: {', '.join(missing)}")
     return index
 
 
-def _load_part(path: Path, name: str, index: dict, **kwargs):
+def load_part(path: Path, name: str, index: dict, **kwargs):
+    """One part of a diffusers directory by the class model_index.json names for it."""
     library, class_name = index[name]
 
     module = importlib.import_module(library)
@@ -55,23 +56,27 @@ def _load_part(path: Path, name: str, index: dict, **kwargs):
         raise ModelError(f"{name} in {path} could not be loaded: {str(e).splitlines()[0]}") from None
 
 
-def load_model(path: Path, *, device: str = "cpu", dtype: str | torch.dtype = "auto", max_sequence_length: int | None = None) -> Models:
-    """Load a model directory. `dtype` is the compute dtype of the transformer and text encoders
-    ("auto": bf16 where this machine has bf16 units, else fp32); the VAE stays in fp32 (it is
-    small and bf16 convolutions are slower on CPUs)."""
+def offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # a bar per text encoder on every load
+
+
+def load_model(path: Path, *, device: str = "cpu", dtype: str | torch.dtype = "auto", max_sequence_length: int | None = None) -> Models:
+    """Load a model directory. `dtype` is the compute dtype of the transformer and text encoders
+    ("auto": bf16 where this machine has bf16 units, else fp32); the VAE stays in fp32 (it is
+    small and bf16 convolutions are slower on CPUs)."""
+    offline()
     path = Path(path)
     index = check_model_dir(path)
     dt = resolve_dtype(dtype, device)
     parts = {}
     for name in PARTS:
         if name.startswith("tokenizer") or name == "scheduler":
-            parts[name] = _load_part(path, name, index)
+            parts[name] = load_part(path, name, index)
         else:
-            module = _load_part(path, name, index, torch_dtype=torch.float32 if name == "vae" else dt)
+            module = load_part(path, name, index, torch_dtype=torch.float32 if name == "vae" else dt)
             parts[name] = module.to(device).eval().requires_grad_(False)
     tr, vae = parts["transformer"], parts["vae"]
     expected = vae.config.latent_channels * 4

@@ -1,0 +1,70 @@
+"""FLUX.1 Kontext (`FluxKontextPipeline`): the adapter over `incontext.sampler`.
+
+Conditioning per request: T5 token states `txt` (1, L, D) and CLIP's pooled `vec` (1, P);
+the reference image's tokens are appended to the target's sequence with RoPE index 1, and
+guidance is an embedding (no second pass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from incontext import sampler
+
+
+@dataclass(frozen=True)
+class KontextBatch:
+    img_cond: torch.Tensor  # (B, N, 4C)
+    txt: torch.Tensor  # (B, L, D)
+    vec: torch.Tensor  # (B, P)
+    guidance: torch.Tensor  # (B,)
+    img_ids: torch.Tensor  # (2N, 3)
+    txt_ids: torch.Tensor  # (L, 3)
+
+    def rows(self, index: torch.Tensor) -> "KontextBatch":
+        return KontextBatch(self.img_cond.index_select(0, index), self.txt.index_select(0, index), self.vec.index_select(0, index),
+                            self.guidance.index_select(0, index), self.img_ids, self.txt_ids)
+
+
+class Kontext:
+    name = "kontext"
+    pipeline_class = "FluxKontextPipeline"
+    compiles = True
+
+    def load(self, directory: Path, *, device: str, dtype, max_sequence_length: int | None) -> sampler.Models:
+        from incontext.models.loader import load_model
+
+        return load_model(directory, device=device, dtype=dtype, max_sequence_length=max_sequence_length)
+
+    def encode_prompt(self, m: sampler.Models, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return sampler.encode_text(m, [prompt])
+
+    def encode_images(self, m: sampler.Models, images: list[Image.Image]) -> torch.Tensor:
+        return sampler.encode_images(m, images)
+
+    def schedule(self, m: sampler.Models, num_steps: int, seq_len: int) -> tuple[list[float], list[float]]:
+        return sampler.schedule(num_steps, seq_len, m.scheduler_config)
+
+    def initial_latents(self, m: sampler.Models, seed: int, reference: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return sampler.initial_latents(m, seed, reference, height, width)
+
+    def batch(self, m: sampler.Models, prompts: list[tuple[torch.Tensor, torch.Tensor]], references: list[torch.Tensor],
+              guidance: list[float], height: int, width: int) -> KontextBatch:
+        txt = torch.cat([t for t, _ in prompts])
+        img_ids, txt_ids = sampler.kontext_ids(height, width, m.vae_scale_factor, txt.shape[1])
+        return KontextBatch(img_cond=torch.cat(references), txt=txt, vec=torch.cat([v for _, v in prompts]),
+                            guidance=torch.tensor(guidance), img_ids=img_ids, txt_ids=txt_ids)
+
+    def velocity(self, m: sampler.Models, batch: KontextBatch, img: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return sampler.predict_velocity(m, img=img, img_cond=batch.img_cond, txt=batch.txt, vec=batch.vec, timesteps=timesteps,
+                                        guidance=batch.guidance, img_ids=batch.img_ids, txt_ids=batch.txt_ids)
+
+    def decode(self, m: sampler.Models, img: torch.Tensor, height: int, width: int) -> list[Image.Image]:
+        return sampler.decode(m, img, height, width)
+
+
+KONTEXT = Kontext()

@@ -112,12 +112,13 @@ class RequestIdMiddleware:
 
 def create_app(settings: Settings | None = None, engine: EngineClient | None = None) -> FastAPI:
     settings = settings or Settings()
+    # Presets only, no weights: the OpenAPI document names the models' versions too.
+    registry = build_registry(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         db_engine, sessions = await asyncio.to_thread(open_database, settings)
         check_safe_to_serve(settings, sessions)
-        registry = build_registry(settings)
         model_engine = engine or build_engine(settings, registry)
         await model_engine.start()
         if engine is None and settings.engine_mode == "process":  # not an engine in this process (memory.py)
@@ -179,5 +180,5 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
     for module in (account, runs, events, batches, callbacks, files, replicate, discovery, bfl, openai, fal):
         app.include_router(module.router)
     playground.install(app)
-    openapi.install(app, settings.base_url)
+    openapi.install(app, settings.base_url, registry)
     return app

@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated, Any
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from incontext.service import callbacks, lifecycle, netpolicy, outputs, store, submission, surfaces
@@ -42,7 +43,7 @@ from incontext.service.errors import Conflict, ServiceError, ValidationFailed, f
 from incontext.service.models import ApiKey, Run
 from incontext.service.routes import bfl
 from incontext.service.runparams import RunParams
-from incontext.service.schemas import public_output
+from incontext.service.schemas import CallbackUrl, KontextInput, public_output
 from incontext.service.storage import Storage
 
 OWNER = "fal-ai"
@@ -54,8 +55,7 @@ router = APIRouter(tags=["fal"], route_class=surfaces.route_class(bfl.render_err
 FalKeyDep = Annotated[ApiKey, Depends(surfaces.key_from_headers)]
 
 
-async def _submit(app: str, values: dict, request: Request, key: ApiKey, service, webhook: str | None = None) -> Run:
-    item = surfaces.kontext_input(values, {})
+async def _submit(app: str, item: KontextInput, request: Request, key: ApiKey, service, webhook: str | None = None) -> Run:
     if webhook is not None and (reason := netpolicy.url_refusal(webhook)):
         message = f"fal_webhook: {reason}"
         raise ValidationFailed(message, errors=[field_error("fal_webhook", message, "value_error")])
@@ -67,8 +67,8 @@ async def _submit(app: str, values: dict, request: Request, key: ApiKey, service
 
 @router.post("/queue/fal-ai/{app:path}")
 async def submit_request(
-    app: str, request: Request, key: FalKeyDep, service: ServiceDep, values: Annotated[dict[str, Any], Body()],
-    fal_webhook: Annotated[str | None, Query(max_length=2048, description="POSTed the result when the request ends")] = None,
+    app: str, request: Request, key: FalKeyDep, service: ServiceDep, values: Annotated[KontextInput, Body()],
+    fal_webhook: Annotated[CallbackUrl | None, Query(max_length=2048, description="POSTed the result when the request ends")] = None,
 ):
     """Queue a request; poll status_url, then GET response_url (or hear of the end at fal_webhook)."""
     run = await _submit(app, values, request, key, service, webhook=fal_webhook)
@@ -76,7 +76,7 @@ async def submit_request(
 
 
 @router.post("/fal-ai/{app:path}")
-async def run_request(app: str, request: Request, key: FalKeyDep, service: ServiceDep, values: Annotated[dict[str, Any], Body()]):
+async def run_request(app: str, request: Request, key: FalKeyDep, service: ServiceDep, values: Annotated[KontextInput, Body()]):
     """Run and answer with the result (fal's synchronous `run`); canceled if not done in time."""
     run = await _submit(app, values, request, key, service)
     deadline = time.monotonic() + RUN_WAIT_S
@@ -122,7 +122,14 @@ def request_result(app: str, request_id: str, key: FalKeyDep, service: ServiceDe
     return JSONResponse(_result_or_raise(run, service.storage), headers={"x-fal-request-id": run.id})
 
 
-@router.put("/queue/fal-ai/{app:path}/requests/{request_id}/cancel")
+class CancelAnswer(BaseModel):
+    status: Literal["CANCELLATION_REQUESTED", "ALREADY_COMPLETED"]
+
+
+@router.put(
+    "/queue/fal-ai/{app:path}/requests/{request_id}/cancel", status_code=202, response_model=CancelAnswer,
+    responses={400: {"model": CancelAnswer, "description": "`ALREADY_COMPLETED`: the request had ended"}},
+)
 def cancel_request(app: str, request_id: str, key: FalKeyDep, service: ServiceDep):
     """202 `CANCELLATION_REQUESTED`; 400 `ALREADY_COMPLETED` if it had ended (as fal answers)."""
     with service.read_sessions() as session:

@@ -40,11 +40,11 @@ from starlette.concurrency import run_in_threadpool
 
 from incontext.service import callbacks, lifecycle, netpolicy, outputs, store, submission, surfaces
 from incontext.service.deps import Service, ServiceDep, count_read
-from incontext.models.registry import ModelPreset
+from incontext.models.registry import ModelPreset, Registry
 from incontext.service.errors import Conflict, NotFound, ValidationFailed, field_error
 from incontext.service.models import ApiKey, Run
 from incontext.service.runparams import RunParams
-from incontext.service.schemas import MAX_SEED, public_output
+from incontext.service.schemas import MAX_PROMPT_LENGTH, MAX_SEED, CallbackUrl, public_output
 from incontext.service.storage import Storage
 
 STYLE = "replicate"
@@ -75,8 +75,10 @@ class KontextPredictionInput(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Field(description="the edit instruction")
-    input_image: str | None = Field(None, description="the image to edit: http(s) URL or data: URI; required here")
+    # input_image required (Replicate's model also generates from a prompt alone; this server
+    # only edits), prompt bounded as KontextInput bounds it.
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_LENGTH, description="the edit instruction")
+    input_image: str = Field(min_length=1, description="the image to edit: http(s) URL or data: URI; required here")
     aspect_ratio: str = Field("match_input_image", description="match_input_image, or 21:9 … 9:21")
     output_format: Literal["jpg", "jpeg", "png"] = "png"
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
@@ -85,11 +87,13 @@ class KontextPredictionInput(BaseModel):
 
 
 class PredictionCreate(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # The document asks for one of webhook and webhook_completed: callback() refuses two
+    # different URLs, and a schema cannot say "the same URL if both".
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"not": {"required": ["webhook", "webhook_completed"]}})
 
     input: KontextPredictionInput
-    webhook: str | None = Field(None, max_length=2048)
-    webhook_completed: str | None = Field(None, max_length=2048, description="older field: a URL told of `completed` only")
+    webhook: CallbackUrl | None = Field(None, max_length=2048)
+    webhook_completed: CallbackUrl | None = Field(None, max_length=2048, description="older field: a URL told of `completed` only")
     webhook_events_filter: list[Literal["start", "output", "logs", "completed"]] | None = Field(
         None, description="the events POSTed to `webhook`; all four when absent"
     )
@@ -153,9 +157,6 @@ def get_version(owner: str, name: str, version_id: str, key: ReplicateKeyDep, se
 
 async def _create(model_id: str, body: PredictionCreate, request: Request, key: ApiKey, service, prefer: str | None) -> JSONResponse:
     given = body.input
-    if not given.input_image:
-        message = "input_image is required: this server edits images (http(s) URL or data: URI)"
-        raise ValidationFailed(message, errors=[field_error("input_image", message, "missing")])
     item = surfaces.kontext_input(
         {
             "prompt": given.prompt, "image_url": given.input_image, "aspect_ratio": given.aspect_ratio, "output_format": given.output_format,
@@ -222,6 +223,16 @@ def default_webhook_secret(key: ReplicateKeyDep, service: ServiceDep):
 # characters, as Replicate's are), so `owner/name:version` references stay stable.
 def version_of(preset: ModelPreset) -> str:
     return hashlib.sha256(f"incontext:{preset.id}".encode()).hexdigest()
+
+
+def version_references(registry: Registry) -> list[str]:
+    """Every `version` _model_of_version maps (model ids as registered, without stray '/'),
+    for the OpenAPI document."""
+    references = []
+    for preset in registry.models.values():
+        version = version_of(preset)
+        references += [version, *(f"{name}:{version}" for name in (preset.id, *preset.aliases))]
+    return references + registry.ids()
 
 
 def _model_of_version(service: Service, version: str) -> str:

@@ -62,9 +62,10 @@ class Family(Protocol):
 
 def families() -> dict[str, Family]:
     """Every adapter, by the pipeline class it serves."""
+    from incontext.engine.families.klein import KLEIN
     from incontext.engine.families.kontext import KONTEXT
 
-    return {f.pipeline_class: f for f in (KONTEXT,)}
+    return {f.pipeline_class: f for f in (KONTEXT, KLEIN)}
 
 
 def for_directory(directory: Path) -> Family:

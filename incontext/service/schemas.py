@@ -31,7 +31,7 @@ def _tolerance(value: Any) -> Any:
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
-    if value not in {"1", "2", "3", "4", "5", "6"}:
+    if not isinstance(value, str) or value not in {"1", "2", "3", "4", "5", "6"}:  # a list or dict is no tolerance
         raise ValueError('safety_tolerance must be one of "1".."6"')
     return value
 

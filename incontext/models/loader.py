@@ -1,4 +1,5 @@
 """Load any FluxKontextPipeline-layout directory (our nano model or FLUX.1-Kontext-dev).
+Other families' loaders (engine/families) reuse `check_model_dir` and `load_part`.
 
 Loading is offline only (local files); errors name the missing or mismatched part.
 """

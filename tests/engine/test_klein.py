@@ -118,4 +118,7 @@ def test_guided_rows_run_their_empty_prompt_twin_in_the_same_pass(klein_dir):
         cond, neg = alone(0, prompts[0]), alone(0, m.negative_txt)
         torch.testing.assert_close(v[0:1], neg + 4.0 * (cond - neg), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(v[1:2], alone(1, prompts[1]), atol=1e-5, rtol=1e-4)
+        # The step cache runs a subset of the batch's rows: the guided row alone, the same.
+        index = torch.tensor([0])
+        torch.testing.assert_close(KLEIN.velocity(m, batch.rows(index), img[index], t[index]), v[0:1], atol=1e-5, rtol=1e-4)
     assert (cond - neg).abs().max() > 1e-3  # the empty prompt really is another input

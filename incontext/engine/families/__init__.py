@@ -25,6 +25,8 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
+from incontext.engine.families.klein import KLEIN
+from incontext.engine.families.kontext import KONTEXT
 from incontext.errors import ModelError
 
 
@@ -60,18 +62,14 @@ class Family(Protocol):
     def decode(self, m, img: torch.Tensor, height: int, width: int) -> list[Image.Image]: ...
 
 
-def families() -> dict[str, Family]:
-    """Every adapter, by the pipeline class it serves."""
-    from incontext.engine.families.klein import KLEIN
-    from incontext.engine.families.kontext import KONTEXT
-
-    return {f.pipeline_class: f for f in (KONTEXT, KLEIN)}
+# Every adapter, by the pipeline class it serves.
+FAMILIES: dict[str, Family] = {f.pipeline_class: f for f in (KONTEXT, KLEIN)}
 
 
 def for_directory(directory: Path) -> Family:
     """The adapter for a model directory, from its model_index.json. A directory without a
     readable index is Kontext's: its loader says what is missing."""
-    known = families()
+    known = FAMILIES
     try:
         class_name = json.loads((Path(directory) / "model_index.json").read_text()).get("_class_name")
     except (OSError, ValueError):

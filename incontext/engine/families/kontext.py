@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from incontext import sampler
+from incontext.models.loader import load_model
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,6 @@ class Kontext:
     compiles = True
 
     def load(self, directory: Path, *, device: str, dtype, max_sequence_length: int | None) -> sampler.Models:
-        from incontext.models.loader import load_model
-
         return load_model(directory, device=device, dtype=dtype, max_sequence_length=max_sequence_length)
 
     def encode_prompt(self, m: sampler.Models, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,13 +2,17 @@
 
 Kontext conditioning: the context image's latent tokens are appended to the target's
 sequence (their RoPE ids carry index 1 in the first axis) and the prediction is sliced
-back to the target's length. Every function takes a batch, and every row of the batch may
-have its own prompt, context image, guidance, timestep and noise, so the engine can put
-several requests in one forward pass. With one row, the result equals stock diffusers
+back to the target's length. Further reference images are appended after it with index 2,
+3, …: the sequence concatenation allows it, but FLUX.1 Kontext was trained with one context
+image, so what the model makes of the others is beyond its training (docs/engine.md).
+Every function takes a batch, and every row of the batch may have its own prompt, context
+image, guidance, timestep and noise, so the engine can put several requests in one forward
+pass. With one row, the result equals stock diffusers
 `FluxKontextPipeline` on the same directory (same seed, steps and guidance).
 
 Shapes: img (B, N, 4C) packed target latents; img_cond (B, N, 4C) packed context latents;
-txt (B, L, D) text states; vec (B, P) pooled text; img_ids (2N, 3); txt_ids (L, 3).
+txt (B, L, D) text states; vec (B, P) pooled text; img_ids (2N, 3); txt_ids (L, 3). With k
+reference images (all at the output's size), img_cond is (B, kN, 4C) and img_ids ((1 + k)N, 3).
 """
 
 from __future__ import annotations
@@ -92,10 +96,11 @@ def image_ids(h_tokens: int, w_tokens: int, index: int) -> torch.Tensor:
     return ids.reshape(h_tokens * w_tokens, 3)
 
 
-def kontext_ids(height: int, width: int, vae_scale_factor: int, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(img_ids for target + context, txt_ids) for an output of height × width pixels."""
+def kontext_ids(height: int, width: int, vae_scale_factor: int, text_len: int, contexts: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(img_ids for target + `contexts` context images, txt_ids) for an output of height × width
+    pixels: the target has index 0, context image i index i (1, 2, …)."""
     ht, wt = height // (vae_scale_factor * 2), width // (vae_scale_factor * 2)
-    img = torch.cat([image_ids(ht, wt, 0), image_ids(ht, wt, 1)])
+    img = torch.cat([image_ids(ht, wt, i) for i in range(contexts + 1)])
     return img, torch.zeros(text_len, 3)
 
 
@@ -126,6 +131,15 @@ def encode_images(m: Models, images: list[Image.Image]) -> torch.Tensor:
     z = m.vae.encode(x).latent_dist.mode()
     z = (z - m.vae.config.shift_factor) * m.vae.config.scaling_factor
     return pack(z)
+
+
+def stack_images(rows: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    """Each row's images' latents (each (1, N, 4C)) side by side in the sequence: (B, kN, 4C).
+    Rows of one batch share a sequence length, so every row must have k images."""
+    k = len(rows[0])
+    if any(len(r) != k for r in rows):
+        raise ValueError(f"every row of a batch needs the same number of images; got {sorted({len(r) for r in rows})}")
+    return torch.cat([torch.cat(r, dim=1) for r in rows])
 
 
 def initial_noise(seed: int, latent_channels: int, height: int, width: int, vae_scale_factor: int) -> torch.Tensor:
@@ -245,20 +259,23 @@ def denoise(
     num_steps: int = 20,
     guidance: float = 3.5,
     on_step=None,
+    references: tuple[Image.Image, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(output latents (n, N, 4C), context latents (1, N, 4C)) of one image edited by one
-    prompt, one output per seed, in one batch. `image` is already at the output size. For
-    many requests at once, the engine calls the same functions."""
+    prompt, one output per seed, in one batch. `image` is already at the output size, and so
+    is each of `references` (further context images, appended after it). For many requests
+    at once, the engine calls the same functions."""
     width, height = image.size
     n = len(seeds)
     txt, vec = encode_text(m, [prompt])
     img_cond = encode_images(m, [image])
+    context = torch.cat([img_cond, *(encode_images(m, [r]) for r in references)], dim=1)
     img = torch.cat([initial_latents(m, s, img_cond, height, width) for s in seeds])
-    img_ids, txt_ids = kontext_ids(height, width, m.vae_scale_factor, txt.shape[1])
+    img_ids, txt_ids = kontext_ids(height, width, m.vae_scale_factor, txt.shape[1], 1 + len(references))
     timesteps, sigmas = schedule(num_steps, img.shape[1], m.scheduler_config)
     for i in range(num_steps):
         v = predict_velocity(
-            m, img=img, img_cond=img_cond.expand(n, -1, -1), txt=txt.expand(n, -1, -1), vec=vec.expand(n, -1),
+            m, img=img, img_cond=context.expand(n, -1, -1), txt=txt.expand(n, -1, -1), vec=vec.expand(n, -1),
             timesteps=torch.full((n,), timesteps[i]), guidance=torch.full((n,), float(guidance)),
             img_ids=img_ids, txt_ids=txt_ids,
         )
@@ -270,7 +287,7 @@ def denoise(
 
 @torch.no_grad()
 def edit(m: Models, image: Image.Image, prompt: str, *, seeds: list[int], num_steps: int = 20, guidance: float = 3.5,
-         on_step=None) -> list[Image.Image]:
+         on_step=None, references: tuple[Image.Image, ...] = ()) -> list[Image.Image]:
     """`denoise`, decoded: the model's raw outputs (preserve.py keeps the input's pixels)."""
-    img, _ = denoise(m, image, prompt, seeds=seeds, num_steps=num_steps, guidance=guidance, on_step=on_step)
+    img, _ = denoise(m, image, prompt, seeds=seeds, num_steps=num_steps, guidance=guidance, on_step=on_step, references=references)
     return decode(m, img, image.height, image.width)

@@ -30,7 +30,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from incontext.engine import preview, stepcache
-from incontext.engine.protocol import EditRequest, EditResult, ProgressCallback, StepProgress
+from incontext.engine.protocol import MAX_IMAGES, EditRequest, EditResult, ProgressCallback, StepProgress
 from incontext.engine.runner import Job, Runner
 from incontext.engine.scheduler import SampleStatus, Sample, ScheduledBatch, Scheduler
 from incontext.engine.stepcache import StepCacheConfig
@@ -206,8 +206,10 @@ class LocalEngine:
             mult = m.vae_scale_factor * 2
             if request.width % mult or request.height % mult:
                 raise InvalidInput(f"output size {request.width}×{request.height} must be a multiple of {mult}")
-            if request.image.size != (request.width, request.height):
-                raise InvalidInput("the context image must already be at the output size")
+            if 1 + len(request.references) > MAX_IMAGES:
+                raise InvalidInput(f"at most {MAX_IMAGES} images per request, the edited one included")
+            if any(im.size != (request.width, request.height) for im in (request.image, *request.references)):
+                raise InvalidInput("the context image and every reference image must already be at the output size")
         except IncontextError as e:
             fut.set_exception(e)
             return
@@ -215,7 +217,7 @@ class LocalEngine:
             log.exception("could not admit request %s", request.request_id)
             fut.set_exception(ModelError(f"could not load model {request.model_id!r}: {e.__class__.__name__}: {e}"))
             return
-        bucket = (preset.id, request.width, request.height)
+        bucket = (preset.id, request.width, request.height, 1 + len(request.references))
         job = Job(request, fut, on_progress, preset.id, steps, started=submitted)
         cache = self._model_step_cache.get(preset.id, self.step_cache)
         if cache is not None and cache.evals(steps) < steps:

@@ -13,6 +13,11 @@ import numpy as np
 from PIL import Image
 
 
+# Images one request may give: the one edited and up to three references (as hosted FLUX
+# APIs take input_image … input_image_4).
+MAX_IMAGES = 4
+
+
 @dataclass(frozen=True)
 class StepProgress:
     """A request's progress after a denoising step. `preview`, on the steps a request asked
@@ -32,7 +37,9 @@ ProgressCallback = Callable[[StepProgress], None]
 
 @dataclass(frozen=True)
 class EditRequest:
-    """One edit: `num_images` outputs of `image` edited by `prompt`.
+    """One edit: `num_images` outputs of `image` edited by `prompt`, drawing on `references`
+    (further images the prompt may name: "put the hat of the second image on the cat"). The
+    output has `image`'s size; `image` and every reference are already fitted to it.
 
     Output i uses seed `seed + i`, so each image can be reproduced alone (also in stock
     diffusers with `torch.Generator().manual_seed(seed + i)`).
@@ -56,6 +63,8 @@ class EditRequest:
     # Who asked (the service passes the API key's id): the engine shares each denoising step
     # equally between owners, so one key's backlog cannot slow another key's edit to a crawl.
     owner: str = ""
+    # Further reference images (MAX_IMAGES in all, `image` included), in the order the client sent them.
+    references: tuple[Image.Image, ...] = ()
 
 
 @dataclass

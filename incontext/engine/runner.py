@@ -3,8 +3,8 @@
 The loop (engine/local.py) decides which samples step; the runner
 - loads models (`load`) and picks each one's adapter from its directory (engine/families);
 - prepares a request's inputs the first time one of its samples runs: the prompt's
-  conditioning and the reference image's latents (both cached), its sigma schedule, and each
-  sample's starting latents;
+  conditioning and each image's latents (both cached; images by content), its sigma
+  schedule, and each sample's starting latents;
 - `execute`: one denoising forward over the batch's samples that compute this step (the
   others reuse their last velocity, engine/stepcache.py);
 - `apply`: every sample's Euler update, the same for every family;
@@ -50,7 +50,8 @@ class Job:
     velocities: dict[int, torch.Tensor] = field(default_factory=dict)  # sample index → last computed (1, N, 4C)
     compute_steps: frozenset[int] | None = None  # steps that run the transformer; None: all
     prompt: Any = None  # the family's text conditioning of the request's prompt
-    reference: torch.Tensor | None = None  # the reference image's packed latents (1, N, 4C)
+    reference: torch.Tensor | None = None  # the edited image's packed latents (1, N, 4C)
+    context: tuple[torch.Tensor, ...] = ()  # every image's, the edited one first: what the family conditions on
     started: float = 0.0  # when submitted
     first_step: float = 0.0
     evals: int = 0  # transformer passes per image
@@ -144,19 +145,25 @@ class Runner:
         if prompt is None:
             prompt = family.encode_prompt(m, r.prompt)
             self.text_cache.put(key, prompt)
-        ikey = (model_id, image_key(r.image))
-        reference = self.latent_cache.get(ikey)
-        if reference is None:
-            reference = family.encode_images(m, [r.image])
-            self.latent_cache.put(ikey, reference)
-        job.prompt, job.reference = prompt, reference
-        job.timesteps, job.sigmas = family.schedule(m, job.steps, reference.shape[1])
+        job.prompt, job.context = prompt, tuple(self._latents(model_id, image, m, family) for image in (r.image, *r.references))
+        job.reference = job.context[0]
+        # The schedule's shift follows the target's token count, as the stock pipelines do.
+        job.timesteps, job.sigmas = family.schedule(m, job.steps, job.reference.shape[1])
+
+    def _latents(self, model_id: str, image, m, family: Family) -> torch.Tensor:
+        """One image's packed latents (1, N, 4C), cached by the image's content."""
+        key = (model_id, image_key(image))
+        latents = self.latent_cache.get(key)
+        if latents is None:
+            latents = family.encode_images(m, [image])
+            self.latent_cache.put(key, latents)
+        return latents
 
     @torch.no_grad()
     def execute(self, batch: ScheduledBatch, jobs: dict[str, Job]) -> Step:
         """Every sample's velocity for this step: one transformer pass over the samples whose
         schedule computes this step; the others reuse their last velocity."""
-        model_id, width, height = batch.bucket
+        model_id, width, height, _ = batch.bucket
         family, m = self.families[model_id], self._current(model_id)
         now = time.perf_counter()
         for s in batch.new:
@@ -194,9 +201,9 @@ class Runner:
         samples = tuple(batch.samples)
         if self._inputs is not None and self._inputs.samples == samples:  # Sample compares by identity
             return self._inputs
-        _, width, height = batch.bucket
+        _, width, height, _ = batch.bucket
         batch_jobs = [jobs[s.request_id] for s in samples]
-        conditioning = family.batch(m, [j.prompt for j in batch_jobs], [j.reference for j in batch_jobs],
+        conditioning = family.batch(m, [j.prompt for j in batch_jobs], [j.context for j in batch_jobs],
                                     [float(j.request.guidance_scale) for j in batch_jobs], height, width)
         self._inputs = _BatchInputs(samples=samples, jobs=batch_jobs, conditioning=conditioning)
         return self._inputs

@@ -1,8 +1,9 @@
 """Which samples run in the next denoising step: pure bookkeeping, no tensors, no model.
 
 Every output image is a `Sample` with its own step counter. A batch holds samples of one
-model and one resolution bucket (their token sequences must have the same length); samples
-join at any step boundary while there is room and leave when they finish or are cancelled.
+model, one resolution and one number of images (their token sequences must have the same
+length); samples join at any step boundary while there is room and leave when they finish
+or are cancelled.
 Requests are admitted first come, first served; a bucket that is not running waits at most
 until the running batch drains, so no request starves.
 
@@ -34,7 +35,9 @@ TERMINAL = {SampleStatus.FINISHED, SampleStatus.CANCELLED}
 class Sample:
     request_id: str
     index: int  # which of the request's images
-    bucket: tuple[str, int, int]  # (model id, width, height)
+    # (model id, width, height, images): a batch's samples must have token sequences of one
+    # length, and each reference image adds a target's length.
+    bucket: tuple[str, int, int, int]
     total_steps: int
     step: int = 0
     status: SampleStatus = SampleStatus.WAITING
@@ -51,7 +54,7 @@ class ScheduledBatch:
     new: list[Sample] = field(default_factory=list)
 
     @property
-    def bucket(self) -> tuple[str, int, int] | None:
+    def bucket(self) -> tuple[str, int, int, int] | None:
         return self.samples[0].bucket if self.samples else None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -46,7 +48,8 @@ def _request(rid: str, prompt: str, image: Image.Image, seed: int, guidance: flo
 
 
 def _stock(pipe, r: EditRequest) -> Image.Image:
-    return pipe(image=r.image, prompt=r.prompt, height=r.height, width=r.width, num_inference_steps=r.num_inference_steps,
+    images = [r.image, *r.references] if r.references else r.image
+    return pipe(image=images, prompt=r.prompt, height=r.height, width=r.width, num_inference_steps=r.num_inference_steps,
                 guidance_scale=r.guidance_scale, generator=torch.Generator().manual_seed(r.seed), max_sequence_length=64,
                 text_encoder_out_layers=(1, 2)).images[0]
 
@@ -104,7 +107,7 @@ def test_guided_rows_run_their_empty_prompt_twin_in_the_same_pass(klein_dir):
     with torch.no_grad():
         prompts = [KLEIN.encode_prompt(m, p) for p in ("make it blue", "remove it")]
         reference = KLEIN.encode_images(m, [_picture(64, 64)])
-        batch = KLEIN.batch(m, prompts, [reference, reference], [4.0, 1.0], 64, 64)
+        batch = KLEIN.batch(m, prompts, [(reference,), (reference,)], [4.0, 1.0], 64, 64)
         img = torch.randn(2, *reference.shape[1:], generator=torch.Generator().manual_seed(0))
         t = torch.tensor([900.0, 400.0])
         v = KLEIN.velocity(m, batch, img, t)
@@ -122,3 +125,42 @@ def test_guided_rows_run_their_empty_prompt_twin_in_the_same_pass(klein_dir):
         index = torch.tensor([0])
         torch.testing.assert_close(KLEIN.velocity(m, batch.rows(index), img[index], t[index]), v[0:1], atol=1e-5, rtol=1e-4)
     assert (cond - neg).abs().max() > 1e-3  # the empty prompt really is another input
+
+
+def test_reference_images_reach_the_transformer_as_the_stock_pipeline_gives_them(klein_dir, stock):
+    """The tiny random model's pixels hardly tell one reference image from another, so the
+    pixel parity below cannot show the order or position of the images. Check what the
+    transformer receives: each row's image tokens, one image after another, and their RoPE
+    ids (T = 10, 20, 30 on the target's grid) equal the pipeline's for image=[a, b, c]."""
+    from incontext.engine.families import klein
+
+    images = [_picture(64, 64), _picture(64, 64, fill=(30, 60, 220)), _picture(64, 64, fill=(40, 200, 60)).rotate(90)]
+    m = klein.load(klein_dir, dtype="float32")
+    with torch.no_grad():
+        prompt = KLEIN.encode_prompt(m, "put them together")
+        ours = KLEIN.batch(m, [prompt], [tuple(KLEIN.encode_images(m, [im]) for im in images)], [1.0], 64, 64)
+        processed = [stock.image_processor.preprocess(im, height=64, width=64, resize_mode="crop") for im in images]
+        tokens, image_ids = stock.prepare_image_latents(processed, batch_size=1, generator=torch.Generator().manual_seed(0),
+                                                        device="cpu", dtype=torch.float32)
+    n = tokens.shape[1] // 3
+    torch.testing.assert_close(ours.reference, tokens, atol=1e-5, rtol=1e-4)
+    assert torch.equal(ours.img_ids[n:], image_ids[0].to(ours.img_ids.dtype))
+    assert [int(ours.img_ids[i * n, 0]) for i in range(4)] == [0, 10, 20, 30]
+    assert (tokens[:, :n] - tokens[:, n : 2 * n]).abs().max() > 1e-2  # the images really differ
+
+
+def test_reference_images_match_stock_pipeline_alone_and_in_a_batch(klein_registry, stock):
+    """Several reference images are native to Klein: `Flux2KleinPipeline(image=[a, b])` puts
+    b's tokens after a's with T = 20. Ours equals it for each of two such requests sharing a
+    batch, and for a one-image request beside them (in a batch of its own)."""
+    a, b = _picture(64, 64), _picture(64, 64, fill=(30, 60, 220)).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    c = _picture(64, 64, fill=(40, 200, 60)).transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    two = replace(_request("two", "put the blue circle beside the red one", a, 5, 4.0, 4), references=(b,))
+    three = replace(_request("three", "put the green circle below", a, 6, 1.0, 4), references=(b, c))
+    other = replace(two, request_id="other", prompt="swap the circles", seed=9, references=(c,))
+    one = replace(two, request_id="one", references=())
+    (ours, ours_other, ours_three, ours_one), stats = _run(klein_registry, [two, other, three, one])
+    for r, result in ((two, ours), (other, ours_other), (three, ours_three), (one, ours_one)):
+        assert _mean_diff(result.images[0], _stock(stock, r)) <= 1.0  # of 255
+    assert not np.array_equal(np.asarray(ours.images[0]), np.asarray(ours_one.images[0]))  # b reached the model
+    assert max(stats.batch_sizes) == 2  # two and other together; three and one each alone

@@ -5,9 +5,10 @@ every model; a family adapter supplies only what depends on the model's architec
 
 - `load`: a model directory → the loaded modules (any object with `vae_scale_factor`);
 - `encode_prompt` / `encode_images`: one request's text conditioning (opaque to the engine,
-  cached per model and prompt) and its reference image as packed latent tokens (1, N, D);
+  cached per model and prompt) and each of its images as packed latent tokens (1, N, D);
 - `schedule`, `initial_latents`: the sigma schedule and one sample's starting latents;
-- `batch` → `velocity`: the running batch's conditioning stacked once, then one denoising
+- `batch` → `velocity`: the running batch's conditioning stacked once (each row's images,
+  the edited one first, all at the output's size and as many in every row), then one denoising
   forward for its rows, returning velocities (B, N, D) for the engine's Euler update;
 - `decode`: final latents → images.
 
@@ -54,7 +55,9 @@ class Family(Protocol):
 
     def initial_latents(self, m, seed: int, reference: torch.Tensor, height: int, width: int) -> torch.Tensor: ...
 
-    def batch(self, m, prompts: list, references: list[torch.Tensor], guidance: list[float], height: int, width: int) -> Batch: ...
+    def batch(self, m, prompts: list, references: list[tuple[torch.Tensor, ...]], guidance: list[float], height: int, width: int) -> Batch:
+        """One row per sample: its prompt's conditioning, its images' latents (each (1, N, D),
+        the edited image first; every row has as many) and its guidance."""
 
     def velocity(self, m, batch: Batch, img: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Velocities (B, N, D) of the target tokens `img` (B, N, D) at `timesteps` (B,), 0–1000."""

@@ -4,19 +4,23 @@ What differs from Kontext:
 - text: one Qwen3 causal LM; the prompt goes through the tokenizer's chat template, and the
   hidden states of a few layers (`text_encoder_out_layers`), concatenated per token, are
   the text sequence `txt` (1, L, K·H). No pooled vector.
-- RoPE ids have four axes (T, row, column, L): the target is T = 0, the reference image
-  T = 10, text tokens (0, 0, 0, l).
+- RoPE ids have four axes (T, row, column, L): the target is T = 0, reference image i
+  (0-based) T = 10 + 10·i, text tokens (0, 0, 0, l). Several reference images are native:
+  their tokens follow each other in the sequence, as `Flux2KleinPipeline(image=[a, b])` does.
 - latents are normalised by the VAE's BatchNorm statistics over the packed channels
   (not a shift and scale), and the starting noise is drawn in the packed layout.
 - the schedule's shift `mu` depends on the token count *and* the number of steps.
 - guidance: the distilled models (`is_distilled` in model_index.json) take none; the base
   models run true classifier-free guidance against the empty prompt. Here the empty
   prompt's rows ride in the same forward pass as the conditional ones.
-With one reference image the engine's output equals stock diffusers `Flux2KleinPipeline`'s
-on the same directory (same seed, steps and guidance).
+With one or more reference images the engine's output equals stock diffusers
+`Flux2KleinPipeline`'s on the same directory (same seed, steps and guidance), when every
+reference image is at the output's size (the service fits them so; the pipeline would keep
+each at its own size).
 
 Shapes: img (B, N, 4C) packed target latents (`sampler.pack`'s layout, which is Klein's
-patchify-then-pack); reference (B, N, 4C); txt (B, L, D); img_ids (2N, 4); txt_ids (L, 4).
+patchify-then-pack); reference (B, kN, 4C) for k images; txt (B, L, D); img_ids ((1 + k)N, 4);
+txt_ids (L, 4).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from incontext.models.device import resolve_dtype
 from incontext.models.loader import check_model_dir, load_part, offline
 
 PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-REFERENCE_T = 10  # the first reference image's T coordinate, as the pipeline sets it
+REFERENCE_T = 10  # the first reference image's T coordinate, and the step to the next, as the pipeline sets them
 
 
 @dataclass
@@ -120,15 +124,16 @@ def encode_images(m: KleinModels, images: list[Image.Image]) -> torch.Tensor:
     return (tokens - mean.to(tokens.dtype)) / std.to(tokens.dtype)
 
 
-def ids(height: int, width: int, vae_scale_factor: int, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(img_ids for target + reference (2N, 4), txt_ids (L, 4)) for an output of height × width pixels."""
+def ids(height: int, width: int, vae_scale_factor: int, text_len: int, references: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(img_ids for target + `references` images ((1 + k)N, 4), txt_ids (L, 4)) for an output
+    of height × width pixels, every reference image at that size."""
     ht, wt = height // (vae_scale_factor * 2), width // (vae_scale_factor * 2)
     grid = torch.cartesian_prod(torch.arange(ht), torch.arange(wt))
     zeros = torch.zeros(ht * wt, 1, dtype=grid.dtype)
     target = torch.cat([zeros, grid, zeros], dim=1)
-    reference = torch.cat([zeros + REFERENCE_T, grid, zeros], dim=1)
+    images = [torch.cat([zeros + REFERENCE_T * (1 + i), grid, zeros], dim=1) for i in range(references)]
     txt_ids = torch.cat([torch.zeros(text_len, 3, dtype=grid.dtype), torch.arange(text_len)[:, None]], dim=1)
-    return torch.cat([target, reference]), txt_ids
+    return torch.cat([target, *images]), txt_ids
 
 
 def initial_latents(m: KleinModels, seed: int, height: int, width: int) -> torch.Tensor:
@@ -157,11 +162,11 @@ def empirical_mu(seq_len: int, num_steps: int) -> float:
 
 @dataclass(frozen=True)
 class KleinBatch:
-    reference: torch.Tensor  # (B, N, 4C)
+    reference: torch.Tensor  # (B, kN, 4C): k images per row
     txt: torch.Tensor  # (B, L, D)
     guidance: torch.Tensor  # (B,) true-CFG scale; rows with cfg False ignore it
     cfg: torch.Tensor  # (B,) bool: the row also runs the empty prompt
-    img_ids: torch.Tensor  # (2N, 4)
+    img_ids: torch.Tensor  # ((1 + k)N, 4)
     txt_ids: torch.Tensor  # (L, 4)
 
     def rows(self, index: torch.Tensor) -> "KleinBatch":
@@ -219,12 +224,12 @@ class Klein:
     def initial_latents(self, m: KleinModels, seed: int, reference: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return initial_latents(m, seed, height, width)
 
-    def batch(self, m: KleinModels, prompts: list[torch.Tensor], references: list[torch.Tensor], guidance: list[float],
+    def batch(self, m: KleinModels, prompts: list[torch.Tensor], references: list[tuple[torch.Tensor, ...]], guidance: list[float],
               height: int, width: int) -> KleinBatch:
         txt = torch.cat(prompts)
-        img_ids, txt_ids = ids(height, width, m.vae_scale_factor, txt.shape[1])
+        img_ids, txt_ids = ids(height, width, m.vae_scale_factor, txt.shape[1], len(references[0]))
         cfg = torch.tensor([g > 1 and not m.is_distilled for g in guidance])
-        return KleinBatch(reference=torch.cat(references), txt=txt, guidance=torch.tensor(guidance), cfg=cfg,
+        return KleinBatch(reference=sampler.stack_images(references), txt=txt, guidance=torch.tensor(guidance), cfg=cfg,
                           img_ids=img_ids.to(m.device), txt_ids=txt_ids.to(m.device))
 
     def velocity(self, m: KleinModels, batch: KleinBatch, img: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

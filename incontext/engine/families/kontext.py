@@ -1,8 +1,9 @@
 """FLUX.1 Kontext (`FluxKontextPipeline`): the adapter over `incontext.sampler`.
 
 Conditioning per request: T5 token states `txt` (1, L, D) and CLIP's pooled `vec` (1, P);
-the reference image's tokens are appended to the target's sequence with RoPE index 1, and
-guidance is an embedding (no second pass).
+the edited image's tokens are appended to the target's sequence with RoPE index 1, each
+further reference image's after them with index 2, 3, … (beyond what FLUX.1 Kontext was
+trained for: it saw one context image), and guidance is an embedding (no second pass).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from incontext.models.loader import load_model
 
 @dataclass(frozen=True)
 class KontextBatch:
-    img_cond: torch.Tensor  # (B, N, 4C)
+    img_cond: torch.Tensor  # (B, kN, 4C): k images per row
     txt: torch.Tensor  # (B, L, D)
     vec: torch.Tensor  # (B, P)
     guidance: torch.Tensor  # (B,)
-    img_ids: torch.Tensor  # (2N, 3)
+    img_ids: torch.Tensor  # ((1 + k)N, 3)
     txt_ids: torch.Tensor  # (L, 3)
 
     def rows(self, index: torch.Tensor) -> "KontextBatch":
@@ -51,11 +52,11 @@ class Kontext:
     def initial_latents(self, m: sampler.Models, seed: int, reference: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return sampler.initial_latents(m, seed, reference, height, width)
 
-    def batch(self, m: sampler.Models, prompts: list[tuple[torch.Tensor, torch.Tensor]], references: list[torch.Tensor],
+    def batch(self, m: sampler.Models, prompts: list[tuple[torch.Tensor, torch.Tensor]], references: list[tuple[torch.Tensor, ...]],
               guidance: list[float], height: int, width: int) -> KontextBatch:
         txt = torch.cat([t for t, _ in prompts])
-        img_ids, txt_ids = sampler.kontext_ids(height, width, m.vae_scale_factor, txt.shape[1])
-        return KontextBatch(img_cond=torch.cat(references), txt=txt, vec=torch.cat([v for _, v in prompts]),
+        img_ids, txt_ids = sampler.kontext_ids(height, width, m.vae_scale_factor, txt.shape[1], len(references[0]))
+        return KontextBatch(img_cond=sampler.stack_images(references), txt=txt, vec=torch.cat([v for _, v in prompts]),
                             guidance=torch.tensor(guidance), img_ids=img_ids, txt_ids=txt_ids)
 
     def velocity(self, m: sampler.Models, batch: KontextBatch, img: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -62,13 +62,15 @@ def edit(
         if preserve not in ("auto", "off"):
             raise IncontextError(f"--preserve must be auto or off, not {preserve!r}", code="INVALID_INPUT")
         if server:
-            results = _edit_remote(server, api_key, image, prompt, seed, guidance, steps, num_images, aspect_ratio, model, fmt, preserve, mask is not None)
+            model_id, results = _edit_remote(server, api_key, image, prompt, seed, guidance, steps, num_images, aspect_ratio, model, fmt, preserve, mask is not None)
         else:
-            results = _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, model, preserve)
+            model_id, results = _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, model, preserve)
+        # As the service marks its outputs: AI-generated, by this model (imageio.Provenance).
+        provenance = imageio.Provenance(model_id, composite=preserve != "off")
         output.parent.mkdir(parents=True, exist_ok=True)
         for i, (img, region, share) in enumerate(results):
             path = _indexed(output, i, len(results))
-            path.write_bytes(imageio.encode_image(img, fmt, quality=quality))
+            path.write_bytes(imageio.encode_image(img, fmt, quality=quality, provenance=provenance))
             changed = f", {share:.1%} of pixels changed" if share is not None else ""
             console.print(f"wrote {path} ({img.width}×{img.height}, seed {seed + i}{changed})", highlight=False)
             if mask is not None and region is not None:
@@ -95,7 +97,7 @@ def edit(
 
 
 def _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, model_id, preserve_mode):
-    """[(image, region mask, changed share)] for each output, edited here."""
+    """(the name outputs give the model, [(image, region mask, changed share)] for each output), edited here."""
     from incontext import imageio, preserve, sampler
     from incontext.models.loader import load_model
     from incontext.models.registry import default_registry
@@ -120,11 +122,11 @@ def _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, 
     changes = sampler.change_map(latents, img_cond, h, w, m.vae_scale_factor)
     source = src if imageio.keeps_framing(aspect_ratio, src.width, src.height) else None
     kept = [preserve.preserve(img, c, context=fitted, source=source, mode=preserve_mode) for img, c in zip(edited, changes)]
-    return [(k.image, k.mask, k.changed_share) for k in kept]
+    return preset.weights_name, [(k.image, k.mask, k.changed_share) for k in kept]
 
 
 def _edit_remote(server, api_key, image, prompt, seed, guidance, steps, num_images, aspect_ratio, model_id, fmt, preserve_mode, return_mask):
-    """[(image, region mask or None, changed share)] for each output, edited by the server."""
+    """(the name outputs give the model, [(image, region mask or None, changed share)] for each output), edited by the server."""
     import base64
 
     from incontext import imageio
@@ -145,7 +147,7 @@ def _edit_remote(server, api_key, image, prompt, seed, guidance, steps, num_imag
         run = client.submit(model_id or "flux-pro/kontext", inp)
         run = _follow(client, run["id"])
     outputs = run["output"]["outputs"]
-    return [(imageio.decode_data_uri(o["url"]), imageio.decode_data_uri(o["mask_url"]) if o.get("mask_url") else None, o.get("changed_share"))
+    return run.get("model_id") or model_id or "flux-pro/kontext", [(imageio.decode_data_uri(o["url"]), imageio.decode_data_uri(o["mask_url"]) if o.get("mask_url") else None, o.get("changed_share"))
             for o in outputs]
 
 
@@ -176,7 +178,7 @@ def _follow(client, run_id: str) -> dict:
 
 @app.command()
 def models() -> None:
-    """List model ids, their directories and presets."""
+    """List model ids, their directories, presets and licences."""
     from incontext.models.registry import default_registry
 
     # One block per model rather than a table: directories are long and must not be cut.
@@ -185,6 +187,7 @@ def models() -> None:
         console.print(f"[bold]{p.id}[/bold]" + (f"  (aliases: {', '.join(p.aliases)})" if p.aliases else ""), highlight=False, soft_wrap=True)
         console.print(f"  directory: {p.directory}", highlight=False, soft_wrap=True)
         console.print(f"  preset: {p.num_inference_steps} steps, guidance {p.guidance_scale}, ${p.price_per_image} per image, ~{side}×{side} pixels", highlight=False)
+        console.print(f"  license: {p.license.name} ({p.license.use})", markup=False, highlight=False, soft_wrap=True)  # "FLUX.1 [dev] …"
 
 
 def _register_subcommands() -> None:

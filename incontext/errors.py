@@ -60,6 +60,13 @@ class UnknownModel(ModelNotFound):
     code = "MODEL_NOT_FOUND"
 
 
+class ContentRefused(IncontextError):
+    """The operator's content filter (INCONTEXT_CONTENT_FILTER) refused a run's input or output."""
+
+    code = "CONTENT_REFUSED"
+    http_status = 422
+
+
 class Cancelled(IncontextError):
     code = "CANCELED"
     http_status = 409

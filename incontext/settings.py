@@ -45,6 +45,15 @@ class Settings(BaseSettings):
     public_url: str | None = None
     # Serve this model directory as the default model (and its hosted aliases).
     model_dir: Path | None = None
+    # A model whose licence allows no commercial use (FLUX.1 Kontext [dev]; `incontext models`
+    # shows each licence) is served beyond loopback only with this set: the operator's word
+    # that this server's use is non-commercial. Loopback needs none.
+    accept_noncommercial_license: bool = False
+    # "module:function", importable by the server (or it refuses to start): called with each
+    # run's prompt and input image before the run is accepted, and with its output images
+    # before they are stored; it refuses with CONTENT_REFUSED, and if it raises, the content is
+    # refused with CONTENT_FILTER_FAILED (service/contentfilter.py). Unset: no filter.
+    content_filter: str | None = None
 
     # Comma-separated API keys accepted besides those created with `incontext keys create`.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -139,6 +148,16 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @field_validator("content_filter")
+    @classmethod
+    def _check_filter(cls, value: str | None) -> str | None:
+        if not value or not value.strip():
+            return None
+        module, sep, name = value.strip().partition(":")
+        if not sep or not module or not name.isidentifier():
+            raise ValueError(f"INCONTEXT_CONTENT_FILTER must be module:function, not {value!r}")
+        return value.strip()
 
     @field_validator("fetch_allowed_networks")
     @classmethod

@@ -31,6 +31,10 @@ def test_edit_writes_images_and_reports_the_seed(tiny_model, tmp_path):
     # preserve auto (the default): the outputs come back at the input's own size.
     assert a.size == b.size == (90, 60)
     assert "of pixels changed" in r.output
+    # Marked as AI-generated, naming the model (by its directory's name, never its path).
+    assert a.info["AI-Generated"] == "true" and a.info["Source"] == tiny_model.name
+    assert f"AI-generated: edited by the model {tiny_model.name}" == a.info["Description"]
+    assert "compositeWithTrainedAlgorithmicMedia" in a.info["XML:com.adobe.xmp"] and str(tiny_model) not in a.info["XML:com.adobe.xmp"]
 
 
 def test_preserve_off_returns_the_models_raw_output_and_mask_writes_the_region(tiny_model, tmp_path):
@@ -44,6 +48,8 @@ def test_preserve_off_returns_the_models_raw_output_and_mask_writes_the_region(t
     assert a.size[0] > a.size[1] and a.size[0] % 16 == 0 and a.size[1] % 16 == 0 and a.size != (90, 60)
     m = Image.open(mask)
     assert m.mode == "L" and m.size == a.size
+    assert "trainedAlgorithmicMedia" in a.info["XML:com.adobe.xmp"] and "composite" not in a.info["XML:com.adobe.xmp"]  # all the model's
+    assert "AI-Generated" not in m.info  # a mask is no picture of anything
 
 
 def test_an_unknown_preserve_mode_is_a_one_line_error(tiny_model, tmp_path):
@@ -60,6 +66,8 @@ def test_aspect_ratio_and_jpeg_output(tiny_model, tmp_path):
     assert r.exit_code == 0, r.output
     img = Image.open(out)
     assert img.format == "JPEG" and img.size[1] > img.size[0]
+    exif = img.getexif()
+    assert exif[0x010E] == f"AI-generated: edited by the model {tiny_model.name}" and exif[0x0131].startswith("incontext ")
 
 
 def test_bad_image_is_a_one_line_error(tiny_model, tmp_path):
@@ -88,3 +96,4 @@ def test_models_lists_the_default_and_its_aliases():
     r = runner.invoke(app, ["models"], terminal_width=250)
     assert r.exit_code == 0
     assert "incontext/nano" in r.output and "flux-pro/kontext" in r.output
+    assert "license: Apache-2.0 (commercial use allowed)" in r.output  # the bundled weights are the project's own

@@ -12,6 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from incontext.errors import ModelNotFound, UnknownModel
+from incontext.models import licenses
 
 BUNDLED_NANO_DIR = Path(__file__).resolve().parent.parent / "weights" / "nano"
 DEFAULT_MODEL_ID = "incontext/nano"
@@ -32,6 +33,17 @@ class ModelPreset:
     max_sequence_length: int = 32  # text tokens; the 12B model uses 512
     aliases: tuple[str, ...] = ()
     description: str = ""
+    license: licenses.License = licenses.UNKNOWN
+
+    @property
+    def weights_name(self) -> str:
+        """What the model's outputs name it by (imageio.Provenance): its id, unless the id says
+        nothing of the weights (a directory given as the model, or one served under the
+        default id); then the directory's name, never its whole path, which would tell
+        whoever gets the image where this machine keeps its files."""
+        if self.id == str(self.directory) or (self.id == DEFAULT_MODEL_ID and self.directory != BUNDLED_NANO_DIR):
+            return licenses.weights_name(self.directory)
+        return self.id
 
     @property
     def run_model_id(self) -> str:
@@ -87,10 +99,12 @@ class Registry:
 
 
 def preset_for_directory(path: Path, **overrides) -> ModelPreset:
-    """A preset for an arbitrary model directory; `incontext.json` beside model_index.json may set fields."""
+    """A preset for an arbitrary model directory; `incontext.json` beside model_index.json may set
+    fields, its licence among them (models/licenses.py)."""
     path = Path(path).resolve()
     fields: dict = {"id": str(path), "directory": path}
     extra = path / "incontext.json"
+    data: dict = {}
     if extra.is_file():
         data = json.loads(extra.read_text())
         for key in ("num_inference_steps", "guidance_scale", "target_area", "multiple", "max_sequence_length", "description"):
@@ -99,6 +113,11 @@ def preset_for_directory(path: Path, **overrides) -> ModelPreset:
         if "price_per_image" in data:
             fields["price_per_image"] = Decimal(str(data["price_per_image"]))
     fields.update(overrides)
+    if "license" not in fields:
+        # A path id says nothing the directory's name does not; the hosted aliases name an API
+        # this server answers like, not the weights behind it.
+        names = [n for n in (fields["id"], *fields.get("aliases", ())) if n != str(path) and n not in HOSTED_ALIASES]
+        fields["license"] = licenses.for_model(data, names, path)
     return ModelPreset(**fields)
 
 

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from incontext import __version__
 from incontext.engine.protocol import EngineClient
 from incontext.models.registry import DEFAULT_MODEL_ID, HOSTED_ALIASES, Registry, default_registry, preset_for_directory
-from incontext.service import keys, memory, openapi
+from incontext.service import contentfilter, keys, memory, openapi
 from incontext.service.bodylimit import BodyLimitMiddleware
 from incontext.service.callbacks import CallbackSender
 from incontext.service.db import create_db_engine, make_session_factory, migrate
@@ -56,15 +56,42 @@ def open_database(settings: Settings) -> tuple[Engine, sessionmaker[Session]]:
     return engine, sessions
 
 
-def check_safe_to_serve(settings: Settings, sessions: sessionmaker[Session]) -> None:
+def check_safe_to_serve(settings: Settings, sessions: sessionmaker[Session], registry: Registry) -> None:
+    """Refuse (UnsafeStart) a configuration that must not serve: a content filter that does not
+    import; beyond loopback, no API key, or a non-commercial model nobody acknowledged."""
+    if settings.content_filter:
+        try:
+            contentfilter.load(settings.content_filter)
+        except ValueError as exc:
+            raise UnsafeStart(f"{exc} (INCONTEXT_CONTENT_FILTER)") from None
     if settings.local_only:
         return
+    check_licenses(settings, registry)
     with sessions() as session:
         if not keys.has_active_key(session):
             raise UnsafeStart(
                 f"refusing to listen on {settings.host}: no API key exists, so anyone who can reach this "
                 f"address could use the server. Create one first: incontext keys create --data-dir {settings.data_dir}"
             )
+
+
+def check_licenses(settings: Settings, registry: Registry) -> None:
+    """Beyond loopback, serving a model whose licence forbids commercial use takes the
+    operator's acknowledgement; on loopback only its own user can reach it (a developer
+    trying it out), so nothing is asked there. An unknown licence is logged, not refused:
+    most fine-tunes declare none, and refusing them would only teach people to set the flag."""
+    if settings.local_only:
+        return
+    for preset in registry.models.values():
+        lic = preset.license
+        if lic.commercial_use is False and not settings.accept_noncommercial_license:
+            raise UnsafeStart(
+                f"refusing to listen on {settings.host}: model {preset.id} ({preset.directory.name}) is under the "
+                f"{lic.name}, which does not allow commercial use. Serve it on 127.0.0.1, or set "
+                "INCONTEXT_ACCEPT_NONCOMMERCIAL_LICENSE=1 to acknowledge that this server's use of it is non-commercial"
+            )
+        if lic.commercial_use is None:
+            log.warning("model %s (%s) declares no licence we know; check what its weights allow before serving them", preset.id, preset.directory.name)
 
 
 def build_registry(settings: Settings) -> Registry:
@@ -118,7 +145,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         db_engine, sessions = await asyncio.to_thread(open_database, settings)
-        check_safe_to_serve(settings, sessions)
+        check_safe_to_serve(settings, sessions, registry)
         model_engine = engine or build_engine(settings, registry)
         await model_engine.start()
         if engine is None and settings.engine_mode == "process":  # not an engine in this process (memory.py)

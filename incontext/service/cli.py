@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="default: $INCONTEXT_DATA_DIR or ~/.local/share/incontext")]
@@ -25,7 +26,7 @@ def _settings(**overrides):
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        Console(stderr=True).print(f"[red]invalid settings:[/red] {exc}")
+        Console(stderr=True).print(f"[red]invalid settings:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
 
 
@@ -42,20 +43,21 @@ def serve(
     On loopback with no API key at all, a key for the playground is made and the printed
     address carries it (DATA_DIR/playground.key)."""
     from incontext.service import keys
-    from incontext.service.app import UnsafeStart, check_safe_to_serve, create_app, open_database
+    from incontext.service.app import UnsafeStart, build_registry, check_safe_to_serve, create_app, open_database
 
     settings = _settings(host=host, port=port, data_dir=data_dir, database_url=database_url, model_dir=model_dir)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Checked before the server starts, so a refusal is quick and reads as a sentence.
     db_engine, sessions = open_database(settings)
     try:
-        check_safe_to_serve(settings, sessions)
+        check_safe_to_serve(settings, sessions, build_registry(settings))
         key = None
         if settings.local_only:
             with sessions.begin() as session:
                 key = keys.playground_key(session, settings.data_dir, may_create=not settings.api_keys)
     except UnsafeStart as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        # Escaped: licence names hold brackets ("FLUX.1 [dev]"), which rich would take for markup.
+        Console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     finally:
         db_engine.dispose()

@@ -72,6 +72,17 @@ def model_inputs(preset: ModelPreset) -> list[dict]:
     return inputs
 
 
+def model_license(preset: ModelPreset) -> dict:
+    """The weights' licence: its name, whether it allows commercial use (null: unknown) and where to read it."""
+    lic = preset.license
+    return {"name": lic.name, "commercial_use": lic.commercial_use, "url": lic.url}
+
+
+def _license_line(preset: ModelPreset) -> str:
+    lic = preset.license
+    return f"{lic.name} ({lic.use}{f'; {lic.url}' if lic.url else ''})"
+
+
 def model_links(model_id: str, base_url: str) -> dict[str, str]:
     base = f"{base_url}/v1/models/{model_id}"
     return {"self": base, "runs": f"{base}/runs", "batches": f"{base}/batches", "llms_txt": f"{base}/llms.txt"}
@@ -91,6 +102,7 @@ def model_card(preset: ModelPreset, registry: Registry, base_url: str, *, detail
             "currency": CURRENCY,
             "billing": "per delivered image; failed and canceled runs cost nothing",
         },
+        "license": model_license(preset),
         "defaults": model_defaults(preset),
         "output": {"formats": list(OUTPUT_FORMATS), "pixels_per_image": preset.target_area, "side_multiple": preset.multiple},
         "links": model_links(preset.id, base_url),
@@ -143,6 +155,8 @@ def llms_txt(preset: ModelPreset, model_id: str, base_url: str, *, file_url_ttl_
 
 - Base URL: {base_url}
 - Model ids (all the same model): {aliases}
+- Licence of the weights: {_license_line(preset)}
+- Outputs carry metadata saying they are AI-generated and naming the model (PNG text chunks and XMP, JPEG EXIF and XMP).
 - Machine-readable: `GET {base_url}/v1/models/{model_id}` (inputs with ranges), `GET {base_url}/openapi.json`
 
 ## Authentication
@@ -218,7 +232,8 @@ Every error is `{{"code", "message", "errors": [...]}}`; `errors[]` names fields
 (`input.prompt`). Codes: `UNAUTHORIZED` 401, `VALIDATION_ERROR` 422, `INVALID_IMAGE` 422,
 `IMAGE_FETCH_FAILED` 422, `IMAGE_TOO_LARGE` 413, `UNSUPPORTED_FORMAT` 415,
 `MODEL_UNAVAILABLE` 404, `RUN_NOT_FOUND` 404, `CONFLICT` 409, `RATE_LIMITED` 429 (wait
-`Retry-After` seconds).
+`Retry-After` seconds), `CONTENT_REFUSED` 422 (the operator's content filter refused the
+prompt or image; a run whose output it refuses fails with that code and costs nothing).
 
 ## Other ways to call the same model
 

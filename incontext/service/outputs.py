@@ -1,5 +1,6 @@
 """An engine's images → a run's stored output: each image preserved (incontext/preserve.py),
-encoded, and stored as a file, with its mask if asked.
+shown to the content filter if one is set, encoded with metadata naming the model that made
+it, and stored as a file, with its mask if asked.
 
 The dispatcher calls `store` in a worker thread: off the event loop, and off the engine's
 thread, so composing and encoding at a large input's size never holds up a denoising step.
@@ -27,8 +28,9 @@ from PIL import Image
 
 from incontext import imageio, preserve
 from incontext.engine.protocol import EditResult
+from incontext.errors import IncontextError
 from incontext.service.db import utcnow
-from incontext.service import memory
+from incontext.service import contentfilter, memory
 from incontext.service.errors import NotFound
 from incontext.service.inputs import RunInput
 from incontext.service.models import Run
@@ -68,11 +70,18 @@ def _store(run: Run, run_input: RunInput, result: EditResult, storage: Storage, 
         change = result.change_maps[index] if result.change_maps else None
         image, mask, share = _preserved(run, run_input, canvas, edited, change)
         preserve_ms += (time.perf_counter() - started) * 1000
+        try:
+            contentfilter.check(settings.content_filter, contentfilter.ContentCheck("output", run.engine_model_id, params.prompt, (image,)))
+        except IncontextError:
+            storage.delete_outputs(run.id)  # those stored before it: a refused run keeps no output
+            raise
         item = {
             "type": "image", "content_type": imageio.content_type(fmt), "width": image.width, "height": image.height, "seed": seed,
             "changed_share": None if share is None else round(share, 4),
         }
-        item["file"] = storage.save_output(run.id, index, imageio.encode_image(image, fmt), fmt)
+        # Composite: preserve put the model's pixels onto the input's own (`_preserved`).
+        provenance = imageio.Provenance(params.model_name or run.engine_model_id, composite=change is not None and params.preserve != "off")
+        item["file"] = storage.save_output(run.id, index, imageio.encode_image(image, fmt, provenance=provenance), fmt)
         if return_mask and mask is not None:
             item["mask_file"] = storage.save_mask(run.id, index, imageio.encode_image(mask, "png"))
         items.append(item)

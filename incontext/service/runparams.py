@@ -34,6 +34,9 @@ class RunParams(BaseModel):
     # The model as the client named it (`black-forest-labs/flux-kontext-pro`): Replicate's
     # `model` shows it; `runs.model_id` is the model's one id whatever the alias.
     requested_model_id: str | None = None
+    # What the outputs' metadata names the model by (ModelPreset.weights_name); None, for
+    # runs stored before it: the run's engine_model_id.
+    model_name: str | None = None
     # How another surface wants the end told (callbacks.CALLBACK_STYLES); None: Runflow's envelope.
     callback_style: str | None = None
     webhook_secret: str | None = None  # BFL: the request's own signing secret

@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from incontext.errors import IncontextError
 from incontext.models.registry import ModelPreset
-from incontext.service import callbacks, lifecycle, store
+from incontext.service import callbacks, contentfilter, lifecycle, store
 from incontext.service.errors import RateLimited, ServiceError, at_field, field_error
 from incontext.service.inputs import RunInput, load_source, output_size, prefetch
 from incontext.service.models import ApiKey, Batch, Run
@@ -201,6 +201,10 @@ def prepare(
         width, height = output_size(source.image, item.aspect_ratio, preset)
     except IncontextError as exc:
         raise at_field(exc, f"{field}.aspect_ratio") from None
+    try:
+        contentfilter.check(settings.content_filter, contentfilter.ContentCheck("input", preset.id, item.prompt, (source.image,)))
+    except IncontextError as exc:
+        raise at_field(exc, field) from None
 
     given = item.model_fields_set
     params = RunParams(
@@ -217,6 +221,7 @@ def prepare(
         preserve=item.preserve,
         return_mask=item.return_mask,
         unit_price_micros=int(preset.price_per_image * 1_000_000),
+        model_name=preset.weights_name,
         parent_request_id=_single_output_parent(session, source.parent_run_id),
     )
     echo = item.model_dump(mode="json", include=given - {"client_ref"})

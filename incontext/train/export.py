@@ -51,6 +51,8 @@ def export_model(run_dir: Path, to: Path, *, dtype: torch.dtype | None = torch.f
         "target_area": 128 * 128,
         "multiple": 16,
         "price_per_image": "0.04",
+        # The project's own weights, under the project's licence (pyproject.toml).
+        "license": "Apache-2.0",
         "training_step": step,
         # How sampling starts must match how the model was trained (sampler.FlowStart).
         "flow_start": train_cfg.get("flow_start", "noise"),

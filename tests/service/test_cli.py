@@ -1,6 +1,12 @@
-"""`python -m incontext.service keys …` and `serve`'s refusal to open up without a key."""
+"""`python -m incontext.service keys …` and `serve`'s refusals to open up: without a key, and
+with a model whose licence allows no commercial use nobody acknowledged."""
 
 from __future__ import annotations
+
+import pytest
+
+from incontext.service.app import UnsafeStart, build_registry, check_safe_to_serve, open_database
+from incontext.settings import Settings
 
 from .helpers import cli, free_port
 
@@ -43,3 +49,27 @@ def test_serve_refuses_non_loopback_without_a_key(tmp_path):
 def test_serve_refuses_short_env_keys_beyond_loopback(tmp_path):
     result = cli("serve", "--host", "0.0.0.0", "--port", str(free_port()), "--data-dir", str(tmp_path), env={"INCONTEXT_API_KEYS": "dev"})
     assert result.returncode == 2 and "shorter than 20 characters" in result.stderr
+
+
+def test_serve_refuses_a_non_commercial_model_beyond_loopback_unless_accepted(tmp_path):
+    # Recognised by the name its weights are published under; the directory holds nothing else.
+    flux_dev = tmp_path / "FLUX.1-Kontext-dev"
+    flux_dev.mkdir()
+    env = {"INCONTEXT_MODEL_DIR": str(flux_dev), "INCONTEXT_API_KEYS": "k" * 32}
+    result = cli("serve", "--host", "0.0.0.0", "--port", str(free_port()), "--data-dir", str(tmp_path / "data"), env=env)
+    assert result.returncode == 2
+    assert "FLUX.1 [dev] Non-Commercial License" in result.stderr and "INCONTEXT_ACCEPT_NONCOMMERCIAL_LICENSE=1" in result.stderr
+    assert str(flux_dev) not in result.stderr  # named by its directory's name
+
+    def check(**settings):
+        serving = Settings(data_dir=tmp_path / "data", model_dir=flux_dev, api_keys=["k" * 32], **settings)
+        db, sessions = open_database(serving)
+        try:
+            check_safe_to_serve(serving, sessions, build_registry(serving))
+        finally:
+            db.dispose()
+
+    check(host="0.0.0.0", accept_noncommercial_license=True)  # the operator's word
+    check(host="127.0.0.1")  # loopback: only its own user can reach it
+    with pytest.raises(UnsafeStart, match="does not allow commercial use"):
+        check(host="0.0.0.0")

@@ -66,6 +66,8 @@ def test_models_list_and_detail_are_public(server):
     assert MODEL in default["aliases"] and "black-forest-labs/flux-pro/kontext" in default["aliases"]
     assert default["price_per_image"] == "0.04" and default["currency"] == "USD"
     assert "inputs" not in default  # detail only
+    # The tiny random model declares no licence and has no published name: not known, said as null.
+    assert default["license"] == {"name": "unknown", "commercial_use": None, "url": None}
     assert default["links"]["llms_txt"].endswith(f"/v1/models/{default['id']}/llms.txt")
 
     for model_id in (MODEL, "black-forest-labs/flux-pro/kontext", default["id"]):
@@ -113,6 +115,7 @@ def test_llms_txt_is_a_usable_markdown_spec(server):
     for status in ("queued", "dispatching", "running", "succeeded", "failed", "canceled"):
         assert f"| `{status}` |" in text
     assert "callback_url" in text and "Runflow-Signature" in text and f"{server.url}/v1/runs/$RUN_ID" in text
+    assert "- Licence of the weights: unknown (commercial use not known)" in text and "AI-generated" in text
     assert httpx.get(f"{server.url}/v1/models/nope/llms.txt").status_code == 404
 
 
@@ -162,6 +165,9 @@ def test_openapi_is_complete_and_valid(server):
     # The documented error bodies are the real ones.
     create = paths["/v1/models/{model_id}/runs"]["post"]["responses"]
     assert create["422"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+    # A model's licence is documented field by field, null included.
+    license_ = spec["components"]["schemas"]["ModelLicense"]
+    assert license_["required"] == ["name", "commercial_use", "url"] and {"type": "null"} in license_["properties"]["commercial_use"]["anyOf"]
     assert "multipart/form-data" in paths["/v1/images/edits"]["post"]["requestBody"]["content"]
     assert "4XX" in paths["/v1/images/edits"]["post"]["responses"]
 

@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 from incontext.service import modelspec
 from incontext.service.deps import PresetDep, ServiceDep
@@ -113,6 +113,23 @@ class ModelInput(BaseModel):
     enum: list[str] | None = None
 
 
+class ModelLicense(BaseModel):
+    name: str = Field(description='an SPDX id where there is one ("Apache-2.0"), else the licence\'s title; "unknown" when not known')
+    commercial_use: bool | None = Field(description="whether the licence allows commercial use; null: not known")
+    url: str | None = Field(description="where to read the licence; null: no address known")
+
+    @model_serializer(mode="wrap")
+    def _with_nulls(self, handler: SerializerFunctionWrapHandler) -> dict:
+        # The routes leave out null fields; here null is the answer ("not known"), so it stays.
+        return {**handler(self), "commercial_use": self.commercial_use, "url": self.url}
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        # Documented by its fields: the serializer above returns a dict, which the OpenAPI
+        # document would otherwise show as an object of anything.
+        return handler({k: v for k, v in core_schema.items() if k != "serialization"})
+
+
 class ModelPublic(BaseModel):
     id: str
     aliases: list[str]
@@ -121,6 +138,7 @@ class ModelPublic(BaseModel):
     price_per_image: str = Field(description="decimal string, USD")
     currency: str
     pricing: dict[str, str]
+    license: ModelLicense
     defaults: dict[str, Any]
     output: dict[str, Any]
     links: dict[str, str]

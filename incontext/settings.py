@@ -127,6 +127,14 @@ class Settings(BaseSettings):
     # Times a run may be on the engine when its process dies (killed, out of memory) before
     # the run fails with ENGINE_CRASHED; each death before that queues the run again.
     engine_max_attempts: int = Field(3, ge=1)
+    # How long a worker (a server process) holds a run it claimed unless it renews the lease,
+    # which it does every third of this while the run is dispatching or running. A worker that
+    # stops (killed, frozen, cut off from the database) loses its runs after this long to the
+    # reaper every process runs, and they run again elsewhere; each such loss counts towards
+    # INCONTEXT_ENGINE_MAX_ATTEMPTS, past which the run fails with WORKER_LOST. Shorter: a dead
+    # worker's runs resume sooner; too short: a worker stalled that long (a slow database)
+    # loses runs it would have finished, and they run again (their result is written once).
+    lease_seconds: float = Field(30.0, ge=1)
 
     callback_max_attempts: int = Field(6, ge=1)
     callback_backoff_seconds: float = Field(2.0, gt=0)  # delay before attempt 2; doubles after

@@ -3,8 +3,15 @@
 One loop claims runs (oldest first, at most `max_concurrent_runs_per_model` of a model in
 flight); each claimed run gets a task that calls `engine.edit`, preserves, encodes and
 stores the images (outputs.py, in a worker thread), and ends the run. The database is the
-queue, so a crash loses nothing: at start-up, runs left claimed or running are queued again
-(lifecycle.recover_interrupted).
+queue, so a crash loses nothing.
+
+Each dispatcher is a worker (leases.py): it claims runs under a lease, renews the leases of
+the runs it holds every third of INCONTEXT_LEASE_SECONDS, and writes their ends under the
+fence of its claim; a run it lost (canceled by another process, or taken back after its
+lease ran out) is stopped on its engine and its result dropped. Every dispatcher also reaps
+runs whose lease ran out, so the runs of a process that died run again in the others. At
+start-up it reaps too; on SQLite, which one process uses, it queues again every run its
+previous life held (lifecycle.recover_interrupted). Stopping, it hands its runs back.
 
 The route that queues a run also claims it, in the transaction that inserts it
 (`claim_within`), so a POST commits once and its run is already running; after the commit it
@@ -23,11 +30,12 @@ import threading
 import time
 from datetime import datetime
 
+import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from incontext.engine.protocol import EditRequest, EditResult, EngineClient, StepProgress
 from incontext.errors import Cancelled, EngineLost, IncontextError
-from incontext.service import callbacks, lifecycle, outputs
+from incontext.service import callbacks, leases, lifecycle, outputs
 from incontext.service.callbacks import CallbackSender
 from incontext.service.db import utcnow
 from incontext.service.inputs import RunInput, decode_stored
@@ -72,19 +80,31 @@ class Dispatcher:
         self._inputs_lock = threading.Lock()  # routes hand inputs over from their threads
         self._claim_lock = threading.Lock()  # routes claim too; the cap counts what is in flight
         self._waiting = False  # the last claim left runs queued (a model at its cap)
+        self.worker_id = leases.new_worker_id()
+        self._fences: dict[str, int] = {}  # run id → the fence of our claim, for the runs in flight
+        self._leases_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.progress.bind(self._loop)
         await asyncio.to_thread(self._recover)
         self._task = asyncio.create_task(self._run(), name="dispatcher")
+        self._leases_task = asyncio.create_task(self._keep_leases(), name="leases")
 
     async def close(self) -> None:
-        # In-flight runs stay `running` in the database; the next start queues them again.
-        tasks = [t for t in (self._task, *self._in_flight.values(), *self._log_writes) if t]
+        held = dict(self._fences)
+        tasks = [t for t in (self._task, self._leases_task, *self._in_flight.values(), *self._log_writes) if t]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # The runs in flight go back to the queue now rather than when their leases run out:
+        # another worker, or this one's next start, takes them at once. (A run whose end is
+        # being written meanwhile keeps that end: both writes name the fence.)
+        if held:
+            try:
+                await asyncio.to_thread(self._release, held)
+            except Exception:
+                log.exception("dispatcher: could not hand %d run(s) back; they run again once their leases run out", len(held))
 
     def wake(self) -> None:
         """Look for queued runs now; callable from any thread."""
@@ -97,14 +117,21 @@ class Dispatcher:
         their own. Pass the result to `submitted` after the commit; if the commit fails, the
         claim is rolled back with the runs. Nothing is claimed before the dispatcher starts.
 
-        The cap is counted inside the transaction: on SQLite it holds the write lock, so
-        claims never overlap; on PostgreSQL two servers claiming at once may each start one."""
+        The caps count this worker's runs inside the transaction: on SQLite it holds the write
+        lock, so claims never overlap; on PostgreSQL two claims of this process at once may
+        each start one."""
         if self._loop is None:
             return []
         with self._inputs_lock:
             ready = set(self._inputs) | set(inputs)
-        runs, self._waiting = lifecycle.claim_queued(session, self._settings.max_concurrent_runs_per_model, ready, self._settings.max_concurrent_runs_per_key)
+        runs, self._waiting = self._claim_in(session, ready)
         return runs
+
+    def _claim_in(self, session: Session, ready: set[str]) -> tuple[list[Run], bool]:
+        return leases.claim(
+            session, self.worker_id, lease_s=self._settings.lease_seconds, ready=ready, busy=set(self._in_flight),
+            cap_per_model=self._settings.max_concurrent_runs_per_model, cap_per_key=self._settings.max_concurrent_runs_per_key,
+        )
 
     def submitted(self, inputs: dict[str, RunInput], claimed: list[Run] | None = None) -> None:
         """Runs were just committed: keep their inputs (decoded, and fitted to the output size)
@@ -162,8 +189,47 @@ class Dispatcher:
 
     def _recover(self) -> None:
         with self._sessions.begin() as session:
-            lifecycle.recover_interrupted(session, self._storage)
+            if session.get_bind().dialect.name == "sqlite":
+                # One process uses a SQLite database: every run held is its previous life's.
+                lifecycle.recover_interrupted(session, self._storage)
+            else:
+                # Other workers may hold runs, alive: only runs whose lease ran out are taken.
+                leases.reap(session, self._storage, self._settings.engine_max_attempts)
         self._sender.wake()
+
+    async def _keep_leases(self) -> None:
+        """Every third of a lease: renew the leases of the runs in flight, stop those no longer
+        ours, and reap runs whose lease ran out (any worker's: this is how the runs of a dead
+        process run again)."""
+        while True:
+            await asyncio.sleep(self._settings.lease_seconds / 3)
+            try:
+                held = dict(self._fences)
+                for run_id in await asyncio.to_thread(self._renew, held):
+                    if self._fences.get(run_id) == held[run_id]:  # not ended here meanwhile
+                        log.info("run %s: no longer held by this worker (canceled, or its lease ran out and it was taken back); stopping it", run_id)
+                        self._cancel_on_loop(run_id)
+                await asyncio.to_thread(self._reap)
+            except Exception:
+                log.exception("dispatcher: could not renew or reap leases")
+
+    def _renew(self, held: dict[str, int]) -> set[str]:
+        with self._sessions.begin() as session:
+            return leases.renew(session, held, self._settings.lease_seconds)
+
+    def _reap(self) -> None:
+        with self._sessions.begin() as session:
+            reaped = leases.reap(session, self._storage, self._settings.engine_max_attempts)
+        for run in reaped:
+            if run.status == lifecycle.QUEUED:
+                self.wake()
+            else:
+                self._ended(run)
+
+    def _release(self, held: dict[str, int]) -> None:
+        with self._sessions.begin() as session:
+            requeued = leases.release(session, held, "its worker stopped")
+        log.info("dispatcher: %d run(s) in flight handed back to the queue", len(requeued))
 
     async def _run(self) -> None:
         while True:
@@ -184,7 +250,7 @@ class Dispatcher:
             with self._inputs_lock:
                 ready = set(self._inputs)
             with self._sessions.begin() as session:
-                runs, self._waiting = lifecycle.claim_queued(session, self._settings.max_concurrent_runs_per_model, ready, self._settings.max_concurrent_runs_per_key)
+                runs, self._waiting = self._claim_in(session, ready)
         # A run canceled since `ready` was read has no input here: its task falls back to
         # storage, and the cancel stands.
         return [(run, self._take_input(run.id)) for run in runs]
@@ -193,12 +259,14 @@ class Dispatcher:
         for run, given in claimed:
             task = asyncio.create_task(self._execute(run, given, claimed_at), name=f"run-{run.id}")
             self._in_flight[run.id] = task
+            self._fences[run.id] = run.fence
             task.add_done_callback(lambda t, r=run.id: self._done(r, t))
 
     def _done(self, run_id: str, task: asyncio.Task) -> None:
         if self._in_flight.get(run_id) is not task:  # requeued, and claimed again already
             return
         self._in_flight.pop(run_id, None)
+        self._fences.pop(run_id, None)
         self._cancel_requested.discard(run_id)
         self._last_steps.pop(run_id, None)
         if self._waiting:  # a slot is free for a run the cap held back
@@ -210,7 +278,7 @@ class Dispatcher:
         except Exception as exc:
             # A bug or a database error must not leave the run `running` until the next restart.
             log.exception("run %s: unexpected error", run.id)
-            await self._end(run.id, lifecycle.FAILED, failure=("INTERNAL_ERROR", f"internal error: {exc.__class__.__name__}", "dispatch"))
+            await self._end(run, lifecycle.FAILED, failure=("INTERNAL_ERROR", f"internal error: {exc.__class__.__name__}", "dispatch"))
 
     async def _drive(self, run: Run, given: RunInput | None, claimed_at: float) -> None:
         run_id, params = run.id, RunParams.of(run)
@@ -220,13 +288,13 @@ class Dispatcher:
             try:
                 given = await asyncio.to_thread(self._read_input, run)
             except IncontextError as exc:
-                return await self._end(run_id, lifecycle.FAILED, failure=(exc.code, exc.message, "input"))
+                return await self._end(run, lifecycle.FAILED, failure=(exc.code, exc.message, "input"))
             if given is None:
-                return await self._end(run_id, lifecycle.FAILED, failure=("INPUT_LOST", "the run's input file is gone", "input"))
+                return await self._end(run, lifecycle.FAILED, failure=("INPUT_LOST", "the run's input file is gone", "input"))
 
         # 2. Mark running, unless it was canceled meanwhile (a run claimed with its input in
         # memory already is).
-        if run.status == lifecycle.DISPATCHING and await asyncio.to_thread(self._mark_running, run_id) is None:
+        if run.status == lifecycle.DISPATCHING and await asyncio.to_thread(self._mark_running, run) is None:
             return
         request = EditRequest(
             request_id=run_id,
@@ -249,14 +317,14 @@ class Dispatcher:
         try:
             result = await self._engine.edit(request, on_progress=self._progress_hook(run_id))
         except Cancelled:
-            return await self._end(run_id, lifecycle.CANCELED)
+            return await self._end(run, lifecycle.CANCELED)
         except EngineLost as exc:
-            return await asyncio.to_thread(self._requeue, run_id, given, exc.message)
+            return await asyncio.to_thread(self._requeue, run, given, exc.message)
         except IncontextError as exc:
-            return await self._end(run_id, lifecycle.FAILED, failure=(exc.code, exc.message, "inference"))
+            return await self._end(run, lifecycle.FAILED, failure=(exc.code, exc.message, "inference"))
         except Exception as exc:
             log.exception("engine failed on run %s", run_id)
-            return await self._end(run_id, lifecycle.FAILED, failure=("ENGINE_ERROR", f"the engine failed: {exc.__class__.__name__}", "inference"))
+            return await self._end(run, lifecycle.FAILED, failure=("ENGINE_ERROR", f"the engine failed: {exc.__class__.__name__}", "inference"))
 
         # 4. Preserve, encode and store the images and end the run, in one trip off the event
         # loop (and off the engine's thread: composing at a large input's size takes a while).
@@ -271,7 +339,7 @@ class Dispatcher:
         try:
             await asyncio.to_thread(self._succeed, run, given, result, timings, self._last_steps.pop(run_id, None))
         except IncontextError as exc:
-            return await self._end(run_id, lifecycle.FAILED, failure=(exc.code, exc.message, "output"))
+            return await self._end(run, lifecycle.FAILED, failure=(exc.code, exc.message, "output"))
 
     def _read_input(self, run: Run) -> RunInput | None:
         """The stored input decoded and fitted as at submission; None if the file is gone."""
@@ -281,44 +349,64 @@ class Dispatcher:
         params = RunParams.of(run)
         return RunInput.fit(decode_stored(data, self._settings), params.width, params.height)
 
-    def _requeue(self, run_id: str, given: RunInput, why: str) -> None:
+    def _requeue(self, run: Run, given: RunInput, why: str) -> None:
         """The engine died with the run: back to the queue with its input still in memory (the
         next claim starts it with no decode), or failed if the engine keeps dying on it."""
+        run_id = run.id
         self._last_steps.pop(run_id, None)
         with self._sessions.begin() as session:
-            run = lifecycle.requeue_lost(session, self._storage, run_id, self._settings.engine_max_attempts, why)
-        if run is None:  # canceled meanwhile
+            run = lifecycle.requeue_lost(session, self._storage, run_id, self._settings.engine_max_attempts, why, under_fence=run.fence)
+        if run is None:  # canceled meanwhile, or no longer ours
             return
         if run.status != lifecycle.QUEUED:
             return self._ended(run)
         log.warning("run %s: %s; queued again (%d of %d)", run_id, why, run.engine_crashes, self._settings.engine_max_attempts)
         self.submitted({run_id: given})  # claims it in a transaction of its own, or wakes the loop
 
-    def _mark_running(self, run_id: str) -> Run | None:
+    def _mark_running(self, run: Run) -> Run | None:
         with self._sessions.begin() as session:
-            return lifecycle.mark_running(session, run_id)
+            return lifecycle.mark_running(session, run.id, under_fence=run.fence)
 
     def _succeed(self, run: Run, given: RunInput, result: EditResult, timings: dict[str, float], last_step: tuple | None) -> None:
+        # Files are named by run: a worker that lost the run must not write over the files of
+        # the worker that took it over.
+        with self._sessions.begin() as session:
+            if not leases.holds(session, run.id, run.fence):
+                return self._dropped(session, run, lifecycle.SUCCEEDED)
         started = time.perf_counter()
         output = outputs.store(run, given, result, self._storage, self._settings)
         output["timings_ms"].update(timings, dispatch_output=(time.perf_counter() - started) * 1000)  # preserve, encode, store
-        if self._finish(run.id, lifecycle.SUCCEEDED, {"output": output}, last_step) is None:
-            # Canceled while the engine was finishing: the cancel stands, the files go (masks too).
-            self._storage.delete_outputs(run.id)
+        self._finish(run, lifecycle.SUCCEEDED, {"output": output}, last_step)
 
-    async def _end(self, run_id: str, status: str, **kw) -> None:
-        await asyncio.to_thread(self._finish, run_id, status, kw, self._last_steps.pop(run_id, None))
+    async def _end(self, run: Run, status: str, **kw) -> None:
+        await asyncio.to_thread(self._finish, run, status, kw, self._last_steps.pop(run.id, None))
 
-    def _finish(self, run_id: str, status: str, kw: dict, last_step: tuple | None = None) -> Run | None:
-        """End the run (None if it had already ended). Its input file stays as long as its
-        outputs (retention.py): the lineage shows it as the first turn's "before"."""
+    def _finish(self, run: Run, status: str, kw: dict, last_step: tuple | None = None) -> Run | None:
+        """End the run under the fence of our claim (None if it had already ended, or was no
+        longer ours). Its input file stays as long as its outputs (retention.py): the lineage
+        shows it as the first turn's "before"."""
         with self._sessions.begin() as session:
             if last_step:
-                _log_step(session, run_id, *last_step)
-            ended = lifecycle.finish(session, self._storage, run_id, status, **kw)
+                _log_step(session, run.id, *last_step)
+            ended = lifecycle.finish(session, self._storage, run.id, status, under_fence=run.fence, **kw)
+            if ended is None:
+                self._dropped(session, run, status)
         if ended is not None:
             self._ended(ended)
         return ended
+
+    def _dropped(self, session: Session, run: Run, status: str) -> None:
+        """Drop our end of a run that is no longer ours to end: canceled, or taken back."""
+        now = session.execute(sa.select(Run.status, Run.fence, Run.worker_id).where(Run.id == run.id)).one()
+        if now.status == lifecycle.CANCELED:
+            if status == lifecycle.SUCCEEDED:  # canceled while the engine was finishing: the cancel stands, the files go (masks too)
+                self._storage.delete_outputs(run.id)
+            return
+        # Its files stay: they are the new holder's, or will be.
+        log.warning(
+            "run %s: its lease was lost (our fence %d; now %s, fence %d, worker %s): our result (%s) is dropped",
+            run.id, run.fence, now.status, now.fence, now.worker_id, status,
+        )
 
     def _ended(self, run: Run) -> None:
         """After the commit that ended `run`: its streams, its callback."""

@@ -88,6 +88,14 @@ class ImageFetchFailed(ServiceError):
     http_status = 422
 
 
+class WorkerLost(ServiceError):
+    """A run's worker stopped renewing its lease (leases.reap) once too often: the run failed
+    rather than running again."""
+
+    code = "WORKER_LOST"
+    http_status = 500
+
+
 def field_error(field: str, message: str, code: str) -> dict:
     return {"field": field, "loc": field.split("."), "message": message, "code": code}
 

@@ -3,13 +3,16 @@
     queued → dispatching → running → succeeded | failed | canceled
        └──────────────┴────────┴──→ canceled (cancel) / failed (input lost at restart)
        ↑                       │
-       └───────────────────────┘ the engine's process died (requeue_lost, a bounded number of times)
+       └───────────────────────┘ the engine's process died (requeue_lost) or its worker's lease
+                                  expired (leases.reap), a bounded number of times in all
 
 A run whose input the dispatcher already holds in memory goes from queued straight to
 running: there is nothing left to prepare.
 
 Each transition is a compare-and-set on the status column, so the dispatcher, a cancel
-request and crash recovery can race and exactly one of them wins. The transition to a
+request and crash recovery can race and exactly one of them wins. A worker's own writes to a
+run it holds also name the fence of its claim (leases.py): once the run was taken back from
+it, they match nothing. The transition to a
 terminal state also queues the callback in the same transaction, so no finished run can
 miss its callback.
 """
@@ -17,7 +20,6 @@ miss its callback.
 from __future__ import annotations
 
 import logging
-from collections.abc import Container
 from datetime import datetime
 from typing import Any
 
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 QUEUED, DISPATCHING, RUNNING = "queued", "dispatching", "running"
 SUCCEEDED, FAILED, CANCELED, PARTIAL_SUCCEEDED = "succeeded", "failed", "canceled", "partial_succeeded"
 ACTIVE = (QUEUED, DISPATCHING, RUNNING)
+HELD = (DISPATCHING, RUNNING)  # a worker holds the run, under a lease
 TERMINAL = (SUCCEEDED, FAILED, CANCELED)
 
 STATUSES = [
@@ -73,57 +76,21 @@ def active_images(session: Session, api_key_id: str) -> int:
     )
 
 
-def _transition(session: Session, run_id: str, from_states: tuple[str, ...], **values: Any) -> Run | None:
-    """Set `values` if the run is still in one of `from_states`; the updated run, or None if another writer won."""
+def transition(session: Session, run_id: str, from_states: tuple[str, ...], *, under_fence: int | None = None, **values: Any) -> Run | None:
+    """Set `values` if the run is still in one of `from_states` (and, given `under_fence`,
+    still held under that claim); the updated run, or None if another writer won."""
     # UPDATE … RETURNING: the compare-and-set and the updated row in one statement.
+    query = sa.update(Run).where(Run.id == run_id, Run.status.in_(from_states))
+    if under_fence is not None:
+        query = query.where(Run.fence == under_fence)
     return session.scalars(
-        sa.update(Run).where(Run.id == run_id, Run.status.in_(from_states)).values(**values).returning(Run),
+        query.values(**values).returning(Run),
         execution_options={"synchronize_session": False, "populate_existing": True},
     ).one_or_none()
 
 
-def claim_queued(session: Session, cap_per_model: int, ready: Container[str] = (), cap_per_key: int | None = None) -> tuple[list[Run], bool]:
-    """Claim queued runs while each model stays under its cap and each key under
-    `cap_per_key`: keys in turn, counting what each already has in flight, so one key's
-    backlog of a hundred runs does not stand before another key's single run, neither at once
-    nor as slots free one at a time (a key with 16 runs in flight waits behind a key with
-    none). Runs in `ready` (their input already prepared in memory) start running at once; the
-    others move to dispatching. Returns the claimed runs and whether queued runs were left
-    waiting."""
-    turn = sa.func.row_number().over(partition_by=Run.api_key_id, order_by=Run.id).label("turn")
-    waiting = sa.select(Run.id, Run.engine_model_id, Run.api_key_id, turn).where(Run.status == QUEUED).subquery()
-    queued = session.execute(
-        sa.select(waiting.c.id, waiting.c.engine_model_id, waiting.c.api_key_id, waiting.c.turn).order_by(waiting.c.turn, waiting.c.id).limit(500)
-    ).all()
-    if not queued:
-        return [], False
-    active = (
-        sa.select(Run.engine_model_id, Run.api_key_id, sa.func.count())
-        .where(Run.status.in_((DISPATCHING, RUNNING)))
-        .group_by(Run.engine_model_id, Run.api_key_id)
-    )
-    in_flight: dict[str, int] = {}
-    key_in_flight: dict[str, int] = {}
-    for model, key, count in session.execute(active).all():
-        in_flight[model] = in_flight.get(model, 0) + count
-        key_in_flight[key] = key_in_flight.get(key, 0) + count
-    claimed = []
-    for run_id, model, key, _ in sorted(queued, key=lambda q: (q.turn + key_in_flight.get(q.api_key_id, 0), q.id)):
-        if in_flight.get(model, 0) >= cap_per_model or (cap_per_key is not None and key_in_flight.get(key, 0) >= cap_per_key):
-            continue
-        if run_id in ready:
-            run = mark_running(session, run_id, from_states=(QUEUED,))
-        else:
-            run = _transition(session, run_id, (QUEUED,), status=DISPATCHING)
-        if run:
-            in_flight[model] = in_flight.get(model, 0) + 1
-            key_in_flight[key] = key_in_flight.get(key, 0) + 1
-            claimed.append(run)
-    return claimed, len(claimed) < len(queued)
-
-
-def mark_running(session: Session, run_id: str, from_states: tuple[str, ...] = (DISPATCHING,)) -> Run | None:
-    run = _transition(session, run_id, from_states, status=RUNNING, started_at=utcnow())
+def mark_running(session: Session, run_id: str, from_states: tuple[str, ...] = (DISPATCHING,), *, under_fence: int | None = None, **values: Any) -> Run | None:
+    run = transition(session, run_id, from_states, under_fence=under_fence, status=RUNNING, started_at=utcnow(), **values)
     if run:
         add_log(session, run_id, "started", meta={"num_inference_steps": run.params.get("num_inference_steps")})
     return run
@@ -137,13 +104,17 @@ def finish(
     *,
     output: dict | None = None,
     failure: tuple[str, str, str] | None = None,  # (code, message, stage_code)
+    under_fence: int | None = None,
 ) -> Run | None:
-    """Move an active run to a terminal status, price it, log it, queue its callback.
+    """Move an active run to a terminal status, price it, log it, queue its callback. With
+    `fence`, the worker holding the run under that claim ends it; without, anyone may (a
+    cancel).
 
     The run's input file stays until retention deletes the run's files (a cancel drops it
     at once: there is no output to compare it with).
-    Returns None when the run had already ended (e.g. canceled while the engine finished it):
-    the first terminal status stands.
+    Returns None when the run had already ended (e.g. canceled while the engine finished it),
+    or, with `under_fence`, was taken back from its worker: the first terminal status stands, and
+    a worker that lost its lease writes nothing.
     """
     values: dict[str, Any] = {"status": status, "completed_at": utcnow(), "output": output, "cost_micros": 0}
     if status == SUCCEEDED:
@@ -151,7 +122,7 @@ def finish(
         values["cost_micros"] = Run.params["unit_price_micros"].as_integer() * len(output["outputs"])
     if failure:
         values.update(failure_code=failure[0], failure_message=failure[1], failure_stage_code=failure[2])
-    run = _transition(session, run_id, ACTIVE, **values)
+    run = transition(session, run_id, ACTIVE if under_fence is None else HELD, under_fence=under_fence, **values)
     if run is None:
         return None
     level = "error" if status == FAILED else "info"
@@ -174,13 +145,14 @@ def cancel(session: Session, storage: Storage, run: Run) -> Run:
 
 
 def recover_interrupted(session: Session, storage: Storage) -> tuple[int, int]:
-    """At start-up: runs a crash left claimed or running go back to the queue, or fail
-    with INPUT_LOST if their input is gone. Returns (requeued, failed)."""
+    """At start-up on a database only this process uses (SQLite): runs a crash left claimed or
+    running go back to the queue, or fail with INPUT_LOST if their input is gone. Returns
+    (requeued, failed)."""
     requeued = failed = 0
-    stuck = session.scalars(sa.select(Run.id).where(Run.status.in_((DISPATCHING, RUNNING))).order_by(Run.id)).all()
+    stuck = session.scalars(sa.select(Run.id).where(Run.status.in_(HELD)).order_by(Run.id)).all()
     for run_id in stuck:
         if storage.has_input(run_id):
-            if _transition(session, run_id, (DISPATCHING, RUNNING), status=QUEUED, started_at=None):
+            if transition(session, run_id, HELD, status=QUEUED, started_at=None, worker_id=None, lease_expires_at=None):
                 add_log(session, run_id, "requeued after a restart", level="warning")
                 requeued += 1
         elif finish(session, storage, run_id, FAILED, failure=("INPUT_LOST", "the server restarted and the run's input file is gone", "dispatch")):
@@ -190,18 +162,31 @@ def recover_interrupted(session: Session, storage: Storage) -> tuple[int, int]:
     return requeued, failed
 
 
-def requeue_lost(session: Session, storage: Storage, run_id: str, max_attempts: int, why: str) -> Run | None:
-    """The engine's process died while it had the run: queue the run again, or fail it with
-    ENGINE_CRASHED once the engine has died under it `max_attempts` times (a run that kills
-    every engine it reaches must not take the service down forever). Other runs in flight
-    count a death too: which one was at fault cannot be told. Returns the run, queued or
-    failed; None if it had already ended (e.g. canceled)."""
-    run = _transition(session, run_id, (DISPATCHING, RUNNING), status=QUEUED, started_at=None, engine_crashes=Run.engine_crashes + 1)
+def requeue_lost(
+    session: Session,
+    storage: Storage,
+    run_id: str,
+    max_attempts: int,
+    why: str,
+    *,
+    under_fence: int | None = None,
+    failure: tuple[str, str] = ("ENGINE_CRASHED", "inference"),  # (code, stage_code) past the last attempt
+) -> Run | None:
+    """The engine's process (or the whole worker: leases.reap) died while it had the run:
+    queue the run again, or fail it with `failure` once the engine has died under it
+    `max_attempts` times (a run that kills every engine it reaches must not take the service
+    down forever). Other runs in flight count a death too: which one was at fault cannot be
+    told. Returns the run, queued or failed; None if it had already ended (e.g. canceled) or,
+    with `under_fence`, had been taken from that claim already."""
+    run = transition(
+        session, run_id, HELD, under_fence=under_fence,
+        status=QUEUED, started_at=None, worker_id=None, lease_expires_at=None, engine_crashes=Run.engine_crashes + 1,
+    )
     if run is None:
         return None
     if run.engine_crashes >= max_attempts:
         message = f"the engine stopped {run.engine_crashes} times while it had this run; the last time: {why}"
-        return finish(session, storage, run_id, FAILED, failure=("ENGINE_CRASHED", message, "inference"))
+        return finish(session, storage, run_id, FAILED, failure=(failure[0], message, failure[1]))
     add_log(
         session, run_id, f"requeued: {why} (attempt {run.engine_crashes} of {max_attempts})",
         level="warning", meta={"engine_crashes": run.engine_crashes},

@@ -70,10 +70,19 @@ class Run(Base):
     failure_stage_code: Mapped[str | None] = mapped_column(sa.String(32))
     # Times the engine's process died while it had the run: each queues it again, until
     # INCONTEXT_ENGINE_MAX_ATTEMPTS, when it fails with ENGINE_CRASHED (lifecycle.requeue_lost).
+    # Joined by lease expiries (leases.reap): a worker that dies takes its engine with it, and
+    # in the thread engine mode an input that kills the engine kills the worker. One count,
+    # one bound, whichever process the run took down.
     engine_crashes: Mapped[int] = mapped_column(default=0, server_default=sa.text("0"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     completed_at: Mapped[datetime | None]
+    # Who holds the run while it is dispatching or running (leases.py): the worker (a server
+    # process), until when unless it renews, and the fence of its claim, which grows at every
+    # claim so a worker that lost the run can write nothing more to it.
+    worker_id: Mapped[str | None] = mapped_column(sa.String(64))
+    lease_expires_at: Mapped[datetime | None]
+    fence: Mapped[int] = mapped_column(default=0, server_default=sa.text("0"))
 
 
 class RunLog(Base):

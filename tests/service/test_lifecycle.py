@@ -9,7 +9,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from incontext.service import lifecycle, store
+from incontext.service import leases, lifecycle, store
 from incontext.service.db import (
     MIGRATIONS_DIR,
     alembic_upgrade,
@@ -86,15 +86,15 @@ def test_claim_respects_the_per_model_cap_and_order(db):
         a = [new_run(s, key.id, "a") for _ in range(3)]
         b = [new_run(s, key.id, "b") for _ in range(2)]
     with sessions.begin() as s:
-        runs, waiting = lifecycle.claim_queued(s, cap_per_model=2)
+        runs, waiting = leases.claim(s, "worker", lease_s=30, cap_per_model=2)
         assert [r.id for r in runs] == [a[0], a[1], b[0], b[1]] and waiting
     with sessions.begin() as s:
-        assert lifecycle.claim_queued(s, cap_per_model=2) == ([], True)  # both models at the cap
+        assert leases.claim(s, "worker", lease_s=30, cap_per_model=2) == ([], True)  # both models at the cap
         lifecycle.finish(s, db[2], a[0], lifecycle.FAILED, failure=("X", "x", "inference"))
     with sessions.begin() as s:
-        runs, waiting = lifecycle.claim_queued(s, cap_per_model=2)
+        runs, waiting = leases.claim(s, "worker", lease_s=30, cap_per_model=2)
         assert [r.id for r in runs] == [a[2]] and not waiting
-        assert lifecycle.claim_queued(s, cap_per_model=2) == ([], False)
+        assert leases.claim(s, "worker", lease_s=30, cap_per_model=2) == ([], False)
 
 
 def test_a_run_whose_input_is_ready_starts_when_claimed(db):
@@ -103,7 +103,7 @@ def test_a_run_whose_input_is_ready_starts_when_claimed(db):
         key, _ = create_key(s)
         ready, stored = new_run(s, key.id), new_run(s, key.id)
     with sessions.begin() as s:
-        runs, _ = lifecycle.claim_queued(s, cap_per_model=5, ready={ready})
+        runs, _ = leases.claim(s, "worker", lease_s=30, cap_per_model=5, ready={ready})
         assert [(r.id, r.status) for r in runs] == [(ready, "running"), (stored, "dispatching")]
         assert runs[0].started_at is not None and runs[1].started_at is None
     with sessions() as s:
@@ -115,7 +115,7 @@ def test_first_terminal_status_wins_and_recovery(db):
     with sessions.begin() as s:
         key, _ = create_key(s)
         done, running, lost = (new_run(s, key.id) for _ in range(3))
-        lifecycle.claim_queued(s, cap_per_model=5)
+        leases.claim(s, "worker", lease_s=30, cap_per_model=5)
         for run_id in (done, running, lost):
             lifecycle.mark_running(s, run_id)
         run = lifecycle.cancel(s, storage, s.get(Run, done))

@@ -40,7 +40,9 @@ class ContentCheck:
     stage: Literal["input", "output"]
     model_id: str  # the registered id of the model the run uses
     prompt: str
-    images: tuple[Image.Image, ...]  # input: the reference image(s) as decoded; output: one output image
+    # input: the edited image as decoded, then any references fitted to the output's size;
+    # output: one output image
+    images: tuple[Image.Image, ...]
 
 
 ContentFilter = Callable[[ContentCheck], "str | None"]

@@ -15,9 +15,9 @@ previous life held (lifecycle.recover_interrupted). Stopping, it hands its runs 
 
 The route that queues a run also claims it, in the transaction that inserts it
 (`claim_within`), so a POST commits once and its run is already running; after the commit it
-hands the decoded input over (`submitted`: a `RunInput`, the image fitted to the output's
-size, and at its own size only if small) and the run's task starts on the event loop with it
-as it is. Only a run without one (queued before a restart, or beyond the hand-over limits) has
+hands the decoded input over (`submitted`: a `RunInput`, the image and any references fitted
+to the output's size, and the image at its own size only if small) and the run's task starts
+on the event loop with it as it is. Only a run without one (queued before a restart, or beyond the hand-over limits) has
 its stored input read and decoded; a large source is read again when the output is composed
 at its size (outputs.py).
 """
@@ -301,6 +301,7 @@ class Dispatcher:
             model_id=run.engine_model_id,
             prompt=params.prompt,
             image=given.fitted,
+            references=given.references,
             width=params.width,
             height=params.height,
             seed=params.seed,
@@ -342,12 +343,14 @@ class Dispatcher:
             return await self._end(run, lifecycle.FAILED, failure=(exc.code, exc.message, "output"))
 
     def _read_input(self, run: Run) -> RunInput | None:
-        """The stored input decoded and fitted as at submission; None if the file is gone."""
+        """The stored input and references decoded and fitted as at submission; None if a file is gone."""
         data = self._storage.read_input(run.id)
-        if data is None:
-            return None
         params = RunParams.of(run)
-        return RunInput.fit(decode_stored(data, self._settings), params.width, params.height)
+        references = self._storage.read_references(run.id, params.references)
+        if data is None or references is None:
+            return None
+        decoded = [decode_stored(d, self._settings) for d in references]
+        return RunInput.fit(decode_stored(data, self._settings), params.width, params.height, decoded)
 
     def _requeue(self, run: Run, given: RunInput, why: str) -> None:
         """The engine died with the run: back to the queue with its input still in memory (the

@@ -4,7 +4,8 @@ Three kinds of URL: `data:` URIs, this server's own output URLs (read from stora
 network fetch: multi-turn editing), and http(s) URLs (downloaded by `prefetch` on the event
 loop before the route takes a thread, through outbound.py). What is stored for a run is what
 was received: the fetched bytes, or the data URI text itself, so a restart decodes exactly
-what the submitter sent.
+what the submitter sent. Reference images (`image_urls` after the first) take the same path
+and are stored the same way (Storage.save_references).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -47,16 +48,20 @@ class RunInput:
     fitted: Image.Image  # fitted to the run's output size (params width × height)
     source_size: tuple[int, int]  # (width, height) of the input as decoded
     source: Image.Image | None = None  # decoded, RGB, at its own size; None above KEEP_SOURCE_PIXELS
+    # Further images the prompt draws on, each fitted to the output size as `fitted` is; only
+    # the engine sees them (an output keeps no pixel of a reference).
+    references: tuple[Image.Image, ...] = ()
 
     @classmethod
-    def fit(cls, source: Image.Image, width: int, height: int) -> RunInput:
+    def fit(cls, source: Image.Image, width: int, height: int, references: Sequence[Image.Image] = ()) -> RunInput:
         kept = source if source.width * source.height <= KEEP_SOURCE_PIXELS else None
-        return cls(fitted=imageio.fit_to_size(source, width, height), source_size=source.size, source=kept)
+        fitted_references = tuple(imageio.fit_to_size(r, width, height) for r in references)
+        return cls(fitted=imageio.fit_to_size(source, width, height), source_size=source.size, source=kept, references=fitted_references)
 
     @property
     def pixels(self) -> int:
         kept = self.source.width * self.source.height if self.source is not None else 0
-        return kept + self.fitted.width * self.fitted.height
+        return kept + sum(im.width * im.height for im in (self.fitted, *self.references))
 
     def source_image(self, run_id: str, storage: Storage, settings: Settings) -> Image.Image | None:
         """The input at its own size: the one kept, or the run's stored input decoded again

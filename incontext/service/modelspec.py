@@ -13,6 +13,7 @@ from functools import cache
 
 from pydantic import ValidationError
 
+from incontext.engine.protocol import MAX_IMAGES
 from incontext.imageio import ASPECT_RATIOS, OUTPUT_FORMATS
 from incontext.models.registry import ModelPreset, Registry
 from incontext.service import callbacks, lifecycle
@@ -48,10 +49,12 @@ def model_defaults(preset: ModelPreset) -> dict:
 
 
 def model_inputs(preset: ModelPreset) -> list[dict]:
-    """One entry per input field: name, type, required, default, description, and the
-    range (minimum/maximum, min_length/max_length) or enum it is checked against."""
+    """One entry per input field: name, type, required, default, description, the range
+    (minimum/maximum, min_length/max_length, min_items/max_items) or enum it is checked
+    against, and `one_of`: the fields of which exactly one is required (image_url, image_urls)."""
     schema = KontextInput.model_json_schema()
     required = set(schema.get("required", []))
+    one_of = [alternative["required"][0] for alternative in schema.get("oneOf", [])]
     defaults = model_defaults(preset)
     enums = {"aspect_ratio": list(ASPECT_RATIOS), "safety_tolerance": list(_accepted_tolerances())}
     inputs = []
@@ -63,7 +66,10 @@ def model_inputs(preset: ModelPreset) -> list[dict]:
             entry["default"] = defaults.get(name, prop.get("default"))
             entry["nullable"] = any(v.get("type") == "null" for v in variants)
         entry["description"] = prop.get("description") or _DESCRIPTIONS.get(name, "")
-        for key, out in (("minimum", "minimum"), ("maximum", "maximum"), ("minLength", "min_length"), ("maxLength", "max_length"), ("enum", "enum")):
+        if name in one_of:
+            entry["one_of"] = one_of
+        bounds = (("minimum", "minimum"), ("maximum", "maximum"), ("minLength", "min_length"), ("maxLength", "max_length"), ("minItems", "min_items"), ("maxItems", "max_items"))
+        for key, out in (*bounds, ("enum", "enum")):
             if key in base:
                 entry[out] = base[key]
         if name in enums:
@@ -126,14 +132,20 @@ def _range(entry: dict) -> str:
         return f"{entry.get('minimum', '')}–{entry.get('maximum', '')}"
     if "max_length" in entry:
         return f"≤ {entry['max_length']} characters"
+    if "max_items" in entry:
+        return f"{entry.get('min_items', 0)}–{entry['max_items']} items"
     return ""
+
+
+def _one_of(entry: dict) -> str:
+    return ", required: one of " + " or ".join(f"`{n}`" for n in entry["one_of"]) if "one_of" in entry else ""
 
 
 def llms_txt(preset: ModelPreset, model_id: str, base_url: str, *, file_url_ttl_s: int, is_default: bool) -> str:
     """The model's markdown spec: how to call it with curl, its fields, statuses, polling and callbacks."""
     inputs = model_inputs(preset)
     rows = "\n".join(
-        f"| `{e['name']}` | {e['type']}{', required' if e['required'] else ''} | {_cell(e.get('default'))} | {_range(e)} "
+        f"| `{e['name']}` | {e['type']}{', required' if e['required'] else ''}{_one_of(e)} | {_cell(e.get('default'))} | {_range(e)} "
         f"| {_cell(e['description'])} |"
         for e in inputs
     )
@@ -186,6 +198,8 @@ the first answer; the same key with another body is `409 CONFLICT`.
 
 `image_url` takes an http(s) URL, a `data:` URI (JPEG, PNG, WebP, GIF, AVIF), or an output URL
 of this server (multi-turn editing; expired ones work too). Unknown fields are ignored.
+`image_urls` instead takes up to {MAX_IMAGES} such images: the first is edited and decides the
+output's size, the others are references the prompt may draw on (fitted to that size).
 
 `preserve`: with `auto` (the default) every output pixel outside the edited region is the
 input's own pixel, and the output has the input's own pixel size when it keeps the input's

@@ -28,7 +28,11 @@ CHUNK = 500  # run ids per query
 
 def expire_files(sessions: sessionmaker[Session], storage: Storage, cutoff: datetime) -> int:
     """Delete the files of runs that ended before `cutoff`; how many runs lost files."""
-    on_disk = sorted({p.name for p in storage.outputs.iterdir() if p.is_dir()} | {p.name for p in storage.inputs.iterdir() if p.is_file()})
+    on_disk = sorted(
+        {p.name for p in storage.outputs.iterdir() if p.is_dir()}
+        | {p.name for p in storage.inputs.iterdir() if p.is_file()}
+        | {p.name for p in storage.references.iterdir() if p.is_dir()}
+    )
     expired = 0
     for start in range(0, len(on_disk), CHUNK):
         chunk = on_disk[start : start + CHUNK]

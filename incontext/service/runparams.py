@@ -28,6 +28,9 @@ class RunParams(BaseModel):
     preserve: Literal["auto", "off"] = "auto"
     return_mask: bool = False
     unit_price_micros: int
+    # Reference images stored with the run besides the edited one (Storage.save_references),
+    # in the order the client sent them.
+    references: int = 0
     # Multi-turn: the engine may reuse the parent's latents, which only identify the image
     # when the parent made exactly one.
     parent_request_id: str | None = None

@@ -11,8 +11,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, WithJsonSchema, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from incontext.engine.protocol import MAX_IMAGES
 from incontext.service import netpolicy, outputs
 from incontext.service.errors import NotFound
 from incontext.service.models import ApiKey, Batch, CallbackAttempt, CallbackDelivery, CallbackSecret, Run, RunLog
@@ -47,6 +49,36 @@ def _output_format(value: Any) -> Any:
     return "jpeg" if isinstance(value, str) and value.lower() in ("jpg", "jpeg") else value
 
 
+def _at_most_max_images(value: list[str]) -> list[str]:
+    # A custom error type rather than pydantic's generic too_long: every surface refuses a
+    # fifth image with the same code, whichever field carried it.
+    if len(value) > MAX_IMAGES:
+        raise PydanticCustomError(
+            "too_many_images", "at most {limit} images per request, the edited one included; {count} were sent",
+            {"limit": MAX_IMAGES, "count": len(value)},
+        )
+    return value
+
+
+IMAGE_LIST_SCHEMA = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": MAX_IMAGES}
+# Several images: the first is edited and decides the output's size, the rest are references.
+ImageList = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1), AfterValidator(_at_most_max_images), WithJsonSchema(IMAGE_LIST_SCHEMA)]
+
+
+def one_of_images(values: Any, single: str, several: str) -> Any:
+    """Exactly one of `single` (one image) and `several` (the images, first edited): both, or
+    neither, is a 422 naming the field, as pydantic names a missing one."""
+    if not isinstance(values, dict):
+        return values
+    has_single, has_several = values.get(single) is not None, values.get(several) is not None
+    if has_single and has_several:
+        error = PydanticCustomError("images_twice", "send {single} or {several}, not both", {"single": single, "several": several})
+        raise ValidationError.from_exception_data("input", [InitErrorDetails(type=error, loc=(several,), input=values)])
+    if not has_single and not has_several:
+        raise ValidationError.from_exception_data("input", [InitErrorDetails(type="missing", loc=(single,), input=values)])
+    return values
+
+
 # Fields of the request body, not of `input`: sent inside it they would be ignored silently
 # (no callback ever comes), so they are refused with a message saying where they belong.
 _MISPLACED = ("callback_url", "metadata", "webhook_url", "webhook")
@@ -56,17 +88,25 @@ class KontextInput(BaseModel):
     """The `input` of flux-pro/kontext (and every model this server serves)."""
 
     # Unknown fields are ignored, as hosted APIs do, so clients sending extra options still work.
-    model_config = ConfigDict(extra="ignore")
+    # One of image_url and image_urls, as the routes take them (one_of_images).
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"oneOf": [{"required": ["image_url"]}, {"required": ["image_urls"]}]})
 
     @model_validator(mode="before")
     @classmethod
     def _misplaced(cls, values: Any) -> Any:
         if isinstance(values, dict) and (found := [k for k in _MISPLACED if k in values]):
             raise ValueError(f"{found[0]} belongs at the top level of the body, beside input, not inside it")
-        return values
+        return one_of_images(values, "image_url", "image_urls")
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_LENGTH, description="the edit instruction")
-    image_url: str = Field(min_length=1, description="http(s) URL, data: URI, or an output URL of this server")
+    # Absent rather than null in the document: null reads as absent, and then image_urls is required.
+    image_url: Annotated[str | None, WithJsonSchema({"type": "string", "minLength": 1})] = Field(
+        None, min_length=1, description="the image to edit: http(s) URL, data: URI, or an output URL of this server; or send image_urls"
+    )
+    image_urls: Annotated[ImageList | None, WithJsonSchema(IMAGE_LIST_SCHEMA)] = Field(
+        None, description=f"instead of image_url, 1–{MAX_IMAGES} images as image_url takes them: the first is edited and "
+        "decides the output's size, the others are references the prompt may draw on, fitted to that size",
+    )
     aspect_ratio: str | None = Field(None, description="21:9 … 9:21 or match_input_image; default: the input's")
     num_images: int = Field(1, ge=1, le=4)
     guidance_scale: float = Field(3.5, ge=1, le=20)
@@ -83,6 +123,11 @@ class KontextInput(BaseModel):
         "keeps its aspect ratio; off: the model's raw output at its working size",
     )
     return_mask: bool = Field(False, description="also return the edited region as a PNG (outputs[].mask_url)")
+
+    @property
+    def images(self) -> list[str]:
+        """Every image, the edited one first."""
+        return list(self.image_urls) if self.image_urls is not None else [self.image_url]
 
 
 _PORT = r"(?:6553[0-5]|655[0-2]\d|65[0-4]\d\d|6[0-4]\d{3}|[1-5]\d{4}|\d{1,4})"
@@ -247,7 +292,8 @@ def source_url(run: Run, storage: Storage) -> str | None:
     """The image a run edited, while it can still be shown: a fresh URL of the parent's output,
     else of the run's stored input (kept as long as its outputs), else the http(s) URL it was
     given. None once retention has deleted the files."""
-    url = (run.input or {}).get("image_url") or ""
+    given = run.input or {}
+    url = given.get("image_url") or (given.get("image_urls") or [""])[0]
     own = storage.own_output(url)
     if own:
         try:

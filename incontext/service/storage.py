@@ -1,6 +1,7 @@
 """Run inputs and outputs on disk, and the signed, expiring URLs that serve outputs.
 
     <data_dir>/inputs/<run_id>                 the input image bytes as received (or the data URI)
+    <data_dir>/references/<run_id>/<i>         reference image i (1…3) as received, the same way
     <data_dir>/outputs/<run_id>/<i>.<ext>      output image i
     <data_dir>/outputs/<run_id>/<i>.mask.png   its edited region, when the run asked for it
 
@@ -46,7 +47,9 @@ class Storage:
     def __init__(self, data_dir: Path, *, secret: bytes, base_url: str, ttl_seconds: int):
         self.inputs = data_dir / "inputs"
         self.outputs = data_dir / "outputs"
+        self.references = data_dir / "references"
         self.inputs.mkdir(parents=True, exist_ok=True)
+        self.references.mkdir(parents=True, exist_ok=True)
         self.outputs.mkdir(parents=True, exist_ok=True)
         self._secret = secret
         self.base_url = base_url.rstrip("/")
@@ -66,7 +69,26 @@ class Storage:
         return (self.inputs / run_id).exists()
 
     def delete_input(self, run_id: str) -> None:
+        """The input and its references: they are kept, and go, together."""
         (self.inputs / run_id).unlink(missing_ok=True)
+        shutil.rmtree(self.references / run_id, ignore_errors=True)
+
+    # References: in a folder of the run's own, so that a listing of inputs/ stays one file
+    # per run (retention.py reads run ids from it).
+    def save_references(self, run_id: str, images: list[bytes]) -> None:
+        if not images:
+            return
+        try:
+            (self.references / run_id).mkdir(exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"could not store a reference image: {exc.strerror or exc}") from None
+        for i, data in enumerate(images, start=1):
+            _write_atomic(self.references / run_id / str(i), data, sync=True)
+
+    def read_references(self, run_id: str, count: int) -> list[bytes] | None:
+        """The run's `count` references in order; None if any is gone."""
+        paths = [self.references / run_id / str(i) for i in range(1, count + 1)]
+        return [p.read_bytes() for p in paths] if all(p.exists() for p in paths) else None
 
     def input_url(self, run_id: str) -> str | None:
         """A signed URL of the run's input while it is kept, else None."""

@@ -21,11 +21,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from incontext import imageio
 from incontext.errors import IncontextError
 from incontext.models.registry import ModelPreset
 from incontext.service import callbacks, contentfilter, lifecycle, store
 from incontext.service.errors import RateLimited, ServiceError, at_field, field_error
-from incontext.service.inputs import RunInput, load_source, output_size, prefetch
+from incontext.service.inputs import RunInput, SourceImage, load_source, output_size, prefetch
 from incontext.service.models import ApiKey, Batch, Run
 from incontext.service.runparams import RunParams
 from incontext.service.schemas import KontextInput
@@ -98,7 +99,7 @@ async def submit(service, key: ApiKey, request: RunRequest, *, request_id: str |
         if replay is not None:
             return replay
     # On the event loop: a slow image host never holds a thread the reads need.
-    remote = await prefetch([i.image_url for i in request.items], outbound=service.outbound, storage=service.storage, settings=service.settings)
+    remote = await prefetch([url for i in request.items for url in i.images], outbound=service.outbound, storage=service.storage, settings=service.settings)
     return await run_in_threadpool(_store, service, key, request, preset, request_id, digest, limits, remote, render)
 
 
@@ -178,6 +179,7 @@ class PreparedRun:
     params: RunParams
     input_bytes: bytes  # stored, so a restart can run it again
     run_input: RunInput  # decoded, and fitted to the output size: what the dispatcher hands on
+    reference_bytes: list[bytes] = field(default_factory=list)  # stored beside input_bytes, in order
 
 
 def prepare(
@@ -191,18 +193,31 @@ def prepare(
     settings: Settings,
     remote: Mapping[str, bytes | IncontextError] | None = None,
 ) -> PreparedRun:
-    """Validate the image (http(s) ones already fetched into `remote` by inputs.prefetch);
-    raises IncontextError pinned to `field`.image_url etc."""
-    try:
-        source = load_source(item.image_url, api_key_id=api_key_id, session=session, storage=storage, settings=settings, remote=remote)
-    except IncontextError as exc:
-        raise at_field(exc, f"{field}.image_url") from None
+    """Validate the images (http(s) ones already fetched into `remote` by inputs.prefetch);
+    raises IncontextError pinned to `field`.image_url (or `field`.image_urls.<i>) etc."""
+    # Every image passes the same checks; the first is edited and decides the output's size.
+    names = [f"{field}.image_url"] if item.image_urls is None else [f"{field}.image_urls.{i}" for i in range(len(item.images))]
+
+    def load(i: int) -> SourceImage:
+        try:
+            return load_source(item.images[i], api_key_id=api_key_id, session=session, storage=storage, settings=settings, remote=remote)
+        except IncontextError as exc:
+            raise at_field(exc, names[i]) from None
+
+    source = load(0)
     try:
         width, height = output_size(source.image, item.aspect_ratio, preset)
     except IncontextError as exc:
         raise at_field(exc, f"{field}.aspect_ratio") from None
+    # Each reference is fitted as soon as it is decoded: a request holds one large decode at
+    # a time besides the edited image, as a request with one image does.
+    references = []
+    for i in range(1, len(item.images)):
+        reference = load(i)
+        references.append(SourceImage(reference.data, imageio.fit_to_size(reference.image, width, height), reference.parent_run_id))
     try:
-        contentfilter.check(settings.content_filter, contentfilter.ContentCheck("input", preset.id, item.prompt, (source.image,)))
+        images = (source.image, *(r.image for r in references))
+        contentfilter.check(settings.content_filter, contentfilter.ContentCheck("input", preset.id, item.prompt, images))
     except IncontextError as exc:
         raise at_field(exc, field) from None
 
@@ -221,11 +236,15 @@ def prepare(
         preserve=item.preserve,
         return_mask=item.return_mask,
         unit_price_micros=int(preset.price_per_image * 1_000_000),
+        references=len(references),
         model_name=preset.weights_name,
         parent_request_id=_single_output_parent(session, source.parent_run_id),
     )
     echo = item.model_dump(mode="json", include=given - {"client_ref"})
-    echo["image_url"] = abbreviate_data_uri(echo["image_url"])
+    if echo.get("image_url") is not None:
+        echo["image_url"] = abbreviate_data_uri(echo["image_url"])
+    if echo.get("image_urls") is not None:
+        echo["image_urls"] = [abbreviate_data_uri(url) for url in echo["image_urls"]]
     fields = {
         "api_key_id": api_key_id,
         "model_id": preset.run_model_id,
@@ -235,7 +254,8 @@ def prepare(
         "parent_run_id": source.parent_run_id,
     }
     # Fitted here, in the request's thread, so the dispatcher hands it to the engine as it is.
-    return PreparedRun(fields=fields, params=params, input_bytes=source.data, run_input=RunInput.fit(source.image, width, height))
+    run_input = RunInput.fit(source.image, width, height, [r.image for r in references])
+    return PreparedRun(fields=fields, params=params, input_bytes=source.data, run_input=run_input, reference_bytes=[r.data for r in references])
 
 
 # What a refusal for too many active images tells the client to wait: about the time the
@@ -257,11 +277,12 @@ def check_active_images(session: Session, api_key_id: str, images: int, settings
 
 
 def queue(session: Session, storage: Storage, prepared: PreparedRun, **extra: Any) -> Run:
-    """Insert the run and store its input; the caller commits, then hands `run_input` to the
+    """Insert the run and store its input and references; the caller commits, then hands `run_input` to the
     dispatcher (dispatcher.submitted), or deletes the input file with storage.delete_input
     if the commit fails."""
     params = prepared.params.model_dump(mode="json")
     run = lifecycle.create_run(session, **prepared.fields, params=params, **extra)
+    storage.save_references(run.id, prepared.reference_bytes)
     storage.save_input(run.id, prepared.input_bytes)
     return run
 

@@ -75,7 +75,8 @@ def test_models_list_and_detail_are_public(server):
         assert detail["id"] == default["id"]
     inputs = {i["name"]: i for i in detail["inputs"]}
     assert inputs["prompt"]["required"] and inputs["prompt"]["type"] == "string" and inputs["prompt"]["max_length"] == 4000
-    assert inputs["image_url"]["required"] and inputs["image_url"]["type"] == "string"
+    assert inputs["image_url"]["one_of"] == ["image_url", "image_urls"] and inputs["image_url"]["type"] == "string"
+    assert (inputs["image_urls"]["type"], inputs["image_urls"]["max_items"]) == ("array", 4)
     g = inputs["guidance_scale"]
     assert (g["type"], g["minimum"], g["maximum"], g["default"]) == ("number", 1, 20, 3.5)
     assert (inputs["num_images"]["minimum"], inputs["num_images"]["maximum"], inputs["num_images"]["default"]) == (1, 4, 1)
@@ -83,7 +84,7 @@ def test_models_list_and_detail_are_public(server):
     assert {"16:9", "1:1", "9:21", "match_input_image"} <= set(inputs["aspect_ratio"]["enum"])
     assert inputs["safety_tolerance"]["enum"] == ["1", "2", "3", "4", "5", "6"]
     assert inputs["output_format"]["enum"] == ["jpeg", "png"] and inputs["output_format"]["default"] == "jpeg"
-    assert detail["input_schema"]["required"] == ["prompt", "image_url"]
+    assert detail["input_schema"]["required"] == ["prompt"] and len(detail["input_schema"]["oneOf"]) == 2
 
     r = httpx.get(f"{server.url}/v1/models/no/such/model")
     assert r.status_code == 404 and r.json()["code"] == "MODEL_NOT_FOUND"

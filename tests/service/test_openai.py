@@ -65,9 +65,13 @@ def test_edit_returns_urls_jpeg_and_maps_size(server):
 def test_defaults_several_images_and_openai_model_names(server):
     wide, tall = png_bytes((96, 64)), png_bytes((64, 96))
     files = [("image[]", ("a.png", tall, "image/png")), ("image[]", ("b.png", wide, "image/png"))]
+    # Up to four images: the first is edited, the others are references; a fifth is refused.
+    r = edit(server, {"prompt": "p", "model": "gpt-image-1"}, files=files * 3)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image" and r.json()["error"]["code"] == "too_many_images"
     r = edit(server, {"prompt": "p", "model": "gpt-image-1"}, files=files)
-    # Several references: the model edits one image, so a clear 400 rather than an edit of the first.
-    assert r.status_code == 400 and r.json()["error"]["param"] == "image" and "one image" in r.json()["error"]["message"]
+    assert r.status_code == 200, r.text
+    first = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
+    assert first.height > first.width  # the first (tall) image decides the size
     r = edit(server, {"prompt": "p", "model": "gpt-image-1"}, files=files[:1])
     assert r.status_code == 200, r.text
     (item,) = r.json()["data"]

@@ -75,9 +75,12 @@ class FluxKontextRequest(BaseModel):
     # edits), prompt bounded as KontextInput bounds it.
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_LENGTH, description="the edit instruction")
     input_image: str = Field(min_length=1, description="the image to edit: base64 (bare), a data: URI, or an http(s) URL; required here")
-    input_image_2: str | None = Field(None, description="extra reference image: not supported by this model; rejected when set")
-    input_image_3: str | None = Field(None, description="as input_image_2")
-    input_image_4: str | None = Field(None, description="as input_image_2")
+    # Blank reads as absent, as it always did here: clients fill unused slots with "".
+    input_image_2: str | None = Field(
+        None, description="a reference image the prompt may draw on, as input_image takes it, fitted to the output's size; blank: none"
+    )
+    input_image_3: str | None = Field(None, description="a further reference image, as input_image_2")
+    input_image_4: str | None = Field(None, description="a further reference image, as input_image_2")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when absent; reported in result.seed")
     aspect_ratio: str | None = Field(
         None, description="W:H between 21:9 and 9:21, mapped to the nearest of 21:9 16:9 4:3 3:2 1:1 2:3 3:4 9:16 9:21; default: the input's"
@@ -142,13 +145,11 @@ def aspect_ratio(value: str | None) -> str | None:
 async def create_kontext_edit(body: FluxKontextRequest, request: Request, key: BflKeyDep, service: ServiceDep):
     """Queue an edit; poll `polling_url` (with the same key) until `status` is `Ready` or `Error`.
     Key: `x-key` or `Authorization: Bearer`."""
-    if extra := [f"input_image_{i}" for i in (2, 3, 4) if getattr(body, f"input_image_{i}")]:
-        message = "this model edits one image: extra reference images (input_image_2..4) are not supported"
-        raise ValidationFailed(message, errors=[field_error(name, message, "not_supported") for name in extra])
+    images, names = reference_images(body)
     item = surfaces.kontext_input(
         {
             "prompt": body.prompt,
-            "image_url": surfaces.image_reference(body.input_image),
+            **images,
             "aspect_ratio": aspect_ratio(body.aspect_ratio),
             "output_format": body.output_format,
             "seed": body.seed,
@@ -157,16 +158,26 @@ async def create_kontext_edit(body: FluxKontextRequest, request: Request, key: B
             "preserve": body.preserve,
             "return_mask": body.return_mask,
         },
-        NAMES,
+        names,
     )
     callback = submission.Callback(body.webhook_url, style=STYLE, secret=body.webhook_secret) if body.webhook_url else None
     run_request = submission.RunRequest(
-        model_id=surfaces.SURFACE_MODEL_ID, items=[item], surface="POST /v1/flux-kontext-pro", callback=callback, names=NAMES
+        model_id=surfaces.SURFACE_MODEL_ID, items=[item], surface="POST /v1/flux-kontext-pro", callback=callback, names=names
     )
     accepted = await submission.submit(service, key, run_request, request_id=request.state.request_id)
     run_id, limits = accepted.runs[0].id, accepted.headers
     polling_url = f"{service.storage.base_url}/v1/get_result?id={run_id}"
     return JSONResponse({"id": run_id, "polling_url": polling_url}, headers=limits)
+
+
+def reference_images(body: FluxKontextRequest) -> tuple[dict[str, Any], dict[str, str]]:
+    """input_image (and input_image_2..4, in number order) as our image fields, and the names
+    our errors give them back (image_urls.1 → input_image_3 when input_image_2 is absent)."""
+    given = [name for name in ("input_image", "input_image_2", "input_image_3", "input_image_4") if (getattr(body, name) or "").strip()]
+    if len(given) == 1:
+        return {"image_url": surfaces.image_reference(body.input_image)}, NAMES
+    urls = [surfaces.image_reference(getattr(body, name)) for name in given]
+    return {"image_urls": urls}, {**NAMES, **{f"image_urls.{i}": name for i, name in enumerate(given)}}
 
 
 @router.get(

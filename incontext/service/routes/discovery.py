@@ -110,7 +110,10 @@ class ModelInput(BaseModel):
     maximum: float | None = None
     min_length: int | None = None
     max_length: int | None = None
+    min_items: int | None = None
+    max_items: int | None = None
     enum: list[str] | None = None
+    one_of: list[str] | None = Field(None, description="the fields of which exactly one is required (image_url, image_urls)")
 
 
 class ModelLicense(BaseModel):

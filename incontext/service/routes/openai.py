@@ -20,6 +20,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from incontext.engine.protocol import MAX_IMAGES
 from incontext.errors import ImageTooLarge, UnknownModel
 from incontext.service import lifecycle, submission, surfaces
 from incontext.service.deps import KeyDep, Service, ServiceDep
@@ -29,7 +30,8 @@ from incontext.service.schemas import MAX_PROMPT_LENGTH
 
 WAIT_TIMEOUT_S = 600.0  # the OpenAI SDKs' own default timeout
 POLL_S = 0.25
-NAMES = {"image_url": "image", "num_images": "n", "aspect_ratio": "size"}
+# Every image is the form's `image` (image_urls.2: the third part).
+NAMES = {"image_url": "image", "image_urls": "image", **{f"image_urls.{i}": "image" for i in range(MAX_IMAGES)}, "num_images": "n", "aspect_ratio": "size"}
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*x\s*(\d{1,5})\s*$", re.IGNORECASE)
 # Model names OpenAI clients send: served by the default model rather than refused, so
 # code written for OpenAI works after changing only the base URL and key.
@@ -41,7 +43,7 @@ class OpenAIError(BaseModel):
     message: str
     type: str = Field(description="invalid_request_error, requests (429) or server_error")
     param: str | None = Field(description="the form field at fault, if one is")
-    code: str | None = Field(description="invalid_api_key, invalid_value, missing_required_parameter, invalid_image, …")
+    code: str | None = Field(description="invalid_api_key, invalid_value, missing_required_parameter, too_many_images, invalid_image, …")
 
 
 class OpenAIErrorBody(BaseModel):
@@ -52,7 +54,8 @@ def render_error(problem: surfaces.Problem) -> JSONResponse:
     status = 400 if problem.status == 422 else problem.status
     param = problem.errors[0]["field"] or None if problem.errors else None
     if problem.code == "VALIDATION_ERROR":
-        code = "missing_required_parameter" if problem.errors and problem.errors[0]["code"] == "missing" else "invalid_value"
+        first = problem.errors[0]["code"] if problem.errors else None
+        code = {"missing": "missing_required_parameter", "too_many_images": "too_many_images"}.get(first, "invalid_value")
     else:
         code = _CODES.get(problem.code, problem.code.lower())
     kind = "server_error" if status >= 500 else "requests" if status == 429 else "invalid_request_error"
@@ -85,9 +88,10 @@ class ImagesResponse(BaseModel):
     response_model=ImagesResponse,
     response_model_exclude_none=True,
     responses={status: {"model": OpenAIErrorBody, "description": "OpenAI-shaped error"} for status in ("4XX", "5XX")},
-    # The image comes as `image` or as `image[]`: the route needs one file, and a null part is no file.
+    # The images come as `image` or as `image[]`: the route needs one file and takes up to
+    # MAX_IMAGES, and a null part is no file.
     openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": {"oneOf": [
-        {"required": [name], "properties": {name: {"type": "array", "minItems": 1}}} for name in ("image", "image[]")
+        {"required": [name], "properties": {name: {"type": "array", "minItems": 1, "maxItems": MAX_IMAGES}}} for name in ("image", "image[]")
     ]}}}}},
 )
 async def create_image_edit(
@@ -96,7 +100,10 @@ async def create_image_edit(
     service: ServiceDep,
     # An empty form field reads as missing: the document says so with minLength.
     prompt: Annotated[str, Form(min_length=1, max_length=MAX_PROMPT_LENGTH, description="the edit instruction")],
-    image: Annotated[list[UploadFile] | None, File(description="the image to edit; one (several: 400, no multi-reference here)")] = None,
+    image: Annotated[
+        list[UploadFile] | None,
+        File(description=f"the image to edit, then up to {MAX_IMAGES - 1} reference images the prompt may draw on (fitted to the first's output size)"),
+    ] = None,
     image_array: Annotated[list[UploadFile] | None, File(alias="image[]", description="as image (the SDKs' spelling for a list)")] = None,
     n: Annotated[int, Form(ge=1, le=4, description="images to make, 1–4")] = 1,
     size: Annotated[str, Form(description="auto (the input's aspect ratio) or WxH → the nearest of 21:9 … 9:21; the model sets the resolution")] = "auto",
@@ -125,19 +132,23 @@ async def create_image_edit(
     files = [*(image or []), *(image_array or [])]
     if not files:
         raise ValidationFailed("image is required", errors=[field_error("image", "image is required", "missing")])
-    if len(files) > 1:
-        # Using only the first would return an edit the caller did not ask for.
-        raise _invalid("image", f"this model edits one image; {len(files)} were sent (multi-reference editing is not supported)")
+    if len(files) > MAX_IMAGES:
+        message = f"at most {MAX_IMAGES} images per request, the edited one included; {len(files)} were sent"
+        raise ValidationFailed(message, errors=[field_error("image", message, "too_many_images")])
 
-    # 2. The first image, as a data URI (stored with the run, as inline images are).
-    data = await files[0].read(service.settings.max_image_bytes + 1)
-    if len(data) > service.settings.max_image_bytes:
-        message = f"image is larger than the {service.settings.max_image_bytes:,}-byte limit"
-        raise ServiceError(message, code=ImageTooLarge.code, http_status=413, errors=[field_error("image", message, ImageTooLarge.code)])
+    # 2. The images as data URIs (stored with the run, as inline images are): the first is
+    # edited, the others are references.
+    uris = []
+    for part in files:
+        data = await part.read(service.settings.max_image_bytes + 1)
+        if len(data) > service.settings.max_image_bytes:
+            message = f"image is larger than the {service.settings.max_image_bytes:,}-byte limit"
+            raise ServiceError(message, code=ImageTooLarge.code, http_status=413, errors=[field_error("image", message, ImageTooLarge.code)])
+        uris.append(surfaces.data_uri(data))
     item = surfaces.kontext_input(
         {
             "prompt": prompt,
-            "image_url": surfaces.data_uri(data),
+            **({"image_url": uris[0]} if len(uris) == 1 else {"image_urls": uris}),
             "num_images": n,
             "aspect_ratio": _aspect_ratio(size),
             "output_format": output_format,

@@ -8,7 +8,8 @@
     GET  /v1/webhooks/default/secret   (the key's newest callback secret, made if none)
 
 A prediction is an ordinary stored run (listed by GET /v1/runs, priced, rate-limited); any run
-of the key can be read here. Kontext's Replicate inputs map onto ours: input_image → image_url,
+of the key can be read here. Kontext's Replicate inputs map onto ours: input_image → image_url
+(or input_images, FLUX.2's list there, → image_urls: the edited image, then references),
 prompt_upsampling → enhance_prompt, safety_tolerance 0–6 (0 recorded as 1), output_format
 jpg|png (png by default, as there). `output` is one URL string, as for Kontext there.
 Statuses: queued/dispatching → starting, running → processing. `logs` is the run's log as
@@ -35,20 +36,24 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
+from incontext.engine.protocol import MAX_IMAGES
 from incontext.service import callbacks, lifecycle, netpolicy, outputs, store, submission, surfaces
 from incontext.service.deps import Service, ServiceDep, count_read
 from incontext.models.registry import ModelPreset, Registry
 from incontext.service.errors import Conflict, NotFound, ValidationFailed, field_error
 from incontext.service.models import ApiKey, Run
 from incontext.service.runparams import RunParams
-from incontext.service.schemas import MAX_PROMPT_LENGTH, MAX_SEED, CallbackUrl, public_output
+from incontext.service.schemas import IMAGE_LIST_SCHEMA, MAX_PROMPT_LENGTH, MAX_SEED, CallbackUrl, ImageList, one_of_images, public_output
 from incontext.service.storage import Storage
 
 STYLE = "replicate"
-NAMES = {"image_url": "input_image", "enhance_prompt": "prompt_upsampling"}
+NAMES = {
+    "image_url": "input_image", "image_urls": "input_images", **{f"image_urls.{i}": f"input_images.{i}" for i in range(MAX_IMAGES)},
+    "enhance_prompt": "prompt_upsampling",
+}
 MAX_WAIT_S = 60  # Replicate's own cap on Prefer: wait
 POLL_S = 0.2
 _WAIT = re.compile(r"^\s*wait(?:\s*=\s*(\d+))?\s*$", re.IGNORECASE)
@@ -73,12 +78,24 @@ ReplicateKeyDep = Annotated[ApiKey, Depends(surfaces.key_from_headers)]
 class KontextPredictionInput(BaseModel):
     """Replicate's inputs of black-forest-labs/flux-kontext-pro."""
 
-    model_config = ConfigDict(extra="ignore")
+    # One of input_image and input_images (FLUX.2's list on Replicate), as the route takes them.
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"oneOf": [{"required": ["input_image"]}, {"required": ["input_images"]}]})
 
-    # input_image required (Replicate's model also generates from a prompt alone; this server
+    @model_validator(mode="before")
+    @classmethod
+    def _one_of_images(cls, values: Any) -> Any:
+        return one_of_images(values, "input_image", "input_images")
+
+    # An image required (Replicate's model also generates from a prompt alone; this server
     # only edits), prompt bounded as KontextInput bounds it.
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_LENGTH, description="the edit instruction")
-    input_image: str = Field(min_length=1, description="the image to edit: http(s) URL or data: URI; required here")
+    input_image: Annotated[str | None, WithJsonSchema({"type": "string", "minLength": 1})] = Field(
+        None, min_length=1, description="the image to edit: http(s) URL or data: URI; or send input_images"
+    )
+    input_images: Annotated[ImageList | None, WithJsonSchema(IMAGE_LIST_SCHEMA)] = Field(
+        None, description=f"instead of input_image, 1–{MAX_IMAGES} images: the first is edited and decides the output's size, "
+        "the others are references the prompt may draw on, fitted to that size",
+    )
     aspect_ratio: str = Field("match_input_image", description="match_input_image, or 21:9 … 9:21")
     output_format: Literal["jpg", "jpeg", "png"] = "png"
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
@@ -159,7 +176,8 @@ async def _create(model_id: str, body: PredictionCreate, request: Request, key: 
     given = body.input
     item = surfaces.kontext_input(
         {
-            "prompt": given.prompt, "image_url": given.input_image, "aspect_ratio": given.aspect_ratio, "output_format": given.output_format,
+            "prompt": given.prompt, **({"image_url": given.input_image} if given.input_images is None else {"image_urls": given.input_images}),
+            "aspect_ratio": given.aspect_ratio, "output_format": given.output_format,
             "seed": given.seed, "safety_tolerance": max(1, given.safety_tolerance), "enhance_prompt": given.prompt_upsampling,
         },
         NAMES,
@@ -299,7 +317,7 @@ def prediction(run: Run, storage: Storage, logs: list | None = None, *, synchron
 
 
 def _replicate_input(echo: dict, params: RunParams) -> dict:
-    reverse = {ours: theirs for theirs, ours in {"input_image": "image_url", "prompt_upsampling": "enhance_prompt"}.items()}
+    reverse = {ours: theirs for theirs, ours in {"input_image": "image_url", "input_images": "image_urls", "prompt_upsampling": "enhance_prompt"}.items()}
     return {reverse.get(k, k): v for k, v in echo.items()}
 
 

@@ -1,6 +1,7 @@
 """The `incontext` command line: edit images, list models, train, serve, benchmark.
 
     incontext edit photo.png "make the red circle blue" -o out.png
+    incontext edit room.png "put the lamp from the second image on the table" --reference lamp.png -o out.png
     incontext models
     incontext serve --port 8000
 """
@@ -39,6 +40,9 @@ def _indexed(out: Path, i: int, n: int) -> Path:
 def edit(
     image: Path = typer.Argument(..., help="Input image (JPEG, PNG, WebP, GIF, AVIF)."),
     prompt: str = typer.Argument(..., help='The instruction, e.g. "make the red circle blue".'),
+    reference: Optional[list[Path]] = typer.Option(
+        None, "--reference", help="A further image the prompt may draw on (up to 3; repeat the option), fitted to the output's size."
+    ),
     output: Path = typer.Option(..., "-o", "--output", help="Output file; .jpg/.jpeg/.png. With --num-images > 1, an index is added."),
     seed: Optional[int] = typer.Option(None, help="Random seed (printed; reuse it to reproduce a result)."),
     guidance: Optional[float] = typer.Option(None, min=1.0, max=20.0, help="Guidance scale 1–20 (default: the model's, 3.5)."),
@@ -54,6 +58,7 @@ def edit(
 ) -> None:
     """Edit IMAGE as PROMPT says and write the result to OUTPUT."""
     from incontext import imageio
+    from incontext.engine.protocol import MAX_IMAGES
 
     try:
         fmt = imageio.format_from_suffix(output)
@@ -61,10 +66,15 @@ def edit(
             seed = random.randrange(2**31)
         if preserve not in ("auto", "off"):
             raise IncontextError(f"--preserve must be auto or off, not {preserve!r}", code="INVALID_INPUT")
+        references = list(reference or [])
+        if 1 + len(references) > MAX_IMAGES:
+            raise IncontextError(f"at most {MAX_IMAGES - 1} --reference images (the edited one makes {MAX_IMAGES})", code="INVALID_INPUT")
         if server:
-            model_id, results = _edit_remote(server, api_key, image, prompt, seed, guidance, steps, num_images, aspect_ratio, model, fmt, preserve, mask is not None)
+            model_id, results = _edit_remote(
+                server, api_key, image, prompt, seed, guidance, steps, num_images, aspect_ratio, model, fmt, preserve, mask is not None, references
+            )
         else:
-            model_id, results = _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, model, preserve)
+            model_id, results = _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, model, preserve, references)
         # As the service marks its outputs: AI-generated, by this model (imageio.Provenance).
         provenance = imageio.Provenance(model_id, composite=preserve != "off")
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -96,13 +106,15 @@ def edit(
         raise
 
 
-def _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, model_id, preserve_mode):
-    """(the name outputs give the model, [(image, region mask, changed share)] for each output), edited here."""
+def _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, model_id, preserve_mode, references=()):
+    """(the name outputs give the model, [(image, region mask, changed share)] for each output), edited here.
+    The edited image decides the output's size; each reference is fitted to it."""
     from incontext import imageio, preserve, sampler
     from incontext.models.loader import load_model
     from incontext.models.registry import default_registry
 
     src = imageio.load_image(image)
+    extra = [imageio.load_image(r) for r in references]
     if not prompt.strip():
         raise IncontextError("the prompt is empty: say what to change", code="INVALID_INPUT")
     preset = default_registry().resolve(model_id)
@@ -112,11 +124,12 @@ def _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, 
     with console.status(f"loading {preset.id}"):
         m = load_model(preset.directory, max_sequence_length=preset.max_sequence_length)
     fitted = imageio.fit_to_size(src, w, h)
+    fitted_references = tuple(imageio.fit_to_size(r, w, h) for r in extra)
     with Progress(TextColumn("editing"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn(), console=console, transient=False) as progress:
         task = progress.add_task("denoise", total=steps)
         latents, img_cond = sampler.denoise(
             m, fitted, prompt, seeds=[seed + i for i in range(num_images)], num_steps=steps,
-            guidance=guidance, on_step=lambda done, total: progress.update(task, completed=done),
+            guidance=guidance, on_step=lambda done, total: progress.update(task, completed=done), references=fitted_references,
         )
         edited = sampler.decode(m, latents, h, w)
     changes = sampler.change_map(latents, img_cond, h, w, m.vae_scale_factor)
@@ -125,18 +138,21 @@ def _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, 
     return preset.weights_name, [(k.image, k.mask, k.changed_share) for k in kept]
 
 
-def _edit_remote(server, api_key, image, prompt, seed, guidance, steps, num_images, aspect_ratio, model_id, fmt, preserve_mode, return_mask):
+def _edit_remote(server, api_key, image, prompt, seed, guidance, steps, num_images, aspect_ratio, model_id, fmt, preserve_mode, return_mask, references=()):
     """(the name outputs give the model, [(image, region mask or None, changed share)] for each output), edited by the server."""
     import base64
 
     from incontext import imageio
     from incontext.client import Client
 
-    data = Path(image).read_bytes() if Path(image).is_file() else None
-    if data is None:
-        raise IncontextError(f"no such file: {image}", code="INVALID_INPUT")
-    inp = {"prompt": prompt, "image_url": "data:image/png;base64," + base64.b64encode(data).decode(), "seed": seed,
-           "num_images": num_images, "output_format": fmt, "sync_mode": True, "preserve": preserve_mode, "return_mask": return_mask}
+    uris = []
+    for path in (image, *references):
+        if not Path(path).is_file():
+            raise IncontextError(f"no such file: {path}", code="INVALID_INPUT")
+        # The server sniffs the real format; the media type is only a label.
+        uris.append("data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode())
+    images = {"image_url": uris[0]} if len(uris) == 1 else {"image_urls": uris}
+    inp = {"prompt": prompt, **images, "seed": seed, "num_images": num_images, "output_format": fmt, "sync_mode": True, "preserve": preserve_mode, "return_mask": return_mask}
     if guidance is not None:
         inp["guidance_scale"] = guidance
     if steps is not None:

@@ -97,3 +97,19 @@ def test_models_lists_the_default_and_its_aliases():
     assert r.exit_code == 0
     assert "incontext/nano" in r.output and "flux-pro/kontext" in r.output
     assert "license: Apache-2.0 (commercial use allowed)" in r.output  # the bundled weights are the project's own
+
+
+def test_reference_images_change_the_edit_and_are_fitted_to_the_output(tiny_model, tmp_path):
+    src = shapes_png(tmp_path / "in.png")
+    ref = tmp_path / "ref.png"
+    Image.new("RGB", (40, 100), "green").save(ref)  # another size and aspect: fitted to the edited image's output size
+    common = ["--model", str(tiny_model), "--seed", "5", "--steps", "2", "--preserve", "off"]
+    alone = runner.invoke(app, ["edit", str(src), "put the green thing in", "-o", str(tmp_path / "alone.png"), *common])
+    both = runner.invoke(app, ["edit", str(src), "put the green thing in", "--reference", str(ref), "-o", str(tmp_path / "with_ref.png"), *common])
+    assert alone.exit_code == 0 and both.exit_code == 0, alone.output + both.output
+    a, b = Image.open(tmp_path / "alone.png"), Image.open(tmp_path / "with_ref.png")
+    assert a.size == b.size and a.size[0] > a.size[1]  # the edited image decides the size
+    assert a.tobytes() != b.tobytes()  # the same seed, another result: the model saw the reference
+
+    r = runner.invoke(app, ["edit", str(src), "x", "-o", str(tmp_path / "o.png"), *common, *["--reference", str(ref)] * 4])
+    assert r.exit_code == 1 and "INVALID_INPUT" in r.output and "--reference" in r.output

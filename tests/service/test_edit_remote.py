@@ -48,3 +48,19 @@ def test_edit_through_the_server_is_quiet_and_shows_its_steps(server, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "6/6 steps" in proc.stdout  # the bar, fed by the event stream
     assert "HTTP Request" not in proc.stderr + proc.stdout  # no line per request
+
+
+def test_edit_through_the_server_sends_the_references(server, tmp_path):
+    src, ref = tmp_path / "in.png", tmp_path / "ref.png"
+    src.write_bytes(png_bytes((96, 64)))
+    ref.write_bytes(png_bytes((40, 40), color=(40, 200, 40)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "incontext", "edit", str(src), "add the green square", "--reference", str(ref), "-o", str(tmp_path / "o.png"),
+         "--steps", "2", "--server", server.url, "--api-key", server.keys[0]],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(tmp_path / "o.png").size == (96, 64)  # the edited image's, not the reference's
+    with server.client(server.keys[0]) as api:
+        run = api.get("/v1/runs", params={"limit": 1}).json()["items"][0]
+    assert run["status_code"] == "succeeded" and len(run["input"]["image_urls"]) == 2

@@ -135,6 +135,10 @@ class Settings(BaseSettings):
     # worker's runs resume sooner; too short: a worker stalled that long (a slow database)
     # loses runs it would have finished, and they run again (their result is written once).
     lease_seconds: float = Field(30.0, ge=1)
+    # Whether this process claims runs and drives them on an engine of its own. False: an
+    # API-only process (the ingress of `serve --engine ray`), which loads no model, stores
+    # runs as queued and leaves them to the workers on the same database (service/apionly.py).
+    dispatch: bool = True
 
     callback_max_attempts: int = Field(6, ge=1)
     callback_backoff_seconds: float = Field(2.0, gt=0)  # delay before attempt 2; doubles after

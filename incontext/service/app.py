@@ -4,13 +4,16 @@
     create_app(settings, engine=other)   # any EngineClient: a remote engine, a test double
 
 The lifespan opens the database (migrating it), loads the model once, recovers runs a
-crash interrupted, and starts the dispatcher and the callback sender.
+crash interrupted, and starts the dispatcher and the callback sender. With
+INCONTEXT_DISPATCH=false it does neither of the first two: an API-only process in front of
+workers on the same database (apionly.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -23,6 +26,7 @@ from incontext import __version__
 from incontext.engine.protocol import EngineClient
 from incontext.models.registry import DEFAULT_MODEL_ID, HOSTED_ALIASES, Registry, default_registry, preset_for_directory
 from incontext.service import contentfilter, keys, memory, openapi
+from incontext.service.apionly import QueueOnly, WorkersEngine
 from incontext.service.bodylimit import BodyLimitMiddleware
 from incontext.service.callbacks import CallbackSender
 from incontext.service.db import create_db_engine, make_session_factory, migrate
@@ -137,7 +141,9 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-def create_app(settings: Settings | None = None, engine: EngineClient | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine: EngineClient | None = None, *, on_queued: Callable[[], None] | None = None) -> FastAPI:
+    """`on_queued`: for an API-only process (settings.dispatch false), called after runs were
+    queued (apionly.QueueOnly)."""
     settings = settings or Settings()
     # Presets only, no weights: the OpenAPI document names the models' versions too.
     registry = build_registry(settings)
@@ -146,9 +152,9 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
     async def lifespan(app: FastAPI):
         db_engine, sessions = await asyncio.to_thread(open_database, settings)
         check_safe_to_serve(settings, sessions, registry)
-        model_engine = engine or build_engine(settings, registry)
+        model_engine = engine or (build_engine(settings, registry) if settings.dispatch else WorkersEngine())
         await model_engine.start()
-        if engine is None and settings.engine_mode == "process":  # not an engine in this process (memory.py)
+        if engine is None and settings.dispatch and settings.engine_mode == "process":  # not an engine in this process (memory.py)
             memory.return_freed_memory()
         storage = Storage(
             settings.data_dir,
@@ -167,7 +173,10 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
         )
         outbound = Outbound(NetPolicy.from_settings(settings), max_concurrent=settings.fetch_max_concurrent)
         read_sessions = make_session_factory(db_engine, read_only=True)
-        dispatcher = Dispatcher(sessions=sessions, engine=model_engine, storage=storage, sender=sender, settings=settings)
+        if settings.dispatch:
+            dispatcher = Dispatcher(sessions=sessions, engine=model_engine, storage=storage, sender=sender, settings=settings)
+        else:
+            dispatcher = QueueOnly(on_queued)
         retention = RetentionJob(sessions, storage, days=settings.retention_days)
         await sender.start()
         await dispatcher.start()

@@ -83,6 +83,7 @@ class Dispatcher:
         self.worker_id = leases.new_worker_id()
         self._fences: dict[str, int] = {}  # run id → the fence of our claim, for the runs in flight
         self._leases_task: asyncio.Task | None = None
+        self._draining = False  # claims nothing more: see `drain`
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -106,6 +107,19 @@ class Dispatcher:
             except Exception:
                 log.exception("dispatcher: could not hand %d run(s) back; they run again once their leases run out", len(held))
 
+    async def drain(self, timeout_s: float) -> None:
+        """Stop claiming, let the runs in flight end for up to `timeout_s`, then `close`, which
+        hands the rest back to the queue: a worker being scaled down neither drops its runs
+        nor makes them wait out their leases. Leases are renewed meanwhile."""
+        self._draining = True
+        if self._task:
+            self._task.cancel()
+        in_flight = list(self._in_flight.values())
+        if in_flight:
+            log.info("dispatcher: draining; waiting up to %.0f s for %d run(s) in flight", timeout_s, len(in_flight))
+            await asyncio.wait(in_flight, timeout=timeout_s)
+        await self.close()
+
     def wake(self) -> None:
         """Look for queued runs now; callable from any thread."""
         if self._loop:
@@ -128,6 +142,8 @@ class Dispatcher:
         return runs
 
     def _claim_in(self, session: Session, ready: set[str]) -> tuple[list[Run], bool]:
+        if self._draining:
+            return [], False
         return leases.claim(
             session, self.worker_id, lease_s=self._settings.lease_seconds, ready=ready, busy=set(self._in_flight),
             cap_per_model=self._settings.max_concurrent_runs_per_model, cap_per_key=self._settings.max_concurrent_runs_per_key,

@@ -37,8 +37,15 @@ def serve(
     database_url: DatabaseUrl = None,
     model_dir: Annotated[Path | None, typer.Option(help="serve this model directory as the default model")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+    engine: Annotated[str, typer.Option(help="local: everything in this process; ray: a Ray Serve application of API replicas and engine workers on one PostgreSQL (docs/scale.md)")] = "local",
+    replicas: Annotated[int, typer.Option(help="--engine ray: engine workers (with --max-replicas, the number to start with)")] = 1,
+    max_replicas: Annotated[int | None, typer.Option(help="--engine ray: autoscale the workers on the queue, up to this many")] = None,
+    min_replicas: Annotated[int, typer.Option(help="--engine ray, autoscaling: the fewest workers; 0 scales to zero while nothing is queued")] = 1,
+    gpus_per_replica: Annotated[float, typer.Option(help="--engine ray: GPUs each worker takes (1: one engine per GPU; 0: CPU workers)")] = 0,
+    ray_address: Annotated[str | None, typer.Option(help="--engine ray: join this Ray cluster (e.g. auto, ray://head:10001) instead of starting a local one")] = None,
 ) -> None:
-    """Serve the HTTP API: database, engine and callbacks in this one process.
+    """Serve the HTTP API: database, engine and callbacks in this one process, or with
+    --engine ray across a Ray cluster.
 
     On loopback with no API key at all, a key for the playground is made and the printed
     address carries it (DATA_DIR/playground.key)."""
@@ -46,6 +53,7 @@ def serve(
     from incontext.service.app import UnsafeStart, build_registry, check_safe_to_serve, create_app, open_database
 
     settings = _settings(host=host, port=port, data_dir=data_dir, database_url=database_url, model_dir=model_dir)
+    scaling = _ray_scaling(engine, settings, replicas=replicas, max_replicas=max_replicas, min_replicas=min_replicas, gpus_per_replica=gpus_per_replica)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Checked before the server starts, so a refusal is quick and reads as a sentence.
     db_engine, sessions = open_database(settings)
@@ -62,8 +70,37 @@ def serve(
     finally:
         db_engine.dispose()
     page = settings.base_url + "/" + (f"#key={key}" if key else "")
+    if scaling is not None:
+        from incontext.service import rayapp
+
+        Console(stderr=True).print(f"The playground, once the workers are up: {page}", soft_wrap=True, markup=False, highlight=False)
+        return rayapp.run(settings, scaling, ray_address=ray_address)
     if not _run_until_stopped(create_app(settings), settings, log_level, announce=f"The playground: {page}"):
         raise typer.Exit(3)  # uvicorn has logged why (e.g. the port is taken)
+
+
+def _ray_scaling(engine: str, settings, **options):
+    """--engine ray's Scaling, or None for the local server; refuses what cannot work."""
+    if engine not in ("local", "ray"):
+        _refuse(f"--engine must be local or ray, not {engine!r}")
+    if engine == "local":
+        return None
+    if not settings.resolved_database_url.startswith("postgresql"):
+        # Every worker and API replica is a process of its own: SQLite is for one.
+        _refuse("--engine ray needs a PostgreSQL database shared by its processes: --database-url postgresql+psycopg://…")
+    try:
+        from incontext.service.rayapp import Scaling
+    except ImportError:
+        _refuse("--engine ray needs Ray Serve: pip install 'incontext[ray]'")
+    try:
+        return Scaling(**options)
+    except ValidationError as exc:
+        _refuse(str(exc))
+
+
+def _refuse(message: str):
+    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(2)
 
 
 def _run_until_stopped(app, settings, log_level: str, *, announce: str) -> bool:

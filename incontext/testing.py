@@ -111,3 +111,80 @@ def tiny_klein_dir(path: Path, seed: int = 0, *, distilled: bool = False) -> Pat
               "text_encoder_out_layers": list(out_layers)}
     (path / "incontext.json").write_text(json.dumps(preset, indent=2) + "\n")
     return path
+
+
+def qwen_vl_processor(image_processor, tokenizer):
+    """Stock `Qwen2VLProcessor` for images only. transformers 5 insists on its video processor,
+    which needs torchvision (not importable beside this project's CPU torch); images never
+    reach it, so the type check is lifted for that one missing part."""
+    from unittest import mock
+
+    from transformers import Qwen2VLProcessor
+
+    check = Qwen2VLProcessor.check_argument_for_proper_class
+
+    def lenient(self, name, arg):
+        return None if name == "video_processor" and arg is None else check(self, name, arg)
+
+    with mock.patch.object(Qwen2VLProcessor, "check_argument_for_proper_class", lenient):
+        return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
+
+
+def tiny_qwen_edit_dir(path: Path, seed: int = 0, *, plus: bool = True) -> Path:
+    """Write a tiny random Qwen-Image-Edit-Plus directory (QwenImageEditPlusPipeline's layout,
+    model_index.json from the pipeline itself; `plus=False`: the original
+    QwenImageEditPipeline's, the same parts) at `path` and return it. The processor folder
+    holds its tokenizer and image processor, as the hosted directories do, but no video
+    processor config (`qwen_vl_processor` says why): stock diffusers loads it with
+    `processor=qwen_vl_processor(...)` passed in."""
+    import torch  # only here
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, QwenImageEditPlusPipeline,
+                           QwenImageTransformer2DModel)
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2TokenizerFast
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    # Byte-level with no merges: one token per byte, built offline; the special tokens the
+    # pipeline's template and the processor's image placeholders use.
+    tokenizer = Qwen2TokenizerFast(vocab={c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}, merges=[])
+    special = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": special})
+    token = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
+    # At most 28·28·16 pixels per image: a 384² condition image becomes 3×3 merged vision tokens.
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
+    hidden, latent_channels = 32, 4
+    torch.manual_seed(seed)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        # head_dim 16: the text model's 3-axis M-RoPE sections sum to 16 / 2.
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=None,
+                         eos_token_id=token["<|im_end|>"],
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=56, out_hidden_size=hidden, fullatt_block_indexes=[1]),
+        image_token_id=token["<|image_pad|>"], video_token_id=token["<|video_pad|>"],
+        vision_start_token_id=token["<|vision_start|>"], vision_end_token_id=token["<|vision_end|>"],
+    ))
+    # 8× spatial downsampling (three halvings), as the real VAE; non-trivial per-channel
+    # statistics, so tests catch a missing latent normalisation.
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=latent_channels, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                                 latents_std=[1.5, 0.8, 1.2, 2.0])
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=latent_channels * 4, out_channels=latent_channels, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=hidden,
+                                              axes_dims_rope=(4, 6, 6))
+    # Qwen-Image's own scheduler settings: the shift is set per request (mu).
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+                                                time_shift_type="exponential")
+    processor = qwen_vl_processor(image_processor, tokenizer)
+    pipeline_class = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
+    pipe = pipeline_class(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, processor=processor,
+                          transformer=transformer)
+    path = Path(path)
+    pipe.save_config(path)  # model_index.json
+    for name in ("scheduler", "vae", "text_encoder", "tokenizer", "transformer"):
+        getattr(pipe, name).save_pretrained(path / name)
+    tokenizer.save_pretrained(path / "processor")
+    image_processor.save_pretrained(path / "processor")
+    return path

@@ -208,6 +208,8 @@ class LocalEngine:
                 raise InvalidInput(f"output size {request.width}×{request.height} must be a multiple of {mult}")
             if 1 + len(request.references) > MAX_IMAGES:
                 raise InvalidInput(f"at most {MAX_IMAGES} images per request, the edited one included")
+            if 1 + len(request.references) > (most := self.runner.families[preset.id].max_images):
+                raise InvalidInput(f"model {preset.id!r} takes at most {most} image(s) per request, the edited one included")
             if any(im.size != (request.width, request.height) for im in (request.image, *request.references)):
                 raise InvalidInput("the context image and every reference image must already be at the output size")
         except IncontextError as e:

@@ -140,19 +140,22 @@ class Runner:
 
     def _prepare(self, job: Job, m, family: Family) -> None:
         r, model_id = job.request, job.model_id
-        key = (model_id, r.prompt)
+        images = [r.image, *r.references]
+        image_keys = tuple(image_key(image) for image in images)
+        key = (model_id, r.prompt, *(image_keys if family.prompt_sees_images else ()))
         prompt = self.text_cache.get(key)
         if prompt is None:
-            prompt = family.encode_prompt(m, r.prompt)
+            prompt = family.encode_prompt(m, r.prompt, images)
             self.text_cache.put(key, prompt)
-        job.prompt, job.context = prompt, tuple(self._latents(model_id, image, m, family) for image in (r.image, *r.references))
+        job.prompt = prompt
+        job.context = tuple(self._latents(model_id, image, k, m, family) for image, k in zip(images, image_keys))
         job.reference = job.context[0]
         # The schedule's shift follows the target's token count, as the stock pipelines do.
         job.timesteps, job.sigmas = family.schedule(m, job.steps, job.reference.shape[1])
 
-    def _latents(self, model_id: str, image, m, family: Family) -> torch.Tensor:
+    def _latents(self, model_id: str, image, content_key: str, m, family: Family) -> torch.Tensor:
         """One image's packed latents (1, N, 4C), cached by the image's content."""
-        key = (model_id, image_key(image))
+        key = (model_id, content_key)
         latents = self.latent_cache.get(key)
         if latents is None:
             latents = family.encode_images(m, [image])

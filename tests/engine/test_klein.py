@@ -105,7 +105,7 @@ def test_guided_rows_run_their_empty_prompt_twin_in_the_same_pass(klein_dir):
 
     m = klein.load(klein_dir, dtype="float32")
     with torch.no_grad():
-        prompts = [KLEIN.encode_prompt(m, p) for p in ("make it blue", "remove it")]
+        prompts = [KLEIN.encode_prompt(m, p, []) for p in ("make it blue", "remove it")]
         reference = KLEIN.encode_images(m, [_picture(64, 64)])
         batch = KLEIN.batch(m, prompts, [(reference,), (reference,)], [4.0, 1.0], 64, 64)
         img = torch.randn(2, *reference.shape[1:], generator=torch.Generator().manual_seed(0))
@@ -137,7 +137,7 @@ def test_reference_images_reach_the_transformer_as_the_stock_pipeline_gives_them
     images = [_picture(64, 64), _picture(64, 64, fill=(30, 60, 220)), _picture(64, 64, fill=(40, 200, 60)).rotate(90)]
     m = klein.load(klein_dir, dtype="float32")
     with torch.no_grad():
-        prompt = KLEIN.encode_prompt(m, "put them together")
+        prompt = KLEIN.encode_prompt(m, "put them together", images)
         ours = KLEIN.batch(m, [prompt], [tuple(KLEIN.encode_images(m, [im]) for im in images)], [1.0], 64, 64)
         processed = [stock.image_processor.preprocess(im, height=64, width=64, resize_mode="crop") for im in images]
         tokens, image_ids = stock.prepare_image_latents(processed, batch_size=1, generator=torch.Generator().manual_seed(0),

@@ -5,7 +5,9 @@ every model; a family adapter supplies only what depends on the model's architec
 
 - `load`: a model directory → the loaded modules (any object with `vae_scale_factor`);
 - `encode_prompt` / `encode_images`: one request's text conditioning (opaque to the engine,
-  cached per model and prompt) and each of its images as packed latent tokens (1, N, D);
+  cached per model and prompt, and per image content where `prompt_sees_images`: Qwen's
+  VL encoder reads the images with the prompt) and each of its images as packed latent
+  tokens (1, N, D);
 - `schedule`, `initial_latents`: the sigma schedule and one sample's starting latents;
 - `batch` → `velocity`: the running batch's conditioning stacked once (each row's images,
   the edited one first, all at the output's size and as many in every row), then one denoising
@@ -28,6 +30,7 @@ from PIL import Image
 
 from incontext.engine.families.klein import KLEIN
 from incontext.engine.families.kontext import KONTEXT
+from incontext.engine.families.qwen import QWEN_EDIT, QWEN_EDIT_PLUS
 from incontext.errors import ModelError
 
 
@@ -42,10 +45,13 @@ class Family(Protocol):
     name: str
     pipeline_class: str  # model_index.json's `_class_name`
     compiles: bool  # whether engine/compiled.py can package its transformer and VAE
+    prompt_sees_images: bool  # whether encode_prompt reads the images (then cached by them too)
+    max_images: int  # images one request may give, the edited one included (at most protocol.MAX_IMAGES)
 
     def load(self, directory: Path, *, device: str, dtype: str | torch.dtype, max_sequence_length: int | None) -> Any: ...
 
-    def encode_prompt(self, m, prompt: str) -> Any: ...
+    def encode_prompt(self, m, prompt: str, images: list[Image.Image]) -> Any:
+        """The prompt's conditioning; `images` (the edited one first) matter only where `prompt_sees_images`."""
 
     def encode_images(self, m, images: list[Image.Image]) -> torch.Tensor:
         """Reference images → packed latent tokens (B, N, D), normalised as the transformer sees them."""
@@ -66,7 +72,7 @@ class Family(Protocol):
 
 
 # Every adapter, by the pipeline class it serves.
-FAMILIES: dict[str, Family] = {f.pipeline_class: f for f in (KONTEXT, KLEIN)}
+FAMILIES: dict[str, Family] = {f.pipeline_class: f for f in (KONTEXT, KLEIN, QWEN_EDIT_PLUS, QWEN_EDIT)}
 
 
 def for_directory(directory: Path) -> Family:

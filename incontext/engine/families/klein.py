@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from incontext import sampler
+from incontext.engine.protocol import MAX_IMAGES
 from incontext.errors import ModelError
 from incontext.models.device import resolve_dtype
 from incontext.models.loader import check_model_dir, load_part, offline
@@ -208,11 +209,13 @@ class Klein:
     name = "klein"
     pipeline_class = "Flux2KleinPipeline"
     compiles = False  # served eagerly: engine/compiled.py packages Kontext's transformer only
+    prompt_sees_images = False
+    max_images = MAX_IMAGES
 
     def load(self, directory: Path, *, device: str, dtype, max_sequence_length: int | None) -> KleinModels:
         return load(directory, device=device, dtype=dtype, max_sequence_length=max_sequence_length)
 
-    def encode_prompt(self, m: KleinModels, prompt: str) -> torch.Tensor:
+    def encode_prompt(self, m: KleinModels, prompt: str, images: list[Image.Image]) -> torch.Tensor:
         return encode_text(m, prompt)
 
     def encode_images(self, m: KleinModels, images: list[Image.Image]) -> torch.Tensor:

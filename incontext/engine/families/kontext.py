@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from incontext import sampler
+from incontext.engine.protocol import MAX_IMAGES
 from incontext.models.loader import load_model
 
 
@@ -36,11 +37,13 @@ class Kontext:
     name = "kontext"
     pipeline_class = "FluxKontextPipeline"
     compiles = True
+    prompt_sees_images = False
+    max_images = MAX_IMAGES
 
     def load(self, directory: Path, *, device: str, dtype, max_sequence_length: int | None) -> sampler.Models:
         return load_model(directory, device=device, dtype=dtype, max_sequence_length=max_sequence_length)
 
-    def encode_prompt(self, m: sampler.Models, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_prompt(self, m: sampler.Models, prompt: str, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         return sampler.encode_text(m, [prompt])
 
     def encode_images(self, m: sampler.Models, images: list[Image.Image]) -> torch.Tensor:

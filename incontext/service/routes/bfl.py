@@ -83,7 +83,8 @@ class FluxKontextRequest(BaseModel):
     input_image_4: str | None = Field(None, description="a further reference image, as input_image_2")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when absent; reported in result.seed")
     aspect_ratio: str | None = Field(
-        None, description="W:H between 21:9 and 9:21, mapped to the nearest of 21:9 16:9 4:3 3:2 1:1 2:3 3:4 9:16 9:21; default: the input's"
+        None, description="W:H between 21:9 and 9:21, mapped to the nearest of 21:9 16:9 4:3 3:2 1:1 2:3 3:4 9:16 9:21; default: the input's",
+        json_schema_extra={"pattern": _RATIO.pattern},  # the form; the range is in words (no pattern can say it)
     )
     output_format: Literal["jpeg", "png"] = Field("png", description="jpeg or png (jpg is read as jpeg)")
     safety_tolerance: int = Field(2, ge=0, le=6, description="recorded only: this server has no moderation (0 is recorded as 1)")

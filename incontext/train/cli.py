@@ -48,9 +48,12 @@ def train_data_cmd(
     out: Path = typer.Option(Path("runs/nano")), start: int = 0, chunks: int = 24, render_only: bool = False,
     families: str = typer.Option("all", help="Edit families to draw: all, basic (the six the bundled weights were trained on) or a comma-separated list."),
     chunk_size: int = typer.Option(1024, min=1, hidden=True),
+    encode_rendered: bool = typer.Option(False, help="Only encode the chunks rendered ahead (OUT/images) into latents."),
+    follow: bool = typer.Option(False, help="With --encode-rendered: keep encoding new renders until stopped."),
+    device: str = typer.Option("cpu", help="Where the VAE encodes: cpu, or cuda (one GPU encoder for many --render-only processes)."),
 ) -> None:
     """Stage 2: render world examples and encode them into latent chunks (needs OUT/vae.pt unless --render-only)."""
-    from incontext.train.data import produce_chunks, render_chunks
+    from incontext.train.data import encode_rendered as encode_ahead, produce_chunks, render_chunks
     from incontext.train.export import load_vae
     from incontext.errors import InvalidInput
     from incontext.world.edits import select_families
@@ -61,6 +64,8 @@ def train_data_cmd(
         _fail(InvalidInput(str(e)))
     if render_only:
         render_chunks(out, start, chunks, chunk_size=chunk_size, families=chosen)
+    elif encode_rendered:
+        encode_ahead(out, load_vae(out).to(device), follow=follow, batch=256 if device.startswith("cuda") else 64)
     else:
         produce_chunks(out, load_vae(out), start, chunks, chunk_size=chunk_size, families=chosen)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,10 +64,11 @@ def render_chunks(out: Path, start: int, count: int, chunk_size: int = CHUNK, fa
 @torch.no_grad()
 def _encode(vae, arr: np.ndarray, batch: int = 64) -> torch.Tensor:
     out = []
+    dev = next(vae.parameters()).device
     for i in range(0, len(arr), batch):
-        x = torch.from_numpy(arr[i : i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x = torch.from_numpy(arr[i : i + batch]).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         z = vae.encode(x.contiguous(memory_format=torch.channels_last)).latent_dist.mode()
-        out.append((z - vae.config.shift_factor) * vae.config.scaling_factor)
+        out.append(((z - vae.config.shift_factor) * vae.config.scaling_factor).cpu())
     return torch.cat(out).to(torch.bfloat16)  # half the disk and memory; fine for targets
 
 
@@ -93,6 +95,34 @@ def produce_chunks(out: Path, vae, start: int, count: int, chunk_size: int = CHU
         tmp.rename(path)
         cache.unlink(missing_ok=True)
         log.info("wrote %s (%dx%d)", path.name, *size)
+
+
+def encode_rendered(out: Path, vae, follow: bool = False, poll_seconds: float = 2.0, batch: int = 64) -> int:
+    """Encode every chunk rendered ahead (`out/images`) into `out/data`; with `follow`, keep
+    watching for more until killed. On a GPU machine the CPU cores only render (the slow,
+    single-threaded part) and one process encodes for all of them on the GPU. Returns the
+    number of chunks written."""
+    images, data = Path(out) / "images", Path(out) / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    vae.eval()
+    written = 0
+    while True:
+        ready = sorted(p for p in images.glob("chunk_*.npz") if ".tmp" not in p.name) if images.is_dir() else []
+        for cache in ready:
+            path = data / (cache.stem + ".pt")
+            z = np.load(cache, allow_pickle=False)
+            ctx, tgt = z["context"], z["target"]
+            blob = {"size": (ctx.shape[2], ctx.shape[1]), "context": _encode(vae, ctx, batch), "target": _encode(vae, tgt, batch),
+                    "prompts": list(z["prompts"]), "families": list(z["families"])}
+            tmp = path.with_suffix(".tmp")
+            torch.save(blob, tmp)
+            tmp.rename(path)
+            cache.unlink()
+            written += 1
+            log.info("wrote %s (%dx%d)", path.name, *blob["size"])
+        if not follow:
+            return written
+        time.sleep(poll_seconds)
 
 
 class LatentChunks:

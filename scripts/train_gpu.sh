@@ -66,8 +66,24 @@ while [ "$(encoded)" -lt "$FIRST" ]; do
 done
 echo "data: $(encoded) chunks in ${SECONDS}s"
 
-train transformer --out "$OUT" --device "$DEVICE" --minutes "$TRAIN_MINUTES" --batch "$BATCH" --lr "$LR" \
-  --edit-weight 1 --guidance-start 0 --flow-start context --init-from "$INIT" --save-every 1
+fit() {  # [extra options]: the transformer on OUT's chunks
+  train transformer --out "$OUT" --device "$DEVICE" --batch "$BATCH" --lr "$LR" --edit-weight 1 --guidance-start 0 \
+    --flow-start context --init-from "$INIT" "$@"
+}
+# A few steps first, each kernel checked as it runs (CUDA_LAUNCH_BLOCKING), in bf16 and else in
+# fp32: a failing kernel is then named, and the run goes on in the precision that works.
+precision=--bf16
+for p in --bf16 --no-bf16; do
+  precision=$p
+  if (mkdir -p "$OUT/probe" && ln -sfn "$(cd "$OUT" && pwd)/data" "$OUT/probe/data" && CUDA_LAUNCH_BLOCKING=1 OUT="$OUT/probe" \
+      fit --minutes 0.05 --save-every 10 "$p" >"$OUT/probe$p.log" 2>&1); then
+    echo "probe $p: ok"; break
+  fi
+  echo "probe $p: failed"; grep -v -i warn "$OUT/probe$p.log" | grep -E "Error|error|❱|\.py:" | head -30
+  [ "$p" = --no-bf16 ] && exit 1
+done
+rm -rf "$OUT/probe"
+fit --minutes "$TRAIN_MINUTES" --save-every 1 "$precision"
 echo "trained: ${SECONDS}s in all, on $(encoded) chunks"
 jobs -p | xargs -r kill 2>/dev/null || true
 pkill -f "incontext.train data" 2>/dev/null || true

@@ -15,6 +15,11 @@ most latents, so the region covers most of the picture and the change is never b
 
     change = sampler.change_map(latents, img_cond, height, width, vae_scale_factor)   # engine side
     out = preserve(edited, change[0], context=fitted_input, source=original, mode="auto")
+
+A client's mask (white: may change, black: must not) narrows the region further: the output
+is the model's only where the detected region and the mask agree (region ∧ mask), and the
+input's, bit for bit, wherever the mask is black, in both modes ("off" then means: the model's
+raw output wherever the mask allows). `fit_mask` brings a mask onto the canvas composed.
 """
 
 from __future__ import annotations
@@ -88,8 +93,22 @@ def region_alpha(change: np.ndarray, edited: np.ndarray, context: np.ndarray, co
 BAND_ROWS = 128
 
 
-def compose(canvas: Image.Image, box: tuple[float, float, float, float], edited: Image.Image, alpha: np.ndarray) -> Preserved:
-    """The canvas with `edited` (which shows `box` of the canvas) blended in by `alpha`.
+def fit_mask(mask: Image.Image, width: int, height: int) -> Image.Image:
+    """A client's mask ("L", the input's own size) onto a canvas of width × height showing the
+    input's centre as `imageio.fit_to_size` does (the same box). NEAREST: each canvas pixel
+    takes one mask pixel's value, so a pixel the mask says to keep is never blended with a
+    neighbour that may change."""
+    if mask.size == (width, height):
+        return mask
+    box = imageio.crop_box(mask.width, mask.height, width, height)
+    return mask.resize((width, height), Image.Resampling.NEAREST, box=box)
+
+
+def compose(canvas: Image.Image, box: tuple[float, float, float, float], edited: Image.Image, alpha: np.ndarray,
+            allowed: Image.Image | None = None) -> Preserved:
+    """The canvas with `edited` (which shows `box` of the canvas) blended in by `alpha`, and by
+    `allowed` ("L", the canvas's size: 0 keeps the canvas's pixel whatever alpha says, 255 lets
+    alpha decide, greys weigh it) when the client sent a mask.
 
     Where alpha is 0 the canvas's pixels are kept exactly; where it is 1 the (resized) model
     output is taken exactly. Memory: the canvas, the output and the edited region as uint8
@@ -102,6 +121,13 @@ def compose(canvas: Image.Image, box: tuple[float, float, float, float], edited:
         alpha = np.asarray(Image.fromarray(alpha, mode="F").resize((bw, bh), Image.Resampling.BILINEAR))
     ed = np.asarray(edited.convert("RGB"))
     del edited
+    if allowed is not None:
+        if allowed.size != canvas.size:
+            raise ValueError(f"the mask is {allowed.width}x{allowed.height}, the canvas {canvas.width}x{canvas.height}")
+        # Applied at the canvas's own resolution, after alpha is resized to it: a pixel the mask
+        # keeps gets alpha 0 exactly, so the band below copies the canvas's pixel untouched.
+        weight = np.asarray(allowed.convert("L"))[y0 : y0 + bh, x0 : x0 + bw]
+        alpha = alpha * (weight.astype(np.float32) / 255.0)
     out = base.copy()
     mask = np.zeros(base.shape[:2], dtype=np.uint8)
     changed = 0
@@ -118,15 +144,28 @@ def compose(canvas: Image.Image, box: tuple[float, float, float, float], edited:
 
 
 def preserve(edited: Image.Image, change: np.ndarray, *, context: Image.Image, source: Image.Image | None = None,
-             mode: str = "auto", config: RegionConfig = RegionConfig()) -> Preserved:
+             mode: str = "auto", config: RegionConfig = RegionConfig(), mask: Image.Image | None = None) -> Preserved:
     """One output, preserved.
 
     `edited` is the model's output and `context` the input as the model saw it (both at the
     model's size); `source` is the input at its own size when the output keeps the input's
     framing (None: compose at the model's size). mode "off" returns the model's output as it
-    is, with the region it detected as the mask."""
+    is, with the region it detected as the mask.
+
+    `mask` ("L" at the input's own size, or at the canvas's: `fit_mask` brings it there) is
+    where the client allows change: the region becomes region ∧ mask, and with mode "off" the
+    model's whole output ∧ mask, composed on the canvas like "auto"; the returned mask and
+    changed_share are those of the composed region."""
     if mode not in MODES:
         raise ValueError(f"preserve must be one of {', '.join(MODES)}, not {mode!r}")
+    if mask is not None:
+        canvas = source if source is not None else context
+        allowed = fit_mask(mask, *canvas.size)
+        if mode == "off":
+            alpha = np.ones((edited.height, edited.width), dtype=np.float32)
+        else:
+            alpha = region_alpha(change, np.asarray(edited.convert("RGB")), np.asarray(context.convert("RGB")), config)
+        return compose(canvas, imageio.crop_box(canvas.width, canvas.height, *edited.size), edited, alpha, allowed)
     alpha = region_alpha(change, np.asarray(edited.convert("RGB")), np.asarray(context.convert("RGB")), config)
     if mode == "off":
         mask = Image.fromarray(np.rint(alpha * 255).astype(np.uint8), mode="L")

@@ -111,6 +111,61 @@ def test_multi_turn_keeps_pixels_no_turn_touched_bit_for_bit():
     assert np.array_equal(res[230:, :40], src[230:, :40])
 
 
+def _left_mask(w: int, h: int, columns: int) -> Image.Image:
+    """A client's mask: white (may change) over the first `columns` columns, black elsewhere."""
+    mask = np.zeros((h, w), np.uint8)
+    mask[:, :columns] = 255
+    return Image.fromarray(mask, mode="L")
+
+
+def test_a_mask_narrows_the_region_to_region_and_mask():
+    context = _scene(128, 128)
+    edited = _model_output(context)
+    change = _change_for_circle(128, 128)
+    unmasked = preserve.preserve(edited, change, context=context)
+    # The circle spans columns 16–48: a mask of the first 32 columns cuts it in two.
+    out = preserve.preserve(edited, change, context=context, mask=_left_mask(128, 128, 32))
+    res, inp, region = np.asarray(out.image), np.asarray(context), np.asarray(out.mask)
+    assert np.array_equal(res[:, 32:], inp[:, 32:])  # outside the mask, the input's bit for bit
+    assert not region[:, 32:].any()
+    # Inside it, exactly the region found without a mask: region ∧ mask.
+    assert np.array_equal(region[:, :32], np.asarray(unmasked.mask)[:, :32])
+    assert np.array_equal(res[:, :32], np.asarray(unmasked.image)[:, :32])
+    assert res[32, 24, 2] > 150  # the left part of the circle is the model's blue
+    assert out.changed_share == pytest.approx(float((res != inp).any(-1).mean()))
+    assert 0 < out.changed_share < unmasked.changed_share
+
+
+def test_off_with_a_mask_is_the_models_output_inside_and_the_inputs_outside_at_the_sources_size():
+    source = _scene(256, 256)
+    context = source.resize((128, 128), Image.Resampling.LANCZOS)
+    edited = _model_output(context)
+    # No latent moved: with "off" the mask alone decides where the model's pixels go.
+    out = preserve.preserve(edited, np.zeros((16, 16), np.float32), context=context, source=source, mode="off",
+                            mask=_left_mask(256, 256, 100))
+    assert out.image.size == out.mask.size == (256, 256)
+    res, src = np.asarray(out.image), np.asarray(source)
+    assert np.array_equal(res[:, 100:], src[:, 100:])
+    assert np.array_equal(np.asarray(out.mask) > 0, np.asarray(_left_mask(256, 256, 100)) > 0)
+    upscaled = np.asarray(edited.resize((256, 256), Image.Resampling.LANCZOS))
+    assert np.array_equal(res[:, :100], upscaled[:, :100])
+    assert 0.3 < out.changed_share <= 100 / 256
+
+
+def test_a_mask_of_the_sources_size_is_fitted_like_the_input_when_the_canvas_is_the_models():
+    source = _scene(300, 200)
+    w, h = 160, 112
+    context = source.resize((w, h), Image.Resampling.LANCZOS, box=_box(source, w, h))
+    # The whole source may change but its right third: the canvas (the model's crop) keeps
+    # the part of that third it shows.
+    out = preserve.preserve(_model_output(context), np.zeros((h // 8, w // 8), np.float32), context=context, mode="off",
+                            mask=_left_mask(300, 200, 200))
+    fitted = np.asarray(preserve.fit_mask(_left_mask(300, 200, 200), w, h))
+    assert out.image.size == (w, h) and 0 < (fitted == 0).mean() < 0.5
+    assert np.array_equal(np.asarray(out.image)[fitted == 0], np.asarray(context)[fitted == 0])
+    assert np.array_equal(np.asarray(out.mask) > 0, fitted > 0)
+
+
 def test_change_map_measures_how_far_each_latent_moved():
     torch.manual_seed(0)
     cond = torch.randn(1, 4, 64)  # 32×32 pixels at 8× → a 4×4 latent grid → 2×2 tokens of 2×2 patches × 16 channels

@@ -6,11 +6,10 @@ from the denoising loop (an edit took 60% longer behind HTTP than in-process). A
 process has its own interpreter, and the server process never imports torch, so it accepts
 requests while the child is still loading the model (they wait in the child's queue).
 
-Parent and child talk over one socket pair, in plain tuples:
-    parent → child: (registry, engine kwargs, threads, log level) first, then
-                    ("edit", EditRequest) · ("cancel", request_id) · ("close",)
-    child → parent: ("ready",) · ("progress", id, StepProgress) · ("done", id, EditResult)
-                    · ("error", id, code, message, http_status) · ("canceled", id, message)
+Parent and child talk over one socket pair, in small frozen dataclasses (pickled), one per
+kind of message, so each says what it is and what it carries:
+    parent → child: Setup first, then Edit · Cancel · Close
+    child → parent: Ready · Progress · Done · Failed · Canceled (the last three end a request)
 Every submitted request ends: with its result, its error, or — if the child dies while it
 has the request — EngineLost (ENGINE_CRASHED: the dispatcher queues the run again, and fails
 it only when children keep dying on it). A new child is started for the next requests, after
@@ -29,9 +28,10 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from incontext.engine.protocol import EditRequest, EditResult, ProgressCallback
+from incontext.engine.protocol import EditRequest, EditResult, ProgressCallback, StepProgress
 from incontext.errors import Cancelled, EngineLost, IncontextError
 from incontext.models.registry import Registry
 
@@ -45,6 +45,74 @@ EXIT_LOAD_FAILED = 3  # the child's exit code when the default model does not lo
 class EngineCrashed(IncontextError):
     code = "ENGINE_ERROR"
     http_status = 500
+
+
+# ------------------------------------------------------------ messages, parent → child
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The first message: what the child builds its engine from, and how it runs."""
+
+    registry: Registry
+    engine_kwargs: dict
+    threads: int | None  # torch threads; None: torch's default
+    log_level: int
+    nice: int  # the engine's CPU priority: the server's before it lowered its own
+
+
+@dataclass(frozen=True)
+class Edit:
+    request: EditRequest
+
+
+@dataclass(frozen=True)
+class Cancel:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Close:
+    """Finish what is running and exit (or exit at once while the model still loads)."""
+
+
+# ------------------------------------------------------------ messages, child → parent
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The model is loaded: requests run from now on."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    request_id: str
+    progress: StepProgress
+
+
+@dataclass(frozen=True)
+class Done:
+    request_id: str
+    result: EditResult
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The request ended with an error; its code and status reach the caller unchanged."""
+
+    request_id: str
+    code: str
+    message: str
+    http_status: int
+
+
+@dataclass(frozen=True)
+class Canceled:
+    request_id: str
+    message: str
+
+
+Ended = Done | Failed | Canceled
 
 
 class ProcessEngine:
@@ -80,7 +148,7 @@ class ProcessEngine:
     async def close(self) -> None:
         with self._lock:
             self._closing = True
-            self._send_locked(("close",))
+            self._send_locked(Close())
             proc = self._proc
         if proc is not None:
             try:
@@ -105,7 +173,7 @@ class ProcessEngine:
                 fut.set_exception(EngineCrashed("the engine was shut down"))
                 return fut
             self._pending[request.request_id] = (fut, on_progress)
-            if not self._send_locked(("edit", request)):
+            if not self._send_locked(Edit(request)):
                 self._unsent.append(request)  # the child is being replaced: the next one gets it
         return fut
 
@@ -114,7 +182,7 @@ class ProcessEngine:
 
     def cancel(self, request_id: str) -> bool:
         with self._lock:
-            self._send_locked(("cancel", request_id))
+            self._send_locked(Cancel(request_id))
             return request_id in self._pending
 
     # ------------------------------------------------------------ plumbing
@@ -145,18 +213,18 @@ class ProcessEngine:
             theirs.close()
         conn = Connection(ours.detach())
         self._conn = conn
-        self._send_locked((self.registry, self.engine_kwargs, self.threads, logging.getLogger().getEffectiveLevel(), self._engine_nice))
+        self._send_locked(Setup(self.registry, self.engine_kwargs, self.threads, logging.getLogger().getEffectiveLevel(), self._engine_nice))
         if self.http_nice and os.getpriority(os.PRIO_PROCESS, 0) == self._engine_nice:
             # On Linux the nice value belongs to the thread: this is the event loop's (startup
             # runs on it), and the worker threads it starts later inherit it.
             os.setpriority(os.PRIO_PROCESS, 0, min(19, self._engine_nice + self.http_nice))
         unsent, self._unsent = self._unsent, []
         for request in unsent:
-            if request.request_id in self._pending and not self._send_locked(("edit", request)):
+            if request.request_id in self._pending and not self._send_locked(Edit(request)):
                 self._unsent.append(request)
         threading.Thread(target=self._read, args=(conn,), name="incontext-engine-reader", daemon=True).start()
 
-    def _send_locked(self, message: tuple) -> bool:
+    def _send_locked(self, message: Setup | Edit | Cancel | Close) -> bool:
         try:
             self._conn.send(message)
             return True
@@ -178,32 +246,33 @@ class ProcessEngine:
             conn.close()
             self._child_gone(conn)
 
-    def _handle(self, message: tuple) -> None:
-        kind = message[0]
-        if kind == "ready":
-            self._delay = RESPAWN_DELAY_S
-            self._ready.set()
-        elif kind == "progress":
-            _, request_id, progress = message
-            entry = self._pending.get(request_id)
-            if entry and entry[1] is not None:
-                try:
-                    entry[1](progress)
-                except Exception:  # a client's callback must not stop the reader
-                    log.exception("progress callback failed")
-        else:
-            with self._lock:
-                entry = self._pending.pop(message[1], None)
-            if entry is None:
-                return
-            fut = entry[0]
-            if kind == "done":
-                fut.set_result(message[2])
-            elif kind == "canceled":
-                fut.set_exception(Cancelled(message[2]))
-            else:
-                _, _, code, text, status = message
-                fut.set_exception(IncontextError(text, code=code, http_status=status))
+    def _handle(self, message: Ready | Progress | Ended) -> None:
+        match message:
+            case Ready():
+                self._delay = RESPAWN_DELAY_S
+                self._ready.set()
+            case Progress(request_id, progress):
+                entry = self._pending.get(request_id)
+                if entry and entry[1] is not None:
+                    try:
+                        entry[1](progress)
+                    except Exception:  # a client's callback must not stop the reader
+                        log.exception("progress callback failed")
+            case Done() | Failed() | Canceled():
+                with self._lock:
+                    entry = self._pending.pop(message.request_id, None)
+                if entry is None:
+                    return
+                fut = entry[0]
+                match message:
+                    case Done(_, result):
+                        fut.set_result(result)
+                    case Canceled(_, text):
+                        fut.set_exception(Cancelled(text))
+                    case Failed(_, code, text, status):
+                        fut.set_exception(IncontextError(text, code=code, http_status=status))
+            case _:  # _read logs it and treats the child as gone: nothing it has may be trusted
+                raise TypeError(f"unexpected message from the engine process: {message!r}")
 
     def _child_gone(self, conn: Connection) -> None:
         was_ready = self._ready.is_set()
@@ -246,10 +315,11 @@ class ProcessEngine:
 def _child_main(conn: Connection) -> None:
     """The child: a LocalEngine fed from the socket. It reads at once (so the server never
     blocks on a full socket), queueing requests while torch is imported and the model loads."""
-    registry, engine_kwargs, threads, log_level, nice = conn.recv()
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine] %(message)s")
+    setup: Setup = conn.recv()
+    registry = setup.registry
+    logging.basicConfig(level=setup.log_level, format="%(asctime)s %(levelname)s %(name)s [engine] %(message)s")
     try:  # a child started after the server lowered its priority takes the engine's back
-        os.setpriority(os.PRIO_PROCESS, 0, nice)
+        os.setpriority(os.PRIO_PROCESS, 0, setup.nice)
     except PermissionError:  # raising a priority needs privileges; the server's is still lower
         log.warning("the engine runs at the server's lowered priority (nice %d): restarting the server restores it",
                     os.getpriority(os.PRIO_PROCESS, 0))
@@ -261,11 +331,11 @@ def _child_main(conn: Connection) -> None:
             try:
                 message = conn.recv()
             except (EOFError, OSError):  # the server is gone
-                message = ("close",)
-            if message[0] == "close" and not loaded.is_set():
+                message = Close()
+            if isinstance(message, Close) and not loaded.is_set():
                 os._exit(0)  # nothing is running yet: no need to finish loading first
             inbox.put(message)
-            if message[0] == "close":
+            if isinstance(message, Close):
                 return
 
     threading.Thread(target=receive, name="incontext-engine-inbox", daemon=True).start()
@@ -274,31 +344,31 @@ def _child_main(conn: Connection) -> None:
 
     from incontext.engine.local import LocalEngine  # torch is imported here, not in the server
 
-    if threads:
-        torch.set_num_threads(threads)
-    engine = LocalEngine(registry, **engine_kwargs)
+    if setup.threads:
+        torch.set_num_threads(setup.threads)
+    engine = LocalEngine(registry, **setup.engine_kwargs)
     lock = threading.Lock()
 
-    def send(message: tuple) -> None:
+    def send(message: Ready | Progress | Ended) -> None:
         with lock:
             try:
                 conn.send(message)
             except (OSError, EOFError):
                 pass  # the server is gone; the inbox loop ends on its EOF
             except Exception as exc:  # e.g. a result that cannot be pickled: the request still ends
-                if message[0] == "done":
-                    conn.send(("error", message[1], "ENGINE_ERROR", f"could not return the result: {exc.__class__.__name__}", 500))
+                if isinstance(message, Done):
+                    conn.send(Failed(message.request_id, "ENGINE_ERROR", f"could not return the result: {exc.__class__.__name__}", 500))
 
     def resolved(request_id: str, fut: Future) -> None:
         exc = fut.exception()
         if exc is None:
-            send(("done", request_id, fut.result()))
+            send(Done(request_id, fut.result()))
         elif isinstance(exc, Cancelled):
-            send(("canceled", request_id, exc.message))
+            send(Canceled(request_id, exc.message))
         elif isinstance(exc, IncontextError):
-            send(("error", request_id, exc.code, exc.message, exc.http_status))
+            send(Failed(request_id, exc.code, exc.message, exc.http_status))
         else:
-            send(("error", request_id, "ENGINE_ERROR", f"the engine failed: {exc.__class__.__name__}", 500))
+            send(Failed(request_id, "ENGINE_ERROR", f"the engine failed: {exc.__class__.__name__}", 500))
 
     # The engine's thread loads the model: this thread must run no torch work (see start_thread).
     engine.start_thread(preload=registry.default_id)
@@ -313,20 +383,24 @@ def _child_main(conn: Connection) -> None:
             os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
-    send(("ready",))
+    send(Ready())
     while True:
-        message = inbox.get()
-        if message[0] == "close":
-            engine.stop()
-            break
-        if message[0] == "cancel":
-            engine.cancel(message[1])
-        else:
-            request: EditRequest = message[1]
-            fut = engine.submit(request, lambda progress, r=request.request_id: send(("progress", r, progress)))
-            fut.add_done_callback(lambda f, r=request.request_id: resolved(r, f))
+        match inbox.get():
+            case Close():
+                engine.stop()
+                break
+            case Cancel(request_id):
+                engine.cancel(request_id)
+            case Edit(request):
+                fut = engine.submit(request, lambda progress, r=request.request_id: send(Progress(r, progress)))
+                fut.add_done_callback(lambda f, r=request.request_id: resolved(r, f))
     engine.join(10)
 
 
 if __name__ == "__main__":
-    _child_main(Connection(int(sys.argv[1])))
+    # Run as `python -m`, this file is `__main__`: its message classes would pickle as
+    # `__main__.Ready` (which the server cannot find) and would not be the classes the
+    # server's messages unpickle to. The importable module's own function uses its own classes.
+    from incontext.engine import process
+
+    process._child_main(Connection(int(sys.argv[1])))

@@ -1,5 +1,6 @@
 """Load any FluxKontextPipeline-layout directory (our nano model or FLUX.1-Kontext-dev).
-Other families' loaders (engine/families) reuse `check_model_dir` and `load_part`.
+Other families' loaders (engine/families) reuse `check_model_dir` and `load_part`, so a
+transformer given as one BFL, ComfyUI or GGUF file (models/checkpoints.py) serves every family.
 
 Loading is offline only (local files); errors name the missing or mismatched part.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from incontext.errors import ModelError
+from incontext.models import checkpoints
 from incontext.models.device import resolve_dtype
 from incontext.sampler import FlowStart, Models
 
@@ -52,6 +54,9 @@ def load_part(path: Path, name: str, index: dict, **kwargs):
         # What diffusers falls back to without accelerate anyway, said so it does not warn.
         kwargs.setdefault("low_cpu_mem_usage", False)
     try:
+        single_file = checkpoints.single_file_for(path, name) if name == "transformer" else None
+        if single_file is not None:
+            return checkpoints.load_transformer(single_file, config_dir=path / name, cls=cls, dtype=kwargs.get("torch_dtype", torch.float32))
         return cls.from_pretrained(path / name, local_files_only=True, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise ModelError(f"{name} in {path} could not be loaded: {str(e).splitlines()[0]}") from None

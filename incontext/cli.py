@@ -194,15 +194,20 @@ def _follow(client, run_id: str) -> dict:
 
 @app.command()
 def models() -> None:
-    """List model ids, their directories, presets and licences."""
+    """List model ids, their directories, presets and licences (INCONTEXT_MODEL_DIR and
+    INCONTEXT_MODEL_DIRS included, as `serve` registers them)."""
     from incontext.models.registry import default_registry
+    from incontext.settings import Settings
 
+    settings = Settings()
     # One block per model rather than a table: directories are long and must not be cut.
-    for p in default_registry().models.values():
+    for p in default_registry(settings.model_dirs, default_dir=settings.model_dir).models.values():
         side = int(p.target_area**0.5)
+        (lo, hi), (glo, ghi) = p.steps_range, p.guidance_range
         console.print(f"[bold]{p.id}[/bold]" + (f"  (aliases: {', '.join(p.aliases)})" if p.aliases else ""), highlight=False, soft_wrap=True)
         console.print(f"  directory: {p.directory}", highlight=False, soft_wrap=True)
-        console.print(f"  preset: {p.num_inference_steps} steps, guidance {p.guidance_scale}, ${p.price_per_image} per image, ~{side}×{side} pixels", highlight=False)
+        console.print(f"  preset: {p.num_inference_steps} steps ({lo}–{hi}), guidance {p.guidance_scale:g} ({glo:g}–{ghi:g}, {p.guidance_kind}), "
+                      f"${p.price_per_image} per image, ~{side}×{side} pixels", highlight=False, soft_wrap=True)
         console.print(f"  license: {p.license.name} ({p.license.use})", markup=False, highlight=False, soft_wrap=True)  # "FLUX.1 [dev] …"
 
 

@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     public_url: str | None = None
     # Serve this model directory as the default model (and its hosted aliases).
     model_dir: Path | None = None
+    # More models, as comma-separated id=directory pairs. A published id (flux-2-klein-4b,
+    # flux-2-klein-9b, flux-2-klein-9b-kv, flux-2-klein-base-4b, flux-2-klein-base-9b,
+    # qwen-image-edit, qwen-image-edit-plus) gets its published defaults, ranges, licence
+    # and hosted aliases (`incontext models` lists them; models/registry.py PUBLISHED); any
+    # other id is served with the directory's own incontext.json. Nothing is downloaded.
+    model_dirs: Annotated[dict[str, Path], NoDecode] = Field(default_factory=dict)
     # A model whose licence allows no commercial use (FLUX.1 Kontext [dev]; `incontext models`
     # shows each licence) is served beyond loopback only with this set: the operator's word
     # that this server's use is non-commercial. Loopback needs none.
@@ -160,6 +166,19 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @field_validator("model_dirs", mode="before")
+    @classmethod
+    def _split_model_dirs(cls, value):
+        if not isinstance(value, str):
+            return value
+        pairs = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            model_id, sep, directory = item.partition("=")
+            if not sep or not model_id.strip() or not directory.strip():
+                raise ValueError(f"INCONTEXT_MODEL_DIRS takes id=directory pairs separated by commas, not {item!r}")
+            pairs[model_id.strip()] = directory.strip()
+        return pairs
 
     @field_validator("content_filter")
     @classmethod

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from incontext import __version__
 from incontext.engine.protocol import EngineClient
-from incontext.models.registry import DEFAULT_MODEL_ID, HOSTED_ALIASES, Registry, default_registry, preset_for_directory
+from incontext.models.registry import Registry, default_registry
 from incontext.service import contentfilter, keys, memory, openapi
 from incontext.service.apionly import QueueOnly, WorkersEngine
 from incontext.service.bodylimit import BodyLimitMiddleware
@@ -99,10 +99,7 @@ def check_licenses(settings: Settings, registry: Registry) -> None:
 
 
 def build_registry(settings: Settings) -> Registry:
-    registry = default_registry()
-    if settings.model_dir:
-        registry.add(preset_for_directory(settings.model_dir, id=DEFAULT_MODEL_ID, aliases=HOSTED_ALIASES))
-    return registry
+    return default_registry(settings.model_dirs, default_dir=settings.model_dir)
 
 
 def build_engine(settings: Settings, registry: Registry) -> EngineClient:

@@ -3,8 +3,9 @@
 
 The inputs are read from `KontextInput`'s JSON schema, the one model every run's input is
 validated with, so the published list cannot drift from what is enforced. The few facts a
-validator enforces outside the schema (aspect ratio names, safety tolerance values) and the
-defaults a model preset decides (steps, guidance) are filled in from their sources here.
+validator enforces outside the schema (aspect ratio names, safety tolerance values) and what
+a model preset decides (the defaults and ranges of steps and guidance, and what guidance
+does in that model) are filled in from their sources here.
 """
 
 from __future__ import annotations
@@ -43,6 +44,21 @@ def _accepted_tolerances() -> tuple[str, ...]:
     return tuple(accepted)
 
 
+# What guidance_scale does, by the preset's guidance_kind (models/registry.py).
+_GUIDANCE = {
+    "embedded": "how closely to follow the prompt (the model's distilled guidance, one pass per step)",
+    "true_cfg": "true classifier-free guidance scale (the pipeline's true_cfg_scale): each step also runs the "
+                "negative prompt and moves away from it; 1 turns it off and halves the work",
+    "ignored": "accepted and recorded; these step-distilled weights take no guidance",
+}
+
+
+def model_ranges(preset: ModelPreset) -> dict:
+    """The model's own ranges of the fields it narrows, as the run input checks them."""
+    (lo, hi), (glo, ghi) = preset.steps_range, preset.guidance_range
+    return {"num_inference_steps": {"minimum": lo, "maximum": hi}, "guidance_scale": {"minimum": glo, "maximum": ghi}}
+
+
 def model_defaults(preset: ModelPreset) -> dict:
     """Defaults the preset decides when a run leaves them out (see submission.prepare)."""
     return {"guidance_scale": preset.guidance_scale, "num_inference_steps": preset.num_inference_steps}
@@ -55,7 +71,7 @@ def model_inputs(preset: ModelPreset) -> list[dict]:
     schema = KontextInput.model_json_schema()
     required = set(schema.get("required", []))
     one_of = [alternative["required"][0] for alternative in schema.get("oneOf", [])]
-    defaults = model_defaults(preset)
+    defaults, ranges = model_defaults(preset), model_ranges(preset)
     enums = {"aspect_ratio": list(ASPECT_RATIOS), "safety_tolerance": list(_accepted_tolerances())}
     inputs = []
     for name, prop in schema["properties"].items():
@@ -66,6 +82,8 @@ def model_inputs(preset: ModelPreset) -> list[dict]:
             entry["default"] = defaults.get(name, prop.get("default"))
             entry["nullable"] = any(v.get("type") == "null" for v in variants)
         entry["description"] = prop.get("description") or _DESCRIPTIONS.get(name, "")
+        if name == "guidance_scale":
+            entry["description"] = _GUIDANCE[preset.guidance_kind]
         if name in one_of:
             entry["one_of"] = one_of
         bounds = (("minimum", "minimum"), ("maximum", "maximum"), ("minLength", "min_length"), ("maxLength", "max_length"), ("minItems", "min_items"), ("maxItems", "max_items"))
@@ -74,6 +92,7 @@ def model_inputs(preset: ModelPreset) -> list[dict]:
                 entry[out] = base[key]
         if name in enums:
             entry["enum"] = enums[name]
+        entry.update(ranges.get(name, {}))  # the preset narrows the schema's range
         inputs.append(entry)
     return inputs
 
@@ -110,6 +129,8 @@ def model_card(preset: ModelPreset, registry: Registry, base_url: str, *, detail
         },
         "license": model_license(preset),
         "defaults": model_defaults(preset),
+        "ranges": model_ranges(preset),
+        "guidance": preset.guidance_kind,
         "output": {"formats": list(OUTPUT_FORMATS), "pixels_per_image": preset.target_area, "side_multiple": preset.multiple},
         "links": model_links(preset.id, base_url),
     }
@@ -162,12 +183,13 @@ def llms_txt(preset: ModelPreset, model_id: str, base_url: str, *, file_url_ttl_
     )
     return f"""# {model_id}
 
-> In-context image editing (FLUX.1 Kontext-style): send an image and an instruction, get the
+> {preset.description or "In-context image editing (FLUX.1 Kontext-style)"}: send an image and an instruction, get the
 > edited image. ${preset.price_per_image} {CURRENCY} per delivered image; failed and canceled runs cost nothing.
 
 - Base URL: {base_url}
 - Model ids (all the same model): {aliases}
 - Licence of the weights: {_license_line(preset)}
+- Defaults: {preset.num_inference_steps} steps ({preset.steps_range[0]}–{preset.steps_range[1]}), guidance_scale {preset.guidance_scale:g} ({preset.guidance_range[0]:g}–{preset.guidance_range[1]:g}: {_GUIDANCE[preset.guidance_kind]}); outside a range is `422 VALIDATION_ERROR` naming the field
 - Outputs carry metadata saying they are AI-generated and naming the model (PNG text chunks and XMP, JPEG EXIF and XMP).
 - Machine-readable: `GET {base_url}/v1/models/{model_id}` (inputs with ranges), `GET {base_url}/openapi.json`
 

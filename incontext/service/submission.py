@@ -25,7 +25,7 @@ from incontext import imageio
 from incontext.errors import IncontextError
 from incontext.models.registry import ModelPreset
 from incontext.service import callbacks, contentfilter, lifecycle, store
-from incontext.service.errors import RateLimited, ServiceError, at_field, field_error
+from incontext.service.errors import RateLimited, ServiceError, ValidationFailed, at_field, field_error
 from incontext.service.inputs import RunInput, SourceImage, load_source, output_size, prefetch
 from incontext.service.models import ApiKey, Batch, Run
 from incontext.service.runparams import RunParams
@@ -182,6 +182,18 @@ class PreparedRun:
     reference_bytes: list[bytes] = field(default_factory=list)  # stored beside input_bytes, in order
 
 
+def check_ranges(item: KontextInput, preset: ModelPreset, field: str) -> None:
+    """The model's own steps and guidance ranges (inside the schema's, which every model
+    shares): a value outside them is the same 422 VALIDATION_ERROR as one outside the schema,
+    naming the field, before any image is decoded."""
+    steps = item.num_inference_steps or preset.num_inference_steps
+    guidance = item.guidance_scale if "guidance_scale" in item.model_fields_set else preset.guidance_scale
+    wrong = preset.out_of_range(steps, guidance)
+    if wrong:
+        errors = [field_error(f"{field}.{name}", why, "out_of_model_range") for name, why in wrong.items()]
+        raise ValidationFailed(f"invalid request: {'; '.join(wrong.values())}", errors=errors)
+
+
 def prepare(
     item: KontextInput,
     *,
@@ -195,6 +207,7 @@ def prepare(
 ) -> PreparedRun:
     """Validate the images (http(s) ones already fetched into `remote` by inputs.prefetch);
     raises IncontextError pinned to `field`.image_url (or `field`.image_urls.<i>) etc."""
+    check_ranges(item, preset, field)
     # Every image passes the same checks; the first is edited and decides the output's size.
     names = [f"{field}.image_url"] if item.image_urls is None else [f"{field}.image_urls.{i}" for i in range(len(item.images))]
 

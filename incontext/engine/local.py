@@ -30,7 +30,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from incontext.engine import preview, stepcache
-from incontext.engine.protocol import MAX_IMAGES, EditRequest, EditResult, ProgressCallback, StepProgress
+from incontext.engine.protocol import MAX_IMAGES, EditRequest, EditResult, ProgressCallback, StepCallback, StepProgress, StepStats
 from incontext.engine.runner import Job, Runner
 from incontext.engine.scheduler import SampleStatus, Sample, ScheduledBatch, Scheduler
 from incontext.engine.stepcache import StepCacheConfig
@@ -43,12 +43,13 @@ log = logging.getLogger(__name__)
 class LocalEngine:
     def __init__(self, registry: Registry, *, max_batch_size: int = 8, dtype: str = "auto", device: str = "cpu",
                  text_cache: int = 256, image_cache: int = 64, reuse_output_latents: bool = True,
-                 step_cache: StepCacheConfig | str | None = None, compile_dir: Path | None = None):
+                 step_cache: StepCacheConfig | str | None = None, compile_dir: Path | None = None,
+                 on_step: StepCallback | None = None):
         """`step_cache`: None for the exact sampler, a preset name ("fast") or a StepCacheConfig,
         for every model; `set_step_cache` changes it, also for one model only. `compile_dir`:
         where each loaded model's ahead-of-time compiled transformer is kept (engine/compiled.py);
         it is loaded from there, or built there at the lowest priority while the engine serves
-        eagerly. None: eager only."""
+        eagerly. None: eager only. `on_step`: told every step's StepStats, on the engine's thread."""
         self.registry = registry
         self.scheduler = Scheduler(max_batch_size)
         self.runner = Runner(dtype=dtype, device=device, text_cache=text_cache, image_cache=image_cache,
@@ -64,6 +65,7 @@ class LocalEngine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._ready = threading.Event()
+        self.on_step = on_step
         self.load_error: Exception | None = None  # why the model of start() did not load
 
     # ------------------------------------------------------------ client interface
@@ -177,9 +179,19 @@ class LocalEngine:
                 continue
             self.runner.apply(batch, step, self._jobs)
             finished = self.scheduler.update(batch)
-            self.stats.busy_seconds += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            self.stats.busy_seconds += seconds
+            self._report_step(StepStats(model_id=batch.bucket[0], seconds=seconds, rows=len(batch.samples)))
             self._after_update(batch, finished)
         self.runner.close()
+
+    def _report_step(self, stats: StepStats) -> None:
+        if self.on_step is None:
+            return
+        try:
+            self.on_step(stats)
+        except Exception:  # a watcher's bug must not stop the engine
+            log.exception("step callback failed")
 
     def _drain_inbox(self, block: bool) -> None:
         try:

@@ -9,7 +9,8 @@ requests while the child is still loading the model (they wait in the child's qu
 Parent and child talk over one socket pair, in small frozen dataclasses (pickled), one per
 kind of message, so each says what it is and what it carries:
     parent → child: Setup first, then Edit · Cancel · Close
-    child → parent: Ready · Progress · Done · Failed · Canceled (the last three end a request)
+    child → parent: Ready · Progress · StepStats (each engine step) · Done · Failed · Canceled
+                    (the last three end a request)
 Every submitted request ends: with its result, its error, or — if the child dies while it
 has the request — EngineLost (ENGINE_CRASHED: the dispatcher queues the run again, and fails
 it only when children keep dying on it). A new child is started for the next requests, after
@@ -31,7 +32,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from incontext.engine.protocol import EditRequest, EditResult, ProgressCallback, StepProgress
+from incontext.engine.protocol import EditRequest, EditResult, ProgressCallback, StepCallback, StepProgress, StepStats
 from incontext.errors import Cancelled, EngineLost, IncontextError
 from incontext.models.registry import Registry
 
@@ -118,12 +119,15 @@ Ended = Done | Failed | Canceled
 class ProcessEngine:
     """An `EngineClient` whose `LocalEngine` (built from `engine_kwargs`) runs in a child process."""
 
-    def __init__(self, registry: Registry, *, threads: int | None = None, http_nice: int = 0, **engine_kwargs):
+    def __init__(self, registry: Registry, *, threads: int | None = None, http_nice: int = 0, on_step: StepCallback | None = None,
+                 **engine_kwargs):
         """`threads`: torch threads in the child (default: torch's, i.e. the cores). `http_nice`:
         once the child runs, this process (the HTTP server) lowers its own CPU priority by that
         many nice levels, so that on a machine with few cores requests and polls never take a
-        core from the denoising loop (whose OpenMP threads all wait for the slowest one)."""
+        core from the denoising loop (whose OpenMP threads all wait for the slowest one).
+        `on_step`: told every engine step's StepStats, on the thread that reads the child."""
         self.registry = registry
+        self.on_step = on_step
         self.threads = threads
         self.http_nice = http_nice
         self._engine_nice: int | None = None  # this process's nice value before lowering it
@@ -246,7 +250,7 @@ class ProcessEngine:
             conn.close()
             self._child_gone(conn)
 
-    def _handle(self, message: Ready | Progress | Ended) -> None:
+    def _handle(self, message: Ready | Progress | StepStats | Ended) -> None:
         match message:
             case Ready():
                 self._delay = RESPAWN_DELAY_S
@@ -258,6 +262,12 @@ class ProcessEngine:
                         entry[1](progress)
                     except Exception:  # a client's callback must not stop the reader
                         log.exception("progress callback failed")
+            case StepStats():
+                if self.on_step is not None:
+                    try:
+                        self.on_step(message)
+                    except Exception:
+                        log.exception("step callback failed")
             case Done() | Failed() | Canceled():
                 with self._lock:
                     entry = self._pending.pop(message.request_id, None)
@@ -346,10 +356,9 @@ def _child_main(conn: Connection) -> None:
 
     if setup.threads:
         torch.set_num_threads(setup.threads)
-    engine = LocalEngine(registry, **setup.engine_kwargs)
     lock = threading.Lock()
 
-    def send(message: Ready | Progress | Ended) -> None:
+    def send(message: Ready | Progress | StepStats | Ended) -> None:
         with lock:
             try:
                 conn.send(message)
@@ -358,6 +367,8 @@ def _child_main(conn: Connection) -> None:
             except Exception as exc:  # e.g. a result that cannot be pickled: the request still ends
                 if isinstance(message, Done):
                     conn.send(Failed(message.request_id, "ENGINE_ERROR", f"could not return the result: {exc.__class__.__name__}", 500))
+
+    engine = LocalEngine(registry, on_step=send, **setup.engine_kwargs)
 
     def resolved(request_id: str, fut: Future) -> None:
         exc = fut.exception()

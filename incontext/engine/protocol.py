@@ -36,6 +36,20 @@ ProgressCallback = Callable[[StepProgress], None]
 
 
 @dataclass(frozen=True)
+class StepStats:
+    """One engine step, for whoever watches the engine (the service's metrics): plain data,
+    so the engine knows nothing of how it is reported."""
+
+    model_id: str
+    seconds: float  # the transformer pass and every sample's update; decoding finished requests is not in it
+    rows: int  # samples in the step's batch, at most the engine's max_batch_size
+
+
+# Called like a ProgressCallback, once per engine step (not per request).
+StepCallback = Callable[[StepStats], None]
+
+
+@dataclass(frozen=True)
 class EditRequest:
     """One edit: `num_images` outputs of `image` edited by `prompt`, drawing on `references`
     (further images the prompt may name: "put the hat of the second image on the cat"). The

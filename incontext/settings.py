@@ -67,6 +67,15 @@ class Settings(BaseSettings):
     # `incontext keys revoke` on the same data dir takes effect at once regardless; a key revoked
     # from another machine (a shared PostgreSQL) is refused within this time. 0: no cache.
     api_key_cache_seconds: float = Field(5.0, ge=0)
+    # Who may read GET /metrics (service/metrics.py): with this set, a scraper that sends it as
+    # `Authorization: Bearer <token>`; unset, anyone who reaches a server listening on loopback,
+    # and nobody beyond loopback. Not an API key: a key is a customer's, and the metrics describe
+    # every customer's traffic. Behind a reverse proxy on the same machine, set it (or do not
+    # forward /metrics): the proxy makes a loopback server reachable.
+    metrics_token: SecretStr | None = None
+    # Server log lines: "text" for people, "json" for a log pipeline: one object a line, with
+    # the run_id (and request_id) of the run (request) it is about (service/logs.py).
+    log_format: Literal["text", "json"] = "text"
     # Signs output URLs; generated once into the data dir when unset.
     secret_key: SecretStr | None = None
     file_url_ttl_seconds: int = Field(3600, ge=1)
@@ -204,6 +213,8 @@ class Settings(BaseSettings):
             weak = [k for k in self.api_keys if len(k) < 20]
             if weak:
                 raise ValueError("INCONTEXT_API_KEYS holds keys shorter than 20 characters; refusing to serve them beyond loopback")
+            if self.metrics_token is not None and len(self.metrics_token.get_secret_value()) < 20:
+                raise ValueError("INCONTEXT_METRICS_TOKEN is shorter than 20 characters; refusing to serve /metrics with it beyond loopback")
         return self
 
     @property

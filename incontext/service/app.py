@@ -23,9 +23,9 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from incontext import __version__
-from incontext.engine.protocol import EngineClient
+from incontext.engine.protocol import EngineClient, StepCallback
 from incontext.models.registry import Registry, default_registry
-from incontext.service import contentfilter, keys, memory, openapi
+from incontext.service import contentfilter, keys, logs, memory, metrics, openapi
 from incontext.service.apionly import QueueOnly, WorkersEngine
 from incontext.service.bodylimit import BodyLimitMiddleware
 from incontext.service.callbacks import CallbackSender
@@ -34,6 +34,7 @@ from incontext.service.deps import Service
 from incontext.service.dispatcher import Dispatcher
 from incontext.service.errors import install_error_handlers
 from incontext.service.ids import uuid7
+from incontext.service.metrics import Metrics
 from incontext.service.netpolicy import NetPolicy
 from incontext.service.outbound import Outbound
 from incontext.service.ratelimit import RateLimiter
@@ -102,16 +103,17 @@ def build_registry(settings: Settings) -> Registry:
     return default_registry(settings.model_dirs, default_dir=settings.model_dir)
 
 
-def build_engine(settings: Settings, registry: Registry) -> EngineClient:
+def build_engine(settings: Settings, registry: Registry, on_step: StepCallback | None = None) -> EngineClient:
+    """`on_step`: told every engine step's StepStats (the metrics')."""
     kwargs = {"max_batch_size": settings.engine_max_batch_size, "step_cache": settings.engine_step_cache,
               "compile_dir": settings.resolved_compile_dir if settings.engine_compile else None}
     if settings.engine_mode == "process":
         from incontext.engine.process import ProcessEngine
 
-        return ProcessEngine(registry, http_nice=settings.http_nice, **kwargs)
+        return ProcessEngine(registry, http_nice=settings.http_nice, on_step=on_step, **kwargs)
     from incontext.engine.local import LocalEngine  # imports torch: only when actually serving
 
-    return LocalEngine(registry, **kwargs)
+    return LocalEngine(registry, on_step=on_step, **kwargs)
 
 
 class RequestIdMiddleware:
@@ -135,7 +137,11 @@ class RequestIdMiddleware:
                 MutableHeaders(scope=message)["X-Request-Id"] = request_id
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        token = logs.request_id.set(request_id)  # the request's log lines carry it (logs.py)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            logs.request_id.reset(token)
 
 
 def create_app(settings: Settings | None = None, engine: EngineClient | None = None, *, on_queued: Callable[[], None] | None = None) -> FastAPI:
@@ -149,7 +155,10 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
     async def lifespan(app: FastAPI):
         db_engine, sessions = await asyncio.to_thread(open_database, settings)
         check_safe_to_serve(settings, sessions, registry)
-        model_engine = engine or (build_engine(settings, registry) if settings.dispatch else WorkersEngine())
+        read_sessions = make_session_factory(db_engine, read_only=True)
+        app.state.metrics = service_metrics = Metrics()
+        service_metrics.watch_database(read_sessions, registry.models)
+        model_engine = engine or (build_engine(settings, registry, on_step=service_metrics.observe_step) if settings.dispatch else WorkersEngine())
         await model_engine.start()
         if engine is None and settings.dispatch and settings.engine_mode == "process":  # not an engine in this process (memory.py)
             memory.return_freed_memory()
@@ -167,11 +176,11 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
             timeout_s=settings.callback_timeout_seconds,
             poll_s=settings.poll_interval_seconds,
             policy=NetPolicy.from_settings(settings),
+            on_attempt=service_metrics.callback_attempt,
         )
         outbound = Outbound(NetPolicy.from_settings(settings), max_concurrent=settings.fetch_max_concurrent)
-        read_sessions = make_session_factory(db_engine, read_only=True)
         if settings.dispatch:
-            dispatcher = Dispatcher(sessions=sessions, engine=model_engine, storage=storage, sender=sender, settings=settings)
+            dispatcher = Dispatcher(sessions=sessions, engine=model_engine, storage=storage, sender=sender, settings=settings, metrics=service_metrics)
         else:
             dispatcher = QueueOnly(on_queued)
         retention = RetentionJob(sessions, storage, days=settings.retention_days)
@@ -210,7 +219,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestIdMiddleware)
     # replicate before discovery: its GET /v1/models/{owner}/{name}/versions would match discovery's {model_id:path}
-    for module in (account, runs, events, batches, callbacks, files, replicate, discovery, bfl, openai, fal):
+    for module in (account, runs, events, batches, callbacks, files, replicate, discovery, bfl, openai, fal, metrics):
         app.include_router(module.router)
     playground.install(app)
     openapi.install(app, settings.base_url, registry)

@@ -33,6 +33,7 @@ from datetime import timedelta
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
+from incontext.service import logs
 from incontext.service.db import utcnow
 from incontext.service.errors import NotFound
 from incontext.service.models import Batch, CallbackAttempt, CallbackDelivery, CallbackSecret, Run
@@ -258,8 +259,11 @@ class CallbackSender:
     MAX_IN_FLIGHT = 100
 
     def __init__(self, sessions: sessionmaker[Session], *, max_attempts: int, backoff_s: float, backoff_max_s: float, timeout_s: float, poll_s: float,
-                 policy: NetPolicy, resolver: Resolver | None = None):
+                 policy: NetPolicy, resolver: Resolver | None = None, on_attempt: Callable[[str], None] | None = None):
+        """`on_attempt`: told each attempt's outcome once recorded ("delivered", "retried" or
+        "failed": given up), from a worker thread; the app's metrics count them."""
         self._sessions = sessions
+        self._on_attempt = on_attempt
         self._max_attempts = max_attempts
         self._backoff_s = backoff_s
         self._backoff_max_s = backoff_max_s
@@ -340,8 +344,8 @@ class CallbackSender:
                 picked.append((delivery_id, key_id))
         return picked
 
-    def _load(self, delivery_id: str) -> tuple[str, bytes, Callable[[int], dict[str, str]]]:
-        """The URL, the body, and how to sign it at a given unix time."""
+    def _load(self, delivery_id: str) -> tuple[str | None, str, bytes, Callable[[int], dict[str, str]]]:
+        """The run it tells of (None: a batch's), the URL, the body, and how to sign it at a given unix time."""
         with self._sessions() as session:
             d = session.get(CallbackDelivery, delivery_id)
             body = d.body.encode()
@@ -349,8 +353,8 @@ class CallbackSender:
             secrets = signing_secrets(session, d.api_key_id)
             if style := style_of(run):
                 params = RunParams.of(run)
-                return d.url, body, lambda ts: style.headers(body, params, delivery_id, ts, secrets)
-            return d.url, body, lambda ts: signature_headers(body, secrets, delivery_id, ts)
+                return d.run_id, d.url, body, lambda ts: style.headers(body, params, delivery_id, ts, secrets)
+            return d.run_id, d.url, body, lambda ts: signature_headers(body, secrets, delivery_id, ts)
 
     async def _attempt(self, delivery_id: str) -> None:
         try:
@@ -365,7 +369,8 @@ class CallbackSender:
                 log.exception("callback %s: could not record the attempt", delivery_id)
 
     async def _send(self, delivery_id: str) -> None:
-        url, body, sign = await asyncio.to_thread(self._load, delivery_id)
+        run_id, url, body, sign = await asyncio.to_thread(self._load, delivery_id)
+        logs.bind_run(run_id)  # this delivery's task: its lines (and _record's) are about the run
         headers = sign(int(time.time()))
         status_code, error, final = None, None, False
         started = time.perf_counter()
@@ -389,6 +394,7 @@ class CallbackSender:
             session.add(CallbackAttempt(delivery_id=d.id, attempt_number=d.attempt_count, status_code=status_code, response_time_ms=elapsed_ms, error_message=error))
             if error is None:
                 d.status, d.completed_at, d.next_attempt_at = "delivered", utcnow(), None
+                log.debug("callback %s to %s delivered (attempt %d, %d ms)", d.id, d.url, d.attempt_count, elapsed_ms)
             elif final or d.attempt_count >= self._max_attempts:
                 d.status, d.completed_at, d.next_attempt_at = "failed", utcnow(), None
                 log.warning("callback %s to %s failed after %d attempts: %s", d.id, d.url, d.attempt_count, error)
@@ -397,3 +403,7 @@ class CallbackSender:
             else:
                 delay = min(self._backoff_s * 2 ** (d.attempt_count - 1), self._backoff_max_s)
                 d.next_attempt_at = utcnow() + timedelta(seconds=delay)
+                log.info("callback %s to %s: attempt %d failed (%s); trying again in %.1f s", d.id, d.url, d.attempt_count, error, delay)
+            outcome = d.status if d.completed_at is not None else "retried"
+        if self._on_attempt is not None:  # once committed: an attempt rolled back was not made
+            self._on_attempt(outcome)

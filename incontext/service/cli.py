@@ -49,12 +49,12 @@ def serve(
 
     On loopback with no API key at all, a key for the playground is made and the printed
     address carries it (DATA_DIR/playground.key)."""
-    from incontext.service import keys
+    from incontext.service import keys, logs
     from incontext.service.app import UnsafeStart, build_registry, check_safe_to_serve, create_app, open_database
 
     settings = _settings(host=host, port=port, data_dir=data_dir, database_url=database_url, model_dir=model_dir)
     scaling = _ray_scaling(engine, settings, replicas=replicas, max_replicas=max_replicas, min_replicas=min_replicas, gpus_per_replica=gpus_per_replica)
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_format, log_level)
     # Checked before the server starts, so a refusal is quick and reads as a sentence.
     db_engine, sessions = open_database(settings)
     try:
@@ -110,11 +110,18 @@ def _run_until_stopped(app, settings, log_level: str, *, announce: str) -> bool:
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
-            if self.started:
-                # soft_wrap: a link broken over two lines cannot be clicked or copied whole.
+            if not self.started:
+                return
+            if settings.log_format == "json":  # a log pipeline reads stderr: every line a JSON object
+                logging.getLogger(__name__).info(announce)
+            else:  # soft_wrap: a link broken over two lines cannot be clicked or copied whole.
                 Console(stderr=True).print(announce, soft_wrap=True, markup=False, highlight=False)
 
-    server = Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level.lower(), timeout_graceful_shutdown=5))
+    # JSON: uvicorn's own lines (start-up, access log) go through our handler too, so every
+    # line of the stream parses; text keeps uvicorn's coloured format.
+    log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
+    server = Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level.lower(), log_config=log_config,
+                                   timeout_graceful_shutdown=5))
     try:
         server.run()
     except KeyboardInterrupt:

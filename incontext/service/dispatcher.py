@@ -35,10 +35,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from incontext.engine.protocol import EditRequest, EditResult, EngineClient, StepProgress
 from incontext.errors import Cancelled, EngineLost, IncontextError
-from incontext.service import callbacks, leases, lifecycle, outputs
+from incontext.service import callbacks, leases, lifecycle, logs, outputs
 from incontext.service.callbacks import CallbackSender
 from incontext.service.db import utcnow
 from incontext.service.inputs import RunInput, decode_stored
+from incontext.service.metrics import Metrics
 from incontext.service.models import Run
 from incontext.service.progress import RunProgress
 from incontext.service.runparams import RunParams
@@ -61,8 +62,11 @@ PREVIEWS_PER_RUN = 4
 
 
 class Dispatcher:
-    def __init__(self, *, sessions: sessionmaker[Session], engine: EngineClient, storage: Storage, sender: CallbackSender, settings: Settings):
+    def __init__(self, *, sessions: sessionmaker[Session], engine: EngineClient, storage: Storage, sender: CallbackSender, settings: Settings,
+                 metrics: Metrics | None = None):
+        """`metrics`: the app's, which this counts images, requeues and lease expiries into."""
         self._sessions = sessions
+        self._metrics = metrics or Metrics()
         self._engine = engine
         self._storage = storage
         self._sender = sender
@@ -207,10 +211,13 @@ class Dispatcher:
         with self._sessions.begin() as session:
             if session.get_bind().dialect.name == "sqlite":
                 # One process uses a SQLite database: every run held is its previous life's.
-                lifecycle.recover_interrupted(session, self._storage)
+                requeued, _ = lifecycle.recover_interrupted(session, self._storage)
+                reaped = []
             else:
                 # Other workers may hold runs, alive: only runs whose lease ran out are taken.
-                leases.reap(session, self._storage, self._settings.engine_max_attempts)
+                requeued, reaped = 0, leases.reap(session, self._storage, self._settings.engine_max_attempts)
+        self._metrics.requeued("restart", requeued)
+        self._metrics.leases_expired(reaped)
         self._sender.wake()
 
     async def _keep_leases(self) -> None:
@@ -236,6 +243,7 @@ class Dispatcher:
     def _reap(self) -> None:
         with self._sessions.begin() as session:
             reaped = leases.reap(session, self._storage, self._settings.engine_max_attempts)
+        self._metrics.leases_expired(reaped)
         for run in reaped:
             if run.status == lifecycle.QUEUED:
                 self.wake()
@@ -245,6 +253,7 @@ class Dispatcher:
     def _release(self, held: dict[str, int]) -> None:
         with self._sessions.begin() as session:
             requeued = leases.release(session, held, "its worker stopped")
+        self._metrics.requeued("worker_stopped", len(requeued))
         log.info("dispatcher: %d run(s) in flight handed back to the queue", len(requeued))
 
     async def _run(self) -> None:
@@ -289,6 +298,8 @@ class Dispatcher:
             self._wake.set()
 
     async def _execute(self, run: Run, given: RunInput | None, claimed_at: float) -> None:
+        logs.bind_run(run.id)  # this task's lines, and those of the threads it hands work to
+        log.info("run %s: claimed (%s, fence %d)", run.id, run.engine_model_id, run.fence)
         try:
             await self._drive(run, given, claimed_at)
         except Exception as exc:
@@ -379,6 +390,7 @@ class Dispatcher:
             return
         if run.status != lifecycle.QUEUED:
             return self._ended(run)
+        self._metrics.requeued("engine_lost")
         log.warning("run %s: %s; queued again (%d of %d)", run_id, why, run.engine_crashes, self._settings.engine_max_attempts)
         self.submitted({run_id: given})  # claims it in a transaction of its own, or wakes the loop
 
@@ -395,7 +407,8 @@ class Dispatcher:
         started = time.perf_counter()
         output = outputs.store(run, given, result, self._storage, self._settings)
         output["timings_ms"].update(timings, dispatch_output=(time.perf_counter() - started) * 1000)  # preserve, encode, store
-        self._finish(run, lifecycle.SUCCEEDED, {"output": output}, last_step)
+        if self._finish(run, lifecycle.SUCCEEDED, {"output": output}, last_step) is not None:
+            self._metrics.run_succeeded(run.engine_model_id, len(result.images))
 
     async def _end(self, run: Run, status: str, **kw) -> None:
         await asyncio.to_thread(self._finish, run, status, kw, self._last_steps.pop(run.id, None))
@@ -411,6 +424,8 @@ class Dispatcher:
             if ended is None:
                 self._dropped(session, run, status)
         if ended is not None:
+            failure = f" ({ended.failure_code}: {ended.failure_message})" if ended.failure_code else ""
+            log.info("run %s: %s%s", run.id, ended.status, failure)
             self._ended(ended)
         return ended
 

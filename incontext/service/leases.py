@@ -182,6 +182,7 @@ def reap(session: Session, storage: Storage, max_attempts: int) -> list[Run]:
         why = f"its worker {worker_id or '(unknown)'} stopped renewing its lease"
         run = lifecycle.requeue_lost(session, storage, run_id, max_attempts, why, under_fence=fence, failure=(WorkerLost.code, stage))
         if run is not None:
-            log.warning("run %s: %s; %s", run_id, why, "queued again" if run.status == lifecycle.QUEUED else f"{run.status} ({run.failure_code})")
+            log.warning("run %s: %s; %s", run_id, why, "queued again" if run.status == lifecycle.QUEUED else f"{run.status} ({run.failure_code})",
+                        extra={"run_id": run_id})  # the reaper's task drives no run of its own (logs.py)
             reaped.append(run)
     return reaped

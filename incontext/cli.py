@@ -2,6 +2,7 @@
 
     incontext edit photo.png "make the red circle blue" -o out.png
     incontext edit room.png "put the lamp from the second image on the table" --reference lamp.png -o out.png
+    incontext edit photo.png "make the sky pink" --mask sky.png -o out.png   # white: may change
     incontext models
     incontext serve --port 8000
 """
@@ -51,7 +52,11 @@ def edit(
     aspect_ratio: Optional[str] = typer.Option(None, "--aspect-ratio", help="21:9 16:9 4:3 3:2 1:1 2:3 3:4 9:16 9:21 (default: the input's)."),
     model: Optional[str] = typer.Option(None, help="A model id (see `incontext models`) or a model directory."),
     preserve: str = typer.Option("auto", help="auto: the input's own pixels, at its own size, wherever the edit did not happen; off: the model's raw output at its working size."),
-    mask: Optional[Path] = typer.Option(None, help="Also write the edited region as a PNG (white: the model's pixels, black: the input's)."),
+    mask: Optional[Path] = typer.Option(
+        None, help="Where the edit may happen (white may change, black keeps the input's pixels bit for bit, also with "
+        "--preserve off); stretched to IMAGE's size.",
+    ),
+    mask_out: Optional[Path] = typer.Option(None, "--mask-out", help="Also write the edited region as a PNG (white: the model's pixels, black: the input's)."),
     quality: int = typer.Option(95, min=1, max=100, help="JPEG quality."),
     server: Optional[str] = typer.Option(None, help="Send the edit to an incontext server at this URL instead of running it here."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="INCONTEXT_API_KEY", help="Key for --server."),
@@ -71,20 +76,20 @@ def edit(
             raise IncontextError(f"at most {MAX_IMAGES - 1} --reference images (the edited one makes {MAX_IMAGES})", code="INVALID_INPUT")
         if server:
             model_id, results = _edit_remote(
-                server, api_key, image, prompt, seed, guidance, steps, num_images, aspect_ratio, model, fmt, preserve, mask is not None, references
+                server, api_key, image, prompt, seed, guidance, steps, num_images, aspect_ratio, model, fmt, preserve, mask_out is not None, references, mask
             )
         else:
-            model_id, results = _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, model, preserve, references)
+            model_id, results = _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, model, preserve, references, mask)
         # As the service marks its outputs: AI-generated, by this model (imageio.Provenance).
-        provenance = imageio.Provenance(model_id, composite=preserve != "off")
+        provenance = imageio.Provenance(model_id, composite=preserve != "off" or mask is not None)
         output.parent.mkdir(parents=True, exist_ok=True)
         for i, (img, region, share) in enumerate(results):
             path = _indexed(output, i, len(results))
             path.write_bytes(imageio.encode_image(img, fmt, quality=quality, provenance=provenance))
             changed = f", {share:.1%} of pixels changed" if share is not None else ""
             console.print(f"wrote {path} ({img.width}×{img.height}, seed {seed + i}{changed})", highlight=False)
-            if mask is not None and region is not None:
-                mask_path = _indexed(mask, i, len(results))
+            if mask_out is not None and region is not None:
+                mask_path = _indexed(mask_out, i, len(results))
                 mask_path.parent.mkdir(parents=True, exist_ok=True)
                 mask_path.write_bytes(imageio.encode_image(region, "png"))
                 console.print(f"wrote {mask_path} (the edited region)", highlight=False)
@@ -106,15 +111,22 @@ def edit(
         raise
 
 
-def _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, model_id, preserve_mode, references=()):
+def _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, model_id, preserve_mode, references=(), mask=None):
     """(the name outputs give the model, [(image, region mask, changed share)] for each output), edited here.
-    The edited image decides the output's size; each reference is fitted to it."""
+    The edited image decides the output's size; each reference is fitted to it; `mask` (a path)
+    bounds where the output may differ from the input."""
     from incontext import imageio, preserve, sampler
     from incontext.models.loader import load_model
     from incontext.models.registry import default_registry
 
     src = imageio.load_image(image)
     extra = [imageio.load_image(r) for r in references]
+    allowed = None
+    if mask is not None:
+        try:
+            allowed = preserve.as_mask(imageio.load_image(mask), src.size)
+        except ValueError as e:
+            raise IncontextError(f"--mask: {e}", code="INVALID_MASK") from None
     if not prompt.strip():
         raise IncontextError("the prompt is empty: say what to change", code="INVALID_INPUT")
     preset = default_registry().resolve(model_id)
@@ -134,11 +146,11 @@ def _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, 
         edited = sampler.decode(m, latents, h, w)
     changes = sampler.change_map(latents, img_cond, h, w, m.vae_scale_factor)
     source = src if imageio.keeps_framing(aspect_ratio, src.width, src.height) else None
-    kept = [preserve.preserve(img, c, context=fitted, source=source, mode=preserve_mode) for img, c in zip(edited, changes)]
+    kept = [preserve.preserve(img, c, context=fitted, source=source, mode=preserve_mode, mask=allowed) for img, c in zip(edited, changes)]
     return preset.weights_name, [(k.image, k.mask, k.changed_share) for k in kept]
 
 
-def _edit_remote(server, api_key, image, prompt, seed, guidance, steps, num_images, aspect_ratio, model_id, fmt, preserve_mode, return_mask, references=()):
+def _edit_remote(server, api_key, image, prompt, seed, guidance, steps, num_images, aspect_ratio, model_id, fmt, preserve_mode, return_mask, references=(), mask=None):
     """(the name outputs give the model, [(image, region mask or None, changed share)] for each output), edited by the server."""
     import base64
 
@@ -146,13 +158,14 @@ def _edit_remote(server, api_key, image, prompt, seed, guidance, steps, num_imag
     from incontext.client import Client
 
     uris = []
-    for path in (image, *references):
+    for path in (image, *references, *([mask] if mask is not None else [])):
         if not Path(path).is_file():
             raise IncontextError(f"no such file: {path}", code="INVALID_INPUT")
         # The server sniffs the real format; the media type is only a label.
         uris.append("data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode())
+    mask_uri = {"mask_image_url": uris.pop()} if mask is not None else {}
     images = {"image_url": uris[0]} if len(uris) == 1 else {"image_urls": uris}
-    inp = {"prompt": prompt, **images, "seed": seed, "num_images": num_images, "output_format": fmt, "sync_mode": True, "preserve": preserve_mode, "return_mask": return_mask}
+    inp = {"prompt": prompt, **images, **mask_uri, "seed": seed, "num_images": num_images, "output_format": fmt, "sync_mode": True, "preserve": preserve_mode, "return_mask": return_mask}
     if guidance is not None:
         inp["guidance_scale"] = guidance
     if steps is not None:

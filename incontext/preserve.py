@@ -93,6 +93,22 @@ def region_alpha(change: np.ndarray, edited: np.ndarray, context: np.ndarray, co
 BAND_ROWS = 128
 
 
+NOTHING_MAY_CHANGE = "the mask is black everywhere, so nothing may change: white marks where the edit may happen"
+
+
+def as_mask(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """A client's mask image as preserve takes it: grey levels ("L"; white may change), at
+    `size` (the edited image's). A mask of another size is stretched to it, NEAREST, so a pixel
+    it keeps is never blurred into one that may change. ValueError if it is black everywhere:
+    such an edit could only return its input."""
+    mask = image.convert("L")
+    if mask.size != size:
+        mask = mask.resize(size, Image.Resampling.NEAREST)
+    if mask.getextrema()[1] == 0:
+        raise ValueError(NOTHING_MAY_CHANGE)
+    return mask
+
+
 def fit_mask(mask: Image.Image, width: int, height: int) -> Image.Image:
     """A client's mask ("L", the input's own size) onto a canvas of width × height showing the
     input's centre as `imageio.fit_to_size` does (the same box). NEAREST: each canvas pixel
@@ -143,7 +159,7 @@ def compose(canvas: Image.Image, box: tuple[float, float, float, float], edited:
     return Preserved(Image.fromarray(out), Image.fromarray(mask, mode="L"), changed / (base.shape[0] * base.shape[1]))
 
 
-def preserve(edited: Image.Image, change: np.ndarray, *, context: Image.Image, source: Image.Image | None = None,
+def preserve(edited: Image.Image, change: np.ndarray | None, *, context: Image.Image, source: Image.Image | None = None,
              mode: str = "auto", config: RegionConfig = RegionConfig(), mask: Image.Image | None = None) -> Preserved:
     """One output, preserved.
 
@@ -155,13 +171,16 @@ def preserve(edited: Image.Image, change: np.ndarray, *, context: Image.Image, s
     `mask` ("L" at the input's own size, or at the canvas's: `fit_mask` brings it there) is
     where the client allows change: the region becomes region ∧ mask, and with mode "off" the
     model's whole output ∧ mask, composed on the canvas like "auto"; the returned mask and
-    changed_share are those of the composed region."""
+    changed_share are those of the composed region. `change` may be None (an engine that
+    reports no change map) only with a mask: the model's whole output ∧ mask, as "off"."""
     if mode not in MODES:
         raise ValueError(f"preserve must be one of {', '.join(MODES)}, not {mode!r}")
+    if change is None and mask is None:
+        raise ValueError("preserve needs a change map, or a mask to compose by")
     if mask is not None:
         canvas = source if source is not None else context
         allowed = fit_mask(mask, *canvas.size)
-        if mode == "off":
+        if mode == "off" or change is None:
             alpha = np.ones((edited.height, edited.width), dtype=np.float32)
         else:
             alpha = region_alpha(change, np.asarray(edited.convert("RGB")), np.asarray(context.convert("RGB")), config)

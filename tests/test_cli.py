@@ -37,11 +37,11 @@ def test_edit_writes_images_and_reports_the_seed(tiny_model, tmp_path):
     assert "compositeWithTrainedAlgorithmicMedia" in a.info["XML:com.adobe.xmp"] and str(tiny_model) not in a.info["XML:com.adobe.xmp"]
 
 
-def test_preserve_off_returns_the_models_raw_output_and_mask_writes_the_region(tiny_model, tmp_path):
+def test_preserve_off_returns_the_models_raw_output_and_mask_out_writes_the_region(tiny_model, tmp_path):
     src = shapes_png(tmp_path / "in.png")
     out, mask = tmp_path / "out.png", tmp_path / "mask.png"
     r = runner.invoke(app, ["edit", str(src), "make the red circle blue", "-o", str(out), "--model", str(tiny_model),
-                            "--seed", "1", "--steps", "2", "--preserve", "off", "--mask", str(mask)])
+                            "--seed", "1", "--steps", "2", "--preserve", "off", "--mask-out", str(mask)])
     assert r.exit_code == 0, r.output
     a = Image.open(out)
     # The tiny model works at 64×64-ish; a 3:2 input keeps its aspect ratio on multiples of 16.
@@ -50,6 +50,34 @@ def test_preserve_off_returns_the_models_raw_output_and_mask_writes_the_region(t
     assert m.mode == "L" and m.size == a.size
     assert "trainedAlgorithmicMedia" in a.info["XML:com.adobe.xmp"] and "composite" not in a.info["XML:com.adobe.xmp"]  # all the model's
     assert "AI-Generated" not in m.info  # a mask is no picture of anything
+
+
+def test_mask_keeps_the_inputs_pixels_outside_it_bit_for_bit(tiny_model, tmp_path):
+    import numpy as np
+
+    src = shapes_png(tmp_path / "in.png")
+    allowed = Image.new("L", (90, 60), 0)
+    ImageDraw.Draw(allowed).rectangle((0, 0, 44, 59), fill=255)  # the left half may change
+    allowed.save(tmp_path / "allowed.png")
+    out, region = tmp_path / "out.png", tmp_path / "region.png"
+    # preserve off: the model's raw output wherever the mask allows, the input's elsewhere.
+    r = runner.invoke(app, ["edit", str(src), "make the red circle blue", "-o", str(out), "--model", str(tiny_model), "--seed", "1",
+                            "--steps", "2", "--preserve", "off", "--mask", str(tmp_path / "allowed.png"), "--mask-out", str(region)])
+    assert r.exit_code == 0, r.output
+    a, inp = np.asarray(Image.open(out).convert("RGB")), np.asarray(Image.open(src).convert("RGB"))
+    assert a.shape == inp.shape  # at the input's own size, so its pixels can be kept exactly
+    assert np.array_equal(a[:, 45:], inp[:, 45:])
+    assert not np.array_equal(a[:, :45], inp[:, :45])  # the model did redraw the half it may
+    assert not np.asarray(Image.open(region))[:, 45:].any()
+
+
+def test_an_all_black_mask_is_a_one_line_error(tiny_model, tmp_path):
+    src = shapes_png(tmp_path / "in.png")
+    Image.new("L", (90, 60), 0).save(tmp_path / "black.png")
+    r = runner.invoke(app, ["edit", str(src), "make it blue", "-o", str(tmp_path / "o.png"), "--model", str(tiny_model),
+                            "--steps", "2", "--mask", str(tmp_path / "black.png")])
+    assert r.exit_code == 1
+    assert "INVALID_MASK" in r.output and "--mask" in r.output and "black everywhere" in r.output
 
 
 def test_an_unknown_preserve_mode_is_a_one_line_error(tiny_model, tmp_path):

@@ -65,10 +65,11 @@ def _store(run: Run, run_input: RunInput, result: EditResult, storage: Storage, 
     fmt, return_mask = params.output_format, params.return_mask
     items, preserve_ms = [], 0.0
     canvas = _Canvas(run, run_input, storage, settings)
+    allowed = _client_mask(run, run_input, storage, settings) if params.mask else None
     for index, (edited, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
         started = time.perf_counter()
         change = result.change_maps[index] if result.change_maps else None
-        image, mask, share = _preserved(run, run_input, canvas, edited, change)
+        image, mask, share = _preserved(run, run_input, canvas, edited, change, allowed)
         preserve_ms += (time.perf_counter() - started) * 1000
         try:
             contentfilter.check(settings.content_filter, contentfilter.ContentCheck("output", run.engine_model_id, params.prompt, (image,)))
@@ -80,7 +81,8 @@ def _store(run: Run, run_input: RunInput, result: EditResult, storage: Storage, 
             "changed_share": None if share is None else round(share, 4),
         }
         # Composite: preserve put the model's pixels onto the input's own (`_preserved`).
-        provenance = imageio.Provenance(params.model_name or run.engine_model_id, composite=change is not None and params.preserve != "off")
+        composite = allowed is not None or (change is not None and params.preserve != "off")
+        provenance = imageio.Provenance(params.model_name or run.engine_model_id, composite=composite)
         item["file"] = storage.save_output(run.id, index, imageio.encode_image(image, fmt, provenance=provenance), fmt)
         if return_mask and mask is not None:
             item["mask_file"] = storage.save_mask(run.id, index, imageio.encode_image(mask, "png"))
@@ -134,14 +136,26 @@ class _Canvas:
         return self._image
 
 
-def _preserved(run: Run, run_input: RunInput, canvas: _Canvas, edited: Image.Image, change: np.ndarray | None) -> tuple[Image.Image, Image.Image | None, float | None]:
+def _client_mask(run: Run, run_input: RunInput, storage: Storage, settings: Settings) -> Image.Image:
+    """The run's mask; a run whose mask file is gone fails rather than edit where its client
+    forbade it."""
+    mask = run_input.client_mask(run.id, storage, settings)
+    if mask is None:
+        raise IncontextError("the run's mask file is gone", code="INPUT_LOST")
+    return mask
+
+
+def _preserved(run: Run, run_input: RunInput, canvas: _Canvas, edited: Image.Image, change: np.ndarray | None,
+               allowed: Image.Image | None = None) -> tuple[Image.Image, Image.Image | None, float | None]:
     """(image, mask, changed share) of one output; the image as it is, with no mask and no
-    share, when the engine reported no change map."""
-    if change is None:
+    share, when the engine reported no change map and the client sent no mask (`allowed`)."""
+    if change is None and allowed is None:
         return edited, None, None
     # Runs stored before params held it: the echoed input has it when the client sent it.
     aspect_ratio = run.params["aspect_ratio"] if "aspect_ratio" in run.params else run.input.get("aspect_ratio")
     mode = RunParams.of(run).preserve
-    keeps = mode != "off" and imageio.keeps_framing(aspect_ratio, *run_input.source_size)
-    kept = preserve.preserve(edited, change, context=run_input.fitted, source=canvas.get() if keeps else None, mode=mode)
+    # A mask is honoured at the input's own size whatever the mode: outside it the input's
+    # own pixels, not the model's rendering of them.
+    keeps = (mode != "off" or allowed is not None) and imageio.keeps_framing(aspect_ratio, *run_input.source_size)
+    kept = preserve.preserve(edited, change, context=run_input.fitted, source=canvas.get() if keeps else None, mode=mode, mask=allowed)
     return kept.image, kept.mask, kept.changed_share

@@ -31,6 +31,9 @@ class RunParams(BaseModel):
     # Reference images stored with the run besides the edited one (Storage.save_references),
     # in the order the client sent them.
     references: int = 0
+    # A client's mask stored with the run (Storage.save_input_mask): outside it the output
+    # keeps the input's pixels, whatever `preserve` says (preserve.preserve).
+    mask: bool = False
     # Multi-turn: the engine may reuse the parent's latents, which only identify the image
     # when the parent made exactly one.
     parent_request_id: str | None = None

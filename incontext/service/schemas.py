@@ -11,7 +11,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, WithJsonSchema, field_validator, model_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, WithJsonSchema, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from incontext.engine.protocol import MAX_IMAGES
@@ -123,6 +123,12 @@ class KontextInput(BaseModel):
         "keeps its aspect ratio; off: the model's raw output at its working size",
     )
     return_mask: bool = Field(False, description="also return the edited region as a PNG (outputs[].mask_url)")
+    # mask_url too: fal's inpainting apps name it so, and fal clients send this very model.
+    mask_image_url: str | None = Field(
+        None, min_length=1, validation_alias=AliasChoices("mask_image_url", "mask_url"),
+        description="where the edit may happen, as image_url takes an image: white may change, black keeps the input's "
+        "pixels bit for bit (whatever preserve says), stretched to the edited image's size; also read as mask_url",
+    )
 
     @property
     def images(self) -> list[str]:

@@ -2,6 +2,7 @@
 
     <data_dir>/inputs/<run_id>                 the input image bytes as received (or the data URI)
     <data_dir>/references/<run_id>/<i>         reference image i (1…3) as received, the same way
+    <data_dir>/references/<run_id>/mask        the client's mask (where change is allowed), the same way
     <data_dir>/outputs/<run_id>/<i>.<ext>      output image i
     <data_dir>/outputs/<run_id>/<i>.mask.png   its edited region, when the run asked for it
 
@@ -89,6 +90,19 @@ class Storage:
         """The run's `count` references in order; None if any is gone."""
         paths = [self.references / run_id / str(i) for i in range(1, count + 1)]
         return [p.read_bytes() for p in paths] if all(p.exists() for p in paths) else None
+
+    # The client's mask: beside the references, so it is kept and deleted with the input
+    # (delete_input) and retention finds it under the run's folder there.
+    def save_input_mask(self, run_id: str, data: bytes) -> None:
+        try:
+            (self.references / run_id).mkdir(exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"could not store the mask: {exc.strerror or exc}") from None
+        _write_atomic(self.references / run_id / "mask", data, sync=True)
+
+    def read_input_mask(self, run_id: str) -> bytes | None:
+        path = self.references / run_id / "mask"
+        return path.read_bytes() if path.exists() else None
 
     def input_url(self, run_id: str) -> str | None:
         """A signed URL of the run's input while it is kept, else None."""

@@ -26,7 +26,7 @@ from incontext.errors import IncontextError
 from incontext.models.registry import ModelPreset
 from incontext.service import callbacks, contentfilter, lifecycle, store
 from incontext.service.errors import RateLimited, ServiceError, ValidationFailed, at_field, field_error
-from incontext.service.inputs import RunInput, SourceImage, load_source, output_size, prefetch
+from incontext.service.inputs import RunInput, SourceImage, load_mask, load_source, output_size, prefetch
 from incontext.service.models import ApiKey, Batch, Run
 from incontext.service.runparams import RunParams
 from incontext.service.schemas import KontextInput
@@ -99,7 +99,8 @@ async def submit(service, key: ApiKey, request: RunRequest, *, request_id: str |
         if replay is not None:
             return replay
     # On the event loop: a slow image host never holds a thread the reads need.
-    remote = await prefetch([url for i in request.items for url in i.images], outbound=service.outbound, storage=service.storage, settings=service.settings)
+    urls = [url for i in request.items for url in (*i.images, *([i.mask_image_url] if i.mask_image_url else []))]
+    remote = await prefetch(urls, outbound=service.outbound, storage=service.storage, settings=service.settings)
     return await run_in_threadpool(_store, service, key, request, preset, request_id, digest, limits, remote, render)
 
 
@@ -180,6 +181,7 @@ class PreparedRun:
     input_bytes: bytes  # stored, so a restart can run it again
     run_input: RunInput  # decoded, and fitted to the output size: what the dispatcher hands on
     reference_bytes: list[bytes] = field(default_factory=list)  # stored beside input_bytes, in order
+    mask_bytes: bytes | None = None  # the client's mask as received, stored beside them
 
 
 def check_ranges(item: KontextInput, preset: ModelPreset, field: str) -> None:
@@ -205,8 +207,9 @@ def prepare(
     settings: Settings,
     remote: Mapping[str, bytes | IncontextError] | None = None,
 ) -> PreparedRun:
-    """Validate the images (http(s) ones already fetched into `remote` by inputs.prefetch);
-    raises IncontextError pinned to `field`.image_url (or `field`.image_urls.<i>) etc."""
+    """Validate the images and the mask (http(s) ones already fetched into `remote` by
+    inputs.prefetch); raises IncontextError pinned to `field`.image_url (or
+    `field`.image_urls.<i>, `field`.mask_image_url) etc."""
     check_ranges(item, preset, field)
     # Every image passes the same checks; the first is edited and decides the output's size.
     names = [f"{field}.image_url"] if item.image_urls is None else [f"{field}.image_urls.{i}" for i in range(len(item.images))]
@@ -228,6 +231,12 @@ def prepare(
     for i in range(1, len(item.images)):
         reference = load(i)
         references.append(SourceImage(reference.data, imageio.fit_to_size(reference.image, width, height), reference.parent_run_id))
+    mask = None
+    if item.mask_image_url is not None:
+        try:
+            mask = load_mask(item.mask_image_url, source.image.size, api_key_id=api_key_id, session=session, storage=storage, settings=settings, remote=remote)
+        except IncontextError as exc:
+            raise at_field(exc, f"{field}.mask_image_url") from None
     try:
         images = (source.image, *(r.image for r in references))
         contentfilter.check(settings.content_filter, contentfilter.ContentCheck("input", preset.id, item.prompt, images))
@@ -250,6 +259,7 @@ def prepare(
         return_mask=item.return_mask,
         unit_price_micros=int(preset.price_per_image * 1_000_000),
         references=len(references),
+        mask=mask is not None,
         model_name=preset.weights_name,
         parent_request_id=_single_output_parent(session, source.parent_run_id),
     )
@@ -258,6 +268,8 @@ def prepare(
         echo["image_url"] = abbreviate_data_uri(echo["image_url"])
     if echo.get("image_urls") is not None:
         echo["image_urls"] = [abbreviate_data_uri(url) for url in echo["image_urls"]]
+    if echo.get("mask_image_url") is not None:
+        echo["mask_image_url"] = abbreviate_data_uri(echo["mask_image_url"])
     fields = {
         "api_key_id": api_key_id,
         "model_id": preset.run_model_id,
@@ -267,8 +279,9 @@ def prepare(
         "parent_run_id": source.parent_run_id,
     }
     # Fitted here, in the request's thread, so the dispatcher hands it to the engine as it is.
-    run_input = RunInput.fit(source.image, width, height, [r.image for r in references])
-    return PreparedRun(fields=fields, params=params, input_bytes=source.data, run_input=run_input, reference_bytes=[r.data for r in references])
+    run_input = RunInput.fit(source.image, width, height, [r.image for r in references], mask=mask.image if mask else None)
+    return PreparedRun(fields=fields, params=params, input_bytes=source.data, run_input=run_input, reference_bytes=[r.data for r in references],
+                       mask_bytes=mask.data if mask else None)
 
 
 # What a refusal for too many active images tells the client to wait: about the time the
@@ -296,6 +309,8 @@ def queue(session: Session, storage: Storage, prepared: PreparedRun, **extra: An
     params = prepared.params.model_dump(mode="json")
     run = lifecycle.create_run(session, **prepared.fields, params=params, **extra)
     storage.save_references(run.id, prepared.reference_bytes)
+    if prepared.mask_bytes is not None:
+        storage.save_input_mask(run.id, prepared.mask_bytes)
     storage.save_input(run.id, prepared.input_bytes)
     return run
 

@@ -40,7 +40,7 @@ from incontext.service.runparams import RunParams
 
 STYLE = "bfl"
 # Our input names → theirs, for error messages.
-NAMES = {"image_url": "input_image", "enhance_prompt": "prompt_upsampling"}
+NAMES = {"image_url": "input_image", "enhance_prompt": "prompt_upsampling", "mask_image_url": "mask"}
 _RATIO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)\s*$")
 
 
@@ -97,6 +97,11 @@ class FluxKontextRequest(BaseModel):
         "the edit did not happen; off returns the model's raw output at its working size",
     )
     return_mask: bool = Field(False, description="extension: result.mask (signed URL of the edited region as a PNG) and result.changed_share")
+    # The name and meaning of BFL's own fill endpoint (flux-pro-1.0-fill): white is edited.
+    mask: str | None = Field(
+        None, description="extension (as BFL's fill endpoint names it): where the edit may happen, as input_image takes an "
+        "image; white may change, black keeps the input's pixels bit for bit; stretched to input_image's size; blank: none",
+    )
 
     @field_validator("output_format", mode="before")
     @classmethod
@@ -158,6 +163,7 @@ async def create_kontext_edit(body: FluxKontextRequest, request: Request, key: B
             "enhance_prompt": body.prompt_upsampling,
             "preserve": body.preserve,
             "return_mask": body.return_mask,
+            **({"mask_image_url": surfaces.image_reference(body.mask)} if (body.mask or "").strip() else {}),
         },
         names,
     )

@@ -13,7 +13,8 @@ the client trusts (SSL_CERT_FILE); docs/other-surfaces.md has the recipe. `{app}
 URLs, its first part only (`flux-pro`), as fal-client builds them. Key: `Authorization: Key …`.
 
 The inputs are fal's Kontext names, which are ours (image_url, prompt, guidance_scale,
-num_images, output_format, safety_tolerance, aspect_ratio, seed, sync_mode). A request is an
+num_images, output_format, safety_tolerance, aspect_ratio, seed, sync_mode), and a mask as
+fal's inpainting apps take it, `mask_url` (white may change; `mask_image_url` also). A request is an
 ordinary stored run. The result: `{images: [{url, width, height, content_type}], seed,
 has_nsfw_concepts, prompt, timings}`. Errors are fal's: `{"detail": message}` (a list of
 `{loc, msg, type}` for 422). fal-client's file upload goes to fal's own storage, not here:
@@ -51,6 +52,7 @@ STYLE = "fal"
 RUN_WAIT_S = 600.0  # the run route holds the request this long at most, then cancels
 POLL_S = 0.2
 
+NAMES = {"mask_image_url": "mask_url"}
 router = APIRouter(tags=["fal"], route_class=surfaces.route_class(bfl.render_error))  # fal apps answer FastAPI-shaped errors
 FalKeyDep = Annotated[ApiKey, Depends(surfaces.key_from_headers)]
 
@@ -60,7 +62,8 @@ async def _submit(app: str, item: KontextInput, request: Request, key: ApiKey, s
         message = f"fal_webhook: {reason}"
         raise ValidationFailed(message, errors=[field_error("fal_webhook", message, "value_error")])
     callback = submission.Callback(webhook, style=STYLE) if webhook else None
-    run_request = submission.RunRequest(model_id=f"{OWNER}/{app}", items=[item], surface=f"POST /{OWNER}/{app}", names={}, callback=callback)
+    # fal's inpainting apps call the mask mask_url (KontextInput reads it as mask_image_url).
+    run_request = submission.RunRequest(model_id=f"{OWNER}/{app}", items=[item], surface=f"POST /{OWNER}/{app}", names=NAMES, callback=callback)
     accepted = await submission.submit(service, key, run_request, request_id=request.state.request_id)
     return accepted.runs[0]
 

@@ -21,17 +21,17 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from incontext.engine.protocol import MAX_IMAGES
-from incontext.errors import ImageTooLarge, UnknownModel
-from incontext.service import lifecycle, submission, surfaces
+from incontext.errors import ImageTooLarge, IncontextError, UnknownModel
+from incontext.service import inputs, lifecycle, submission, surfaces
 from incontext.service.deps import KeyDep, Service, ServiceDep
-from incontext.service.errors import ServiceError, ValidationFailed, field_error
+from incontext.service.errors import ServiceError, ValidationFailed, at_field, field_error
 from incontext.service.models import Run
 from incontext.service.schemas import MAX_PROMPT_LENGTH
 
 WAIT_TIMEOUT_S = 600.0  # the OpenAI SDKs' own default timeout
 POLL_S = 0.25
 # Every image is the form's `image` (image_urls.2: the third part).
-NAMES = {"image_url": "image", "image_urls": "image", **{f"image_urls.{i}": "image" for i in range(MAX_IMAGES)}, "num_images": "n", "aspect_ratio": "size"}
+NAMES = {"image_url": "image", "image_urls": "image", **{f"image_urls.{i}": "image" for i in range(MAX_IMAGES)}, "num_images": "n", "aspect_ratio": "size", "mask_image_url": "mask"}
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*x\s*(\d{1,5})\s*$", re.IGNORECASE)
 # Model names OpenAI clients send: served by the default model rather than refused, so
 # code written for OpenAI works after changing only the base URL and key.
@@ -111,7 +111,8 @@ async def create_image_edit(
     output_format: Annotated[str, Form(description="png (default) or jpeg")] = "png",
     model: Annotated[str | None, Form(description="a model id of this server; gpt-image-*/dall-e-* mean the default model")] = None,
     seed: Annotated[int | None, Form(description="extension: image i uses seed+i; random when absent")] = None,
-    mask: Annotated[UploadFile | None, File(description="not supported: describe the region in the prompt")] = None,
+    mask: Annotated[UploadFile | None, File(description="where the edit may happen, as OpenAI's mask: fully transparent pixels "
+                                                        "may change, opaque ones keep the input's pixels bit for bit; stretched to the image's size")] = None,
     stream: Annotated[bool, Form(description="not supported")] = False,
     preserve: Annotated[
         Literal["auto", "off"],
@@ -124,8 +125,6 @@ async def create_image_edit(
     """Edit an image, synchronously. Other OpenAI fields (quality, background, user,
     input_fidelity, output_compression) are accepted and ignored."""
     # 1. Check what this server cannot do, and resolve the model.
-    if mask is not None:
-        raise _invalid("mask", "mask is not supported: this model edits from the prompt alone; describe the region in it")
     if stream:
         raise _invalid("stream", "streaming is not supported; omit stream")
     model_id = _model_id(model, service)
@@ -140,11 +139,15 @@ async def create_image_edit(
     # edited, the others are references.
     uris = []
     for part in files:
-        data = await part.read(service.settings.max_image_bytes + 1)
-        if len(data) > service.settings.max_image_bytes:
-            message = f"image is larger than the {service.settings.max_image_bytes:,}-byte limit"
-            raise ServiceError(message, code=ImageTooLarge.code, http_status=413, errors=[field_error("image", message, ImageTooLarge.code)])
-        uris.append(surfaces.data_uri(data))
+        uris.append(surfaces.data_uri(await _read_part(part, "image", service)))
+    # OpenAI's mask marks the edit with transparency; the run stores it as ours (white may change).
+    mask_uri = None
+    if mask is not None:
+        data = await _read_part(mask, "mask", service)
+        try:
+            mask_uri = surfaces.data_uri(await run_in_threadpool(inputs.mask_from_alpha, data, service.settings))
+        except IncontextError as exc:
+            raise at_field(exc, "mask") from None
     item = surfaces.kontext_input(
         {
             "prompt": prompt,
@@ -155,6 +158,7 @@ async def create_image_edit(
             "seed": seed,
             "preserve": preserve,
             "return_mask": return_mask,
+            **({"mask_image_url": mask_uri} if mask_uri else {}),
         },
         NAMES,
     )
@@ -228,6 +232,14 @@ def _image_data(service: Service, outputs: list[dict], fmt: str, prompt: str, re
         if return_mask:
             item.update({f"mask_{fmt}": file(o.get("mask_file")), "changed_share": o["changed_share"]})
         data.append(item)
+    return data
+
+
+async def _read_part(part: UploadFile, name: str, service: Service) -> bytes:
+    data = await part.read(service.settings.max_image_bytes + 1)
+    if len(data) > service.settings.max_image_bytes:
+        message = f"{name} is larger than the {service.settings.max_image_bytes:,}-byte limit"
+        raise ServiceError(message, code=ImageTooLarge.code, http_status=413, errors=[field_error(name, message, ImageTooLarge.code)])
     return data
 
 

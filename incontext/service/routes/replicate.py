@@ -52,7 +52,7 @@ from incontext.service.storage import Storage
 STYLE = "replicate"
 NAMES = {
     "image_url": "input_image", "image_urls": "input_images", **{f"image_urls.{i}": f"input_images.{i}" for i in range(MAX_IMAGES)},
-    "enhance_prompt": "prompt_upsampling",
+    "enhance_prompt": "prompt_upsampling", "mask_image_url": "mask",
 }
 MAX_WAIT_S = 60  # Replicate's own cap on Prefer: wait
 POLL_S = 0.2
@@ -101,6 +101,11 @@ class KontextPredictionInput(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     safety_tolerance: int = Field(2, ge=0, le=6, description="recorded only: this server has no moderation (0 is recorded as 1)")
     prompt_upsampling: bool = Field(False, description="recorded only: this server has no prompt enhancer")
+    # The name and meaning of Replicate's flux-fill-pro input: white is inpainted, black kept.
+    mask: str | None = Field(
+        None, min_length=1, description="extension (as black-forest-labs/flux-fill-pro names it): where the edit may happen, "
+        "http(s) URL or data: URI; white may change, black keeps the input's pixels bit for bit; stretched to the image's size",
+    )
 
 
 class PredictionCreate(BaseModel):
@@ -179,6 +184,7 @@ async def _create(model_id: str, body: PredictionCreate, request: Request, key: 
             "prompt": given.prompt, **({"image_url": given.input_image} if given.input_images is None else {"image_urls": given.input_images}),
             "aspect_ratio": given.aspect_ratio, "output_format": given.output_format,
             "seed": given.seed, "safety_tolerance": max(1, given.safety_tolerance), "enhance_prompt": given.prompt_upsampling,
+            **({"mask_image_url": given.mask} if given.mask is not None else {}),
         },
         NAMES,
     )

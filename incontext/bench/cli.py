@@ -84,6 +84,7 @@ def speed(
     step_cache: Annotated[str, typer.Option(help="The fast preset: a preset name or every,first,last (e.g. 3,3,2).")] = "fast",
     threads: Annotated[int | None, typer.Option(min=1, help="Torch threads for every configuration (default: torch's).")] = None,
     compile: Annotated[bool, typer.Option(help="Compile the engine's transformer as the server does by default (eager rows are added beside).")] = True,
+    families: Annotated[bool, typer.Option("--families", help="Also a row per model family (Kontext, Klein, Qwen-Image-Edit) on tiny random directories: engine at 8 in flight over stock.")] = False,
 ) -> None:
     """Stock diffusers, our engine in-process and over HTTP, and the fast preset, side by side."""
     from incontext.bench import speed as speed_bench
@@ -110,7 +111,26 @@ def speed(
         for line in lines:
             table.add_row(*line)
         console.print(table)
+    if families:
+        _family_rows(out, console)
     console.print(f"report: {out / 'report.md'}", highlight=False)
+
+
+def _family_rows(out: Path, console) -> None:
+    import json
+    import tempfile
+
+    from incontext.bench import families as family_bench
+
+    with console.status("measuring: model families"), tempfile.TemporaryDirectory() as work:
+        rows = family_bench.tiny_rows(Path(work))
+    (out / "families.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "families.md").write_text(family_bench.markdown(rows) + "\n")
+    table = Table("family", "stock s/image", "engine ×8 images/s", "× stock", "pixel diff", title="model families (tiny, CPU)")
+    for r in rows:
+        table.add_row(r["family"], f"{r['stock_s_per_image']:.3f}", f"{r['engine_concurrent_images_per_s']:.2f}",
+                      f"{r['throughput_over_stock']:.2f}", f"{r['mean_pixel_diff_to_stock']:.2f}")
+    console.print(table)
 
 
 @bench_app.command("load")
@@ -144,6 +164,36 @@ def load(
         console.print(f"fairness: key B's edit alone {f['b_alone_median_s']:.2f} s (median of {f['b_alone_s']}), behind key A's "
                       f"{f['batch_items']}-item batch {f['b_behind_batch_s']:.2f} s ({f['ratio']:.1f}×; goal ≤ 2×); "
                       f"the batch ended at {f['batch_done_at_s']:.1f} s", highlight=False)
+    console.print(f"results: {out / 'results.json'}", highlight=False)
+
+
+@bench_app.command("scale")
+def scale(
+    out: Annotated[Path, typer.Option(help="Folder for results.json and the servers' logs.")] = Path("results/scale"),
+    replicas: Annotated[str, typer.Option(help="Worker replica counts to measure, comma-separated.")] = "1,2,4",
+    runs: Annotated[int, typer.Option(min=1, max=200, help="Edits submitted at once per configuration.")] = 16,
+    steps: Annotated[int, typer.Option(min=1, max=50, help="Denoising steps per edit.")] = 8,
+    database_url: Annotated[str | None, typer.Option(help="A PostgreSQL to use (default: a throwaway cluster, initdb).")] = None,
+    lease_seconds: Annotated[float | None, typer.Option(min=1, help="The servers' INCONTEXT_LEASE_SECONDS (default: theirs).")] = None,
+    failover: Annotated[bool, typer.Option(help="Also kill a worker mid-edit and time its runs' resumption.")] = True,
+) -> None:
+    """Throughput of the Ray Serve application with 1, 2, 4 worker replicas against the
+    single-process server, and a worker's kill to its runs resuming elsewhere (bench/scale.py)."""
+    from incontext.bench.scale import run_scale
+
+    counts = tuple(int(n) for n in replicas.split(",") if n.strip())
+    console = _wide_console()
+    with console.status("servers one after another (a Ray cluster starts for each)"):
+        result = run_scale(out, replicas=counts, runs=runs, steps=steps, database_url=database_url,
+                           failover=failover, lease_seconds=lease_seconds)
+    table = Table("configuration", "runs", "seconds", "runs/s", "failed", title=f"bench scale: {result['cpus']} cores, {steps} steps an edit")
+    for row in result["rows"]:
+        table.add_row(row["config"], str(row["runs"]), f"{row['seconds']:.1f}", f"{row['runs_per_s']:.2f}", ",".join(row["failed"]) or "-")
+    console.print(table)
+    if f := result["failover"]:
+        console.print(f"failover (2 workers, one SIGKILLed mid-edit, lease {f['lease_seconds']} s): claimed by another worker "
+                      f"{f['kill_to_claim_s']:.1f} s after the kill, succeeded {f['kill_to_success_s']:.1f} s after it; "
+                      f"all {f['runs']} succeeded: {f['all_succeeded']}, each once: {f['each_succeeded_once']}", highlight=False)
     console.print(f"results: {out / 'results.json'}", highlight=False)
 
 

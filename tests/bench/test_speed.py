@@ -191,3 +191,18 @@ def test_stock_row_follows_a_model_that_starts_at_the_context(tiny_model, tmp_pa
     ours = sampler.edit(load_model(model, dtype="float32", max_sequence_length=32), image, "make the circle blue", seeds=[5], num_steps=3)[0]
     diff = np.abs(np.asarray(row.records[0].image, dtype=float) - np.asarray(ours, dtype=float)).mean()
     assert diff <= 1.0
+
+
+def test_every_family_has_a_batching_row_over_stock(tmp_path):
+    """Kontext, Klein and Qwen-Image-Edit: stock one at a time against our engine with several
+    in flight, on tiny random directories; the same outputs as stock."""
+    from incontext.bench import families
+
+    rows = families.tiny_rows(tmp_path, n=2, concurrency=2, steps=2, size=64)
+    assert [r["family"] for r in rows] == ["FLUX.1 Kontext", "FLUX.2 [klein]", "Qwen-Image-Edit-Plus"]
+    for r in rows:
+        for key in ("stock_s_per_image", "engine_x1_p50_s", "engine_concurrent_images_per_s", "throughput_over_stock"):
+            assert r[key] > 0, (r["family"], key)
+        assert r["mean_pixel_diff_to_stock"] < 1.0, r["family"]  # of 255: the engine's edit is stock's
+        assert r["mean_pixel_diff_concurrent_to_alone"] < 1.0, r["family"]
+    assert "| FLUX.2 [klein] | 64x64, 2 |" in families.markdown(rows)

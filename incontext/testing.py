@@ -67,14 +67,16 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def tiny_klein_dir(path: Path, seed: int = 0, *, distilled: bool = False) -> Path:
+def tiny_klein_dir(path: Path, seed: int = 0, *, distilled: bool = False, kv: bool = False) -> Path:
     """Write a tiny random FLUX.2 [klein] directory (Flux2KleinPipeline's layout, saved by the
     pipeline itself) at `path` and return it. `distilled=False` is the base model, which runs
-    true classifier-free guidance."""
+    true classifier-free guidance. `kv=True`: saved by Flux2KleinKVPipeline (the same parts
+    and weights layout; its model_index.json names it), which runs no guidance."""
     import json
 
     import torch  # only here
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinKVPipeline, Flux2KleinPipeline,
+                           Flux2Transformer2DModel)
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
@@ -103,8 +105,8 @@ def tiny_klein_dir(path: Path, seed: int = 0, *, distilled: bool = False) -> Pat
     # FLUX.2 [klein]'s own scheduler settings: the shift is set per request (mu).
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
-    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
-                              is_distilled=distilled)
+    parts = dict(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+    pipe = Flux2KleinKVPipeline(**parts) if kv else Flux2KleinPipeline(**parts, is_distilled=distilled)
     path = Path(path)
     pipe.save_pretrained(path)
     preset = {"num_inference_steps": 4, "guidance_scale": 4.0, "max_sequence_length": 64, "target_area": 64 * 64, "multiple": 16,

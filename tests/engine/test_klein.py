@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from diffusers import Flux2KleinPipeline
+from diffusers import Flux2KleinKVPipeline, Flux2KleinPipeline
 from PIL import Image, ImageDraw
 
 from incontext.engine.families import for_directory
@@ -164,3 +164,69 @@ def test_reference_images_match_stock_pipeline_alone_and_in_a_batch(klein_regist
         assert _mean_diff(result.images[0], _stock(stock, r)) <= 1.0  # of 255
     assert not np.array_equal(np.asarray(ours.images[0]), np.asarray(ours_one.images[0]))  # b reached the model
     assert max(stats.batch_sizes) == 2  # two and other together; three and one each alone
+
+
+# ---------------------------------------------------------------- the KV variant
+
+
+@pytest.fixture(scope="module")
+def kv_dir(tmp_path_factory):
+    return tiny_klein_dir(tmp_path_factory.mktemp("tiny_klein_kv"), kv=True)
+
+
+@pytest.fixture(scope="module")
+def stock_kv(kv_dir):
+    pipe = Flux2KleinKVPipeline.from_pretrained(kv_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _stock_kv(pipe, r: EditRequest) -> Image.Image:
+    """The stock KV pipeline: reference keys and values extracted at its first step, reused after; no guidance."""
+    images = [r.image, *r.references] if r.references else r.image
+    return pipe(image=images, prompt=r.prompt, height=r.height, width=r.width, num_inference_steps=r.num_inference_steps,
+                generator=torch.Generator().manual_seed(r.seed), max_sequence_length=64, text_encoder_out_layers=(1, 2)).images[0]
+
+
+def test_kv_edits_match_the_stock_kv_pipeline_alone_in_a_mixed_batch_and_with_several_images(kv_dir, stock_kv, monkeypatch):
+    """Flux2KleinKVPipeline directories: each edit equals the stock KV pipeline's, alone and in
+    a batch of three (other prompts, images, seeds and step counts; guidance is accepted and
+    ignored, as the pipeline has none), and with two images. The reference keys and values are
+    computed once per set of images, not at every step: one "extract" pass per distinct set."""
+    from diffusers import Flux2Transformer2DModel
+
+    from incontext.engine.families import klein
+
+    reg = Registry(default_id="kv")
+    reg.add(preset_for_directory(kv_dir, id="kv"))
+    assert for_directory(kv_dir) is klein.KLEIN_KV
+    extracts = []
+    forward = Flux2Transformer2DModel.forward
+
+    def counting(self, *args, **kwargs):
+        if kwargs.get("kv_cache_mode") == "extract":
+            extracts.append(kwargs["hidden_states"].shape[1])
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Flux2Transformer2DModel, "forward", counting)
+    a, b = _picture(64, 64), _picture(64, 64, fill=(30, 60, 220)).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    c = _picture(64, 64, fill=(40, 200, 60)).transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    kv = lambda rid, prompt, image, seed, guidance, steps, refs=(): replace(_request(rid, prompt, image, seed, guidance, steps),
+                                                                              model_id="kv", references=refs)
+    requests = [
+        kv("alone", "make the red circle blue", a, 5, 1.0, 4),
+        kv("other", "remove the circle", c, 6, 4.0, 3),
+        kv("same images", "make it larger", a, 7, 1.0, 4),
+        kv("two", "put the blue circle beside the red one", a, 8, 1.0, 4, (b,)),
+    ]
+    extracts_by_stock = len(extracts)
+    results, stats = _run(reg, requests)
+    ours_extracts = extracts[extracts_by_stock:]
+    for r, result in zip(requests, results):
+        ref = _stock_kv(stock_kv, r)
+        assert _mean_diff(result.images[0], ref) <= 1.0  # of 255
+        assert np.asarray(ref).std() > 1.0
+    assert max(stats.batch_sizes) == 3  # the one-image requests shared a batch; "two" ran alone
+    n = results[0].images[0].width * results[0].images[0].height // 256  # tokens of one 64×64 image (8× VAE, 2×2 patches)
+    assert sorted(ours_extracts) == [n, n, 2 * n]  # {a} once for both requests of a, {c}, {a, b}: never per step
+    assert _mean_diff(results[0].images[0], results[3].images[0]) > 1.0  # b reached the model

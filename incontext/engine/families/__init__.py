@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
-from incontext.engine.families.klein import KLEIN
+from incontext.engine.families.klein import KLEIN, KLEIN_KV
 from incontext.engine.families.kontext import KONTEXT
 from incontext.engine.families.qwen import QWEN_EDIT, QWEN_EDIT_PLUS
 from incontext.errors import ModelError
@@ -72,7 +72,7 @@ class Family(Protocol):
 
 
 # Every adapter, by the pipeline class it serves.
-FAMILIES: dict[str, Family] = {f.pipeline_class: f for f in (KONTEXT, KLEIN, QWEN_EDIT_PLUS, QWEN_EDIT)}
+FAMILIES: dict[str, Family] = {f.pipeline_class: f for f in (KONTEXT, KLEIN, KLEIN_KV, QWEN_EDIT_PLUS, QWEN_EDIT)}
 
 
 def for_directory(directory: Path) -> Family:

@@ -18,6 +18,15 @@ With one or more reference images the engine's output equals stock diffusers
 reference image is at the output's size (the service fits them so; the pipeline would keep
 each at its own size).
 
+**The KV variant** (`Flux2KleinKVPipeline`, e.g. FLUX.2 [klein] 9B KV) is the same transformer
+(class and weights layout) with other attention: the reference tokens are modulated at a
+fixed timestep 0 and attend only to each other, so their keys and values depend on the
+reference images alone, not on the prompt, the target or the step. The stock pipeline
+computes them in its first step and reuses them at every later one; here they are computed
+once per request's set of images, before its first step (`reference_kv`), and every step runs
+the target and text tokens only, attending to the cached keys and values (the transformer's
+`kv_cache_mode="cached"`). It takes no guidance (the pipeline runs none).
+
 Shapes: img (B, N, 4C) packed target latents (`sampler.pack`'s layout, which is Klein's
 patchify-then-pack); reference (B, kN, 4C) for k images; txt (B, L, D); img_ids ((1 + k)N, 4);
 txt_ids (L, 4).
@@ -26,7 +35,8 @@ txt_ids (L, 4).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,6 +65,11 @@ class KleinModels:
     dtype: torch.dtype = torch.float32
     device: torch.device = torch.device("cpu")
     negative_txt: torch.Tensor | None = None  # the empty prompt's states (1, L, D): true CFG's other half
+    kv: bool = False  # Flux2KleinKVPipeline: the reference images' keys and values are computed once
+    # The KV variant's reference keys and values by the identity of a request's image latents
+    # (the runner's latent cache hands every request of the same images the same tensors):
+    # a batch rebuilt when a request joins does not recompute its neighbours'.
+    kv_cache: OrderedDict = field(default_factory=OrderedDict)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -84,11 +99,23 @@ def load(path: Path, *, device: str = "cpu", dtype: str | torch.dtype = "auto", 
         raise ModelError(f"transformer joint_attention_dim {tr.config.joint_attention_dim} is not {len(layers)} text layers × hidden size {hidden}")
     if tr.config.in_channels != vae.config.latent_channels * 4:
         raise ModelError(f"transformer in_channels {tr.config.in_channels} does not match the VAE's {vae.config.latent_channels} latent channels")
+    kv = index.get("_class_name") == KLEIN_KV.pipeline_class
+    if kv:
+        # What Flux2KleinKVPipeline.__init__ does: the processors that split the reference
+        # tokens' attention from the rest and read or write their keys and values.
+        from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor, Flux2KVParallelSelfAttnProcessor
+
+        for block in tr.transformer_blocks:
+            block.attn.set_processor(Flux2KVAttnProcessor())
+        for block in tr.single_transformer_blocks:
+            block.attn.set_processor(Flux2KVParallelSelfAttnProcessor())
     m = KleinModels(
         tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"], vae=vae, transformer=tr,
         scheduler_config=dict(parts["scheduler"].config),
         max_sequence_length=max_sequence_length or extra.get("max_sequence_length", 512),
-        text_encoder_out_layers=layers, is_distilled=bool(index.get("is_distilled", False)), dtype=dt, device=torch.device(device),
+        # The KV pipeline runs no guidance whatever its config says (it registers no is_distilled).
+        text_encoder_out_layers=layers, is_distilled=kv or bool(index.get("is_distilled", False)), dtype=dt,
+        device=torch.device(device), kv=kv,
     )
     if not m.is_distilled:
         with torch.no_grad():
@@ -195,6 +222,58 @@ def predict_velocity(m: KleinModels, batch: KleinBatch, img: torch.Tensor, times
     return v
 
 
+KV_CACHE_SIZE = 64  # sets of reference images whose keys and values are kept (as the runner keeps latents)
+
+
+@dataclass(frozen=True)
+class KleinKVBatch:
+    """The KV variant's batch: no reference tokens in the sequence, their keys and values instead."""
+
+    txt: torch.Tensor  # (B, L, D)
+    keys: tuple[torch.Tensor, ...]  # per block (double blocks, then single): (B, kN, heads, head_dim)
+    values: tuple[torch.Tensor, ...]
+    img_ids: torch.Tensor  # (N, 4): the target's only
+    txt_ids: torch.Tensor  # (L, 4)
+
+    def rows(self, index: torch.Tensor) -> "KleinKVBatch":
+        return KleinKVBatch(self.txt.index_select(0, index), tuple(k.index_select(0, index) for k in self.keys),
+                            tuple(v.index_select(0, index) for v in self.values), self.img_ids, self.txt_ids)
+
+
+def reference_kv(m: KleinModels, references: tuple[torch.Tensor, ...], txt: torch.Tensor, ref_ids: torch.Tensor, txt_ids: torch.Tensor):
+    """(keys, values) of one request's reference tokens at every block, each (1, kN, heads,
+    head_dim): the transformer's "extract" pass over the reference tokens alone. They attend
+    only to each other at a fixed timestep, so neither the prompt (`txt` only fills the text
+    slots the pass expects) nor a target changes them."""
+    key = tuple(id(r) for r in references)
+    if key in m.kv_cache:
+        m.kv_cache.move_to_end(key)
+        return m.kv_cache[key][1]
+    x = torch.cat(references, dim=1).to(m.dtype)
+    _, cache = m.transformer(hidden_states=x, encoder_hidden_states=txt.to(m.dtype), timestep=torch.zeros(1, dtype=m.dtype), img_ids=ref_ids,
+                             txt_ids=txt_ids, guidance=None, return_dict=False, kv_cache_mode="extract", num_ref_tokens=x.shape[1])
+    layers = [*cache.double_block_caches, *cache.single_block_caches]
+    kv = (tuple(c.k_ref for c in layers), tuple(c.v_ref for c in layers))
+    m.kv_cache[key] = (references, kv)  # the tensors themselves, so their ids stay theirs while cached
+    while len(m.kv_cache) > KV_CACHE_SIZE:
+        m.kv_cache.popitem(last=False)
+    return kv
+
+
+def predict_velocity_kv(m: KleinModels, batch: KleinKVBatch, img: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """One transformer pass of the target and text tokens, attending to the cached reference keys and values."""
+    from diffusers.models.transformers.transformer_flux2 import Flux2KVCache
+
+    tr = m.transformer
+    cache = Flux2KVCache(len(tr.transformer_blocks), len(tr.single_transformer_blocks))
+    cache.num_ref_tokens = batch.keys[0].shape[1]
+    for layer, k, v in zip([*cache.double_block_caches, *cache.single_block_caches], batch.keys, batch.values):
+        layer.store(k, v)
+    x = img.to(m.dtype)
+    return tr(hidden_states=x, encoder_hidden_states=batch.txt.to(m.dtype), timestep=timesteps.to(x.dtype) / 1000, img_ids=batch.img_ids,
+              txt_ids=batch.txt_ids, guidance=None, return_dict=False, kv_cache=cache, kv_cache_mode="cached")[0]
+
+
 def decode(m: KleinModels, img: torch.Tensor, height: int, width: int) -> list[Image.Image]:
     mean, std = bn_stats(m)
     tokens = img * std.to(img.dtype) + mean.to(img.dtype)
@@ -242,4 +321,27 @@ class Klein:
         return decode(m, img, height, width)
 
 
+class KleinKV(Klein):
+    """`Flux2KleinKVPipeline` directories: Klein with the reference keys and values computed once."""
+
+    name = "klein-kv"
+    pipeline_class = "Flux2KleinKVPipeline"
+
+    def batch(self, m: KleinModels, prompts: list[torch.Tensor], references: list[tuple[torch.Tensor, ...]], guidance: list[float],
+              height: int, width: int) -> KleinKVBatch:
+        txt = torch.cat(prompts)
+        all_ids, txt_ids = ids(height, width, m.vae_scale_factor, txt.shape[1], len(references[0]))
+        n = all_ids.shape[0] // (1 + len(references[0]))
+        img_ids, ref_ids = all_ids[:n].to(m.device), all_ids[n:].to(m.device)
+        txt_ids = txt_ids.to(m.device)
+        per_row = [reference_kv(m, refs, prompt, ref_ids, txt_ids) for refs, prompt in zip(references, prompts)]
+        keys = tuple(torch.cat(ks) for ks in zip(*(k for k, _ in per_row)))
+        values = tuple(torch.cat(vs) for vs in zip(*(v for _, v in per_row)))
+        return KleinKVBatch(txt=txt, keys=keys, values=values, img_ids=img_ids, txt_ids=txt_ids)
+
+    def velocity(self, m: KleinModels, batch: KleinKVBatch, img: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return predict_velocity_kv(m, batch, img, timesteps)
+
+
 KLEIN = Klein()
+KLEIN_KV = KleinKV()

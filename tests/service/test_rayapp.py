@@ -94,7 +94,7 @@ def test_serve_engine_ray_refuses_sqlite(tmp_path):
 
 
 def test_a_killed_worker_replica_loses_no_run_and_doubles_none(tmp_path, tiny_model, postgres_url, serve_port):
-    """Two worker replicas; one's process is SIGKILLed with a run on its engine. Its leases
+    """Two worker replicas, 20 runs; one worker's process is SIGKILLed with a run on its engine. Its leases
     run out, the other worker's reaper requeues them and a worker runs them: every run
     succeeds once, its cost counted once."""
     settings = _settings(tmp_path / "data", tiny_model, postgres_url, serve_port)
@@ -104,7 +104,7 @@ def test_a_killed_worker_replica_loses_no_run_and_doubles_none(tmp_path, tiny_mo
     db = sa.create_engine(postgres_url)
     try:
         with _client(serve_port, key) as api:
-            run_ids = [api.post(f"/v1/models/{MODEL}/runs", json=BODY).json()["id"] for _ in range(8)]
+            run_ids = [api.post(f"/v1/models/{MODEL}/runs", json=BODY).json()["id"] for _ in range(20)]
 
             def running_mid_edit() -> str | None:
                 with db.connect() as conn:
@@ -117,7 +117,7 @@ def test_a_killed_worker_replica_loses_no_run_and_doubles_none(tmp_path, tiny_mo
             os.kill(int(worker_id.split(":")[1]), signal.SIGKILL)  # host:pid:random (leases.new_worker_id)
             _assert_each_succeeded_once(api, run_ids)
             usage = api.get("/v1/usage").json()
-            assert (usage["runs"], usage["images"], usage["cost"]) == (8, 8, "0.32")
+            assert (usage["runs"], usage["images"], usage["cost"]) == (20, 20, "0.80")
         with db.connect() as conn:
             lost = conn.scalar(sa.text("SELECT count(*) FROM run_logs WHERE message LIKE 'requeued: its worker % stopped renewing its lease%'"))
         assert lost >= 1  # the killed worker's run went through the reaper

@@ -14,8 +14,7 @@ import random
 from incontext.bench import checks
 from incontext.train.data import HELD_OUT_SEED
 from incontext.world import edits
-from incontext.world.edits import Example, apply_edit, edit_mask, make_example, random_scene
-from incontext.world.scene import render
+from incontext.world.edits import Example, apply_edit, build_example, make_example, random_scene
 
 # Every other example square, the rest taking turns over the non-square training sizes:
 # (128, 128), (160, 96), (128, 128), (96, 160), …
@@ -66,9 +65,7 @@ def _edit_example(scene, family: str, rng: random.Random) -> Example | None:
     made = apply_edit(scene, family, rng)
     if made is None:
         return None
-    target_scene, instruction, info = made
-    context, target = render(scene), render(target_scene)
-    ex = Example(family, instruction, context, target, edit_mask(context, target), scene, target_scene, info)
+    ex = build_example(family, scene, made)
     return ex if visible(ex) else None
 
 

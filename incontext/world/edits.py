@@ -5,6 +5,9 @@ data and renders both. `BASIC_FAMILIES` are the issue-2 set (recolor, remove, ad
 background, grayscale); `KONTEXT_FAMILIES` extend the world towards KontextBench's task
 families; `FAMILIES` is all of them. Local edits live here; whole-image looks and textures in
 `restyle`, written words in `text`, the creature (character reference) in `character`.
+`WORKFLOW_FAMILIES` (`workflows`: a background from a second image, an emblem to place, an
+object to mask) are not in `FAMILIES`, so "all" keeps meaning what past scores measured;
+`select_families("workflows")` names them with removal.
 """
 
 from __future__ import annotations
@@ -16,14 +19,15 @@ import numpy as np
 from PIL import Image
 
 from incontext.world.language import POSITION_WORDS, phrase, say_object
-from incontext.world import character, restyle, text
-from incontext.world.scene import COLORS, POSITIONS, ROTATED_SHAPES, SHAPES, Background, Scene, Shape, distinct, jitter, render
+from incontext.world import character, restyle, text, workflows
+from incontext.world.scene import COLORS, POSITIONS, ROTATED_SHAPES, SHAPES, Background, Scene, Shape, distinct, free_cells, jitter, render
 
 BASIC_FAMILIES = ("recolor", "remove", "add", "move", "background", "grayscale")
 # Appended, never interleaved: a family's examples come from its own rng draws, so the basic
 # families draw exactly what they drew before these existed.
 KONTEXT_FAMILIES = ("resize", "replace", *restyle.FAMILIES, "text", "creature")
 FAMILIES = BASIC_FAMILIES + KONTEXT_FAMILIES
+WORKFLOW_FAMILIES = workflows.FAMILIES
 # Sizes the nano model is trained on (width, height): square and two non-square.
 TRAIN_SIZES = ((128, 128), (160, 96), (96, 160))
 ADD_SIZE = 0.13  # radius of an added shape, fraction of the shorter side
@@ -43,6 +47,9 @@ class Example:
     scene: Scene
     target_scene: Scene
     info: dict
+    # A second image the instruction draws on ("the background of the second image"), at the
+    # context's size; None for single-image edits.
+    reference: Image.Image | None = None
 
 
 def random_background(rng: random.Random, exclude: set[str] = frozenset()) -> Background:
@@ -83,15 +90,6 @@ def random_scene(rng: random.Random, size: tuple[int, int] | None = None, n_obje
     return Scene(width=w, height=h, background=bg, objects=tuple(objs))
 
 
-def _cell_of(obj: Shape) -> str:
-    return min(POSITIONS, key=lambda p: (POSITIONS[p][0] - obj.cx) ** 2 + (POSITIONS[p][1] - obj.cy) ** 2)
-
-
-def _free_cells(scene: Scene) -> list[str]:
-    taken = {_cell_of(o) for o in scene.objects}
-    return [p for p in POSITIONS if p not in taken]
-
-
 def _unique_ref(scene: Scene, i: int) -> bool:
     o = scene.objects[i]
     return sum(1 for p in scene.objects if (p.color, p.kind) == (o.color, o.kind)) == 1
@@ -123,7 +121,7 @@ def apply_edit(scene: Scene, family: str, rng: random.Random) -> tuple[Scene, st
             return _resize(scene, i, ref, rng)
         if family == "replace":
             return _replace(scene, i, ref, rng)
-        free = _free_cells(scene)
+        free = free_cells(scene)
         if not free:
             return None
         cell = rng.choice(free)
@@ -132,7 +130,7 @@ def apply_edit(scene: Scene, family: str, rng: random.Random) -> tuple[Scene, st
         pos = rng.choice(POSITION_WORDS[cell])
         return edited, phrase("move", rng, obj=ref, pos=pos), {"index": i, "position": cell}
     if family == "add":
-        free = _free_cells(scene)
+        free = free_cells(scene)
         if not free or len(objs) >= 5:
             return None
         cell = rng.choice(free)
@@ -163,6 +161,8 @@ def apply_edit(scene: Scene, family: str, rng: random.Random) -> tuple[Scene, st
         return text.apply_edit(scene, rng)
     if family == "creature":
         return character.apply_edit(scene, rng)
+    if family in WORKFLOW_FAMILIES:
+        return workflows.apply_edit(scene, family, rng)
     raise ValueError(f"unknown edit family {family!r}")
 
 
@@ -204,19 +204,23 @@ def edit_mask(context: Image.Image, target: Image.Image) -> np.ndarray:
 
 
 # Families whose edit needs something a plain random scene does not have, and what adds it.
-_DRESS = {"text": text.with_word, "creature": character.with_creature}
+_DRESS = {"text": text.with_word, "creature": character.with_creature, "emblem": workflows.with_free_spot}
 
 
 def select_families(spec: str) -> tuple[str, ...]:
-    """"all", "basic" (BASIC_FAMILIES) or a comma-separated list of names; ValueError if unknown."""
+    """"all", "basic" (BASIC_FAMILIES), "workflows" (removal and WORKFLOW_FAMILIES) or a
+    comma-separated list of names; ValueError if unknown."""
     if spec == "all":
         return FAMILIES
     if spec == "basic":
         return BASIC_FAMILIES
+    if spec == "workflows":
+        return workflows.BENCH_FAMILIES
     names = tuple(name.strip() for name in spec.split(",") if name.strip())
-    unknown = [name for name in names if name not in FAMILIES]
+    known = FAMILIES + WORKFLOW_FAMILIES
+    unknown = [name for name in names if name not in known]
     if unknown or not names:
-        raise ValueError(f"unknown edit families {unknown or spec!r}; known: all, basic, {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown edit families {unknown or spec!r}; known: all, basic, workflows, {', '.join(known)}")
     return names
 
 
@@ -229,8 +233,15 @@ def make_example(rng: random.Random, family: str | None = None, size: tuple[int,
         if fam in _DRESS:
             scene = _DRESS[fam](scene, rng)
         made = apply_edit(scene, fam, rng)
-        if made is None:
-            continue
-        target_scene, instruction, info = made
-        context, target = render(scene), render(target_scene)
-        return Example(fam, instruction, context, target, edit_mask(context, target), scene, target_scene, info)
+        if made is not None:
+            return build_example(fam, scene, made)
+
+
+def build_example(family: str, scene: Scene, made: tuple[Scene, str, dict]) -> Example:
+    """The rendered example of an edit `apply_edit` made of `scene`."""
+    target_scene, instruction, info = made
+    info = dict(info)
+    reference_scene = info.pop("reference_scene", None)
+    context, target = render(scene), render(target_scene)
+    reference = render(reference_scene) if reference_scene is not None else None
+    return Example(family, instruction, context, target, edit_mask(context, target), scene, target_scene, info, reference)

@@ -256,6 +256,60 @@ TEMPLATES: dict[str, list[str]] = {
     ],
 }
 
+# Workflow families (issue 20): a reference image ("the second image"), an emblem to place,
+# an object to mask. Kept apart from TEMPLATES because their new words are appended to the
+# vocabulary after the bundled model's 150 (see `vocabulary`), so its token ids stay put.
+WORKFLOW_TEMPLATES: dict[str, list[str]] = {
+    "bgref": [
+        "use the background of the second image",
+        "use the background from the second image",
+        "take the background from the second image",
+        "take the background of the other picture",
+        "copy the background of the second image",
+        "give it the background of the second picture",
+        "put the objects on the background of the second image",
+        "replace the background with the one from the second image",
+        "change the background to the one in the second picture",
+        "i want the background of the other image",
+        "please use the background of the second picture",
+    ],
+    "emblem": [
+        "put the emblem in the {pos}",
+        "place the emblem in the {pos}",
+        "add the emblem in the {pos}",
+        "add the emblem to the {pos}",
+        "put the logo in the {pos}",
+        "place the logo at the {pos}",
+        "put the emblem from the second image in the {pos}",
+        "add the logo of the second picture at the {pos}",
+        "in the {pos} put the emblem",
+        "please put the emblem in the {pos}",
+    ],
+    "emblem_free": [
+        "put the emblem in the free spot",
+        "place the emblem in the free spot",
+        "put the emblem in the empty spot",
+        "add the emblem where there is space",
+        "put the logo in the free spot",
+        "fill the free spot with the emblem",
+        "fill the empty spot with the logo",
+        "put the emblem from the second image in the free spot",
+        "please put the emblem in the empty spot",
+    ],
+    "segment": [
+        "mask the {obj}",
+        "make a mask of the {obj}",
+        "segment the {obj}",
+        "select the {obj}",
+        "give me a mask of the {obj}",
+        "show only the {obj} as a mask",
+        "make a black and white mask of the {obj}",
+        "i want a mask of the {obj}",
+        "please mask the {obj}",
+        "cut out the {obj} as a mask",
+    ],
+}
+
 # Position phrases: the canonical name and a few ways to say it.
 POSITION_WORDS: dict[str, list[str]] = {
     "top left": ["top left", "upper left", "top left corner"],
@@ -296,10 +350,28 @@ def say_things(things: list[tuple[str, str]], rng: random.Random) -> str:
 
 
 def phrase(family: str, rng: random.Random, **slots: str) -> str:
-    return rng.choice(TEMPLATES[family]).format(**slots)
+    templates = TEMPLATES[family] if family in TEMPLATES else WORKFLOW_TEMPLATES[family]
+    return rng.choice(templates).format(**slots)
+
+
+def _template_words(templates: list[str]) -> list[str]:
+    """The words of some templates, slots left out, in order of first use."""
+    words = [w for t in templates for w in re.findall(r"[a-z]+", re.sub(r"\{[a-z]+\}", " ", t))]
+    return list(dict.fromkeys(words))
 
 
 def vocabulary() -> list[str]:
+    """The tokenizer's words. The first 150, sorted, are the bundled model's (its token ids);
+    words the workflow families brought follow in order of first use, so every word keeps its
+    id when the vocabulary grows, and a model trained on the old one can be grown from
+    (train/transformer.py resizes its text embeddings)."""
+    first = _bundled_vocabulary()
+    known = set(first)
+    added = [w for family in WORKFLOW_TEMPLATES.values() for w in _template_words(family) if w not in known]
+    return first + list(dict.fromkeys(added))
+
+
+def _bundled_vocabulary() -> list[str]:
     words: set[str] = set(EXTRA_WORDS.split())
     words.update(COLORS)
     words.update(SHAPES)

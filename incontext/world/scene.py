@@ -115,6 +115,17 @@ class Scene:
         return replace(self, objects=tuple(objs))
 
 
+def cell_of(obj: Shape) -> str:
+    """The named grid cell (POSITIONS) nearest the object's centre."""
+    return min(POSITIONS, key=lambda p: (POSITIONS[p][0] - obj.cx) ** 2 + (POSITIONS[p][1] - obj.cy) ** 2)
+
+
+def free_cells(scene: Scene) -> list[str]:
+    """The named cells no object sits in, in POSITIONS order."""
+    taken = {cell_of(o) for o in scene.objects}
+    return [p for p in POSITIONS if p not in taken]
+
+
 def _background_array(bg: Background, w: int, h: int) -> np.ndarray:
     top = np.array(bg.rgb, dtype=np.float32)
     if bg.rgb2 is None:

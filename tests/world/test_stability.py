@@ -52,7 +52,25 @@ def test_held_out_examples_and_sequences_are_unchanged():
     assert _digest([ex for seq in heldout.heldout_sequences(2, 3) for ex in seq]) == "5fe1ff5bf6681ce6"
 
 
+# Words the workflow families (issue 20) brought, appended after the bundled model's 150 in
+# this order: a model trained with them gives them these ids; a new word goes after them.
+WORKFLOW_WORDS = ["second", "other", "copy", "objects", "emblem", "logo", "free", "spot", "empty", "where", "space",
+                  "fill", "mask", "segment", "select", "show", "only", "as", "cut"]
+
+
 def test_the_vocabulary_is_the_one_the_bundled_tokenizer_was_built_from():
     words = vocabulary()
-    assert len(words) == 150
-    assert hashlib.sha256(" ".join(words).encode()).hexdigest()[:16] == "aa60e386f928a0eb"
+    assert hashlib.sha256(" ".join(words[:150]).encode()).hexdigest()[:16] == "aa60e386f928a0eb"
+    assert words[150:] == WORKFLOW_WORDS
+
+
+def test_the_bundled_tokenizer_gives_every_old_word_its_old_id():
+    from incontext.models.components import build_tokenizer
+    from incontext.models.registry import BUNDLED_NANO_DIR
+    from transformers import PreTrainedTokenizerFast
+
+    bundled = PreTrainedTokenizerFast.from_pretrained(BUNDLED_NANO_DIR / "tokenizer")
+    grown = build_tokenizer(vocabulary(), 32)
+    assert len(grown) == len(bundled) + len(WORKFLOW_WORDS)
+    assert {w: grown.convert_tokens_to_ids(w) for w in bundled.get_vocab()} == bundled.get_vocab()
+    assert bundled("mask the emblem").input_ids[:3] == [bundled.unk_token_id, bundled.convert_tokens_to_ids("the"), bundled.unk_token_id]

@@ -10,7 +10,13 @@ Two kinds of numbers:
   steps, images, lease expiries, requeues, callback deliveries.
 
 Every app has its own `Metrics` (a CollectorRegistry of its own, not prometheus_client's
-global one), so several apps in one process (tests, Ray replicas) never collide. The engine
+global one), so several apps in one process (tests, Ray replicas) never collide.
+
+Several processes on one machine (or one shared volume): with PROMETHEUS_MULTIPROC_DIR set
+before prometheus_client is imported, as `serve --engine ray` does for its replicas
+(rayapp.py), every process writes its counters to files there and `/metrics` of any of them
+sums them all: the API replica that a scraper reaches reports the workers' engine steps,
+images and requeues, which happen in processes that serve no HTTP. The engine
 knows nothing of Prometheus: it reports plain `StepStats` (engine/protocol.py) to
 `Metrics.observe_step`.
 
@@ -23,6 +29,7 @@ customer's, and these numbers describe every customer's traffic.
 from __future__ import annotations
 
 import hmac
+import os
 from collections.abc import Iterable, Iterator
 
 import sqlalchemy as sa
@@ -117,9 +124,19 @@ class Metrics:
         for outcome in CALLBACK_OUTCOMES:
             self.callbacks.labels(outcome)
 
+        # What a scrape reads: this process's own metrics, or in multi-process mode every
+        # process's files (prometheus_client's MultiProcessCollector; this process's metrics are
+        # among them, so they must not be registered a second time).
+        self.exposed = r
+        if directory := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            self.exposed = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.exposed, path=directory)
+
     def watch_database(self, sessions: sessionmaker[Session], model_ids: Iterable[str]) -> None:
         """Read queue depth and runs by state from this database at every scrape."""
-        self.registry.register(DatabaseCollector(sessions, model_ids))
+        self.exposed.register(DatabaseCollector(sessions, model_ids))
 
     def observe_step(self, stats: StepStats) -> None:
         """The engine's StepCallback: called on its thread after every step."""
@@ -141,7 +158,7 @@ class Metrics:
         self.callbacks.labels(outcome).inc()
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.exposed)
 
 
 router = APIRouter()

@@ -15,7 +15,9 @@ Two deployments, both built by the one app factory (app.create_app):
 
 Runs never travel through Ray: the database is the queue, and a run's input and output files
 are in the data dir, which every replica must share (one machine, or a shared volume).
-Autoscaling follows the queue (autoscale.py).
+Autoscaling follows the queue (autoscale.py). Every replica counts its metrics into files
+under the data dir (PROMETHEUS_MULTIPROC_DIR, metrics.py), so the API's `/metrics` reports
+the workers' engine steps too; with INCONTEXT_LOG_FORMAT=json every replica logs JSON.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import time
+from pathlib import Path
 
 import sqlalchemy as sa
 from pydantic import BaseModel, Field, model_validator
@@ -32,7 +36,7 @@ from ray import serve
 from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
 from ray.serve.handle import DeploymentHandle
 
-from incontext.service import autoscale, lifecycle
+from incontext.service import autoscale, lifecycle, logs
 from incontext.service.app import create_app
 from incontext.service.models import Run
 from incontext.settings import Settings
@@ -85,6 +89,7 @@ class Worker:
         # child process of engine_mode=process keeps an HTTP server's GIL off the engine;
         # there is none here), and a killed replica takes its engine with it.
         settings = settings.model_copy(update={"dispatch": True, "engine_mode": "thread"})
+        _configure_logs(settings)
         self._drain_s = drain_s
         self._app = create_app(settings)
         self._lifespan = self._app.router.lifespan_context(self._app)
@@ -137,6 +142,7 @@ class Api:
         self._workers = workers
 
     def __serve_build_asgi_app__(self):
+        _configure_logs(self._settings)
         return create_app(self._settings, on_queued=self._wake_workers)
 
     def _wake_workers(self) -> None:
@@ -146,11 +152,31 @@ class Api:
         self._workers.wake.remote()
 
 
+def _configure_logs(settings: Settings) -> None:
+    # A replica's process is Ray's: our lines go to its stderr, which Ray keeps in the
+    # worker's log file (and shows on the driver). Text is Ray's own format already.
+    if settings.log_format == "json":
+        logs.configure("json", logging.INFO)
+
+
+def metrics_dir(settings: Settings) -> Path:
+    """Where every replica of this application writes its metrics (metrics.py)."""
+    return Path(settings.data_dir) / "metrics"
+
+
 def build(settings: Settings, scaling: Scaling):
-    """The application, ready for serve.run."""
+    """The application, ready for serve.run. Clears the metrics files of an earlier run of it:
+    counters start again at zero, as a restarted server's do."""
     runs_per_replica = scaling.runs_per_replica or settings.max_concurrent_runs_per_model
+    shutil.rmtree(metrics_dir(settings), ignore_errors=True)
+    metrics_dir(settings).mkdir(parents=True)
+    # Set in each replica's process before anything imports prometheus_client (which reads it then).
+    runtime_env = {"env_vars": {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir(settings))}}
+    # Serve's own lines (requests, replica life) in JSON too; its text format is the default.
+    log_options = {"logging_config": {"encoding": "JSON"}} if settings.log_format == "json" else {}
     worker_options = {
-        "ray_actor_options": {"num_cpus": scaling.cpus_per_replica, "num_gpus": scaling.gpus_per_replica},
+        "ray_actor_options": {"num_cpus": scaling.cpus_per_replica, "num_gpus": scaling.gpus_per_replica, "runtime_env": runtime_env},
+        **log_options,
         # The drain, then the release of what is left and the engine's close.
         "graceful_shutdown_timeout_s": scaling.drain_s + 15,
         "graceful_shutdown_wait_loop_s": 1,  # the only requests a worker gets are wake-ups
@@ -171,7 +197,9 @@ def build(settings: Settings, scaling: Scaling):
         )
     workers = Worker.options(**worker_options).bind(settings, scaling.drain_s)
     # The API is I/O: it asks for no whole CPU, so it never keeps a worker from its cores.
-    return Api.options(num_replicas=scaling.api_replicas, ray_actor_options={"num_cpus": 0.1}).bind(settings, workers)
+    return Api.options(
+        num_replicas=scaling.api_replicas, ray_actor_options={"num_cpus": 0.1, "runtime_env": runtime_env}, **log_options,
+    ).bind(settings, workers)
 
 
 def app_builder(args: dict[str, str]):

@@ -82,6 +82,16 @@ def _assert_each_succeeded_once(api, run_ids, cost="0.04"):
         assert messages.count("succeeded") == 1 and messages[-1] == "succeeded", messages
 
 
+def _sample(text: str, name: str, **labels) -> float:
+    """The sum of the exposition's samples called `name` whose labels include `labels`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
 def _client(port, key):
     import httpx
 
@@ -118,6 +128,15 @@ def test_a_killed_worker_replica_loses_no_run_and_doubles_none(tmp_path, tiny_mo
             _assert_each_succeeded_once(api, run_ids)
             usage = api.get("/v1/usage").json()
             assert (usage["runs"], usage["images"], usage["cost"]) == (20, 20, "0.80")
+            # The API replica's /metrics sums every replica's counters (the killed one's too):
+            # the workers' steps and images, and the reaper's requeue.
+            text = api.get("/metrics").text
+            assert _sample(text, "incontext_images_total") == 20
+            # Steps are batched: their rows add up to at least every run's 8 steps.
+            assert _sample(text, "incontext_engine_step_seconds_count") > 0
+            assert _sample(text, "incontext_engine_step_rows_sum") >= 8 * 20
+            assert _sample(text, "incontext_requeues_total", reason="lease_expired") >= 1
+            assert _sample(text, "incontext_queue_depth") == 0
         with db.connect() as conn:
             lost = conn.scalar(sa.text("SELECT count(*) FROM run_logs WHERE message LIKE 'requeued: its worker % stopped renewing its lease%'"))
         assert lost >= 1  # the killed worker's run went through the reaper

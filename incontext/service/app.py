@@ -39,7 +39,7 @@ from incontext.service.netpolicy import NetPolicy
 from incontext.service.outbound import Outbound
 from incontext.service.ratelimit import RateLimiter
 from incontext.service.retention import RetentionJob
-from incontext.service.routes import account, batches, bfl, callbacks, discovery, events, fal, files, openai, playground, replicate, runs
+from incontext.service.routes import account, batches, bfl, callbacks, discovery, events, fal, files, openai, playground, replicate, runs, workflows
 from incontext.service.storage import Storage, load_or_create_secret
 from incontext.settings import Settings
 
@@ -218,8 +218,9 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestIdMiddleware)
-    # replicate before discovery: its GET /v1/models/{owner}/{name}/versions would match discovery's {model_id:path}
-    for module in (account, runs, events, batches, callbacks, files, replicate, discovery, bfl, openai, fal, metrics):
+    # replicate before discovery: its GET /v1/models/{owner}/{name}/versions would match discovery's {model_id:path};
+    # workflows before runs and discovery, whose {model_id:path} routes would take the workflows' paths.
+    for module in (account, workflows, runs, events, batches, callbacks, files, replicate, discovery, bfl, openai, fal, metrics):
         app.include_router(module.router)
     playground.install(app)
     openapi.install(app, settings.base_url, registry)

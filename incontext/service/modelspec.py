@@ -10,6 +10,7 @@ does in that model) are filled in from their sources here.
 
 from __future__ import annotations
 
+import json
 from functools import cache
 
 from pydantic import ValidationError
@@ -19,6 +20,7 @@ from incontext.imageio import ASPECT_RATIOS, OUTPUT_FORMATS
 from incontext.models.registry import ModelPreset, Registry
 from incontext.service import callbacks, lifecycle
 from incontext.service.schemas import KontextInput
+from incontext.workflows import Workflow
 
 CURRENCY = "USD"
 # Short descriptions for fields whose schema has none.
@@ -64,11 +66,12 @@ def model_defaults(preset: ModelPreset) -> dict:
     return {"guidance_scale": preset.guidance_scale, "num_inference_steps": preset.num_inference_steps}
 
 
-def model_inputs(preset: ModelPreset) -> list[dict]:
+def model_inputs(preset: ModelPreset, schema: dict | None = None) -> list[dict]:
     """One entry per input field: name, type, required, default, description, the range
     (minimum/maximum, min_length/max_length, min_items/max_items) or enum it is checked
-    against, and `one_of`: the fields of which exactly one is required (image_url, image_urls)."""
-    schema = KontextInput.model_json_schema()
+    against, and `one_of`: the fields of which exactly one is required (image_url, image_urls).
+    `schema`: another input's JSON schema (a workflow's) than KontextInput's."""
+    schema = schema or KontextInput.model_json_schema()
     required = set(schema.get("required", []))
     one_of = [alternative["required"][0] for alternative in schema.get("oneOf", [])]
     defaults, ranges = model_defaults(preset), model_ranges(preset)
@@ -113,20 +116,20 @@ def model_links(model_id: str, base_url: str) -> dict[str, str]:
     return {"self": base, "runs": f"{base}/runs", "batches": f"{base}/batches", "llms_txt": f"{base}/llms.txt"}
 
 
+def _pricing(price) -> dict:
+    return {"unit": "image", "unit_price": str(price), "currency": CURRENCY, "billing": "per delivered image; failed and canceled runs cost nothing"}
+
+
 def model_card(preset: ModelPreset, registry: Registry, base_url: str, *, detail: bool = True) -> dict:
     card = {
         "id": preset.id,
         "aliases": list(preset.aliases),
         "default": preset.id == registry.default_id,
+        "kind": "model",
         "description": preset.description or "in-context image editing: an image and an instruction in, the edited image out",
         "price_per_image": str(preset.price_per_image),
         "currency": CURRENCY,
-        "pricing": {
-            "unit": "image",
-            "unit_price": str(preset.price_per_image),
-            "currency": CURRENCY,
-            "billing": "per delivered image; failed and canceled runs cost nothing",
-        },
+        "pricing": _pricing(preset.price_per_image),
         "license": model_license(preset),
         "defaults": model_defaults(preset),
         "ranges": model_ranges(preset),
@@ -138,6 +141,86 @@ def model_card(preset: ModelPreset, registry: Registry, base_url: str, *, detail
         card["inputs"] = model_inputs(preset)
         card["input_schema"] = KontextInput.model_json_schema()
     return card
+
+
+def workflow_card(workflow: Workflow, preset: ModelPreset, base_url: str, *, detail: bool = True) -> dict:
+    """A workflow (incontext/workflows.py) as GET /v1/models shows a model: its own inputs and
+    price; the defaults, ranges and licence of the model it runs on (`runs_on`)."""
+    links = model_links(workflow.id, base_url)
+    del links["batches"]  # a workflow takes runs only
+    card = {
+        "id": workflow.id,
+        "aliases": [],
+        "default": False,
+        "kind": "workflow",
+        "runs_on": preset.id,
+        "description": workflow.description,
+        "price_per_image": str(workflow.price_per_image),
+        "currency": CURRENCY,
+        "pricing": _pricing(workflow.price_per_image),
+        "license": model_license(preset),
+        "defaults": model_defaults(preset),
+        "ranges": model_ranges(preset),
+        "guidance": preset.guidance_kind,
+        "output": {"formats": list(OUTPUT_FORMATS), "pixels_per_image": preset.target_area, "side_multiple": preset.multiple,
+                   "results": workflow.results},
+        "links": links,
+    }
+    if detail:
+        schema = workflow.input.model_json_schema()
+        card["inputs"] = model_inputs(preset, schema)
+        card["input_schema"] = schema
+    return card
+
+
+def workflow_llms_txt(workflow: Workflow, preset: ModelPreset, base_url: str) -> str:
+    """The workflow's markdown spec: what it does, a curl call, its fields and results; the
+    statuses, polling, callbacks and errors are the model's (its llms.txt)."""
+    inputs = model_inputs(preset, workflow.input.model_json_schema())
+    rows = "\n".join(
+        f"| `{e['name']}` | {e['type']}{', required' if e['required'] else ''} | {_cell(e.get('default'))} | {_range(e)} "
+        f"| {_cell(e['description'])} |"
+        for e in inputs
+    )
+    example = {"image_url": "https://example.com/photo.png"}
+    for e in inputs:
+        if e["required"] and e["name"] not in example:
+            example[e["name"]] = "the red circle" if e["name"] == "prompt" else "https://example.com/other.png"
+    body = json.dumps({"input": example})
+    return f"""# {workflow.id}
+
+> A workflow: {workflow.description}. One in-context edit by `{preset.id}`, batched with every other
+> run. ${workflow.price_per_image} {CURRENCY} per delivered image; failed and canceled runs cost nothing.
+
+- Base URL: {base_url}
+- Runs on: `{preset.id}` (its spec: `GET {base_url}/v1/models/{preset.id}/llms.txt`; licence {_license_line(preset)})
+- Machine-readable: `GET {base_url}/v1/models/{workflow.id}` (inputs with ranges), `GET {base_url}/openapi.json`
+- How each workflow works: `GET {base_url}/v1/docs/workflows.md`
+
+## Create a run
+
+```sh
+curl -sS -X POST {base_url}/v1/models/{workflow.id}/runs \\
+  -H "Authorization: Bearer $INCONTEXT_API_KEY" \\
+  -H "Content-Type: application/json" \\
+  -d '{body}'
+```
+
+The answer is `201` with the run, `status_code: "queued"`; poll `GET {base_url}/v1/runs/$RUN_ID` until it
+is `succeeded`, `failed` or `canceled`, as for any run (`callback_url`, `metadata`, `client_ref` and
+`Idempotency-Key` work as on a model). A bad input is `422` naming the field (`input.reference_image_url`).
+
+## Input fields
+
+| field | type | default | range | notes |
+|---|---|---|---|---|
+{rows}
+
+## Results
+
+`output.outputs[0]`: `url` (the image), `width`, `height`, `seed`, `changed_share`, and {workflow.results}.
+Boxes are `[x0, y0, x1, y1]` in the image's pixels, x1 and y1 exclusive.
+"""
 
 
 def _cell(value) -> str:

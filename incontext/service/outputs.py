@@ -26,7 +26,7 @@ from datetime import timedelta
 import numpy as np
 from PIL import Image
 
-from incontext import imageio, preserve
+from incontext import imageio, preserve, workflows
 from incontext.engine.protocol import EditResult
 from incontext.errors import IncontextError
 from incontext.service.db import utcnow
@@ -70,6 +70,10 @@ def _store(run: Run, run_input: RunInput, result: EditResult, storage: Storage, 
         started = time.perf_counter()
         change = result.change_maps[index] if result.change_maps else None
         image, mask, share = _preserved(run, run_input, canvas, edited, change, allowed)
+        extra = {}
+        if params.workflow:  # what the workflow promises beyond the image: its mask, boxes, placement
+            done = workflows.finish(params.workflow, image, mask, source_size=run_input.source_size, placement_box=params.placement)
+            image, mask, extra = done.image, done.mask, done.extra
         preserve_ms += (time.perf_counter() - started) * 1000
         try:
             contentfilter.check(settings.content_filter, contentfilter.ContentCheck("output", run.engine_model_id, params.prompt, (image,)))
@@ -78,7 +82,7 @@ def _store(run: Run, run_input: RunInput, result: EditResult, storage: Storage, 
             raise
         item = {
             "type": "image", "content_type": imageio.content_type(fmt), "width": image.width, "height": image.height, "seed": seed,
-            "changed_share": None if share is None else round(share, 4),
+            "changed_share": None if share is None else round(share, 4), **extra,
         }
         # Composite: preserve put the model's pixels onto the input's own (`_preserved`).
         composite = allowed is not None or (change is not None and params.preserve != "off")

@@ -34,6 +34,10 @@ class RunParams(BaseModel):
     # A client's mask stored with the run (Storage.save_input_mask): outside it the output
     # keeps the input's pixels, whatever `preserve` says (preserve.preserve).
     mask: bool = False
+    # A workflow's run (incontext/workflows.py): its id, and for logo-placement the box the
+    # logo was allowed in ([x0, y0, x1, y1] at the input's size), reported in the output.
+    workflow: str | None = None
+    placement: list[int] | None = None
     # Multi-turn: the engine may reuse the parent's latents, which only identify the image
     # when the parent made exactly one.
     parent_request_id: str | None = None

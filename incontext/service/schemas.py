@@ -217,6 +217,8 @@ def public_output(output: dict | None, storage: Storage, *, inline: bool = False
         items.append({
             "type": "image", "url": url(item, "file", "data_uri"), **{k: item[k] for k in ("content_type", "width", "height", "seed")},
             "changed_share": item.get("changed_share"), "mask_url": url(item, "mask_file", "mask_data_uri"),
+            # A workflow's results (incontext/workflows.py): boxes, and logo-placement's placement.
+            **{k: item[k] for k in ("boxes", "placement") if k in item},
         })
     extra = {k: v for k, v in output.items() if k != "outputs"}
     return {"outputs": items, "image_urls": [i["url"] for i in items if i["url"] is not None], **extra}
@@ -228,7 +230,8 @@ class RunPublic(BaseModel):
     status_code: str
     input: dict[str, Any]
     output: dict[str, Any] | None = Field(
-        description="on succeeded: outputs[] ({type, url, content_type, width, height, seed, changed_share, mask_url}), "
+        description="on succeeded: outputs[] ({type, url, content_type, width, height, seed, changed_share, mask_url}; "
+        "a workflow's also boxes [[x0, y0, x1, y1], …] and, for logo-placement, placement [x0, y0, x1, y1]), "
         "image_urls[] (the images' urls), seed, num_inference_steps, timings_ms"
     )
     duration_ms: int | None

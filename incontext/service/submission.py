@@ -21,12 +21,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from incontext import imageio
+from incontext import imageio, workflows
 from incontext.errors import IncontextError
 from incontext.models.registry import ModelPreset
 from incontext.service import callbacks, contentfilter, lifecycle, store
 from incontext.service.errors import RateLimited, ServiceError, ValidationFailed, at_field, field_error
-from incontext.service.inputs import RunInput, SourceImage, load_mask, load_source, output_size, prefetch
+from incontext.service.inputs import MaskImage, RunInput, SourceImage, load_mask, load_source, output_size, prefetch
 from incontext.service.models import ApiKey, Batch, Run
 from incontext.service.runparams import RunParams
 from incontext.service.schemas import KontextInput
@@ -68,6 +68,10 @@ class RunRequest:
     # Idempotency: the same key and body replay the first answer (Runflow routes only).
     idempotency_key: str | None = None
     idempotency_body: Any = None
+    # A workflow's run (routes/workflows.py): the edit its input planned, on the default model,
+    # and the input as the client sent it, which the run echoes instead of the planned edit's.
+    plan: workflows.Plan | None = None
+    echo: dict | None = None
 
 
 @dataclass
@@ -89,7 +93,8 @@ async def submit(service, key: ApiKey, request: RunRequest, *, request_id: str |
     Idempotency-Key reused with another body (409)."""
     from incontext.service.deps import count_images  # deps imports this module's neighbours
 
-    preset = service.registry.registered(request.model_id)
+    # A workflow runs on the default model; its own id is what its runs report.
+    preset = service.registry.registered(None if request.plan else request.model_id)
     limits = count_images(service, key, sum(item.num_images for item in request.items))
     digest = None
     if request.idempotency_key is not None:
@@ -121,6 +126,7 @@ def _store(service, key: ApiKey, request: RunRequest, preset: ModelPreset, reque
                 prepare(
                     item, field="input" if not request.batch else f"input.{i}", preset=preset, api_key_id=key.id,
                     session=session, storage=service.storage, settings=service.settings, remote=remote,
+                    plan=request.plan, echo=request.echo,
                 )
                 for i, item in enumerate(request.items)
             ]
@@ -206,10 +212,13 @@ def prepare(
     storage: Storage,
     settings: Settings,
     remote: Mapping[str, bytes | IncontextError] | None = None,
+    plan: workflows.Plan | None = None,
+    echo: dict | None = None,
 ) -> PreparedRun:
     """Validate the images and the mask (http(s) ones already fetched into `remote` by
     inputs.prefetch); raises IncontextError pinned to `field`.image_url (or
-    `field`.image_urls.<i>, `field`.mask_image_url) etc."""
+    `field`.image_urls.<i>, `field`.mask_image_url) etc. `plan`: a workflow's edit, run as
+    the workflow's model id at its price (`echo`: its input as sent)."""
     check_ranges(item, preset, field)
     # Every image passes the same checks; the first is edited and decides the output's size.
     names = [f"{field}.image_url"] if item.image_urls is None else [f"{field}.image_urls.{i}" for i in range(len(item.images))]
@@ -227,9 +236,10 @@ def prepare(
         raise at_field(exc, f"{field}.aspect_ratio") from None
     # Each reference is fitted as soon as it is decoded: a request holds one large decode at
     # a time besides the edited image, as a request with one image does.
-    references = []
+    references, reference_sizes = [], []
     for i in range(1, len(item.images)):
         reference = load(i)
+        reference_sizes.append(reference.image.size)
         references.append(SourceImage(reference.data, imageio.fit_to_size(reference.image, width, height), reference.parent_run_id))
     mask = None
     if item.mask_image_url is not None:
@@ -237,15 +247,27 @@ def prepare(
             mask = load_mask(item.mask_image_url, source.image.size, api_key_id=api_key_id, session=session, storage=storage, settings=settings, remote=remote)
         except IncontextError as exc:
             raise at_field(exc, f"{field}.mask_image_url") from None
+    prompt, placement = item.prompt, None
+    if plan is not None and plan.place:
+        # Where the logo goes: the client's mask's bounding box, or a spot picked here, on the
+        # decoded image, and then the mask (stored with the run like a client's: a restart honours it).
+        if mask is not None:
+            placement = workflows.mask_box(mask.image)
+        else:
+            placement = workflows.placement(source.image, reference_sizes[0])
+            image = workflows.box_mask(source.image.size, placement)
+            mask = MaskImage(data=imageio.encode_image(image, "png"), image=image)
+        prompt = prompt.replace("{position}", workflows.position_name(placement, source.image.size))
     try:
         images = (source.image, *(r.image for r in references))
-        contentfilter.check(settings.content_filter, contentfilter.ContentCheck("input", preset.id, item.prompt, images))
+        contentfilter.check(settings.content_filter, contentfilter.ContentCheck("input", preset.id, prompt, images))
     except IncontextError as exc:
         raise at_field(exc, field) from None
 
     given = item.model_fields_set
+    price = workflows.WORKFLOWS[plan.workflow].price_per_image if plan else preset.price_per_image
     params = RunParams(
-        prompt=item.prompt,
+        prompt=prompt,
         seed=item.seed if item.seed is not None else secrets.randbelow(2**32),
         num_images=item.num_images,
         guidance_scale=item.guidance_scale if "guidance_scale" in given else preset.guidance_scale,
@@ -257,22 +279,20 @@ def prepare(
         aspect_ratio=item.aspect_ratio,
         preserve=item.preserve,
         return_mask=item.return_mask,
-        unit_price_micros=int(preset.price_per_image * 1_000_000),
+        unit_price_micros=int(price * 1_000_000),
         references=len(references),
         mask=mask is not None,
         model_name=preset.weights_name,
         parent_request_id=_single_output_parent(session, source.parent_run_id),
+        workflow=plan.workflow if plan else None,
+        placement=placement,
     )
-    echo = item.model_dump(mode="json", include=given - {"client_ref"})
-    if echo.get("image_url") is not None:
-        echo["image_url"] = abbreviate_data_uri(echo["image_url"])
-    if echo.get("image_urls") is not None:
-        echo["image_urls"] = [abbreviate_data_uri(url) for url in echo["image_urls"]]
-    if echo.get("mask_image_url") is not None:
-        echo["mask_image_url"] = abbreviate_data_uri(echo["mask_image_url"])
+    if echo is None:
+        echo = item.model_dump(mode="json", include=given - {"client_ref"})
+    echo = {k: _abbreviated(v) if k.endswith(("_url", "_urls")) else v for k, v in echo.items()}
     fields = {
         "api_key_id": api_key_id,
-        "model_id": preset.run_model_id,
+        "model_id": plan.workflow if plan else preset.run_model_id,
         "engine_model_id": preset.id,
         "input": echo,
         "num_images": item.num_images,
@@ -339,6 +359,15 @@ def renamed(exc: IncontextError, names: dict[str, str]) -> ServiceError:
 def surface_field(field_name: str, names: dict[str, str]) -> str:
     name = field_name.removeprefix("input.")
     return names.get(name, name)
+
+
+def _abbreviated(value: Any) -> Any:
+    # An image field of an echo, whatever its name (image_url, image_urls, reference_image_url, …).
+    if isinstance(value, str):
+        return abbreviate_data_uri(value)
+    if isinstance(value, list):
+        return [abbreviate_data_uri(v) if isinstance(v, str) else v for v in value]
+    return value
 
 
 def abbreviate_data_uri(url: str) -> str:

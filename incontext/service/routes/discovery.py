@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
+from incontext import workflows
 from incontext.service import modelspec
 from incontext.service.deps import PresetDep, ServiceDep
 from incontext.service.errors import NotFound
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["discovery"])
 
 DOCS_DIR = Path(__file__).resolve().parent.parent / "docs"
-DOC_PAGES = ("runs-api.md", "other-surfaces.md", "agent-skill.md")
+DOC_PAGES = ("runs-api.md", "workflows.md", "other-surfaces.md", "agent-skill.md")
 CATALOG_PROFILE = "https://www.rfc-editor.org/info/rfc9727"
 OPENAPI_TYPE = "application/vnd.oai.openapi+json;version=3.1"
 
@@ -137,6 +138,8 @@ class ModelPublic(BaseModel):
     id: str
     aliases: list[str]
     default: bool
+    kind: str = Field("model", description="model, or workflow: a task run as one edit by the model `runs_on` names (docs/workflows.md)")
+    runs_on: str | None = Field(None, description="a workflow's model")
     description: str
     price_per_image: str = Field(description="decimal string, USD")
     currency: str
@@ -166,12 +169,16 @@ class ModelList(BaseModel):
 
 @router.get("/v1/models", response_model=ModelList, response_model_exclude_none=True)
 def list_models(service: ServiceDep):
-    """Every model this server serves, with aliases and price (`items`); also as OpenAI's
+    """Every model this server serves, with aliases and price (`items`), and the workflows
+    (`kind: "workflow"`, run by the default model); also as OpenAI's
     `{object: "list", data: [{id, object, created, owned_by}]}`. No key."""
-    presets = service.registry.models.values()
+    presets, base = service.registry.models.values(), service.storage.base_url
     data = [{"id": name, "created": 0, "owned_by": name.split("/")[0] if "/" in name else "incontext"}
-            for p in presets for name in (p.id, *p.aliases)]
-    return {"items": [modelspec.model_card(p, service.registry, service.storage.base_url, detail=False) for p in presets], "data": data}
+            for name in (*(n for p in presets for n in (p.id, *p.aliases)), *workflows.WORKFLOWS)]
+    items = [modelspec.model_card(p, service.registry, base, detail=False) for p in presets]
+    default = service.registry.registered(None)
+    items += [modelspec.workflow_card(w, default, base, detail=False) for w in workflows.WORKFLOWS.values()]
+    return {"items": items, "data": data}
 
 
 # Before the detail route: its {model_id:path} would swallow ".../llms.txt".
@@ -229,7 +236,7 @@ def get_api_catalog(service: ServiceDep):
     """RFC 9727 API catalog: links to the OpenAPI document (service-desc), the docs
     (service-doc) and health (status). No key."""
     base = service.storage.base_url
-    return LinksetResponse(api_catalog(base, list(service.registry.models)), headers=_catalog_headers(base))
+    return LinksetResponse(api_catalog(base, [*service.registry.models, *workflows.WORKFLOWS]), headers=_catalog_headers(base))
 
 
 @router.head("/.well-known/api-catalog", include_in_schema=False)
@@ -255,7 +262,7 @@ def agent_skill(service: ServiceDep):
 
 @router.get("/v1/docs/{page}", response_class=MarkdownResponse)
 def doc_page(page: str, service: ServiceDep):
-    """The service's markdown docs: runs-api.md, other-surfaces.md, agent-skill.md. No key."""
+    """The service's markdown docs: runs-api.md, workflows.md, other-surfaces.md, agent-skill.md. No key."""
     if page not in DOC_PAGES:
         raise NotFound(f"no doc page {page!r}; pages: {', '.join(DOC_PAGES)}")
     return MarkdownResponse(render_doc(page, service.storage.base_url))

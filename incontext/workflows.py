@@ -1,0 +1,291 @@
+"""Workflows: four tasks served under model ids of their own, each one in-context edit by the
+default model (the same engine, batching and preservation as any run) with an instruction
+written for it, and a result that says what it did.
+
+    object-removal      image_url, prompt ("the red circle")          → the image without it, the removed region's mask
+    background-replace  image_url, reference_image_url, prompt?       → the image on the reference's background, its mask
+    logo-placement      image_url, logo_image_url, mask_image_url?, prompt? → the image with the logo, where it went (a box)
+    segmentation        image_url, prompt ("the red circle")          → a binary mask (0/255) and a box per region
+
+A workflow is two small steps:
+
+    plan = WORKFLOWS["object-removal"].plan(ObjectRemovalInput(image_url=..., prompt="the red circle"))
+    # Plan(prompt="remove the red circle", images=(image_url,), preserve="auto", ...): one edit,
+    # which the service submits as a run (submission.prepare) and the CLI runs in process
+    finished = finish(plan.workflow, image, mask, source_size=..., placement=...)
+    # the output as the workflow promises it: image, mask, boxes (outputs.store calls it)
+
+Boxes are `[x0, y0, x1, y1]` in the output image's pixels, x1 and y1 exclusive (PIL's box).
+docs/workflows.md explains each choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+from incontext import imageio
+
+MAX_PROMPT_LENGTH = 4000  # as the runs API's prompt (service/schemas.py)
+Box = list[int]  # [x0, y0, x1, y1], x1 and y1 exclusive
+
+
+# 1. What each workflow takes. Unknown fields are ignored, as on every model's input.
+class WorkflowInput(BaseModel):
+    """The fields every workflow shares with an edit run."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    image_url: str = Field(min_length=1, description="the image: http(s) URL, data: URI, or an output URL of this server")
+    seed: int | None = Field(None, ge=0, le=2**62, description="random when absent; reported in the output")
+    num_inference_steps: int | None = Field(None, ge=1, le=50, description="default: the model's")
+    guidance_scale: float | None = Field(None, ge=1, le=20, description="default: the model's")
+    # PNG by default, unlike an edit run: what a workflow keeps of the input is kept bit for bit only in PNG.
+    output_format: Literal["png", "jpeg"] = Field("png", description="encoding of the output image; masks are always PNG")
+    sync_mode: bool = Field(False, description="the run's own answer carries its images as data URIs; listings give URLs")
+
+
+class ObjectRemovalInput(WorkflowInput):
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_LENGTH, description='what to remove, e.g. "the red circle"')
+
+
+class BackgroundReplaceInput(WorkflowInput):
+    reference_image_url: str = Field(min_length=1, description="the image whose background replaces the input's, as image_url takes one")
+    prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_LENGTH,
+                               description="the whole instruction, if the default (replace the background with the one in "
+                               "the second image) will not do")
+
+
+class LogoPlacementInput(WorkflowInput):
+    logo_image_url: str = Field(min_length=1, description="the logo, as image_url takes an image")
+    mask_image_url: str | None = Field(
+        None, min_length=1, validation_alias=AliasChoices("mask_image_url", "mask_url"),
+        description="where the logo may go (white; black keeps the input's pixels bit for bit); also read as mask_url. "
+        "Absent: the flattest free spot (see docs), reported as outputs[].placement",
+    )
+    prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_LENGTH,
+                               description="the whole instruction, if the default (put the logo from the second image in "
+                               "the <position>) will not do")
+
+
+class SegmentationInput(WorkflowInput):
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_LENGTH, description='what to segment, e.g. "the red circle"')
+    output_format: Literal["png"] = Field("png", description="the mask is a PNG")
+
+
+# 2. One edit, as the service and the CLI run it.
+@dataclass(frozen=True)
+class Plan:
+    """What a workflow asks of the edit."""
+
+    workflow: str
+    prompt: str  # may hold "{position}": filled from the placement box once the image is decoded
+    images: tuple[str, ...]  # the edited image first, then references, as the input gave them
+    fields: tuple[str, ...]  # the input field each image came from, so an error names it
+    mask: str | None = None  # where the edit may happen (the existing mask input)
+    preserve: Literal["auto", "off"] = "auto"
+    place: bool = False  # pick a placement box on the decoded image and allow the edit only there
+
+
+def _thing(text: str) -> str:
+    # "the red circle" and "red circle" both become "the red circle" in the instruction.
+    words = text.strip().split()
+    return " ".join(words[1:] if len(words) > 1 and words[0].lower() in ("the", "a", "an") else words)
+
+
+def plan_object_removal(inp: ObjectRemovalInput) -> Plan:
+    # The bundled model learned removal as "remove the {obj}" (world/language.py's templates).
+    return Plan("object-removal", f"remove the {_thing(inp.prompt)}", (inp.image_url,), ("image_url",))
+
+
+def plan_background_replace(inp: BackgroundReplaceInput) -> Plan:
+    # The reference is the edit's second image (EditRequest.references); preserve keeps every
+    # pixel the model did not change, so the subject stays the input's where it was left alone.
+    prompt = inp.prompt or "replace the background with the one in the second image"
+    return Plan("background-replace", prompt, (inp.image_url, inp.reference_image_url), ("image_url", "reference_image_url"))
+
+
+def plan_logo_placement(inp: LogoPlacementInput) -> Plan:
+    prompt = inp.prompt or "put the logo from the second image in the {position}"
+    return Plan("logo-placement", prompt, (inp.image_url, inp.logo_image_url), ("image_url", "logo_image_url"),
+                mask=inp.mask_image_url, place=True)
+
+
+def plan_segmentation(inp: SegmentationInput) -> Plan:
+    # "the background black" rather than "everything else black": words the bundled model's
+    # language has (world/language.py's vocabulary). preserve off: the mask is the model's
+    # whole picture, thresholded, not the input with a white patch.
+    return Plan("segmentation", f"make the {_thing(inp.prompt)} white and the background black", (inp.image_url,), ("image_url",),
+                preserve="off")
+
+
+@dataclass(frozen=True)
+class Workflow:
+    id: str
+    description: str
+    input: type[WorkflowInput]
+    plan: Callable[..., Plan]
+    # One edit's compute at the model's working size, as a run of the default model.
+    price_per_image: Decimal = Decimal("0.04")
+    results: str = ""  # what outputs[] carries besides url, for the spec pages
+
+
+WORKFLOWS: dict[str, Workflow] = {w.id: w for w in (
+    Workflow("object-removal", "removes what the prompt names; the rest of the image stays the input's, bit for bit",
+             ObjectRemovalInput, plan_object_removal,
+             results="`mask_url`: the removed region (255 where the pixels are the model's); `boxes`: its bounding box"),
+    Workflow("background-replace", "puts the subject on the background of a reference image; what the model left alone stays "
+             "the input's, bit for bit", BackgroundReplaceInput, plan_background_replace,
+             results="`mask_url`: the replaced region; `boxes`: its bounding boxes"),
+    Workflow("logo-placement", "places a logo image inside a mask, or on the flattest free spot it picks",
+             LogoPlacementInput, plan_logo_placement,
+             results="`placement`: the box the logo was allowed in (the mask's bounding box, or the spot picked); "
+             "`mask_url`: the pixels changed; `boxes`: their bounding boxes"),
+    Workflow("segmentation", "a binary mask of what the prompt names, and a box per separate region",
+             SegmentationInput, plan_segmentation,
+             results="`url` and `mask_url`: the mask, a PNG of only 0 and 255 at the input's size; `boxes`: one per "
+             "separate white region, largest first"),
+)}
+
+
+# 3. Logo placement: a free spot, and the prompt's position word.
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+# Where a logo usually goes first: corners, then edges, the centre last. Ties in flatness keep this order.
+PLACEMENT_ORDER = ("bottom right", "bottom left", "top right", "top left", "bottom", "top", "right", "left", "center")
+LOGO_SHARE = 4  # the logo fits in a box a quarter of the image's width and height
+MARGIN_SHARE = 32  # and stays 1/32 of the shorter side away from the edges
+
+
+def placement(image: Image.Image, logo_size: tuple[int, int]) -> Box:
+    """The flattest of nine candidate spots (corners, edges, centre) for a logo of `logo_size`
+    scaled into a quarter of the image's width and height: the one whose pixels vary least
+    (standard deviation of luminance), so the logo covers the least detail. Deterministic."""
+    w, h = image.size
+    scale = min(w / LOGO_SHARE / logo_size[0], h / LOGO_SHARE / logo_size[1])
+    bw, bh = max(1, round(logo_size[0] * scale)), max(1, round(logo_size[1] * scale))
+    margin = min(w, h) // MARGIN_SHARE
+    xs = {"left": margin, "center": (w - bw) // 2, "right": w - bw - margin}
+    ys = {"top": margin, "center": (h - bh) // 2, "bottom": h - bh - margin}
+    # Measured on a small grey copy: the choice needs the flatness, not every pixel of 40 MP.
+    factor = max(1.0, max(w, h) / 256)
+    grey = np.asarray(image.convert("L").resize((max(1, round(w / factor)), max(1, round(h / factor))), Image.Resampling.BOX),
+                      dtype=np.float32)
+    best, best_std = None, None
+    for name in PLACEMENT_ORDER:
+        words = name.split()
+        x0 = xs[next((w for w in words if w in ("left", "right")), "center")]
+        y0 = ys[next((w for w in words if w in ("top", "bottom")), "center")]
+        sx0, sy0 = int(x0 / factor), int(y0 / factor)
+        patch = grey[sy0 : max(sy0 + 1, int((y0 + bh) / factor)), sx0 : max(sx0 + 1, int((x0 + bw) / factor))]
+        std = float(patch.std())
+        if best_std is None or std < best_std - 1e-6:
+            best, best_std = [x0, y0, x0 + bw, y0 + bh], std
+    return best
+
+
+def position_name(box: Box, size: tuple[int, int]) -> str:
+    """The position word (world/language.py's) of a box's centre in a 3 × 3 grid of the image."""
+    cx, cy = (box[0] + box[2]) / 2 / size[0], (box[1] + box[3]) / 2 / size[1]
+    return POSITIONS[min(2, int(cy * 3)) * 3 + min(2, int(cx * 3))]
+
+
+def box_mask(size: tuple[int, int], box: Box) -> Image.Image:
+    """A mask ("L", `size`) white inside `box`: the edit may happen only there."""
+    mask = Image.new("L", size, 0)
+    mask.paste(255, tuple(box))
+    return mask
+
+
+def mask_box(mask: Image.Image) -> Box | None:
+    """The bounding box of a mask's non-black pixels; None if it has none."""
+    return list(mask.getbbox()) if mask.getbbox() else None
+
+
+# 4. The result, as each workflow promises it.
+@dataclass
+class Finished:
+    image: Image.Image
+    mask: Image.Image | None
+    extra: dict = field(default_factory=dict)  # goes into the output item: boxes, placement
+
+
+MAX_BOXES = 16
+MIN_REGION_SHARE = 1 / 1000  # regions smaller than this share of the image are specks, not things
+
+
+def finish(workflow: str, image: Image.Image, mask: Image.Image | None, *, source_size: tuple[int, int],
+           placement_box: Box | None = None) -> Finished:
+    """One output of `workflow`: `image` and `mask` as preservation made them (preserve.preserve:
+    "L", 255 where the pixel is the model's), the input's own size `source_size`."""
+    if workflow == "segmentation":
+        binary = threshold(image, source_size)
+        return Finished(binary, binary, {"boxes": regions(np.asarray(binary) > 0)})
+    extra = {"boxes": regions(np.asarray(mask) > 0) if mask is not None else []}
+    if workflow == "logo-placement":
+        extra["placement"] = placement_box
+    return Finished(image, mask, extra)
+
+
+def threshold(image: Image.Image, source_size: tuple[int, int]) -> Image.Image:
+    """The model's picture (its working size, showing the input's centre as fit_to_size crops
+    it) as a mask of the input's own size: 255 where it is brighter than mid-grey, 0 elsewhere
+    and outside what the model saw. NEAREST keeps it binary."""
+    grey = np.asarray(image.convert("L"))
+    binary = Image.fromarray(np.where(grey > 127, 255, 0).astype(np.uint8), mode="L")
+    if binary.size == source_size:
+        return binary
+    x0, y0, x1, y1 = (round(v) for v in imageio.crop_box(*source_size, *binary.size))
+    out = Image.new("L", source_size, 0)
+    out.paste(binary.resize((x1 - x0, y1 - y0), Image.Resampling.NEAREST), (x0, y0))
+    return out
+
+
+def regions(binary: np.ndarray) -> list[Box]:
+    """Bounding boxes of the 4-connected regions of a (h, w) bool map, largest first, specks
+    (under MIN_REGION_SHARE of the image) left out, at most MAX_BOXES. Labelled by runs of
+    each row joined to the overlapping runs of the row above (union-find): one pass, fast
+    for the few regions of a mask even at 40 MP."""
+    parent: list[int] = []
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    runs, above = [], []
+    padded = np.zeros(binary.shape[1] + 2, dtype=np.int8)
+    for y in range(binary.shape[0]):
+        padded[1:-1] = binary[y]
+        edges = np.diff(padded)
+        row = []
+        j = 0
+        for s, e in zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()):
+            label = len(parent)
+            parent.append(label)
+            while j < len(above) and above[j][1] <= s:
+                j += 1
+            k = j
+            while k < len(above) and above[k][0] < e:
+                a, b = find(label), find(above[k][2])
+                parent[max(a, b)] = min(a, b)
+                k += 1
+            row.append((s, e, label))
+            runs.append((y, s, e, label))
+        above = row
+    boxes: dict[int, list[int]] = {}
+    for y, s, e, label in runs:
+        root = find(label)
+        if (b := boxes.get(root)) is None:
+            boxes[root] = [s, y, e, y + 1, e - s]
+        else:
+            b[0], b[2], b[3], b[4] = min(b[0], s), max(b[2], e), y + 1, b[4] + e - s
+    least = MIN_REGION_SHARE * binary.size
+    kept = sorted((b for b in boxes.values() if b[4] >= least), key=lambda b: -b[4])
+    return [b[:4] for b in kept[:MAX_BOXES]]

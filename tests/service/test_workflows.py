@@ -1,0 +1,202 @@
+"""Workflows over HTTP (issue 20): object-removal, background-replace, logo-placement and
+segmentation as model ids on the runs API, run by the real engine on the bundled nano model in
+this process. The contract is what is held here (images and masks that decode, boxes inside
+the image and consistent with the mask, pixels kept bit for bit where promised, 422s naming
+the field), not whether the small model's edits are right."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from incontext.service.app import create_app
+from incontext.settings import Settings
+
+from .helpers import wait_run
+
+KEY = {"Authorization": "Bearer key-a"}
+W, H = 96, 64
+STEPS = 4
+IDS = ("object-removal", "background-replace", "logo-placement", "segmentation")
+
+
+def scene() -> Image.Image:
+    """A red circle left, a teal square right, on a lightly textured cream background."""
+    rng = np.random.default_rng(0)
+    pixels = np.full((H, W, 3), (236, 232, 220), np.uint8)
+    yy, xx = np.mgrid[:H, :W]
+    pixels[(xx - 24) ** 2 + (yy - 32) ** 2 < 14**2] = (200, 30, 30)
+    pixels[16:48, 60:88] = (40, 160, 140)
+    return Image.fromarray(np.clip(pixels.astype(np.int16) + rng.integers(-6, 7, pixels.shape), 0, 255).astype(np.uint8))
+
+
+def backdrop() -> Image.Image:
+    """A reference: blue above, green below."""
+    pixels = np.zeros((H, W, 3), np.uint8)
+    pixels[: H // 2] = (40, 80, 220)
+    pixels[H // 2 :] = (40, 180, 60)
+    return Image.fromarray(pixels)
+
+
+def logo() -> Image.Image:
+    """A wide yellow logo with a black bar."""
+    pixels = np.full((20, 40, 3), (250, 210, 20), np.uint8)
+    pixels[8:12, 4:36] = 0
+    return Image.fromarray(pixels)
+
+
+def uri(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def decoded(url: str, mode: str = "RGB") -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert(mode))
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    settings = Settings(data_dir=tmp_path_factory.mktemp("workflows"), api_keys=["key-a"], poll_interval_seconds=0.1,
+                        engine_mode="thread", engine_compile=False)
+    with TestClient(create_app(settings), headers=KEY) as c:
+        yield c
+
+
+def run(client: TestClient, workflow: str, **input_) -> dict:
+    """The run, succeeded, its images inline."""
+    body = {"image_url": uri(scene()), "num_inference_steps": STEPS, "seed": 7, "sync_mode": True, **input_}
+    r = client.post(f"/v1/models/{workflow}/runs", json={"input": body})
+    assert r.status_code == 201, r.text
+    assert r.json()["model_id"] == workflow
+    done = wait_run(client, r.json()["id"], timeout=120)
+    assert done["status_code"] == "succeeded", done
+    return done
+
+
+def assert_boxes_inside(boxes: list, width: int = W, height: int = H) -> None:
+    for x0, y0, x1, y1 in boxes:
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+
+
+def assert_boxes_bound(boxes: list, region: np.ndarray) -> None:
+    """Every box holds some of the region, and the boxes together hold all of it."""
+    covered = np.zeros_like(region, dtype=bool)
+    for x0, y0, x1, y1 in boxes:
+        assert region[y0:y1, x0:x1].any()
+        covered[y0:y1, x0:x1] = True
+    assert not (region & ~covered).any()
+
+
+def test_object_removal_returns_the_image_and_the_removed_region(client):
+    done = run(client, "object-removal", prompt="the red circle")
+    (out,) = done["output"]["outputs"]
+    image, region = decoded(out["url"]), decoded(out["mask_url"], "L")
+    source = np.asarray(scene())
+    assert image.shape == source.shape and region.shape == (H, W)
+    assert out["content_type"] == "image/png"  # a workflow's default: bit for bit where kept
+    # Outside the removed region every pixel is the input's.
+    assert np.array_equal(image[region == 0], source[region == 0])
+    assert_boxes_inside(out["boxes"])
+    if region.any():
+        assert_boxes_bound(out["boxes"], region > 0)
+    assert done["input"]["prompt"] == "the red circle" and done["input"]["image_url"].startswith("data:image/png;base64,<")
+    assert done["cost"] == "0.04"
+
+
+def test_segmentation_returns_a_binary_mask_and_boxes_consistent_with_it(client):
+    done = run(client, "segmentation", prompt="the red circle")
+    (out,) = done["output"]["outputs"]
+    image, mask = decoded(out["url"], "L"), decoded(out["mask_url"], "L")
+    assert mask.shape == (H, W)  # the input's own size, not the model's
+    assert set(np.unique(mask)) <= {0, 255}
+    assert np.array_equal(image, mask)  # the run's image is the mask
+    assert_boxes_inside(out["boxes"])
+    # Each box is a region of the mask; the mask outside the boxes is specks (each under a
+    # thousandth of the image), at most a few of them.
+    covered = np.zeros((H, W), bool)
+    for x0, y0, x1, y1 in out["boxes"]:
+        assert (mask[y0:y1, x0:x1] > 0).any()
+        covered[y0:y1, x0:x1] = True
+    assert ((mask > 0) & ~covered).mean() < 0.02
+
+
+def test_background_replace_keeps_every_pixel_outside_its_change_region(client):
+    done = run(client, "background-replace", reference_image_url=uri(backdrop()))
+    (out,) = done["output"]["outputs"]
+    image, region = decoded(out["url"]), decoded(out["mask_url"], "L")
+    source = np.asarray(scene())
+    assert image.shape == source.shape
+    assert np.array_equal(image[region == 0], source[region == 0])
+    assert_boxes_inside(out["boxes"])
+    assert done["input"]["reference_image_url"].startswith("data:image/png;base64,<")
+
+
+def test_logo_placement_with_a_mask_changes_nothing_outside_it(client):
+    mask = np.zeros((H, W), np.uint8)
+    mask[40:60, 60:92] = 255
+    done = run(client, "logo-placement", logo_image_url=uri(logo()), mask_image_url=uri(Image.fromarray(mask, "L")))
+    (out,) = done["output"]["outputs"]
+    image, source = decoded(out["url"]), np.asarray(scene())
+    assert np.array_equal(image[mask == 0], source[mask == 0])
+    assert out["placement"] == [60, 40, 92, 60]  # the mask's bounding box
+
+
+def test_logo_placement_without_a_mask_reports_its_placement_and_keeps_it(client):
+    done = run(client, "logo-placement", logo_image_url=uri(logo()))
+    (out,) = done["output"]["outputs"]
+    x0, y0, x1, y1 = out["placement"]
+    assert_boxes_inside([out["placement"]])
+    # The logo's 2:1 in a quarter of the image's width and height.
+    assert (x1 - x0, y1 - y0) == (24, 12)
+    image, source = decoded(out["url"]), np.asarray(scene())
+    outside = np.ones((H, W), bool)
+    outside[y0:y1, x0:x1] = False
+    assert np.array_equal(image[outside], source[outside])
+    assert "placement" not in done["input"] and "mask_image_url" not in done["input"]  # the echo is what the client sent
+
+
+@pytest.mark.parametrize(
+    "workflow, input_, field, code",
+    [
+        ("background-replace", {}, "input.reference_image_url", "missing"),
+        ("logo-placement", {"logo_image_url": "data:image/png;base64," + base64.b64encode(b"not an image").decode()},
+         "input.logo_image_url", "INVALID_IMAGE"),
+        ("segmentation", {}, "input.prompt", "missing"),
+        ("logo-placement", {"logo_image_url": uri(logo()), "mask_image_url": uri(Image.new("L", (W, H), 0))},
+         "input.mask_image_url", "INVALID_MASK"),
+    ],
+    ids=["missing-reference", "non-image-logo", "missing-prompt", "black-mask"],
+)
+def test_bad_input_is_a_422_naming_the_field(client, workflow, input_, field, code):
+    r = client.post(f"/v1/models/{workflow}/runs", json={"input": {"image_url": uri(scene()), **input_}})
+    assert r.status_code == 422, r.text
+    errors = r.json()["errors"]
+    assert [(e["field"], e["code"]) for e in errors] == [(field, code)]
+
+
+def test_the_workflows_are_listed_described_and_in_the_openapi_document(client):
+    listed = client.get("/v1/models").json()
+    cards = {m["id"]: m for m in listed["items"]}
+    assert {m["id"] for m in listed["data"]} >= set(IDS)
+    spec = client.get("/openapi.json").json()
+    for workflow in IDS:
+        assert cards[workflow]["kind"] == "workflow" and cards[workflow]["runs_on"] == "incontext/nano"
+        card = client.get(f"/v1/models/{workflow}").json()
+        assert {i["name"] for i in card["inputs"]} >= {"image_url", "seed", "num_inference_steps"}
+        assert card["price_per_image"] == "0.04"
+        text = client.get(f"/v1/models/{workflow}/llms.txt").text
+        assert text.startswith(f"# {workflow}\n") and f"/v1/models/{workflow}/runs" in text
+        op = spec["paths"][f"/v1/models/{workflow}/runs"]["post"]
+        ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+        body = spec["components"]["schemas"][ref]
+        input_ref = body["properties"]["input"]["$ref"].rsplit("/", 1)[1]
+        assert "image_url" in spec["components"]["schemas"][input_ref]["required"]
+    background = client.get("/v1/models/background-replace").json()
+    assert next(i for i in background["inputs"] if i["name"] == "reference_image_url")["required"]
+    assert "object-removal" in client.get("/v1/docs/workflows.md").text

@@ -257,6 +257,7 @@ class CallbackSender:
 
     PER_KEY_IN_FLIGHT = 4
     MAX_IN_FLIGHT = 100
+    CLAIM_MARGIN_S = 30  # beyond an attempt's timeout before a claimed delivery is due again
 
     def __init__(self, sessions: sessionmaker[Session], *, max_attempts: int, backoff_s: float, backoff_max_s: float, timeout_s: float, poll_s: float,
                  policy: NetPolicy, resolver: Resolver | None = None, on_attempt: Callable[[str], None] | None = None):
@@ -333,16 +334,35 @@ class CallbackSender:
             .where(CallbackDelivery.status == "pending", CallbackDelivery.next_attempt_at <= utcnow(), CallbackDelivery.id.not_in(list(busy)), ~waits)
             .subquery()
         )
-        with self._sessions() as session:
+        with self._sessions.begin() as session:
             rows = session.execute(
                 sa.select(due.c.id, due.c.api_key_id).where(due.c.rank <= self.PER_KEY_IN_FLIGHT).order_by(due.c.rank, due.c.id).limit(room)
             ).all()
-        picked = []
-        for delivery_id, key_id in rows:
-            if per_key.get(key_id, 0) < self.PER_KEY_IN_FLIGHT:
-                per_key[key_id] = per_key.get(key_id, 0) + 1
-                picked.append((delivery_id, key_id))
-        return picked
+            picked = []
+            for delivery_id, key_id in rows:
+                if per_key.get(key_id, 0) < self.PER_KEY_IN_FLIGHT:
+                    per_key[key_id] = per_key.get(key_id, 0) + 1
+                    picked.append((delivery_id, key_id))
+            claimed = self._claim(session, [delivery_id for delivery_id, _ in picked])
+        return [(delivery_id, key_id) for delivery_id, key_id in picked if delivery_id in claimed]
+
+    def _claim(self, session: Session, ids: list[str]) -> set[str]:
+        """Take these deliveries for this process's attempt: every process of a deployment runs
+        a sender on the same table, and a delivery must go out once, not once per process. The
+        UPDATE moves next_attempt_at past the attempt's deadline only where it is still due, so
+        of two processes racing for a row only the first changes it (PostgreSQL re-reads a row
+        it waited for; SQLite has one writer). A process that dies mid-attempt leaves the row
+        due again once that time has passed: another tries it then (at least once, as webhooks
+        promise); _record sets the real next attempt."""
+        if not ids:
+            return set()
+        until = utcnow() + timedelta(seconds=self._timeout_s + self.CLAIM_MARGIN_S)
+        return set(session.scalars(
+            sa.update(CallbackDelivery)
+            .where(CallbackDelivery.id.in_(ids), CallbackDelivery.status == "pending", CallbackDelivery.next_attempt_at <= utcnow())
+            .values(next_attempt_at=until)
+            .returning(CallbackDelivery.id)
+        ))
 
     def _load(self, delivery_id: str) -> tuple[str | None, str, bytes, Callable[[int], dict[str, str]]]:
         """The run it tells of (None: a batch's), the URL, the body, and how to sign it at a given unix time."""

@@ -117,3 +117,47 @@ def test_one_keys_slow_receivers_do_not_hold_up_another_keys_callback(db):
     finally:
         slow.close()
         fast.close()
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_two_senders_on_one_database_deliver_each_callback_once(tmp_path, database, request):
+    """Every process of a deployment (API replicas, Ray workers, several servers) runs a sender
+    on the same deliveries: each must go out once, not once per process."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}" if database == "sqlite" else request.getfixturevalue("postgres_url")
+    engine = create_db_engine(url)
+    migrate(engine)
+    sessions = make_session_factory(engine)
+    with sessions.begin() as session:
+        key = keys.create_key(session)[0].id
+    receiver = Receiver()
+    try:
+        ids = {enqueue(sessions, key, f"{receiver.url}/hook") for _ in range(40)}
+
+        async def main() -> None:
+            senders = [
+                CallbackSender(sessions, max_attempts=3, backoff_s=0.05, backoff_max_s=0.05, timeout_s=5, poll_s=0.01, policy=NetPolicy(allow_private=True))
+                for _ in range(2)
+            ]
+            for sender in senders:
+                await sender.start()
+            try:
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    with sessions() as session:
+                        if not session.scalar(sa.select(sa.func.count()).select_from(CallbackDelivery).where(CallbackDelivery.status == "pending")):
+                            break
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.3)  # a second sender's late duplicate would land now
+            finally:
+                for sender in senders:
+                    await sender.close()
+
+        asyncio.run(main())
+        sent = [r["headers"]["webhook-id"] for r in receiver.requests]
+        assert sorted(sent) == sorted(ids)  # each once
+        with sessions() as session:
+            attempts = session.scalar(sa.select(sa.func.count()).select_from(CallbackAttempt))
+        assert attempts == 40
+    finally:
+        receiver.close()
+        engine.dispose()

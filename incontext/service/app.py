@@ -221,6 +221,8 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
     # replicate before discovery: its GET /v1/models/{owner}/{name}/versions would match discovery's {model_id:path};
     # workflows before runs and discovery, whose {model_id:path} routes would take the workflows' paths.
     for module in (account, workflows, runs, events, batches, callbacks, files, replicate, discovery, bfl, openai, fal, metrics):
+        if module is fal:  # the workflows' fal apps first: fal's {app:path} routes take a model's input
+            app.include_router(workflows.fal_router)
         app.include_router(module.router)
     playground.install(app)
     openapi.install(app, settings.base_url, registry)

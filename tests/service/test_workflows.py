@@ -200,3 +200,23 @@ def test_the_workflows_are_listed_described_and_in_the_openapi_document(client):
     background = client.get("/v1/models/background-replace").json()
     assert next(i for i in background["inputs"] if i["name"] == "reference_image_url")["required"]
     assert "object-removal" in client.get("/v1/docs/workflows.md").text
+
+
+def test_fal_clients_call_the_workflows_by_their_ids(client):
+    fal_key = {"Authorization": "Key key-a"}
+    body = {"image_url": uri(scene()), "prompt": "the red circle", "num_inference_steps": STEPS, "seed": 7, "sync_mode": True}
+    r = client.post("/fal-ai/segmentation", json=body, headers=fal_key)
+    assert r.status_code == 200, r.text
+    result = r.json()
+    (image,) = result["images"]
+    mask = decoded(result["mask"]["url"], "L")
+    assert (image["width"], image["height"]) == (W, H) and mask.shape == (H, W)
+    assert set(np.unique(mask)) <= {0, 255}
+    assert_boxes_inside(result["boxes"])
+    # The queue, and an input error named as fal names fields (the body's own).
+    queued = client.post("/queue/fal-ai/background-replace", json={"image_url": uri(scene())}, headers=fal_key)
+    assert queued.status_code == 422
+    assert [(d["loc"], d["type"]) for d in queued.json()["detail"]] == [(["body", "reference_image_url"], "missing")]
+    bad = "data:image/png;base64," + base64.b64encode(b"not an image").decode()
+    queued = client.post("/queue/fal-ai/logo-placement", json={"image_url": uri(scene()), "logo_image_url": bad}, headers=fal_key)
+    assert [(d["loc"], d["type"]) for d in queued.json()["detail"]] == [(["body", "logo_image_url"], "INVALID_IMAGE")]

@@ -57,31 +57,27 @@ router = APIRouter(tags=["fal"], route_class=surfaces.route_class(bfl.render_err
 FalKeyDep = Annotated[ApiKey, Depends(surfaces.key_from_headers)]
 
 
-async def _submit(app: str, item: KontextInput, request: Request, key: ApiKey, service, webhook: str | None = None) -> Run:
+async def _submit(app: str, item: KontextInput, request: Request, key: ApiKey, service, webhook: str | None = None, **workflow) -> Run:
+    """`workflow`: a workflow's `plan`, `echo` and `names` (routes/workflows.py), run as its id."""
     if webhook is not None and (reason := netpolicy.url_refusal(webhook)):
         message = f"fal_webhook: {reason}"
         raise ValidationFailed(message, errors=[field_error("fal_webhook", message, "value_error")])
     callback = submission.Callback(webhook, style=STYLE) if webhook else None
     # fal's inpainting apps call the mask mask_url (KontextInput reads it as mask_image_url).
-    run_request = submission.RunRequest(model_id=f"{OWNER}/{app}", items=[item], surface=f"POST /{OWNER}/{app}", names=NAMES, callback=callback)
+    names = workflow.pop("names", NAMES)
+    run_request = submission.RunRequest(model_id=f"{OWNER}/{app}", items=[item], surface=f"POST /{OWNER}/{app}", names=names, callback=callback,
+                                        **workflow)
     accepted = await submission.submit(service, key, run_request, request_id=request.state.request_id)
     return accepted.runs[0]
 
 
-@router.post("/queue/fal-ai/{app:path}")
-async def submit_request(
-    app: str, request: Request, key: FalKeyDep, service: ServiceDep, values: Annotated[KontextInput, Body()],
-    fal_webhook: Annotated[CallbackUrl | None, Query(max_length=2048, description="POSTed the result when the request ends")] = None,
-):
-    """Queue a request; poll status_url, then GET response_url (or hear of the end at fal_webhook)."""
-    run = await _submit(app, values, request, key, service, webhook=fal_webhook)
-    return JSONResponse(_handle(run.id, app, service.storage) | {"status": "IN_QUEUE", "queue_position": 0, "gateway_request_id": run.id})
+def queued(run: Run, app: str, storage: Storage) -> JSONResponse:
+    """A queue submit's answer: where to poll, read and cancel."""
+    return JSONResponse(_handle(run.id, app, storage) | {"status": "IN_QUEUE", "queue_position": 0, "gateway_request_id": run.id})
 
 
-@router.post("/fal-ai/{app:path}")
-async def run_request(app: str, request: Request, key: FalKeyDep, service: ServiceDep, values: Annotated[KontextInput, Body()]):
-    """Run and answer with the result (fal's synchronous `run`); canceled if not done in time."""
-    run = await _submit(app, values, request, key, service)
+async def finished(run: Run, app: str, service) -> JSONResponse:
+    """A synchronous run's answer, once the run ends: its result; canceled if not done in time."""
     deadline = time.monotonic() + RUN_WAIT_S
     while run.status not in lifecycle.TERMINAL:
         if time.monotonic() > deadline:
@@ -90,6 +86,21 @@ async def run_request(app: str, request: Request, key: FalKeyDep, service: Servi
         await asyncio.sleep(POLL_S)
         run = await run_in_threadpool(surfaces.load_run, service, run.id)
     return JSONResponse(_result_or_raise(run, service.storage), headers={"x-fal-request-id": run.id})
+
+
+@router.post("/queue/fal-ai/{app:path}")
+async def submit_request(
+    app: str, request: Request, key: FalKeyDep, service: ServiceDep, values: Annotated[KontextInput, Body()],
+    fal_webhook: Annotated[CallbackUrl | None, Query(max_length=2048, description="POSTed the result when the request ends")] = None,
+):
+    """Queue a request; poll status_url, then GET response_url (or hear of the end at fal_webhook)."""
+    return queued(await _submit(app, values, request, key, service, webhook=fal_webhook), app, service.storage)
+
+
+@router.post("/fal-ai/{app:path}")
+async def run_request(app: str, request: Request, key: FalKeyDep, service: ServiceDep, values: Annotated[KontextInput, Body()]):
+    """Run and answer with the result (fal's synchronous `run`); canceled if not done in time."""
+    return await finished(await _submit(app, values, request, key, service), app, service)
 
 
 @router.get("/queue/fal-ai/{app:path}/requests/{request_id}/status")
@@ -165,13 +176,18 @@ def _result_or_raise(run: Run, storage: Storage) -> dict:
     output = public_output(run.output, storage, inline=outputs.inline_now(run))
     images = [{k: o[k] for k in ("url", "width", "height", "content_type")} for o in output["outputs"]]
     params = RunParams.of(run)
-    return {
+    result = {
         "images": images,
         "seed": output["seed"],
         "has_nsfw_concepts": [False] * len(images),  # no safety checker here
         "prompt": params.prompt,
         "timings": {"inference": _metrics(run).get("inference_time")},
     }
+    if params.workflow:  # a workflow's results, as fal's segmentation and inpainting apps name a mask
+        first = output["outputs"][0]
+        result["mask"] = {"url": first["mask_url"], "width": first["width"], "height": first["height"], "content_type": "image/png"}
+        result.update({k: first[k] for k in ("boxes", "placement") if k in first})
+    return result
 
 
 # The webhook: fal's body, signed per Standard Webhooks with the key's callback secrets.

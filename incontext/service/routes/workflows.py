@@ -13,7 +13,7 @@ otherwise take these paths with a model's input schema.
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Body, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError, create_model
 
@@ -21,10 +21,15 @@ from incontext import workflows
 from incontext.service import modelspec, submission
 from incontext.service.deps import KeyDep, ServiceDep
 from incontext.service.errors import ValidationFailed, field_error
+from incontext.service import surfaces
+from incontext.service.routes import bfl, fal
 from incontext.service.routes.discovery import MarkdownResponse, ModelPublic
-from incontext.service.schemas import KontextInput, RunCreate, RunPublic
+from incontext.service.schemas import CallbackUrl, KontextInput, RunCreate, RunPublic
 
 router = APIRouter(prefix="/v1", tags=["workflows"])
+# fal's apps by the workflows' ids (fal-ai/object-removal, …): included before routes/fal.py,
+# whose {app:path} routes take a model's input.
+fal_router = APIRouter(tags=["fal"], route_class=surfaces.route_class(bfl.render_error))
 
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", description="same key + same body replays the first response")]
 
@@ -47,12 +52,12 @@ def edit_input(plan: workflows.Plan, inp: workflows.WorkflowInput) -> KontextInp
         raise ValidationFailed(f"invalid request: {errors[0]['message']}", errors=errors) from None
 
 
-def error_names(plan: workflows.Plan) -> dict[str, str]:
+def error_names(plan: workflows.Plan, prefix: str = "input.") -> dict[str, str]:
     """The planned edit's field names → the workflow input's, so a 422 names what the client sent
-    (image_urls.1 → input.reference_image_url)."""
-    names = {name: f"input.{name}" for name in KontextInput.model_fields}
-    names.update({f"image_urls.{i}": f"input.{field}" for i, field in enumerate(plan.fields)})
-    names["input"] = "input"
+    (image_urls.1 → input.reference_image_url; fal's bodies are the input itself: no prefix)."""
+    names = {name: f"{prefix}{name}" for name in KontextInput.model_fields}
+    names.update({f"image_urls.{i}": f"{prefix}{field}" for i, field in enumerate(plan.fields)})
+    names["input"] = prefix.rstrip(".") or "body"
     return names
 
 
@@ -80,6 +85,22 @@ def _add_workflow(workflow: workflows.Workflow) -> None:
     def get_llms_txt(service: ServiceDep):
         return MarkdownResponse(modelspec.workflow_llms_txt(workflow, service.registry.registered(None), service.storage.base_url))
 
+    def fal_request(values: workflows.WorkflowInput) -> dict:
+        plan = workflow.plan(values)
+        return {"item": edit_input(plan, values), "plan": plan, "names": error_names(plan, prefix=""),
+                "echo": values.model_dump(mode="json", exclude_unset=True)}
+
+    async def fal_run(request: Request, key: fal.FalKeyDep, service: ServiceDep, values: Annotated[workflow.input, Body()]):
+        run = await fal._submit(workflow.id, request=request, key=key, service=service, **fal_request(values))
+        return await fal.finished(run, workflow.id, service)
+
+    async def fal_submit(
+        request: Request, key: fal.FalKeyDep, service: ServiceDep, values: Annotated[workflow.input, Body()],
+        fal_webhook: Annotated[CallbackUrl | None, Query(max_length=2048, description="POSTed the result when the request ends")] = None,
+    ):
+        run = await fal._submit(workflow.id, request=request, key=key, service=service, webhook=fal_webhook, **fal_request(values))
+        return fal.queued(run, workflow.id, service.storage)
+
     create_run.__doc__ = f"Queue a {workflow.id} run (201, `queued`): {workflow.description}. Results: {workflow.results}."
     name = workflow.id.replace("-", "_")
     router.add_api_route(f"/models/{workflow.id}/runs", create_run, methods=["POST"], status_code=201, response_model=RunPublic,
@@ -88,6 +109,12 @@ def _add_workflow(workflow: workflows.Workflow) -> None:
                          name=f"{name}_llms_txt", summary=f"The {workflow.id} spec (markdown)", tags=["discovery"])
     router.add_api_route(f"/models/{workflow.id}", get_workflow, methods=["GET"], response_model=ModelPublic, response_model_exclude_none=True,
                          name=f"get_{name}", summary=f"The {workflow.id} workflow: inputs, price, results", tags=["discovery"])
+
+
+    fal_router.add_api_route(f"/fal-ai/{workflow.id}", fal_run, methods=["POST"], name=f"fal_{name}_run",
+                             summary=f"fal: run {workflow.id} and answer with the result")
+    fal_router.add_api_route(f"/queue/fal-ai/{workflow.id}", fal_submit, methods=["POST"], name=f"fal_{name}_submit",
+                             summary=f"fal: queue a {workflow.id} request")
 
 
 for _workflow in workflows.WORKFLOWS.values():

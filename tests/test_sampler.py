@@ -129,3 +129,24 @@ def test_a_bad_flow_start_in_the_model_directory_is_a_model_error(context_start_
     (path / "incontext.json").write_text(json.dumps({"flow_start": "sideways"}))
     with pytest.raises(ModelError, match="flow_start"):
         load_model(path, dtype="float32")
+
+
+def test_a_reference_image_follows_the_context_in_the_sequence(tiny_model):
+    """With one reference, each pass sees target + context + reference tokens, the reference
+    at RoPE index 2 (as training appends a workflow example's second image), and the output
+    is the target's tokens alone."""
+    m = load_model(tiny_model, dtype="float32")
+    img, ref = _picture(64, 48), Image.new("RGB", (64, 48), (30, 90, 200))
+    seen = []
+    hook = m.transformer.register_forward_pre_hook(lambda mod, args, kwargs: seen.append((kwargs["hidden_states"].shape[1], kwargs["img_ids"])),
+                                                   with_kwargs=True)
+    try:
+        latents, img_cond = sampler.denoise(m, img, "use the background of the second image", seeds=[0, 1], num_steps=2, references=(ref,))
+        plain, _ = sampler.denoise(m, img, "use the background of the second image", seeds=[0, 1], num_steps=2)
+    finally:
+        hook.remove()
+    n = img_cond.shape[1]
+    assert latents.shape == plain.shape == (2, n, 4 * m.latent_channels)
+    assert [tokens for tokens, _ in seen] == [3 * n, 3 * n, 2 * n, 2 * n]
+    assert seen[0][1][:, 0].tolist() == [0.0] * n + [1.0] * n + [2.0] * n
+    assert not torch.equal(latents, plain)  # the reference reached the model

@@ -4,6 +4,12 @@ Encoding images on the fly made each transformer step several times slower, so e
 are rendered and VAE-encoded in bulk into `out/data/chunk_XXXXX.pt` files (one bucket of
 sizes each). The trainer picks up new chunks while it runs, so a producer can keep adding.
 
+A chunk file holds "size" (w, h), "context" and "target" latents (n, C, h/8, w/8) in bf16,
+"prompts" and "families"; where any of its examples has a second image (the workflow
+families), also "reference" latents (n, C, h/8, w/8; zeros where an example has none) and
+"has_reference" (n,) bool. Chunks written before references existed have neither key and
+load as examples without one.
+
     incontext train data --out runs/nano --chunks 12
 """
 
@@ -12,6 +18,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,21 +36,53 @@ def chunk_seed(index: int) -> int:
     return 1_000_003 * (index + 1)
 
 
+@dataclass
+class Rendered:
+    """A chunk's examples as images: (n, h, w, 3) uint8 each; `reference` is None when no
+    example has a second image, else zeros where `has_reference` is False."""
+
+    context: np.ndarray
+    target: np.ndarray
+    prompts: list[str]
+    families: list[str]
+    reference: np.ndarray | None = None
+    has_reference: np.ndarray | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> "Rendered":
+        z = np.load(path, allow_pickle=False)
+        ref = z["reference"] if "reference" in z else None
+        return cls(z["context"], z["target"], list(z["prompts"]), list(z["families"]), ref,
+                   z["has_reference"] if ref is not None else None)
+
+    def save(self, path: Path) -> None:
+        refs = {} if self.reference is None else {"reference": self.reference, "has_reference": self.has_reference}
+        np.savez(path, context=self.context, target=self.target, prompts=np.array(self.prompts), families=np.array(self.families), **refs)
+
+    def encode(self, vae, batch: int = 64) -> dict:
+        """The chunk file's content (see the module docstring)."""
+        blob = {"size": (self.context.shape[2], self.context.shape[1]), "context": _encode(vae, self.context, batch),
+                "target": _encode(vae, self.target, batch), "prompts": self.prompts, "families": self.families}
+        if self.reference is not None:
+            has = torch.from_numpy(np.asarray(self.has_reference, dtype=bool))
+            ref = torch.zeros_like(blob["context"])
+            ref[has] = _encode(vae, self.reference[has.numpy()], batch)  # only the rows that have one
+            blob["reference"], blob["has_reference"] = ref, has
+        return blob
+
+
 def _render_chunk(index: int, size: tuple[int, int], n: int, cache: Path | None = None,
-                  families: tuple[str, ...] = FAMILIES) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+                  families: tuple[str, ...] = FAMILIES) -> Rendered:
     """Render a chunk's examples (from `cache` if it was rendered before the VAE was ready)."""
     if cache is not None and cache.exists():
-        z = np.load(cache, allow_pickle=False)
-        return z["context"], z["target"], list(z["prompts"]), list(z["families"])
+        return Rendered.load(cache)
     rng = random.Random(chunk_seed(index))
-    ctx, tgt, prompts, fams = [], [], [], []
-    for _ in range(n):
-        ex = make_example(rng, size=size, families=families)
-        ctx.append(np.asarray(ex.context))
-        tgt.append(np.asarray(ex.target))
-        prompts.append(ex.instruction)
-        fams.append(ex.family)
-    return np.stack(ctx), np.stack(tgt), prompts, fams
+    examples = [make_example(rng, size=size, families=families) for _ in range(n)]
+    has_ref = np.array([ex.reference is not None for ex in examples])
+    blank = np.zeros_like(np.asarray(examples[0].context))
+    refs = np.stack([np.asarray(ex.reference) if ex.reference is not None else blank for ex in examples]) if has_ref.any() else None
+    return Rendered(np.stack([np.asarray(ex.context) for ex in examples]), np.stack([np.asarray(ex.target) for ex in examples]),
+                    [ex.instruction for ex in examples], [ex.family for ex in examples], refs, has_ref if has_ref.any() else None)
 
 
 def render_chunks(out: Path, start: int, count: int, chunk_size: int = CHUNK, families: tuple[str, ...] = FAMILIES) -> None:
@@ -54,9 +93,9 @@ def render_chunks(out: Path, start: int, count: int, chunk_size: int = CHUNK, fa
         path = images / f"chunk_{index:05d}.npz"
         if path.exists() or (Path(out) / "data" / f"chunk_{index:05d}.pt").exists():
             continue
-        ctx, tgt, prompts, fams = _render_chunk(index, size_for_chunk(index), chunk_size, families=families)
+        rendered = _render_chunk(index, size_for_chunk(index), chunk_size, families=families)
         tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, context=ctx, target=tgt, prompts=np.array(prompts), families=np.array(fams))
+        rendered.save(tmp)
         tmp.rename(path)
         log.info("rendered %s", path.name)
 
@@ -88,8 +127,7 @@ def produce_chunks(out: Path, vae, start: int, count: int, chunk_size: int = CHU
             continue
         size = size_for_chunk(index)
         cache = Path(out) / "images" / f"chunk_{index:05d}.npz"
-        ctx, tgt, prompts, fams = _render_chunk(index, size, chunk_size, cache, families=families)
-        blob = {"size": size, "context": _encode(vae, ctx), "target": _encode(vae, tgt), "prompts": prompts, "families": fams}
+        blob = _render_chunk(index, size, chunk_size, cache, families=families).encode(vae)
         tmp = path.with_suffix(".tmp")
         torch.save(blob, tmp)
         tmp.rename(path)
@@ -110,10 +148,7 @@ def encode_rendered(out: Path, vae, follow: bool = False, poll_seconds: float = 
         ready = sorted(p for p in images.glob("chunk_*.npz") if ".tmp" not in p.name) if images.is_dir() else []
         for cache in ready:
             path = data / (cache.stem + ".pt")
-            z = np.load(cache, allow_pickle=False)
-            ctx, tgt = z["context"], z["target"]
-            blob = {"size": (ctx.shape[2], ctx.shape[1]), "context": _encode(vae, ctx, batch), "target": _encode(vae, tgt, batch),
-                    "prompts": list(z["prompts"]), "families": list(z["families"])}
+            blob = Rendered.load(cache).encode(vae, batch)
             tmp = path.with_suffix(".tmp")
             torch.save(blob, tmp)
             tmp.rename(path)
@@ -125,13 +160,28 @@ def encode_rendered(out: Path, vae, follow: bool = False, poll_seconds: float = 
         time.sleep(poll_seconds)
 
 
+@dataclass
+class Batch:
+    """Training rows from one bucket: latents (B, C, h/8, w/8) in fp32; `reference` None for a
+    bucket of examples without a second image."""
+
+    size: tuple[int, int]  # (w, h) in pixels
+    context: torch.Tensor
+    target: torch.Tensor
+    prompts: list[str]
+    reference: torch.Tensor | None = None
+
+
 class LatentChunks:
-    """All chunks on disk, grouped by size; `sample` draws a batch from one size bucket."""
+    """All chunks on disk, grouped into buckets by size and by whether an example has a second
+    image, so every batch has one sequence length; `sample` draws a batch from one bucket,
+    buckets weighted by their number of examples. A bucket's key is ((w, h), k) with k the
+    number of reference images (0 or 1)."""
 
     def __init__(self, out: Path):
         self.dir = Path(out) / "data"
         self.loaded: set[str] = set()
-        self.buckets: dict[tuple[int, int], dict] = {}
+        self.buckets: dict[tuple[tuple[int, int], int], dict] = {}
         self.refresh()
 
     def refresh(self) -> int:
@@ -140,29 +190,36 @@ class LatentChunks:
             if path.name in self.loaded:
                 continue
             blob = torch.load(path, weights_only=False)
-            b = self.buckets.setdefault(tuple(blob["size"]), {"context": [], "target": [], "prompts": [], "families": []})
-            for k in ("context", "target"):
-                b[k].append(blob[k])
-            b["prompts"] += blob["prompts"]
-            b["families"] += blob["families"]
+            size = tuple(blob["size"])
+            has_ref = blob.get("has_reference", torch.zeros(len(blob["prompts"]), dtype=torch.bool))
+            for k, rows in ((0, ~has_ref), (1, has_ref)):
+                if not rows.any():
+                    continue
+                b = self.buckets.setdefault((size, k), {"context": [], "target": [], "reference": [], "prompts": [], "families": []})
+                for key in ("context", "target", *(("reference",) if k else ())):
+                    b[key].append(blob[key][rows])
+                picked = rows.nonzero().flatten().tolist()
+                b["prompts"] += [blob["prompts"][i] for i in picked]
+                b["families"] += [blob["families"][i] for i in picked]
             self.loaded.add(path.name)
             new += 1
         for b in self.buckets.values():
-            for k in ("context", "target"):
-                if isinstance(b[k], list) and b[k]:
-                    b[k] = [torch.cat(b[k])]
+            for key in ("context", "target", "reference"):
+                if b[key]:
+                    b[key] = [torch.cat(b[key])]
         return new
 
     def __len__(self) -> int:
         return sum(len(b["prompts"]) for b in self.buckets.values())
 
-    def sample(self, batch: int, rng: random.Random) -> tuple[tuple[int, int], torch.Tensor, torch.Tensor, list[str]]:
+    def sample(self, batch: int, rng: random.Random) -> Batch:
         if not self.buckets:
             raise FileNotFoundError(f"no latent chunks in {self.dir}: run `incontext train data` first")
-        sizes = list(self.buckets)
-        weights = [len(self.buckets[s]["prompts"]) for s in sizes]
-        size = rng.choices(sizes, weights)[0]
-        b = self.buckets[size]
+        keys = list(self.buckets)
+        weights = [len(self.buckets[k]["prompts"]) for k in keys]
+        key = rng.choices(keys, weights)[0]
+        b = self.buckets[key]
         idx = [rng.randrange(len(b["prompts"])) for _ in range(batch)]
         t = torch.tensor(idx)
-        return size, b["context"][0][t].float(), b["target"][0][t].float(), [b["prompts"][i] for i in idx]
+        reference = b["reference"][0][t].float() if key[1] else None
+        return Batch(key[0], b["context"][0][t].float(), b["target"][0][t].float(), [b["prompts"][i] for i in idx], reference)

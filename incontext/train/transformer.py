@@ -128,7 +128,7 @@ def train_transformer(out: Path, model_cfg: NanoConfig, cfg: TransformerTrainCon
         step, elapsed = ck["step"], ck["extra"].get("elapsed", 0.0)
         log.info("resumed transformer from step %d (%.1f min)", step, elapsed / 60)
     elif init_from is not None:
-        _load_from_model_dir(Path(init_from), modules, ema)
+        _load_from_model_dir(Path(init_from), modules, ema, tokenizer=tok)
         log.info("initialised from %s", init_from)
     for k in modules:  # after loading: optimizer state and EMA follow their parameters' device
         modules[k].to(device)
@@ -180,9 +180,10 @@ def train_transformer(out: Path, model_cfg: NanoConfig, cfg: TransformerTrainCon
 
 
 def _step(m: sampler.Models, data: LatentChunks, cfg: TransformerTrainConfig, rng: random.Random, guided: bool) -> torch.Tensor:
-    (w, h), ctx, tgt, prompts = data.sample(cfg.batch, rng)
+    batch = data.sample(cfg.batch, rng)
+    (w, h), prompts = batch.size, batch.prompts
     dev = m.device
-    ctx, tgt = ctx.to(dev, non_blocking=True), tgt.to(dev, non_blocking=True)
+    ctx, tgt = batch.context.to(dev, non_blocking=True), batch.target.to(dev, non_blocking=True)
     b = len(prompts)
     dropped = torch.tensor([rng.random() < cfg.prompt_dropout for _ in range(b)], device=dev)
     prompts = ["" if d else p for p, d in zip(prompts, dropped)]
@@ -198,7 +199,12 @@ def _step(m: sampler.Models, data: LatentChunks, cfg: TransformerTrainConfig, rn
     t = _timesteps(b, math.exp(sampler.shift_mu(x0.shape[1], m.scheduler_config)), cfg.uniform_t).to(dev)
     xt = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * start
     target = start - x0
-    img_ids, txt_ids = (ids.to(dev) for ids in sampler.kontext_ids(h, w, m.vae_scale_factor, m.max_sequence_length))
+    # A second image follows the context in the sequence with RoPE index 2, as the sampler and
+    # the engine append a request's references; the flow's start, the copy target of dropped
+    # rows and the loss weights stay the context's alone.
+    images = [cond] if batch.reference is None else [cond, sampler.pack(batch.reference.to(dev, non_blocking=True))]
+    img_cond = torch.cat(images, dim=1)
+    img_ids, txt_ids = (ids.to(dev) for ids in sampler.kontext_ids(h, w, m.vae_scale_factor, m.max_sequence_length, len(images)))
     guidance = torch.full((b,), NEUTRAL_GUIDANCE, device=dev)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         if guided:
@@ -210,13 +216,13 @@ def _step(m: sampler.Models, data: LatentChunks, cfg: TransformerTrainConfig, rn
                     n = int(rows.sum())
                     txt_c, vec_c = sampler.encode_text(m, [p for p, r in zip(prompts, rows) if r] + [""] * n)
                     v = sampler.predict_velocity(
-                        m, img=xt[rows].repeat(2, 1, 1), img_cond=cond[rows].repeat(2, 1, 1), txt=txt_c, vec=vec_c,
+                        m, img=xt[rows].repeat(2, 1, 1), img_cond=img_cond[rows].repeat(2, 1, 1), txt=txt_c, vec=vec_c,
                         timesteps=(t[rows] * 1000).repeat(2), guidance=torch.full((2 * n,), NEUTRAL_GUIDANCE, device=dev), img_ids=img_ids, txt_ids=txt_ids,
                     ).float()
                     target[rows] += (guidance_strength(g) - 1).view(-1, 1, 1) * (v[:n] - v[n:])
         txt, vec = sampler.encode_text(m, prompts)
         pred = sampler.predict_velocity(
-            m, img=xt, img_cond=cond, txt=txt, vec=vec, timesteps=t * 1000, guidance=guidance, img_ids=img_ids, txt_ids=txt_ids,
+            m, img=xt, img_cond=img_cond, txt=txt, vec=vec, timesteps=t * 1000, guidance=guidance, img_ids=img_ids, txt_ids=txt_ids,
         )
     err = ((pred.float() - target) ** 2).mean(-1)
     w = _weights(x0, cond, cfg.edit_weight)
@@ -243,9 +249,50 @@ def _weights(x0: torch.Tensor, cond: torch.Tensor, edit_weight: float) -> torch.
     return 1.0 + edit_weight * changed.float()
 
 
-def _load_from_model_dir(path: Path, modules: dict, ema: dict) -> None:
+# New words' embedding rows, as a fraction of the old rows' spread: small, so a word the
+# model has never seen starts near nothing rather than as a random strong signal.
+NEW_WORD_SCALE = 0.01
+
+
+def _check_tokenizer_prefix(path: Path, tokenizer) -> int:
+    """The directory's vocabulary size, after checking each of its words has the same id in
+    `tokenizer` (words are only ever appended): else its embedding rows mean other words."""
+    from transformers import PreTrainedTokenizerFast
+
+    stored = PreTrainedTokenizerFast.from_pretrained(path / "tokenizer").get_vocab()
+    ours = tokenizer.get_vocab()
+    moved = [w for w, i in stored.items() if ours.get(w) != i]
+    if moved:
+        raise ValueError(f"{path}: its tokenizer gives {len(moved)} words other ids than ours (e.g. {moved[:5]}); "
+                         "new words must be appended to the vocabulary, not sorted in")
+    return len(stored)
+
+
+def _grow_embeddings(state: dict, mod: torch.nn.Module, name: str, generator: torch.Generator) -> dict:
+    """`state` with its token-embedding table grown to `mod`'s vocabulary: the stored rows
+    first (their ids are unchanged), new words' rows small around zero."""
+    table = mod.get_input_embeddings().weight
+    own = mod.state_dict()
+    out = dict(state)
+    for k, v in state.items():
+        if k not in own or own[k].shape == v.shape:
+            continue
+        if own[k].data_ptr() != table.data_ptr() or v.shape[1:] != own[k].shape[1:] or v.shape[0] > own[k].shape[0]:
+            raise ValueError(f"{name}.{k}: stored shape {tuple(v.shape)} does not fit {tuple(own[k].shape)}")
+        new = torch.randn(own[k].shape[0] - v.shape[0], *v.shape[1:], generator=generator) * (NEW_WORD_SCALE * v.float().std())
+        out[k] = torch.cat([v.float(), new])
+        log.info("%s.%s: %d new words' rows added to the %d stored", name, k, len(new), v.shape[0])
+    return out
+
+
+def _load_from_model_dir(path: Path, modules: dict, ema: dict, tokenizer=None) -> None:
+    """Load a model directory's weights; with `tokenizer` (ours, possibly with words appended
+    since the directory was made), grow its text embeddings to our vocabulary."""
     from safetensors.torch import load_file
 
+    if tokenizer is not None and (path / "tokenizer").is_dir():
+        _check_tokenizer_prefix(path, tokenizer)
+    generator = torch.Generator().manual_seed(0)
     for name, mod in modules.items():
         files = sorted((path / name).glob("*.safetensors"))
         if not files:
@@ -253,6 +300,8 @@ def _load_from_model_dir(path: Path, modules: dict, ema: dict) -> None:
         state = {}
         for f in files:
             state.update(load_file(f))
+        if name != "transformer":
+            state = _grow_embeddings(state, mod, name, generator)
         missing, unexpected = mod.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
         # safetensors stores a tied weight once (T5's embed_tokens is `shared`): not missing
         own = mod.state_dict()

@@ -123,8 +123,8 @@ def _emblem(scene: Scene, rng: random.Random) -> tuple[Scene, str, dict] | None:
 
 
 def _segment(scene: Scene, rng: random.Random) -> tuple[Scene, str, dict] | None:
-    if not scene.objects:
-        return None
+    if not scene.objects or scene.background.color == "black":
+        return None  # on black, a white object's mask is nearly the picture itself: nothing to learn or score
     i = rng.randrange(len(scene.objects))
     o = scene.objects[i]
     if sum(1 for p in scene.objects if (p.color, p.kind) == (o.color, o.kind)) != 1:

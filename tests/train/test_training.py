@@ -8,6 +8,7 @@ where that was (a checkpoint, a model directory) without comparing trained value
 
 from __future__ import annotations
 
+import copy
 import random
 import shutil
 from dataclasses import asdict
@@ -25,7 +26,7 @@ from incontext.models.loader import load_model
 from incontext.train.checkpoint import load_checkpoint
 from incontext.train.data import LatentChunks, chunk_seed, produce_chunks, render_chunks, size_for_chunk
 from incontext.train.export import export_model, load_vae
-from incontext.train.transformer import TRAINED, TransformerTrainConfig, _weights, load_trained, train_transformer
+from incontext.train.transformer import TRAINED, TransformerTrainConfig, _build, _load_from_model_dir, _step, _weights, load_trained, train_transformer
 from incontext.train.vae import VaeTrainConfig, train_vae
 from incontext.world.edits import make_example
 from incontext.world.language import vocabulary
@@ -155,7 +156,7 @@ def test_chunks_load_and_batches_come_from_one_size_bucket(run, model_cfg):
     data = LatentChunks(run)
     assert len(data) == CHUNK_SIZE * len(CHUNKS)
     sizes = {size_for_chunk(i) for i in CHUNKS}
-    assert set(data.buckets) == sizes and len(sizes) == 2
+    assert set(data.buckets) == {(size, 0) for size in sizes} and len(sizes) == 2  # no second images in these
 
     # Every sampled row is one example of its bucket: context, target and prompt together.
     examples = {}
@@ -164,7 +165,9 @@ def test_chunks_load_and_batches_come_from_one_size_bucket(run, model_cfg):
         examples.setdefault(tuple(blob["size"]), []).extend(zip(blob["context"], blob["target"], blob["prompts"]))
     rng, seen = random.Random(0), set()
     for _ in range(20):
-        (w, h), ctx, tgt, prompts = data.sample(4, rng)
+        batch = data.sample(4, rng)
+        (w, h), ctx, tgt, prompts = batch.size, batch.context, batch.target, batch.prompts
+        assert batch.reference is None
         seen.add((w, h))
         assert ctx.shape == tgt.shape == (4, model_cfg.latent_channels, h // 8, w // 8)
         assert ctx.dtype == tgt.dtype == torch.float32
@@ -257,6 +260,117 @@ def test_init_from_a_model_directory_starts_from_its_weights(run, model_cfg, tmp
             assert weights.keys() == stored[name].keys() | tied.keys()
             for k, v in weights.items():
                 assert torch.equal(v, stored[name][tied.get(k, k)].float()), f"{name}.{k}"
+
+
+# ---------------------------------------------------------------- second images (workflow families)
+
+MIXED = ("recolor", "bgref", "emblem")  # one family without a second image, two with one
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory, vae_run):
+    """A chunk of 8 examples, some with a second image and some without."""
+    out = tmp_path_factory.mktemp("mixed")
+    shutil.copy(vae_run / "vae.pt", out / "vae.pt")
+    produce_chunks(out, load_vae(out, fallback=None), 0, 1, chunk_size=8, families=MIXED)
+    return out
+
+
+def test_a_chunk_keeps_each_examples_second_image_beside_it(mixed_run, model_cfg):
+    blob = torch.load(mixed_run / "data" / "chunk_00000.pt", weights_only=False)
+    has = blob["has_reference"]
+    assert has.any() and not has.all()
+    assert list(has) == [f != "recolor" for f in blob["families"]]
+    assert blob["reference"].shape == blob["context"].shape
+    assert not blob["reference"][~has].any() and all(r.abs().sum() > 0 for r in blob["reference"][has])
+
+    ex = make_example(random.Random(chunk_seed(0)), size=size_for_chunk(0), families=MIXED)  # the chunk's first example
+    vae = load_vae(mixed_run, fallback=None)
+    m = sampler.Models(tokenizer=None, tokenizer_2=None, text_encoder=None, text_encoder_2=None, vae=vae, transformer=None, scheduler_config={})
+    w, h = blob["size"]
+    if ex.reference is not None:
+        with torch.no_grad():
+            expected = sampler.unpack(sampler.encode_images(m, [ex.reference]), h, w, m.vae_scale_factor)[0]
+        torch.testing.assert_close(blob["reference"][0].float(), expected, rtol=1e-2, atol=1e-2)
+
+    data = LatentChunks(mixed_run)
+    size = size_for_chunk(0)
+    assert set(data.buckets) == {(size, 0), (size, 1)}
+    assert len(data.buckets[(size, 1)]["prompts"]) == int(has.sum())
+    assert set(data.buckets[(size, 1)]["families"]) <= {"bgref", "emblem"} and set(data.buckets[(size, 0)]["families"]) == {"recolor"}
+    rng, kinds = random.Random(0), set()
+    for _ in range(30):
+        batch = data.sample(3, rng)
+        kinds.add(batch.reference is not None)
+        if batch.reference is not None:
+            assert batch.reference.shape == batch.context.shape and batch.reference.dtype == torch.float32
+    assert kinds == {True, False}
+
+
+def test_training_steps_on_a_mixed_chunk_see_the_second_image_after_the_context(mixed_run, model_cfg):
+    torch.manual_seed(0)
+    tok, clip, t5, transformer = _build(model_cfg)
+    from incontext.models.components import build_scheduler
+
+    m = sampler.Models(tokenizer=tok, tokenizer_2=tok, text_encoder=clip, text_encoder_2=t5, vae=load_vae(mixed_run, fallback=None),
+                       transformer=transformer, scheduler_config=dict(build_scheduler(model_cfg).config),
+                       max_sequence_length=model_cfg.max_text_tokens)
+    seen = []
+    transformer.register_forward_pre_hook(lambda mod, args, kwargs: seen.append((kwargs["hidden_states"].shape[1], kwargs["img_ids"])), with_kwargs=True)
+    params = [p for mod in (transformer, clip, t5) for p in mod.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    data, rng = LatentChunks(mixed_run), random.Random(1)
+    w, h = size_for_chunk(0)
+    n = (w // 16) * (h // 16)  # tokens of one image
+    for _ in range(6):
+        loss = _step(m, data, transformer_config(batch=2), rng, guided=True)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    # Context-only rows: target + context; rows with a second image: + n more, RoPE index 2.
+    assert {tokens for tokens, _ in seen} == {2 * n, 3 * n}
+    for tokens, img_ids in seen:
+        assert img_ids.shape == (tokens, 3)
+        assert img_ids[:, 0].unique().tolist() == list(range(tokens // n))
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_init_from_the_bundled_model_grows_its_text_embeddings_for_the_new_words():
+    """The bundled model's tokenizer has 153 tokens; the vocabulary has grown since. Its old
+    words keep their rows (so its prompts encode exactly as before), new words get small ones."""
+    from incontext.models.loader import load_model
+    from incontext.models.registry import BUNDLED_NANO_DIR
+
+    cfg = NanoConfig(vocab=vocabulary())
+    tok, clip, t5, transformer = _build(cfg)
+    modules = {"transformer": transformer, "text_encoder": clip, "text_encoder_2": t5}
+    ema = {k: copy.deepcopy(v) for k, v in modules.items()}
+    _load_from_model_dir(BUNDLED_NANO_DIR, modules, ema, tokenizer=tok)
+    bundled = load_model(BUNDLED_NANO_DIR, dtype=torch.float32)
+    old = len(bundled.tokenizer)
+    assert len(tok) > old
+    for ours, theirs in ((clip, bundled.text_encoder), (t5, bundled.text_encoder_2)):
+        grown, stored = ours.get_input_embeddings().weight, theirs.get_input_embeddings().weight
+        assert grown.shape[0] == len(tok) and torch.equal(grown[:old], stored)
+        assert grown[old:].abs().max() < 0.1 * stored.abs().max()
+    prompt = ["make the red circle blue"]
+    with torch.no_grad():
+        ids = tok(prompt, padding="max_length", max_length=cfg.max_text_tokens, return_tensors="pt").input_ids
+        assert torch.equal(ids, bundled.tokenizer(prompt, padding="max_length", max_length=cfg.max_text_tokens, return_tensors="pt").input_ids)
+        torch.testing.assert_close(t5.eval()(ids)[0], bundled.text_encoder_2(ids)[0])
+        torch.testing.assert_close(clip.eval()(ids).pooler_output, bundled.text_encoder(ids).pooler_output)
+
+
+def test_init_from_refuses_a_tokenizer_whose_words_moved(tmp_path, model_cfg):
+    from incontext.models.components import build_tokenizer
+
+    model = save_model_dir(build_components(model_cfg, seed=5), tmp_path / "model", dtype=torch.float16)
+    tok, clip, t5, transformer = _build(model_cfg)
+    shuffled = build_tokenizer(list(reversed(model_cfg.vocab)), model_cfg.max_text_tokens)
+    modules = {"transformer": transformer, "text_encoder": clip, "text_encoder_2": t5}
+    with pytest.raises(ValueError, match="appended"):
+        _load_from_model_dir(model, modules, {k: copy.deepcopy(v) for k, v in modules.items()}, tokenizer=shuffled)
 
 
 def test_transformer_without_chunks_says_to_run_train_data(run, model_cfg, tmp_path):

@@ -3,6 +3,8 @@
     incontext edit photo.png "make the red circle blue" -o out.png
     incontext edit room.png "put the lamp from the second image on the table" --reference lamp.png -o out.png
     incontext edit photo.png "make the sky pink" --mask sky.png -o out.png   # white: may change
+    incontext workflow object-removal photo.png "the red circle" -o out.png --mask-out removed.png
+    incontext workflow logo-placement photo.png --reference logo.png -o out.png   # picks a spot, prints it
     incontext models
     incontext serve --port 8000
 """
@@ -113,8 +115,10 @@ def edit(
 
 def _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, model_id, preserve_mode, references=(), mask=None):
     """(the name outputs give the model, [(image, region mask, changed share)] for each output), edited here.
-    The edited image decides the output's size; each reference is fitted to it; `mask` (a path)
-    bounds where the output may differ from the input."""
+    The edited image decides the output's size; each reference is fitted to it; `mask` (a path
+    or an "L" image) bounds where the output may differ from the input."""
+    from PIL import Image
+
     from incontext import imageio, preserve, sampler
     from incontext.models.loader import load_model
     from incontext.models.registry import default_registry
@@ -124,7 +128,8 @@ def _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, 
     allowed = None
     if mask is not None:
         try:
-            allowed = preserve.as_mask(imageio.load_image(mask), src.size)
+            # A path, or a mask already made (a workflow's placement).
+            allowed = preserve.as_mask(mask if isinstance(mask, Image.Image) else imageio.load_image(mask), src.size)
         except ValueError as e:
             raise IncontextError(f"--mask: {e}", code="INVALID_MASK") from None
     if not prompt.strip():
@@ -203,6 +208,104 @@ def _follow(client, run_id: str) -> dict:
                 raise
         progress.update(task, description="waiting for the server")  # no event stream there: poll
         return client.wait(run_id)
+
+
+@app.command()
+def workflow(
+    name: str = typer.Argument(..., help="object-removal, background-replace, logo-placement or segmentation."),
+    image: Path = typer.Argument(..., help="Input image."),
+    prompt: Optional[str] = typer.Argument(None, help='What to remove or segment ("the red circle"); for the others, the whole instruction (optional).'),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="background-replace: the background's image; logo-placement: the logo."),
+    mask: Optional[Path] = typer.Option(None, help="logo-placement: where the logo may go (white); without it a spot is picked."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output image (.png keeps the kept pixels bit for bit)."),
+    mask_out: Optional[Path] = typer.Option(None, "--mask-out", help="Also write the workflow's mask (the region changed; segmentation: the mask)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (printed)."),
+    steps: Optional[int] = typer.Option(None, min=1, max=50, help="Denoising steps (default: the model's)."),
+    server: Optional[str] = typer.Option(None, help="Run it on an incontext server at this URL instead of here."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="INCONTEXT_API_KEY", help="Key for --server."),
+) -> None:
+    """Run a workflow (docs/workflows.md) on IMAGE: one edit by the default model, and what the
+    workflow reports (mask, boxes, placement)."""
+    from incontext import imageio, workflows
+
+    try:
+        if name not in workflows.WORKFLOWS:
+            raise IncontextError(f"no workflow {name!r}; workflows: {', '.join(workflows.WORKFLOWS)}", code="INVALID_INPUT")
+        flow = workflows.WORKFLOWS[name]
+        seed = seed if seed is not None else random.randrange(2**31)
+        # The input as the server takes it, files for URLs: the same schema checks it.
+        extra = [f for f in flow.input.model_fields if f.endswith("_image_url") and f != "mask_image_url"]
+        given = {"image_url": image, "prompt": prompt, "mask_image_url": mask, "seed": seed, "num_inference_steps": steps,
+                 **({extra[0]: reference} if extra else {})}
+        fields = {k: str(v) if isinstance(v, Path) else v for k, v in given.items() if v is not None}
+        for key, value in fields.items():
+            if key.endswith("_url") and not Path(value).is_file():
+                raise IncontextError(f"no such file: {value}", code="INVALID_INPUT")
+        try:
+            inp = flow.input.model_validate(fields)
+        except Exception as e:  # pydantic's ValidationError: name the option, not the JSON field
+            option = {"reference_image_url": "--reference", "logo_image_url": "--reference", "prompt": "PROMPT"}
+            wrong = ", ".join(option.get(str(err["loc"][0]), str(err["loc"][0])) + f": {err['msg']}" for err in e.errors())
+            raise IncontextError(f"{name}: {wrong}", code="INVALID_INPUT") from None
+        image_out, mask_img, extra_out = (_workflow_remote if server else _workflow_local)(flow, inp, fields, server, api_key)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_bytes(imageio.encode_image(image_out, imageio.format_from_suffix(output), provenance=imageio.Provenance(flow.id, composite=True)))
+        console.print(f"wrote {output} ({image_out.width}×{image_out.height}, seed {seed})", highlight=False)
+        if mask_out is not None and mask_img is not None:
+            mask_out.parent.mkdir(parents=True, exist_ok=True)
+            mask_out.write_bytes(imageio.encode_image(mask_img, "png"))
+            console.print(f"wrote {mask_out} (the mask)", highlight=False)
+        for key, value in extra_out.items():
+            console.print(f"{key}: {value}", highlight=False)
+    except IncontextError as e:
+        _fail(e)
+    except Exception as e:  # the server's answers, with --server
+        from incontext.client import APIError, RunError
+
+        if isinstance(e, APIError):
+            _fail(e)
+        if isinstance(e, RunError):
+            _fail(IncontextError(f"run {e.run.get('id')}: {e.run.get('failure_message') or e}", code=e.run.get("failure_code") or "RUN_FAILED"))
+        raise
+
+
+def _workflow_local(flow, inp, fields, server, api_key):
+    """(image, mask, {boxes, placement}) of a workflow run here, as the server runs it."""
+    from incontext import imageio, preserve, workflows
+
+    plan = flow.plan(inp)
+    source = imageio.load_image(plan.images[0])
+    mask, box, prompt = None, None, plan.prompt
+    if plan.mask is not None:  # stretched to the image as the server stretches it
+        try:
+            mask = preserve.as_mask(imageio.load_image(plan.mask), source.size)
+        except ValueError as e:
+            raise IncontextError(f"--mask: {e}", code="INVALID_MASK") from None
+    if plan.place:  # as submission.prepare does: the mask's box, or a spot picked here
+        box = workflows.mask_box(mask) if mask is not None else workflows.placement(source, imageio.load_image(plan.images[1]).size)
+        mask = mask if mask is not None else workflows.box_mask(source.size, box)
+        prompt = prompt.replace("{position}", workflows.position_name(box, source.size))
+    _, results = _edit_local(plan.images[0], prompt, inp.seed, inp.guidance_scale, inp.num_inference_steps, 1, None, None,
+                             plan.preserve, list(plan.images[1:]), mask)
+    image, region, _ = results[0]
+    done = workflows.finish(flow.id, image, region, source_size=source.size, placement_box=box)
+    return done.image, done.mask, done.extra
+
+
+def _workflow_remote(flow, inp, fields, server, api_key):
+    """(image, mask, {boxes, placement}) of a workflow run by the server at `server`."""
+    import base64
+
+    from incontext import imageio
+    from incontext.client import Client
+
+    body = {k: "data:image/png;base64," + base64.b64encode(Path(v).read_bytes()).decode() if k.endswith("_url") else v
+            for k, v in fields.items()}
+    with Client(server, api_key or "") as client:
+        run = _follow(client, client.submit(flow.id, {**body, "sync_mode": True})["id"])
+    out = run["output"]["outputs"][0]
+    mask = imageio.decode_data_uri(out["mask_url"]).convert("L") if out.get("mask_url") else None
+    return imageio.decode_data_uri(out["url"]), mask, {k: out[k] for k in ("boxes", "placement") if k in out}
 
 
 @app.command()

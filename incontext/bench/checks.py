@@ -23,6 +23,9 @@ family is checked by asking the output the question a person would ask of it:
   for its hat, three eyes for two), and is the background the requested colour? Shapes asked
   for beside it: on some spot beside it (the instruction names no side), is each in its colour,
   and of all shapes drawn there, does the requested one fit best?
+- bgref: does the background, away from the objects, look like the second image's (the target's)?
+- emblem: where it was asked for, are the emblem's outer and inner shapes in their colours?
+- segment: does the output, split at mid-grey, cover the object's exact mask (IoU)?
 
 and, for every family, the rest of the image is preserved reasonably (`PRESERVE_MIN_DB`); a family
 that repaints every pixel (`WHOLE_IMAGE`) must instead stay that close to the target.
@@ -41,6 +44,7 @@ from PIL import Image
 from incontext.world.character import BESIDE_SIZE, SHAPE_REACH, beside_spots
 from incontext.world.creature import ACCESSORIES, BODIES, EYES, MARKINGS
 from incontext.world.edits import Example
+from incontext.world.workflows import exact_mask
 from incontext.world.scene import (
     COLORS, ROTATED_SHAPES, SHAPES, Scene, Shape, creature_masks, object_mask, pattern_mask, render, word_mask,
 )
@@ -56,7 +60,9 @@ OBJECT_MARGIN = 2  # pixels around objects left out of the background
 CREATURE_TRAITS = {"body": BODIES, "eyes": EYES, "marking": MARKINGS, "accessory": ACCESSORIES}
 MIN_TRAIT_PIXELS = 3  # a trait cut down to fewer pixels than this (at the image border) is not asked about
 HALF_WAY = 0.5  # a look's overall change (luminance, chroma) must reach this fraction of the target's
-WHOLE_IMAGE = ("grayscale", "invert", "night", "outline", "pixelate", "pastel")
+# A mask image repaints every pixel too (segment).
+WHOLE_IMAGE = ("grayscale", "invert", "night", "outline", "pixelate", "pastel", "segment")
+SEGMENT_MIN_IOU = 0.8  # of the output's white (over mid-grey) and the object's exact mask
 
 
 # ---------------------------------------------------------------- metrics
@@ -363,6 +369,35 @@ def _grayscale(ex: Example, output: Image.Image) -> bool:
     return bool(colored.any()) and float(chroma(output)[colored].mean()) < COLORLESS
 
 
+def _bgref(ex: Example, output: Image.Image) -> bool:
+    region = ~dilate(_object_pixels(ex), OBJECT_MARGIN)
+    return toward_target(ex, output, region & clearly_changed(ex))
+
+
+def _emblem(ex: Example, output: Image.Image) -> bool:
+    i = ex.info["index"]
+    outer, inner = object_mask(ex.target_scene, i), object_mask(ex.target_scene, i + 1)
+    ring, middle = _core(outer & ~inner), _core(inner)
+    inner_shows = middle.sum() < MIN_TRAIT_PIXELS or is_color(output, middle, ex.info["inner_color"])
+    return is_color(output, ring, ex.info["color"]) and inner_shows and toward_target(ex, output, outer & clearly_changed(ex))
+
+
+def mask_iou(output: Image.Image, mask: np.ndarray) -> float:
+    """IoU of the output's light pixels (luminance over mid-grey) and `mask`."""
+    light = luminance(output) > 127.5
+    union = int((light | mask).sum())
+    return float((light & mask).sum()) / union if union else 1.0
+
+
+def _segment(ex: Example, output: Image.Image) -> bool:
+    """The IoU is high, and the output is a mask: white where the object is, black elsewhere
+    (a light object on a dark scene, left as it was, has a high IoU too)."""
+    mask = exact_mask(ex)
+    inside, outside = _core(mask), erode(~mask)
+    white = is_color(output, inside, "white") and float(np.median(chroma(output)[inside])) < COLORLESS
+    return mask_iou(output, mask) >= SEGMENT_MIN_IOU and white and is_color(output, outside, "black")
+
+
 CHECKS: dict[str, Callable[[Example, Image.Image], bool]] = {
     "recolor": _recolor,
     "remove": _remove,
@@ -380,6 +415,9 @@ CHECKS: dict[str, Callable[[Example, Image.Image], bool]] = {
     "pastel": _pastel,
     "text": _text,
     "creature": _creature,
+    "bgref": _bgref,
+    "emblem": _emblem,
+    "segment": _segment,
 }
 
 

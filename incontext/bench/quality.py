@@ -10,7 +10,10 @@ Each row is an editor, a function (example, input image) → output image, run o
    (to the original image, outside the union of the edit masks so far) after turn 1 and after
    the last turn, and the drift between them.
 PSNRs over several images are the dB of their mean squared error, so a few perfect images do
-not make a mean infinite.
+not make a mean infinite. Where the held-out set has workflow families (`--families workflows`:
+removal, a background from a second image, an emblem, a mask), each row also carries their
+exact-mask figures (bench/workflows.py). An example's second image reaches the model as a
+request's references do (`EditRequest.references`, `sampler.denoise(references=…)`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from PIL import Image
 
 from incontext import preserve, sampler
-from incontext.bench import checks, heldout
+from incontext.bench import checks, heldout, workflows
 from incontext.bench.report import write_report
 from incontext.engine.caches import image_key
 from incontext.errors import InvalidInput
@@ -83,11 +86,13 @@ class ModelEditor:
     seconds: list[float] = field(default_factory=list)  # per denoised (not memoised) edit
 
     def __call__(self, example: Example, image: Image.Image) -> Image.Image:
-        key = (example.instruction, image_key(image), self.seed + self.calls)
+        references = _references(example)
+        key = (example.instruction, image_key(image), *map(image_key, references), self.seed + self.calls)
         self.calls += 1
         start = time.perf_counter()
         if key not in self.memo:
-            latents, img_cond = sampler.denoise(self.models, image, example.instruction, seeds=[key[2]], num_steps=self.steps, guidance=self.guidance)
+            latents, img_cond = sampler.denoise(self.models, image, example.instruction, seeds=[key[-1]], num_steps=self.steps,
+                                                guidance=self.guidance, references=references)
             raw = sampler.decode(self.models, latents, image.height, image.width)[0]
             self.memo[key] = (raw, sampler.change_map(latents, img_cond, image.height, image.width, self.models.vae_scale_factor)[0])
             self.seconds.append(time.perf_counter() - start)
@@ -127,10 +132,17 @@ class EngineEditor:
         from incontext.engine.protocol import EditRequest
 
         request = EditRequest(f"quality-{self.calls}", self.model_id, example.instruction, image, image.width, image.height,
-                              self.seed + self.calls, guidance_scale=self.guidance, num_inference_steps=self.steps)
+                              self.seed + self.calls, guidance_scale=self.guidance, num_inference_steps=self.steps,
+                              references=_references(example))
         self.calls += 1
         result = self.engine.submit(request).result()
         return preserve.preserve(result.images[0], result.change_maps[0], context=image, mode=self.preserve).image
+
+
+def _references(example: Example) -> tuple[Image.Image, ...]:
+    """The example's second image, as a request's references: world references are drawn at
+    the context's size, which is what the sampler and the engine expect."""
+    return () if example.reference is None else (example.reference,)
 
 
 def drift_on_cached_latents(preset, models: sampler.Models, sequences: list[list[Example]], *, steps: int, guidance: float,
@@ -238,6 +250,9 @@ def score_row(name: str, editor: Editor, heldout_set: dict[str, list[Example]], 
         "drift": drift_scores(sequences, outputs.turns),
         "seconds_per_edit": None,
     }
+    scores = workflows.workflow_scores(heldout_set, outputs.images, outputs.verdicts)
+    if scores:
+        row["workflows"] = scores
     return row, outputs
 
 

@@ -86,6 +86,25 @@ def drift_table(results: dict) -> tuple[list[str], list[list[str]]]:
     return headers, lines
 
 
+def workflow_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """One line per workflow family and row: success, the family's own exact-mask figure, and
+    the subject kept (PSNR to the input outside the change; share at the 40 dB goal)."""
+    headers = ["family", "row", "n", "success", "figure", "value", "kept dB", "kept ≥ 40 dB"]
+    names = {"fill_psnr": "removed object filled, dB", "background_psnr": "background taken, dB", "box_psnr": "emblem in its box, dB",
+             "iou": "mask IoU"}
+    lines = []
+    for family in results["families"]:
+        for row in results["rows"]:
+            s = row.get("workflows", {}).get(family)
+            if s is None:
+                continue
+            figure = next(k for k in names if k in s)
+            value = f"{s[figure]:.2f}" if figure == "iou" else fmt_db(s[figure])
+            lines.append([family, row["name"], str(s["n"]), fmt_rate(s["success"]), names[figure], value,
+                          fmt_db(s["kept_psnr"]) if "kept_psnr" in s else "–", fmt_rate(s.get("kept_at_goal"))])
+    return headers, lines
+
+
 def markdown_table(headers: list[str], lines: list[list[str]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in lines]
@@ -124,7 +143,7 @@ Model `{results["model"]}` ({results["directory"]}): {results["steps"]} steps, g
 
 {markdown_table(*family_table(results))}
 
-## Multi-turn drift
+{_workflow_section(results)}## Multi-turn drift
 
 {markdown_table(*drift_table(results))}
 
@@ -133,6 +152,20 @@ Model `{results["model"]}` ({results["directory"]}): {results["steps"]} steps, g
 ## Examples (input | {results["model"]} | its raw output, preserve off | target)
 
 {grids}
+"""
+
+
+def _workflow_section(results: dict) -> str:
+    if not any("workflows" in row for row in results["rows"]):
+        return ""
+    return f"""## Workflows
+
+Exact-mask figures (`incontext/bench/workflows.py`): the removed object's pixels against what was
+behind it, the background against the second image's, the emblem's box against the target's, the
+output split at mid-grey against the object's mask (IoU); **kept**: PSNR to the input outside the change.
+
+{markdown_table(*workflow_table(results))}
+
 """
 
 
@@ -177,13 +210,15 @@ def grid(rows: list[list[Image.Image | None]], captions: list[str], columns: lis
 
 def family_grid(examples: list[Example], outputs: list[Image.Image], verdicts: list[Verdict | None], model: str,
                 raw: list[Image.Image] | None = None) -> Image.Image:
-    """input | the model's output (preserve auto) | its raw output (preserve off) | target."""
+    """input | second image, where the family has one | the model's output (preserve auto) |
+    its raw output (preserve off) | target."""
     rows, captions = [], []
+    second = any(ex.reference is not None for ex in examples)
     for i, (ex, out, v) in enumerate(list(zip(examples, outputs, verdicts))[:GRID_ROWS]):
-        rows.append([ex.context, out, *([raw[i]] if raw else []), ex.target])
+        rows.append([ex.context, *([ex.reference] if second else []), out, *([raw[i]] if raw else []), ex.target])
         captions.append(f"{ex.instruction}  [{_verdict_caption(v)}]")
     name = Path(model).name or model
-    return grid(rows, captions, ["input", name, *(["preserve off"] if raw else []), "target"])
+    return grid(rows, captions, ["input", *(["second image"] if second else []), name, *(["preserve off"] if raw else []), "target"])
 
 
 def _verdict_caption(v: Verdict | None) -> str:

@@ -120,3 +120,35 @@ def test_an_unknown_family_is_refused_with_a_code(model_dir, tmp_path):
     result = CliRunner().invoke(_cli(), ["bench", "quality", "--model", str(model_dir), "--families", "recolor,teleport", "--out", str(tmp_path)])
     assert result.exit_code == 1
     assert "INVALID_INPUT" in result.output and "teleport" in result.output
+
+
+def test_workflow_rows_score_each_family_against_its_exact_mask(model_dir, tmp_path, monkeypatch):
+    from incontext import sampler
+
+    calls = []
+    denoise = sampler.denoise
+
+    def spy(m, image, prompt, **kwargs):
+        calls.append((prompt, len(kwargs.get("references", ()))))
+        return denoise(m, image, prompt, **kwargs)
+
+    monkeypatch.setattr(sampler, "denoise", spy)
+    results = run_quality(str(model_dir), 2, tmp_path, turns=1, steps=1, dtype="float32", drift_scenes=1, families="workflows")
+    assert results["families"] == ["remove", "bgref", "emblem", "segment"]
+    # The second image reaches the model as a request's reference does; other edits have none.
+    second = {"second", "other", "emblem", "logo"}
+    assert calls and all(refs == (1 if second & set(prompt.split()) else 0) for prompt, refs in calls)
+    assert any(refs for _, refs in calls)
+
+    truth, identity, model = _row(results, GROUND_TRUTH), _row(results, IDENTITY), results["rows"][0]
+    t, i, m = truth["workflows"], identity["workflows"], model["workflows"]
+    assert set(t) == set(i) == set(m) == {"remove", "bgref", "emblem", "segment"}
+    assert all(t[f]["success"] == 1.0 and i[f]["success"] == 0.0 for f in t)
+    assert t["remove"]["fill_psnr"] == t["bgref"]["background_psnr"] == t["emblem"]["box_psnr"] == math.inf
+    assert t["segment"]["iou"] == 1.0 and i["segment"]["iou"] < 0.5
+    assert all(i[f]["kept_psnr"] == math.inf and i[f]["kept_at_goal"] == 1.0 for f in ("remove", "bgref", "emblem"))
+    assert i["remove"]["fill_psnr"] < 30  # the object left in place is not the background
+    assert not any(math.isnan(m[f]["kept_psnr"]) for f in ("remove", "bgref", "emblem"))
+    assert 0.0 <= m["segment"]["iou"] <= 1.0 and 0.0 <= m["remove"]["kept_at_goal"] <= 1.0
+    report = (tmp_path / "report.md").read_text()
+    assert "## Workflows" in report and "mask IoU" in report and "emblem in its box" in report

@@ -1,0 +1,66 @@
+"""The workflow scores (issue 20) of one benchmark row, from each example's exact mask.
+
+- remove: the removed object's pixels filled with what was behind it (PSNR to the target there);
+- bgref: the background taken from the second image (PSNR to the target on the background);
+- emblem: the emblem at the place asked (PSNR to the target in the emblem's box, grown 2 px);
+- segment: IoU of the output split at mid-grey against the object's exact mask;
+
+and for the first three, the subject kept: PSNR to the input outside the change (the edit
+mask), with the share of examples at or over the 40 dB goal. Success is the checks' own
+(`checks.CHECKS`). PSNRs over several images are the dB of their mean squared error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+from incontext.bench import checks
+from incontext.world.edits import Example
+from incontext.world.workflows import BENCH_FAMILIES, exact_mask
+
+KEPT_GOAL_DB = 40.0
+BOX_MARGIN = 2  # pixels around the emblem: a model that draws it a little off still lands in its box
+
+# What each family's own figure is called, and what it measures.
+FIGURES = {"remove": "fill_psnr", "bgref": "background_psnr", "emblem": "box_psnr", "segment": "iou"}
+
+
+def box(mask: np.ndarray, margin: int = BOX_MARGIN) -> np.ndarray:
+    """The mask's bounding box grown by `margin` pixels, as a boolean mask."""
+    ys, xs = np.nonzero(mask)
+    out = np.zeros_like(mask)
+    out[max(0, ys.min() - margin) : ys.max() + margin + 1, max(0, xs.min() - margin) : xs.max() + margin + 1] = True
+    return out
+
+
+def _region(ex: Example) -> np.ndarray:
+    mask = exact_mask(ex)
+    return box(mask) if ex.family == "emblem" else mask
+
+
+def _db_of_mean(errors: list[float]) -> float:
+    errors = [e for e in errors if not math.isnan(e)]
+    return checks.db(float(np.mean(errors))) if errors else math.nan
+
+
+def family_scores(examples: list[Example], outputs: list[Image.Image], verdicts: list) -> dict:
+    """One workflow family's figures for one row."""
+    family = examples[0].family
+    scored = [v for v in verdicts if v is not None]
+    out = {"n": len(examples), "success": sum(v.success for v in scored) / len(scored) if scored else None}
+    if family == "segment":
+        out["iou"] = float(np.mean([checks.mask_iou(o, exact_mask(ex)) for ex, o in zip(examples, outputs)]))
+        return out
+    out[FIGURES[family]] = _db_of_mean([checks.mse(o, ex.target, _region(ex)) for ex, o in zip(examples, outputs)])
+    kept = [checks.mse(o, ex.context, ~ex.mask) for ex, o in zip(examples, outputs)]
+    out["kept_psnr"] = _db_of_mean(kept)
+    out["kept_at_goal"] = float(np.mean([checks.db(e) >= KEPT_GOAL_DB for e in kept]))
+    return out
+
+
+def workflow_scores(heldout_set: dict[str, list[Example]], images: dict[str, list[Image.Image]], verdicts: dict[str, list]) -> dict:
+    """{family: figures} for the workflow families in the held-out set (removal among them)."""
+    return {f: family_scores(heldout_set[f], images[f], verdicts[f]) for f in BENCH_FAMILIES if heldout_set.get(f)}

@@ -46,6 +46,24 @@ START_TIMEOUT_S = 600
 FETCH_TIMEOUT_S = 5
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout_s: float = START_TIMEOUT_S) -> None:
+    """Until the server subprocess answers /v1/health; raises if it exits or takes too long."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}: see {log}")
+        try:
+            if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start in {timeout_s} s: see {log}")
+        time.sleep(0.2)
+
+
 def palette_bomb() -> bytes:
     from PIL import Image
 
@@ -167,18 +185,7 @@ def run_load(out: Path, *, bombs: int = 4, tricklers: int = 40, batch: int = 48,
     trickle = TrickleHost(interval_s=0.1)
     sampler = None
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {proc.returncode}: see {out / 'server.log'}")
-            try:
-                if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start in {START_TIMEOUT_S} s")
-            time.sleep(0.2)
+        wait_healthy(proc, url, out / "server.log")
         sampler = RssSampler(proc.pid)
 
         with httpx.Client(base_url=url, headers=headers, timeout=120) as client, \

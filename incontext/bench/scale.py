@@ -34,10 +34,9 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from incontext.bench.load import _free_port, small_image
+from incontext.bench.load import _free_port, small_image, wait_healthy
 
 RUNS = "/v1/models/flux-pro/kontext/runs"
-START_TIMEOUT_S = 600
 RUN_TIMEOUT_S = 900
 KEY = "scale-bench-key"
 
@@ -45,8 +44,6 @@ KEY = "scale-bench-key"
 @contextmanager
 def _server(out: Path, name: str, database_url: str | None, replicas: int | None, env_extra: dict[str, str]):
     """A server subprocess (replicas None: the single-process one), yielding its base URL."""
-    import httpx
-
     port = _free_port()
     data_dir = Path(tempfile.mkdtemp(prefix="incontext-scale-"))
     env = {
@@ -69,18 +66,7 @@ def _server(out: Path, name: str, database_url: str | None, replicas: int | None
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name}: the server exited with {proc.returncode}: see {log.name}")
-            try:
-                if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name}: the server did not start in {START_TIMEOUT_S} s")
-            time.sleep(0.5)
+        wait_healthy(proc, url, Path(log.name))
         yield url
     finally:
         # SIGINT: a Ray server shuts its cluster down (the workers drain) before it exits; then

@@ -31,13 +31,20 @@ from .helpers import EngineDouble
 
 KEY = "key-a"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+from incontext.workflows import WORKFLOWS  # noqa: E402 (beside the operations it names)
+
 EXAMPLES_PER_OPERATION = 12  # × 2 modes × 45 operations
 # Operations that take an image whose content decides: a string or file part no schema can tell
 # from an image the server fetches or decodes. A request the document calls valid may be refused
 # there, but only with a documented 4xx that names the image, or a 422 naming fields it sent whose
 # rule the document states in words (_names_a_sent_field); every other check
 # (no 5xx, status, content type, body schema) holds for them as for every operation.
-IMAGE_CONTENT = {"POST /v1/flux-kontext-pro", "POST /v1/images/edits", "POST /v1/predictions"}
+IMAGE_CONTENT = {"POST /v1/flux-kontext-pro", "POST /v1/images/edits", "POST /v1/predictions"} | {
+    # The workflows' fixed paths (routes/workflows.py) run whatever image they are sent, on the
+    # runs API and on fal's; the runs API's own {model_id:path} route meets unknown models first.
+    f"POST {prefix}{workflow}{suffix}" for workflow in WORKFLOWS
+    for prefix, suffix in (("/v1/models/", "/runs"), ("/fal-ai/", ""), ("/queue/fal-ai/", ""))
+}
 
 
 def _names_a_sent_field(case, response) -> bool:

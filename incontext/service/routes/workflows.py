@@ -31,7 +31,9 @@ router = APIRouter(prefix="/v1", tags=["workflows"])
 # whose {app:path} routes take a model's input.
 fal_router = APIRouter(tags=["fal"], route_class=surfaces.route_class(bfl.render_error))
 
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", description="same key + same body replays the first response")]
+# Bounded in the document as store.check_idempotency_key bounds it.
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255,
+                                              description="same key + same body replays the first response")]
 
 
 def edit_input(plan: workflows.Plan, inp: workflows.WorkflowInput) -> KontextInput:

@@ -114,45 +114,29 @@ def edit(
 
 
 def _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, model_id, preserve_mode, references=(), mask=None):
-    """(the name outputs give the model, [(image, region mask, changed share)] for each output), edited here.
+    """(the name outputs give the model, [(image, region mask, changed share)] for each output),
+    edited here on the server's engine (localedit.py): every model family the server serves.
     The edited image decides the output's size; each reference is fitted to it; `mask` (a path
-    or an "L" image) bounds where the output may differ from the input."""
+    or an "L" image: a workflow's placement) bounds where the output may differ from the input."""
     from PIL import Image
 
-    from incontext import imageio, preserve, sampler
-    from incontext.models.loader import load_model
-    from incontext.models.registry import default_registry
+    from incontext import imageio
+    from incontext.localedit import LocalEdit, edit_here
+    from incontext.settings import Settings
 
-    src = imageio.load_image(image)
-    extra = [imageio.load_image(r) for r in references]
-    allowed = None
-    if mask is not None:
-        try:
-            # A path, or a mask already made (a workflow's placement).
-            allowed = preserve.as_mask(mask if isinstance(mask, Image.Image) else imageio.load_image(mask), src.size)
-        except ValueError as e:
-            raise IncontextError(f"--mask: {e}", code="INVALID_MASK") from None
-    if not prompt.strip():
-        raise IncontextError("the prompt is empty: say what to change", code="INVALID_INPUT")
-    preset = default_registry().resolve(model_id)
-    w, h = imageio.output_size(src.width, src.height, aspect_ratio, target_area=preset.target_area, multiple=preset.multiple)
-    steps = steps or preset.num_inference_steps
-    guidance = guidance if guidance is not None else preset.guidance_scale
-    with console.status(f"loading {preset.id}"):
-        m = load_model(preset.directory, max_sequence_length=preset.max_sequence_length)
-    fitted = imageio.fit_to_size(src, w, h)
-    fitted_references = tuple(imageio.fit_to_size(r, w, h) for r in extra)
-    with Progress(TextColumn("editing"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn(), console=console, transient=False) as progress:
-        task = progress.add_task("denoise", total=steps)
-        latents, img_cond = sampler.denoise(
-            m, fitted, prompt, seeds=[seed + i for i in range(num_images)], num_steps=steps,
-            guidance=guidance, on_step=lambda done, total: progress.update(task, completed=done), references=fitted_references,
-        )
-        edited = sampler.decode(m, latents, h, w)
-    changes = sampler.change_map(latents, img_cond, h, w, m.vae_scale_factor)
-    source = src if imageio.keeps_framing(aspect_ratio, src.width, src.height) else None
-    kept = [preserve.preserve(img, c, context=fitted, source=source, mode=preserve_mode, mask=allowed) for img, c in zip(edited, changes)]
-    return preset.weights_name, [(k.image, k.mask, k.changed_share) for k in kept]
+    settings = Settings()
+    request = LocalEdit(
+        image=imageio.load_image(image), prompt=prompt, seed=seed, model=model_id, num_images=num_images, guidance_scale=guidance,
+        num_inference_steps=steps, aspect_ratio=aspect_ratio, preserve=preserve_mode,
+        references=tuple(imageio.load_image(r) for r in references),
+        mask=mask if isinstance(mask, Image.Image) or mask is None else imageio.load_image(mask),
+    )
+    columns = (TextColumn("editing"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("denoise", total=None)
+        name, kept = edit_here(request, model_dirs=settings.model_dirs, default_dir=settings.model_dir,
+                               on_step=lambda done, total: progress.update(task, completed=done, total=total))
+    return name, [(k.image, k.mask, k.changed_share) for k in kept]
 
 
 def _edit_remote(server, api_key, image, prompt, seed, guidance, steps, num_images, aspect_ratio, model_id, fmt, preserve_mode, return_mask, references=(), mask=None):

@@ -141,3 +141,19 @@ def test_reference_images_change_the_edit_and_are_fitted_to_the_output(tiny_mode
 
     r = runner.invoke(app, ["edit", str(src), "x", "-o", str(tmp_path / "o.png"), *common, *["--reference", str(ref)] * 4])
     assert r.exit_code == 1 and "INVALID_INPUT" in r.output and "--reference" in r.output
+
+
+def test_edit_runs_every_model_family_here(tmp_path):
+    """The CLI edits through the server's engine, so a FLUX.2 [klein] or Qwen-Image-Edit
+    directory edits as the Kontext one does: with a reference image, at the input's size."""
+    from incontext.testing import tiny_klein_dir, tiny_qwen_edit_dir
+
+    src = shapes_png(tmp_path / "in.png")
+    ref = shapes_png(tmp_path / "ref.png", size=(40, 40))
+    for name, directory in (("klein", tiny_klein_dir(tmp_path / "klein")), ("qwen", tiny_qwen_edit_dir(tmp_path / "qwen"))):
+        out = tmp_path / f"{name}.png"
+        r = runner.invoke(app, ["edit", str(src), "make the red circle blue", "-o", str(out), "--model", str(directory),
+                                "--reference", str(ref), "--seed", "3", "--steps", "2"])
+        assert r.exit_code == 0, r.output
+        assert Image.open(out).size == (90, 60)
+        assert Image.open(out).info["Source"] == name

@@ -36,7 +36,7 @@ def quality(
     guidance: Annotated[float | None, typer.Option(min=1.0, max=20.0, help="Guidance scale (default: the model's).")] = None,
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto (bf16 only where the CPU has bf16 units), bfloat16, float16 or float32.")] = "auto",
     turns: Annotated[int, typer.Option(min=1, help="Successive edits per multi-turn drift sequence.")] = 5,
-    families: Annotated[str, typer.Option(help="all, basic (recolor, remove, add, move, background, grayscale) or a comma-separated list.")] = "all",
+    families: Annotated[str, typer.Option(help="all, basic (recolor, remove, add, move, background, grayscale), workflows (remove, bgref, emblem, segment) or a comma-separated list.")] = "all",
 ) -> None:
     """Score a model on the held-out set beside "input unchanged" and the ground truth."""
     from incontext.bench.quality import run_quality

@@ -46,7 +46,7 @@ def train_vae_cmd(
 @train_app.command("data")
 def train_data_cmd(
     out: Path = typer.Option(Path("runs/nano")), start: int = 0, chunks: int = 24, render_only: bool = False,
-    families: str = typer.Option("all", help="Edit families to draw: all, basic (the six the bundled weights were trained on) or a comma-separated list."),
+    families: str = typer.Option("all", help="Edit families to draw: all, basic (the six the bundled weights were trained on), workflows (remove, bgref, emblem, segment) or a comma-separated list."),
     chunk_size: int = typer.Option(1024, min=1, hidden=True),
     encode_rendered: bool = typer.Option(False, help="Only encode the chunks rendered ahead (OUT/images) into latents."),
     follow: bool = typer.Option(False, help="With --encode-rendered: keep encoding new renders until stopped."),

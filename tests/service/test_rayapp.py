@@ -52,11 +52,12 @@ def serve_port():
                 os.environ[k] = v
 
 
-def _settings(data_dir, tiny_model, postgres_url, port, **overrides) -> Settings:
+def _settings(data_dir, model_dir, postgres_url, port, **overrides) -> Settings:
+    """`model_dir` None: the bundled nano model."""
     return Settings(
         data_dir=data_dir,
         database_url=postgres_url,
-        model_dir=tiny_model,
+        model_dir=model_dir,
         port=port,
         poll_interval_seconds=0.2,
         engine_compile=False,
@@ -103,11 +104,11 @@ def test_serve_engine_ray_refuses_sqlite(tmp_path):
     assert result.returncode == 2 and "needs a PostgreSQL database" in result.stderr, result.stderr
 
 
-def test_a_killed_worker_replica_loses_no_run_and_doubles_none(tmp_path, tiny_model, postgres_url, serve_port):
+def test_a_killed_worker_replica_loses_no_run_and_doubles_none(tmp_path, postgres_url, serve_port):
     """Two worker replicas, 20 runs; one worker's process is SIGKILLed with a run on its engine. Its leases
     run out, the other worker's reaper requeues them and a worker runs them: every run
     succeeds once, its cost counted once."""
-    settings = _settings(tmp_path / "data", tiny_model, postgres_url, serve_port)
+    settings = _settings(tmp_path / "data", None, postgres_url, serve_port)  # the bundled model, as users run it
     key = create_key(settings.data_dir, env={"INCONTEXT_DATABASE_URL": postgres_url})
     scaling = rayapp.Scaling(replicas=2, cpus_per_replica=0.9, drain_s=5)
     serve.run(rayapp.build(settings, scaling), name=rayapp.APP_NAME, route_prefix="/")

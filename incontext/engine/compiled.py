@@ -42,8 +42,9 @@ from incontext import sampler
 
 log = logging.getLogger(__name__)
 
-# Bump when what a package holds changes (the wrapper's signature, the dynamic dimensions).
-FORMAT = 3
+# Bump when what a package holds changes (the wrapper's signature, the dynamic dimensions, the
+# graph: 4 has the batch-invariant linears of invariance.py).
+FORMAT = 4
 MAX_BATCH = 1024
 MAX_TOKENS = 65536  # target and context tokens together: 1024² and its context is 8192
 MAX_LATENT_SIDE = 512  # 4096 pixels at 8×
@@ -360,6 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m incontext.engine.compiled MODEL_DIR PACKAGE`: what the engine's build child runs."""
     import argparse
 
+    from incontext.engine.invariance import make_batch_invariant
     from incontext.models.loader import load_model
 
     p = argparse.ArgumentParser(description=main.__doc__)
@@ -373,6 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     t0 = time.perf_counter()
     m = load_model(a.model_dir, device=a.device, dtype=a.dtype, max_sequence_length=a.max_sequence_length)
+    make_batch_invariant(m.transformer)  # the graph the engine's eager model runs (invariance.py)
     build(m, a.package)
     log.info("wrote %s in %.0f s", a.package, time.perf_counter() - t0)
 

@@ -27,6 +27,7 @@ from incontext.engine import families, preview
 from incontext.engine.caches import LRU, image_key
 from incontext.engine.compiled import CompiledModels
 from incontext.engine.families import Batch, Family
+from incontext.engine.invariance import make_batch_invariant
 from incontext.engine.protocol import EditRequest, EditResult, ProgressCallback
 from incontext.engine.scheduler import Sample, ScheduledBatch
 from incontext.models.registry import ModelPreset
@@ -114,6 +115,7 @@ class Runner:
         self.families[preset.id] = family
         if preset.id not in self.models:
             m = family.load(preset.directory, device=self.device, dtype=self.dtype, max_sequence_length=preset.max_sequence_length)
+            make_batch_invariant(m.transformer)  # a request's image never depends on its batch (invariance.py)
             self.models[preset.id] = m
             self.projections[preset.id] = preview.fit_projection(m, encode=family.encode_images)
             if self.compile_dir is not None and family.compiles:

@@ -70,7 +70,11 @@ def test_http_rows_have_overhead_and_match_the_engine(run):
     for row in http:
         assert row["http_overhead_p50_ms"] > 0
         assert row["observed_latency_p50_ms"] >= row["latency_p50_ms"] - 1  # polling only ever adds
-        assert row["max_pixel_diff_to_engine_x1"] <= 1  # the same engine (and step cache) behind HTTP, up to float rounding
+        # The same engine (and step cache) behind HTTP, up to float rounding: the server's engine
+        # runs in its own process on the machine's threads, where BLAS sums in another order,
+        # and a random tiny model (its VAE above all) grows last bits into a few levels of 255
+        # (3 seen); another sampler or dtype is tens off (bfloat16: 17).
+        assert row["max_pixel_diff_to_engine_x1"] <= 4
         split = row["overhead_split_p50_ms"]  # where the overhead went, from the server's own timings
         assert split["post"] > 0 and split["dispatch_input"] > 0 and split["dispatch_output"] > 0 and split["engine_hop"] >= 0
     assert "Where the HTTP overhead goes" in (out / "report.md").read_text()

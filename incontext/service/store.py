@@ -33,6 +33,7 @@ def list_runs(
     cursor: str | None = None,
     statuses: list[str] | None = None,
     engine_model_id: str | None = None,
+    run_model_id: str | None = None,
     batch_id: str | None = None,
     oldest_first: bool = False,
 ) -> tuple[list[Run], str | None]:
@@ -43,6 +44,8 @@ def list_runs(
         query = query.where(Run.status.in_(statuses))
     if engine_model_id:
         query = query.where(Run.engine_model_id == engine_model_id)
+    if run_model_id:  # the id a run reports (a workflow's, whose edit runs on the default model)
+        query = query.where(Run.model_id == run_model_id)
     if batch_id:
         query = query.where(Run.batch_id == batch_id)
     if cursor:

@@ -107,6 +107,9 @@ def test_object_removal_returns_the_image_and_the_removed_region(client):
         assert_boxes_bound(out["boxes"], region > 0)
     assert done["input"]["prompt"] == "the red circle" and done["input"]["image_url"].startswith("data:image/png;base64,<")
     assert done["cost"] == "0.04"
+    # Listed under the workflow's id, though its edit ran on the default model.
+    listed = client.get("/v1/runs", params={"model_id": "object-removal"}).json()["items"]
+    assert done["id"] in [r["id"] for r in listed] and {r["model_id"] for r in listed} == {"object-removal"}
 
 
 def test_segmentation_returns_a_binary_mask_and_boxes_consistent_with_it(client):

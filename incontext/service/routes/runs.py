@@ -14,6 +14,7 @@ from incontext.service import conditional, lifecycle, store, submission
 from incontext.service.conditional import IfNoneMatch
 from incontext.service.deps import KeyDep, ReadLimitDep, ReadSessionDep, ServiceDep, StorageDep
 from incontext.service.errors import ValidationFailed, field_error
+from incontext.workflows import WORKFLOWS
 from incontext.service.schemas import Lineage, LineageItem, LogList, LogPublic, RunCreate, RunList, RunPublic, StatusList, StatusPublic
 
 router = APIRouter(prefix="/v1", tags=["runs"])
@@ -60,13 +61,16 @@ def list_runs(
         known = {c for c, _, _ in lifecycle.STATUSES}
         if bad := [s for s in statuses if s not in known]:
             raise ValidationFailed(f"unknown status {bad[0]!r}", errors=[field_error("status", f"one of {sorted(known)}", "enum")])
-    engine_model_id = None
-    if model_id:
+    engine_model_id = run_model_id = None
+    if model_id and model_id.strip("/") in WORKFLOWS:
+        run_model_id = model_id.strip("/")  # its runs edit on the default model: match the id they report
+    elif model_id:
         ids = service.registry.ids()
         # Any alias finds the runs of its model; an unknown id simply matches nothing.
         engine_model_id = service.registry.registered(model_id).id if model_id.strip("/") in ids else model_id
     rows, next_cursor = store.list_runs(
-        session, key.id, limit=limit, cursor=cursor, statuses=statuses, engine_model_id=engine_model_id, batch_id=batch_id
+        session, key.id, limit=limit, cursor=cursor, statuses=statuses, engine_model_id=engine_model_id, run_model_id=run_model_id,
+        batch_id=batch_id,
     )
     return RunList(items=[RunPublic.from_row(r, service.storage) for r in rows], next_cursor=next_cursor)
 

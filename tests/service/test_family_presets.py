@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -116,3 +117,20 @@ def test_an_edit_under_a_hosted_alias_runs_on_the_configured_weights(client, ali
     assert run["model_id"] == alias  # runs report a model's first hosted name, whichever name was called
     out = run["output"]["outputs"][0]
     assert (out["width"], out["height"]) == (64, 64)
+
+
+def test_openai_and_replicate_clients_name_them_too(client):
+    """The other surfaces resolve the published ids and aliases as the runs API does."""
+    r = client.post("/v1/images/edits", data={"model": "flux-2-klein-4b", "prompt": "make it blue", "seed": "3"},
+                    files={"image": ("in.png", png_bytes(), "image/png")})
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["b64_json"]
+    r = client.post("/v1/models/qwen/qwen-image-edit-plus/predictions", headers={"Prefer": "wait"},
+                    json={"input": {"prompt": "make it blue", "input_images": [data_uri(), data_uri(png_bytes(color=(20, 200, 20)))]}})
+    assert r.status_code in (200, 201), r.text
+    prediction = r.json()
+    deadline = time.monotonic() + 120
+    while prediction["status"] in ("starting", "processing") and time.monotonic() < deadline:  # Prefer: wait may answer first
+        time.sleep(0.2)
+        prediction = client.get(f"/v1/predictions/{prediction['id']}").json()
+    assert prediction["status"] == "succeeded" and prediction["output"], prediction

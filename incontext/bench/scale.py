@@ -9,8 +9,8 @@ Each configuration is a real server in a subprocess on loopback, started afresh:
   one process);
 - `single, PostgreSQL`: the same process on PostgreSQL, so the database's share of the Ray
   application's cost shows apart from Ray's;
-- `ray ×N`: N CPU worker replicas and one API replica on that PostgreSQL, each worker with
-  cores ÷ N torch threads (on a 2-core machine four workers share two cores: the honest
+- `ray ×N`: N CPU worker replicas and one API replica on that PostgreSQL, each worker one
+  CPU and one torch thread (on a 2-core machine four workers share two cores: the honest
   ceiling is the cores, not the replicas).
 For each: `runs` edits submitted at once over HTTP, after one warm-up edit per worker;
 throughput is runs ÷ the seconds from the first submission to the last completion.
@@ -59,9 +59,7 @@ def _server(out: Path, name: str, database_url: str | None, replicas: int | None
         env.pop("INCONTEXT_DATABASE_URL", None)
     cmd = [sys.executable, "-m", "incontext", "serve", "--port", str(port), "--data-dir", str(data_dir), "--log-level", "warning"]
     if replicas is not None:
-        cmd += ["--engine", "ray", "--replicas", str(replicas)]
-        # Each worker a fair share of the cores (a local Ray cluster's processes inherit it).
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // replicas))
+        cmd += ["--engine", "ray", "--replicas", str(replicas)]  # each worker one CPU, one torch thread (rayapp.build)
     log = open(out / f"server-{name.replace(' ', '_').replace(',', '').replace('×', 'x')}.log", "wb")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

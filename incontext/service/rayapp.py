@@ -172,10 +172,14 @@ def build(settings: Settings, scaling: Scaling):
     metrics_dir(settings).mkdir(parents=True)
     # Set in each replica's process before anything imports prometheus_client (which reads it then).
     runtime_env = {"env_vars": {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir(settings))}}
+    # A worker's torch threads are the CPUs it reserved: two threads in a one-CPU worker ran
+    # its edits 2.7x slower than one (bench scale, 2 cores), as cores shared by more thread
+    # teams than they hold do (docs/engine.md).
+    worker_env = {"env_vars": {**runtime_env["env_vars"], "OMP_NUM_THREADS": str(max(1, int(scaling.cpus_per_replica)))}}
     # Serve's own lines (requests, replica life) in JSON too; its text format is the default.
     log_options = {"logging_config": {"encoding": "JSON"}} if settings.log_format == "json" else {}
     worker_options = {
-        "ray_actor_options": {"num_cpus": scaling.cpus_per_replica, "num_gpus": scaling.gpus_per_replica, "runtime_env": runtime_env},
+        "ray_actor_options": {"num_cpus": scaling.cpus_per_replica, "num_gpus": scaling.gpus_per_replica, "runtime_env": worker_env},
         **log_options,
         # The drain, then the release of what is left and the engine's close.
         "graceful_shutdown_timeout_s": scaling.drain_s + 15,

@@ -60,6 +60,7 @@ class Setup:
     threads: int | None  # torch threads; None: torch's default
     log_level: int
     nice: int  # the engine's CPU priority: the server's before it lowered its own
+    log_json: bool = False  # the server logs JSON lines (INCONTEXT_LOG_FORMAT=json): so does the child
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class ProcessEngine:
     """An `EngineClient` whose `LocalEngine` (built from `engine_kwargs`) runs in a child process."""
 
     def __init__(self, registry: Registry, *, threads: int | None = None, http_nice: int = 0, on_step: StepCallback | None = None,
-                 **engine_kwargs):
+                 log_json: bool = False, **engine_kwargs):
         """`threads`: torch threads in the child (default: torch's, i.e. the cores). `http_nice`:
         once the child runs, this process (the HTTP server) lowers its own CPU priority by that
         many nice levels, so that on a machine with few cores requests and polls never take a
@@ -129,6 +130,7 @@ class ProcessEngine:
         self.registry = registry
         self.on_step = on_step
         self.threads = threads
+        self._log_json = log_json
         self.http_nice = http_nice
         self._engine_nice: int | None = None  # this process's nice value before lowering it
         self.engine_kwargs = engine_kwargs
@@ -217,7 +219,7 @@ class ProcessEngine:
             theirs.close()
         conn = Connection(ours.detach())
         self._conn = conn
-        self._send_locked(Setup(self.registry, self.engine_kwargs, self.threads, logging.getLogger().getEffectiveLevel(), self._engine_nice))
+        self._send_locked(Setup(self.registry, self.engine_kwargs, self.threads, logging.getLogger().getEffectiveLevel(), self._engine_nice, self._log_json))
         if self.http_nice and os.getpriority(os.PRIO_PROCESS, 0) == self._engine_nice:
             # On Linux the nice value belongs to the thread: this is the event loop's (startup
             # runs on it), and the worker threads it starts later inherit it.
@@ -322,12 +324,27 @@ class ProcessEngine:
                 self._spawn_locked()
 
 
+def _configure_logging(setup: Setup) -> None:
+    """The child's lines on stderr, beside the server's: text marked [engine], or JSON lines
+    with "process": "engine" where the server writes JSON, so a log shipper reads every line."""
+    if not setup.log_json:
+        logging.basicConfig(level=setup.log_level, format="%(asctime)s %(levelname)s %(name)s [engine] %(message)s")
+        return
+    from pythonjsonlogger.json import JsonFormatter
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
+                                       rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+                                       static_fields={"process": "engine"}))
+    logging.basicConfig(level=setup.log_level, handlers=[handler], force=True)
+
+
 def _child_main(conn: Connection) -> None:
     """The child: a LocalEngine fed from the socket. It reads at once (so the server never
     blocks on a full socket), queueing requests while torch is imported and the model loads."""
     setup: Setup = conn.recv()
     registry = setup.registry
-    logging.basicConfig(level=setup.log_level, format="%(asctime)s %(levelname)s %(name)s [engine] %(message)s")
+    _configure_logging(setup)
     try:  # a child started after the server lowered its priority takes the engine's back
         os.setpriority(os.PRIO_PROCESS, 0, setup.nice)
     except PermissionError:  # raising a priority needs privileges; the server's is still lower

@@ -110,7 +110,7 @@ def build_engine(settings: Settings, registry: Registry, on_step: StepCallback |
     if settings.engine_mode == "process":
         from incontext.engine.process import ProcessEngine
 
-        return ProcessEngine(registry, http_nice=settings.http_nice, on_step=on_step, **kwargs)
+        return ProcessEngine(registry, http_nice=settings.http_nice, on_step=on_step, log_json=settings.log_format == "json", **kwargs)
     from incontext.engine.local import LocalEngine  # imports torch: only when actually serving
 
     return LocalEngine(registry, on_step=on_step, **kwargs)

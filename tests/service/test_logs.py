@@ -25,9 +25,8 @@ def served(tmp_path_factory, tiny_model):
 
 
 def records(srv: Server) -> list[dict]:
-    """The server process's lines, parsed. The engine's child process logs in its own text
-    format ("[engine]"), still: those are left out."""
-    lines = [line for line in srv.log().splitlines() if line.strip() and " [engine] " not in line]
+    """The server's lines, its engine child's included ("process": "engine"), parsed."""
+    lines = [line for line in srv.log().splitlines() if line.strip()]
     parsed = []
     for line in lines:
         try:
@@ -57,6 +56,8 @@ def test_every_line_is_json_and_the_dispatchers_lines_for_a_run_carry_its_id(ser
     assert post["request_id"] == run["request_id"]
     # Lines about no run carry no run_id at all (not a null).
     assert any(rec["logger"] == "incontext.service.app" and "run_id" not in rec for rec in records(srv))
+    # The engine's child process writes JSON lines too, marked as its own.
+    assert any(rec.get("process") == "engine" for rec in records(srv)), [rec["message"] for rec in records(srv)][:20]
 
 
 def test_a_record_keeps_its_own_run_id_and_a_bound_one_reaches_every_logger():

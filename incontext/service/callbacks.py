@@ -277,12 +277,17 @@ class CallbackSender:
         # Its own outbound slots: slow receivers never take the ones image fetches use.
         self._outbound = Outbound(policy, max_concurrent=self.MAX_IN_FLIGHT, **({"resolver": resolver} if resolver else {}))
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._run(), name="callback-sender")
 
     async def close(self) -> None:
+        # The flag as well as the cancel: on Python 3.11, asyncio.wait_for can swallow a cancel
+        # that lands as its wait ends (often here: every finished delivery sets _wake), and the
+        # loop would go on for ever with close() waiting for it.
+        self._closing = True
         tasks = [t for t in (self._task, *self._in_flight.values()) if t]
         for task in tasks:
             task.cancel()
@@ -295,7 +300,7 @@ class CallbackSender:
             self._loop.call_soon_threadsafe(self._wake.set)
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 for delivery_id, key_id in await asyncio.to_thread(self._due):
                     task = asyncio.create_task(self._attempt(delivery_id))

@@ -88,6 +88,9 @@ class Dispatcher:
         self._fences: dict[str, int] = {}  # run id → the fence of our claim, for the runs in flight
         self._leases_task: asyncio.Task | None = None
         self._draining = False  # claims nothing more: see `drain`
+        # Checked by the claim loop besides its cancel: on Python 3.11 asyncio.wait_for can
+        # swallow a cancel that lands as its wait ends, and the loop would never end.
+        self._stopped = False
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -97,6 +100,7 @@ class Dispatcher:
         self._leases_task = asyncio.create_task(self._keep_leases(), name="leases")
 
     async def close(self) -> None:
+        self._stopped = True
         held = dict(self._fences)
         tasks = [t for t in (self._task, self._leases_task, *self._in_flight.values(), *self._log_writes) if t]
         for task in tasks:
@@ -115,7 +119,7 @@ class Dispatcher:
         """Stop claiming, let the runs in flight end for up to `timeout_s`, then `close`, which
         hands the rest back to the queue: a worker being scaled down neither drops its runs
         nor makes them wait out their leases. Leases are renewed meanwhile."""
-        self._draining = True
+        self._draining = self._stopped = True
         if self._task:
             self._task.cancel()
         in_flight = list(self._in_flight.values())
@@ -257,7 +261,7 @@ class Dispatcher:
         log.info("dispatcher: %d run(s) in flight handed back to the queue", len(requeued))
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopped:
             try:
                 claimed_at = time.perf_counter()
                 self._start(await asyncio.to_thread(self._claim), claimed_at)

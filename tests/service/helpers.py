@@ -231,3 +231,18 @@ class ImageHost:
 
     def close(self) -> None:
         self.httpd.shutdown()
+
+
+def textured_scene(size: tuple[int, int] = (96, 64)) -> Image.Image:
+    """Something for a model to edit on both halves: a red circle left, a teal square right, on
+    a cream background with a little texture (the autoencoder cannot reproduce it exactly, so
+    every pixel it redraws differs)."""
+    import numpy as np
+
+    w, h = size
+    rng = np.random.default_rng(0)
+    pixels = np.full((h, w, 3), (236, 232, 220), np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    pixels[(xx - 24) ** 2 + (yy - 32) ** 2 < 14**2] = (200, 30, 30)
+    pixels[16:48, 60:88] = (40, 160, 140)
+    return Image.fromarray(np.clip(pixels.astype(np.int16) + rng.integers(-6, 7, pixels.shape), 0, 255).astype(np.uint8))

@@ -23,7 +23,7 @@ from incontext.service.runparams import RunParams
 from incontext.service.storage import Storage
 from incontext.settings import Settings
 
-from .helpers import wait_run
+from .helpers import textured_scene, wait_run
 
 KEY = {"Authorization": "Bearer key-a"}
 RUNS = "/v1/models/flux-pro/kontext/runs"
@@ -32,14 +32,7 @@ STEPS = 4  # enough for the model to redraw the picture; the test is where it ma
 
 
 def scene() -> Image.Image:
-    """Something for the model to edit on both halves: a red circle left, a teal square right."""
-    rng = np.random.default_rng(0)
-    pixels = np.full((H, W, 3), (236, 232, 220), np.uint8)
-    yy, xx = np.mgrid[:H, :W]
-    pixels[(xx - 24) ** 2 + (yy - 32) ** 2 < 14**2] = (200, 30, 30)
-    pixels[16:48, 60:88] = (40, 160, 140)
-    # A little texture: the autoencoder cannot reproduce it exactly, so every pixel it redraws differs.
-    return Image.fromarray(np.clip(pixels.astype(np.int16) + rng.integers(-6, 7, pixels.shape), 0, 255).astype(np.uint8))
+    return textured_scene((W, H))
 
 
 def left_mask(columns: int = W // 2, size: tuple[int, int] = (W, H)) -> Image.Image:

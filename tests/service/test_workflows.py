@@ -17,7 +17,7 @@ from PIL import Image
 from incontext.service.app import create_app
 from incontext.settings import Settings
 
-from .helpers import wait_run
+from .helpers import textured_scene, wait_run
 
 KEY = {"Authorization": "Bearer key-a"}
 W, H = 96, 64
@@ -26,13 +26,7 @@ IDS = ("object-removal", "background-replace", "logo-placement", "segmentation")
 
 
 def scene() -> Image.Image:
-    """A red circle left, a teal square right, on a lightly textured cream background."""
-    rng = np.random.default_rng(0)
-    pixels = np.full((H, W, 3), (236, 232, 220), np.uint8)
-    yy, xx = np.mgrid[:H, :W]
-    pixels[(xx - 24) ** 2 + (yy - 32) ** 2 < 14**2] = (200, 30, 30)
-    pixels[16:48, 60:88] = (40, 160, 140)
-    return Image.fromarray(np.clip(pixels.astype(np.int16) + rng.integers(-6, 7, pixels.shape), 0, 255).astype(np.uint8))
+    return textured_scene((W, H))
 
 
 def backdrop() -> Image.Image:

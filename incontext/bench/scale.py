@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from incontext.bench.load import _free_port, small_image, wait_healthy
@@ -197,7 +197,7 @@ def run_scale(out: Path, *, replicas: tuple[int, ...] = (1, 2, 4), runs: int = 1
             rows.append({"config": name, **_throughput(url, runs, steps, warm=n or 1)})
         (out / "results.json").write_text(json.dumps(result, indent=2))
 
-    with (throwaway_postgres() if database_url is None else _given(database_url)) as db_url:
+    with (throwaway_postgres() if database_url is None else nullcontext(database_url)) as db_url:
         if single:
             measure("single, SQLite", None, None)
             measure("single, PostgreSQL", db_url, None)
@@ -208,8 +208,3 @@ def run_scale(out: Path, *, replicas: tuple[int, ...] = (1, 2, 4), runs: int = 1
                 result["failover"] = _failover(url, db_url, runs, steps) | {"lease_seconds": lease_seconds or "default"}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     return result
-
-
-@contextmanager
-def _given(url: str):
-    yield url

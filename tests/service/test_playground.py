@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from .helpers import Server, wait_for
 
@@ -143,6 +144,86 @@ def test_a_three_turn_edit_with_a_branch_survives_a_reload(browser, nano_server,
     # decode() waits for the image and fails if it cannot load (the page's CSP forbids the
     # eval that a polling wait_for_function would need).
     assert before_img.evaluate("img => img.decode().then(() => img.naturalWidth)") == 256
+    assert refused == []
+
+
+def pick_fewest_steps(page) -> None:
+    """The preset with the fewest steps the page offers: the model's quality is not under test."""
+    values = page.locator("#steps option").evaluate_all("os => os.map(o => o.value).filter(Boolean)")
+    page.get_by_label("Preset").select_option(min(values, key=int))
+
+
+def test_a_segmentation_run_from_the_page_shows_its_mask_and_boxes(browser, nano_server, tmp_path):
+    expect = sync_api.expect
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    refused = offline(page, nano_server)
+    page.goto(nano_server.page_url)
+    task = page.get_by_label("Task")
+    expect(task.locator("option")).to_have_count(5)  # the plain edit and the four workflows
+    expect(page.locator("#model option[value=segmentation]")).to_have_count(0)  # a task, not a model
+
+    # Each workflow shows the fields it takes: logo placement a logo and an optional mask.
+    task.select_option("logo-placement")
+    expect(page.get_by_role("group", name="Logo", exact=True)).to_be_visible()
+    expect(page.get_by_role("group", name="Where the logo may go (optional)")).to_be_visible()
+    expect(page.get_by_label("Instruction (optional)")).to_be_visible()
+    expect(page.get_by_label("Aspect ratio")).to_be_hidden()
+
+    task.select_option("segmentation")
+    expect(page.locator("#second-box")).to_be_hidden()
+    expect(page.locator("#mask-box")).to_be_hidden()
+    expect(page.get_by_label("Format")).to_be_hidden()  # its output is the mask, a PNG
+    prompt = page.get_by_label("What to segment")
+    expect(prompt).to_have_attribute("placeholder", "the red circle")
+    page.locator("#file").set_input_files(str(EXAMPLE))
+    prompt.fill("the red circle")
+    pick_fewest_steps(page)
+    page.get_by_label("Seed").fill("7")
+    page.get_by_role("button", name="Run segmentation").click()
+    expect(page.locator("#live")).to_be_visible()
+    wait_for_result(page, 1)
+    expect(page.locator("#results-title")).to_contain_text("segmentation: the red circle")
+
+    # The output, the returned mask and the boxes, over the image and listed.
+    result = page.locator("#results .result").first
+    for img in (result.locator(".after"), result.locator(".mask-out")):
+        assert img.evaluate("img => img.decode().then(() => img.naturalWidth)") == 256
+    run = page.evaluate("fetch('/v1/runs/' + location.hash.split('=')[1], "
+                        "{headers: {Authorization: 'Bearer ' + localStorage.getItem('incontext.apiKey')}}).then(r => r.json())")
+    boxes = run["output"]["outputs"][0]["boxes"]
+    expect(result.locator(".boxes rect")).to_have_count(len(boxes))
+    expect(result.locator(".box-list li")).to_have_count(max(1, len(boxes)))
+    if boxes:
+        x0, y0, x1, y1 = boxes[0]
+        expect(result.locator(".box-list li").first).to_have_text(f"region 1: {x0}, {y0} to {x1}, {y1} ({x1 - x0}×{y1 - y0} px)")
+    page.screenshot(path=tmp_path / "segmentation.png", full_page=True)
+    # The next edit starts from the segmented image, not from its mask.
+    expect(page.locator("#source-img")).to_have_attribute("src", re.compile("^data:"))
+    assert refused == []
+
+
+def test_a_logo_placement_from_the_page_shows_where_the_logo_went(browser, nano_server, tmp_path):
+    expect = sync_api.expect
+    logo = tmp_path / "logo.png"
+    Image.new("RGB", (40, 20), (250, 210, 20)).save(logo)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    refused = offline(page, nano_server)
+    page.goto(nano_server.page_url)
+    page.get_by_label("Task").select_option("logo-placement")
+    page.locator("#file").set_input_files(str(EXAMPLE))
+    page.locator("#second-file").set_input_files(str(logo))
+    expect(page.locator("#second-img")).to_be_visible()  # the logo's thumbnail
+    pick_fewest_steps(page)
+    page.get_by_role("button", name="Run logo-placement").click()
+    wait_for_result(page, 1)
+
+    # No mask given: the server picked a spot, drawn over the image and named in the list.
+    result = page.locator("#results .result").first
+    expect(page.locator("#results-title")).to_have_text("Turn 1: logo-placement")  # no prompt: the default instruction
+    expect(result.locator(".boxes rect.placement")).to_have_count(1)
+    expect(result.locator(".box-list li.placement")).to_contain_text(re.compile(r"^logo placement: \d+, \d+ to \d+, \d+"))
+    assert result.locator(".mask-out").evaluate("img => img.decode().then(() => img.naturalWidth)") == 256
+    page.screenshot(path=tmp_path / "logo-placement.png", full_page=True)
     assert refused == []
 
 

@@ -1,14 +1,51 @@
 // The incontext playground: plain JS over the public API, no build step.
 // The chain of turns is the server's lineage (GET /v1/runs/{id}/lineage); the page keeps only
 // the current run id, in the URL hash, so a reload or a shared link shows the same timeline.
+// Besides the plain edit, the Task picker runs the workflows (POST /v1/models/{workflow}/runs,
+// docs/workflows.md): their runs are runs, so progress, the timeline and results are shared.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const KEY_STORE = "incontext.apiKey";
-const FIELDS = ["prompt", "image_url", "guidance_scale", "num_images", "aspect_ratio", "output_format", "seed", "preserve", "num_inference_steps", "model"];
+const FIELDS = ["prompt", "image_url", "guidance_scale", "num_images", "aspect_ratio", "output_format", "seed", "preserve", "num_inference_steps", "model",
+  "reference_image_url", "logo_image_url", "mask_image_url"];
+// Both second images share one upload slot, so their errors show there.
+const ERROR_SLOTS = { reference_image_url: "err-second", logo_image_url: "err-second" };
+
+// The form of each workflow the page offers (incontext/workflows.py's inputs): the prompt's
+// label and placeholder (required ones are sent even when empty, so the server names the
+// error), the second image's field, and whether a mask may be given. A workflow the server
+// lists that is not here is not offered.
+const PLAIN_EDIT = { prompt: { label: "Instruction", placeholder: "make the red circle blue" } };
+const WORKFLOW_FORMS = {
+  "object-removal": {
+    label: "Remove an object",
+    prompt: { label: "What to remove", placeholder: "the red circle", required: true },
+  },
+  "background-replace": {
+    label: "Replace the background",
+    prompt: { label: "Instruction (optional)", placeholder: "replace the background with the one in the second image" },
+    second: { field: "reference_image_url", label: "Reference image (its background is used)" },
+  },
+  "logo-placement": {
+    label: "Place a logo",
+    prompt: { label: "Instruction (optional)", placeholder: "put the logo from the second image in the bottom right" },
+    second: { field: "logo_image_url", label: "Logo" },
+    mask: true,
+  },
+  "segmentation": {
+    label: "Segment",
+    prompt: { label: "What to segment", placeholder: "the red circle", required: true },
+    pngOnly: true,  // its output is the mask
+  },
+};
+// The plain edit's fields that a workflow does not take.
+const EDIT_ONLY = ["num-images", "aspect", "preserve", "model"];
 
 const state = {
   models: [],
+  workflows: [],      // the listing's workflow cards the page has a form for
+  slots: { second: null, mask: null },  // a workflow's other images: data: URI or URL
   source: null,       // {url, runId?, index?, label}: what the next edit starts from
   tree: null,         // the lineage answer for the current run
   current: null,      // id of the run shown
@@ -115,7 +152,8 @@ function showError(error) {
   if (!fieldErrors.length) return say(fieldFor(body) || "err-form", body.code, body.message);
   for (const e of fieldErrors) {
     const name = e.field.replace(/^input\./, "");
-    say(FIELDS.includes(name) && $(`err-${name}`) ? `err-${name}` : "err-form", body.code, e.message || body.message);
+    const slot = ERROR_SLOTS[name] || `err-${name}`;
+    say(FIELDS.includes(name) && $(slot) ? slot : "err-form", body.code, e.message || body.message);
   }
 }
 
@@ -187,7 +225,30 @@ function bindSourceInputs() {
   });
 }
 
-// ---------------------------------------------------------------- models and presets
+// A workflow's other image (the reference or logo, the mask): a file or a URL, with a thumbnail.
+function bindSlot(name) {
+  const put = (url) => {
+    state.slots[name] = url || null;
+    $(`${name}-img`).hidden = !url;
+    if (url) $(`${name}-img`).src = url;
+  };
+  $(`${name}-file`).addEventListener("change", (e) => {
+    const file = e.target.files[0];
+    if (!file) return put(null);
+    const reader = new FileReader();
+    reader.onload = () => {
+      $(`${name}-url`).value = "";
+      put(reader.result);
+    };
+    reader.readAsDataURL(file);
+  });
+  $(`${name}-url`).addEventListener("change", (e) => {
+    $(`${name}-file`).value = "";
+    put(e.target.value.trim());
+  });
+}
+
+// ---------------------------------------------------------------- models, workflows and presets
 
 async function loadModels() {
   try {
@@ -195,18 +256,44 @@ async function loadModels() {
   } catch (error) {
     return showError(error);
   }
+  state.workflows = state.models.filter((m) => m.kind === "workflow" && WORKFLOW_FORMS[m.id]);
+  state.models = state.models.filter((m) => m.kind !== "workflow");
   const select = $("model");
   for (const model of state.models) {
     const option = new Option(model.id + (model.default ? " (default)" : ""), model.id, model.default, model.default);
     select.append(option);
   }
+  for (const workflow of state.workflows) $("task").append(new Option(`${WORKFLOW_FORMS[workflow.id].label} (${workflow.id})`, workflow.id));
   select.addEventListener("change", applyPreset);
+  $("task").addEventListener("change", applyTask);
+  applyTask();
+}
+
+// Shows the fields the chosen task takes, and its model's preset.
+function applyTask() {
+  const task = $("task").value;
+  const form = task ? WORKFLOW_FORMS[task] : PLAIN_EDIT;
+  const card = state.workflows.find((w) => w.id === task);
+  $("task-help").hidden = !card;
+  $("task-help").textContent = card ? `${card.description}.` : "";
+  $("prompt-label").textContent = form.prompt.label;
+  $("prompt").placeholder = form.prompt.placeholder;
+  $("second-box").hidden = !form.second;
+  if (form.second) $("second-legend").textContent = form.second.label;
+  $("mask-box").hidden = !form.mask;
+  for (const id of EDIT_ONLY) $(id).parentElement.hidden = Boolean(task);
+  $("format").parentElement.hidden = Boolean(form.pngOnly);
+  // What a workflow keeps of the input is kept bit for bit only in PNG: its default.
+  if (task) $("format").value = "png";
+  $("submit").textContent = task ? `Run ${task}` : "Edit";
   applyPreset();
 }
 
 // A model's preset (its default steps and guidance) fills the fields; steps can be changed.
+// A workflow's is the preset of the model it runs on.
 function applyPreset() {
-  const model = state.models.find((m) => m.id === $("model").value);
+  const task = $("task").value;
+  const model = task ? state.workflows.find((w) => w.id === task) : state.models.find((m) => m.id === $("model").value);
   if (!model) return;
   const steps = model.defaults.num_inference_steps;
   const select = $("steps");
@@ -222,19 +309,11 @@ function applyPreset() {
 async function submit(event) {
   event.preventDefault();
   clearErrors();
-  const input = {
-    prompt: $("prompt").value,
-    image_url: state.source ? state.source.url : "",
-    guidance_scale: Number($("guidance").value),
-    num_images: Number($("num-images").value),
-    output_format: $("format").value,
-    preserve: $("preserve").value,
-    return_mask: true,
-  };
-  if ($("aspect").value) input.aspect_ratio = $("aspect").value;
+  const task = $("task").value;
+  const input = task ? workflowInput(task) : editInput();
   if ($("seed").value !== "") input.seed = Number($("seed").value);
   if ($("steps").value) input.num_inference_steps = Number($("steps").value);
-  const model = $("model").value || "flux-pro/kontext";
+  const model = task || $("model").value || "flux-pro/kontext";
   $("submit").disabled = true;
   try {
     const run = await api(`/v1/models/${model}/runs`, {
@@ -249,6 +328,33 @@ async function submit(event) {
   } finally {
     $("submit").disabled = false;
   }
+}
+
+function editInput() {
+  const input = {
+    prompt: $("prompt").value,
+    image_url: state.source ? state.source.url : "",
+    guidance_scale: Number($("guidance").value),
+    num_images: Number($("num-images").value),
+    output_format: $("format").value,
+    preserve: $("preserve").value,
+    return_mask: true,
+  };
+  if ($("aspect").value) input.aspect_ratio = $("aspect").value;
+  return input;
+}
+
+// Only the fields the workflow takes: its input schema ignores others, and a user would
+// expect a hidden field to have no effect.
+function workflowInput(task) {
+  const form = WORKFLOW_FORMS[task];
+  const input = { image_url: state.source ? state.source.url : "", guidance_scale: Number($("guidance").value) };
+  const prompt = $("prompt").value;
+  if (form.prompt.required || prompt.trim()) input.prompt = prompt;
+  if (!form.pngOnly) input.output_format = $("format").value;
+  if (form.second && state.slots.second) input[form.second.field] = state.slots.second;
+  if (form.mask && state.slots.mask) input.mask_image_url = state.slots.mask;
+  return input;
 }
 
 async function follow(runId) {
@@ -306,9 +412,13 @@ async function show(runId) {
   drawTimeline();
   drawResults(run);
   const first = run.output && run.output.outputs[0];
-  if (first) setSource({ url: first.url, runId, index: 0, label: `Continuing from turn ${depth(runId)}, image 1` });
+  // A segmentation's output is its mask: the next edit keeps the image that was segmented.
+  if (first && run.model_id !== "segmentation") setSource({ url: first.url, runId, index: 0, label: `Continuing from turn ${depth(runId)}, image 1` });
   else if (!state.source) setSource(null);
 }
+
+// A turn's prompt, and the workflow it ran ("segmentation: the red circle").
+const what = (run) => [WORKFLOW_FORMS[run.model_id] && run.model_id, run.prompt].filter(Boolean).join(": ");
 
 const byId = (id) => state.tree.items.find((item) => item.id === id);
 
@@ -337,7 +447,7 @@ function drawTimeline() {
     const parent = item.parent_run_id && byId(item.parent_run_id);
     const thumb = item.output && item.output.outputs[0];
     const label = `Turn ${depth(item.id)}` + (parent && !onPath(item.id) ? ` (branch from turn ${depth(parent.id)})` : "");
-    button.setAttribute("aria-label", `${label}: ${item.prompt || ""}, ${item.status_code}`);
+    button.setAttribute("aria-label", `${label}: ${what(item)}, ${item.status_code}`);
     if (thumb) {
       const img = document.createElement("img");
       img.src = thumb.url;
@@ -349,7 +459,7 @@ function drawTimeline() {
     title.textContent = label;
     const prompt = document.createElement("span");
     prompt.className = "prompt";
-    prompt.textContent = `${item.prompt || ""} · ${item.status_code}`;
+    prompt.textContent = `${what(item)} · ${item.status_code}`;
     button.append(title, prompt);
     button.addEventListener("click", () => show(item.id));
     li.append(button);
@@ -364,7 +474,7 @@ function drawResults(run) {
   const box = $("results");
   box.innerHTML = "";
   $("results-box").hidden = false;
-  $("results-title").textContent = `Turn ${depth(run.id)}: ${run.prompt || ""}`;
+  $("results-title").textContent = `Turn ${depth(run.id)}: ${what(run)}`;
   const images = run.output ? run.output.outputs : [];
   $("results-meta").textContent = run.output
     ? `${images.length} image${images.length > 1 ? "s" : ""} in ${seconds(run.duration_ms)}, cost $${run.cost}`
@@ -409,6 +519,7 @@ function resultFigure(run, output, i, before) {
       if (e.target.checked && !canvas.width) paintMask(canvas, output.mask_url);
     });
   }
+  if (output.boxes || output.placement) drawFound(figure, run, output, i);
   const download = figure.querySelector(".download");
   download.href = output.url;
   download.download = `incontext-${run.id.slice(0, 8)}-${i + 1}.${output.content_type === "image/png" ? "png" : "jpg"}`;
@@ -423,6 +534,42 @@ function resultFigure(run, output, i, before) {
   });
   return figure;
 }
+
+// A workflow's results: the returned mask beside the image, its boxes drawn over the image
+// and listed in its pixels, and logo placement's box (where the logo was allowed).
+function drawFound(figure, run, output, i) {
+  const found = figure.querySelector(".found");
+  found.hidden = false;
+  if (output.mask_url) {
+    const mask = found.querySelector(".mask-out");
+    mask.src = output.mask_url;
+    mask.alt = `the mask ${run.model_id} returned for image ${i + 1}`;
+  } else {
+    found.querySelector(".mask-out").remove();
+  }
+  const boxes = (output.boxes || []).map((box, n) => ({ box, kind: "box", name: `region ${n + 1}` }));
+  if (output.placement) boxes.push({ box: output.placement, kind: "placement", name: "logo placement" });
+  const list = found.querySelector(".box-list");
+  if (!boxes.length) list.append(Object.assign(document.createElement("li"), { textContent: "no regions found" }));
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("class", "boxes");
+  svg.setAttribute("viewBox", `0 0 ${output.width} ${output.height}`);
+  svg.setAttribute("preserveAspectRatio", "none");
+  svg.setAttribute("aria-hidden", "true");  // the list below says the same
+  for (const { box, kind, name } of boxes) {
+    const [x0, y0, x1, y1] = box;
+    const rect = document.createElementNS(SVG, "rect");
+    for (const [k, v] of Object.entries({ x: x0, y: y0, width: x1 - x0, height: y1 - y0, class: kind })) rect.setAttribute(k, v);
+    svg.append(rect);
+    const li = document.createElement("li");
+    li.className = kind;
+    li.textContent = `${name}: ${x0}, ${y0} to ${x1}, ${y1} (${x1 - x0}×${y1 - y0} px)`;
+    list.append(li);
+  }
+  figure.querySelector(".compare").append(svg);
+}
+
+const SVG = "http://www.w3.org/2000/svg";
 
 // The mask is white where the model's pixels are: shown as a translucent red tint there.
 function paintMask(canvas, url) {
@@ -469,6 +616,8 @@ function start() {
   $("edit-form").addEventListener("submit", submit);
   $("cancel").addEventListener("click", cancel);
   bindSourceInputs();
+  bindSlot("second");
+  bindSlot("mask");
   loadModels();
   const match = location.hash.match(/run=([\w-]+)/);
   if (match) resume(match[1]);

@@ -70,8 +70,17 @@ class RunRequest:
     idempotency_body: Any = None
     # A workflow's run (routes/workflows.py): the edit its input planned, on the default model,
     # and the input as the client sent it, which the run echoes instead of the planned edit's.
+    # A batch of a workflow gives one of each per item instead (plans, echoes).
     plan: workflows.Plan | None = None
     echo: dict | None = None
+    plans: list[workflows.Plan] | None = None
+    echoes: list[dict] | None = None
+
+    def planned(self, i: int) -> tuple[workflows.Plan | None, dict | None]:
+        """Item `i`'s workflow plan and echo (None, None: an ordinary edit)."""
+        if self.plans is not None:
+            return self.plans[i], self.echoes[i] if self.echoes is not None else None
+        return self.plan, self.echo
 
 
 @dataclass
@@ -94,7 +103,7 @@ async def submit(service, key: ApiKey, request: RunRequest, *, request_id: str |
     from incontext.service.deps import count_images  # deps imports this module's neighbours
 
     # A workflow runs on the default model; its own id is what its runs report.
-    preset = service.registry.registered(None if request.plan else request.model_id)
+    preset = service.registry.registered(None if request.planned(0)[0] else request.model_id)
     limits = count_images(service, key, sum(item.num_images for item in request.items))
     digest = None
     if request.idempotency_key is not None:
@@ -126,9 +135,10 @@ def _store(service, key: ApiKey, request: RunRequest, preset: ModelPreset, reque
                 prepare(
                     item, field="input" if not request.batch else f"input.{i}", preset=preset, api_key_id=key.id,
                     session=session, storage=service.storage, settings=service.settings, remote=remote,
-                    plan=request.plan, echo=request.echo,
+                    plan=plan, echo=echo,
                 )
                 for i, item in enumerate(request.items)
+                for plan, echo in [request.planned(i)]
             ]
         except IncontextError as exc:
             raise renamed(exc, request.names) if request.names is not None else exc from None
@@ -141,7 +151,9 @@ def _store(service, key: ApiKey, request: RunRequest, preset: ModelPreset, reque
                 p.params.callback_style, p.params.webhook_secret, p.params.webhook_events = callback.style, callback.secret, callback.events
         batch = None
         if request.batch:
-            batch = Batch(api_key_id=key.id, model_id=preset.run_model_id, meta=request.metadata, callback_url=callback.url if callback else None)
+            plan = request.planned(0)[0]  # a workflow's batch is listed under the workflow's id, as its runs are
+            batch = Batch(api_key_id=key.id, model_id=plan.workflow if plan else preset.run_model_id, meta=request.metadata,
+                          callback_url=callback.url if callback else None)
             session.add(batch)
             session.flush()
         runs, told = [], False

@@ -41,9 +41,11 @@ EXAMPLES_PER_OPERATION = 12  # × 2 modes × 45 operations
 # (no 5xx, status, content type, body schema) holds for them as for every operation.
 IMAGE_CONTENT = {"POST /v1/flux-kontext-pro", "POST /v1/images/edits", "POST /v1/predictions"} | {
     # The workflows' fixed paths (routes/workflows.py) run whatever image they are sent, on the
-    # runs API and on fal's; the runs API's own {model_id:path} route meets unknown models first.
+    # runs API, batches, BFL's, Replicate's and fal's; the runs API's own {model_id:path} route
+    # meets unknown models first.
     f"POST {prefix}{workflow}{suffix}" for workflow in WORKFLOWS
-    for prefix, suffix in (("/v1/models/", "/runs"), ("/fal-ai/", ""), ("/queue/fal-ai/", ""))
+    for prefix, suffix in (("/v1/models/", "/runs"), ("/v1/models/", "/batches"), ("/v1/", ""),
+                           ("/v1/models/incontext/", "/predictions"), ("/fal-ai/", ""), ("/queue/fal-ai/", ""))
 }
 
 

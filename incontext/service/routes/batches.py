@@ -1,4 +1,6 @@
-"""Batches: up to 100 inputs submitted at once, each becoming a run; one callback at the end."""
+"""Batches: up to 100 inputs submitted at once, each becoming a run; one callback at the end.
+A workflow's batches (`POST /v1/models/object-removal/batches`, …) are routes/workflows.py's,
+with the workflow's input schema per item, answered here (`accept`)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from incontext.service import lifecycle, store, submission
-from incontext.service.deps import KeyDep, ReadSessionDep, ServiceDep
-from incontext.service.models import Batch
+from incontext.service.deps import KeyDep, ReadSessionDep, Service, ServiceDep
+from incontext.service.models import ApiKey, Batch
 from incontext.service.routes.runs import IdempotencyKey
 from incontext.service.schemas import BatchCreate, BatchPublic, RunList, RunPublic
 
@@ -33,6 +35,11 @@ async def create_batch(model_id: str, body: BatchCreate, request: Request, key: 
         callback=submission.Callback(body.callback_url) if body.callback_url else None,
         idempotency_key=idempotency_key, idempotency_body=body.model_dump(mode="json", exclude_unset=True),
     )
+    return await accept(run_request, request, key, service)
+
+
+async def accept(run_request: submission.RunRequest, request: Request, key: ApiKey, service: Service) -> JSONResponse:
+    """Submit a batch's runs and answer with the batch (201), as every batch route does."""
 
     def render(session, runs, batch) -> dict:
         return batch_public(session, batch, service.storage).model_dump(mode="json")

@@ -5,6 +5,8 @@ A client written for the hosted BFL API switches by changing its base URL and ke
 is an ordinary stored run (recorded as model `flux-pro/kontext`), so it also shows in
 `GET /v1/runs`; any run of the key can be polled here. Errors are FastAPI-shaped, as the
 hosted API's are: `{"detail": "message"}`, and for 422 `{"detail": [{loc, msg, type}]}`.
+The workflows are served as `POST /v1/{workflow}` (routes/workflows.py, with WORKFLOW_FIELDS'
+names); their get_result adds `boxes` (and `placement`) beside `mask`.
 
 Webhook signing (when `webhook_secret` is given; see docs/other-surfaces.md):
 - `X-Webhook-Signature: sha256=<lowercase hex HMAC-SHA256(key=webhook_secret, msg=raw body)>`
@@ -26,7 +28,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from incontext.imageio import ASPECT_RATIOS
 from incontext.service import callbacks, conditional, lifecycle, netpolicy, outputs, store, submission, surfaces
@@ -64,6 +66,12 @@ async def read_limit(key: BflKeyDep, service: ServiceDep) -> dict[str, str]:
 
 
 BflReadLimitDep = Annotated[dict[str, str], Depends(read_limit)]
+
+
+def _public_webhook(value: str | None) -> str | None:
+    if value is not None and (reason := netpolicy.url_refusal(value)):
+        raise ValueError(f"webhook_url: {reason}")
+    return value
 
 
 class FluxKontextRequest(BaseModel):
@@ -108,12 +116,43 @@ class FluxKontextRequest(BaseModel):
     def _jpg(cls, value: Any) -> Any:
         return "jpeg" if isinstance(value, str) and value.lower() in ("jpg", "jpeg") else value
 
-    @field_validator("webhook_url")
+    _http = field_validator("webhook_url")(_public_webhook)
+
+
+# The workflows (routes/workflows.py: POST /v1/object-removal, …): their fields under BFL's
+# names where BFL has one (input_image; mask, steps and guidance as its fill endpoint names
+# them), the others named as the image they are; the second image is also read as input_image_2,
+# where BFL's Kontext takes a second image.
+WORKFLOW_FIELDS = {
+    "image_url": "input_image", "reference_image_url": "reference_image", "logo_image_url": "logo_image", "mask_image_url": "mask",
+    "prompt": "prompt", "seed": "seed", "num_inference_steps": "steps", "guidance_scale": "guidance", "output_format": "output_format",
+}
+WORKFLOW_ALSO = {"reference_image": ("input_image_2",), "logo_image": ("input_image_2",)}
+WORKFLOW_IMAGES = "bare base64, a data: URI or an http(s) URL, as input_image on /v1/flux-kontext-pro"
+
+
+class WorkflowRequest(BaseModel):
+    """What every workflow's BFL body has besides the workflow's fields (routes/workflows.py adds them)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    webhook_url: str | None = Field(None, max_length=2048, description="POSTed the get_result body when the run ends")
+    webhook_secret: str | None = Field(None, max_length=512, description="signs the webhook; see the X-Webhook-Signature docs")
+
+    @model_validator(mode="before")
     @classmethod
-    def _http(cls, value: str | None) -> str | None:
-        if value is not None and (reason := netpolicy.url_refusal(value)):
-            raise ValueError(f"webhook_url: {reason}")
-        return value
+    def _blank_mask(cls, values: Any) -> Any:
+        # Blank reads as absent, as on /v1/flux-kontext-pro: clients fill unused slots with "".
+        if isinstance(values, dict) and isinstance(values.get("mask"), str) and not values["mask"].strip():
+            return {k: v for k, v in values.items() if k != "mask"}
+        return values
+
+    @field_validator("output_format", mode="before", check_fields=False)
+    @classmethod
+    def _jpg(cls, value: Any) -> Any:
+        return "jpeg" if isinstance(value, str) and value.lower() in ("jpg", "jpeg") else value
+
+    _http = field_validator("webhook_url")(_public_webhook)
 
 
 class Submitted(BaseModel):
@@ -167,10 +206,18 @@ async def create_kontext_edit(body: FluxKontextRequest, request: Request, key: B
         },
         names,
     )
-    callback = submission.Callback(body.webhook_url, style=STYLE, secret=body.webhook_secret) if body.webhook_url else None
     run_request = submission.RunRequest(
-        model_id=surfaces.SURFACE_MODEL_ID, items=[item], surface="POST /v1/flux-kontext-pro", callback=callback, names=names
+        model_id=surfaces.SURFACE_MODEL_ID, items=[item], surface="POST /v1/flux-kontext-pro", callback=webhook(body), names=names
     )
+    return await submitted(run_request, request, key, service)
+
+
+def webhook(body: FluxKontextRequest | WorkflowRequest) -> submission.Callback | None:
+    return submission.Callback(body.webhook_url, style=STYLE, secret=body.webhook_secret) if body.webhook_url else None
+
+
+async def submitted(run_request: submission.RunRequest, request: Request, key: ApiKey, service) -> JSONResponse:
+    """Submit the run and answer as BFL does: `{id, polling_url}`."""
     accepted = await submission.submit(service, key, run_request, request_id=request.state.request_id)
     run_id, limits = accepted.runs[0].id, accepted.headers
     polling_url = f"{service.storage.base_url}/v1/get_result?id={run_id}"
@@ -227,9 +274,11 @@ def result_body(run: Run, storage: Storage, progress: float | None = None) -> di
             "end_time": run.completed_at.timestamp(),
             "duration": (run.completed_at - run.started_at).total_seconds() if run.started_at else None,
         })
-        if RunParams.of(run).return_mask:  # our extension: only for clients that asked for it
-            first = output["outputs"][0]
+        params, first = RunParams.of(run), output["outputs"][0]
+        if params.return_mask:  # our extension: only for clients that asked for it (a workflow always does)
             body["result"].update(mask=first["mask_url"], changed_share=first["changed_share"])
+        if params.workflow:  # what a workflow promises beside its mask
+            body["result"].update({k: first[k] for k in ("boxes", "placement") if k in first})
     elif run.status == lifecycle.CANCELED:
         body.update(status="Error", details={"code": "CANCELED", "message": "the run was canceled", "stage": None})
     elif run.status == lifecycle.FAILED:

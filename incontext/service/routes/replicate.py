@@ -12,6 +12,8 @@ of the key can be read here. Kontext's Replicate inputs map onto ours: input_ima
 (or input_images, FLUX.2's list there, → image_urls: the edited image, then references),
 prompt_upsampling → enhance_prompt, safety_tolerance 0–6 (0 recorded as 1), output_format
 jpg|png (png by default, as there). `output` is one URL string, as for Kontext there.
+The workflows are models `incontext/{workflow}` (routes/workflows.py, with WORKFLOW_FIELDS'
+names), their `output` an object `{image, mask, boxes}` (and `placement`).
 Statuses: queued/dispatching → starting, running → processing. `logs` is the run's log as
 text, steps written as tqdm lines, so `prediction.progress` parses them.
 
@@ -108,6 +110,30 @@ class KontextPredictionInput(BaseModel):
     )
 
 
+# The workflows (routes/workflows.py: POST /v1/models/incontext/object-removal/predictions, …),
+# under this server's owner as its own model is (incontext/nano). Their fields under Replicate's
+# names where its Kontext and FLUX models have one (input_image; mask as flux-fill-pro names it,
+# guidance as flux-kontext-dev does), the others named as the image they are.
+WORKFLOW_OWNER = "incontext"
+WORKFLOW_FIELDS = {
+    "image_url": "input_image", "reference_image_url": "reference_image", "logo_image_url": "logo_image", "mask_image_url": "mask",
+    "prompt": "prompt", "seed": "seed", "num_inference_steps": "num_inference_steps", "guidance_scale": "guidance",
+    "output_format": "output_format",
+}
+WORKFLOW_IMAGES = "http(s) URL or data: URI, as input_image on black-forest-labs/flux-kontext-pro"
+
+
+class WorkflowPredictionInput(BaseModel):
+    """What every workflow's Replicate input has besides the workflow's fields (routes/workflows.py adds them)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @field_validator("output_format", mode="before", check_fields=False)
+    @classmethod
+    def _jpg(cls, value: Any) -> Any:
+        return "jpeg" if isinstance(value, str) and value.lower() in ("jpg", "jpeg") else value
+
+
 class PredictionCreate(BaseModel):
     # The document asks for one of webhook and webhook_completed: callback() refuses two
     # different URLs, and a schema cannot say "the same URL if both".
@@ -145,10 +171,12 @@ class VersionedPredictionCreate(PredictionCreate):
     version: str = Field(description="a version id from GET /v1/models/{owner}/{name}/versions, owner/name:version, or a model id")
 
 
+PreferWait = Annotated[str | None, Header(description="wait, or wait=N (seconds, at most 60): answer when done")]
+
+
 @router.post("/models/{owner}/{name}/predictions", status_code=201)
 async def create_prediction(
-    owner: str, name: str, body: PredictionCreate, request: Request, key: ReplicateKeyDep, service: ServiceDep,
-    prefer: Annotated[str | None, Header(description="wait, or wait=N (seconds, at most 60): answer when done")] = None,
+    owner: str, name: str, body: PredictionCreate, request: Request, key: ReplicateKeyDep, service: ServiceDep, prefer: PreferWait = None,
 ):
     """Create a prediction of `owner/name` (black-forest-labs/flux-kontext-pro, or any model id of this server)."""
     return await _create(f"{owner}/{name}", body, request, key, service, prefer)
@@ -156,8 +184,7 @@ async def create_prediction(
 
 @router.post("/predictions", status_code=201)
 async def create_versioned_prediction(
-    body: VersionedPredictionCreate, request: Request, key: ReplicateKeyDep, service: ServiceDep,
-    prefer: Annotated[str | None, Header(description="wait, or wait=N (seconds, at most 60): answer when done")] = None,
+    body: VersionedPredictionCreate, request: Request, key: ReplicateKeyDep, service: ServiceDep, prefer: PreferWait = None,
 ):
     """Create a prediction of a model version (what `replicate.run("owner/name:version")` sends)."""
     return await _create(_model_of_version(service, body.version), body, request, key, service, prefer)
@@ -190,6 +217,11 @@ async def _create(model_id: str, body: PredictionCreate, request: Request, key: 
     )
     surface = f"POST /v1/models/{model_id}/predictions" if not isinstance(body, VersionedPredictionCreate) else "POST /v1/predictions"
     run_request = submission.RunRequest(model_id=model_id, items=[item], surface=surface, callback=body.callback(), names=NAMES)
+    return await answer(run_request, request, key, service, prefer)
+
+
+async def answer(run_request: submission.RunRequest, request: Request, key: ApiKey, service, prefer: str | None) -> JSONResponse:
+    """Submit the prediction and answer with it (201), when done if `prefer` says wait."""
     accepted = await submission.submit(service, key, run_request, request_id=request.state.request_id)
     run = accepted.runs[0]
     if (wait := _wait_seconds(prefer)) is not None:
@@ -294,8 +326,12 @@ def prediction(run: Run, storage: Storage, logs: list | None = None, *, synchron
     base = f"{storage.base_url}/v1/predictions/{run.id}"
     output = error = None
     if run.status == lifecycle.SUCCEEDED:
-        urls = public_output(run.output, storage, inline=synchronous and outputs.inline_now(run))["image_urls"]
+        public = public_output(run.output, storage, inline=synchronous and outputs.inline_now(run))
+        urls = public["image_urls"]
         output = urls[0] if len(urls) == 1 else urls  # Kontext there: one URI
+        if params.workflow:  # several results: an object, as a Replicate model's output with named parts is
+            first = public["outputs"][0]
+            output = {"image": first["url"], "mask": first["mask_url"], **{k: first[k] for k in ("boxes", "placement") if k in first}}
     elif run.status == lifecycle.FAILED:
         error = f"{run.failure_code}: {run.failure_message}"
     metrics = {}
@@ -323,7 +359,10 @@ def prediction(run: Run, storage: Storage, logs: list | None = None, *, synchron
 
 
 def _replicate_input(echo: dict, params: RunParams) -> dict:
-    reverse = {ours: theirs for theirs, ours in {"input_image": "image_url", "input_images": "image_urls", "prompt_upsampling": "enhance_prompt"}.items()}
+    if params.workflow:
+        reverse = WORKFLOW_FIELDS
+    else:
+        reverse = {ours: theirs for theirs, ours in {"input_image": "image_url", "input_images": "image_urls", "prompt_upsampling": "enhance_prompt"}.items()}
     return {reverse.get(k, k): v for k, v in echo.items()}
 
 

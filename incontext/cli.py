@@ -272,7 +272,7 @@ def _workflow_local(flow, inp, fields, server, api_key):
     _, results = _edit_local(plan.images[0], prompt, inp.seed, inp.guidance_scale, inp.num_inference_steps, 1, None, None,
                              plan.preserve, list(plan.images[1:]), mask)
     image, region, _ = results[0]
-    done = workflows.finish(flow.id, image, region, source_size=source.size, placement_box=box)
+    done = workflows.finish(flow.id, image, region, source_size=source.size, placement_box=box, source=source)
     return done.image, done.mask, done.extra
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from incontext import imageio
+from incontext import imageio, segments
 
 MAX_PROMPT_LENGTH = 4000  # as the runs API's prompt (service/schemas.py)
 Box = list[int]  # [x0, y0, x1, y1], x1 and y1 exclusive
@@ -220,11 +220,12 @@ MIN_REGION_SHARE = 1 / 1000  # regions smaller than this share of the image are 
 
 
 def finish(workflow: str, image: Image.Image, mask: Image.Image | None, *, source_size: tuple[int, int],
-           placement_box: Box | None = None) -> Finished:
+           placement_box: Box | None = None, source: Image.Image | None = None) -> Finished:
     """One output of `workflow`: `image` and `mask` as preservation made them (preserve.preserve:
-    "L", 255 where the pixel is the model's), the input's own size `source_size`."""
+    "L", 255 where the pixel is the model's), the input's own size `source_size`; `source`, the
+    input itself, sharpens a segmentation's mask (segments.snap) when given."""
     if workflow == "segmentation":
-        binary = threshold(image, source_size)
+        binary = threshold(image, source_size, source)
         return Finished(binary, binary, {"boxes": regions(np.asarray(binary) > 0)})
     extra = {"boxes": regions(np.asarray(mask) > 0) if mask is not None else []}
     if workflow == "logo-placement":
@@ -232,15 +233,20 @@ def finish(workflow: str, image: Image.Image, mask: Image.Image | None, *, sourc
     return Finished(image, mask, extra)
 
 
-def threshold(image: Image.Image, source_size: tuple[int, int]) -> Image.Image:
+def threshold(image: Image.Image, source_size: tuple[int, int], source: Image.Image | None = None) -> Image.Image:
     """The model's picture (its working size, showing the input's centre as fit_to_size crops
     it) as a mask of the input's own size: 255 where it is brighter than mid-grey, 0 elsewhere
-    and outside what the model saw. NEAREST keeps it binary."""
-    grey = np.asarray(image.convert("L"))
-    binary = Image.fromarray(np.where(grey > 127, 255, 0).astype(np.uint8), mode="L")
+    and outside what the model saw. NEAREST keeps it binary. With `source`, the mask is first
+    snapped to the edges of the input as the model saw it (segments.snap): at the working size,
+    so the cost does not grow with the input's."""
+    light = np.asarray(image.convert("L")) > 127
+    x0, y0, x1, y1 = (round(v) for v in imageio.crop_box(*source_size, *image.size))
+    if source is not None:
+        seen = source if source.size == image.size else source.crop((x0, y0, x1, y1)).resize(image.size, Image.Resampling.BOX)
+        light = segments.snap(seen, light)
+    binary = Image.fromarray(np.where(light, 255, 0).astype(np.uint8), mode="L")
     if binary.size == source_size:
         return binary
-    x0, y0, x1, y1 = (round(v) for v in imageio.crop_box(*source_size, *binary.size))
     out = Image.new("L", source_size, 0)
     out.paste(binary.resize((x1 - x0, y1 - y0), Image.Resampling.NEAREST), (x0, y0))
     return out

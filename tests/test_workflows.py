@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from incontext import workflows
+from incontext import segments, workflows
 from incontext.cli import app
 
 
@@ -64,6 +64,46 @@ def test_segmentation_thresholds_the_models_picture_onto_the_inputs_framing():
     # The model saw the centre 32×32 of the 64×32 input: each of its pixels is 2×2 here, 16 columns in.
     assert done.extra["boxes"] == [[16 + 8, 8, 16 + 16, 16]]
     assert not mask[:, :16].any() and not mask[:, 48:].any()
+
+
+def _disc_scene() -> tuple[Image.Image, np.ndarray]:
+    """A vertical-gradient background, a red disc (antialiased rim) and a teal square; the disc's mask."""
+    rgb = np.zeros((64, 64, 3), np.float32)
+    rgb[...] = np.linspace(200, 240, 64)[:, None, None]
+    yy, xx = np.mgrid[0:64, 0:64]
+    cover = np.clip(12.5 - np.hypot(yy - 22.5, xx - 22.5), 0, 1)[..., None]  # 1 inside, a 1-pixel blend at the rim
+    rgb = rgb * (1 - cover) + np.array([200, 30, 30]) * cover
+    rgb[40:56, 40:56] = (20, 150, 150)
+    return Image.fromarray(rgb.round().astype(np.uint8)), cover[..., 0] >= 0.5
+
+
+def test_a_segmentation_mask_snaps_to_the_inputs_edges():
+    image, disc = _disc_scene()
+    # What an 8x autoencoder gives back: the disc's mask, blocky and a few pixels short of its rim.
+    coarse = np.asarray(Image.fromarray(disc).resize((8, 8), Image.Resampling.BOX).resize((64, 64), Image.Resampling.BILINEAR)) > 0
+    coarse &= np.hypot(*np.mgrid[0:64, 0:64] - 22.5) < 11
+    iou = lambda a: (a & disc).sum() / (a | disc).sum()  # noqa: E731
+    assert iou(coarse) < 0.85
+    snapped = segments.snap(image, coarse)
+    assert iou(snapped) > 0.95 and not snapped[40:56, 40:56].any()
+    # finish() snaps when it has the input, and the boxes follow the sharper mask.
+    picture = Image.fromarray(np.where(coarse, 255, 0).astype(np.uint8)).convert("RGB")
+    done = workflows.finish("segmentation", picture, None, source_size=image.size, source=image)
+    assert np.array_equal(np.asarray(done.mask) > 0, snapped) and done.extra["boxes"] == workflows.regions(snapped)
+
+
+def test_snapping_leaves_a_mask_alone_where_the_image_has_no_flat_regions():
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)  # every pixel its own segment
+    coarse = np.zeros((64, 64), bool)
+    coarse[8:30, 8:30] = True
+    assert np.array_equal(segments.snap(Image.fromarray(noise), coarse), coarse)
+    # A thing without an edge in the image (one flat colour here) keeps its mask but a blurred edge's band.
+    flat = segments.snap(Image.new("RGB", (64, 64), (90, 90, 90)), coarse)
+    assert np.array_equal(flat, segments.erode(coarse, segments.BAND)) and flat[12:26, 12:26].all()
+    # A segment the mask covers in part keeps the mask's pixels.
+    half = np.zeros((64, 64), bool)
+    half[:, :32] = True
+    assert np.array_equal(segments.snap(Image.new("RGB", (64, 64), (90, 90, 90)), half), half)
 
 
 def test_the_other_workflows_report_the_boxes_of_their_region():

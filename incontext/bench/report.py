@@ -102,6 +102,9 @@ def workflow_table(results: dict) -> tuple[list[str], list[list[str]]]:
             value = f"{s[figure]:.2f}" if figure == "iou" else fmt_db(s[figure])
             lines.append([family, row["name"], str(s["n"]), fmt_rate(s["success"]), names[figure], value,
                           fmt_db(s["kept_psnr"]) if "kept_psnr" in s else "–", fmt_rate(s.get("kept_at_goal"))])
+            if "workflow_iou" in s:  # the segmentation workflow's own mask (bench/workflows.py)
+                lines.append([family, row["name"] + ", the workflow's mask", str(s["n"]), "–",
+                              "mask IoU snapped to the input (share ≥ 0.9)", f"{s['workflow_iou']:.2f} ({fmt_rate(s['workflow_at_goal'])})", "–", "–"])
     return headers, lines
 
 

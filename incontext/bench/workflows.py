@@ -3,7 +3,8 @@
 - remove: the removed object's pixels filled with what was behind it (PSNR to the target there);
 - bgref: the background taken from the second image (PSNR to the target on the background);
 - emblem: the emblem at the place asked (PSNR to the target in the emblem's box, grown 2 px);
-- segment: IoU of the output split at mid-grey against the object's exact mask;
+- segment: IoU of the output split at mid-grey against the object's exact mask, and of the
+  segmentation workflow's mask (that split snapped to the input's edges, segments.snap);
 
 and for the first three, the subject kept: PSNR to the input outside the change (the edit
 mask), with the share of examples at or over the 40 dB goal. Success is the checks' own
@@ -17,11 +18,13 @@ import math
 import numpy as np
 from PIL import Image
 
+from incontext import workflows
 from incontext.bench import checks
 from incontext.world.edits import Example
 from incontext.world.workflows import BENCH_FAMILIES, exact_mask
 
 KEPT_GOAL_DB = 40.0
+SEGMENT_GOAL_IOU = 0.9  # issue 20's goal for a segmentation mask (checks.SEGMENT_MIN_IOU is the edit's pass mark)
 BOX_MARGIN = 2  # pixels around the emblem: a model that draws it a little off still lands in its box
 
 # What each family's own figure is called, and what it measures.
@@ -53,6 +56,10 @@ def family_scores(examples: list[Example], outputs: list[Image.Image], verdicts:
     out = {"n": len(examples), "success": sum(v.success for v in scored) / len(scored) if scored else None}
     if family == "segment":
         out["iou"] = float(np.mean([checks.mask_iou(o, exact_mask(ex)) for ex, o in zip(examples, outputs)]))
+        # What the segmentation workflow returns: the output snapped to the input's edges.
+        snapped = [checks.mask_iou(workflows.threshold(o, ex.context.size, ex.context), exact_mask(ex)) for ex, o in zip(examples, outputs)]
+        out["workflow_iou"] = float(np.mean(snapped))
+        out["workflow_at_goal"] = float(np.mean([v >= SEGMENT_GOAL_IOU for v in snapped]))
         return out
     out[FIGURES[family]] = _db_of_mean([checks.mse(o, ex.target, _region(ex)) for ex, o in zip(examples, outputs)])
     kept = [checks.mse(o, ex.context, ~ex.mask) for ex, o in zip(examples, outputs)]

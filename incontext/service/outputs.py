@@ -72,7 +72,8 @@ def _store(run: Run, run_input: RunInput, result: EditResult, storage: Storage, 
         image, mask, share = _preserved(run, run_input, canvas, edited, change, allowed)
         extra = {}
         if params.workflow:  # what the workflow promises beyond the image: its mask, boxes, placement
-            done = workflows.finish(params.workflow, image, mask, source_size=run_input.source_size, placement_box=params.placement)
+            done = workflows.finish(params.workflow, image, mask, source_size=run_input.source_size, placement_box=params.placement,
+                                    source=canvas.get() if params.workflow == "segmentation" else None)
             image, mask, extra = done.image, done.mask, done.extra
         preserve_ms += (time.perf_counter() - started) * 1000
         try:

@@ -4,8 +4,8 @@
 #      one process encodes them into latent chunks on the GPU as they appear;
 #   2. once FIRST chunks are encoded, train the transformer in bf16 on the GPU for
 #      TRAIN_MINUTES while rendering and encoding go on; the trainer picks up new chunks at
-#      each checkpoint (every minute). Half the renderers draw all families, half the ones
-#      that still fail most (WEAK);
+#      each checkpoint (every minute). Half the renderers draw all families, a quarter the
+#      ones that still fail most (WEAK), a quarter the workflows (issue 20);
 #   3. export fp16 weights to EXPORT_TO and, with PACK set, a tar of them in 15 MB pieces there.
 #
 #   scripts/train_gpu.sh                                                  # on the GPU machine
@@ -43,11 +43,12 @@ mkdir -p "$OUT"
 train() { "$PY" -m incontext.train "$@"; }
 
 # Renders chunks [first, first + count) on `jobs` processes of one thread each, a few chunks
-# each in turn, so the first round is ready soon; even processes draw all families, odd ones WEAK.
+# each in turn, so the first round is ready soon; even processes draw all families, odd ones
+# WEAK, every fourth the workflows' families (removal, bgref, emblem, segment).
 render() {
   local first=$1 count=$2 jobs=$3 j fam
   for ((j = 0; j < jobs; j++)); do
-    fam=all; ((j % 2)) && fam=$WEAK
+    fam=all; ((j % 2)) && fam=$WEAK; ((j % 4 == 3)) && fam=workflows
     (for ((c = first + j; c < first + count; c += jobs)); do
       OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 train data --out "$OUT" --render-only --start "$c" --chunks 1 \
         --chunk-size "$CHUNK_SIZE" --families "$fam" || exit 1

@@ -7,6 +7,13 @@ import pytest
 from incontext.testing import tiny_model_dir
 
 
+def pytest_collection_modifyitems(items):
+    # Compiling the tiny model ahead of time is the suite's slowest step. The compile test runs
+    # first and builds into the shared `tiny_compile_dir`, which the speed bench's and warmup's
+    # tests then load; in any other order each of them still builds what it needs.
+    items.sort(key=lambda item: "engine/test_compiled.py" not in item.nodeid)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     return tiny_model_dir(tmp_path_factory.mktemp("tiny_model"))

@@ -39,9 +39,12 @@ def _engine(registry, **kwargs) -> LocalEngine:
     return engine
 
 
-def test_the_engine_serves_eagerly_while_it_builds_then_every_start_loads_the_package(registry, one_thread, tmp_path):
+def test_the_engine_serves_eagerly_while_it_builds_then_every_start_loads_the_package(registry, one_thread, tiny_compile_dir, tmp_path):
+    # Into the session's shared directory while nothing is built there (tests/conftest.py runs
+    # this test first), so the other tests that need a package load this one.
+    compile_dir = tmp_path if any(tiny_compile_dir.iterdir()) else tiny_compile_dir
     eager = _engine(registry)
-    building = _engine(registry, compile_dir=tmp_path)
+    building = _engine(registry, compile_dir=compile_dir)
     try:
         cm = building.compiled["tiny"]
         assert cm.building  # a child process, so no torch thread of the engine's competes
@@ -69,7 +72,7 @@ def test_the_engine_serves_eagerly_while_it_builds_then_every_start_loads_the_pa
         asyncio.run(building.close())
 
     # A later start on the same machine loads it instead of building it again.
-    restarted = _engine(registry, compile_dir=tmp_path)
+    restarted = _engine(registry, compile_dir=compile_dir)
     try:
         assert not restarted.compiled["tiny"].building
         again, share = _edit(restarted, "after-restart")

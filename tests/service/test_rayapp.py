@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 import pytest
@@ -73,6 +74,19 @@ def _workers_running() -> int:
     if app is None or "Worker" not in app.deployments:
         return 0
     return app.deployments["Worker"].replica_states.get("RUNNING", 0)
+
+
+# Requests in flight at once where a test posts, cancels or reads 120 runs: one at a time, each
+# waited out its round trip through Serve's proxy (0.1-0.2 s on two busy cores), which made up
+# most of that test. httpx.Client is safe to share between threads. (Not for waiting on runs
+# still in progress: eight pollers would take the CPU from the workers they wait for.)
+HTTP_THREADS = 8
+
+
+def _each(fn, items) -> list:
+    """fn(item) for every item, HTTP_THREADS at a time; in order; the first exception raised."""
+    with ThreadPoolExecutor(HTTP_THREADS) as pool:
+        return list(pool.map(fn, items))
 
 
 def _assert_each_succeeded_once(api, run_ids, cost="0.04"):
@@ -173,12 +187,12 @@ def test_workers_scale_up_on_the_queue_and_back_down_when_it_drains(tmp_path, ti
             # tiny model's edit is about a second at 50 steps, so 120 of them keep one worker
             # busy for minutes. Those left when both workers have ended runs are canceled.
             body = {"input": {**BODY["input"], "num_inference_steps": 50}}
-            run_ids = [api.post(f"/v1/models/{MODEL}/runs", json=body).json()["id"] for _ in range(120)]
+            run_ids = _each(lambda _: api.post(f"/v1/models/{MODEL}/runs", json=body).json()["id"], range(120))
             wait_for(lambda: _workers_running() == 2, timeout=240, interval=0.2)
             wait_for(lambda: len(ended_by()) == 2, timeout=240, interval=0.2)
-            for run_id in run_ids:
-                api.post(f"/v1/runs/{run_id}/cancel")  # a run that already ended stays as it ended
-            ended = {run_id: wait_run(api, run_id, timeout=240) for run_id in run_ids}
+            # a run that already ended stays as it ended
+            _each(lambda run_id: api.post(f"/v1/runs/{run_id}/cancel"), run_ids)
+            ended = dict(zip(run_ids, _each(lambda run_id: wait_run(api, run_id, timeout=240), run_ids)))
             succeeded = [run_id for run_id, run in ended.items() if run["status_code"] == "succeeded"]
             assert {run["status_code"] for run in ended.values()} <= {"succeeded", "canceled"}
             _assert_each_succeeded_once(api, succeeded)

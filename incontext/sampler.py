@@ -108,9 +108,13 @@ def encode_text(m: Models, prompts: list[str]) -> tuple[torch.Tensor, torch.Tens
     """(txt, vec) for each prompt, as FluxKontextPipeline computes them (no attention mask)."""
     clip_ids = m.tokenizer(prompts, padding="max_length", max_length=m.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
     vec = m.text_encoder(clip_ids.to(m.device), output_hidden_states=False).pooler_output
-    t5_ids = m.tokenizer_2(prompts, padding="max_length", max_length=m.max_sequence_length, truncation=True, return_tensors="pt").input_ids
-    txt = m.text_encoder_2(t5_ids.to(m.device), output_hidden_states=False)[0]
+    txt = m.text_encoder_2(t5_ids(m, prompts).to(m.device), output_hidden_states=False)[0]
     return txt.to(m.text_encoder_2.dtype), vec.to(m.text_encoder.dtype)
+
+
+def t5_ids(m: Models, prompts: list[str]) -> torch.Tensor:
+    """The T5 encoder's token ids for each prompt, padded to the model's sequence length."""
+    return m.tokenizer_2(prompts, padding="max_length", max_length=m.max_sequence_length, truncation=True, return_tensors="pt").input_ids
 
 
 def image_to_tensor(images: list[Image.Image]) -> torch.Tensor:

@@ -43,6 +43,7 @@ from incontext.models.device import cpu_has_fast_bf16
 from incontext.models.components import NanoConfig, build_scheduler, build_text_encoders, build_tokenizer, build_transformer
 from incontext.train.checkpoint import load_checkpoint, save_checkpoint
 from incontext.train.data import LatentChunks
+from incontext.train.text_context import TextContextHead, text_context_loss
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,9 @@ class TransformerTrainConfig:
     # "context" (the context latents plus start_noise·noise), so untouched tokens barely move.
     flow_start: str = "noise"
     start_noise: float = 0.3
+    # Weight of the T5 outputs' neighbour-naming loss (train/text_context.py); 0: none, as
+    # every run before session 14 trained.
+    text_context: float = 0.0
 
 
 TRAINED = ("transformer", "text_encoder", "text_encoder_2")
@@ -117,6 +121,9 @@ def train_transformer(out: Path, model_cfg: NanoConfig, cfg: TransformerTrainCon
     params = [p for mod in modules.values() for p in mod.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     ema = {k: copy.deepcopy(v).requires_grad_(False) for k, v in modules.items()}
+    # Its own optimizer, so a checkpoint resumes with the objective on or off.
+    head = TextContextHead(t5.config.d_model, len(tok)) if cfg.text_context > 0 else None
+    head_opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.99)) if head is not None else None
     step, elapsed = 0, 0.0
     if ckpt_path.exists():
         ck = load_checkpoint(ckpt_path)
@@ -125,6 +132,9 @@ def train_transformer(out: Path, model_cfg: NanoConfig, cfg: TransformerTrainCon
             ema[k].load_state_dict(ck["extra"]["ema"][k])
         if ck.get("optimizer"):
             opt.load_state_dict(ck["optimizer"])
+        if head is not None and "text_context" in ck["extra"]:
+            head.load_state_dict(ck["extra"]["text_context"]["head"])
+            head_opt.load_state_dict(ck["extra"]["text_context"]["optimizer"])
         step, elapsed = ck["step"], ck["extra"].get("elapsed", 0.0)
         log.info("resumed transformer from step %d (%.1f min)", step, elapsed / 60)
     elif init_from is not None:
@@ -133,8 +143,12 @@ def train_transformer(out: Path, model_cfg: NanoConfig, cfg: TransformerTrainCon
     for k in modules:  # after loading: optimizer state and EMA follow their parameters' device
         modules[k].to(device)
         ema[k].to(device)
+    if head is not None:
+        head.to(device)
     if ckpt_path.exists():
         opt.load_state_dict(opt.state_dict())  # moves resumed moment buffers to the parameters' device
+        if head_opt is not None:
+            head_opt.load_state_dict(head_opt.state_dict())
 
     data = LatentChunks(out)
     log.info("training on %d examples", len(data))
@@ -144,22 +158,28 @@ def train_transformer(out: Path, model_cfg: NanoConfig, cfg: TransformerTrainCon
         mod.train()
 
     def save() -> None:
+        extra = {"ema": {k: v.state_dict() for k, v in ema.items()}, "elapsed": time.time() - start}
+        if head is not None:
+            extra["text_context"] = {"head": head.state_dict(), "optimizer": head_opt.state_dict()}
         save_checkpoint(
             ckpt_path, step=step, model_config=asdict(model_cfg), train_config=asdict(cfg),
-            weights={k: v.state_dict() for k, v in modules.items()}, optimizer=opt,
-            extra={"ema": {k: v.state_dict() for k, v in ema.items()}, "elapsed": time.time() - start},
+            weights={k: v.state_dict() for k, v in modules.items()}, optimizer=opt, extra=extra,
         )
 
     while (frac := (time.time() - start) / total) < 1.0:
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         lr *= cfg.final_lr_frac + (1 - cfg.final_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac))
-        for g in opt.param_groups:
+        for g in [*opt.param_groups, *(head_opt.param_groups if head_opt else [])]:
             g["lr"] = lr
-        loss = _step(m, data, cfg, rng, guided=frac >= cfg.guidance_start)
+        loss = _step(m, data, cfg, rng, guided=frac >= cfg.guidance_start, text_head=head)
         opt.zero_grad(set_to_none=True)
+        if head_opt is not None:
+            head_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if head_opt is not None:
+            head_opt.step()
         step += 1
         with torch.no_grad():
             decay = min(cfg.ema, (1 + step) / (10 + step))  # short runs: don't average in the random init
@@ -179,7 +199,8 @@ def train_transformer(out: Path, model_cfg: NanoConfig, cfg: TransformerTrainCon
     return ckpt_path
 
 
-def _step(m: sampler.Models, data: LatentChunks, cfg: TransformerTrainConfig, rng: random.Random, guided: bool) -> torch.Tensor:
+def _step(m: sampler.Models, data: LatentChunks, cfg: TransformerTrainConfig, rng: random.Random, guided: bool,
+          text_head: TextContextHead | None = None) -> torch.Tensor:
     batch = data.sample(cfg.batch, rng)
     (w, h), prompts = batch.size, batch.prompts
     dev = m.device
@@ -226,7 +247,10 @@ def _step(m: sampler.Models, data: LatentChunks, cfg: TransformerTrainConfig, rn
         )
     err = ((pred.float() - target) ** 2).mean(-1)
     w = _weights(x0, cond, cfg.edit_weight)
-    return ((w * err).sum(1) / w.sum(1)).mean()
+    loss = ((w * err).sum(1) / w.sum(1)).mean()
+    if text_head is not None:
+        loss = loss + cfg.text_context * text_context_loss(text_head, txt, sampler.t5_ids(m, prompts), m.tokenizer_2.pad_token_id)
+    return loss
 
 
 def _timesteps(b: int, shift: float, uniform_t: float) -> torch.Tensor:

@@ -244,6 +244,23 @@ def test_transformer_resumes_where_it_stopped(trained_run, model_cfg, tmp_path):
         assert_same_weights(after["weights"][name], before["weights"][name])
 
 
+def test_a_run_with_the_text_context_objective_keeps_its_head_and_resumes_it(run, model_cfg, tmp_path):
+    run = shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("transformer.pt"))
+    vae = load_vae(run, fallback=None)
+    train_transformer(run, model_cfg, transformer_config(text_context=0.1), vae)
+    before = load_checkpoint(run / "transformer.pt")
+    head = before["extra"]["text_context"]["head"]
+    assert set(head) == {"before.weight", "before.bias", "after.weight", "after.bias"}
+    assert head["before.weight"].shape == (len(model_cfg.vocab) + 3, model_cfg.text_dim)  # every word, with <pad>, </s>, <unk>
+    assert set(before["weights"]) == set(TRAINED)  # the head is not part of the model
+
+    longer = before["extra"]["elapsed"] / 60 + SECOND
+    train_transformer(run, model_cfg, transformer_config(minutes=longer, lr=0.0, text_context=0.1), vae)
+    after = load_checkpoint(run / "transformer.pt")
+    assert after["step"] > before["step"]
+    assert_same_weights(after["extra"]["text_context"]["head"], head)  # resumed, not drawn again
+
+
 def test_init_from_a_model_directory_starts_from_its_weights(run, model_cfg, tmp_path):
     # Stored in fp16 as the bundled model is; T5's embed_tokens is tied to `shared`, saved once.
     model = save_model_dir(build_components(model_cfg, seed=5), tmp_path / "model", dtype=torch.float16)

@@ -29,9 +29,10 @@ from PIL import Image
 class FlowStart:
     """Where sampling starts at t = 1, as the model directory declares it (incontext.json).
 
-    "noise": FLUX's flow, x1 = noise. "context": x1 = context latents + `noise`·noise, the
-    flow the nano model is trained with: a token the edit does not touch starts where it
-    should end, so the model only has to move what the instruction names. Stock
+    "noise": FLUX's flow, x1 = noise (the bundled nano model's). "context": x1 = context
+    latents + `noise`·noise, a flow nano can be trained with (`train transformer
+    --flow-start context`): a token the edit does not touch starts where it should end, so
+    the model only has to move what the instruction names. Stock
     `FluxKontextPipeline` reproduces either when given these starting latents (`latents=`)."""
 
     kind: str = "noise"

@@ -29,11 +29,11 @@ def text_context_loss(head: TextContextHead, txt: torch.Tensor, ids: torch.Tenso
     """Cross-entropy of naming each word's neighbours from its output (`txt`: (B, T, D) T5
     outputs of `ids`: (B, T)), over the pairs of adjacent words that are not padding. 0 for a
     batch without any (every instruction dropped)."""
-    real = ids.to(txt.device) != pad_id
+    ids = ids.to(txt.device)
+    real = ids != pad_id
     pairs = real[:, 1:] & real[:, :-1]  # positions i, i + 1 both words
     if not pairs.any():
         return txt.sum() * 0.0
-    ids = ids.to(txt.device)
     before = F.cross_entropy(head.before(txt[:, 1:][pairs].float()), ids[:, :-1][pairs])
     after = F.cross_entropy(head.after(txt[:, :-1][pairs].float()), ids[:, 1:][pairs])
     return (before + after) / 2

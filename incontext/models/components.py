@@ -36,6 +36,7 @@ class NanoConfig:
     # One normalisation group: per-channel GroupNorm erases the absolute colour of flat
     # regions (a flat image normalises to zero), which is most of this world.
     vae_groups: int = 1
+    vae_layers: int = 1  # ResNet blocks a level in the encoder (the decoder has one more)
     latent_channels: int = 16
     heads: int = 4
     head_dim: int = 64  # hidden = heads * head_dim
@@ -100,7 +101,7 @@ def build_vae(cfg: NanoConfig) -> AutoencoderKL:
     n = len(cfg.vae_channels)
     return AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=cfg.vae_channels, layers_per_block=1, latent_channels=cfg.latent_channels,
+        block_out_channels=cfg.vae_channels, layers_per_block=cfg.vae_layers, latent_channels=cfg.latent_channels,
         norm_num_groups=cfg.vae_groups, use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False,
         scaling_factor=1.0, shift_factor=0.0,
     )

@@ -32,15 +32,25 @@ def train_vae_cmd(
     decoder_only: bool = typer.Option(False, help="Train the decoder alone: the latents, and a transformer trained on them, stay valid."),
     init_from: Optional[Path] = typer.Option(None, help="Start from this model directory's VAE (e.g. incontext/weights/nano) when OUT has no checkpoint."),
     crop: int = typer.Option(64, min=16, help="Training crop side in pixels (a multiple of 8)."),
+    widen: int = typer.Option(1, min=1, help="With --init-from: that VAE's channels times this, grown so it starts computing the same function."),
+    deepen: int = typer.Option(0, min=0, help="With --init-from: this many more ResNet blocks a level, each starting as the identity."),
+    anchor: float = typer.Option(0.0, min=0.0, help="With --init-from: keep the latents this close to its VAE's (0: free), so its transformer stays valid."),
 ) -> None:
     """Stage 1: the autoencoder. Resumes from OUT/vae.pt."""
     from incontext.models.components import NanoConfig
-    from incontext.train.vae import VaeTrainConfig, eval_vae_psnr, train_vae
+    from incontext.train.vae import VaeTrainConfig, eval_vae_psnr, grown_config, psnr_by_family, train_vae
     from incontext.train.export import load_vae
     from incontext.world.language import vocabulary
 
-    train_vae(out, NanoConfig(vocab=vocabulary()), VaeTrainConfig(minutes=minutes, lr=lr, decoder_only=decoder_only, crop=crop), init_from=init_from)
-    console.print(f"VAE reconstruction PSNR (held-out): {eval_vae_psnr(load_vae(out)):.2f} dB")
+    model_cfg = NanoConfig(vocab=vocabulary())
+    if (widen > 1 or deepen) and init_from is None:
+        raise typer.BadParameter("--widen and --deepen grow the VAE of --init-from; give one")
+    if init_from is not None:
+        model_cfg = grown_config(init_from, model_cfg, widen, deepen)
+    train_vae(out, model_cfg, VaeTrainConfig(minutes=minutes, lr=lr, decoder_only=decoder_only, crop=crop, anchor=anchor), init_from=init_from)
+    vae = load_vae(out)
+    console.print(f"VAE reconstruction PSNR (held-out): {eval_vae_psnr(vae):.2f} dB")
+    console.print("by family (targets): " + ", ".join(f"{f} {v:.1f}" for f, v in psnr_by_family(vae).items()))
 
 
 @train_app.command("data")
@@ -109,6 +119,23 @@ def train_export_cmd(
 
     export_model(out, to, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[dtype], use_ema=ema, steps=steps)
     console.print(f"exported to {to}")
+
+
+@train_app.command("export-vae")
+def train_export_vae_cmd(
+    out: Path = typer.Option(Path("runs/nano"), help="The run whose vae.pt to take."),
+    model: Path = typer.Option(Path("incontext/weights/nano"), help="The model directory that gets it."),
+    to: Optional[Path] = typer.Option(None, help="Where to write the result (default: MODEL, in place)."),
+    dtype: str = typer.Option("float16", help="Storage dtype (float16, float32); it computes in fp32 either way."),
+) -> None:
+    """Put a run's autoencoder into a model directory (after `train vae --decoder-only`: same latents, sharper decoder)."""
+    import torch
+
+    from incontext.train.export import export_vae
+
+    if dtype not in ("float16", "float32"):
+        raise typer.BadParameter(f"--dtype must be float16 or float32, not {dtype}")
+    console.print(f"wrote {export_vae(out, model, to or model, dtype=torch.float16 if dtype == 'float16' else None)}")
 
 
 def main() -> None:

@@ -42,6 +42,11 @@ class VaeTrainConfig:
     # Fine-tune only the decoder: the latents (and so a transformer trained on them) stay
     # valid, while reconstructions get sharper. Used after the transformer's data is encoded.
     decoder_only: bool = False
+    # With `init_from`: weight of the distance from the latents to the starting VAE's (per
+    # latent, relative to their variance). A wider encoder may then add the detail the old
+    # one dropped while its latents stay where the model's transformer expects them, so that
+    # transformer keeps working and adapts to the new detail; the latent normalisation stays.
+    anchor: float = 0.0
     log_every: int = 50
     save_every: int = 200
 
@@ -63,11 +68,15 @@ def _random_crops(pool: list[torch.Tensor], n: int, crop: int, rng: random.Rando
 def train_vae(out: Path, model_cfg: NanoConfig, cfg: VaeTrainConfig, init_from: Path | None = None) -> Path:
     """Train (or resume from `out/vae.pt`). With no checkpoint, `init_from` (a model directory,
     e.g. the bundled one) gives the starting weights and latent normalisation: with
-    `decoder_only`, its latents (and a transformer trained on them) stay valid."""
+    `decoder_only`, its latents (and a transformer trained on them) stay valid. `model_cfg`'s
+    VAE may be wider and deeper than `init_from`'s (`grow_into`): a larger decoder on the
+    same latents."""
     out = Path(out)
     ckpt_path = out / "vae.pt"
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
+    if ckpt_path.exists():  # a resumed run keeps the sizes it started with
+        model_cfg = NanoConfig(**{k: tuple(v) if isinstance(v, list) and k != "vocab" else v for k, v in load_checkpoint(ckpt_path)["model_config"].items()})
     vae = build_vae(model_cfg).to(memory_format=torch.channels_last)
     trained = list(vae.decoder.parameters()) if cfg.decoder_only else list(vae.parameters())
     opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=0.0)
@@ -85,16 +94,24 @@ def train_vae(out: Path, model_cfg: NanoConfig, cfg: VaeTrainConfig, init_from: 
         from diffusers import AutoencoderKL
 
         start = AutoencoderKL.from_pretrained(Path(init_from) / "vae", local_files_only=True)
-        vae.load_state_dict(start.state_dict())
+        grow_into(vae, start, seed=cfg.seed)
         vae.register_to_config(shift_factor=start.config.shift_factor, scaling_factor=start.config.scaling_factor)
         log.info("initialised the VAE from %s", init_from)
     if cfg.decoder_only:
         vae.encoder.requires_grad_(False)
+    anchor, anchor_from = None, None
+    if cfg.anchor > 0:
+        anchor_from = str(ck["extra"]["anchor_from"] if ckpt_path.exists() else init_from)
+        anchor = _anchor_encoder(anchor_from if anchor_from != "None" else None)
 
     pool: list[torch.Tensor] = []
     for _ in range(cfg.pool // 2):
         ex = make_example(rng)
         pool += [_to_tensor(ex.context), _to_tensor(ex.target)]
+
+    def extra() -> dict:
+        return {**_latent_stats(vae), **({"anchor_from": anchor_from} if anchor_from else {})}
+
     start = time.time()
     deadline = start + cfg.minutes * 60
     vae.train()
@@ -120,6 +137,10 @@ def train_vae(out: Path, model_cfg: NanoConfig, cfg: VaeTrainConfig, init_from: 
         y = vae.decode(z).sample
         rec = (y - x).abs().mean() + 2.0 * ((y - x) ** 2).mean()
         loss = rec + cfg.latent_l2 * (z**2).mean()  # keeps latents near unit scale
+        if anchor is not None:
+            with torch.no_grad():
+                z_old = anchor(x)
+            loss = loss + cfg.anchor * ((z - z_old) ** 2).mean() / z_old.var()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -132,13 +153,69 @@ def train_vae(out: Path, model_cfg: NanoConfig, cfg: VaeTrainConfig, init_from: 
             t0, losses = time.time(), []
         if step % cfg.save_every == 0:
             save_checkpoint(ckpt_path, step=step, model_config=asdict(model_cfg), train_config=asdict(cfg), weights=vae.state_dict(), optimizer=opt,
-                            extra=_latent_stats(vae))
+                            extra=extra())
 
-    if not cfg.decoder_only:  # the encoder, and so the latent statistics, did not change otherwise
+    if not cfg.decoder_only and anchor is None:  # else the latents stay in the space they started in
         _set_latent_stats(vae, rng, cfg.latent_stats_examples)
     save_checkpoint(ckpt_path, step=step, model_config=asdict(model_cfg), train_config=asdict(cfg), weights=vae.state_dict(), optimizer=opt,
-                    extra=_latent_stats(vae))
+                    extra=extra())
     return ckpt_path
+
+
+@torch.no_grad()
+def grow_into(vae, start, seed: int = 0) -> None:
+    """Load `start`'s weights into `vae`, a copy of its architecture that may be wider (every
+    level's channels the same whole multiple of `start`'s) and deeper (more ResNet blocks a
+    level), so that `vae` computes what `start` computes, encoder and decoder.
+
+    Why this is exact: a channel is widened by copies of itself, and a layer reading k copies
+    weighs each by 1/k, so it sums what it read before. With one normalisation group the
+    copies leave a layer's mean and variance as they were. A block `start` lacks is a
+    ResNet block whose last convolution is zero: it adds nothing to its input. The copies'
+    outgoing weights differ by a noise that sums to zero over them (Net2Net's trick), so the
+    function is unchanged but training can tell the copies apart; identical copies would
+    receive identical gradients and stay one channel."""
+    if start.config.norm_num_groups != 1 or vae.config.norm_num_groups != 1:
+        raise ValueError("growing an autoencoder exactly needs one normalisation group")
+    gen = torch.Generator().manual_seed(seed)
+    old = start.state_dict()
+    for name, p in vae.state_dict().items():
+        if name not in old:  # a new block: make it the identity
+            if name.endswith(("conv2.weight", "conv2.bias")):
+                p.zero_()
+            continue
+        t = old[name].to(p.dtype)
+        if t.shape[0] != p.shape[0]:
+            t = t.repeat(p.shape[0] // t.shape[0], *[1] * (t.dim() - 1))
+        if t.dim() == 4 and t.shape[1] != p.shape[1]:
+            k = p.shape[1] // t.shape[1]
+            copies = t.repeat(1, k, 1, 1).view(t.shape[0], k, t.shape[1], *t.shape[2:]) / k
+            noise = torch.randn(copies.shape, generator=gen) * (t.std() / k)
+            t = (copies + noise - noise.mean(dim=1, keepdim=True)).reshape(t.shape[0], -1, *t.shape[2:])
+        if t.shape != p.shape:
+            raise ValueError(f"{name}: {tuple(old[name].shape)} does not grow into {tuple(p.shape)}")
+        p.copy_(t)
+
+
+def grown_config(model_dir: Path, base: NanoConfig, widen: int = 1, deepen: int = 0) -> NanoConfig:
+    """`base` with the VAE sizes of `model_dir`'s, `widen` times the channels and `deepen` more
+    blocks a level: the VAE `train_vae(..., init_from=model_dir)` grows that one into."""
+    import dataclasses
+    import json
+
+    start = json.loads((Path(model_dir) / "vae" / "config.json").read_text())
+    return dataclasses.replace(base, vae_channels=tuple(c * widen for c in start["block_out_channels"]),
+                               vae_layers=start["layers_per_block"] + deepen, latent_channels=start["latent_channels"])
+
+
+def _anchor_encoder(model_dir):
+    """The starting VAE's encoder, frozen: what `anchor` keeps the latents near."""
+    from diffusers import AutoencoderKL
+
+    if model_dir is None:
+        raise ValueError("anchor needs init_from: the model directory whose latents to stay near")
+    old = AutoencoderKL.from_pretrained(Path(model_dir) / "vae", local_files_only=True).eval().requires_grad_(False)
+    return lambda x: old.encode(x).latent_dist.mode()
 
 
 def _latent_stats(vae) -> dict:
@@ -174,3 +251,20 @@ def eval_vae_psnr(vae, n: int = 64, seed: int = 1234) -> float:
         errs.append((((y - x) / 2) ** 2).mean(dim=(1, 2, 3)))
     mse = torch.cat(errs)
     return float((-10 * torch.log10(mse.clamp_min(1e-10))).mean())
+
+
+@torch.no_grad()
+def psnr_by_family(vae, n: int = 16, seed: int = 4321) -> dict[str, float]:
+    """Round-trip PSNR (dB) of held-out targets, family by family: where the autoencoder caps
+    what any transformer decoded through it can score (thin strokes: text, outline)."""
+    from incontext.world.edits import FAMILIES
+
+    vae.eval()
+    scores = {}
+    for family in FAMILIES:
+        rng = random.Random(f"{seed}-{family}")
+        x = torch.stack([_to_tensor(make_example(rng, family=family, size=(128, 128)).target) for _ in range(n)])
+        y = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        y = ((y + 1) * 127.5).round() / 127.5 - 1
+        scores[family] = float((-10 * torch.log10((((y - x) / 2) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10))).mean())
+    return scores

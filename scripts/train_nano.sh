@@ -5,7 +5,7 @@
 #
 #   scripts/train_nano.sh              # all stages, then the benchmark
 #
-# Runs 3a–3i trained the flow from noise; run 4 switched to the flow from the context.
+# Runs 3a–3i trained the flow from noise; run 4 tried the flow from the context.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t() { python3 run.py train "$@"; }
@@ -46,5 +46,12 @@ t export --out runs/nano_i --to runs/nano_i/export
 mkdir -p runs/nano_4; ln -sfn ../nano/vae.pt runs/nano_4/vae.pt
 t data --out runs/nano_4 --start 0 --chunks 24
 t transformer --out runs/nano_4 --minutes 90 --lr 3e-4 --edit-weight 1 --guidance-start 0 --flow-start context --start-noise 0.3 --init-from runs/nano_i/export
-t export --out runs/nano_4 --steps "${STEPS:-20}"                           # writes incontext/weights/nano (fp16, EMA)
+t export --out runs/nano_4 --to runs/nano_4/export   # not bundled: it ties 3i
+
+# Session 15: 3i's decoder grown (twice the channels, one more block a level; the encoder,
+# grown too, computes the same latents) and trained alone, in two legs of 6 and 42 minutes.
+# 3i with it is the bundled model.
+t vae --out runs/nano_dec --decoder-only --init-from runs/nano_i/export --widen 2 --deepen 1 --minutes 6 --lr 5e-4
+t vae --out runs/nano_dec --decoder-only --minutes 42 --lr 5e-4
+t export-vae --out runs/nano_dec --model runs/nano_i/export --to incontext/weights/nano
 python3 run.py bench quality --n 20

@@ -76,7 +76,7 @@ def edit_here(req: LocalEdit, *, model_dirs: dict[str, Path] | None = None, defa
     result = asyncio.run(run())
     source = src if imageio.keeps_framing(req.aspect_ratio, src.width, src.height) else None
     kept = [
-        preserve.preserve(img, change, context=fitted, source=source, mode=req.preserve, mask=allowed)
+        preserve.preserve(img, change, context=fitted, source=source, mode=req.preserve, mask=allowed, rendered=result.rendered_context)
         for img, change in zip(result.images, result.change_maps)
     ]
     return preset.weights_name, kept

@@ -44,6 +44,11 @@ class RegionConfig:
     grow: int = 4  # pixels of the model's output added around the moved latents
     feather: int = 3  # pixels over which the region fades into the input
     pixel_tolerance: int = 6  # a pixel within this many levels of the input is the input's
+    # A pixel within this many levels of the autoencoder's rendering of the input (the context
+    # latents decoded), and within twice that rendering's own error there, is one the model
+    # did not change: what differs there from the input is the autoencoder's error, e.g. the
+    # pale ring it draws around an object, which the band around an edit would otherwise keep.
+    rendered_tolerance: int = 20
 
 
 @dataclass
@@ -67,15 +72,25 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return np.asarray(img.filter(ImageFilter.MaxFilter(2 * radius + 1))) > 0
 
 
-def region_alpha(change: np.ndarray, edited: np.ndarray, context: np.ndarray, config: RegionConfig = RegionConfig()) -> np.ndarray:
+def region_alpha(change: np.ndarray, edited: np.ndarray, context: np.ndarray, config: RegionConfig = RegionConfig(),
+                 rendered: np.ndarray | None = None) -> np.ndarray:
     """(H, W) float32 in [0, 1]: how much of each output pixel is the model's.
 
-    `change` (h, w) is one image's change map; `edited` and `context` are (H, W, 3) uint8 at
-    the model's output size."""
+    `change` (h, w) is one image's change map; `edited`, `context` and `rendered` (the
+    context's latents decoded, when the engine reports them) are (H, W, 3) uint8 at the
+    model's output size."""
     height, width = edited.shape[:2]
     moved = _upsample(change > config.threshold, height, width)
     grown = _dilate(moved, config.grow)
     differs = np.abs(edited.astype(np.int16) - context.astype(np.int16)).max(axis=-1) > config.pixel_tolerance
+    if rendered is not None:
+        # The output matches the autoencoder's rendering of the input there, and the rendering
+        # is off the input by at least half as much: the difference from the input is the
+        # autoencoder's. A slight change (a grey-ish object turned grey) where the rendering
+        # is close to the input stays the model's.
+        own_error = np.abs(rendered.astype(np.int16) - context.astype(np.int16)).max(axis=-1)
+        from_rendered = np.abs(edited.astype(np.int16) - rendered.astype(np.int16)).max(axis=-1)
+        differs &= from_rendered > np.minimum(config.rendered_tolerance, 2 * own_error)
     region = grown & differs
     if config.feather <= 0 or not region.any():
         return region.astype(np.float32)
@@ -159,13 +174,20 @@ def compose(canvas: Image.Image, box: tuple[float, float, float, float], edited:
     return Preserved(Image.fromarray(out), Image.fromarray(mask, mode="L"), changed / (base.shape[0] * base.shape[1]))
 
 
+def _rgb(image: Image.Image | None) -> np.ndarray | None:
+    return None if image is None else np.asarray(image.convert("RGB"))
+
+
 def preserve(edited: Image.Image, change: np.ndarray | None, *, context: Image.Image, source: Image.Image | None = None,
-             mode: str = "auto", config: RegionConfig = RegionConfig(), mask: Image.Image | None = None) -> Preserved:
+             mode: str = "auto", config: RegionConfig = RegionConfig(), mask: Image.Image | None = None,
+             rendered: Image.Image | None = None) -> Preserved:
     """One output, preserved.
 
     `edited` is the model's output and `context` the input as the model saw it (both at the
     model's size); `source` is the input at its own size when the output keeps the input's
-    framing (None: compose at the model's size). mode "off" returns the model's output as it
+    framing (None: compose at the model's size). `rendered` is the context's latents decoded
+    (`EditResult.rendered_context`): where the output matches it, the model changed nothing
+    and the input's pixel is kept, though the autoencoder's rendering differs from it. mode "off" returns the model's output as it
     is, with the region it detected as the mask.
 
     `mask` ("L" at the input's own size, or at the canvas's: `fit_mask` brings it there) is
@@ -183,9 +205,9 @@ def preserve(edited: Image.Image, change: np.ndarray | None, *, context: Image.I
         if mode == "off" or change is None:
             alpha = np.ones((edited.height, edited.width), dtype=np.float32)
         else:
-            alpha = region_alpha(change, np.asarray(edited.convert("RGB")), np.asarray(context.convert("RGB")), config)
+            alpha = region_alpha(change, np.asarray(edited.convert("RGB")), np.asarray(context.convert("RGB")), config, _rgb(rendered))
         return compose(canvas, imageio.crop_box(canvas.width, canvas.height, *edited.size), edited, alpha, allowed)
-    alpha = region_alpha(change, np.asarray(edited.convert("RGB")), np.asarray(context.convert("RGB")), config)
+    alpha = region_alpha(change, np.asarray(edited.convert("RGB")), np.asarray(context.convert("RGB")), config, _rgb(rendered))
     if mode == "off":
         mask = Image.fromarray(np.rint(alpha * 255).astype(np.uint8), mode="L")
         changed = float((np.asarray(edited.convert("RGB")) != np.asarray(context.convert("RGB"))).any(axis=-1).mean())

@@ -50,6 +50,32 @@ def test_pixels_outside_the_edit_are_the_inputs_and_the_edit_is_the_models():
     assert 0.02 < out.changed_share < 0.2
 
 
+def _ring(img: Image.Image, colour=(255, 255, 255)) -> Image.Image:
+    """`img` with a ring around the circle's place, as an autoencoder's ringing draws one."""
+    w, h = img.size
+    out = img.copy()
+    ImageDraw.Draw(out).ellipse((w // 8 - 3, h // 8 - 3, w // 8 + w // 4 + 3, h // 8 + h // 4 + 3), outline=colour, width=2)
+    return out
+
+
+def test_a_ring_the_autoencoder_draws_around_an_edit_is_the_inputs_and_the_edit_is_kept():
+    """The model's output carries its autoencoder's ring around the recoloured circle, a ring
+    its rendering of the input (the context's latents decoded) has too: the ring is the
+    input's pixels, the circle still the model's. Without the rendering the ring stays."""
+    context = _scene(128, 128)
+    edited, rendered = _ring(_model_output(context)), _ring(context)
+    ring = (13, 32)  # (x, y): on the ring, left of the circle, inside the band grown around it
+    assert tuple(np.asarray(edited)[ring[1], ring[0]]) != tuple(np.asarray(context)[ring[1], ring[0]])
+    out = preserve.preserve(edited, _change_for_circle(128, 128), context=context, rendered=rendered)
+    res, inp = np.asarray(out.image), np.asarray(context)
+    # the input's (the circle's feathered edge may blend a level or two in), not the white ring
+    assert np.abs(res[ring[1], ring[0]].astype(int) - inp[ring[1], ring[0]]).max() <= 3
+    assert res[32, 32, 2] > 150 and res[32, 32, 0] < 80  # the recoloured circle is the model's
+    without = preserve.preserve(edited, _change_for_circle(128, 128), context=context)
+    assert np.abs(np.asarray(without.image)[ring[1], ring[0]].astype(int) - inp[ring[1], ring[0]]).max() > 10
+    assert out.changed_share < without.changed_share
+
+
 def test_the_output_is_at_the_sources_size_and_untouched_pixels_are_bit_exact():
     source = _scene(256, 256)
     context = source.resize((128, 128), Image.Resampling.LANCZOS)

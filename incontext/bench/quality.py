@@ -94,10 +94,11 @@ class ModelEditor:
             latents, img_cond = sampler.denoise(self.models, image, example.instruction, seeds=[key[-1]], num_steps=self.steps,
                                                 guidance=self.guidance, references=references)
             raw = sampler.decode(self.models, latents, image.height, image.width)[0]
-            self.memo[key] = (raw, sampler.change_map(latents, img_cond, image.height, image.width, self.models.vae_scale_factor)[0])
+            rendered = sampler.decode(self.models, img_cond, image.height, image.width)[0]
+            self.memo[key] = (raw, sampler.change_map(latents, img_cond, image.height, image.width, self.models.vae_scale_factor)[0], rendered)
             self.seconds.append(time.perf_counter() - start)
-        raw, change = self.memo[key]
-        return preserve.preserve(raw, change, context=image, mode=self.preserve).image
+        raw, change, rendered = self.memo[key]
+        return preserve.preserve(raw, change, context=image, mode=self.preserve, rendered=rendered).image
 
 
 @dataclass
@@ -136,7 +137,8 @@ class EngineEditor:
                               references=_references(example))
         self.calls += 1
         result = self.engine.submit(request).result()
-        return preserve.preserve(result.images[0], result.change_maps[0], context=image, mode=self.preserve).image
+        return preserve.preserve(result.images[0], result.change_maps[0], context=image, mode=self.preserve,
+                                 rendered=result.rendered_context).image
 
 
 def _references(example: Example) -> tuple[Image.Image, ...]:

@@ -91,6 +91,10 @@ class EditResult:
     # Per image, where its latents moved from the context's (sampler.change_map): the
     # caller keeps the input's pixels elsewhere (preserve.preserve), off the engine's thread.
     change_maps: list[np.ndarray] = field(default_factory=list)
+    # The context's latents decoded: the autoencoder's rendering of the input, which
+    # preserve.py tells the model's changes from the autoencoder's error by. None from an
+    # engine that does not report it.
+    rendered_context: Image.Image | None = None
 
 
 class EngineClient(Protocol):

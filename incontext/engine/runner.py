@@ -246,12 +246,13 @@ class Runner:
             lat = torch.cat([job.latents[i] for i in range(r.num_images)])
             images = family.decode(m, lat, r.height, r.width)
             change_maps = list(sampler.change_map(lat, job.reference, r.height, r.width, m.vae_scale_factor))
+            rendered = family.decode(m, job.reference, r.height, r.width)[0]
         if self.reuse_output_latents:
             for i, img in enumerate(images):
                 self.latent_cache.put((job.model_id, image_key(img)), lat[i : i + 1])
         return EditResult(
             images=images, seeds=[r.seed + i for i in range(r.num_images)], num_inference_steps=job.steps,
-            transformer_evals=job.evals, change_maps=change_maps,
+            transformer_evals=job.evals, change_maps=change_maps, rendered_context=rendered,
             timings_ms={"total": (time.perf_counter() - job.started) * 1000, "queued": (job.first_step - job.started) * 1000,
                         # not a time: the share of its transformer passes that ran compiled
                         "compiled_share": job.compiled_evals / job.evals if job.evals else 0.0},

@@ -69,7 +69,7 @@ def _store(run: Run, run_input: RunInput, result: EditResult, storage: Storage, 
     for index, (edited, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
         started = time.perf_counter()
         change = result.change_maps[index] if result.change_maps else None
-        image, mask, share = _preserved(run, run_input, canvas, edited, change, allowed)
+        image, mask, share = _preserved(run, run_input, canvas, edited, change, allowed, result.rendered_context)
         extra = {}
         if params.workflow:  # what the workflow promises beyond the image: its mask, boxes, placement
             done = workflows.finish(params.workflow, image, mask, source_size=run_input.source_size, placement_box=params.placement,
@@ -151,7 +151,7 @@ def _client_mask(run: Run, run_input: RunInput, storage: Storage, settings: Sett
 
 
 def _preserved(run: Run, run_input: RunInput, canvas: _Canvas, edited: Image.Image, change: np.ndarray | None,
-               allowed: Image.Image | None = None) -> tuple[Image.Image, Image.Image | None, float | None]:
+               allowed: Image.Image | None = None, rendered: Image.Image | None = None) -> tuple[Image.Image, Image.Image | None, float | None]:
     """(image, mask, changed share) of one output; the image as it is, with no mask and no
     share, when the engine reported no change map and the client sent no mask (`allowed`)."""
     if change is None and allowed is None:
@@ -162,5 +162,6 @@ def _preserved(run: Run, run_input: RunInput, canvas: _Canvas, edited: Image.Ima
     # A mask is honoured at the input's own size whatever the mode: outside it the input's
     # own pixels, not the model's rendering of them.
     keeps = (mode != "off" or allowed is not None) and imageio.keeps_framing(aspect_ratio, *run_input.source_size)
-    kept = preserve.preserve(edited, change, context=run_input.fitted, source=canvas.get() if keeps else None, mode=mode, mask=allowed)
+    kept = preserve.preserve(edited, change, context=run_input.fitted, source=canvas.get() if keeps else None, mode=mode, mask=allowed,
+                              rendered=rendered)
     return kept.image, kept.mask, kept.changed_share

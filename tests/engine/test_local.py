@@ -225,7 +225,7 @@ def test_the_engine_thread_loads_the_model_and_a_model_that_does_not_load_fails_
         run(bad())
 
 
-def test_each_output_comes_with_where_its_latents_moved(registry):
+def test_each_output_comes_with_where_its_latents_moved_and_the_rendered_input(registry):
     """The change maps the engine reports are the sampler's own: preserve.py builds the
     output from them, so they must match what one request alone computes."""
     from incontext import sampler
@@ -244,3 +244,7 @@ def test_each_output_comes_with_where_its_latents_moved(registry):
     latents, cond = sampler.denoise(m, picture(size=(80, 48)), "make it blue", seeds=[12], num_steps=5)
     alone = sampler.change_map(latents, cond, 48, 80, m.vae_scale_factor)[0]
     np.testing.assert_allclose(res.change_maps[1], alone, atol=1e-3)
+    # and the autoencoder's rendering of the input, which preserve.py tells its error from edits by
+    rendered = sampler.decode(m, cond, 48, 80)[0]
+    assert res.rendered_context.size == (80, 48)
+    assert np.abs(np.asarray(res.rendered_context, dtype=int) - np.asarray(rendered, dtype=int)).max() <= 1

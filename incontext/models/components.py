@@ -51,6 +51,11 @@ class NanoConfig:
     vocab: list[str] = field(default_factory=list)
 
     @classmethod
+    def from_dict(cls, data: dict) -> "NanoConfig":
+        """The config a checkpoint stored (`asdict`), its tuples back from JSON-style lists."""
+        return cls(**{k: tuple(v) if isinstance(v, list) and k != "vocab" else v for k, v in data.items()})
+
+    @classmethod
     def tiny(cls, vocab: list[str]) -> "NanoConfig":
         return cls(
             text_dim=32, text_layers=1, clip_dim=32, clip_layers=1, vae_channels=(8, 16, 16, 16), vae_groups=1,
@@ -140,7 +145,7 @@ def build_components(cfg: NanoConfig, seed: int = 0) -> Components:
     return Components(tok, clip, t5, build_vae(cfg), build_transformer(cfg), build_scheduler(cfg))
 
 
-def _forget_source(config: Path) -> None:
+def forget_source(config: Path) -> None:
     # A module loaded with from_pretrained records where it came from (`_name_or_path`, an
     # absolute path of the machine that exported it); a shipped model must not carry that.
     data = json.loads(config.read_text())
@@ -158,7 +163,7 @@ def save_model_dir(c: Components, path: Path, *, dtype: torch.dtype | None = Non
             module = _copy_to(module, dtype)
         # Shards of at most 15 MB: every file fits the 16 MiB that a GPU run can send back.
         module.save_pretrained(path / name, safe_serialization=True, max_shard_size="15MB")
-        _forget_source(path / name / "config.json")
+        forget_source(path / name / "config.json")
     c.tokenizer.save_pretrained(path / "tokenizer")
     c.tokenizer.save_pretrained(path / "tokenizer_2")
     c.scheduler.save_pretrained(path / "scheduler")

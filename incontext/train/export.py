@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from incontext.models.components import Components, NanoConfig, _forget_source, build_scheduler, build_vae, save_model_dir
+from incontext.models.components import Components, NanoConfig, build_scheduler, build_vae, forget_source, save_model_dir
 from incontext.models.registry import BUNDLED_NANO_DIR
 from incontext.train.checkpoint import load_checkpoint
 from incontext.train.transformer import load_trained
@@ -28,7 +28,7 @@ def load_vae(run_dir: Path, fallback: Path | None = BUNDLED_NANO_DIR):
         log.info("no %s/vae.pt: using the VAE of %s", run_dir, fallback)
         return AutoencoderKL.from_pretrained(Path(fallback) / "vae", local_files_only=True).eval()
     ck = load_checkpoint(Path(run_dir) / "vae.pt")
-    cfg = NanoConfig(**{k: tuple(v) if isinstance(v, list) and k != "vocab" else v for k, v in ck["model_config"].items()})
+    cfg = NanoConfig.from_dict(ck["model_config"])
     vae = build_vae(cfg)
     vae.load_state_dict(ck["weights"])
     extra = ck.get("extra") or {}
@@ -85,6 +85,6 @@ def export_vae(run_dir: Path, model: Path, to: Path, *, dtype: torch.dtype | Non
         shutil.copytree(model, to, dirs_exist_ok=True)
     shutil.rmtree(to / "vae", ignore_errors=True)
     vae.save_pretrained(to / "vae", safe_serialization=True, max_shard_size="15MB")
-    _forget_source(to / "vae" / "config.json")
+    forget_source(to / "vae" / "config.json")
     log.info("wrote %s with the autoencoder of %s", to, run_dir)
     return to

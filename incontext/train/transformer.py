@@ -339,7 +339,7 @@ def _load_from_model_dir(path: Path, modules: dict, ema: dict, tokenizer=None) -
 def load_trained(ckpt_path: Path, use_ema: bool = True):
     """(model config, {name: module}) from a transformer checkpoint."""
     ck = load_checkpoint(ckpt_path)
-    model_cfg = NanoConfig(**{k: tuple(v) if isinstance(v, list) and k != "vocab" else v for k, v in ck["model_config"].items()})
+    model_cfg = NanoConfig.from_dict(ck["model_config"])
     tok, clip, t5, transformer = _build(model_cfg)
     weights = ck["extra"]["ema"] if use_ema else ck["weights"]
     modules = {"transformer": transformer, "text_encoder": clip, "text_encoder_2": t5}

@@ -76,7 +76,7 @@ def train_vae(out: Path, model_cfg: NanoConfig, cfg: VaeTrainConfig, init_from: 
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     if ckpt_path.exists():  # a resumed run keeps the sizes it started with
-        model_cfg = NanoConfig(**{k: tuple(v) if isinstance(v, list) and k != "vocab" else v for k, v in load_checkpoint(ckpt_path)["model_config"].items()})
+        model_cfg = NanoConfig.from_dict(load_checkpoint(ckpt_path)["model_config"])
     vae = build_vae(model_cfg).to(memory_format=torch.channels_last)
     trained = list(vae.decoder.parameters()) if cfg.decoder_only else list(vae.parameters())
     opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=0.0)
@@ -100,9 +100,9 @@ def train_vae(out: Path, model_cfg: NanoConfig, cfg: VaeTrainConfig, init_from: 
     if cfg.decoder_only:
         vae.encoder.requires_grad_(False)
     anchor, anchor_from = None, None
-    if cfg.anchor > 0:
-        anchor_from = str(ck["extra"]["anchor_from"] if ckpt_path.exists() else init_from)
-        anchor = _anchor_encoder(anchor_from if anchor_from != "None" else None)
+    if cfg.anchor > 0:  # a resumed run keeps the anchor it started with
+        anchor_from = ck["extra"].get("anchor_from") if ckpt_path.exists() else (str(init_from) if init_from is not None else None)
+        anchor = _anchor_encoder(anchor_from)
 
     pool: list[torch.Tensor] = []
     for _ in range(cfg.pool // 2):

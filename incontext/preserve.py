@@ -82,15 +82,16 @@ def region_alpha(change: np.ndarray, edited: np.ndarray, context: np.ndarray, co
     height, width = edited.shape[:2]
     moved = _upsample(change > config.threshold, height, width)
     grown = _dilate(moved, config.grow)
-    differs = np.abs(edited.astype(np.int16) - context.astype(np.int16)).max(axis=-1) > config.pixel_tolerance
+    out, ctx = edited.astype(np.int16), context.astype(np.int16)
+    differs = np.abs(out - ctx).max(axis=-1) > config.pixel_tolerance
     if rendered is not None:
         # The output matches the autoencoder's rendering of the input there, and the rendering
         # is off the input by at least half as much: the difference from the input is the
         # autoencoder's. A slight change (a grey-ish object turned grey) where the rendering
         # is close to the input stays the model's.
-        own_error = np.abs(rendered.astype(np.int16) - context.astype(np.int16)).max(axis=-1)
-        from_rendered = np.abs(edited.astype(np.int16) - rendered.astype(np.int16)).max(axis=-1)
-        differs &= from_rendered > np.minimum(config.rendered_tolerance, 2 * own_error)
+        ren = rendered.astype(np.int16)
+        own_error = np.abs(ren - ctx).max(axis=-1)
+        differs &= np.abs(out - ren).max(axis=-1) > np.minimum(config.rendered_tolerance, 2 * own_error)
     region = grown & differs
     if config.feather <= 0 or not region.any():
         return region.astype(np.float32)

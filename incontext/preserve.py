@@ -41,6 +41,11 @@ class RegionConfig:
     1.0–2.5 on a recoloured object."""
 
     threshold: float = 0.25
+    # A look applied everywhere can move every latent by less than `threshold` (night and
+    # grayscale edits whose whole picture moved 0.1–0.17, where an untouched latent of a local
+    # edit moves 0.01–0.06). When the median latent moved more than this, the edit is global:
+    # every latent that moved more than half the median is part of the region.
+    global_median: float = 0.08
     grow: int = 4  # pixels of the model's output added around the moved latents
     feather: int = 3  # pixels over which the region fades into the input
     pixel_tolerance: int = 6  # a pixel within this many levels of the input is the input's
@@ -72,6 +77,14 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return np.asarray(img.filter(ImageFilter.MaxFilter(2 * radius + 1))) > 0
 
 
+def moved_threshold(change: np.ndarray, config: RegionConfig = RegionConfig()) -> float:
+    """The change above which a latent counts as moved: `threshold`, or for a global edit (the
+    median latent moved more than `global_median`) at most half the median, so a subtle look
+    over the whole picture is not cut back to the input."""
+    median = float(np.median(change))
+    return min(config.threshold, median / 2) if median > config.global_median else config.threshold
+
+
 def region_alpha(change: np.ndarray, edited: np.ndarray, context: np.ndarray, config: RegionConfig = RegionConfig(),
                  rendered: np.ndarray | None = None) -> np.ndarray:
     """(H, W) float32 in [0, 1]: how much of each output pixel is the model's.
@@ -80,15 +93,20 @@ def region_alpha(change: np.ndarray, edited: np.ndarray, context: np.ndarray, co
     context's latents decoded, when the engine reports them) are (H, W, 3) uint8 at the
     model's output size."""
     height, width = edited.shape[:2]
-    moved = _upsample(change > config.threshold, height, width)
+    threshold = moved_threshold(change, config)
+    moved = _upsample(change > threshold, height, width)
     grown = _dilate(moved, config.grow)
     out, ctx = edited.astype(np.int16), context.astype(np.int16)
     differs = np.abs(out - ctx).max(axis=-1) > config.pixel_tolerance
-    if rendered is not None:
+    if rendered is not None and threshold >= config.threshold:
         # The output matches the autoencoder's rendering of the input there, and the rendering
         # is off the input by at least half as much: the difference from the input is the
         # autoencoder's. A slight change (a grey-ish object turned grey) where the rendering
-        # is close to the input stays the model's.
+        # is close to the input stays the model's. Not in a subtle global edit (the threshold
+        # lowered), where every pixel is the model's to change and its changes are as small as
+        # the autoencoder's error: a desaturation that leaves a star's tips as grey as the
+        # autoencoder draws them has still desaturated them. A global edit that moves latents
+        # far (a new background) keeps the check, which gives its objects back.
         ren = rendered.astype(np.int16)
         own_error = np.abs(ren - ctx).max(axis=-1)
         differs &= np.abs(out - ren).max(axis=-1) > np.minimum(config.rendered_tolerance, 2 * own_error)

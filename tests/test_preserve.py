@@ -110,6 +110,25 @@ def test_a_global_change_marks_the_whole_picture():
     assert out.changed_share > 0.99
 
 
+def test_a_subtle_look_over_the_whole_picture_is_not_cut_back_to_the_input():
+    # Night as a weak model makes it: every latent moved a little (0.1–0.17 of its RMS, below
+    # the local threshold), every pixel 40 levels darker. A local edit's map stays local.
+    context = _scene(128, 128)
+    edited = Image.fromarray((np.asarray(context) * 0.8).astype(np.uint8))
+    subtle = np.random.default_rng(1).uniform(0.10, 0.17, (16, 16)).astype(np.float32)
+    out = preserve.preserve(edited, subtle, context=context)
+    assert np.array_equal(np.asarray(out.image), np.asarray(edited))
+    # Where the output matches the autoencoder's rendering (here: the circle, which a blurry
+    # autoencoder drew as dark as the edit made it), a global edit still takes the model's.
+    rendered = np.asarray(context).copy()
+    circle = (slice(16, 48), slice(16, 48))
+    rendered[circle] = np.asarray(edited)[circle]
+    out = preserve.preserve(edited, subtle, context=context, rendered=Image.fromarray(rendered))
+    assert np.array_equal(np.asarray(out.image), np.asarray(edited))
+    local = preserve.preserve(_model_output(context), _change_for_circle(128, 128), context=context)
+    assert (np.asarray(local.mask) == 0).mean() > 0.8
+
+
 def test_off_returns_the_raw_output_and_still_reports_the_region():
     context = _scene(128, 128)
     edited = _model_output(context)

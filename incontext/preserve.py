@@ -11,7 +11,9 @@ to the context latent's RMS (`sampler.change_map`, computed where the latents ar
 region of moved latents is grown and feathered at pixel resolution (`region_alpha`); inside it, pixels the model left within a
 few levels of the input are the input's again, which removes the autoencoder's blur from
 the grown band without any visible change. A global edit (a background, a look) moves
-most latents, so the region covers most of the picture and the change is never blocked.
+most latents, so the region covers most of the picture; one that moves them all only a
+little (a weak model's night) lowers the threshold to half the median move, so the look is
+not cut back to the input.
 
     change = sampler.change_map(latents, img_cond, height, width, vae_scale_factor)   # engine side
     out = preserve(edited, change[0], context=fitted_input, source=original, mode="auto")

@@ -61,6 +61,7 @@ def edit_here(req: LocalEdit, *, model_dirs: dict[str, Path] | None = None, defa
         request_id="cli", model_id=req.model or preset.id, prompt=req.prompt, image=fitted, width=w, height=h, seed=req.seed,
         num_images=req.num_images, guidance_scale=req.guidance_scale if req.guidance_scale is not None else preset.guidance_scale,
         num_inference_steps=req.num_inference_steps, references=tuple(imageio.fit_to_size(r, w, h) for r in req.references),
+        render_context=req.preserve == "auto",
     )
 
     async def run():

@@ -79,6 +79,9 @@ class EditRequest:
     owner: str = ""
     # Further reference images (MAX_IMAGES in all, `image` included), in the order the client sent them.
     references: tuple[Image.Image, ...] = ()
+    # Also decode the context's latents (EditResult.rendered_context), which preserve "auto"
+    # compares the output with; a caller that will not use it saves a VAE decode.
+    render_context: bool = True
 
 
 @dataclass

@@ -246,7 +246,7 @@ class Runner:
             lat = torch.cat([job.latents[i] for i in range(r.num_images)])
             images = family.decode(m, lat, r.height, r.width)
             change_maps = list(sampler.change_map(lat, job.reference, r.height, r.width, m.vae_scale_factor))
-            rendered = family.decode(m, job.reference, r.height, r.width)[0]
+            rendered = family.decode(m, job.reference, r.height, r.width)[0] if r.render_context else None
         if self.reuse_output_latents:
             for i, img in enumerate(images):
                 self.latent_cache.put((job.model_id, image_key(img)), lat[i : i + 1])

@@ -342,6 +342,7 @@ class Dispatcher:
             parent_request_id=params.parent_request_id,
             previews=PREVIEWS_PER_RUN,
             owner=run.api_key_id,
+            render_context=params.preserve == "auto",
         )
 
         # 3. Denoise.

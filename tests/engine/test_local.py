@@ -235,10 +235,14 @@ def test_each_output_comes_with_where_its_latents_moved_and_the_rendered_input(r
         eng = LocalEngine(registry, dtype="float32")
         await eng.start()
         res = await eng.edit(req("maps", 11, n=2, size=(80, 48)))
+        # a caller that will not compare with the rendering (preserve "off") is spared its decode
+        unrendered = await eng.edit(replace(req("plain", 11, n=2, size=(80, 48)), render_context=False))
         await eng.close()
-        return res
+        return res, unrendered
 
-    res = run(go())
+    res, unrendered = run(go())
+    assert unrendered.rendered_context is None
+    np.testing.assert_allclose(unrendered.change_maps[1], res.change_maps[1], atol=1e-5)
     assert len(res.change_maps) == 2 and res.change_maps[0].shape == (6, 10)  # 48×80 pixels at 8×
     m = load_model(registry.resolve("tiny").directory, dtype="float32")
     latents, cond = sampler.denoise(m, picture(size=(80, 48)), "make it blue", seeds=[12], num_steps=5)

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from incontext import sampler
 from incontext.bench import speed
 from incontext.bench.cli import register
-from incontext.bench.speed import Record, closed_loop, run_speed, transformer_flops
+from incontext.bench.hardware import transformer_flops
+from incontext.bench.speed import Record, closed_loop, run_speed
 from incontext.models.loader import load_model
 
 ROWS = ["stock diffusers float32", "stock diffusers bfloat16", "engine ×1", "engine ×2", "engine fast ×1", "engine fast ×2",

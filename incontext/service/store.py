@@ -15,7 +15,8 @@ from sqlalchemy.orm import Session
 
 from incontext.service.errors import Conflict, NotFound, RunNotFound, ValidationFailed, field_error
 from incontext.service.models import Batch, IdempotencyRecord, Run, RunLog
-from incontext.service.schemas import ModelUsage, UsagePublic, format_cost
+from incontext.service.account_schemas import ModelUsage, UsagePublic
+from incontext.service.schemas import format_cost
 
 
 def get_run(session: Session, api_key_id: str, run_id: str) -> Run:

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from incontext.service import store
 from incontext.service.deps import KeyDep, ReadSessionDep
-from incontext.service.schemas import KeyPublic, UsagePublic
+from incontext.service.account_schemas import KeyPublic, UsagePublic
 
 router = APIRouter(prefix="/v1", tags=["account"])
 

@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from incontext.service import callbacks, lifecycle, store
 from incontext.service.deps import KeyDep, ReadSessionDep, ServiceDep, SessionDep
 from incontext.service.errors import Conflict
-from incontext.service.schemas import CallbackSecretCreate, CallbackSecretCreated, CallbackSecretPublic, DeliveryPublic
+from incontext.service.account_schemas import CallbackSecretCreate, CallbackSecretCreated, CallbackSecretPublic, DeliveryPublic
 
 router = APIRouter(prefix="/v1", tags=["callbacks"])
 

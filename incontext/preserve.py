@@ -43,9 +43,9 @@ class RegionConfig:
     1.0–2.5 on a recoloured object."""
 
     threshold: float = 0.25
-    # A look applied everywhere can move every latent by less than `threshold` (night and
-    # grayscale edits whose whole picture moved 0.1–0.17, where an untouched latent of a local
-    # edit moves 0.01–0.06). When the median latent moved more than this, the edit is global:
+    # A weak model can apply a look to the whole picture while moving every latent by less
+    # than `threshold`, though by more than an untouched latent of a local edit moves
+    # (docs/preserve.md). When the median latent moved more than this, the edit is global:
     # every latent that moved more than half the median is part of the region.
     global_median: float = 0.08
     grow: int = 4  # pixels of the model's output added around the moved latents

@@ -353,30 +353,31 @@ def test_training_steps_on_a_mixed_chunk_see_the_second_image_after_the_context(
     assert all(torch.isfinite(p).all() for p in params)
 
 
-def test_init_from_the_bundled_model_grows_its_text_embeddings_for_the_new_words():
-    """The bundled model's tokenizer has 153 tokens; the vocabulary has grown since. Its old
-    words keep their rows (so its prompts encode exactly as before), new words get small ones."""
-    from incontext.models.loader import load_model
-    from incontext.models.registry import BUNDLED_NANO_DIR
-
-    cfg = NanoConfig(vocab=vocabulary())
+def test_init_from_a_model_of_an_older_vocabulary_grows_its_text_embeddings_for_the_new_words(tmp_path):
+    """A model trained before words were added to the vocabulary (as the workflows' 19 were):
+    its old words keep their rows, so its prompts encode exactly as before, and the new words
+    get small ones."""
+    words = vocabulary()
+    older = NanoConfig.tiny(words[:-19])
+    stored_dir = save_model_dir(build_components(older, seed=5), tmp_path / "older", dtype=torch.float32)
+    cfg = NanoConfig.tiny(words)
     tok, clip, t5, transformer = _build(cfg)
     modules = {"transformer": transformer, "text_encoder": clip, "text_encoder_2": t5}
     ema = {k: copy.deepcopy(v) for k, v in modules.items()}
-    _load_from_model_dir(BUNDLED_NANO_DIR, modules, ema, tokenizer=tok)
-    bundled = load_model(BUNDLED_NANO_DIR, dtype=torch.float32)
-    old = len(bundled.tokenizer)
-    assert len(tok) > old
-    for ours, theirs in ((clip, bundled.text_encoder), (t5, bundled.text_encoder_2)):
-        grown, stored = ours.get_input_embeddings().weight, theirs.get_input_embeddings().weight
-        assert grown.shape[0] == len(tok) and torch.equal(grown[:old], stored)
-        assert grown[old:].abs().max() < 0.1 * stored.abs().max()
+    _load_from_model_dir(stored_dir, modules, ema, tokenizer=tok)
+    stored = load_model(stored_dir, dtype=torch.float32)
+    old = len(stored.tokenizer)
+    assert len(tok) == old + 19
+    for ours, theirs in ((clip, stored.text_encoder), (t5, stored.text_encoder_2)):
+        grown, kept = ours.get_input_embeddings().weight, theirs.get_input_embeddings().weight
+        assert grown.shape[0] == len(tok) and torch.equal(grown[:old], kept)
+        assert grown[old:].abs().max() < 0.1 * kept.abs().max()
     prompt = ["make the red circle blue"]
     with torch.no_grad():
         ids = tok(prompt, padding="max_length", max_length=cfg.max_text_tokens, return_tensors="pt").input_ids
-        assert torch.equal(ids, bundled.tokenizer(prompt, padding="max_length", max_length=cfg.max_text_tokens, return_tensors="pt").input_ids)
-        torch.testing.assert_close(t5.eval()(ids)[0], bundled.text_encoder_2(ids)[0])
-        torch.testing.assert_close(clip.eval()(ids).pooler_output, bundled.text_encoder(ids).pooler_output)
+        assert torch.equal(ids, stored.tokenizer(prompt, padding="max_length", max_length=cfg.max_text_tokens, return_tensors="pt").input_ids)
+        torch.testing.assert_close(t5.eval()(ids)[0], stored.text_encoder_2(ids)[0])
+        torch.testing.assert_close(clip.eval()(ids).pooler_output, stored.text_encoder(ids).pooler_output)
 
 
 def test_init_from_refuses_a_tokenizer_whose_words_moved(tmp_path, model_cfg):

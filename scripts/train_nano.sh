@@ -5,7 +5,7 @@
 #
 #   scripts/train_nano.sh              # all stages, then the benchmark
 #
-# Runs 3a–3i trained the flow from noise; run 4 tried the flow from the context.
+# Runs 3a–3i, w and w2 trained the flow from noise; run 4 tried the flow from the context.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t() { python3 run.py train "$@"; }
@@ -50,8 +50,26 @@ t export --out runs/nano_4 --to runs/nano_4/export   # not bundled: it ties 3i
 
 # Session 15: 3i's decoder grown (twice the channels, one more block a level; the encoder,
 # grown too, computes the same latents) and trained alone, in two legs of 6 and 42 minutes.
-# 3i with it is the bundled model.
+# 3i with it was the bundled model of session 15.
 t vae --out runs/nano_dec --decoder-only --init-from runs/nano_i/export --widen 2 --deepen 1 --minutes 6 --lr 5e-4
 t vae --out runs/nano_dec --decoder-only --minutes 42 --lr 5e-4
-t export-vae --out runs/nano_dec --model runs/nano_i/export --to incontext/weights/nano
+t export-vae --out runs/nano_dec --model runs/nano_i/export --to runs/nano_dec/model
+
+# Runs w (session 13) and w2 (session 16): the workflow families trained in, then continued
+# on w's chunks, run 3j's and three fresh ones. Their chunks are encoded with stage 1's
+# encoder (the grown one computes the same latents). w2 with the grown decoder is the bundled model.
+for r in nano_w nano_j nano_w2; do mkdir -p runs/$r; ln -sfn ../nano/vae.pt runs/$r/vae.pt; done
+t data --out runs/nano_w --start 400 --chunks 12 --families workflows
+t data --out runs/nano_w --start 412 --chunks 7
+t transformer --out runs/nano_w --minutes 90 --lr 3e-4 --edit-weight 1 --guidance-start 0 --init-from runs/nano_i/export "${noise[@]}"  # w
+t export --out runs/nano_w --to runs/nano_w/export
+t data --out runs/nano_j --start 500 --chunks 12 --families recolor,add,move,background,resize,replace,invert,night,texture,outline,pastel,text
+t data --out runs/nano_j --start 512 --chunks 5
+mkdir -p runs/nano_w2/data
+for c in runs/nano_w/data/chunk_*.pt runs/nano_j/data/chunk_*.pt; do ln -sfn "../../${c#runs/}" runs/nano_w2/data/; done
+t data --out runs/nano_w2 --start 520 --chunks 3
+t transformer --out runs/nano_w2 --minutes 60 --lr 2e-4 --edit-weight 1 --guidance-start 0 --init-from runs/nano_w/export "${noise[@]}"  # w2
+t export --out runs/nano_w2 --to runs/nano_w2/export
+rm -rf runs/nano_w2/export/vae && cp -r runs/nano_dec/model/vae runs/nano_w2/export/   # w2's transformer and text encoders with the grown decoder
+rm -rf incontext/weights/nano && cp -r runs/nano_w2/export incontext/weights/nano
 python3 run.py bench quality --n 20

@@ -64,13 +64,13 @@ def test_the_vocabulary_is_the_one_the_bundled_tokenizer_was_built_from():
     assert words[150:] == WORKFLOW_WORDS
 
 
-def test_the_bundled_tokenizer_gives_every_old_word_its_old_id():
+def test_the_bundled_tokenizer_gives_every_word_the_id_the_vocabulary_gives_it():
+    # The bundled model was trained with the grown vocabulary (the workflows' words after the
+    # first 150), so a tokenizer built from vocabulary() today reads prompts exactly as it does.
     from incontext.models.components import build_tokenizer
     from incontext.models.registry import BUNDLED_NANO_DIR
     from transformers import PreTrainedTokenizerFast
 
     bundled = PreTrainedTokenizerFast.from_pretrained(BUNDLED_NANO_DIR / "tokenizer")
-    grown = build_tokenizer(vocabulary(), 32)
-    assert len(grown) == len(bundled) + len(WORKFLOW_WORDS)
-    assert {w: grown.convert_tokens_to_ids(w) for w in bundled.get_vocab()} == bundled.get_vocab()
-    assert bundled("mask the emblem").input_ids[:3] == [bundled.unk_token_id, bundled.convert_tokens_to_ids("the"), bundled.unk_token_id]
+    assert build_tokenizer(vocabulary(), 32).get_vocab() == bundled.get_vocab()
+    assert bundled.unk_token_id not in bundled("mask the emblem in the second image").input_ids

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
-from incontext import imageio
+from incontext import imageio, snap
 
 MODES = ("auto", "off")
 
@@ -56,6 +56,8 @@ class RegionConfig:
     # did not change: what differs there from the input is the autoencoder's error, e.g. the
     # pale ring it draws around an object, which the band around an edit would otherwise keep.
     rendered_tolerance: int = 20
+    # Snap the edit to the input's flat regions where it has them (`snap.py`).
+    snap: bool = True
 
 
 @dataclass
@@ -157,22 +159,29 @@ def fit_mask(mask: Image.Image, width: int, height: int) -> Image.Image:
 
 
 def compose(canvas: Image.Image, box: tuple[float, float, float, float], edited: Image.Image, alpha: np.ndarray,
-            allowed: Image.Image | None = None) -> Preserved:
+            allowed: Image.Image | None = None, snapped: bool = False) -> Preserved:
     """The canvas with `edited` (which shows `box` of the canvas) blended in by `alpha`, and by
     `allowed` ("L", the canvas's size: 0 keeps the canvas's pixel whatever alpha says, 255 lets
     alpha decide, greys weigh it) when the client sent a mask.
 
     Where alpha is 0 the canvas's pixels are kept exactly; where it is 1 the (resized) model
-    output is taken exactly. Memory: the canvas, the output and the edited region as uint8
+    output is taken exactly. `snapped`: the edit is first snapped to the canvas's flat regions
+    (`snap.snap_edit`: crisp recolours, the blur around what the model left alone taken back),
+    where the canvas has them. Memory: the canvas, the output and the edited region as uint8
     RGB, alpha as float32 over the region, and one band of temporaries."""
     base = np.asarray(canvas.convert("RGB"))
     x0, y0 = round(box[0]), round(box[1])
     bw, bh = round(box[2]) - x0, round(box[3]) - y0
+    scale = bw / edited.width
     if (bw, bh) != edited.size:
         edited = edited.resize((bw, bh), Image.Resampling.LANCZOS)
         alpha = np.asarray(Image.fromarray(alpha, mode="F").resize((bw, bh), Image.Resampling.BILINEAR))
     ed = np.asarray(edited.convert("RGB"))
     del edited
+    if snapped:
+        fitted = snap.snap_edit(base[y0 : y0 + bh, x0 : x0 + bw], ed, alpha, scale)
+        if fitted is not None:
+            ed, alpha = fitted
     if allowed is not None:
         if allowed.size != canvas.size:
             raise ValueError(f"the mask is {allowed.width}x{allowed.height}, the canvas {canvas.width}x{canvas.height}")
@@ -227,11 +236,12 @@ def preserve(edited: Image.Image, change: np.ndarray | None, *, context: Image.I
             alpha = np.ones((edited.height, edited.width), dtype=np.float32)
         else:
             alpha = region_alpha(change, np.asarray(edited.convert("RGB")), np.asarray(context.convert("RGB")), config, _rgb(rendered))
-        return compose(canvas, imageio.crop_box(canvas.width, canvas.height, *edited.size), edited, alpha, allowed)
+        return compose(canvas, imageio.crop_box(canvas.width, canvas.height, *edited.size), edited, alpha, allowed,
+                       snapped=config.snap and mode == "auto" and change is not None)
     alpha = region_alpha(change, np.asarray(edited.convert("RGB")), np.asarray(context.convert("RGB")), config, _rgb(rendered))
     if mode == "off":
         mask = Image.fromarray(np.rint(alpha * 255).astype(np.uint8), mode="L")
         changed = float((np.asarray(edited.convert("RGB")) != np.asarray(context.convert("RGB"))).any(axis=-1).mean())
         return Preserved(edited, mask, changed)
     canvas = source if source is not None else context
-    return compose(canvas, imageio.crop_box(canvas.width, canvas.height, *edited.size), edited, alpha)
+    return compose(canvas, imageio.crop_box(canvas.width, canvas.height, *edited.size), edited, alpha, snapped=config.snap)

@@ -27,17 +27,17 @@ BAND = 4  # pixels: about the blur of an 8x autoencoder's edge (half a latent ce
 MAX_RUNS = 200_000
 
 
-def labels(image: Image.Image) -> np.ndarray | None:
+def labels(image: Image.Image, tolerance: int = TOLERANCE) -> np.ndarray | None:
     """(h, w) int segment ids of `image`'s near-constant 4-connected regions, or None when it
-    has more than MAX_RUNS runs. Runs of each row (neighbours within TOLERANCE) are joined to
-    the touching runs of the row above whose boundary pixels are within TOLERANCE too."""
+    has more than MAX_RUNS runs. Runs of each row (neighbours within `tolerance`) are joined to
+    the touching runs of the row above whose boundary pixels are within `tolerance` too."""
     rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
     h, w, _ = rgb.shape
-    breaks = np.abs(np.diff(rgb, axis=1)).max(axis=2) > TOLERANCE  # (h, w-1): a new run starts at x+1
+    breaks = np.abs(np.diff(rgb, axis=1)).max(axis=2) > tolerance  # (h, w-1): a new run starts at x+1
     starts = [np.concatenate(([0], np.flatnonzero(breaks[y]) + 1)) for y in range(h)]
     if sum(len(s) for s in starts) > MAX_RUNS:
         return None
-    vertical = np.abs(rgb[1:] - rgb[:-1]).max(axis=2) <= TOLERANCE  # (h-1, w): pixel joins the one above
+    vertical = np.abs(rgb[1:] - rgb[:-1]).max(axis=2) <= tolerance  # (h-1, w): pixel joins the one above
     parent = list(range(sum(len(s) for s in starts)))
 
     def find(a: int) -> int:

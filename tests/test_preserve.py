@@ -43,8 +43,8 @@ def test_pixels_outside_the_edit_are_the_inputs_and_the_edit_is_the_models():
     assert out.image.size == (128, 128)
     assert np.array_equal(res[mask == 0], inp[mask == 0])
     assert (mask == 0).mean() > 0.8  # the square and the background are untouched
-    # the circle's centre is the model's blue
-    assert tuple(res[32, 32]) == tuple(np.asarray(edited)[32, 32])
+    # the circle's centre is the model's blue (snapped: its median over the circle)
+    assert np.abs(res[32, 32].astype(int) - np.asarray(edited)[32, 32]).max() <= 3
     assert res[32, 32, 2] > 150 and res[32, 32, 0] < 80
     assert out.changed_share == pytest.approx(float((res != inp).any(-1).mean()))
     assert 0.02 < out.changed_share < 0.2
@@ -71,7 +71,8 @@ def test_a_ring_the_autoencoder_draws_around_an_edit_is_the_inputs_and_the_edit_
     # the input's (the circle's feathered edge may blend a level or two in), not the white ring
     assert np.abs(res[ring[1], ring[0]].astype(int) - inp[ring[1], ring[0]]).max() <= 3
     assert res[32, 32, 2] > 150 and res[32, 32, 0] < 80  # the recoloured circle is the model's
-    without = preserve.preserve(edited, _change_for_circle(128, 128), context=context)
+    without = preserve.preserve(edited, _change_for_circle(128, 128), context=context,
+                                config=preserve.RegionConfig(snap=False))
     assert np.abs(np.asarray(without.image)[ring[1], ring[0]].astype(int) - inp[ring[1], ring[0]]).max() > 10
     assert out.changed_share < without.changed_share
 
@@ -117,14 +118,15 @@ def test_a_subtle_look_over_the_whole_picture_is_not_cut_back_to_the_input():
     edited = Image.fromarray((np.asarray(context) * 0.8).astype(np.uint8))
     subtle = np.random.default_rng(1).uniform(0.10, 0.17, (16, 16)).astype(np.float32)
     out = preserve.preserve(edited, subtle, context=context)
-    assert np.array_equal(np.asarray(out.image), np.asarray(edited))
+    # Every pixel is the model's, or its flat region's colour fitted to it (snap.py): the same look.
+    assert np.abs(np.asarray(out.image).astype(int) - np.asarray(edited)).max() <= 6
     # Where the output matches the autoencoder's rendering (here: the circle, which a blurry
     # autoencoder drew as dark as the edit made it), a global edit still takes the model's.
     rendered = np.asarray(context).copy()
     circle = (slice(16, 48), slice(16, 48))
     rendered[circle] = np.asarray(edited)[circle]
     out = preserve.preserve(edited, subtle, context=context, rendered=Image.fromarray(rendered))
-    assert np.array_equal(np.asarray(out.image), np.asarray(edited))
+    assert np.abs(np.asarray(out.image).astype(int) - np.asarray(edited)).max() <= 6
     local = preserve.preserve(_model_output(context), _change_for_circle(128, 128), context=context)
     assert (np.asarray(local.mask) == 0).mean() > 0.8
 

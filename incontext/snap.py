@@ -1,0 +1,205 @@
+"""An edit snapped to the input's flat regions: crisp recolours, the autoencoder's blur taken back.
+
+A model draws what it changes through its autoencoder: a recoloured circle comes back as a
+blob of the new colour a little off the circle's outline, and the objects a background edit
+should have left alone come back with smeared edges. Where the input is made of flat regions
+(drawings, diagrams, logos, the nano world: `segments.labels`), most of what an edit does is
+one new colour map per region. So, inside the region preserve found:
+
+- a segment of the input that the model repainted over most of its pixels (`COVER`), most of
+  them (`CONSISTENT`) to what one colour map of the segment explains, is fitted that map: a
+  colour for a flat segment, an affine map per channel for a gradient;
+- a repainted pixel whose colour the regions around it explain (its segment's fitted colour,
+  a blend of that and its input colour, or a blend with the fitted colour of a segment up to
+  `REACH` pixels away: the autoencoder's blur across an edge) takes its segment's fitted colour,
+  which is the input's own pixel where the segment was not repainted;
+- a pixel that nothing around it explains is something new (an added object, a letter, a
+  line) and keeps the model's output.
+
+A pixel the model moved by no more than a few levels is the input's. Photographs, where most
+pixels differ from their neighbours (`FLAT_SHARE`), are left as preserve composed them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from incontext import segments
+
+# Levels between neighbouring pixels of one segment: a gradient's steps, not an antialiased edge's
+# (with segments.TOLERANCE an object's soft edge can join it to the background).
+SEGMENT_STEP = 8
+COVER = 0.5  # share of a segment's pixels the model must have repainted for the segment to be refitted
+CONSISTENT = 0.5  # share of those pixels its fitted colour map must explain
+TOLERANCE = 40  # levels (max over channels) within which a colour counts as explained
+RECOLOURED = 32  # levels: a segment's colour moved by more than this (on average) is recoloured, not tinted
+REPAINTED = 6  # levels: a pixel the model moved less than this from the input is not repainted
+REACH = 6  # pixels at the model's working size: how far the autoencoder's blur carries a colour
+FLAT_STD = 3.0  # levels: a segment whose channels vary less than this is flat (one colour)
+RIDGE = 25.0  # levels²: keeps a nearly flat segment's affine fit from amplifying noise
+FLAT_SHARE = 0.75  # share of pixels within FLAT_STD of their right-hand neighbour: a drawing, not a photograph
+MERGE = 40  # levels: a refitted segment this close to what surrounds it has gone into its surroundings
+SMOOTH = 6.0  # levels RMS: surroundings a plane (flat or a linear gradient) fits this well are one region
+MIN_NEW = 6  # pixels at the model's working size: a smaller speck of something new is the autoencoder's noise
+MAX_PIXELS = 4_000_000  # larger boxes are left as composed: the fit's temporaries grow with them
+
+
+def _grouped_median(values: np.ndarray, groups: np.ndarray, count: int) -> np.ndarray:
+    """(count,) median of `values` per group id in [0, count); NaN for an empty group."""
+    order = np.lexsort((values, groups))
+    sizes = np.bincount(groups, minlength=count)
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    out = np.full(count, np.nan, dtype=np.float64)
+    filled = sizes > 0
+    lo = values[order][starts[filled] + (sizes[filled] - 1) // 2]
+    hi = values[order][starts[filled] + sizes[filled] // 2]
+    out[filled] = (lo + hi) / 2
+    return out
+
+
+def _fit(base: np.ndarray, comp: np.ndarray, seg: np.ndarray, repainted: np.ndarray, count: int) -> np.ndarray:
+    """(h, w, 3) float32: each segment's colour map fitted on its repainted pixels, applied to
+    the whole segment; the input itself where a segment has no repainted pixels."""
+    fitted = base.astype(np.float32).copy()
+    ids = seg[repainted]
+    n = np.bincount(ids, minlength=count).astype(np.float64)
+    whole = np.bincount(seg.ravel(), minlength=count).astype(np.float64)
+    for c in range(3):
+        x, y = base[..., c][repainted].astype(np.float64), comp[..., c][repainted].astype(np.float64)
+        safe = np.maximum(n, 1)
+        mx, my = np.bincount(ids, x, count) / safe, np.bincount(ids, y, count) / safe
+        var = np.bincount(ids, x * x, count) / safe - mx * mx
+        cov = np.bincount(ids, x * y, count) / safe - mx * my
+        # Flatness is the whole segment's: a gradient stays a gradient under its map.
+        allx = base[..., c].ravel().astype(np.float64)
+        wm = np.bincount(seg.ravel(), allx, count) / whole
+        wvar = np.bincount(seg.ravel(), allx * allx, count) / whole - wm * wm
+        slope = np.where(wvar > FLAT_STD**2, cov / (var + RIDGE), 0.0)
+        level = np.where(wvar > FLAT_STD**2, my - slope * mx, _grouped_median(y, ids, count))
+        mapped = slope[seg] * base[..., c] + level[seg]
+        fitted[..., c] = np.where(n[seg] > 0, mapped, fitted[..., c])
+    return np.clip(fitted, 0, 255)
+
+
+def _off_blend(color: np.ndarray, a: np.ndarray, b: np.ndarray, most_b: float = 1.0) -> np.ndarray:
+    """(h, w) the max-channel distance from `color` to the nearest blend of `a` and `b` with at
+    most `most_b` of `b`."""
+    d = b - a
+    t = np.clip(((color - a) * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-6), 0.0, most_b)
+    return np.abs(color - (a + t[..., None] * d)).max(-1)
+
+
+def _shifted(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """`image` moved by (dy, dx), edges repeated: each pixel sees the one (dy, dx) away."""
+    h, w = image.shape[:2]
+    rows = np.clip(np.arange(h) + dy, 0, h - 1)
+    cols = np.clip(np.arange(w) + dx, 0, w - 1)
+    return image[rows[:, None], cols[None, :]]
+
+
+def _merged(target: np.ndarray, seg: np.ndarray, refit: np.ndarray) -> np.ndarray:
+    """`target` where each refitted segment whose new colour is within MERGE of the plane fitted
+    to the pixels around it takes that plane's colours: a removed object becomes the background
+    behind it (a gradient too), seamlessly, instead of a shape a few levels off it."""
+    h, w = seg.shape
+    sizes = np.bincount(seg.ravel())
+    out = target.copy()
+    for s in np.flatnonzero(refit & (sizes < 0.25 * h * w)):
+        ys, xs = np.nonzero(seg == s)
+        y0, y1, x0, x1 = max(ys.min() - 3, 0), min(ys.max() + 4, h), max(xs.min() - 3, 0), min(xs.max() + 4, w)
+        inside = seg[y0:y1, x0:x1] == s
+        grown = np.asarray(Image.fromarray(inside.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(5))) > 0
+        ring = grown & ~inside
+        if ring.sum() < 8:
+            continue
+        gy, gx = np.mgrid[y0:y1, x0:x1]
+        design = np.stack([np.ones(ring.sum()), gy[ring], gx[ring]], axis=1).astype(np.float64)
+        around = target[y0:y1, x0:x1][ring].astype(np.float64)
+        coef, *_ = np.linalg.lstsq(design, around, rcond=None)
+        if np.sqrt(((design @ coef - around) ** 2).mean()) > SMOOTH:
+            continue  # the segment borders more than one region: no single background behind it
+        plane = np.stack([np.ones(inside.sum()), gy[inside], gx[inside]], axis=1) @ coef
+        now = target[y0:y1, x0:x1][inside]
+        if np.abs(np.median(now, axis=0) - np.median(plane, axis=0)).max() <= MERGE:
+            out[y0:y1, x0:x1][inside] = np.clip(plane, 0, 255)
+    return out
+
+
+def _specks(mask: np.ndarray, smallest: int) -> np.ndarray:
+    """The parts of `mask` (4-connected) with fewer than `smallest` pixels."""
+    if smallest <= 1 or not mask.any():
+        return np.zeros_like(mask)
+    ids = segments.labels(Image.fromarray(mask.astype(np.uint8) * 255))
+    if ids is None:
+        return np.zeros_like(mask)
+    sizes = np.bincount(ids.ravel())
+    return mask & (sizes[ids] < smallest)
+
+
+def snap_edit(base: np.ndarray, edited: np.ndarray, alpha: np.ndarray, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray] | None:
+    """(edited, alpha) to compose instead, or None where snapping does not apply.
+
+    `base` is the input (h, w, 3 uint8), `edited` the model's output resized to it and `alpha`
+    (h, w float) how much of each pixel is the model's, as preserve found them; `scale` is
+    this size over the model's working size. The returned pair composes as `alpha·edited + (1 − alpha)·base` to the
+    snapped picture: alpha is 1 exactly where the snapped pixel differs from the input."""
+    h, w = base.shape[:2]
+    if h * w > MAX_PIXELS or not (alpha > 0).any():
+        return None
+    steps = np.abs(np.diff(base.astype(np.int16), axis=1)).max(-1)
+    if (steps <= FLAT_STD).mean() < FLAT_SHARE:
+        return None
+    ids = segments.labels(Image.fromarray(base), SEGMENT_STEP)
+    if ids is None:
+        return None
+    _, seg = np.unique(ids, return_inverse=True)
+    seg = seg.reshape(ids.shape)
+    count = int(seg.max()) + 1
+    a = alpha[..., None].astype(np.float32)
+    comp = a * edited.astype(np.float32) + (1 - a) * base.astype(np.float32)
+    repainted = (alpha >= 0.5) & (np.abs(comp - base).max(-1) > REPAINTED)
+    if not repainted.any():
+        return None
+
+    fitted = _fit(base, comp, seg, repainted, count)
+    explained = (np.abs(comp - fitted).max(-1) <= TOLERANCE) & repainted
+    whole = np.bincount(seg.ravel(), minlength=count)
+    shown = np.bincount(seg[repainted], minlength=count)
+    fits = np.bincount(seg[explained], minlength=count)
+    refit = (shown >= COVER * whole) & (fits >= CONSISTENT * np.maximum(shown, 1))
+    # A map that leaves the segment's colour where it was is no recolour: the segment is kept.
+    moved = np.bincount(seg.ravel(), np.abs(fitted - base).max(-1).ravel(), count) / whole
+    refit &= moved > REPAINTED
+    target = _merged(np.where(refit[seg][..., None], fitted, base.astype(np.float32)), seg, refit)
+
+    # A touched pixel the colours around it explain takes its segment's colour; one the model
+    # moved by no more than REPAINTED is the input's (invisible, as in preserve).
+    touched = (alpha > 0) & (np.abs(comp - base).max(-1) > REPAINTED)
+    ok = np.abs(comp - target).max(-1) <= TOLERANCE
+    # Part of the way from the input's colour to the segment's new one: the recolour, unevenly
+    # drawn. A pixel nearer the input's colour stays the model's: a line drawn in the old colour
+    # (an outline style keeps the input's colours at edges), or a spot the model left as it was.
+    ok |= _off_blend(comp, target, base.astype(np.float32), most_b=0.5) <= TOLERANCE
+    reach = max(1, round(REACH * scale))
+    # A blend across an edge counts only where one side was recoloured (not merely tinted, as
+    # an autoencoder tints white): blur around what the
+    # model recoloured (or around what it kept, in what it recoloured). Between two segments it
+    # left alone, a band of the other side's colour is a change of outline (an object grown or
+    # shrunk), and stays the model's.
+    # Only a refitted segment with an inside counts: an antialiased rim (a chain a pixel or two
+    # wide, which the autoencoder always redraws) would otherwise take back any new outline
+    # drawn within reach of it.
+    inside = (seg == _shifted(seg, 1, 0)) & (seg == _shifted(seg, -1, 0)) & (seg == _shifted(seg, 0, 1)) & (seg == _shifted(seg, 0, -1))
+    solid = np.bincount(seg[inside], minlength=count) >= MIN_NEW * scale * scale
+    # Nor is a rim's colour one to blend with: an outline style draws its lines there.
+    refitted, solid_px = (refit & solid & (moved > RECOLOURED))[seg], solid[seg]
+    for r in sorted({max(1, reach // 2), reach}):
+        for dy, dx in ((-r, 0), (r, 0), (0, -r), (0, r), (-r, -r), (-r, r), (r, -r), (r, r)):
+            across = (refitted | _shifted(refitted, dy, dx)) & _shifted(solid_px, dy, dx)
+            ok |= across & (_off_blend(comp, target, _shifted(target, dy, dx)) <= TOLERANCE)
+    ok |= _specks(touched & ~ok, round(MIN_NEW * scale * scale))
+    out = np.where((touched & ok)[..., None], target, np.where(touched[..., None], comp, base))
+    out = np.rint(out).astype(np.uint8)
+    changed = (out != base).any(-1)
+    return np.where(changed[..., None], out, base), changed.astype(np.float32)

@@ -1,0 +1,117 @@
+"""Snapping an edit to the input's flat regions: what the model recoloured comes back crisp, in
+the input's own outline, and what it drew new is kept."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from incontext import preserve
+
+BEIGE, RED, BLUE, TEAL, YELLOW = (240, 236, 225), (200, 30, 30), (30, 60, 210), (40, 160, 140), (230, 200, 40)
+CIRCLE = (32, 32, 96, 96)
+
+
+def _drawing(circle=RED) -> Image.Image:
+    img = Image.new("RGB", (256, 256), BEIGE)
+    d = ImageDraw.Draw(img)
+    d.ellipse(CIRCLE, fill=circle)
+    d.rectangle((150, 150, 210, 210), fill=TEAL)
+    return img
+
+
+def _blurred(img: Image.Image) -> Image.Image:
+    """An autoencoder's rendering at the model's 128²: soft edges, a few levels off everywhere."""
+    small = img.resize((128, 128), Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(1.5))
+    noise = np.random.default_rng(0).integers(-3, 4, size=(128, 128, 3))
+    return Image.fromarray(np.clip(np.asarray(small, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
+
+
+def _blob_output() -> Image.Image:
+    """The model's recolour: a blue blob, off the circle's outline by a few pixels and soft."""
+    img = _drawing()
+    d = ImageDraw.Draw(img)
+    d.ellipse(CIRCLE, fill=BEIGE)
+    d.ellipse((38, 26, 100, 92), fill=BLUE)  # shifted and squashed
+    return _blurred(img)
+
+
+def _change(cells: list[tuple[int, int, int, int]]) -> np.ndarray:
+    """A 16×16 change map (the model's 128² in 8-pixel latents) that moved in the given boxes of a 256² canvas."""
+    change = np.full((16, 16), 0.03, dtype=np.float32)
+    for x0, y0, x1, y1 in cells:
+        change[y0 // 16 : (y1 + 15) // 16, x0 // 16 : (x1 + 15) // 16] = 1.5
+    return change
+
+
+def _circle_mask() -> np.ndarray:
+    m = Image.new("L", (256, 256), 0)
+    ImageDraw.Draw(m).ellipse(CIRCLE, fill=255)
+    return np.asarray(m) == 255
+
+
+def test_a_recoloured_circle_comes_back_in_its_own_outline():
+    source = _drawing()
+    context = source.resize((128, 128), Image.Resampling.LANCZOS)
+    out = preserve.preserve(_blob_output(), _change([(24, 16, 104, 104)]), context=context, source=source)
+    res, inp = np.asarray(out.image).astype(int), np.asarray(source).astype(int)
+    inside, outside = _circle_mask(), ~_circle_mask()
+    # Every pixel of the circle (but its antialiased rim) is one blue: no blob, no red left.
+    core = np.asarray(Image.fromarray(inside).filter(ImageFilter.MinFilter(5))) > 0
+    colours = res[core]
+    assert np.abs(colours - colours[0]).max() <= 2
+    assert colours[0][2] > 150 and colours[0][0] < 80
+    # Outside it the input comes back bit for bit: the blob's spill onto the background is gone.
+    ring = np.asarray(Image.fromarray(inside).filter(ImageFilter.MaxFilter(5))) > 0
+    assert np.array_equal(res[~ring], inp[~ring])
+
+
+def test_the_raw_blob_is_what_snapping_removes():
+    source = _drawing()
+    context = source.resize((128, 128), Image.Resampling.LANCZOS)
+    unsnapped = preserve.preserve(_blob_output(), _change([(24, 16, 104, 104)]), context=context, source=source,
+                                  config=preserve.RegionConfig(snap=False))
+    res, inp = np.asarray(unsnapped.image).astype(int), np.asarray(source).astype(int)
+    ring = np.asarray(Image.fromarray(_circle_mask()).filter(ImageFilter.MaxFilter(5))) > 0
+    assert not np.array_equal(res[~ring], inp[~ring])  # without it the spill stays
+
+
+def test_something_new_keeps_the_models_pixels():
+    source = _drawing()
+    context = source.resize((128, 128), Image.Resampling.LANCZOS)
+    drawn = _drawing()
+    ImageDraw.Draw(drawn).regular_polygon((200, 60, 24), 3, fill=YELLOW)  # an added triangle, away from everything
+    out = preserve.preserve(_blurred(drawn), _change([(170, 30, 230, 90)]), context=context, source=source)
+    res = np.asarray(out.image).astype(int)
+    assert np.abs(res[62, 200] - YELLOW).max() < 30
+    assert out.changed_share > 0.005
+
+
+def test_a_photograph_is_composed_as_before():
+    rng = np.random.default_rng(1)
+    photo = Image.fromarray(rng.integers(0, 256, size=(128, 128, 3), dtype=np.uint8))
+    edited = Image.fromarray(np.clip(np.asarray(photo, dtype=np.int16) + 60, 0, 255).astype(np.uint8))
+    change = np.full((16, 16), 0.03, dtype=np.float32)
+    change[2:6, 2:6] = 1.5
+    snapped = preserve.preserve(edited, change, context=photo)
+    plain = preserve.preserve(edited, change, context=photo, config=preserve.RegionConfig(snap=False))
+    assert np.array_equal(np.asarray(snapped.image), np.asarray(plain.image))
+
+
+def test_a_removed_object_becomes_the_gradient_behind_it_without_a_ghost():
+    rows = np.linspace(90, 200, 256)[:, None, None] * np.ones((1, 256, 1))
+    gradient = np.concatenate([rows, rows * 0.8, 255 - rows], axis=2).astype(np.uint8)  # a vertical gradient
+    behind = Image.fromarray(gradient)
+    source = behind.copy()
+    ImageDraw.Draw(source).ellipse(CIRCLE, fill=RED)
+    context = source.resize((128, 128), Image.Resampling.LANCZOS)
+    # The model removes the circle, but fills its place a little off the background (a ghost).
+    ghost = np.asarray(behind, dtype=np.int16).copy()
+    ghost[_circle_mask()] += 14
+    edited = _blurred(Image.fromarray(np.clip(ghost, 0, 255).astype(np.uint8)))
+    out = preserve.preserve(edited, _change([(24, 24, 104, 104)]), context=context, source=source)
+    res = np.asarray(out.image).astype(int)
+    assert np.abs(res[_circle_mask()] - gradient[_circle_mask()]).max() <= 3
+    unsnapped = preserve.preserve(edited, _change([(24, 24, 104, 104)]), context=context, source=source,
+                                  config=preserve.RegionConfig(snap=False))
+    assert np.abs(np.asarray(unsnapped.image).astype(int)[_circle_mask()] - gradient[_circle_mask()]).max() > 8

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 IDENTITY = "input unchanged"
 GROUND_TRUTH = "ground truth"
 AUTOENCODER = "autoencoder (target round trip)"
+AUTOENCODER_PRESERVED = "autoencoder, preserve auto"
 DEFAULT_OUT = Path("results/quality")
 MAX_DRIFT_SCENES = 10
 
@@ -104,14 +105,27 @@ class ModelEditor:
 @dataclass
 class AutoencoderEditor:
     """The target through the model's autoencoder (encode → decode): the best any output of
-    this model can be where it redraws pixels, so a family that fails here is capped."""
+    this model can be where it redraws pixels, so a family that fails here is capped.
+
+    With `preserve` "auto", that round trip is preserved as a model's output would be (its
+    change map from the target's latents against the input's): a model that drew every edit
+    right, as served. A family this row fails where the plain round trip passes is one that
+    preservation blocks."""
 
     models: sampler.Models
+    preserve: str | None = None
 
     def __call__(self, example: Example, image: Image.Image) -> Image.Image:
+        w, h = example.target.size
         with torch.no_grad():
             latents = sampler.encode_images(self.models, [example.target])
-            return sampler.decode(self.models, latents, example.target.height, example.target.width)[0]
+            raw = sampler.decode(self.models, latents, h, w)[0]
+            if self.preserve is None:
+                return raw
+            context = sampler.encode_images(self.models, [image])
+            change = sampler.change_map(latents, context, h, w, self.models.vae_scale_factor)[0]
+            rendered = sampler.decode(self.models, context, h, w)[0]
+        return preserve.preserve(raw, change, context=image, mode=self.preserve, rendered=rendered).image
 
 
 @dataclass
@@ -333,6 +347,7 @@ def run_quality(
 
     # 4. the reference rows: the autoencoder's ceiling, and two with no model
     autoencoder_row, _ = score_row(AUTOENCODER, AutoencoderEditor(models), heldout_set, [])
+    preserved_row, _ = score_row(AUTOENCODER_PRESERVED, AutoencoderEditor(models, preserve="auto"), heldout_set, [])
     identity_row, _ = score_row(IDENTITY, identity_editor, heldout_set, sequences)
     truth_row, truth_outputs = score_row(GROUND_TRUTH, ground_truth_editor, heldout_set, sequences)
 
@@ -347,7 +362,7 @@ def run_quality(
         "n_per_family": n_per_family,
         "held_out_seed": heldout.HELD_OUT_SEED,
         "families": list(heldout_set),
-        "rows": [model_row, raw_row, autoencoder_row, identity_row, truth_row],
+        "rows": [model_row, raw_row, autoencoder_row, preserved_row, identity_row, truth_row],
         "drift_rows": [{"name": f"{preset.id}, preserve off, on cached latents", "drift": reuse}],
     }
     write_report(results, Path(out_dir), heldout_set, sequences, model_outputs, truth_outputs, raw_outputs)

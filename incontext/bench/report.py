@@ -136,6 +136,9 @@ Model `{results["model"]}` ({results["directory"]}): {results["steps"]} steps, g
   latents moved, `incontext/preserve.py`), the same denoising with `preserve` off (the model's raw
   output), and the **autoencoder** row: each target encoded and decoded, the ceiling of any pixel
   the model redraws. A family whose autoencoder row fails its own check caps that family's success.
+  **autoencoder, preserve auto**: that round trip preserved as a served output is (its change map
+  from the target's latents): a model that drew every edit right. A family it fails where the
+  round trip passes is one preservation blocks.
 - **s/edit**: mean wall time of one edit of the model.
 
 ## Summary

@@ -58,6 +58,16 @@ def test_ground_truth_and_identity_are_the_extremes(run):
     assert truth["seconds_per_edit"] is None and identity["seconds_per_edit"] is None
 
 
+def test_the_autoencoder_is_scored_raw_and_as_preservation_serves_it(run):
+    """The preserved round trip keeps the input's own pixels outside the edit, so it keeps the
+    rest at least as well as the raw round trip does."""
+    results, _ = run
+    raw, preserved = _row(results, "autoencoder (target round trip)"), _row(results, "autoencoder, preserve auto")
+    assert set(raw["families"]) == set(preserved["families"]) == set(FAMILIES)
+    assert preserved["all"]["preservation_psnr"] >= raw["all"]["preservation_psnr"]
+    assert preserved["seconds_per_edit"] is None
+
+
 def test_the_model_row_is_scored_and_timed(run):
     results, _ = run
     model = results["rows"][0]
@@ -75,8 +85,9 @@ def test_drift_is_also_measured_on_the_engines_cached_latents(run):
     assert len(reuse["drift"]["preservation_psnr_by_turn"]) == 2
     # Turn 1 is the same edit with the same seed (only turn 2 starts from cached latents). The
     # two paths decode to within a level of each other, and on this random model many pixels sit
-    # at preserve's thresholds against the autoencoder's rendering, so a few of them flip.
-    assert abs(reuse["drift"]["turn_1"] - model["drift"]["turn_1"]) < 0.5
+    # at preserve's thresholds against the autoencoder's rendering, so a few of them flip (and
+    # snapping decides whole segments of the input at once, so a flip can take a segment with it).
+    assert abs(reuse["drift"]["turn_1"] - model["drift"]["turn_1"]) < 1.0
 
 
 def _cli():

@@ -33,7 +33,7 @@ KEY = "key-a"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 from incontext.workflows import WORKFLOWS  # noqa: E402 (beside the operations it names)
 
-EXAMPLES_PER_OPERATION = 12  # × 2 modes × 45 operations
+EXAMPLES_PER_OPERATION = 6  # × 2 modes × 45 operations
 # Operations that take an image whose content decides: a string or file part no schema can tell
 # from an image the server fetches or decodes. A request the document calls valid may be refused
 # there, but only with a documented 4xx that names the image, or a 422 naming fields it sent whose

@@ -103,11 +103,19 @@ def _merged(target: np.ndarray, seg: np.ndarray, refit: np.ndarray) -> np.ndarra
     to the pixels around it takes that plane's colours: a removed object becomes the background
     behind it (a gradient too), seamlessly, instead of a shape a few levels off it."""
     h, w = seg.shape
-    sizes = np.bincount(seg.ravel())
+    count = len(refit)
+    sizes = np.bincount(seg.ravel(), minlength=count)
+    # Each segment's bounding box, from one pass over the image (not one per segment).
+    rows, cols = np.indices(seg.shape)
+    top, left = np.full(count, h), np.full(count, w)
+    bottom, right = np.zeros(count, int), np.zeros(count, int)
+    np.minimum.at(top, seg.ravel(), rows.ravel())
+    np.maximum.at(bottom, seg.ravel(), rows.ravel())
+    np.minimum.at(left, seg.ravel(), cols.ravel())
+    np.maximum.at(right, seg.ravel(), cols.ravel())
     out = target.copy()
-    for s in np.flatnonzero(refit & (sizes < 0.25 * h * w)):
-        ys, xs = np.nonzero(seg == s)
-        y0, y1, x0, x1 = max(ys.min() - 3, 0), min(ys.max() + 4, h), max(xs.min() - 3, 0), min(xs.max() + 4, w)
+    for s in np.flatnonzero(refit & (sizes >= 4) & (sizes < 0.25 * h * w)):
+        y0, y1, x0, x1 = max(top[s] - 3, 0), min(bottom[s] + 4, h), max(left[s] - 3, 0), min(right[s] + 4, w)
         inside = seg[y0:y1, x0:x1] == s
         grown = np.asarray(Image.fromarray(inside.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(5))) > 0
         ring = grown & ~inside

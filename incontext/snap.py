@@ -36,6 +36,7 @@ TOLERANCE = 40  # levels (max over channels) within which a colour counts as exp
 RECOLOURED = 32  # levels: a segment's colour moved by more than this (on average) is recoloured, not tinted
 REPAINTED = 6  # levels: a pixel the model moved less than this from the input is not repainted
 REACH = 6  # pixels at the model's working size: how far the autoencoder's blur carries a colour
+BLUR_MOST = 0.85  # most of the other side's colour that blur puts in a pixel of a repainted segment
 FLAT_STD = 3.0  # levels: a segment whose channels vary less than this is flat (one colour)
 RIDGE = 25.0  # levels²: keeps a nearly flat segment's affine fit from amplifying noise
 FLAT_SHARE = 0.75  # share of pixels within FLAT_STD of their right-hand neighbour: a drawing, not a photograph
@@ -83,11 +84,12 @@ def _fit(base: np.ndarray, comp: np.ndarray, seg: np.ndarray, repainted: np.ndar
 
 
 def _off_blend(color: np.ndarray, a: np.ndarray, b: np.ndarray, most_b: float = 1.0) -> np.ndarray:
-    """(h, w) the max-channel distance from `color` to the nearest blend of `a` and `b` with at
-    most `most_b` of `b`."""
+    """(h, w) the max-channel distance from `color` to the nearest blend of `a` and `b`; infinite
+    where `color` is nearer a blend with more than `most_b` of `b`."""
     d = b - a
-    t = np.clip(((color - a) * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-6), 0.0, most_b)
-    return np.abs(color - (a + t[..., None] * d)).max(-1)
+    t = ((color - a) * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-6)
+    off = np.abs(color - (a + np.clip(t, 0.0, 1.0)[..., None] * d)).max(-1)
+    return np.where(t > most_b, np.inf, off)
 
 
 def _shifted(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
@@ -202,10 +204,15 @@ def snap_edit(base: np.ndarray, edited: np.ndarray, alpha: np.ndarray, scale: fl
     solid = np.bincount(seg[inside], minlength=count) >= MIN_NEW * scale * scale
     # Nor is a rim's colour one to blend with: an outline style draws its lines there.
     refitted, solid_px = (refit & solid & (moved > RECOLOURED))[seg], solid[seg]
+    # In a segment the model repainted over most of its pixels but in no one colour map, a
+    # pixel wholly of the other side's new colour is the model's new outline (an outline style
+    # whitens an object's inside), not blur. In one it barely touched, it is the other side's
+    # colour spilling over; in one it recoloured, a spot its new colour missed.
+    most = np.where(((shown >= COVER * whole) & ~refit)[seg], BLUR_MOST, 1.0)
     for r in sorted({max(1, reach // 2), reach}):
         for dy, dx in ((-r, 0), (r, 0), (0, -r), (0, r), (-r, -r), (-r, r), (r, -r), (r, r)):
             across = (refitted | _shifted(refitted, dy, dx)) & _shifted(solid_px, dy, dx)
-            ok |= across & (_off_blend(comp, target, _shifted(target, dy, dx)) <= TOLERANCE)
+            ok |= across & (_off_blend(comp, target, _shifted(target, dy, dx), most_b=most) <= TOLERANCE)
     ok |= _specks(touched & ~ok, round(MIN_NEW * scale * scale))
     out = np.where((touched & ok)[..., None], target, np.where(touched[..., None], comp, base))
     out = np.rint(out).astype(np.uint8)

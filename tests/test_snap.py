@@ -115,3 +115,20 @@ def test_a_removed_object_becomes_the_gradient_behind_it_without_a_ghost():
     unsnapped = preserve.preserve(edited, _change([(24, 24, 104, 104)]), context=context, source=source,
                                   config=preserve.RegionConfig(snap=False))
     assert np.abs(np.asarray(unsnapped.image).astype(int)[_circle_mask()] - gradient[_circle_mask()]).max() > 8
+
+
+def test_an_outline_style_keeps_its_lines_and_whitens_the_insides():
+    """Every segment repainted: the background and the square's inside white, dark lines on
+    the square's edge. The inside is wholly the background's new colour, which is no blur.
+    (A line the autoencoder blurs to less than half-way from the new colour back to the old
+    is taken for an uneven recolour and goes: lines here are 3 model pixels wide.)"""
+    source = Image.new("RGB", (256, 256), (130, 130, 120))
+    ImageDraw.Draw(source).rectangle((100, 100, 160, 160), fill=(40, 20, 20))
+    context = source.resize((128, 128), Image.Resampling.LANCZOS)
+    drawn = Image.new("RGB", (256, 256), (250, 250, 250))
+    ImageDraw.Draw(drawn).rectangle((100, 100, 160, 160), outline=(30, 30, 30), width=6)
+    out = preserve.preserve(_blurred(drawn), np.full((16, 16), 1.2, np.float32), context=context, source=source)
+    res = np.asarray(out.image).astype(int)
+    assert res[130, 130].min() > 200  # the square's inside is white paper
+    assert res[102, 130].max() < 120 and res[130, 102].max() < 120  # its edges are dark lines
+    assert res[40, 40].min() > 200  # and so is the background

@@ -8,13 +8,16 @@ one new colour map per region. So, inside the region preserve found:
 
 - a segment of the input that the model repainted over most of its pixels (`COVER`), most of
   them (`CONSISTENT`) to what one colour map of the segment explains, is fitted that map: a
-  colour for a flat segment, an affine map per channel for a gradient;
-- a repainted pixel whose colour the regions around it explain (its segment's fitted colour,
-  a blend of that and its input colour, or a blend with the fitted colour of a segment up to
-  `REACH` pixels away: the autoencoder's blur across an edge) takes its segment's fitted colour,
-  which is the input's own pixel where the segment was not repainted;
+  colour for a flat segment, an affine map per channel for a gradient; one whose new colour is
+  close to the plane fitted around it (`MERGE`) takes that plane: a removed object becomes the
+  background behind it, without a ghost a few levels off it;
+- a repainted pixel whose colour the regions around it explain takes its segment's fitted
+  colour (the input's own pixel, where the segment was not refitted): that colour itself,
+  part of the way to it from the input's colour, or a blend with the new colour of a solid
+  segment up to `REACH` pixels away where one side was recoloured (`RECOLOURED`): the
+  autoencoder's blur across an edge;
 - a pixel that nothing around it explains is something new (an added object, a letter, a
-  line) and keeps the model's output.
+  line) and keeps the model's output, but for specks (`MIN_NEW`).
 
 A pixel the model moved by no more than a few levels is the input's. Photographs, where most
 pixels differ from their neighbours (`FLAT_SHARE`), are left as preserve composed them.

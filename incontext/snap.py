@@ -46,7 +46,7 @@ FLAT_SHARE = 0.75  # share of pixels within FLAT_STD of their right-hand neighbo
 MERGE = 40  # levels: a refitted segment this close to what surrounds it has gone into its surroundings
 SMOOTH = 6.0  # levels RMS: surroundings a plane (flat or a linear gradient) fits this well are one region
 MIN_NEW = 6  # pixels at the model's working size: a smaller speck of something new is the autoencoder's noise
-MAX_PIXELS = 4_000_000  # larger boxes are left as composed: the fit's temporaries grow with them
+MAX_PIXELS = 1_100_000  # larger boxes (past about 1024²) are left as composed: the cost grows with the pixels
 
 
 def _grouped_median(values: np.ndarray, groups: np.ndarray, count: int) -> np.ndarray:
@@ -141,13 +141,17 @@ def _merged(target: np.ndarray, seg: np.ndarray, refit: np.ndarray) -> np.ndarra
 
 def _specks(mask: np.ndarray, smallest: int) -> np.ndarray:
     """The parts of `mask` (4-connected) with fewer than `smallest` pixels."""
+    out = np.zeros_like(mask)
     if smallest <= 1 or not mask.any():
-        return np.zeros_like(mask)
-    ids = segments.labels(Image.fromarray(mask.astype(np.uint8) * 255))
+        return out
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))  # labelled there only
+    ids = segments.labels(Image.fromarray(mask[box].astype(np.uint8) * 255))
     if ids is None:
-        return np.zeros_like(mask)
+        return out
     sizes = np.bincount(ids.ravel())
-    return mask & (sizes[ids] < smallest)
+    out[box] = mask[box] & (sizes[ids] < smallest)
+    return out
 
 
 def snap_edit(base: np.ndarray, edited: np.ndarray, alpha: np.ndarray, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray] | None:
@@ -187,35 +191,43 @@ def snap_edit(base: np.ndarray, edited: np.ndarray, alpha: np.ndarray, scale: fl
     target = _merged(np.where(refit[seg][..., None], fitted, base.astype(np.float32)), seg, refit)
 
     # A touched pixel the colours around it explain takes its segment's colour; one the model
-    # moved by no more than REPAINTED is the input's (invisible, as in preserve).
+    # moved by no more than REPAINTED is the input's (invisible, as in preserve). The tests run
+    # on the touched pixels only: a local edit touches a small share of the picture.
     touched = (alpha > 0) & (np.abs(comp - base).max(-1) > REPAINTED)
-    ok = np.abs(comp - target).max(-1) <= TOLERANCE
+    ys, xs = np.nonzero(touched)
+    c, t = comp[ys, xs], target[ys, xs]
+    ok = np.abs(c - t).max(-1) <= TOLERANCE
     # Part of the way from the input's colour to the segment's new one: the recolour, unevenly
     # drawn. A pixel nearer the input's colour stays the model's: a line drawn in the old colour
     # (an outline style keeps the input's colours at edges), or a spot the model left as it was.
-    ok |= _off_blend(comp, target, base.astype(np.float32), most_b=0.5) <= TOLERANCE
+    ok |= _off_blend(c, t, base[ys, xs].astype(np.float32), most_b=0.5) <= TOLERANCE
     reach = max(1, round(REACH * scale))
     # A blend across an edge counts only where one side was recoloured (not merely tinted, as
-    # an autoencoder tints white): blur around what the
-    # model recoloured (or around what it kept, in what it recoloured). Between two segments it
-    # left alone, a band of the other side's colour is a change of outline (an object grown or
-    # shrunk), and stays the model's.
+    # an autoencoder tints white): blur around what the model recoloured (or around what it
+    # kept, in what it recoloured). Between two segments it left alone, a band of the other
+    # side's colour is a change of outline (an object grown or shrunk), and stays the model's.
     # Only a refitted segment with an inside counts: an antialiased rim (a chain a pixel or two
     # wide, which the autoencoder always redraws) would otherwise take back any new outline
     # drawn within reach of it.
     inside = (seg == _shifted(seg, 1, 0)) & (seg == _shifted(seg, -1, 0)) & (seg == _shifted(seg, 0, 1)) & (seg == _shifted(seg, 0, -1))
     solid = np.bincount(seg[inside], minlength=count) >= MIN_NEW * scale * scale
     # Nor is a rim's colour one to blend with: an outline style draws its lines there.
-    refitted, solid_px = (refit & solid & (moved > RECOLOURED))[seg], solid[seg]
+    recoloured = refit & solid & (moved > RECOLOURED)
     # In a segment the model repainted over most of its pixels but in no one colour map, a
     # pixel wholly of the other side's new colour is the model's new outline (an outline style
     # whitens an object's inside), not blur. In one it barely touched, it is the other side's
     # colour spilling over; in one it recoloured, a spot its new colour missed.
-    most = np.where(((shown >= COVER * whole) & ~refit)[seg], BLUR_MOST, 1.0)
+    here = seg[ys, xs]
+    most = np.where(((shown >= COVER * whole) & ~refit)[here], BLUR_MOST, 1.0)
     for r in sorted({max(1, reach // 2), reach}):
         for dy, dx in ((-r, 0), (r, 0), (0, -r), (0, r), (-r, -r), (-r, r), (r, -r), (r, r)):
-            across = (refitted | _shifted(refitted, dy, dx)) & _shifted(solid_px, dy, dx)
-            ok |= across & (_off_blend(comp, target, _shifted(target, dy, dx), most_b=most) <= TOLERANCE)
+            qy, qx = np.clip(ys + dy, 0, h - 1), np.clip(xs + dx, 0, w - 1)
+            there = seg[qy, qx]
+            across = (recoloured[here] | recoloured[there]) & solid[there]
+            ok |= across & (_off_blend(c, t, target[qy, qx], most_b=most) <= TOLERANCE)
+    explained_px = np.zeros_like(touched)
+    explained_px[ys, xs] = ok
+    ok = explained_px
     ok |= _specks(touched & ~ok, round(MIN_NEW * scale * scale))
     out = np.where((touched & ok)[..., None], target, np.where(touched[..., None], comp, base))
     out = np.rint(out).astype(np.uint8)

@@ -13,7 +13,9 @@ few levels of the input are the input's again, which removes the autoencoder's b
 the grown band without any visible change. A global edit (a background, a look) moves
 most latents, so the region covers most of the picture; one that moves them all only a
 little (a weak model's night) lowers the threshold to half the median move, so the look is
-not cut back to the input.
+not cut back to the input. Where the input is a drawing (flat regions), the edit is then
+snapped to them (`snap.py`): a recoloured object takes one colour in its own outline, and the
+autoencoder's blur across the edges of what it changed is taken back.
 
     change = sampler.change_map(latents, img_cond, height, width, vae_scale_factor)   # engine side
     out = preserve(edited, change[0], context=fitted_input, source=original, mode="auto")

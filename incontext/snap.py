@@ -175,7 +175,8 @@ def snap_edit(base: np.ndarray, edited: np.ndarray, alpha: np.ndarray, scale: fl
     count = int(seg.max()) + 1
     a = alpha[..., None].astype(np.float32)
     comp = a * edited.astype(np.float32) + (1 - a) * base.astype(np.float32)
-    repainted = (alpha >= 0.5) & (np.abs(comp - base).max(-1) > REPAINTED)
+    moves = np.abs(comp - base).max(-1) > REPAINTED
+    repainted = (alpha >= 0.5) & moves
     if not repainted.any():
         return None
 
@@ -193,7 +194,7 @@ def snap_edit(base: np.ndarray, edited: np.ndarray, alpha: np.ndarray, scale: fl
     # A touched pixel the colours around it explain takes its segment's colour; one the model
     # moved by no more than REPAINTED is the input's (invisible, as in preserve). The tests run
     # on the touched pixels only: a local edit touches a small share of the picture.
-    touched = (alpha > 0) & (np.abs(comp - base).max(-1) > REPAINTED)
+    touched = (alpha > 0) & moves
     ys, xs = np.nonzero(touched)
     c, t = comp[ys, xs], target[ys, xs]
     ok = np.abs(c - t).max(-1) <= TOLERANCE

@@ -110,16 +110,20 @@ class AutoencoderEditor:
     With `preserve` "auto", that round trip is preserved as a model's output would be (its
     change map from the target's latents against the input's): a model that drew every edit
     right, as served. A family this row fails where the plain round trip passes is one that
-    preservation blocks."""
+    preservation blocks. Editors that share a `memo` share each target's round trip."""
 
     models: sampler.Models
     preserve: str | None = None
+    memo: dict = field(default_factory=dict)
 
     def __call__(self, example: Example, image: Image.Image) -> Image.Image:
         w, h = example.target.size
+        key = image_key(example.target)
         with torch.no_grad():
-            latents = sampler.encode_images(self.models, [example.target])
-            raw = sampler.decode(self.models, latents, h, w)[0]
+            if key not in self.memo:
+                latents = sampler.encode_images(self.models, [example.target])
+                self.memo[key] = (latents, sampler.decode(self.models, latents, h, w)[0])
+            latents, raw = self.memo[key]
             if self.preserve is None:
                 return raw
             context = sampler.encode_images(self.models, [image])
@@ -346,8 +350,9 @@ def run_quality(
     reuse = drift_on_cached_latents(preset, models, sequences, steps=steps, guidance=guidance, seed=seed + single_edits)
 
     # 4. the reference rows: the autoencoder's ceiling, and two with no model
-    autoencoder_row, _ = score_row(AUTOENCODER, AutoencoderEditor(models), heldout_set, [])
-    preserved_row, _ = score_row(AUTOENCODER_PRESERVED, AutoencoderEditor(models, preserve="auto"), heldout_set, [])
+    round_trip = AutoencoderEditor(models)
+    autoencoder_row, _ = score_row(AUTOENCODER, round_trip, heldout_set, [])
+    preserved_row, _ = score_row(AUTOENCODER_PRESERVED, AutoencoderEditor(models, "auto", round_trip.memo), heldout_set, [])
     identity_row, _ = score_row(IDENTITY, identity_editor, heldout_set, sequences)
     truth_row, truth_outputs = score_row(GROUND_TRUTH, ground_truth_editor, heldout_set, sequences)
 

@@ -90,6 +90,7 @@ def train_transformer_cmd(
     flow_start: str = typer.Option("context", help="Where the flow starts at t = 1: context (the context latents plus --start-noise·noise) or noise (FLUX's)."),
     start_noise: float = typer.Option(0.3, min=0.0, max=10.0, help="σ of the noise added to the context at t = 1 (with --flow-start context)."),
     text_context: float = typer.Option(0.0, min=0.0, help="Weight of the loss that has each T5 output name the words before and after it (0: off)."),
+    neighbour_heads: bool = typer.Option(False, help="When the run starts, point two heads of the T5's first layer at each word's neighbours, so its outputs carry the words' order."),
     device: str = typer.Option("cpu", help="cpu, or cuda on a GPU machine (bf16 autocast there)."),
     save_every: float = typer.Option(5.0, min=0.1, help="Minutes between checkpoints; new chunks under OUT/data are picked up at each."),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: on CUDA, and on CPUs with bf16 units)."),
@@ -101,7 +102,7 @@ def train_transformer_cmd(
     from incontext.world.language import vocabulary
 
     train_transformer(out, NanoConfig(vocab=vocabulary()), TransformerTrainConfig(minutes=minutes, batch=batch, lr=lr, edit_weight=edit_weight, uniform_t=uniform_t, guidance_start=guidance_start,
-                                                                              flow_start=flow_start, start_noise=start_noise, text_context=text_context, device=device, save_every_minutes=save_every,
+                                                                              flow_start=flow_start, start_noise=start_noise, text_context=text_context, neighbour_heads=neighbour_heads, device=device, save_every_minutes=save_every,
                                                                               **({"bf16": bf16} if bf16 is not None else {"bf16": True} if device.startswith("cuda") else {})), load_vae(out), init_from=init_from)
 
 

@@ -1,4 +1,5 @@
-"""An auxiliary objective for the T5 encoder: each token's output predicts its neighbours.
+"""Word order in the T5 encoder's outputs: two attention heads that read each word's
+neighbours, and an auxiliary objective that has each output name them.
 
 Trained only through the transformer, the nano T5's outputs read as a bag of words: a probe
 (docs/training.md, "What the text encoder says") finds from them which colour of "turn the
@@ -8,12 +9,42 @@ position in the joint attention (their RoPE ids are all zero), so what the encod
 do not carry, the transformer cannot see. Asking each output to name the word before and the
 word after it makes it carry its place among the words: "red" after "the" and before "star",
 "orange" after "star". The head is trained beside the model and is not part of the export.
+
+That loss alone did not teach the bundled T5 the order (session 18): its first layer's
+attention logits spread about 13 (up to 48) from the words' contents, while the relative
+position bias that could tell "before" from "after" is about 0.07, so the softmax never
+feels it. `attend_to_neighbours` sets that bias outright: one head of the first layer reads
+the word before, one the word after, and a probe reads which colour is the object's and
+which the new one from the outputs at once (99 %, against 50 %).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.models.t5.modeling_t5 import T5Attention
+
+# Larger than the content logits of the bundled T5's first layer (up to about 48), so the
+# two heads read their neighbour whatever the words are.
+NEIGHBOUR_BIAS = 60.0
+
+
+def attend_to_neighbours(t5, strength: float = NEIGHBOUR_BIAS) -> None:
+    """Point heads 0 and 1 of `t5`'s first layer (a transformers T5 encoder; the layer whose
+    relative position bias every layer shares) at the word before and the word after each
+    word. A stock T5 still: only the bias table's values change."""
+    att = t5.encoder.block[0].layer[0].SelfAttention
+    if att.n_heads < 2:
+        raise ValueError(f"the T5 has {att.n_heads} attention head; reading both neighbours takes two")
+    before, after = T5Attention._relative_position_bucket(
+        torch.tensor([-1, 1]), bidirectional=True, num_buckets=att.relative_attention_num_buckets,
+        max_distance=att.relative_attention_max_distance,
+    ).tolist()
+    with torch.no_grad():
+        table = att.relative_attention_bias.weight  # (buckets, heads)
+        table[:, :2] = 0.0
+        table[before, 0] = strength
+        table[after, 1] = strength
 
 
 class TextContextHead(torch.nn.Module):

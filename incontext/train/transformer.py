@@ -43,7 +43,7 @@ from incontext.models.device import cpu_has_fast_bf16
 from incontext.models.components import NanoConfig, build_scheduler, build_text_encoders, build_tokenizer, build_transformer
 from incontext.train.checkpoint import load_checkpoint, save_checkpoint
 from incontext.train.data import LatentChunks
-from incontext.train.text_context import TextContextHead, text_context_loss
+from incontext.train.text_context import TextContextHead, attend_to_neighbours, text_context_loss
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,9 @@ class TransformerTrainConfig:
     # Weight of the T5 outputs' neighbour-naming loss (train/text_context.py); 0: none, as
     # every run before session 14 trained.
     text_context: float = 0.0
+    # Point two heads of the T5's first layer at each word's neighbours when a run starts
+    # (train/text_context.py), so its outputs carry the words' order.
+    neighbour_heads: bool = False
 
 
 TRAINED = ("transformer", "text_encoder", "text_encoder_2")
@@ -140,6 +143,10 @@ def train_transformer(out: Path, model_cfg: NanoConfig, cfg: TransformerTrainCon
     elif init_from is not None:
         _load_from_model_dir(Path(init_from), modules, ema, tokenizer=tok)
         log.info("initialised from %s", init_from)
+    if not ckpt_path.exists() and cfg.neighbour_heads:
+        for encoder in (t5, ema["text_encoder_2"]):
+            attend_to_neighbours(encoder)
+        log.info("T5 heads 0 and 1 of the first layer now read the word before and after each word")
     for k in modules:  # after loading: optimizer state and EMA follow their parameters' device
         modules[k].to(device)
         ema[k].to(device)
@@ -153,7 +160,7 @@ def train_transformer(out: Path, model_cfg: NanoConfig, cfg: TransformerTrainCon
     data = LatentChunks(out)
     log.info("training on %d examples", len(data))
     total = max(cfg.minutes * 60, 1e-9)  # minutes=0: no steps, not a division by zero
-    start, last_save, t_log, losses = time.time() - elapsed, time.time(), time.time(), []
+    start, last_save, t_log, losses, aux_losses = time.time() - elapsed, time.time(), time.time(), [], []
     for mod in modules.values():
         mod.train()
 
@@ -171,7 +178,7 @@ def train_transformer(out: Path, model_cfg: NanoConfig, cfg: TransformerTrainCon
         lr *= cfg.final_lr_frac + (1 - cfg.final_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac))
         for g in [*opt.param_groups, *(head_opt.param_groups if head_opt else [])]:
             g["lr"] = lr
-        loss = _step(m, data, cfg, rng, guided=frac >= cfg.guidance_start, text_head=head)
+        loss, aux = _step(m, data, cfg, rng, guided=frac >= cfg.guidance_start, text_head=head)
         opt.zero_grad(set_to_none=True)
         if head_opt is not None:
             head_opt.zero_grad(set_to_none=True)
@@ -186,10 +193,12 @@ def train_transformer(out: Path, model_cfg: NanoConfig, cfg: TransformerTrainCon
             for k, mod in modules.items():
                 torch._foreach_lerp_(list(ema[k].parameters()), list(mod.parameters()), 1 - decay)
         losses.append(loss.item())
+        aux_losses.append(aux.item())
         if step % cfg.log_every == 0:
-            log.info("step %d  loss %.4f  lr %.2e  %.2fs/step  %.1f/%.0f min", step, sum(losses) / len(losses), lr,
-                     (time.time() - t_log) / cfg.log_every, (time.time() - start) / 60, cfg.minutes)
-            t_log, losses = time.time(), []
+            log.info("step %d  loss %.4f  lr %.2e  %.2fs/step  %.1f/%.0f min%s", step, sum(losses) / len(losses), lr,
+                     (time.time() - t_log) / cfg.log_every, (time.time() - start) / 60, cfg.minutes,
+                     f"  text context {sum(aux_losses) / len(aux_losses):.3f} nats" if head is not None else "")
+            t_log, losses, aux_losses = time.time(), [], []
         if time.time() - last_save > cfg.save_every_minutes * 60:
             save()
             last_save = time.time()
@@ -200,7 +209,8 @@ def train_transformer(out: Path, model_cfg: NanoConfig, cfg: TransformerTrainCon
 
 
 def _step(m: sampler.Models, data: LatentChunks, cfg: TransformerTrainConfig, rng: random.Random, guided: bool,
-          text_head: TextContextHead | None = None) -> torch.Tensor:
+          text_head: TextContextHead | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's loss, and the text-context loss inside it (unweighted; 0 without a head)."""
     batch = data.sample(cfg.batch, rng)
     (w, h), prompts = batch.size, batch.prompts
     dev = m.device
@@ -248,9 +258,10 @@ def _step(m: sampler.Models, data: LatentChunks, cfg: TransformerTrainConfig, rn
     err = ((pred.float() - target) ** 2).mean(-1)
     w = _weights(x0, cond, cfg.edit_weight)
     loss = ((w * err).sum(1) / w.sum(1)).mean()
-    if text_head is not None:
-        loss = loss + cfg.text_context * text_context_loss(text_head, txt, sampler.t5_ids(m, prompts), m.tokenizer_2.pad_token_id)
-    return loss
+    if text_head is None:
+        return loss, loss.detach() * 0.0
+    aux = text_context_loss(text_head, txt, sampler.t5_ids(m, prompts), m.tokenizer_2.pad_token_id)
+    return loss + cfg.text_context * aux, aux.detach()
 
 
 def _timesteps(b: int, shift: float, uniform_t: float) -> torch.Tensor:

@@ -9,8 +9,11 @@ import random
 import pytest
 import torch
 
+from incontext import sampler
 from incontext.models.components import NanoConfig, build_text_encoders, build_tokenizer
-from incontext.train.text_context import TextContextHead, text_context_loss
+from incontext.models.loader import load_model
+from incontext.models.registry import BUNDLED_NANO_DIR
+from incontext.train.text_context import TextContextHead, attend_to_neighbours, text_context_loss
 from incontext.world.language import vocabulary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,3 +65,38 @@ def test_a_batch_without_words_adds_nothing():
     loss = text_context_loss(head, txt, ids, pad_id=0)
     assert loss.item() == 0.0
     loss.backward()  # still part of the graph, so the step's backward works as usual
+
+
+def _role_probe(x: torch.Tensor, role: torch.Tensor) -> float:
+    """Held-out accuracy of a linear probe fit on the first half of the rows."""
+    n = len(role) // 2
+    x = (x - x[:n].mean(0)) / (x[:n].std(0) + 1e-6)
+    lin = torch.nn.Linear(x.shape[1], 2)
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(lin(x[:n]), role[:n]).backward()
+        opt.step()
+    return float((lin(x[n:]).argmax(1) == role[n:]).float().mean())
+
+
+def test_neighbour_heads_make_the_bundled_t5_tell_the_objects_colour_from_the_new_one():
+    """"turn the red star orange": from its T5 output alone, is a colour word the object's
+    or the new one? The bundled T5 cannot say (its attention ignores the words' order); with
+    two heads pointed at each word's neighbours, it can."""
+    torch.manual_seed(0)
+    m = load_model(BUNDLED_NANO_DIR, dtype=torch.float32)
+    t5 = m.text_encoder_2.eval()
+    prompts = [f"turn the {a} {shape} {b}" for a, b in itertools.permutations(COLOURS, 2) for shape in SHAPES]
+    random.Random(0).shuffle(prompts)
+    ids = sampler.t5_ids(m, prompts)
+    colour = torch.isin(ids, torch.tensor(m.tokenizer_2.convert_tokens_to_ids(COLOURS)))
+    role = colour.long().cumsum(1)[colour] - 1  # 0: the first colour named (the object's), 1: the new one
+
+    def outputs() -> torch.Tensor:
+        with torch.no_grad():
+            return t5(ids)[0][colour]
+
+    assert _role_probe(outputs(), role) < 0.7
+    attend_to_neighbours(t5)
+    assert _role_probe(outputs(), role) > 0.95

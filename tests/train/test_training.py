@@ -9,6 +9,7 @@ where that was (a checkpoint, a model directory) without comparing trained value
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 import shutil
 from dataclasses import asdict
@@ -261,6 +262,22 @@ def test_a_run_with_the_text_context_objective_keeps_its_head_and_resumes_it(run
     assert_same_weights(after["extra"]["text_context"]["head"], head)  # resumed, not drawn again
 
 
+def test_a_run_with_neighbour_heads_starts_with_two_t5_heads_reading_each_words_neighbours(run, model_cfg, tmp_path):
+    from incontext.train.text_context import NEIGHBOUR_BIAS
+
+    run = shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("transformer.pt"))
+    with pytest.raises(ValueError, match="two"):  # the tiny T5 has one head
+        train_transformer(run, model_cfg, transformer_config(neighbour_heads=True), load_vae(run, fallback=None))
+    two_heads = dataclasses.replace(model_cfg, text_dim=64)
+    train_transformer(run, two_heads, transformer_config(lr=0.0, neighbour_heads=True), load_vae(run, fallback=None))
+    ck = load_checkpoint(run / "transformer.pt")
+    for weights in (ck["weights"]["text_encoder_2"], ck["extra"]["ema"]["text_encoder_2"]):  # the export is the EMA
+        table = weights["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+        # one bucket each (the word before, the word after), and heads 2 and 3 as they were
+        assert [int((table[:, h] == NEIGHBOUR_BIAS).sum()) for h in range(2)] == [1, 1]
+        assert table[:, 0].argmax() != table[:, 1].argmax() and table[:, :2].abs().sum() == 2 * NEIGHBOUR_BIAS
+
+
 def test_init_from_a_model_directory_starts_from_its_weights(run, model_cfg, tmp_path):
     # Stored in fp16 as the bundled model is; T5's embed_tokens is tied to `shared`, saved once.
     model = save_model_dir(build_components(model_cfg, seed=5), tmp_path / "model", dtype=torch.float16)
@@ -340,7 +357,7 @@ def test_training_steps_on_a_mixed_chunk_see_the_second_image_after_the_context(
     w, h = size_for_chunk(0)
     n = (w // 16) * (h // 16)  # tokens of one image
     for _ in range(6):
-        loss = _step(m, data, transformer_config(batch=2), rng, guided=True)
+        loss, _ = _step(m, data, transformer_config(batch=2), rng, guided=True)
         assert torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()

@@ -30,51 +30,40 @@ MAX_RUNS = 200_000
 def labels(image: Image.Image, tolerance: int = TOLERANCE) -> np.ndarray | None:
     """(h, w) int segment ids of `image`'s near-constant 4-connected regions, or None when it
     has more than MAX_RUNS runs. Runs of each row (neighbours within `tolerance`) are joined to
-    the touching runs of the row above whose boundary pixels are within `tolerance` too."""
+    the touching runs of the row above whose boundary pixels are within `tolerance` too. Ids
+    run from 0 to the number of segments − 1, in the order of each segment's first pixel."""
     rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
     h, w, _ = rgb.shape
-    breaks = np.abs(np.diff(rgb, axis=1)).max(axis=2) > tolerance  # (h, w-1): a new run starts at x+1
-    starts = [np.concatenate(([0], np.flatnonzero(breaks[y]) + 1)) for y in range(h)]
-    if sum(len(s) for s in starts) > MAX_RUNS:
+    starts = np.ones((h, w), dtype=bool)  # a run starts at x = 0 and after each break
+    starts[:, 1:] = np.abs(np.diff(rgb, axis=1)).max(axis=2) > tolerance
+    n = int(starts.sum())
+    if n > MAX_RUNS:
         return None
-    vertical = np.abs(rgb[1:] - rgb[:-1]).max(axis=2) <= tolerance  # (h-1, w): pixel joins the one above
-    parent = list(range(sum(len(s) for s in starts)))
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    run_ids = np.empty((h, w), dtype=np.int64)
-    first = 0
-    for y in range(h):
-        s = starts[y]
-        ends = np.append(s[1:], w)
-        for k, (a, b) in enumerate(zip(s.tolist(), ends.tolist())):
-            run_ids[y, a:b] = first + k
-        if y:
-            # Each vertical link between a run and the run above it joins their sets.
-            joined = np.flatnonzero(vertical[y - 1])
-            if joined.size:
-                pairs = np.unique(np.stack([run_ids[y, joined], run_ids[y - 1, joined]], axis=1), axis=0)
-                for here, above in pairs.tolist():
-                    ra, rb = find(here), find(above)
-                    if ra != rb:
-                        parent[max(ra, rb)] = min(ra, rb)
-        first += len(s)
-    roots = np.array([find(i) for i in range(len(parent))])
-    return roots[run_ids]
+    run_ids = np.cumsum(starts.ravel()).reshape(h, w) - 1
+    linked = np.abs(rgb[1:] - rgb[:-1]).max(axis=2) <= tolerance  # (h-1, w): pixel joins the one above
+    key = run_ids[1:] * n + run_ids[:-1]  # which run joins which run above
+    first = linked.copy()  # one pixel of each stretch where the same two runs touch
+    first[:, 1:] &= ~(linked[:, :-1] & (key[:, 1:] == key[:, :-1]))
+    here, above = np.divmod(key[first], n)
+    # Connected runs, all at once: each set's root is its smallest run. Every link hooks the
+    # larger of its two roots under the smaller, then each run is pointed at its new root.
+    roots = np.arange(n)
+    while not np.array_equal(a := roots[here], b := roots[above]):
+        low = np.minimum(a, b)
+        np.minimum.at(roots, a, low)
+        np.minimum.at(roots, b, low)
+        while not np.array_equal(deeper := roots[roots], roots):
+            roots = deeper
+    _, ids = np.unique(roots, return_inverse=True)  # over runs, not pixels: cheap
+    return ids.reshape(-1)[run_ids]
 
 
 def snap(image: Image.Image, coarse: np.ndarray) -> np.ndarray:
     """`coarse` ((h, w) bool, at `image`'s size) with each segment of `image` it clearly covers
     filled and each it clearly misses cleared."""
-    ids = labels(image)
-    if ids is None:
+    seg = labels(image)
+    if seg is None:
         return coarse
-    _, seg = np.unique(ids, return_inverse=True)
-    seg = seg.reshape(ids.shape)
     share = np.bincount(seg.ravel(), weights=coarse.ravel().astype(np.float64)) / np.bincount(seg.ravel())
     decided = (share <= CLEAR[0]) | (share >= CLEAR[1])
     return np.where(decided[seg], (share >= CLEAR[1])[seg], coarse) | erode(coarse, BAND)

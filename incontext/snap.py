@@ -167,11 +167,9 @@ def snap_edit(base: np.ndarray, edited: np.ndarray, alpha: np.ndarray, scale: fl
     steps = np.abs(np.diff(base.astype(np.int16), axis=1)).max(-1)
     if (steps <= FLAT_STD).mean() < FLAT_SHARE:
         return None
-    ids = segments.labels(Image.fromarray(base), SEGMENT_STEP)
-    if ids is None:
+    seg = segments.labels(Image.fromarray(base), SEGMENT_STEP)
+    if seg is None:
         return None
-    _, seg = np.unique(ids, return_inverse=True)
-    seg = seg.reshape(ids.shape)
     count = int(seg.max()) + 1
     a = alpha[..., None].astype(np.float32)
     comp = a * edited.astype(np.float32) + (1 - a) * base.astype(np.float32)

@@ -92,6 +92,37 @@ def test_a_segmentation_mask_snaps_to_the_inputs_edges():
     assert np.array_equal(np.asarray(done.mask) > 0, snapped) and done.extra["boxes"] == workflows.regions(snapped)
 
 
+def _flood_labels(rgb: np.ndarray, tolerance: int) -> np.ndarray:
+    """Segments by flood fill, pixel by pixel: what `segments.labels` computes a faster way."""
+    h, w, _ = rgb.shape
+    rgb = rgb.astype(int)
+    out = np.full((h, w), -1)
+    count = 0
+    for y0 in range(h):
+        for x0 in range(w):
+            if out[y0, x0] >= 0:
+                continue
+            out[y0, x0], todo = count, [(y0, x0)]
+            while todo:
+                y, x = todo.pop()
+                for qy, qx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                    if 0 <= qy < h and 0 <= qx < w and out[qy, qx] < 0 and np.abs(rgb[qy, qx] - rgb[y, x]).max() <= tolerance:
+                        out[qy, qx] = count
+                        todo.append((qy, qx))
+            count += 1
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_segments_are_the_4_connected_regions_of_nearly_one_colour(seed):
+    rng = np.random.default_rng(seed)
+    # Few colours in blocks (so segments wind and merge), and a gentle gradient that stays one segment.
+    rgb = (rng.integers(0, 3, (10, 12, 3)) * 40).repeat(3, 0).repeat(2, 1).astype(np.int16)
+    rgb += np.arange(24, dtype=np.int16)[None, :, None] * (seed % 2)
+    for tolerance in (0, 8, 24):
+        assert np.array_equal(segments.labels(Image.fromarray(rgb.astype(np.uint8)), tolerance), _flood_labels(rgb, tolerance))
+
+
 def test_snapping_leaves_a_mask_alone_where_the_image_has_no_flat_regions():
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)  # every pixel its own segment
     coarse = np.zeros((64, 64), bool)

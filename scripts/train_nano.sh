@@ -57,7 +57,7 @@ t export-vae --out runs/nano_dec --model runs/nano_i/export --to runs/nano_dec/m
 
 # Runs w (session 13) and w2 (session 16): the workflow families trained in, then continued
 # on w's chunks, run 3j's and three fresh ones. Their chunks are encoded with stage 1's
-# encoder (the grown one computes the same latents). w2 with the grown decoder is the bundled model.
+# encoder (the grown one computes the same latents). Run t (w2 with the T5's neighbour heads) with the grown decoder is the bundled model.
 for r in nano_w nano_j nano_w2; do mkdir -p runs/$r; ln -sfn ../nano/vae.pt runs/$r/vae.pt; done
 t data --out runs/nano_w --start 400 --chunks 12 --families workflows
 t data --out runs/nano_w --start 412 --chunks 7
@@ -71,5 +71,10 @@ t data --out runs/nano_w2 --start 520 --chunks 3
 t transformer --out runs/nano_w2 --minutes 60 --lr 2e-4 --edit-weight 1 --guidance-start 0 --init-from runs/nano_w/export "${noise[@]}"  # w2
 t export --out runs/nano_w2 --to runs/nano_w2/export
 rm -rf runs/nano_w2/export/vae && cp -r runs/nano_dec/model/vae runs/nano_w2/export/   # w2's transformer and text encoders with the grown decoder
-rm -rf incontext/weights/nano && cp -r runs/nano_w2/export incontext/weights/nano
+# Run t: w2 with two T5 heads pointed at each word's neighbours, on w2's chunks: the bundled model.
+mkdir -p runs/nano_t && ln -sfn ../nano_w2/data runs/nano_t/data && ln -sfn ../nano/vae.pt runs/nano_t/vae.pt
+t transformer --out runs/nano_t --minutes 75 --lr 3e-4 --edit-weight 1 --guidance-start 0 --neighbour-heads --init-from runs/nano_w2/export "${noise[@]}"  # t
+t export --out runs/nano_t --to runs/nano_t/export
+rm -rf runs/nano_t/export/vae && cp -r runs/nano_dec/model/vae runs/nano_t/export/   # with the grown decoder
+rm -rf incontext/weights/nano && cp -r runs/nano_t/export incontext/weights/nano
 python3 run.py bench quality --n 20

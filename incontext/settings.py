@@ -159,6 +159,9 @@ class Settings(BaseSettings):
     callback_backoff_seconds: float = Field(2.0, gt=0)  # delay before attempt 2; doubles after
     callback_backoff_max_seconds: float = Field(600.0, gt=0)
     callback_timeout_seconds: float = Field(10.0, gt=0)
+    # A delivery whose process died mid-attempt is tried again this long after the attempt's
+    # timeout: long enough that a slow attempt still running elsewhere is not doubled.
+    callback_claim_margin_seconds: float = Field(30.0, gt=0)
 
     # Days a finished run's files (input and output images) are kept; a cleanup job deletes
     # older ones every hour, and their URLs answer 404. The run rows stay (usage, history).

@@ -174,6 +174,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
             backoff_s=settings.callback_backoff_seconds,
             backoff_max_s=settings.callback_backoff_max_seconds,
             timeout_s=settings.callback_timeout_seconds,
+            claim_margin_s=settings.callback_claim_margin_seconds,
             poll_s=settings.poll_interval_seconds,
             policy=NetPolicy.from_settings(settings),
             on_attempt=service_metrics.callback_attempt,

@@ -257,18 +257,21 @@ class CallbackSender:
 
     PER_KEY_IN_FLIGHT = 4
     MAX_IN_FLIGHT = 100
-    CLAIM_MARGIN_S = 30  # beyond an attempt's timeout before a claimed delivery is due again
 
     def __init__(self, sessions: sessionmaker[Session], *, max_attempts: int, backoff_s: float, backoff_max_s: float, timeout_s: float, poll_s: float,
-                 policy: NetPolicy, resolver: Resolver | None = None, on_attempt: Callable[[str], None] | None = None):
+                 policy: NetPolicy, resolver: Resolver | None = None, on_attempt: Callable[[str], None] | None = None,
+                 claim_margin_s: float = 30.0):
         """`on_attempt`: told each attempt's outcome once recorded ("delivered", "retried" or
-        "failed": given up), from a worker thread; the app's metrics count them."""
+        "failed": given up), from a worker thread; the app's metrics count them.
+        `claim_margin_s`: how long past an attempt's timeout a delivery claimed by a process
+        that died mid-attempt waits before another process tries it again."""
         self._sessions = sessions
         self._on_attempt = on_attempt
         self._max_attempts = max_attempts
         self._backoff_s = backoff_s
         self._backoff_max_s = backoff_max_s
         self._timeout_s = timeout_s
+        self._claim_margin_s = claim_margin_s
         self._poll_s = poll_s
         self._wake = asyncio.Event()
         self._in_flight: dict[str, asyncio.Task] = {}
@@ -361,7 +364,7 @@ class CallbackSender:
         promise); _record sets the real next attempt."""
         if not ids:
             return set()
-        until = utcnow() + timedelta(seconds=self._timeout_s + self.CLAIM_MARGIN_S)
+        until = utcnow() + timedelta(seconds=self._timeout_s + self._claim_margin_s)
         return set(session.scalars(
             sa.update(CallbackDelivery)
             .where(CallbackDelivery.id.in_(ids), CallbackDelivery.status == "pending", CallbackDelivery.next_attempt_at <= utcnow())

@@ -23,6 +23,10 @@ def test_sigkill_and_restart(tmp_path, tiny_model):
         INCONTEXT_MAX_CONCURRENT_RUNS_PER_MODEL="2",
         INCONTEXT_PROGRESS_LOG_EVERY_STEPS="1",
         INCONTEXT_CALLBACK_MAX_ATTEMPTS="100",
+        # A callback attempt in flight when the server is killed is tried again after its
+        # timeout plus this margin (30 s by default): here a few seconds, not a wait.
+        INCONTEXT_CALLBACK_TIMEOUT_SECONDS="2",
+        INCONTEXT_CALLBACK_CLAIM_MARGIN_SECONDS="1",
     )
     srv = Server(data_dir, env)
     key = create_key(data_dir)

@@ -27,6 +27,16 @@ BAND = 4  # pixels: about the blur of an 8x autoencoder's edge (half a latent ce
 MAX_RUNS = 200_000
 
 
+def distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """|a − b|'s largest channel, per pixel: how many levels apart two colours are. Over the
+    channels one by one: numpy's max over a last axis of 3 is several times slower."""
+    d = np.abs(a - b)
+    out = d[..., 0]
+    for c in range(1, d.shape[-1]):
+        out = np.maximum(out, d[..., c])
+    return out
+
+
 def labels(image: Image.Image, tolerance: int = TOLERANCE) -> np.ndarray | None:
     """(h, w) int segment ids of `image`'s near-constant 4-connected regions, or None when it
     has more than MAX_RUNS runs. Runs of each row (neighbours within `tolerance`) are joined to
@@ -35,12 +45,12 @@ def labels(image: Image.Image, tolerance: int = TOLERANCE) -> np.ndarray | None:
     rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
     h, w, _ = rgb.shape
     starts = np.ones((h, w), dtype=bool)  # a run starts at x = 0 and after each break
-    starts[:, 1:] = np.abs(np.diff(rgb, axis=1)).max(axis=2) > tolerance
+    starts[:, 1:] = distance(rgb[:, 1:], rgb[:, :-1]) > tolerance
     n = int(starts.sum())
     if n > MAX_RUNS:
         return None
     run_ids = np.cumsum(starts.ravel()).reshape(h, w) - 1
-    linked = np.abs(rgb[1:] - rgb[:-1]).max(axis=2) <= tolerance  # (h-1, w): pixel joins the one above
+    linked = distance(rgb[1:], rgb[:-1]) <= tolerance  # (h-1, w): pixel joins the one above
     key = run_ids[1:] * n + run_ids[:-1]  # which run joins which run above
     first = linked.copy()  # one pixel of each stretch where the same two runs touch
     first[:, 1:] &= ~(linked[:, :-1] & (key[:, 1:] == key[:, :-1]))

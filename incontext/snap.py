@@ -91,7 +91,7 @@ def _off_blend(color: np.ndarray, a: np.ndarray, b: np.ndarray, most_b: float = 
     where `color` is nearer a blend with more than `most_b` of `b`."""
     d = b - a
     t = ((color - a) * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-6)
-    off = np.abs(color - (a + np.clip(t, 0.0, 1.0)[..., None] * d)).max(-1)
+    off = segments.distance(color, a + np.clip(t, 0.0, 1.0)[..., None] * d)
     return np.where(t > most_b, np.inf, off)
 
 
@@ -164,7 +164,8 @@ def snap_edit(base: np.ndarray, edited: np.ndarray, alpha: np.ndarray, scale: fl
     h, w = base.shape[:2]
     if h * w > MAX_PIXELS or not (alpha > 0).any():
         return None
-    steps = np.abs(np.diff(base.astype(np.int16), axis=1)).max(-1)
+    levels = base.astype(np.int16)
+    steps = segments.distance(levels[:, 1:], levels[:, :-1])
     if (steps <= FLAT_STD).mean() < FLAT_SHARE:
         return None
     seg = segments.labels(Image.fromarray(base), SEGMENT_STEP)
@@ -173,19 +174,19 @@ def snap_edit(base: np.ndarray, edited: np.ndarray, alpha: np.ndarray, scale: fl
     count = int(seg.max()) + 1
     a = alpha[..., None].astype(np.float32)
     comp = a * edited.astype(np.float32) + (1 - a) * base.astype(np.float32)
-    moves = np.abs(comp - base).max(-1) > REPAINTED
+    moves = segments.distance(comp, base) > REPAINTED
     repainted = (alpha >= 0.5) & moves
     if not repainted.any():
         return None
 
     fitted = _fit(base, comp, seg, repainted, count)
-    explained = (np.abs(comp - fitted).max(-1) <= TOLERANCE) & repainted
+    explained = (segments.distance(comp, fitted) <= TOLERANCE) & repainted
     whole = np.bincount(seg.ravel(), minlength=count)
     shown = np.bincount(seg[repainted], minlength=count)
     fits = np.bincount(seg[explained], minlength=count)
     refit = (shown >= COVER * whole) & (fits >= CONSISTENT * np.maximum(shown, 1))
     # A map that leaves the segment's colour where it was is no recolour: the segment is kept.
-    moved = np.bincount(seg.ravel(), np.abs(fitted - base).max(-1).ravel(), count) / whole
+    moved = np.bincount(seg.ravel(), segments.distance(fitted, base).ravel(), count) / whole
     refit &= moved > REPAINTED
     target = _merged(np.where(refit[seg][..., None], fitted, base.astype(np.float32)), seg, refit)
 
@@ -195,7 +196,7 @@ def snap_edit(base: np.ndarray, edited: np.ndarray, alpha: np.ndarray, scale: fl
     touched = (alpha > 0) & moves
     ys, xs = np.nonzero(touched)
     c, t = comp[ys, xs], target[ys, xs]
-    ok = np.abs(c - t).max(-1) <= TOLERANCE
+    ok = segments.distance(c, t) <= TOLERANCE
     # Part of the way from the input's colour to the segment's new one: the recolour, unevenly
     # drawn. A pixel nearer the input's colour stays the model's: a line drawn in the old colour
     # (an outline style keeps the input's colours at edges), or a spot the model left as it was.

@@ -167,6 +167,32 @@ def initial_latents(m: Models, seed: int, img_cond: torch.Tensor, height: int, w
     return flow_start_latents(m.flow_start, img_cond.float(), noise).to(m.dtype)
 
 
+# Consensus: an output made of several denoisings of the same edit, each from its own
+# noise. A small model's mistakes (a speck, a streak, a patch of the old colour) land in a
+# different place in each draw while the change the instruction asks for is in every one,
+# so the per-element median of the draws keeps the change and drops what one draw alone
+# made. Draw j of the output with seed s uses seed s + j·DRAW_STRIDE: draw 0 is the output's
+# single-draw noise, and every draw is a sample stock diffusers gives for its seed.
+DRAW_STRIDE = 1_000_003
+
+
+def draw_seeds(seed: int, consensus: int) -> list[int]:
+    """The seeds of one output's `consensus` draws."""
+    return [seed + j * DRAW_STRIDE for j in range(consensus)]
+
+
+def consensus(latents: torch.Tensor, draws: int) -> torch.Tensor:
+    """(n·draws, N, 4C) → (n, N, 4C): each output the per-element median of its `draws`
+    consecutive rows (the mean of the middle two when `draws` is even)."""
+    if draws == 1:
+        return latents
+    n = latents.shape[0] // draws
+    if n * draws != latents.shape[0]:
+        raise ValueError(f"{latents.shape[0]} rows are not whole groups of {draws} draws")
+    ordered = latents.reshape(n, draws, *latents.shape[1:]).sort(dim=1).values
+    return (ordered[:, (draws - 1) // 2] + ordered[:, draws // 2]) / 2
+
+
 # ---------------------------------------------------------------- schedule
 
 

@@ -150,3 +150,25 @@ def test_a_reference_image_follows_the_context_in_the_sequence(tiny_model):
     assert [tokens for tokens, _ in seen] == [3 * n, 3 * n, 2 * n, 2 * n]
     assert seen[0][1][:, 0].tolist() == [0.0] * n + [1.0] * n + [2.0] * n
     assert not torch.equal(latents, plain)  # the reference reached the model
+
+
+def test_consensus_keeps_what_most_draws_agree_on_and_drops_one_draws_stray_mark():
+    agreed = torch.zeros(1, 4, 8)
+    stray = agreed.clone()
+    stray[0, 2, 5] = 9.0  # a mark one draw alone made
+    draws = torch.cat([agreed + 0.1, stray, agreed - 0.1,  # output 0's three draws
+                       agreed + 1.0, agreed + 2.0, agreed + 3.0])  # output 1's
+    merged = sampler.consensus(draws, 3)
+    assert merged.shape == (2, 4, 8)
+    assert merged[0].abs().max() <= 0.1 + 1e-6  # the stray 9 is gone: its element takes a draw that agrees
+    assert torch.equal(merged[0, :2], agreed[0, :2]) and torch.equal(merged[1], agreed[0] + 2.0)
+    assert torch.allclose(sampler.consensus(torch.cat([agreed, agreed + 1.0]), 2), agreed + 0.5)  # even: the middle two's mean
+    assert sampler.consensus(stray, 1) is stray
+    with pytest.raises(ValueError, match="groups of 3"):
+        sampler.consensus(draws[:4], 3)
+
+
+def test_draw_seeds_start_at_the_outputs_own_seed_and_never_meet_another_outputs():
+    assert sampler.draw_seeds(7, 1) == [7]
+    seeds = [s for i in range(4) for s in sampler.draw_seeds(7 + i, 8)]
+    assert sampler.draw_seeds(7, 3)[0] == 7 and len(set(seeds)) == len(seeds)

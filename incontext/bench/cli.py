@@ -37,6 +37,7 @@ def quality(
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto (bf16 only where the CPU has bf16 units), bfloat16, float16 or float32.")] = "auto",
     turns: Annotated[int, typer.Option(min=1, help="Successive edits per multi-turn drift sequence.")] = 5,
     families: Annotated[str, typer.Option(help="all, basic (recolor, remove, add, move, background, grayscale), workflows (remove, bgref, emblem, segment) or a comma-separated list.")] = "all",
+    consensus: Annotated[int | None, typer.Option(min=1, max=8, help="Denoisings per output, whose median it is (default: the model's).")] = None,
 ) -> None:
     """Score a model on the held-out set beside "input unchanged" and the ground truth."""
     from incontext.bench.quality import run_quality
@@ -48,7 +49,7 @@ def quality(
         with Progress(TextColumn("editing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("edits", total=None)
             results = run_quality(
-                model, n, out, turns=turns, steps=steps, guidance=guidance, dtype=dtype, families=families,
+                model, n, out, turns=turns, steps=steps, guidance=guidance, dtype=dtype, families=families, consensus=consensus,
                 on_progress=lambda done, total: progress.update(task, completed=done, total=total),
             )
     except IncontextError as e:

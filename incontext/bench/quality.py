@@ -82,6 +82,7 @@ class ModelEditor:
     guidance: float
     seed: int = 0
     preserve: str = "auto"
+    consensus: int = 1  # draws per output (sampler.consensus), as the engine makes them
     memo: dict = field(default_factory=dict)
     calls: int = 0
     seconds: list[float] = field(default_factory=list)  # per denoised (not memoised) edit
@@ -92,8 +93,9 @@ class ModelEditor:
         self.calls += 1
         start = time.perf_counter()
         if key not in self.memo:
-            latents, img_cond = sampler.denoise(self.models, image, example.instruction, seeds=[key[-1]], num_steps=self.steps,
-                                                guidance=self.guidance, references=references)
+            latents, img_cond = sampler.denoise(self.models, image, example.instruction, seeds=sampler.draw_seeds(key[-1], self.consensus),
+                                                num_steps=self.steps, guidance=self.guidance, references=references)
+            latents = sampler.consensus(latents, self.consensus)
             raw = sampler.decode(self.models, latents, image.height, image.width)[0]
             rendered = sampler.decode(self.models, img_cond, image.height, image.width)[0]
             self.memo[key] = (raw, sampler.change_map(latents, img_cond, image.height, image.width, self.models.vae_scale_factor)[0], rendered)
@@ -145,6 +147,7 @@ class EngineEditor:
     guidance: float
     seed: int = 0
     preserve: str = "auto"
+    consensus: int | None = None  # None: the preset's
     calls: int = 0
 
     def __call__(self, example: Example, image: Image.Image) -> Image.Image:
@@ -152,7 +155,7 @@ class EngineEditor:
 
         request = EditRequest(f"quality-{self.calls}", self.model_id, example.instruction, image, image.width, image.height,
                               self.seed + self.calls, guidance_scale=self.guidance, num_inference_steps=self.steps,
-                              references=_references(example))
+                              consensus=self.consensus, references=_references(example))
         self.calls += 1
         result = self.engine.submit(request).result()
         return preserve.preserve(result.images[0], result.change_maps[0], context=image, mode=self.preserve,
@@ -166,7 +169,7 @@ def _references(example: Example) -> tuple[Image.Image, ...]:
 
 
 def drift_on_cached_latents(preset, models: sampler.Models, sequences: list[list[Example]], *, steps: int, guidance: float,
-                            seed: int, preserve_mode: str = "off") -> dict:
+                            seed: int, preserve_mode: str = "off", consensus: int | None = None) -> dict:
     """The drift score of the same turns (same seeds) run through the engine with its output-latent cache."""
     from incontext.engine.local import LocalEngine
     from incontext.models.registry import Registry
@@ -177,7 +180,7 @@ def drift_on_cached_latents(preset, models: sampler.Models, sequences: list[list
     engine.models[preset.id] = models
     engine.start_thread()
     try:
-        turns = run_turns(EngineEditor(engine, preset.id, steps, guidance, seed, preserve_mode), sequences)
+        turns = run_turns(EngineEditor(engine, preset.id, steps, guidance, seed, preserve_mode, consensus), sequences)
     finally:
         engine.stop()
         engine.join(30)
@@ -299,6 +302,7 @@ def run_quality(
     drift_scenes: int | None = None,
     families: str = "all",
     seed: int = 0,
+    consensus: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Score the model, the identity and the ground truth; write report.md, results.json and
@@ -322,6 +326,7 @@ def run_quality(
         preset = default_registry().resolve(model_id_or_dir)
     steps = steps or preset.num_inference_steps
     guidance = guidance if guidance is not None else preset.guidance_scale
+    consensus = consensus or preset.consensus
     models = load_model(preset.directory, dtype=dtype, max_sequence_length=preset.max_sequence_length)
 
     # 2. the held-out set
@@ -340,14 +345,14 @@ def run_quality(
 
     # The product's default (preserve auto) and the model's raw output, from one denoising
     # of each single edit (the turns diverge after the first).
-    editor = ModelEditor(models, steps, guidance, seed, preserve="auto")
+    editor = ModelEditor(models, steps, guidance, seed, preserve="auto", consensus=consensus)
     model_row, model_outputs = score_row(preset.id, editor, heldout_set, sequences, on_edit)
-    raw_editor = ModelEditor(models, steps, guidance, seed, preserve="off", memo=editor.memo)
+    raw_editor = ModelEditor(models, steps, guidance, seed, preserve="off", consensus=consensus, memo=editor.memo)
     raw_row, raw_outputs = score_row(f"{preset.id}, preserve off", raw_editor, heldout_set, sequences, on_edit)
     model_row["seconds_per_edit"] = float(np.mean(editor.seconds))
     # the same turns with the engine's latent reuse; ModelEditor ran them after every single edit
     single_edits = sum(len(examples) for examples in heldout_set.values())
-    reuse = drift_on_cached_latents(preset, models, sequences, steps=steps, guidance=guidance, seed=seed + single_edits)
+    reuse = drift_on_cached_latents(preset, models, sequences, steps=steps, guidance=guidance, seed=seed + single_edits, consensus=consensus)
 
     # 4. the reference rows: the autoencoder's ceiling, and two with no model
     round_trip = AutoencoderEditor(models)
@@ -362,6 +367,7 @@ def run_quality(
         "directory": str(preset.directory),
         "steps": steps,
         "guidance": guidance,
+        "consensus": consensus,
         "dtype": dtype,
         "seed": seed,
         "n_per_family": n_per_family,

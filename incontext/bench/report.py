@@ -119,7 +119,7 @@ def markdown(results: dict) -> str:
     grids = "\n".join(f"![{f}](grid_{f}.png)" for f in results["families"])
     return f"""# Quality benchmark
 
-Model `{results["model"]}` ({results["directory"]}): {results["steps"]} steps, guidance {results["guidance"]}, {results["dtype"]}, seed {results["seed"]}.
+Model `{results["model"]}` ({results["directory"]}): {results["steps"]} steps, guidance {results["guidance"]}, consensus {results.get("consensus", 1)}, {results["dtype"]}, seed {results["seed"]}.
 {results["n_per_family"]} held-out examples per family (seed {results["held_out_seed"]}, never used in training).
 
 - **success**: the requested change happened, by the programmatic checks of `incontext/bench/checks.py`,

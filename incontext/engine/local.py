@@ -35,7 +35,7 @@ from incontext.engine.runner import Job, Runner
 from incontext.engine.scheduler import SampleStatus, Sample, ScheduledBatch, Scheduler
 from incontext.engine.stepcache import StepCacheConfig
 from incontext.errors import Cancelled, IncontextError, InvalidInput, ModelError
-from incontext.models.registry import Registry
+from incontext.models.registry import MAX_CONSENSUS, Registry
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +215,9 @@ class LocalEngine:
             preset = self.registry.resolve(request.model_id)
             m = self.runner.load(preset)
             steps = request.num_inference_steps or preset.num_inference_steps
+            draws = request.consensus or preset.consensus
+            if not 1 <= draws <= MAX_CONSENSUS:
+                raise InvalidInput(f"consensus must be 1 to {MAX_CONSENSUS} draws per image, not {draws}")
             mult = m.vae_scale_factor * 2
             if request.width % mult or request.height % mult:
                 raise InvalidInput(f"output size {request.width}×{request.height} must be a multiple of {mult}")
@@ -232,11 +235,11 @@ class LocalEngine:
             fut.set_exception(ModelError(f"could not load model {request.model_id!r}: {e.__class__.__name__}: {e}"))
             return
         bucket = (preset.id, request.width, request.height, 1 + len(request.references))
-        job = Job(request, fut, on_progress, preset.id, steps, started=submitted)
+        job = Job(request, fut, on_progress, preset.id, steps, draws=draws, started=submitted)
         cache = self._model_step_cache.get(preset.id, self.step_cache)
         if cache is not None and cache.evals(steps) < steps:
             job.compute_steps = cache.compute_steps(steps)
-        job.samples = [Sample(request.request_id, i, bucket, steps, owner=request.owner) for i in range(request.num_images)]
+        job.samples = [Sample(request.request_id, i, bucket, steps, owner=request.owner) for i in range(request.num_images * draws)]
         self._jobs[request.request_id] = job
         self.scheduler.add(job.samples)
 

@@ -56,7 +56,8 @@ class EditRequest:
     output has `image`'s size; `image` and every reference are already fitted to it.
 
     Output i uses seed `seed + i`, so each image can be reproduced alone (also in stock
-    diffusers with `torch.Generator().manual_seed(seed + i)`).
+    diffusers with `torch.Generator().manual_seed(seed + i)`). With `consensus` k > 1, output
+    i is the median of k denoisings, drawn with `sampler.draw_seeds(seed + i, k)`.
     """
 
     request_id: str
@@ -69,6 +70,7 @@ class EditRequest:
     num_images: int = 1
     guidance_scale: float = 3.5
     num_inference_steps: int | None = None  # None: the model preset's
+    consensus: int | None = None  # draws per output (sampler.consensus); None: the model preset's
     # The request whose output `image` is, if any: lets the engine reuse that output's
     # latents instead of a decode/encode round trip (multi-turn editing).
     parent_request_id: str | None = None

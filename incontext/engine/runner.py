@@ -44,6 +44,7 @@ class Job:
     on_progress: ProgressCallback | None
     model_id: str  # the preset's id, resolved once at admission
     steps: int
+    draws: int = 1  # denoisings per output image (sampler.consensus): sample i·draws + j is image i's draw j
     timesteps: list[float] = field(default_factory=list)
     sigmas: list[float] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
@@ -176,7 +177,9 @@ class Runner:
             if job.reference is None:  # the request's first sample to run
                 self._prepare(job, m, family)
                 job.first_step = now
-            job.latents[s.index] = family.initial_latents(m, job.request.seed + s.index, job.reference, height, width)
+            image, draw = divmod(s.index, job.draws)
+            seed = sampler.draw_seeds(job.request.seed + image, job.draws)[draw]
+            job.latents[s.index] = family.initial_latents(m, seed, job.reference, height, width)
         inputs = self._batch_inputs(batch, jobs, m, family)
         samples, batch_jobs = batch.samples, inputs.jobs
         img = torch.cat([j.latents[s.index] for j, s in zip(batch_jobs, samples)])
@@ -243,7 +246,7 @@ class Runner:
         r = job.request
         family, m = self.families[job.model_id], self._current(job.model_id)
         with torch.no_grad():
-            lat = torch.cat([job.latents[i] for i in range(r.num_images)])
+            lat = sampler.consensus(torch.cat([job.latents[i] for i in range(r.num_images * job.draws)]), job.draws)
             images = family.decode(m, lat, r.height, r.width)
             change_maps = list(sampler.change_map(lat, job.reference, r.height, r.width, m.vae_scale_factor))
             rendered = family.decode(m, job.reference, r.height, r.width)[0] if r.render_context else None
@@ -252,7 +255,7 @@ class Runner:
                 self.latent_cache.put((job.model_id, image_key(img)), lat[i : i + 1])
         return EditResult(
             images=images, seeds=[r.seed + i for i in range(r.num_images)], num_inference_steps=job.steps,
-            transformer_evals=job.evals, change_maps=change_maps, rendered_context=rendered,
+            transformer_evals=job.evals * job.draws, change_maps=change_maps, rendered_context=rendered,
             timings_ms={"total": (time.perf_counter() - job.started) * 1000, "queued": (job.first_step - job.started) * 1000,
                         # not a time: the share of its transformer passes that ran compiled
                         "compiled_share": job.compiled_evals / job.evals if job.evals else 0.0},

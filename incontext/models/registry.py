@@ -29,6 +29,7 @@ HOSTED_ALIASES = ("flux-pro/kontext", "black-forest-labs/flux-pro/kontext", "bla
 # preset narrows them to what its model is meant for.
 STEPS_RANGE = (1, 50)
 GUIDANCE_RANGE = (1.0, 20.0)
+MAX_CONSENSUS = 8  # draws per output (ModelPreset.consensus)
 # What `guidance_scale` drives: FLUX.1 Kontext's distilled guidance embedding (one pass per
 # step); true classifier-free guidance against an empty or negative prompt (a second row per
 # step; 1 turns it off); or nothing, in step-distilled weights that take no guidance.
@@ -51,6 +52,9 @@ class ModelPreset:
     steps_range: tuple[int, int] = STEPS_RANGE  # inclusive
     guidance_range: tuple[float, float] = GUIDANCE_RANGE  # inclusive
     guidance_kind: GuidanceKind = "embedded"
+    # Denoisings per output, whose per-element median the output is (sampler.consensus): a
+    # small model's stray marks differ from draw to draw, the asked change does not.
+    consensus: int = 1
 
     def __post_init__(self):
         # A preset whose own defaults it would refuse is a bad preset, not a bad request.
@@ -61,6 +65,8 @@ class ModelPreset:
         if not (GUIDANCE_RANGE[0] <= glo <= self.guidance_scale <= ghi <= GUIDANCE_RANGE[1]):
             raise ModelError(f"model {self.id}: guidance {self.guidance_scale} by default is outside its range {glo}–{ghi} "
                              f"(or the range is outside {GUIDANCE_RANGE[0]}–{GUIDANCE_RANGE[1]})")
+        if not 1 <= self.consensus <= MAX_CONSENSUS:
+            raise ModelError(f"model {self.id}: consensus {self.consensus} is outside 1–{MAX_CONSENSUS}")
 
     def out_of_range(self, num_inference_steps: int, guidance_scale: float) -> dict[str, str]:
         """{input field: why} for each value outside this model's ranges; empty when both fit."""
@@ -190,7 +196,7 @@ def preset_for_directory(path: Path, **overrides) -> ModelPreset:
     if extra.is_file():
         data = json.loads(extra.read_text())
         for key in ("num_inference_steps", "guidance_scale", "target_area", "multiple", "max_sequence_length", "description",
-                    "guidance_kind"):
+                    "guidance_kind", "consensus"):
             if key in data:
                 fields[key] = data[key]
         for key in ("steps_range", "guidance_range"):

@@ -134,6 +134,7 @@ def model_card(preset: ModelPreset, registry: Registry, base_url: str, *, detail
         "defaults": model_defaults(preset),
         "ranges": model_ranges(preset),
         "guidance": preset.guidance_kind,
+        "consensus": preset.consensus,  # denoisings per output, whose median it is
         "output": {"formats": list(OUTPUT_FORMATS), "pixels_per_image": preset.target_area, "side_multiple": preset.multiple},
         "links": model_links(preset.id, base_url),
     }
@@ -162,6 +163,7 @@ def workflow_card(workflow: Workflow, preset: ModelPreset, base_url: str, *, det
         "defaults": model_defaults(preset),
         "ranges": model_ranges(preset),
         "guidance": preset.guidance_kind,
+        "consensus": preset.consensus,
         "output": {"formats": list(OUTPUT_FORMATS), "pixels_per_image": preset.target_area, "side_multiple": preset.multiple,
                    "results": workflow.results},
         "links": links,
@@ -264,6 +266,8 @@ def llms_txt(preset: ModelPreset, model_id: str, base_url: str, *, file_url_ttl_
         if is_default
         else ""
     )
+    consensus = (f"- Each output is the median of {preset.consensus} denoisings, each with its own noise (`consensus` in the model's card):"
+                 " a mark one draw alone makes drops out\n") if preset.consensus > 1 else ""
     return f"""# {model_id}
 
 > {preset.description or "In-context image editing (FLUX.1 Kontext-style)"}: send an image and an instruction, get the
@@ -273,7 +277,7 @@ def llms_txt(preset: ModelPreset, model_id: str, base_url: str, *, file_url_ttl_
 - Model ids (all the same model): {aliases}
 - Licence of the weights: {_license_line(preset)}
 - Defaults: {preset.num_inference_steps} steps ({preset.steps_range[0]}–{preset.steps_range[1]}), guidance_scale {preset.guidance_scale:g} ({preset.guidance_range[0]:g}–{preset.guidance_range[1]:g}: {_GUIDANCE[preset.guidance_kind]}); outside a range is `422 VALIDATION_ERROR` naming the field
-- Outputs carry metadata saying they are AI-generated and naming the model (PNG text chunks and XMP, JPEG EXIF and XMP).
+{consensus}- Outputs carry metadata saying they are AI-generated and naming the model (PNG text chunks and XMP, JPEG EXIF and XMP).
 - Machine-readable: `GET {base_url}/v1/models/{model_id}` (inputs with ranges), `GET {base_url}/openapi.json`
 
 ## Authentication

@@ -252,3 +252,58 @@ def test_each_output_comes_with_where_its_latents_moved_and_the_rendered_input(r
     rendered = sampler.decode(m, cond, 48, 80)[0]
     assert res.rendered_context.size == (80, 48)
     assert np.abs(np.asarray(res.rendered_context, dtype=int) - np.asarray(rendered, dtype=int)).max() <= 1
+
+
+def test_consensus_outputs_are_the_median_of_their_draws_from_the_model_or_the_request(registry, tiny_model):
+    """A request with consensus 3 gets, per output, the median of three denoisings with
+    draw_seeds(seed + i, 3); a model directory that declares consensus gets it by default;
+    a count outside 1–8 is refused before any work."""
+    import json
+    import shutil
+
+    import torch
+
+    from incontext import sampler
+    from incontext.models.loader import load_model
+    from incontext.models.registry import Registry, preset_for_directory
+
+    m = load_model(tiny_model, dtype="float32", max_sequence_length=registry.resolve("tiny").max_sequence_length)
+    image = picture()
+
+    def expected(seed: int) -> np.ndarray:
+        lat, _ = sampler.denoise(m, image, "make it blue", seeds=sampler.draw_seeds(seed, 3), num_steps=4)
+        draws = [np.asarray(im) for im in sampler.decode(m, lat, 64, 64)]
+        merged = np.asarray(sampler.decode(m, sampler.consensus(lat, 3), 64, 64)[0])
+        return merged, draws
+
+    voting = tiny_model.parent / "tiny_voting"
+    if not voting.exists():
+        shutil.copytree(tiny_model, voting)
+        extra = voting / "incontext.json"
+        spec = json.loads(extra.read_text()) if extra.is_file() else {}
+        extra.write_text(json.dumps({**spec, "consensus": 3}))
+    declared = Registry(default_id="voting")
+    declared.add(preset_for_directory(voting, id="voting"))
+
+    async def go():
+        eng = LocalEngine(registry, dtype="float32", max_batch_size=8)
+        await eng.start()
+        asked = await eng.edit(replace(req("asked", 11, n=2, steps=4), consensus=3))
+        single = await eng.edit(req("single", 11, steps=4))
+        with pytest.raises(InvalidInput, match="consensus"):
+            await eng.edit(replace(req("too-many", 11, steps=4), consensus=9))
+        await eng.close()
+        eng2 = LocalEngine(declared, dtype="float32", max_batch_size=8)
+        await eng2.start()
+        by_default = await eng2.edit(replace(req("default", 11, steps=4), model_id="voting"))
+        await eng2.close()
+        return asked, single, by_default
+
+    asked, single, by_default = run(go())
+    assert asked.seeds == [11, 12] and len(asked.images) == 2 and asked.transformer_evals == 3 * single.transformer_evals
+    for i, out in enumerate(asked.images):
+        merged, draws = expected(11 + i)
+        assert np.abs(np.asarray(out, dtype=int) - merged.astype(int)).max() <= 1
+        assert any(not np.array_equal(draws[0], d) for d in draws[1:])  # the draws differ: the median is not one of them by luck
+    assert np.abs(np.asarray(single.images[0], dtype=int) - expected(11)[1][0].astype(int)).max() <= 1  # draw 0 is the single-draw output
+    assert np.abs(np.asarray(by_default.images[0], dtype=int) - expected(11)[0].astype(int)).max() <= 1

@@ -60,6 +60,9 @@ def test_a_preset_that_contradicts_itself_or_takes_a_used_name_is_refused(tmp_pa
         default_registry({"qwen-image-edit": _model_dir(tmp_path / "b", guidance_range=[0, 30])})  # wider than the API takes
     with pytest.raises(ModelError, match="flux-pro/kontext already names another model"):
         default_registry({"flux-pro/kontext": _model_dir(tmp_path / "c")})
+    with pytest.raises(ModelError, match="consensus 9 is outside 1–8"):
+        default_registry({"team/editor": _model_dir(tmp_path / "d", consensus=9)})
+    assert default_registry({"team/editor": _model_dir(tmp_path / "e", consensus=3)}).registered("team/editor").consensus == 3
 
 
 def test_model_dirs_setting_takes_id_directory_pairs(monkeypatch):

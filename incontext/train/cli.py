@@ -111,14 +111,15 @@ def train_export_cmd(
     out: Path = typer.Option(Path("runs/nano")), to: Path = typer.Option(Path("incontext/weights/nano")),
     dtype: str = typer.Option("float16", help="Storage dtype of the transformer and text encoders (float16, bfloat16, float32)."),
     ema: bool = typer.Option(True, help="Export the EMA weights (else the raw ones)."),
-    steps: int = typer.Option(20, min=1, max=100, help="The model's default number of denoising steps (incontext.json)."),
+    steps: int = typer.Option(10, min=1, max=50, help="The model's default number of denoising steps (incontext.json)."),
+    consensus: int = typer.Option(3, min=1, max=8, help="Draws per output, whose median it is (incontext.json)."),
 ) -> None:
     """Write the trained model as a FluxKontextPipeline directory (the bundled model lives in incontext/weights/nano)."""
     import torch
 
     from incontext.train.export import export_model
 
-    export_model(out, to, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[dtype], use_ema=ema, steps=steps)
+    export_model(out, to, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[dtype], use_ema=ema, steps=steps, consensus=consensus)
     console.print(f"exported to {to}")
 
 

@@ -181,7 +181,7 @@ def draw_seeds(seed: int, consensus: int) -> list[int]:
     return [seed + j * DRAW_STRIDE for j in range(consensus)]
 
 
-def consensus(latents: torch.Tensor, draws: int) -> torch.Tensor:
+def merge_draws(latents: torch.Tensor, draws: int) -> torch.Tensor:
     """(n·draws, N, 4C) → (n, N, 4C): each output the per-element median of its `draws`
     consecutive rows (the mean of the middle two when `draws` is even)."""
     if draws == 1:
@@ -291,17 +291,20 @@ def denoise(
     guidance: float = 3.5,
     on_step=None,
     references: tuple[Image.Image, ...] = (),
+    consensus: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(output latents (n, N, 4C), context latents (1, N, 4C)) of one image edited by one
-    prompt, one output per seed, in one batch. `image` is already at the output size, and so
-    is each of `references` (further context images, appended after it). For many requests
-    at once, the engine calls the same functions."""
+    prompt, one output per seed, in one batch; with `consensus` k, each output the median of
+    its k draws (`draw_seeds`). `image` is already at the output size, and so is each of
+    `references` (further context images, appended after it). For many requests at once, the
+    engine calls the same functions."""
     width, height = image.size
-    n = len(seeds)
+    rows = [d for s in seeds for d in draw_seeds(s, consensus)]
+    n = len(rows)
     txt, vec = encode_text(m, [prompt])
     img_cond = encode_images(m, [image])
     context = torch.cat([img_cond, *(encode_images(m, [r]) for r in references)], dim=1)
-    img = torch.cat([initial_latents(m, s, img_cond, height, width) for s in seeds])
+    img = torch.cat([initial_latents(m, s, img_cond, height, width) for s in rows])
     img_ids, txt_ids = kontext_ids(height, width, m.vae_scale_factor, txt.shape[1], 1 + len(references))
     timesteps, sigmas = schedule(num_steps, img.shape[1], m.scheduler_config)
     for i in range(num_steps):
@@ -313,12 +316,13 @@ def denoise(
         img = euler_step(img, v, torch.full((n,), sigmas[i]), torch.full((n,), sigmas[i + 1]))
         if on_step is not None:
             on_step(i + 1, num_steps)
-    return img, img_cond
+    return merge_draws(img, consensus), img_cond
 
 
 @torch.no_grad()
 def edit(m: Models, image: Image.Image, prompt: str, *, seeds: list[int], num_steps: int = 20, guidance: float = 3.5,
-         on_step=None, references: tuple[Image.Image, ...] = ()) -> list[Image.Image]:
+         on_step=None, references: tuple[Image.Image, ...] = (), consensus: int = 1) -> list[Image.Image]:
     """`denoise`, decoded: the model's raw outputs (preserve.py keeps the input's pixels)."""
-    img, _ = denoise(m, image, prompt, seeds=seeds, num_steps=num_steps, guidance=guidance, on_step=on_step, references=references)
+    img, _ = denoise(m, image, prompt, seeds=seeds, num_steps=num_steps, guidance=guidance, on_step=on_step, references=references,
+                     consensus=consensus)
     return decode(m, img, image.height, image.width)

@@ -66,8 +66,7 @@ def test_success_on_a_fixed_subset_stays_above_the_floor(nano):
     for family in heldout.basic_families():  # what the bundled weights were trained on
         for ex in heldout.heldout_examples(family, N_PER_FAMILY):
             # as served: the model's steps and consensus (the median of its draws), before preservation
-            lat, _ = sampler.denoise(m, ex.context, ex.instruction, seeds=sampler.draw_seeds(0, preset.consensus),
-                                     num_steps=preset.num_inference_steps, guidance=preset.guidance_scale)
-            out = sampler.decode(m, sampler.consensus(lat, preset.consensus), *ex.context.size[::-1])[0]
+            out = sampler.edit(m, ex.context, ex.instruction, seeds=[0], num_steps=preset.num_inference_steps, guidance=preset.guidance_scale,
+                               consensus=preset.consensus)[0]
             wins += checks.success(ex, out)
     assert wins >= FLOOR, f"{wins} successes < floor {FLOOR}"

@@ -158,14 +158,14 @@ def test_consensus_keeps_what_most_draws_agree_on_and_drops_one_draws_stray_mark
     stray[0, 2, 5] = 9.0  # a mark one draw alone made
     draws = torch.cat([agreed + 0.1, stray, agreed - 0.1,  # output 0's three draws
                        agreed + 1.0, agreed + 2.0, agreed + 3.0])  # output 1's
-    merged = sampler.consensus(draws, 3)
+    merged = sampler.merge_draws(draws, 3)
     assert merged.shape == (2, 4, 8)
     assert merged[0].abs().max() <= 0.1 + 1e-6  # the stray 9 is gone: its element takes a draw that agrees
     assert torch.equal(merged[0, :2], agreed[0, :2]) and torch.equal(merged[1], agreed[0] + 2.0)
-    assert torch.allclose(sampler.consensus(torch.cat([agreed, agreed + 1.0]), 2), agreed + 0.5)  # even: the middle two's mean
-    assert sampler.consensus(stray, 1) is stray
+    assert torch.allclose(sampler.merge_draws(torch.cat([agreed, agreed + 1.0]), 2), agreed + 0.5)  # even: the middle two's mean
+    assert sampler.merge_draws(stray, 1) is stray
     with pytest.raises(ValueError, match="groups of 3"):
-        sampler.consensus(draws[:4], 3)
+        sampler.merge_draws(draws[:4], 3)
 
 
 def test_draw_seeds_start_at_the_outputs_own_seed_and_never_meet_another_outputs():

@@ -19,6 +19,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from incontext.models.registry import MAX_CONSENSUS
+
 bench_app = typer.Typer(help="Benchmarks of a model: quality and speed on held-out edits.", no_args_is_help=True)
 
 
@@ -37,7 +39,7 @@ def quality(
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto (bf16 only where the CPU has bf16 units), bfloat16, float16 or float32.")] = "auto",
     turns: Annotated[int, typer.Option(min=1, help="Successive edits per multi-turn drift sequence.")] = 5,
     families: Annotated[str, typer.Option(help="all, basic (recolor, remove, add, move, background, grayscale), workflows (remove, bgref, emblem, segment) or a comma-separated list.")] = "all",
-    consensus: Annotated[int | None, typer.Option(min=1, max=8, help="Denoisings per output, whose median it is (default: the model's).")] = None,
+    consensus: Annotated[int | None, typer.Option(min=1, max=MAX_CONSENSUS, help="Denoisings per output, whose median it is (default: the model's).")] = None,
 ) -> None:
     """Score a model on the held-out set beside "input unchanged" and the ground truth."""
     from incontext.bench.quality import run_quality

@@ -82,7 +82,7 @@ class ModelEditor:
     guidance: float
     seed: int = 0
     preserve: str = "auto"
-    consensus: int = 1  # draws per output (sampler.consensus), as the engine makes them
+    consensus: int = 1  # draws per output (sampler.merge_draws), as the engine makes them
     memo: dict = field(default_factory=dict)
     calls: int = 0
     seconds: list[float] = field(default_factory=list)  # per denoised (not memoised) edit
@@ -93,9 +93,8 @@ class ModelEditor:
         self.calls += 1
         start = time.perf_counter()
         if key not in self.memo:
-            latents, img_cond = sampler.denoise(self.models, image, example.instruction, seeds=sampler.draw_seeds(key[-1], self.consensus),
-                                                num_steps=self.steps, guidance=self.guidance, references=references)
-            latents = sampler.consensus(latents, self.consensus)
+            latents, img_cond = sampler.denoise(self.models, image, example.instruction, seeds=[key[-1]], num_steps=self.steps,
+                                                guidance=self.guidance, references=references, consensus=self.consensus)
             raw = sampler.decode(self.models, latents, image.height, image.width)[0]
             rendered = sampler.decode(self.models, img_cond, image.height, image.width)[0]
             self.memo[key] = (raw, sampler.change_map(latents, img_cond, image.height, image.width, self.models.vae_scale_factor)[0], rendered)

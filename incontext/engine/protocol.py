@@ -70,7 +70,7 @@ class EditRequest:
     num_images: int = 1
     guidance_scale: float = 3.5
     num_inference_steps: int | None = None  # None: the model preset's
-    consensus: int | None = None  # draws per output (sampler.consensus); None: the model preset's
+    consensus: int | None = None  # draws per output (sampler.merge_draws); None: the model preset's
     # The request whose output `image` is, if any: lets the engine reuse that output's
     # latents instead of a decode/encode round trip (multi-turn editing).
     parent_request_id: str | None = None

@@ -44,7 +44,7 @@ class Job:
     on_progress: ProgressCallback | None
     model_id: str  # the preset's id, resolved once at admission
     steps: int
-    draws: int = 1  # denoisings per output image (sampler.consensus): sample i·draws + j is image i's draw j
+    draws: int = 1  # denoisings per output image (sampler.merge_draws): sample i·draws + j is image i's draw j
     timesteps: list[float] = field(default_factory=list)
     sigmas: list[float] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
@@ -246,7 +246,7 @@ class Runner:
         r = job.request
         family, m = self.families[job.model_id], self._current(job.model_id)
         with torch.no_grad():
-            lat = sampler.consensus(torch.cat([job.latents[i] for i in range(r.num_images * job.draws)]), job.draws)
+            lat = sampler.merge_draws(torch.cat([job.latents[i] for i in range(r.num_images * job.draws)]), job.draws)
             images = family.decode(m, lat, r.height, r.width)
             change_maps = list(sampler.change_map(lat, job.reference, r.height, r.width, m.vae_scale_factor))
             rendered = family.decode(m, job.reference, r.height, r.width)[0] if r.render_context else None

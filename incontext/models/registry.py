@@ -52,7 +52,7 @@ class ModelPreset:
     steps_range: tuple[int, int] = STEPS_RANGE  # inclusive
     guidance_range: tuple[float, float] = GUIDANCE_RANGE  # inclusive
     guidance_kind: GuidanceKind = "embedded"
-    # Denoisings per output, whose per-element median the output is (sampler.consensus): a
+    # Denoisings per output, whose per-element median the output is (sampler.merge_draws): a
     # small model's stray marks differ from draw to draw, the asked change does not.
     consensus: int = 1
 

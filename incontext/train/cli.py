@@ -15,6 +15,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from incontext.models.registry import MAX_CONSENSUS
+
 train_app = typer.Typer(help="Train the nano model (see docs/training.md for the recipe).", no_args_is_help=True)
 console = Console()
 
@@ -112,7 +114,7 @@ def train_export_cmd(
     dtype: str = typer.Option("float16", help="Storage dtype of the transformer and text encoders (float16, bfloat16, float32)."),
     ema: bool = typer.Option(True, help="Export the EMA weights (else the raw ones)."),
     steps: int = typer.Option(10, min=1, max=50, help="The model's default number of denoising steps (incontext.json)."),
-    consensus: int = typer.Option(3, min=1, max=8, help="Draws per output, whose median it is (incontext.json)."),
+    consensus: int = typer.Option(3, min=1, max=MAX_CONSENSUS, help="Draws per output, whose median it is (incontext.json)."),
 ) -> None:
     """Write the trained model as a FluxKontextPipeline directory (the bundled model lives in incontext/weights/nano)."""
     import torch

@@ -49,7 +49,7 @@ def export_model(run_dir: Path, to: Path, *, dtype: torch.dtype | None = torch.f
         f"Kontext-style model trained on the procedural world (step {step})",
         "num_inference_steps": steps,
         "guidance_scale": guidance,
-        # Each output the median of this many draws (sampler.consensus): nano's stray marks differ
+        # Each output the median of this many draws (sampler.merge_draws): nano's stray marks differ
         # from draw to draw; three draws at 10 steps cost what one at 20 did (docs/training.md).
         "consensus": consensus,
         "max_sequence_length": model_cfg.max_text_tokens,

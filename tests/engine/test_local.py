@@ -273,7 +273,7 @@ def test_consensus_outputs_are_the_median_of_their_draws_from_the_model_or_the_r
     def expected(seed: int) -> np.ndarray:
         lat, _ = sampler.denoise(m, image, "make it blue", seeds=sampler.draw_seeds(seed, 3), num_steps=4)
         draws = [np.asarray(im) for im in sampler.decode(m, lat, 64, 64)]
-        merged = np.asarray(sampler.decode(m, sampler.consensus(lat, 3), 64, 64)[0])
+        merged = np.asarray(sampler.decode(m, sampler.merge_draws(lat, 3), 64, 64)[0])
         return merged, draws
 
     voting = tiny_model.parent / "tiny_voting"

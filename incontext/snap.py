@@ -15,7 +15,8 @@ one new colour map per region. So, inside the region preserve found:
   colour (the input's own pixel, where the segment was not refitted): that colour itself,
   part of the way to it from the input's colour, or a blend with the new colour of a solid
   segment up to `REACH` pixels away where one side was recoloured (`RECOLOURED`): the
-  autoencoder's blur across an edge;
+  autoencoder's blur across an edge, also where that blur keeps some of the recoloured side's
+  old colour (a pink fleck beside a red circle turned blue);
 - a pixel that nothing around it explains is something new (an added object, a letter, a
   line) and keeps the model's output, but for specks (`MIN_NEW`).
 
@@ -93,6 +94,28 @@ def _off_blend(color: np.ndarray, a: np.ndarray, b: np.ndarray, most_b: float = 
     t = ((color - a) * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-6)
     off = segments.distance(color, a + np.clip(t, 0.0, 1.0)[..., None] * d)
     return np.where(t > most_b, np.inf, off)
+
+
+def _off_triangle(color: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The max-channel distance from `color` to the nearest (least squares) blend of `a`, `b` and
+    `c`, and that blend's share of `b`; both (n,)."""
+    u, v, w = b - a, c - a, color - a
+    uu, uv, vv = (u * u).sum(-1), (u * v).sum(-1), (v * v).sum(-1)
+    wu, wv = (w * u).sum(-1), (w * v).sum(-1)
+    det = uu * vv - uv * uv
+    safe = np.where(np.abs(det) > 1e-6, det, 1.0)
+    sb, sc = (vv * wu - uv * wv) / safe, (uu * wv - uv * wu) / safe
+    inside = (np.abs(det) > 1e-6) & (sb >= 0) & (sc >= 0) & (sb + sc <= 1)
+    best = np.where(inside, segments.distance(color, a + sb[..., None] * u + sc[..., None] * v), np.inf)
+    share = np.where(inside, sb, 0.0)
+    # Outside the triangle the nearest blend lies on one of its edges.
+    for p, q, of_b in ((a, b, lambda t: t), (b, c, lambda t: 1 - t), (a, c, lambda t: np.zeros_like(t))):
+        d = q - p
+        t = np.clip(((color - p) * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-6), 0.0, 1.0)
+        off = segments.distance(color, p + t[..., None] * d)
+        nearer = off < best
+        best, share = np.where(nearer, off, best), np.where(nearer, of_b(t), share)
+    return best, share
 
 
 def _shifted(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
@@ -225,6 +248,18 @@ def snap_edit(base: np.ndarray, edited: np.ndarray, alpha: np.ndarray, scale: fl
             there = seg[qy, qx]
             across = (recoloured[here] | recoloured[there]) & solid[there]
             ok |= across & (_off_blend(c, t, target[qy, qx], most_b=most) <= TOLERANCE)
+            # The old colour of what was recoloured, left in that blur: a blend of this pixel's
+            # colour, the recoloured side's new colour and its old one. Only where the new colour
+            # differs from this side's: a removed or moved object's segment takes the background's
+            # colour, and the object drawn again beside it is of its old one.
+            far = recoloured[there]
+            new = np.where(far[:, None], target[qy, qx], t)
+            other = np.where(far[:, None], t, target[qy, qx])
+            left = np.flatnonzero(~ok & across & (segments.distance(new, other) > 2 * TOLERANCE))
+            if left.size:
+                py, px = np.where(far[left], qy[left], ys[left]), np.where(far[left], qx[left], xs[left])
+                off, share = _off_triangle(c[left], other[left], new[left], base[py, px].astype(np.float32))
+                ok[left] = (off <= TOLERANCE) & (share <= most[left])
     explained_px = np.zeros_like(touched)
     explained_px[ys, xs] = ok
     ok = explained_px

@@ -7,6 +7,7 @@ exported (see docs/training.md); a regression in training, export or sampling dr
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,3 +71,30 @@ def test_success_on_a_fixed_subset_stays_above_the_floor(nano):
                                consensus=preset.consensus)[0]
             wins += checks.success(ex, out)
     assert wins >= FLOOR, f"{wins} successes < floor {FLOOR}"
+
+
+def test_the_readme_example_is_right_with_seeds_0_1_and_2(tmp_path):
+    """The README's first command, with seeds 0, 1 and 2 (one request of three images): each
+    output is 256×256 like the input, only the circle turned blue, and everything else is the
+    input's own pixels, bit for bit."""
+    from typer.testing import CliRunner
+    from PIL import Image, ImageFilter
+
+    from incontext.cli import app
+
+    source = Path(__file__).parents[1] / "examples" / "shapes.png"
+    out = tmp_path / "edited.png"
+    result = CliRunner().invoke(app, ["edit", str(source), "make the red circle blue", "--seed", "0", "--num-images", "3", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    inp = np.asarray(Image.open(source).convert("RGB")).astype(int)
+    circle = np.abs(inp - (214, 40, 40)).max(-1) < 60
+    grown = np.asarray(Image.fromarray(circle).filter(ImageFilter.MaxFilter(5))) > 0  # its antialiased rim too
+    core = np.asarray(Image.fromarray(circle).filter(ImageFilter.MinFilter(5))) > 0
+    for seed in range(3):
+        res = np.asarray(Image.open(tmp_path / f"edited_{seed}.png").convert("RGB")).astype(int)
+        assert res.shape == inp.shape
+        assert np.array_equal(res[~grown], inp[~grown]), f"seed {seed}: pixels outside the circle changed"
+        colours = np.unique(res[core], axis=0)
+        assert len(colours) == 1, f"seed {seed}: the circle is not one colour"
+        r, g, b = colours[0]
+        assert b > r + 80 and b > g + 60, f"seed {seed}: the circle is {colours[0]}, not blue"

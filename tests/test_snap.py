@@ -132,3 +132,35 @@ def test_an_outline_style_keeps_its_lines_and_whitens_the_insides():
     assert res[130, 130].min() > 200  # the square's inside is white paper
     assert res[102, 130].max() < 120 and res[130, 102].max() < 120  # its edges are dark lines
     assert res[40, 40].min() > 200  # and so is the background
+
+
+def test_a_fleck_of_the_old_colour_beside_a_recolour_goes():
+    """The model recolours the circle but leaves, just outside its edge, a pale fleck of the old
+    red half blended into the background (as nano did on the README example): nothing new was
+    asked for there, so the input's pixels come back."""
+    source = _drawing()
+    context = source.resize((128, 128), Image.Resampling.LANCZOS)
+    drawn = _drawing(circle=BLUE)
+    pink = tuple((np.array(BEIGE) * 0.55 + np.array(RED) * 0.45).astype(int))
+    ImageDraw.Draw(drawn).ellipse((52, 22, 76, 34), fill=pink)  # above the circle's top, touching it
+    out = preserve.preserve(_blurred(drawn), _change([(24, 16, 104, 104)]), context=context, source=source)
+    res, inp = np.asarray(out.image).astype(int), np.asarray(source).astype(int)
+    ring = np.asarray(Image.fromarray(_circle_mask()).filter(ImageFilter.MaxFilter(5))) > 0
+    assert np.array_equal(res[~ring], inp[~ring])
+    assert res[64, 64][2] > 150 and res[64, 64][0] < 80  # and the circle is blue
+
+
+def test_an_object_moved_beside_its_old_place_is_kept():
+    """A move: the circle's old place becomes background and the circle is drawn again just
+    right of it, in its own red. The red there is new, not the old colour's residue."""
+    source = _drawing()
+    context = source.resize((128, 128), Image.Resampling.LANCZOS)
+    drawn = Image.new("RGB", (256, 256), BEIGE)
+    d = ImageDraw.Draw(drawn)
+    d.ellipse((100, 32, 164, 96), fill=RED)  # moved 68 pixels right: its edge 4 pixels from the old one
+    d.rectangle((150, 150, 210, 210), fill=TEAL)
+    out = preserve.preserve(_blurred(drawn), _change([(24, 16, 176, 104)]), context=context, source=source)
+    res = np.asarray(out.image).astype(int)
+    assert np.abs(res[64, 106] - RED).max() < 40  # the moved circle's left edge, within reach of the old place
+    assert np.abs(res[64, 132] - RED).max() < 40
+    assert np.abs(res[64, 64] - BEIGE).max() < 20  # and the old place is background

@@ -185,8 +185,14 @@ def closed_loop(call: Callable[[Job], Record], jobs: list[Job], concurrency: int
 # ---------------------------------------------------------------- stock diffusers
 
 
-def run_stock(directory: Path, dtype: torch.dtype, jobs: list[Job], steps: int, guidance: float, max_sequence_length: int) -> Row:
+def run_stock(directory: Path, dtype: torch.dtype, jobs: list[Job], steps: int, guidance: float, max_sequence_length: int,
+              consensus: int = 1) -> Row:
+    """Stock `FluxKontextPipeline`, one edit at a time. With `consensus` k > 1 (a model directory
+    that declares it) each edit is k images of one call, one generator per draw seed, whose
+    latents' median is decoded as the pipeline decodes: the engine's work and output."""
     from diffusers import FluxKontextPipeline
+
+    from incontext import sampler
 
     pipe = FluxKontextPipeline.from_pretrained(directory, dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
@@ -195,14 +201,17 @@ def run_stock(directory: Path, dtype: torch.dtype, jobs: list[Job], steps: int, 
     def call(job: Job) -> Record:
         # A model whose flow starts at the context gets our starting latents (made before the
         # clock starts); one that starts from noise draws it from the seed, as stock does.
-        latents = start_latents(job) if start_latents else None
+        seeds = sampler.draw_seeds(job.seed, consensus)
+        latents = torch.cat([start_latents(job, s) for s in seeds]) if start_latents else None
         sent = time.perf_counter()
-        image = pipe(
+        out = pipe(
             image=job.image, prompt=job.prompt, height=job.height, width=job.width, max_area=job.width * job.height,
             _auto_resize=False, num_inference_steps=steps, guidance_scale=guidance, max_sequence_length=max_sequence_length,
-            generator=torch.Generator().manual_seed(job.seed), latents=latents,
-        ).images[0]
-        return Record(sent, time.perf_counter(), image=image, evals=steps)
+            num_images_per_prompt=consensus, generator=[torch.Generator().manual_seed(s) for s in seeds], latents=latents,
+            output_type="pil" if consensus == 1 else "latent",
+        ).images
+        image = out[0] if consensus == 1 else _decode_like_stock(pipe, sampler.merge_draws(out, consensus), job.height, job.width)
+        return Record(sent, time.perf_counter(), image=image, evals=steps * consensus)
 
     call(warmup_job(jobs[0]))
     records, wall = closed_loop(call, jobs, 1)
@@ -221,7 +230,16 @@ def _context_start(directory: Path, dtype: torch.dtype, max_sequence_length: int
     from incontext.models.loader import load_model
 
     m = load_model(directory, dtype=dtype, max_sequence_length=max_sequence_length)
-    return lambda job: sampler.initial_latents(m, job.seed, sampler.encode_images(m, [job.image]), job.height, job.width)
+    return lambda job, seed: sampler.initial_latents(m, seed, sampler.encode_images(m, [job.image]), job.height, job.width)
+
+
+def _decode_like_stock(pipe, latents: torch.Tensor, height: int, width: int) -> Image.Image:
+    """Packed latents (1, N, 4C) → the image, as `FluxKontextPipeline.__call__` decodes them."""
+    latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    with torch.no_grad():
+        image = pipe.vae.decode(latents, return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 
 # ---------------------------------------------------------------- our engine, in this process
@@ -379,7 +397,8 @@ def run_speed(
         if not skip_stock:
             for dtype in (torch.float32, torch.bfloat16):
                 on_stage(f"stock diffusers, {_dtype_name(dtype)}")
-                rows.append(in_own_thread(run_stock, preset.directory, dtype, jobs, steps, guidance, preset.max_sequence_length))
+                rows.append(in_own_thread(run_stock, preset.directory, dtype, jobs, steps, guidance, preset.max_sequence_length,
+                                          preset.consensus))
 
         # 4. the engine in this process, exact and with the step cache; compiled as the server
         #    does by default (engine/compiled.py), with the eager engine beside it

@@ -211,3 +211,27 @@ def test_every_family_has_a_batching_row_over_stock(tmp_path):
         assert r["mean_pixel_diff_to_stock"] < 1.0, r["family"]  # of 255: the engine's edit is stock's
         assert r["mean_pixel_diff_concurrent_to_alone"] < 1.0, r["family"]
     assert "| FLUX.2 [klein] | 64x64, 2 |" in families.markdown(rows)
+
+
+def test_stock_row_draws_a_model_s_consensus_and_gives_the_engine_s_output(tiny_model, tmp_path):
+    """A model directory that declares three draws: stock diffusers makes them in one call (one
+    generator per draw seed) and the median of their latents is decoded, so the stock row does
+    the engine's work and its image is our sampler's."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw
+
+    from incontext import sampler
+    from incontext.bench.speed import Job, run_stock
+    from incontext.models.loader import load_model
+
+    image = Image.new("RGB", (64, 48), (230, 230, 220))
+    ImageDraw.Draw(image).ellipse((8, 8, 30, 30), fill=(200, 30, 30))
+    row = run_stock(tiny_model, torch.float32, [Job("make the circle blue", image, image, 64, 48, 5)], 3, 3.5, 32, consensus=3)
+    m = load_model(tiny_model, dtype="float32", max_sequence_length=32)
+    ours = sampler.edit(m, image, "make the circle blue", seeds=[5], num_steps=3, consensus=3)[0]
+    single = sampler.edit(m, image, "make the circle blue", seeds=[5], num_steps=3)[0]
+    stock = np.asarray(row.records[0].image, dtype=float)
+    assert row.records[0].evals == 9
+    assert np.abs(stock - np.asarray(ours, dtype=float)).mean() <= 1.0
+    assert np.abs(stock - np.asarray(single, dtype=float)).mean() > 1.0  # the median is not draw 0

@@ -438,11 +438,13 @@ def run_speed(
         images = {r.name: [record.image for record in r.records] for r in rows}
         exact, fast, targets = images["engine ×1"], images["engine fast ×1"], [j.target for j in jobs]
         exact_db, fast_db = psnr_of(exact, targets), psnr_of(fast, targets)
+        exact_evals = next(s for s in summaries if s["name"] == "engine ×1")["transformer_evals_per_image"]
         fast_evals = next(s for s in summaries if s["name"] == "engine fast ×1")["transformer_evals_per_image"]
         quality = {
             "config": cache_config.label(),
             "evals_per_image": fast_evals,
-            "fewer_evals": steps / fast_evals,
+            "exact_evals_per_image": exact_evals,  # the steps × the model's draws (consensus)
+            "fewer_evals": exact_evals / fast_evals,
             "psnr_fast_to_exact_db": psnr_of(fast, exact),
             "psnr_exact_to_targets_db": exact_db,
             "psnr_fast_to_targets_db": fast_db,
@@ -457,6 +459,7 @@ def run_speed(
             "model": preset.id,
             "directory": str(preset.directory),
             "steps": steps,
+            "consensus": preset.consensus,
             "guidance": guidance,
             "n": n,
             "seed": seed,

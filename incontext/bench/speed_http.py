@@ -48,7 +48,10 @@ class Server:
                  step_cache: str = "off", compile_dir: Path | None = None):
         """`compile_dir`: where the server finds (or builds) its compiled transformer; None: in its
         fresh data dir, i.e. a machine that has never compiled it."""
+        from incontext.models.registry import preset_for_directory
+
         self.step_cache = step_cache
+        self.draws = preset_for_directory(Path(directory)).consensus  # denoisings per output the server runs
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.key = "ic_bench_" + secrets.token_urlsafe(24)
@@ -123,9 +126,9 @@ class HttpClient:
 
         self.server, self.steps, self.guidance, self.poll_seconds = server, steps, guidance, poll_seconds
         # The server does not report its passes: they are the steps, or with a step cache its
-        # count for these steps (as the engine rows measure them).
+        # count for these steps (as the engine rows measure them), for each of the model's draws.
         self.cache = stepcache.resolve(server.step_cache)
-        self.evals = self.cache.evals(steps) if self.cache else steps
+        self.evals = (self.cache.evals(steps) if self.cache else steps) * server.draws
         self.path = f"/v1/models/{model_id}/runs"
         self.local = threading.local()
         self.httpx = httpx

@@ -106,6 +106,11 @@ def _machine_line(m: dict | None) -> str:
     return f"{m['cpu']}, {m['cores']} cores, {' '.join(m['flags']) or 'no AVX2'} (torch: {m['torch_cpu_capability']})"
 
 
+
+def _draws(results: dict) -> str:
+    k = results.get("consensus") or 1
+    return "" if k == 1 else f" × {k} draws (each output the median of {k} denoisings)"
+
 def markdown(results: dict) -> str:
     q, server = results["step_cache_quality"], results["server"]
     peak = results["peak_gflops_per_second"]
@@ -121,7 +126,7 @@ def markdown(results: dict) -> str:
                 [[name, *(_num(split.get(k), "{:.1f}") for k in ("post", "dispatch_input", "engine_hop", "dispatch_output"))] for name, split in splits])
     return f"""# Speed benchmark
 
-Model `{results["model"]}` ({results["directory"]}): {results["steps"]} steps, guidance {results["guidance"]},
+Model `{results["model"]}` ({results["directory"]}): {results["steps"]} steps{_draws(results)}, guidance {results["guidance"]},
 {results["n"]} held-out edits per configuration (sizes {", ".join(results["sizes"])}), seeds {results["seed"]}…{results["seed"] + results["n"] - 1},
 {results["threads"]} torch threads everywhere, engine dtype {results["engine_dtype"]}.
 Machine: {_machine_line(results.get("machine"))}.
@@ -143,7 +148,7 @@ Reference for "× stock": **{results["reference"] or "–"}** (the faster stock 
 - **HTTP ×c**: `incontext serve` in a subprocess, c clients each POSTing a run (data URI, sync_mode)
   and polling it. Latency is POST sent → the run's `completed_at` + one GET round trip;
   HTTP overhead is that minus the engine's own time for the run (`output.timings_ms.total`).
-  The server runs the exact sampler, so its evaluations per image are the steps (the fast
+  The server runs the exact sampler, so its evaluations per image are the steps × the model's draws (the fast
   server's: the step cache's count for these steps).
 - **HTTP fast ×c**: a second server started with `INCONTEXT_ENGINE_STEP_CACHE` set to the fast
   preset, at the largest concurrency: what serving the fast preset gives.
@@ -154,7 +159,7 @@ Reference for "× stock": **{results["reference"] or "–"}** (the faster stock 
 
 ## Step cache ("fast" preset)
 
-{q["config"]}: {q["evals_per_image"]:.1f} transformer evaluations per image instead of {results["steps"]} ({q["fewer_evals"]:.2f}× fewer).
+{q["config"]}: {q["evals_per_image"]:.1f} transformer evaluations per image instead of {q.get("exact_evals_per_image", results["steps"]):g} ({q["fewer_evals"]:.2f}× fewer).
 PSNR of its outputs to the exact outputs: {_num(q["psnr_fast_to_exact_db"])} dB. PSNR to the held-out targets: exact
 {_num(q["psnr_exact_to_targets_db"])} dB, fast {_num(q["psnr_fast_to_targets_db"])} dB (loss {_num(q["psnr_loss_db"], "{:.2f}")} dB).
 

@@ -235,3 +235,25 @@ def test_stock_row_draws_a_model_s_consensus_and_gives_the_engine_s_output(tiny_
     assert row.records[0].evals == 9
     assert np.abs(stock - np.asarray(ours, dtype=float)).mean() <= 1.0
     assert np.abs(stock - np.asarray(single, dtype=float)).mean() > 1.0  # the median is not draw 0
+
+
+def test_http_rows_count_every_draw_of_a_model_with_consensus(tiny_model, tmp_path):
+    """The server does not report its passes: the benchmark counts them, steps × the model's
+    draws (and the step cache's count of the steps × the draws for the fast server)."""
+    import json
+    import shutil
+
+    from incontext.bench.speed_http import HttpClient, Server
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    extra = json.loads((model / "incontext.json").read_text()) if (model / "incontext.json").is_file() else {}
+    (model / "incontext.json").write_text(json.dumps({**extra, "consensus": 3}))
+    servers = [Server(model, 1, 1, tmp_path / "a.log"), Server(model, 1, 1, tmp_path / "b.log", step_cache="3,3,2")]
+    try:
+        exact, fast = (HttpClient(server, "m", 10, 3.5, 0.1) for server in servers)
+        assert exact.evals == 30
+        assert fast.evals == 21
+    finally:
+        for server in servers:
+            server.stop()  # never started: removes its data dir

@@ -17,6 +17,8 @@ one new colour map per region. So, inside the region preserve found:
   segment up to `REACH` pixels away where one side was recoloured (`RECOLOURED`): the
   autoencoder's blur across an edge, also where that blur keeps some of the recoloured side's
   old colour (a pink fleck beside a red circle turned blue);
+- an antialiased edge beside a refitted segment (a thin segment's blend of the two solid
+  segments it lies between, `RIM`) is redone as the same blend of their new colours;
 - a pixel that nothing around it explains is something new (an added object, a letter, a
   line) and keeps the model's output, but for specks (`MIN_NEW`).
 
@@ -46,6 +48,7 @@ RIDGE = 25.0  # levels²: keeps a nearly flat segment's affine fit from amplifyi
 FLAT_SHARE = 0.75  # share of pixels within FLAT_STD of their right-hand neighbour: a drawing, not a photograph
 MERGE = 40  # levels: a refitted segment this close to what surrounds it has gone into its surroundings
 SMOOTH = 6.0  # levels RMS: surroundings a plane (flat or a linear gradient) fits this well are one region
+RIM = 12  # levels: a pixel this close to a blend of the two segments beside it is their antialiased edge
 MIN_NEW = 6  # pixels at the model's working size: a smaller speck of something new is the autoencoder's noise
 MAX_PIXELS = 1_100_000  # larger boxes (past about 1024²) are left as composed: the cost grows with the pixels
 
@@ -162,6 +165,48 @@ def _merged(target: np.ndarray, seg: np.ndarray, refit: np.ndarray) -> np.ndarra
     return out
 
 
+def _rims(base: np.ndarray, comp: np.ndarray, target: np.ndarray, seg: np.ndarray, solid: np.ndarray, refit: np.ndarray,
+          touched: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(target with each recoloured edge's antialiasing redone, the touched rim pixels that take it).
+
+    A pixel of a thin segment between two solid ones, whose colour is a blend of theirs (the
+    antialiased edge of an object: a fraction t of the object's colour), becomes the same blend
+    of their new colours, where either was refitted: the rim of a red circle turned blue is the
+    blue circle's rim, exactly. The model's own pixel there goes where it is any blend of the two
+    new colours and the old rim colour (the autoencoder redraws an edge a pixel or two off), and
+    where the two new colours differ: an edge both of whose sides became one colour (an outline
+    style's white paper) carries whatever line the model drew on it."""
+    h, w = seg.shape
+    ys, xs = np.nonzero(touched & ~solid[seg])
+    out, takes = target.copy(), np.zeros_like(touched)
+    if not ys.size:
+        return out, takes
+    old = base[ys, xs].astype(np.float32)
+    best = np.full(ys.size, np.inf)
+    lo, hi, frac = np.zeros_like(old), np.zeros_like(old), np.zeros(ys.size, np.float32)
+    for r in (1, 2):
+        for dy, dx in ((0, r), (r, 0), (r, r), (r, -r)):
+            ay, ax = np.clip(ys + dy, 0, h - 1), np.clip(xs + dx, 0, w - 1)
+            by, bx = np.clip(ys - dy, 0, h - 1), np.clip(xs - dx, 0, w - 1)
+            sa, sb = seg[ay, ax], seg[by, bx]
+            a_old, b_old = base[ay, ax].astype(np.float32), base[by, bx].astype(np.float32)
+            a_new, b_new = target[ay, ax], target[by, bx]
+            d = a_old - b_old
+            t = ((old - b_old) * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-6)
+            off = segments.distance(old, b_old + np.clip(t, 0.0, 1.0)[:, None] * d)
+            edge = (sa != sb) & solid[sa] & solid[sb] & (refit[sa] | refit[sb]) & (t > 0) & (t < 1) & (off <= RIM)
+            edge &= segments.distance(a_new, b_new) > TOLERANCE
+            better = edge & (off < best)
+            best = np.where(better, off, best)
+            lo[better], hi[better], frac[better] = b_new[better], a_new[better], t[better]
+    hit = np.isfinite(best)
+    ys, xs, lo, hi, frac, old = ys[hit], xs[hit], lo[hit], hi[hit], frac[hit], old[hit]
+    out[ys, xs] = lo + frac[:, None] * (hi - lo)
+    off, _ = _off_triangle(comp[ys, xs], lo, hi, old)
+    takes[ys, xs] = off <= TOLERANCE
+    return out, takes
+
+
 def _specks(mask: np.ndarray, smallest: int) -> np.ndarray:
     """The parts of `mask` (4-connected) with fewer than `smallest` pixels."""
     out = np.zeros_like(mask)
@@ -212,11 +257,14 @@ def snap_edit(base: np.ndarray, edited: np.ndarray, alpha: np.ndarray, scale: fl
     moved = np.bincount(seg.ravel(), segments.distance(fitted, base).ravel(), count) / whole
     refit &= moved > REPAINTED
     target = _merged(np.where(refit[seg][..., None], fitted, base.astype(np.float32)), seg, refit)
+    inside = (seg == _shifted(seg, 1, 0)) & (seg == _shifted(seg, -1, 0)) & (seg == _shifted(seg, 0, 1)) & (seg == _shifted(seg, 0, -1))
+    solid = np.bincount(seg[inside], minlength=count) >= MIN_NEW * scale * scale
+    touched = (alpha > 0) & moves
+    target, rims = _rims(base, comp, target, seg, solid, refit, touched)
 
     # A touched pixel the colours around it explain takes its segment's colour; one the model
     # moved by no more than REPAINTED is the input's (invisible, as in preserve). The tests run
     # on the touched pixels only: a local edit touches a small share of the picture.
-    touched = (alpha > 0) & moves
     ys, xs = np.nonzero(touched)
     c, t = comp[ys, xs], target[ys, xs]
     ok = segments.distance(c, t) <= TOLERANCE
@@ -232,8 +280,6 @@ def snap_edit(base: np.ndarray, edited: np.ndarray, alpha: np.ndarray, scale: fl
     # Only a refitted segment with an inside counts: an antialiased rim (a chain a pixel or two
     # wide, which the autoencoder always redraws) would otherwise take back any new outline
     # drawn within reach of it.
-    inside = (seg == _shifted(seg, 1, 0)) & (seg == _shifted(seg, -1, 0)) & (seg == _shifted(seg, 0, 1)) & (seg == _shifted(seg, 0, -1))
-    solid = np.bincount(seg[inside], minlength=count) >= MIN_NEW * scale * scale
     # Nor is a rim's colour one to blend with: an outline style draws its lines there.
     recoloured = refit & solid & (moved > RECOLOURED)
     # In a segment the model repainted over most of its pixels but in no one colour map, a
@@ -262,7 +308,7 @@ def snap_edit(base: np.ndarray, edited: np.ndarray, alpha: np.ndarray, scale: fl
                 ok[left] = (off <= TOLERANCE) & (share <= most[left])
     explained_px = np.zeros_like(touched)
     explained_px[ys, xs] = ok
-    ok = explained_px
+    ok = explained_px | rims
     ok |= _specks(touched & ~ok, round(MIN_NEW * scale * scale))
     out = np.where((touched & ok)[..., None], target, np.where(touched[..., None], comp, base))
     out = np.rint(out).astype(np.uint8)

@@ -164,3 +164,27 @@ def test_an_object_moved_beside_its_old_place_is_kept():
     assert np.abs(res[64, 106] - RED).max() < 40  # the moved circle's left edge, within reach of the old place
     assert np.abs(res[64, 132] - RED).max() < 40
     assert np.abs(res[64, 64] - BEIGE).max() < 20  # and the old place is background
+
+
+def _antialiased(circle) -> Image.Image:
+    """_drawing, rendered 4× larger and scaled down: the circle's edge is a ring of blends."""
+    big = Image.new("RGB", (1024, 1024), BEIGE)
+    d = ImageDraw.Draw(big)
+    d.ellipse(tuple(4 * v for v in CIRCLE), fill=circle)
+    d.rectangle((600, 600, 840, 840), fill=TEAL)
+    return big.resize((256, 256), Image.Resampling.BOX)
+
+
+def test_a_recoloured_circle_keeps_its_antialiased_edge():
+    """The input's circle has a soft edge (blends of red and beige). Recoloured, that edge is the
+    same blends of blue and beige: the output is the input drawn with a blue circle, to a few
+    levels, rim included, although the model's blob is off the outline and blurred."""
+    source, expected = _antialiased(RED), _antialiased(BLUE)
+    context = source.resize((128, 128), Image.Resampling.LANCZOS)
+    out = preserve.preserve(_blob_output(), _change([(24, 16, 104, 104)]), context=context, source=source)
+    res, want = np.asarray(out.image).astype(int), np.asarray(expected).astype(int)
+    rim = (np.abs(np.asarray(source).astype(int) - BEIGE).max(-1) > 8) & (np.abs(np.asarray(source).astype(int) - RED).max(-1) > 8)
+    rim[140:, 140:] = False  # the square's edge is not the circle's
+    assert rim.sum() > 100
+    assert np.abs(res[rim] - want[rim]).max() <= 4
+    assert np.abs(res - want).max() <= 4

@@ -106,10 +106,10 @@ def _machine_line(m: dict | None) -> str:
     return f"{m['cpu']}, {m['cores']} cores, {' '.join(m['flags']) or 'no AVX2'} (torch: {m['torch_cpu_capability']})"
 
 
-
 def _draws(results: dict) -> str:
     k = results.get("consensus") or 1
     return "" if k == 1 else f" × {k} draws (each output the median of {k} denoisings)"
+
 
 def markdown(results: dict) -> str:
     q, server = results["step_cache_quality"], results["server"]
@@ -148,8 +148,8 @@ Reference for "× stock": **{results["reference"] or "–"}** (the faster stock 
 - **HTTP ×c**: `incontext serve` in a subprocess, c clients each POSTing a run (data URI, sync_mode)
   and polling it. Latency is POST sent → the run's `completed_at` + one GET round trip;
   HTTP overhead is that minus the engine's own time for the run (`output.timings_ms.total`).
-  The server runs the exact sampler, so its evaluations per image are the steps × the model's draws (the fast
-  server's: the step cache's count for these steps).
+  The server runs the exact sampler, so its evaluations per image are the steps × the model's
+  draws (the fast server's: the step cache's count for these steps × the draws).
 - **HTTP fast ×c**: a second server started with `INCONTEXT_ENGINE_STEP_CACHE` set to the fast
   preset, at the largest concurrency: what serving the fast preset gives.
 - **× stock**: images/s over the reference's. **GFLOP/s**: transformer FLOPs (linear layers and

@@ -173,9 +173,10 @@ def _rims(base: np.ndarray, comp: np.ndarray, target: np.ndarray, seg: np.ndarra
     antialiased edge of an object: a fraction t of the object's colour), becomes the same blend
     of their new colours, where either was refitted: the rim of a red circle turned blue is the
     blue circle's rim, exactly. The model's own pixel there goes where it is any blend of the two
-    new colours and the old rim colour (the autoencoder redraws an edge a pixel or two off), and
-    where the two new colours differ: an edge both of whose sides became one colour (an outline
-    style's white paper) carries whatever line the model drew on it."""
+    new colours and the old rim colour (the autoencoder redraws an edge a pixel or two off). An
+    edge both of whose sides took one colour (a removed object's place and the background
+    around it) becomes that colour only where the model drew it so: on an outline style's white
+    paper the line the model drew on an edge stays."""
     h, w = seg.shape
     ys, xs = np.nonzero(touched & ~solid[seg])
     out, takes = target.copy(), np.zeros_like(touched)
@@ -195,15 +196,16 @@ def _rims(base: np.ndarray, comp: np.ndarray, target: np.ndarray, seg: np.ndarra
             t = ((old - b_old) * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-6)
             off = segments.distance(old, b_old + np.clip(t, 0.0, 1.0)[:, None] * d)
             edge = (sa != sb) & solid[sa] & solid[sb] & (refit[sa] | refit[sb]) & (t > 0) & (t < 1) & (off <= RIM)
-            edge &= segments.distance(a_new, b_new) > TOLERANCE
             better = edge & (off < best)
             best = np.where(better, off, best)
             lo[better], hi[better], frac[better] = b_new[better], a_new[better], t[better]
     hit = np.isfinite(best)
     ys, xs, lo, hi, frac, old = ys[hit], xs[hit], lo[hit], hi[hit], frac[hit], old[hit]
-    out[ys, xs] = lo + frac[:, None] * (hi - lo)
-    off, _ = _off_triangle(comp[ys, xs], lo, hi, old)
-    takes[ys, xs] = off <= TOLERANCE
+    new = lo + frac[:, None] * (hi - lo)
+    out[ys, xs] = new
+    c = comp[ys, xs]
+    one_colour = segments.distance(lo, hi) <= TOLERANCE
+    takes[ys, xs] = np.where(one_colour, segments.distance(c, new) <= TOLERANCE, _off_triangle(c, lo, hi, old)[0] <= TOLERANCE)
     return out, takes
 
 

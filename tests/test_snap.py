@@ -188,3 +188,14 @@ def test_a_recoloured_circle_keeps_its_antialiased_edge():
     assert rim.sum() > 100
     assert np.abs(res[rim] - want[rim]).max() <= 4
     assert np.abs(res - want).max() <= 4
+
+
+def test_a_removed_antialiased_circle_leaves_the_background_exactly():
+    """The circle removed: its place and its soft edge are the background again, to the level,
+    not the model's redrawing of it (a few levels off, in the autoencoder's noise)."""
+    source = _antialiased(RED)
+    behind = _antialiased(BEIGE)  # the same picture without the circle
+    context = source.resize((128, 128), Image.Resampling.LANCZOS)
+    out = preserve.preserve(_blurred(behind), _change([(24, 16, 104, 104)]), context=context, source=source)
+    res, want = np.asarray(out.image).astype(int), np.asarray(behind).astype(int)
+    assert np.abs(res - want).max() <= 1

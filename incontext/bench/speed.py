@@ -182,66 +182,6 @@ def closed_loop(call: Callable[[Job], Record], jobs: list[Job], concurrency: int
     return done, max(r.done for r in done) - min(r.sent for r in done)
 
 
-# ---------------------------------------------------------------- stock diffusers
-
-
-def run_stock(directory: Path, dtype: torch.dtype, jobs: list[Job], steps: int, guidance: float, max_sequence_length: int,
-              consensus: int = 1) -> Row:
-    """Stock `FluxKontextPipeline`, one edit at a time. With `consensus` k > 1 (a model directory
-    that declares it) each edit is k images of one call, one generator per draw seed, whose
-    latents' median is decoded as the pipeline decodes: the engine's work and output."""
-    from diffusers import FluxKontextPipeline
-
-    from incontext import sampler
-
-    pipe = FluxKontextPipeline.from_pretrained(directory, dtype=dtype, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    start_latents = _context_start(directory, dtype, max_sequence_length)
-
-    def call(job: Job) -> Record:
-        # A model whose flow starts at the context gets our starting latents (made before the
-        # clock starts); one that starts from noise draws it from the seed, as stock does.
-        seeds = sampler.draw_seeds(job.seed, consensus)
-        latents = torch.cat([start_latents(job, s) for s in seeds]) if start_latents else None
-        sent = time.perf_counter()
-        out = pipe(
-            image=job.image, prompt=job.prompt, height=job.height, width=job.width, max_area=job.width * job.height,
-            _auto_resize=False, num_inference_steps=steps, guidance_scale=guidance, max_sequence_length=max_sequence_length,
-            num_images_per_prompt=consensus, generator=[torch.Generator().manual_seed(s) for s in seeds], latents=latents,
-            output_type="pil" if consensus == 1 else "latent",
-        ).images
-        image = out[0] if consensus == 1 else _decode_like_stock(pipe, sampler.merge_draws(out, consensus), job.height, job.width)
-        return Record(sent, time.perf_counter(), image=image, evals=steps * consensus)
-
-    call(warmup_job(jobs[0]))
-    records, wall = closed_loop(call, jobs, 1)
-    return Row(f"stock diffusers {_dtype_name(dtype)}", "stock", 1, records, wall, {"dtype": _dtype_name(dtype)})
-
-
-def _context_start(directory: Path, dtype: torch.dtype, max_sequence_length: int):
-    """For a model directory that declares a flow from the context (sampler.FlowStart), a
-    function job → its starting latents, as our sampler makes them; else None."""
-    import json
-
-    extra = Path(directory) / "incontext.json"
-    if not extra.is_file() or json.loads(extra.read_text()).get("flow_start", "noise") != "context":
-        return None
-    from incontext import sampler
-    from incontext.models.loader import load_model
-
-    m = load_model(directory, dtype=dtype, max_sequence_length=max_sequence_length)
-    return lambda job, seed: sampler.initial_latents(m, seed, sampler.encode_images(m, [job.image]), job.height, job.width)
-
-
-def _decode_like_stock(pipe, latents: torch.Tensor, height: int, width: int) -> Image.Image:
-    """Packed latents (1, N, 4C) → the image, as `FluxKontextPipeline.__call__` decodes them."""
-    latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-    latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-    with torch.no_grad():
-        image = pipe.vae.decode(latents, return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type="pil")[0]
-
-
 # ---------------------------------------------------------------- our engine, in this process
 
 
@@ -277,7 +217,7 @@ def run_engine(registry, models, jobs: list[Job], *, model_id: str, steps: int, 
     sizes = after["batch_sizes"][len(before["batch_sizes"]):]
     extra = {"transformer_gflops_per_second": flops / seconds / 1e9 if seconds > 0 else None,
              "mean_batch_size": float(np.mean(sizes)) if sizes else None,
-             "transformer_seconds": seconds, "dtype": _dtype_name(models.dtype)}
+             "transformer_seconds": seconds, "dtype": dtype_name(models.dtype)}
     return Row(name, "engine", concurrency, records, wall, extra, step_cache=step_cache is not None)
 
 
@@ -390,13 +330,15 @@ def run_speed(
         # 2. the machine
         on_stage("matmul peak")
         peak = {name: in_own_thread(matmul_peak, dtype, matmul_size) for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
-        engine_peak = peak.get(_dtype_name(models.dtype))
+        engine_peak = peak.get(dtype_name(models.dtype))
 
         # 3. stock diffusers
         rows: list[Row] = []
         if not skip_stock:
+            from incontext.bench.speed_stock import run_stock  # it imports this module's types
+
             for dtype in (torch.float32, torch.bfloat16):
-                on_stage(f"stock diffusers, {_dtype_name(dtype)}")
+                on_stage(f"stock diffusers, {dtype_name(dtype)}")
                 rows.append(in_own_thread(run_stock, preset.directory, dtype, jobs, steps, guidance, preset.max_sequence_length,
                                           preset.consensus))
 
@@ -464,7 +406,7 @@ def run_speed(
             "n": n,
             "seed": seed,
             "threads": threads,
-            "engine_dtype": _dtype_name(models.dtype),
+            "engine_dtype": dtype_name(models.dtype),
             "machine": machine(),
             "compile": compile_info,
             "concurrency": concurrency,
@@ -507,5 +449,5 @@ def _compiled_models(models, model_dir: Path, compile_dir: Path, on_stage: OnSta
     return (None if compiled.compiled is None else compiled), info
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")

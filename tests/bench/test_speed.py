@@ -183,7 +183,8 @@ def test_stock_row_follows_a_model_that_starts_at_the_context(tiny_model, tmp_pa
     from PIL import Image, ImageDraw
 
     from incontext import sampler
-    from incontext.bench.speed import Job, run_stock
+    from incontext.bench.speed import Job
+    from incontext.bench.speed_stock import run_stock
     from incontext.models.loader import load_model
 
     model = tmp_path / "model"
@@ -222,7 +223,8 @@ def test_stock_row_draws_a_model_s_consensus_and_gives_the_engine_s_output(tiny_
     from PIL import Image, ImageDraw
 
     from incontext import sampler
-    from incontext.bench.speed import Job, run_stock
+    from incontext.bench.speed import Job
+    from incontext.bench.speed_stock import run_stock
     from incontext.models.loader import load_model
 
     image = Image.new("RGB", (64, 48), (230, 230, 220))

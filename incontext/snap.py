@@ -90,12 +90,18 @@ def _fit(base: np.ndarray, comp: np.ndarray, seg: np.ndarray, repainted: np.ndar
     return np.clip(fitted, 0, 255)
 
 
+def _on_blend(color: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The max-channel distance from `color` to the nearest (least squares) blend of `a` and `b`,
+    and the share of `b` that nearest point of the line through them has (unclipped)."""
+    d = b - a
+    t = ((color - a) * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-6)
+    return segments.distance(color, a + np.clip(t, 0.0, 1.0)[..., None] * d), t
+
+
 def _off_blend(color: np.ndarray, a: np.ndarray, b: np.ndarray, most_b: float = 1.0) -> np.ndarray:
     """(h, w) the max-channel distance from `color` to the nearest blend of `a` and `b`; infinite
     where `color` is nearer a blend with more than `most_b` of `b`."""
-    d = b - a
-    t = ((color - a) * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-6)
-    off = segments.distance(color, a + np.clip(t, 0.0, 1.0)[..., None] * d)
+    off, t = _on_blend(color, a, b)
     return np.where(t > most_b, np.inf, off)
 
 
@@ -113,11 +119,9 @@ def _off_triangle(color: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray
     share = np.where(inside, sb, 0.0)
     # Outside the triangle the nearest blend lies on one of its edges.
     for p, q, of_b in ((a, b, lambda t: t), (b, c, lambda t: 1 - t), (a, c, lambda t: np.zeros_like(t))):
-        d = q - p
-        t = np.clip(((color - p) * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-6), 0.0, 1.0)
-        off = segments.distance(color, p + t[..., None] * d)
+        off, t = _on_blend(color, p, q)
         nearer = off < best
-        best, share = np.where(nearer, off, best), np.where(nearer, of_b(t), share)
+        best, share = np.where(nearer, off, best), np.where(nearer, of_b(np.clip(t, 0.0, 1.0)), share)
     return best, share
 
 
@@ -192,9 +196,7 @@ def _rims(base: np.ndarray, comp: np.ndarray, target: np.ndarray, seg: np.ndarra
             sa, sb = seg[ay, ax], seg[by, bx]
             a_old, b_old = base[ay, ax].astype(np.float32), base[by, bx].astype(np.float32)
             a_new, b_new = target[ay, ax], target[by, bx]
-            d = a_old - b_old
-            t = ((old - b_old) * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-6)
-            off = segments.distance(old, b_old + np.clip(t, 0.0, 1.0)[:, None] * d)
+            off, t = _on_blend(old, b_old, a_old)
             edge = (sa != sb) & solid[sa] & solid[sb] & (refit[sa] | refit[sb]) & (t > 0) & (t < 1) & (off <= RIM)
             better = edge & (off < best)
             best = np.where(better, off, best)

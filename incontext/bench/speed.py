@@ -352,10 +352,13 @@ def run_speed(
         engine_runs = [(c, cache, compiled, f"engine {label}×{c}") for cache, label in ((None, ""), (cache_config, "fast ")) for c in levels]
         if compiled is not None:
             engine_runs += [(c, None, None, f"engine eager ×{c}") for c in levels]
+        # The batch a server allows (its engine_max_batch_size), or room for every request in
+        # flight: a model's draws are samples too, so a batch of one would run them one by one.
+        max_batch = max(max_c, Settings().engine_max_batch_size)
         for c, cache, comp, name in engine_runs:
             on_stage(name)
             rows.append(run_engine(registry, models, jobs, model_id=preset.id, steps=steps, guidance=guidance,
-                                   concurrency=c, max_batch_size=max_c, step_cache=cache, compiled=comp, name=name))
+                                   concurrency=c, max_batch_size=max_batch, step_cache=cache, compiled=comp, name=name))
 
         # 5. the server
         server = None

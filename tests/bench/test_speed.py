@@ -259,3 +259,19 @@ def test_http_rows_count_every_draw_of_a_model_with_consensus(tiny_model, tmp_pa
     finally:
         for server in servers:
             server.stop()  # never started: removes its data dir
+
+
+def test_one_request_s_draws_share_its_steps_as_on_a_server(tiny_model, tmp_path):
+    """At one request in flight, a model's three draws are three rows of one batch (the
+    server's batch size), not three denoisings one after another."""
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    extra = json.loads((model / "incontext.json").read_text()) if (model / "incontext.json").is_file() else {}
+    (model / "incontext.json").write_text(json.dumps({**extra, "consensus": 3}))
+    results = run_speed(str(model), 2, tmp_path / "out", steps=2, concurrency=(1,), skip_stock=True, skip_http=True, threads=1,
+                        matmul_size=128, compile=False)
+    exact = next(r for r in results["rows"] if r["name"] == "engine ×1")
+    assert exact["mean_batch_size"] == 3

@@ -18,6 +18,7 @@ request's references do (`EditRequest.references`, `sampler.denoise(references=�
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -61,6 +62,14 @@ class Outputs:
 # ---------------------------------------------------------------- editors
 
 
+def edit_seed(seed: int, example: Example) -> int:
+    """The noise seed of one held-out edit: `seed` plus a hash of the example (its family,
+    instruction and the held-out input of its turn), so an edit draws the same noise whichever
+    families run and in whatever order, and every editor of a run draws it for the same turn."""
+    h = hashlib.blake2b(f"{example.family}\0{example.instruction}\0{image_key(example.context)}".encode(), digest_size=4)
+    return seed + int.from_bytes(h.digest(), "big") % 2**31
+
+
 def identity_editor(example: Example, image: Image.Image) -> Image.Image:
     return image
 
@@ -73,7 +82,7 @@ def ground_truth_editor(example: Example, image: Image.Image) -> Image.Image:
 class ModelEditor:
     """The sampler on a loaded model, then preservation (`preserve` "auto" or "off").
 
-    Seeds count up with every call, so every run draws the same noise. Editors that share a
+    Each edit's seed is `edit_seed(seed, example)`, so every run draws the same noise. Editors that share a
     `memo` share the denoising of identical calls (same instruction, input and seed): the
     "auto" and "off" rows then differ only by preservation, at the cost of one model run."""
 
@@ -84,13 +93,11 @@ class ModelEditor:
     preserve: str = "auto"
     consensus: int = 1  # draws per output (sampler.merge_draws), as the engine makes them
     memo: dict = field(default_factory=dict)
-    calls: int = 0
     seconds: list[float] = field(default_factory=list)  # per denoised (not memoised) edit
 
     def __call__(self, example: Example, image: Image.Image) -> Image.Image:
         references = _references(example)
-        key = (example.instruction, image_key(image), *map(image_key, references), self.seed + self.calls)
-        self.calls += 1
+        key = (example.instruction, image_key(image), *map(image_key, references), edit_seed(self.seed, example))
         start = time.perf_counter()
         if key not in self.memo:
             latents, img_cond = sampler.denoise(self.models, image, example.instruction, seeds=[key[-1]], num_steps=self.steps,
@@ -137,8 +144,7 @@ class AutoencoderEditor:
 class EngineEditor:
     """The engine (engine/local.py) with its cache of output latents, then preservation: a
     turn whose input is the previous turn's raw output starts from that output's latents,
-    not from a decode → 8-bit image → encode round trip. Seeds count up from `seed`, as
-    ModelEditor's do."""
+    not from a decode → 8-bit image → encode round trip. Seeds are ModelEditor's."""
 
     engine: object  # a started LocalEngine
     model_id: str
@@ -153,7 +159,7 @@ class EngineEditor:
         from incontext.engine.protocol import EditRequest
 
         request = EditRequest(f"quality-{self.calls}", self.model_id, example.instruction, image, image.width, image.height,
-                              self.seed + self.calls, guidance_scale=self.guidance, num_inference_steps=self.steps,
+                              edit_seed(self.seed, example), guidance_scale=self.guidance, num_inference_steps=self.steps,
                               consensus=self.consensus, references=_references(example))
         self.calls += 1
         result = self.engine.submit(request).result()
@@ -350,8 +356,7 @@ def run_quality(
     raw_row, raw_outputs = score_row(f"{preset.id}, preserve off", raw_editor, heldout_set, sequences, on_edit)
     model_row["seconds_per_edit"] = float(np.mean(editor.seconds))
     # the same turns with the engine's latent reuse; ModelEditor ran them after every single edit
-    single_edits = sum(len(examples) for examples in heldout_set.values())
-    reuse = drift_on_cached_latents(preset, models, sequences, steps=steps, guidance=guidance, seed=seed + single_edits, consensus=consensus)
+    reuse = drift_on_cached_latents(preset, models, sequences, steps=steps, guidance=guidance, seed=seed, consensus=consensus)
 
     # 4. the reference rows: the autoencoder's ceiling, and two with no model
     round_trip = AutoencoderEditor(models)

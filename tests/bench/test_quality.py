@@ -168,3 +168,21 @@ def test_workflow_rows_score_each_family_against_its_exact_mask(model_dir, tmp_p
     assert 0.0 <= m["segment"]["iou"] <= 1.0 and 0.0 <= m["remove"]["kept_at_goal"] <= 1.0
     report = (tmp_path / "report.md").read_text()
     assert "## Workflows" in report and "mask IoU" in report and "emblem in its box" in report
+
+
+def test_an_edit_draws_the_same_noise_whichever_families_run_before_it(model_dir):
+    """Runs of a subset of families, or in another order, score the same outputs for the
+    edits they share: an edit's seed is its own, not its place in the run."""
+    from incontext.bench import heldout
+    from incontext.models.loader import load_model
+
+    models = load_model(model_dir, dtype="float32")
+    recolor, remove = heldout.heldout_examples("recolor", 1)[0], heldout.heldout_examples("remove", 1)[0]
+    alone = quality.ModelEditor(models, 1, 3.5, preserve="off")(recolor, recolor.context)
+    after = quality.ModelEditor(models, 1, 3.5, preserve="off")
+    after(remove, remove.context)
+    assert after(recolor, recolor.context).tobytes() == alone.tobytes()
+    assert quality.edit_seed(0, recolor) != quality.edit_seed(0, remove)
+    # another noise draws another output on this random model: the seed reaches the sampler
+    other = quality.ModelEditor(models, 1, 3.5, seed=1, preserve="off")(recolor, recolor.context)
+    assert other.tobytes() != alone.tobytes()

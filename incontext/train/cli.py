@@ -96,14 +96,19 @@ def train_transformer_cmd(
     device: str = typer.Option("cpu", help="cpu, or cuda on a GPU machine (bf16 autocast there)."),
     save_every: float = typer.Option(5.0, min=0.1, help="Minutes between checkpoints; new chunks under OUT/data are picked up at each."),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: on CUDA, and on CPUs with bf16 units)."),
+    double_layers: Optional[int] = typer.Option(None, min=1, help="Double-stream blocks (default: --init-from's, else 2). More than --init-from's grows it: the new blocks start as the identity."),
+    single_layers: Optional[int] = typer.Option(None, min=1, help="Single-stream blocks (default: --init-from's, else 4); grows as --double-layers does."),
 ) -> None:
     """Stage 3: the transformer and text encoders on the latent chunks. Resumes from OUT/transformer.pt."""
-    from incontext.models.components import NanoConfig
     from incontext.train.export import load_vae
-    from incontext.train.transformer import TransformerTrainConfig, train_transformer
+    from incontext.train.transformer import TransformerTrainConfig, run_config, train_transformer
     from incontext.world.language import vocabulary
 
-    train_transformer(out, NanoConfig(vocab=vocabulary()), TransformerTrainConfig(minutes=minutes, batch=batch, lr=lr, edit_weight=edit_weight, uniform_t=uniform_t, guidance_start=guidance_start,
+    try:
+        model_cfg = run_config(out, init_from, vocabulary(), double_layers=double_layers, single_layers=single_layers)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    train_transformer(out, model_cfg, TransformerTrainConfig(minutes=minutes, batch=batch, lr=lr, edit_weight=edit_weight, uniform_t=uniform_t, guidance_start=guidance_start,
                                                                               flow_start=flow_start, start_noise=start_noise, text_context=text_context, neighbour_heads=neighbour_heads, device=device, save_every_minutes=save_every,
                                                                               **({"bf16": bf16} if bf16 is not None else {"bf16": True} if device.startswith("cuda") else {})), load_vae(out), init_from=init_from)
 

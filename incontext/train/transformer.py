@@ -29,6 +29,8 @@ slower on CPUs without them, so it is chosen per machine).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import logging
 import math
 import random
@@ -104,6 +106,27 @@ def _build(model_cfg: NanoConfig):
     tok = build_tokenizer(model_cfg.vocab, model_cfg.max_text_tokens)
     clip, t5 = build_text_encoders(model_cfg, len(tok))
     return tok, clip, t5, build_transformer(model_cfg)
+
+
+def run_config(out: Path, init_from: Path | None, vocab: list[str], *, double_layers: int | None = None,
+               single_layers: int | None = None) -> NanoConfig:
+    """The model config a run trains: a resumed run's own (its checkpoint's depth); otherwise
+    the depth asked for, else `init_from`'s, else the default. A depth above `init_from`'s
+    grows it (`_new_blocks`); below it is refused, as it would drop trained blocks."""
+    ckpt = Path(out) / "transformer.pt"
+    if ckpt.exists():
+        stored = NanoConfig.from_dict(load_checkpoint(ckpt)["model_config"])
+        return dataclasses.replace(NanoConfig(vocab=vocab), double_layers=stored.double_layers, single_layers=stored.single_layers)
+    depth = {}
+    if init_from is not None:
+        config = json.loads((Path(init_from) / "transformer" / "config.json").read_text())
+        depth = {"double_layers": config["num_layers"], "single_layers": config["num_single_layers"]}
+    for name, asked in (("double_layers", double_layers), ("single_layers", single_layers)):
+        if asked is not None:
+            if asked < depth.get(name, 0):
+                raise ValueError(f"{name}={asked} is fewer than the {depth[name]} of {init_from}: a run can grow a model, not cut it")
+            depth[name] = asked
+    return dataclasses.replace(NanoConfig(vocab=vocab), **depth)
 
 
 def train_transformer(out: Path, model_cfg: NanoConfig, cfg: TransformerTrainConfig, vae, init_from: Path | None = None) -> Path:
@@ -342,9 +365,42 @@ def _load_from_model_dir(path: Path, modules: dict, ema: dict, tokenizer=None) -
         own = mod.state_dict()
         loaded_ptrs = {own[k].data_ptr() for k in state if k in own}
         missing = [k for k in missing if "position_ids" not in k and own[k].data_ptr() not in loaded_ptrs]
+        if name == "transformer":
+            grown = _new_blocks(mod, state)
+            missing = [k for k in missing if not k.startswith(grown)]
         if unexpected or missing:
             raise ValueError(f"{name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         ema[name].load_state_dict(mod.state_dict())
+
+
+BLOCK_STACKS = ("transformer_blocks", "single_transformer_blocks")  # FluxTransformer2DModel's double and single blocks
+
+
+def _new_blocks(transformer: torch.nn.Module, state: dict) -> tuple[str, ...]:
+    """Grow a deeper transformer from a shallower one's `state`: the key prefixes of the blocks
+    `state` lacks (each stack's last ones), which are set to start as the identity. A Flux block
+    adds its output to the residual stream times a gate that its AdaLayerNorm computes from the
+    timestep embedding (adaLN-Zero, as in DiT): zero rows for those gates make the block add
+    nothing, so the grown model computes what the stored one did, and the gates' gradients
+    are not zero, so the new blocks start learning at the first step."""
+    prefixes = []
+    for stack in BLOCK_STACKS:
+        stored = {int(k.split(".")[1]) for k in state if k.startswith(stack + ".")}
+        for i, block in enumerate(getattr(transformer, stack)):
+            if i in stored:
+                continue
+            prefixes.append(f"{stack}.{i}.")
+            norms = [block.norm] if stack == "single_transformer_blocks" else [block.norm1, block.norm1_context]
+            for norm in norms:  # chunks: (shift, scale, gate) single; (shift, scale, gate, shift, scale, gate) double
+                linear, chunks = norm.linear, 3 if stack == "single_transformer_blocks" else 6
+                d = linear.out_features // chunks
+                with torch.no_grad():
+                    for gate in range(2, chunks, 3):
+                        linear.weight[gate * d:(gate + 1) * d].zero_()
+                        linear.bias[gate * d:(gate + 1) * d].zero_()
+    if prefixes:
+        log.info("grown: %d new blocks start as the identity (%s)", len(prefixes), ", ".join(prefixes))
+    return tuple(prefixes)
 
 
 def load_trained(ckpt_path: Path, use_ema: bool = True):

@@ -5,7 +5,7 @@ written for it, and a result that says what it did.
     object-removal      image_url, prompt ("the red circle")          → the image without it, the removed region's mask
     background-replace  image_url, reference_image_url, prompt?       → the image on the reference's background, its mask
     logo-placement      image_url, logo_image_url, mask_image_url?, prompt? → the image with the logo, where it went (a box)
-    segmentation        image_url, prompt ("the red circle")          → a binary mask (0/255) and a box per region
+    segmentation        image_url, prompt ("the red circle")          → a binary mask (0/255) and a box per region: what removing it changes
 
 A workflow is two small steps:
 
@@ -118,11 +118,10 @@ def plan_logo_placement(inp: LogoPlacementInput) -> Plan:
 
 
 def plan_segmentation(inp: SegmentationInput) -> Plan:
-    # "the background black" rather than "everything else black": words the bundled model's
-    # language has (world/language.py's vocabulary). preserve off: the mask is the model's
-    # whole picture, thresholded, not the input with a white patch.
-    return Plan("segmentation", f"make the {_thing(inp.prompt)} white and the background black", (inp.image_url,), ("image_url",),
-                preserve="off")
+    # The mask is what removing the thing changes (`removed_mask`): an editor finds the thing a
+    # prompt names best when asked to remove it (docs/workflows.md has the measurements), and
+    # with preserve auto every pixel it leaves alone is the input's, so the change is exact.
+    return Plan("segmentation", f"remove the {_thing(inp.prompt)}", (inp.image_url,), ("image_url",))
 
 
 @dataclass(frozen=True)
@@ -147,8 +146,8 @@ WORKFLOWS: dict[str, Workflow] = {w.id: w for w in (
              LogoPlacementInput, plan_logo_placement,
              results="`placement`: the box the logo was allowed in (the mask's bounding box, or the spot picked); "
              "`mask_url`: the pixels changed; `boxes`: their bounding boxes"),
-    Workflow("segmentation", "a binary mask of what the prompt names, and a box per separate region",
-             SegmentationInput, plan_segmentation,
+    Workflow("segmentation", "a binary mask of what the prompt names (the pixels removing it changes), and a box per "
+             "separate region", SegmentationInput, plan_segmentation,
              results="`url` and `mask_url`: the mask, a PNG of only 0 and 255 at the input's size; `boxes`: one per "
              "separate white region, largest first"),
 )}
@@ -223,9 +222,11 @@ def finish(workflow: str, image: Image.Image, mask: Image.Image | None, *, sourc
            placement_box: Box | None = None, source: Image.Image | None = None) -> Finished:
     """One output of `workflow`: `image` and `mask` as preservation made them (preserve.preserve:
     "L", 255 where the pixel is the model's), the input's own size `source_size`; `source`, the
-    input itself, sharpens a segmentation's mask (segments.snap) when given."""
+    input itself, which a segmentation needs (its mask is where the output differs from it)."""
     if workflow == "segmentation":
-        binary = threshold(image, source_size, source)
+        if source is None:
+            raise ValueError("a segmentation's mask needs the input it was made from")
+        binary = removed_mask(image, source)
         return Finished(binary, binary, {"boxes": regions(np.asarray(binary) > 0)})
     extra = {"boxes": regions(np.asarray(mask) > 0) if mask is not None else []}
     if workflow == "logo-placement":
@@ -233,22 +234,48 @@ def finish(workflow: str, image: Image.Image, mask: Image.Image | None, *, sourc
     return Finished(image, mask, extra)
 
 
-def threshold(image: Image.Image, source_size: tuple[int, int], source: Image.Image | None = None) -> Image.Image:
-    """The model's picture (its working size, showing the input's centre as fit_to_size crops
-    it) as a mask of the input's own size: 255 where it is brighter than mid-grey, 0 elsewhere
-    and outside what the model saw. NEAREST keeps it binary. With `source`, the mask is first
-    snapped to the edges of the input as the model saw it (segments.snap): at the working size,
-    so the cost does not grow with the input's."""
-    light = np.asarray(image.convert("L")) > 127
-    x0, y0, x1, y1 = (round(v) for v in imageio.crop_box(*source_size, *image.size))
-    if source is not None:
-        seen = source if source.size == image.size else source.crop((x0, y0, x1, y1)).resize(image.size, Image.Resampling.BOX)
-        light = segments.snap(seen, light)
-    binary = Image.fromarray(np.where(light, 255, 0).astype(np.uint8), mode="L")
-    if binary.size == source_size:
-        return binary
+CHANGED = 24  # levels (per RGB channel): a pixel the removal changed by more is the thing's, as segments.TOLERANCE splits segments
+SNAP_MARGIN = 8  # pixels around the changed ones in which the segments are judged
+
+
+def removed_mask(output: Image.Image, source: Image.Image) -> Image.Image:
+    """The segmentation's mask ("L", 0/255, the source's size): the pixels of `output` (the
+    removal's result) that differ from the input by more than CHANGED levels, snapped to the
+    input's edges (segments.snap) in their bounding box, so a model's blocky fill takes the
+    thing's own outline and a stray speck of redrawn background drops out. An output at the
+    model's working size is compared with the part of the input the model saw."""
+    x0, y0, x1, y1 = (round(v) for v in imageio.crop_box(*source.size, *output.size))
+    seen = source if source.size == output.size else source.crop((x0, y0, x1, y1)).resize(output.size, Image.Resampling.BOX)
+    before, after = np.asarray(seen.convert("RGB"), np.int16), np.asarray(output.convert("RGB"), np.int16)
+    diff = np.abs(after - before).max(axis=-1)
+    # An antialiased edge pixel changes by the share of it the thing covered: it is the thing's
+    # where that share is a half or more of what its most changed neighbour moved (as the
+    # world's own masks count a pixel over half covered).
+    changed = (diff > CHANGED) & (2 * diff >= _neighbourhood_max(diff))
+    if changed.any():  # snapped in the changed pixels' box only: the cost follows the thing, not a 40 MP input
+        ys, xs = np.nonzero(changed)
+        top, left = max(0, ys.min() - SNAP_MARGIN), max(0, xs.min() - SNAP_MARGIN)
+        bottom, right = ys.max() + SNAP_MARGIN + 1, xs.max() + SNAP_MARGIN + 1
+        part = Image.fromarray(before[top:bottom, left:right].astype(np.uint8))
+        changed[top:bottom, left:right] = segments.snap(part, changed[top:bottom, left:right])
+    return _onto(changed, source.size, (x0, y0, x1, y1))
+
+
+def _neighbourhood_max(values: np.ndarray) -> np.ndarray:
+    """Each pixel's largest value among itself and its 8 neighbours."""
+    padded = np.pad(values, 1, mode="edge")
+    h, w = values.shape
+    return np.max([padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)], axis=0)
+
+
+def _onto(binary: np.ndarray, source_size: tuple[int, int], box: tuple[int, int, int, int]) -> Image.Image:
+    """A (h, w) bool map of what the model saw as an "L" 0/255 mask of the input's own size:
+    NEAREST keeps it binary, and 0 outside what the model saw."""
+    mask = Image.fromarray(np.where(binary, 255, 0).astype(np.uint8), mode="L")
+    if mask.size == source_size:
+        return mask
     out = Image.new("L", source_size, 0)
-    out.paste(binary.resize((x1 - x0, y1 - y0), Image.Resampling.NEAREST), (x0, y0))
+    out.paste(mask.resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.NEAREST), box[:2])
     return out
 
 

@@ -264,7 +264,10 @@ def drift_scores(sequences: list[list[Example]], turn_outputs: list[list[Image.I
 
 
 def score_row(name: str, editor: Editor, heldout_set: dict[str, list[Example]], sequences: list[list[Example]],
-              on_edit: Callable[[], None] | None = None) -> tuple[dict, Outputs]:
+              on_edit: Callable[[], None] | None = None, *, workflows_too: bool = True) -> tuple[dict, Outputs]:
+    """One row's figures. `workflows_too`: with a segment family, the editor also makes the
+    segmentation workflow's own edits (bench/workflows.py), which run with preserve auto, so a
+    row of raw outputs leaves them out."""
     outputs = run_single(editor, heldout_set, on_edit)
     outputs.turns = run_turns(editor, sequences, on_edit)
     families = {f: _score(examples, outputs.images[f], outputs.verdicts[f]) for f, examples in heldout_set.items()}
@@ -278,7 +281,10 @@ def score_row(name: str, editor: Editor, heldout_set: dict[str, list[Example]], 
         "drift": drift_scores(sequences, outputs.turns),
         "seconds_per_edit": None,
     }
-    scores = workflows.workflow_scores(heldout_set, outputs.images, outputs.verdicts)
+    segmentation = None
+    if workflows_too and heldout_set.get("segment"):
+        segmentation = [editor(ex, ex.context) for ex in map(workflows.workflow_example, heldout_set["segment"])]
+    scores = workflows.workflow_scores(heldout_set, outputs.images, outputs.verdicts, segmentation)
     if scores:
         row["workflows"] = scores
     return row, outputs
@@ -353,14 +359,14 @@ def run_quality(
     editor = ModelEditor(models, steps, guidance, seed, preserve="auto", consensus=consensus)
     model_row, model_outputs = score_row(preset.id, editor, heldout_set, sequences, on_edit)
     raw_editor = ModelEditor(models, steps, guidance, seed, preserve="off", consensus=consensus, memo=editor.memo)
-    raw_row, raw_outputs = score_row(f"{preset.id}, preserve off", raw_editor, heldout_set, sequences, on_edit)
+    raw_row, raw_outputs = score_row(f"{preset.id}, preserve off", raw_editor, heldout_set, sequences, on_edit, workflows_too=False)
     model_row["seconds_per_edit"] = float(np.mean(editor.seconds))
     # the same turns with the engine's latent reuse; ModelEditor ran them after every single edit
     reuse = drift_on_cached_latents(preset, models, sequences, steps=steps, guidance=guidance, seed=seed, consensus=consensus)
 
     # 4. the reference rows: the autoencoder's ceiling, and two with no model
     round_trip = AutoencoderEditor(models)
-    autoencoder_row, _ = score_row(AUTOENCODER, round_trip, heldout_set, [])
+    autoencoder_row, _ = score_row(AUTOENCODER, round_trip, heldout_set, [], workflows_too=False)
     preserved_row, _ = score_row(AUTOENCODER_PRESERVED, AutoencoderEditor(models, "auto", round_trip.memo), heldout_set, [])
     identity_row, _ = score_row(IDENTITY, identity_editor, heldout_set, sequences)
     truth_row, truth_outputs = score_row(GROUND_TRUTH, ground_truth_editor, heldout_set, sequences)

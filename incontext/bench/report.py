@@ -103,8 +103,8 @@ def workflow_table(results: dict) -> tuple[list[str], list[list[str]]]:
             lines.append([family, row["name"], str(s["n"]), fmt_rate(s["success"]), names[figure], value,
                           fmt_db(s["kept_psnr"]) if "kept_psnr" in s else "–", fmt_rate(s.get("kept_at_goal"))])
             if "workflow_iou" in s:  # the segmentation workflow's own mask (bench/workflows.py)
-                lines.append([family, row["name"] + ", the workflow's mask", str(s["n"]), "–",
-                              "mask IoU snapped to the input (share ≥ 0.9)", f"{s['workflow_iou']:.2f} ({fmt_rate(s['workflow_at_goal'])})", "–", "–"])
+                lines.append([family, row["name"] + ", the workflow's mask: what removing the object changed", str(s["n"]), "–",
+                              "mask IoU (share ≥ 0.9)", f"{s['workflow_iou']:.2f} ({fmt_rate(s['workflow_at_goal'])})", "–", "–"])
     return headers, lines
 
 
@@ -168,7 +168,9 @@ def _workflow_section(results: dict) -> str:
 
 Exact-mask figures (`incontext/bench/workflows.py`): the removed object's pixels against what was
 behind it, the background against the second image's, the emblem's box against the target's, the
-output split at mid-grey against the object's mask (IoU); **kept**: PSNR to the input outside the change.
+output split at mid-grey against the object's mask (IoU: the model asked for a mask in the held-out
+words), and the segmentation workflow's own mask as a user gets it (it removes the object named by its
+colour and kind, and the mask is what that changed); **kept**: PSNR to the input outside the change.
 
 {markdown_table(*workflow_table(results))}
 

@@ -265,7 +265,11 @@ def _neighbourhood_max(values: np.ndarray) -> np.ndarray:
     """Each pixel's largest value among itself and its 8 neighbours."""
     padded = np.pad(values, 1, mode="edge")
     h, w = values.shape
-    return np.max([padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)], axis=0)
+    out = values.copy()
+    for dy in range(3):  # in place: at 40 MP nine shifted copies would cost 0.7 GB
+        for dx in range(3):
+            np.maximum(out, padded[dy : dy + h, dx : dx + w], out=out)
+    return out
 
 
 def _onto(binary: np.ndarray, source_size: tuple[int, int], box: tuple[int, int, int, int]) -> Image.Image:

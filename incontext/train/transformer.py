@@ -112,7 +112,7 @@ def run_config(out: Path, init_from: Path | None, vocab: list[str], *, double_la
                single_layers: int | None = None) -> NanoConfig:
     """The model config a run trains: a resumed run's own (its checkpoint's depth); otherwise
     the depth asked for, else `init_from`'s, else the default. A depth above `init_from`'s
-    grows it (`_new_blocks`); below it is refused, as it would drop trained blocks."""
+    grows it (`_start_new_blocks_as_identity`); below it is refused, as it would drop trained blocks."""
     ckpt = Path(out) / "transformer.pt"
     if ckpt.exists():
         stored = NanoConfig.from_dict(load_checkpoint(ckpt)["model_config"])
@@ -366,7 +366,7 @@ def _load_from_model_dir(path: Path, modules: dict, ema: dict, tokenizer=None) -
         loaded_ptrs = {own[k].data_ptr() for k in state if k in own}
         missing = [k for k in missing if "position_ids" not in k and own[k].data_ptr() not in loaded_ptrs]
         if name == "transformer":
-            grown = _new_blocks(mod, state)
+            grown = _start_new_blocks_as_identity(mod, state)
             missing = [k for k in missing if not k.startswith(grown)]
         if unexpected or missing:
             raise ValueError(f"{name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -376,7 +376,7 @@ def _load_from_model_dir(path: Path, modules: dict, ema: dict, tokenizer=None) -
 BLOCK_STACKS = ("transformer_blocks", "single_transformer_blocks")  # FluxTransformer2DModel's double and single blocks
 
 
-def _new_blocks(transformer: torch.nn.Module, state: dict) -> tuple[str, ...]:
+def _start_new_blocks_as_identity(transformer: torch.nn.Module, state: dict) -> tuple[str, ...]:
     """Grow a deeper transformer from a shallower one's `state`: the key prefixes of the blocks
     `state` lacks (each stack's last ones), which are set to start as the identity. A Flux block
     adds its output to the residual stream times a gate that its AdaLayerNorm computes from the

@@ -265,14 +265,15 @@ def _workflow_local(flow, inp, fields, server, api_key):
             mask = preserve.as_mask(imageio.load_image(plan.mask), source.size)
         except ValueError as e:
             raise IncontextError(f"--mask: {e}", code="INVALID_MASK") from None
+    logo = imageio.load_image(plan.images[1], keep_alpha=True) if plan.place else None
     if plan.place:  # as submission.prepare does: the mask's box, or a spot picked here
-        box = workflows.mask_box(mask) if mask is not None else workflows.placement(source, imageio.load_image(plan.images[1]).size)
+        box = workflows.mask_box(mask) if mask is not None else workflows.placement(source, logo.size)
         mask = mask if mask is not None else workflows.box_mask(source.size, box)
         prompt = prompt.replace("{position}", workflows.position_name(box, source.size))
     _, results = _edit_local(plan.images[0], prompt, inp.seed, inp.guidance_scale, inp.num_inference_steps, 1, None, None,
                              plan.preserve, list(plan.images[1:]), mask)
     image, region, _ = results[0]
-    done = workflows.finish(flow.id, image, region, source_size=source.size, placement_box=box, source=source)
+    done = workflows.finish(flow.id, image, region, source_size=source.size, placement_box=box, source=source, logo=logo, allowed=mask)
     return done.image, done.mask, done.extra
 
 

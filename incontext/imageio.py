@@ -92,9 +92,10 @@ _HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b
 
 
 def decode_image(
-    data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS, keep_alpha: bool = False
 ) -> Image.Image:
-    """Decode JPEG/PNG/WebP/GIF/AVIF bytes to an upright 8-bit RGB image (metadata dropped)."""
+    """Decode JPEG/PNG/WebP/GIF/AVIF bytes to an upright 8-bit RGB image (metadata dropped);
+    `keep_alpha`: RGBA instead where the image has transparency (a logo to lay over another)."""
     _check_limits(max_bytes, max_pixels)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidInput(f"image data must be bytes, not {type(data).__name__}")
@@ -104,7 +105,7 @@ def decode_image(
     if len(data) > max_bytes:
         raise ImageTooLarge(f"the image is {len(data):,} bytes; the limit is {max_bytes:,} bytes")
     try:
-        return _decode(data, max_pixels)
+        return _decode(data, max_pixels, keep_alpha)
     except IncontextError:
         raise
     except MemoryError as exc:
@@ -118,7 +119,7 @@ def decode_image(
 
 
 def load_image(
-    path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
+    path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS, keep_alpha: bool = False
 ) -> Image.Image:
     """`decode_image` on a file's contents."""
     _check_limits(max_bytes, max_pixels)
@@ -145,15 +146,15 @@ def load_image(
         raise InvalidInput(f"permission denied reading {path}") from exc
     except (OSError, ValueError) as exc:  # ValueError: e.g. a NUL byte in the path
         raise InvalidInput(f"cannot read image file {path!r}") from exc
-    return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels, keep_alpha=keep_alpha)
 
 
 def decode_data_uri(
-    uri: str, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
+    uri: str, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS, keep_alpha: bool = False
 ) -> Image.Image:
-    """Decode `data:image/...;base64,...` (or a bare base64 string) to RGB."""
+    """Decode `data:image/...;base64,...` (or a bare base64 string) as decode_image does."""
     # The declared media type is not trusted: decode_image sniffs the real format.
-    return decode_image(data_uri_bytes(uri, max_bytes=max_bytes), max_bytes=max_bytes, max_pixels=max_pixels)
+    return decode_image(data_uri_bytes(uri, max_bytes=max_bytes), max_bytes=max_bytes, max_pixels=max_pixels, keep_alpha=keep_alpha)
 
 
 def data_uri_bytes(uri: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
@@ -196,7 +197,7 @@ def decode_base64_image(
     return decode_image(_b64decode(text, max_bytes), max_bytes=max_bytes, max_pixels=max_pixels)
 
 
-def _decode(data: bytes, max_pixels: int) -> Image.Image:
+def _decode(data: bytes, max_pixels: int, keep_alpha: bool = False) -> Image.Image:
     try:
         im = Image.open(io.BytesIO(data), formats=_OPEN_IDS)
     except Image.UnidentifiedImageError:
@@ -220,7 +221,9 @@ def _decode(data: bytes, max_pixels: int) -> Image.Image:
             upright = ImageOps.exif_transpose(im)
         except Exception:  # noqa: BLE001 - a broken EXIF block should not reject good pixels
             upright = im.copy()
-        rgb = _to_rgb(upright)
+        wide = upright.mode.startswith("I;16") or upright.mode in ("I", "F")  # 16-bit grey: _to_rgb scales it
+        transparent = keep_alpha and not wide and (upright.has_transparency_data or upright.mode in ("RGBA", "RGBa", "LA", "La", "PA"))
+        rgb = upright.convert("RGBA") if transparent else _to_rgb(upright)
     if rgb is im:  # never hand out an image still tied to the (closed) file
         rgb = rgb.copy()
     rgb.info = {}  # drop EXIF/ICC/comments: stale orientation, privacy (GPS) and no colour management

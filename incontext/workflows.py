@@ -4,7 +4,7 @@ written for it, and a result that says what it did.
 
     object-removal      image_url, prompt ("the red circle")          → the image without it, the removed region's mask
     background-replace  image_url, reference_image_url, prompt?       → the image on the reference's background, its mask
-    logo-placement      image_url, logo_image_url, mask_image_url?, prompt? → the image with the logo, where it went (a box)
+    logo-placement      image_url, logo_image_url, mask_image_url?, prompt? → the image with the logo laid in, where it went (a box)
     segmentation        image_url, prompt ("the red circle")          → a binary mask (0/255) and a box per region: what removing it changes
 
 A workflow is two small steps:
@@ -63,7 +63,8 @@ class BackgroundReplaceInput(WorkflowInput):
 
 
 class LogoPlacementInput(WorkflowInput):
-    logo_image_url: str = Field(min_length=1, description="the logo, as image_url takes an image")
+    logo_image_url: str = Field(min_length=1, description="the logo, as image_url takes an image; its own pixels are laid in, "
+                                "where it is opaque (a PNG's transparency is kept; an opaque logo is a rectangle)")
     mask_image_url: str | None = Field(
         None, min_length=1, validation_alias=AliasChoices("mask_image_url", "mask_url"),
         description="where the logo may go (white; black keeps the input's pixels bit for bit); also read as mask_url. "
@@ -142,7 +143,8 @@ WORKFLOWS: dict[str, Workflow] = {w.id: w for w in (
     Workflow("background-replace", "puts the subject on the background of a reference image; what the model left alone stays "
              "the input's, bit for bit", BackgroundReplaceInput, plan_background_replace,
              results="`mask_url`: the replaced region; `boxes`: its bounding boxes"),
-    Workflow("logo-placement", "places a logo image inside a mask, or on the flattest free spot it picks",
+    Workflow("logo-placement", "places a logo image, its own pixels (a PNG's transparency kept), inside a mask, or on the "
+             "flattest free spot it picks",
              LogoPlacementInput, plan_logo_placement,
              results="`placement`: the box the logo was allowed in (the mask's bounding box, or the spot picked); "
              "`mask_url`: the pixels changed; `boxes`: their bounding boxes"),
@@ -206,6 +208,45 @@ def mask_box(mask: Image.Image) -> Box | None:
     return list(mask.getbbox()) if mask.getbbox() else None
 
 
+# The logo itself goes onto the image (`place_logo`): an editor redraws what it places
+# through its autoencoder, which blurs a small emblem past reading (nano's round trip of one
+# keeps 5 % legible, docs/workflows.md), while the logo's own pixels are exact. Its
+# transparent pixels leave the image's; an opaque logo is placed whole, as a rectangle.
+
+
+def place_logo(image: Image.Image, logo: Image.Image, box: Box, allowed: Image.Image | None = None) -> tuple[Image.Image, np.ndarray]:
+    """`image` with `logo` (RGB, or RGBA to keep its transparency) scaled to fit `box` (its
+    aspect kept, centred) and laid over it, and where it landed ((h, w) bool). Nothing changes
+    where `allowed` (an "L" mask at the image's size) is black, so a client's mask holds bit for bit."""
+    rgba = np.asarray(logo.convert("RGBA"), dtype=np.float32)
+    alpha = rgba[..., 3] / 255
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    scale = min(bw / logo.width, bh / logo.height)
+    fw, fh = max(1, round(logo.width * scale)), max(1, round(logo.height * scale))
+    x0, y0 = box[0] + (bw - fw) // 2, box[1] + (bh - fh) // 2
+    # Resampled premultiplied, so what is transparent does not bleed into the edge.
+    resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC
+
+    def fitted(channel: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(channel, mode="F").resize((fw, fh), resample))
+
+    a = np.clip(fitted(alpha), 0, 1)
+    colour = np.stack([np.clip(fitted(rgba[..., c] * alpha), 0, 255) for c in range(3)], -1)
+    # The part that falls inside the image (a box may reach past its edge).
+    ix0, iy0, ix1, iy1 = max(0, x0), max(0, y0), min(image.width, x0 + fw), min(image.height, y0 + fh)
+    out = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
+    landed = np.zeros((image.height, image.width), bool)
+    if ix1 <= ix0 or iy1 <= iy0:
+        return image.convert("RGB"), landed
+    a, colour = a[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0], colour[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
+    if allowed is not None:
+        inside = np.asarray(allowed.convert("L"), np.float32)[iy0:iy1, ix0:ix1] / 255
+        a, colour = a * inside, colour * inside[..., None]
+    out[iy0:iy1, ix0:ix1] = np.clip(colour + out[iy0:iy1, ix0:ix1] * (1 - a[..., None]), 0, 255)
+    landed[iy0:iy1, ix0:ix1] = a * 255 >= 0.5  # what rounds to a changed pixel
+    return Image.fromarray(np.rint(out).astype(np.uint8)), landed
+
+
 # 4. The result, as each workflow promises it.
 @dataclass
 class Finished:
@@ -219,15 +260,22 @@ MIN_REGION_SHARE = 1 / 1000  # regions smaller than this share of the image are 
 
 
 def finish(workflow: str, image: Image.Image, mask: Image.Image | None, *, source_size: tuple[int, int],
-           placement_box: Box | None = None, source: Image.Image | None = None) -> Finished:
+           placement_box: Box | None = None, source: Image.Image | None = None, logo: Image.Image | None = None,
+           allowed: Image.Image | None = None) -> Finished:
     """One output of `workflow`: `image` and `mask` as preservation made them (preserve.preserve:
     "L", 255 where the pixel is the model's), the input's own size `source_size`; `source`, the
-    input itself, which a segmentation needs (its mask is where the output differs from it)."""
+    input itself, which a segmentation needs (its mask is where the output differs from it);
+    `logo` and `allowed` (where the run could change pixels), which a logo placement lays the
+    logo's own pixels in with."""
     if workflow == "segmentation":
         if source is None:
             raise ValueError("a segmentation's mask needs the input it was made from")
         binary = removed_mask(image, source)
         return Finished(binary, binary, {"boxes": regions(np.asarray(binary) > 0)})
+    if workflow == "logo-placement" and logo is not None and placement_box is not None:
+        image, landed = place_logo(image, logo, placement_box, allowed)
+        laid = np.where(landed, 255, 0).astype(np.uint8)
+        mask = Image.fromarray(laid if mask is None else np.maximum(laid, np.asarray(mask.convert("L"))), mode="L")
     extra = {"boxes": regions(np.asarray(mask) > 0) if mask is not None else []}
     if workflow == "logo-placement":
         extra["placement"] = placement_box

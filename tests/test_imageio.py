@@ -115,6 +115,19 @@ def test_rgba_transparent_pixel_becomes_white():
     assert img.getpixel((2, 2)) == RED
 
 
+def test_a_logo_keeps_its_transparency_when_asked():
+    src = Image.new("RGBA", (4, 4), (255, 0, 0, 255))
+    src.putpixel((1, 0), (0, 0, 0, 128))
+    img = decode_image(save(src, "PNG"), keep_alpha=True)
+    assert img.mode == "RGBA" and img.getpixel((1, 0)) == (0, 0, 0, 128) and img.getpixel((2, 2)) == (255, 0, 0, 255)
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * (256 * 3 - 6))
+    assert decode_image(save(palette, "PNG", transparency=0), keep_alpha=True).getpixel((0, 0)) == (255, 0, 0, 255)
+    palette.putpixel((0, 0), 0)
+    assert decode_image(save(palette, "PNG", transparency=0), keep_alpha=True).getpixel((0, 0))[3] == 0
+    assert decode_image(save(Image.new("RGB", (4, 4), RED), "PNG"), keep_alpha=True).mode == "RGB"  # nothing to keep
+
+
 def test_palette_with_transparency_index():
     src = Image.new("P", (4, 4), 1)
     src.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * (256 * 3 - 9))

@@ -53,6 +53,57 @@ def test_the_placement_is_the_flattest_spot_and_always_the_same():
     assert workflows.position_name(workflows.placement(Image.new("RGB", (160, 120)), (10, 10)), (160, 120)) == "bottom right"
 
 
+def _badge() -> Image.Image:
+    """A 40×20 logo: a yellow disc with a black bar on a transparent canvas (the bar reaches the
+    canvas's edges, half transparent at its ends)."""
+    rgba = np.zeros((20, 40, 4), np.uint8)
+    yy, xx = np.mgrid[0:20, 0:40]
+    rgba[(yy - 10) ** 2 + (xx - 20) ** 2 < 64] = (250, 210, 20, 255)
+    rgba[9:11, 0:40] = (0, 0, 0, 255)
+    rgba[9:11, 0] = rgba[9:11, 39] = (0, 0, 0, 128)
+    return Image.fromarray(rgba, "RGBA")
+
+
+def test_the_logo_s_own_pixels_go_in_the_box_and_its_transparency_keeps_the_image():
+    image = Image.new("RGB", (100, 80), (30, 90, 160))
+    out, landed = workflows.place_logo(image, _badge(), [10, 10, 90, 70])
+    pixels = np.asarray(out)
+    # Fitted with its 2:1 kept (80 × 40), centred in the 80 × 60 box: rows 20–59.
+    assert tuple(pixels[40, 50]) == (0, 0, 0)  # the bar, mid-way
+    assert tuple(pixels[30, 50]) == (250, 210, 20)  # the disc above it
+    assert tuple(pixels[25, 15]) == (30, 90, 160) and tuple(pixels[15, 50]) == (30, 90, 160)  # transparent: the image's
+    assert not landed[25, 15] and landed[30, 50] and not landed[:20].any() and not landed[60:].any()
+    assert np.array_equal(pixels[~landed], np.asarray(image)[~landed])
+    # The half-transparent end of the bar is half the logo, half the image.
+    end = pixels[40, 10]
+    assert all(abs(int(v) - c / 2) <= 20 for v, c in zip(end, (30, 90, 160)))
+
+
+def test_a_logo_never_changes_a_pixel_its_mask_forbids():
+    image = Image.new("RGB", (100, 80), (30, 90, 160))
+    allowed = np.zeros((80, 100), np.uint8)
+    allowed[:, :50] = 255  # only the left half of the box
+    out, landed = workflows.place_logo(image, _badge(), [10, 10, 90, 70], Image.fromarray(allowed, "L"))
+    assert np.array_equal(np.asarray(out)[:, 50:], np.asarray(image)[:, 50:]) and not landed[:, 50:].any()
+    assert tuple(np.asarray(out)[40, 30]) == (0, 0, 0)
+    # An opaque logo is a rectangle: it fills its fitted box, the rest stays.
+    solid, landed = workflows.place_logo(image, Image.new("RGB", (20, 10), (250, 210, 20)), [0, 0, 100, 80])
+    assert landed.sum() == 100 * 50 and landed[15:65].all()
+    assert (np.asarray(solid)[15:65] == (250, 210, 20)).all()
+
+
+def test_a_logo_placement_s_mask_is_where_the_logo_went_and_what_the_model_changed():
+    region = np.zeros((80, 100), np.uint8)
+    region[0:5, 0:5] = 255  # a change of the model's elsewhere
+    done = workflows.finish("logo-placement", Image.new("RGB", (100, 80)), Image.fromarray(region, "L"), source_size=(100, 80),
+                            placement_box=[10, 10, 90, 70], logo=_badge())
+    mask = np.asarray(done.mask)
+    assert mask[40, 50] == 255 and mask[2, 2] == 255 and mask[15, 50] == 0
+    assert done.extra["placement"] == [10, 10, 90, 70]
+    (x0, y0, x1, y1), model = done.extra["boxes"]
+    assert (x0, x1) == (10, 90) and 20 <= y0 < y1 <= 60 and model == [0, 0, 5, 5]  # the bar spans the fitted width
+
+
 def _disc_scene() -> tuple[Image.Image, np.ndarray]:
     """A vertical-gradient background, a red disc (antialiased rim) and a teal square; the disc's mask."""
     rgb = np.zeros((64, 64, 3), np.float32)
@@ -189,6 +240,23 @@ def test_the_cli_logo_placement_picks_and_prints_a_spot_and_keeps_the_rest(tmp_p
     outside = np.ones(before.shape[:2], bool)
     outside[y0:y1, x0:x1] = False
     assert np.array_equal(before[outside], after[outside])
+    # The logo's own pixels fill its box (an opaque logo is a rectangle), whatever the model drew.
+    assert (after[y0:y1, x0:x1] == (250, 210, 20)).all()
+
+
+def test_the_cli_lays_a_transparent_logo_in_the_mask_s_box(tmp_path):
+    src, out, mask = _scene(tmp_path / "in.png"), tmp_path / "out.png", tmp_path / "mask.png"
+    _badge().save(tmp_path / "logo.png")
+    where = np.zeros((48, 64), np.uint8)
+    where[30:46, 32:64] = 255
+    Image.fromarray(where, "L").save(mask)
+    r = CliRunner().invoke(app, ["workflow", "logo-placement", str(src), "--reference", str(tmp_path / "logo.png"), "--mask", str(mask),
+                                 "-o", str(out), "--steps", "2", "--seed", "3"])
+    assert r.exit_code == 0, r.output
+    after, before = np.asarray(Image.open(out).convert("RGB")), np.asarray(Image.open(src).convert("RGB"))
+    assert "placement: [32, 30, 64, 46]" in r.output
+    assert tuple(after[38, 48]) == (0, 0, 0) and tuple(after[34, 48]) == (250, 210, 20)  # bar and disc, in a 32 × 16 box
+    assert np.array_equal(after[where == 0], before[where == 0])
 
 
 @pytest.mark.parametrize("args, says", [(["background-replace"], "--reference"), (["no-such-flow"], "no workflow")])

@@ -266,8 +266,9 @@ def drift_scores(sequences: list[list[Example]], turn_outputs: list[list[Image.I
 def score_row(name: str, editor: Editor, heldout_set: dict[str, list[Example]], sequences: list[list[Example]],
               on_edit: Callable[[], None] | None = None, *, workflows_too: bool = True) -> tuple[dict, Outputs]:
     """One row's figures. `workflows_too`: with a segment family, the editor also makes the
-    segmentation workflow's own edits (bench/workflows.py), which run with preserve auto, so a
-    row of raw outputs leaves them out."""
+    segmentation workflow's own edits (bench/workflows.py), and an emblem family's outputs are
+    scored as the logo-placement workflow returns them; both run with preserve auto, so a row
+    of raw outputs leaves them out."""
     outputs = run_single(editor, heldout_set, on_edit)
     outputs.turns = run_turns(editor, sequences, on_edit)
     families = {f: _score(examples, outputs.images[f], outputs.verdicts[f]) for f, examples in heldout_set.items()}
@@ -284,7 +285,7 @@ def score_row(name: str, editor: Editor, heldout_set: dict[str, list[Example]], 
     segmentation = None
     if workflows_too and heldout_set.get("segment"):
         segmentation = [editor(ex, ex.context) for ex in map(workflows.workflow_example, heldout_set["segment"])]
-    scores = workflows.workflow_scores(heldout_set, outputs.images, outputs.verdicts, segmentation)
+    scores = workflows.workflow_scores(heldout_set, outputs.images, outputs.verdicts, segmentation, workflows_too)
     if scores:
         row["workflows"] = scores
     return row, outputs

@@ -105,6 +105,10 @@ def workflow_table(results: dict) -> tuple[list[str], list[list[str]]]:
             if "workflow_iou" in s:  # the segmentation workflow's own mask (bench/workflows.py)
                 lines.append([family, row["name"] + ", the workflow's mask: what removing the object changed", str(s["n"]), "–",
                               "mask IoU (share ≥ 0.9)", f"{s['workflow_iou']:.2f} ({fmt_rate(s['workflow_at_goal'])})", "–", "–"])
+            if "workflow_box_psnr" in s:  # the logo-placement workflow's output (bench/workflows.py)
+                lines.append([family, row["name"] + ", the logo-placement workflow: the logo laid in a box at the place", str(s["n"]),
+                              fmt_rate(s["workflow_success"]), names["box_psnr"], fmt_db(s["workflow_box_psnr"]),
+                              fmt_db(s["workflow_kept_psnr"]), fmt_rate(s["workflow_kept_at_goal"])])
     return headers, lines
 
 
@@ -169,8 +173,10 @@ def _workflow_section(results: dict) -> str:
 Exact-mask figures (`incontext/bench/workflows.py`): the removed object's pixels against what was
 behind it, the background against the second image's, the emblem's box against the target's, the
 output split at mid-grey against the object's mask (IoU: the model asked for a mask in the held-out
-words), and the segmentation workflow's own mask as a user gets it (it removes the object named by its
-colour and kind, and the mask is what that changed); **kept**: PSNR to the input outside the change.
+words), the segmentation workflow's own mask as a user gets it (it removes the object named by its
+colour and kind, and the mask is what that changed), and the logo-placement workflow's output as a user
+gets it who marks the place with a box (the model's edit in the box, the logo's own pixels laid in it);
+**kept**: PSNR to the input outside the change.
 
 {markdown_table(*workflow_table(results))}
 

@@ -3,6 +3,8 @@
 - remove: the removed object's pixels filled with what was behind it (PSNR to the target there);
 - bgref: the background taken from the second image (PSNR to the target on the background);
 - emblem: the emblem at the place asked (PSNR to the target in the emblem's box, grown 2 px);
+  and the logo-placement workflow's output as a user with a box around that place gets it
+  (`logo_output`: the model's edit inside the box, the logo's own pixels laid in it);
 - segment: IoU of the output split at mid-grey against the object's exact mask (the model
   asked for a mask in the held-out words), and of the segmentation workflow's own mask as a
   user gets it (`workflow_example`: it removes the object named by its colour and kind, and
@@ -16,14 +18,16 @@ mask), with the share of examples at or over the 40 dB goal. Success is the chec
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from incontext import workflows
 from incontext.bench import checks
 from incontext.world.edits import Example, build_example
-from incontext.world.workflows import BENCH_FAMILIES, exact_mask
+from incontext.world.scene import object_mask
+from incontext.world.workflows import BENCH_FAMILIES, EMBLEM_INNER, REFERENCE_EMBLEM_SIZE, exact_mask
 
 KEPT_GOAL_DB = 40.0
 SEGMENT_GOAL_IOU = 0.9  # issue 20's goal for a segmentation mask (checks.SEGMENT_MIN_IOU is the edit's pass mark)
@@ -61,10 +65,39 @@ def workflow_example(ex: Example) -> Example:
     return build_example("remove", ex.scene, (ex.scene.without(i), plan.prompt, {"index": i}))
 
 
+def logo_file(ex: Example) -> Image.Image:
+    """The logo a user would upload for a held-out emblem example: the second image's emblem
+    cut out of its paper (RGBA: transparent where the paper shows, an antialiased rim as much
+    as it is the outer shape's colour), cropped to it."""
+    i, rgb = ex.info["index"], np.asarray(ex.reference.convert("RGB"), np.float32)
+    paper, outer = rgb[0, 0], np.array(ex.target_scene.objects[i].rgb, np.float32)  # the emblem is drawn in the middle
+    # The outer shape's rim is a blend of it and the paper only: its share is the projection.
+    alpha = np.clip((rgb - paper) @ (outer - paper) / float((outer - paper) @ (outer - paper)), 0, 1)
+    # The inner shape, as the second image draws it (world/workflows.py), is wholly the emblem.
+    inner = replace(ex.target_scene.objects[i + 1], cx=0.5, cy=0.5, size=REFERENCE_EMBLEM_SIZE * EMBLEM_INNER)
+    inside = object_mask(replace(ex.target_scene, objects=(inner,)), 0)
+    alpha[np.asarray(Image.fromarray(inside).filter(ImageFilter.MaxFilter(3)))] = 1.0
+    ys, xs = np.nonzero(alpha * 255 >= 0.5)
+    rgba = np.dstack([rgb, alpha * 255])[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    return Image.fromarray(np.rint(rgba).astype(np.uint8), mode="RGBA")
+
+
+def logo_output(ex: Example, output: Image.Image) -> Image.Image:
+    """The logo-placement workflow's output for a held-out emblem example, as a user gets it who
+    marks the place asked with a box (the bounding box of what the exact edit changes): the
+    model's edit kept inside the box only (the workflow's mask), the logo's own pixels laid in it."""
+    changed = np.any(np.asarray(ex.target) != np.asarray(ex.context), axis=-1)
+    ys, xs = np.nonzero(changed)
+    where = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+    allowed = workflows.box_mask(ex.context.size, where)
+    return workflows.place_logo(Image.composite(output, ex.context, allowed), logo_file(ex), where, allowed)[0]
+
+
 def family_scores(examples: list[Example], outputs: list[Image.Image], verdicts: list,
-                  workflow_outputs: list[Image.Image] | None = None) -> dict:
+                  workflow_outputs: list[Image.Image] | None = None, workflows_too: bool = False) -> dict:
     """One workflow family's figures for one row; `workflow_outputs`, a segment family's
-    outputs of `workflow_example`, gives the segmentation workflow's own figures."""
+    outputs of `workflow_example`, gives the segmentation workflow's own figures;
+    `workflows_too`, an emblem family's the logo-placement workflow's (`logo_output`)."""
     family = examples[0].family
     scored = [v for v in verdicts if v is not None]
     out = {"n": len(examples), "success": sum(v.success for v in scored) / len(scored) if scored else None}
@@ -79,11 +112,18 @@ def family_scores(examples: list[Example], outputs: list[Image.Image], verdicts:
     kept = [checks.mse(o, ex.context, ~ex.mask) for ex, o in zip(examples, outputs)]
     out["kept_psnr"] = _db_of_mean(kept)
     out["kept_at_goal"] = float(np.mean([checks.db(e) >= KEPT_GOAL_DB for e in kept]))
+    if family == "emblem" and workflows_too:  # what the logo-placement workflow returns
+        placed = [logo_output(ex, o) for ex, o in zip(examples, outputs)]
+        out["workflow_success"] = float(np.mean([checks.CHECKS["emblem"](ex, p) for ex, p in zip(examples, placed)]))
+        out["workflow_box_psnr"] = _db_of_mean([checks.mse(p, ex.target, _region(ex)) for ex, p in zip(examples, placed)])
+        kept = [checks.mse(p, ex.context, ~ex.mask) for ex, p in zip(examples, placed)]
+        out["workflow_kept_psnr"] = _db_of_mean(kept)
+        out["workflow_kept_at_goal"] = float(np.mean([checks.db(e) >= KEPT_GOAL_DB for e in kept]))
     return out
 
 
 def workflow_scores(heldout_set: dict[str, list[Example]], images: dict[str, list[Image.Image]], verdicts: dict[str, list],
-                    segmentation_outputs: list[Image.Image] | None = None) -> dict:
+                    segmentation_outputs: list[Image.Image] | None = None, workflows_too: bool = False) -> dict:
     """{family: figures} for the workflow families in the held-out set (removal among them)."""
-    return {f: family_scores(heldout_set[f], images[f], verdicts[f], segmentation_outputs if f == "segment" else None)
+    return {f: family_scores(heldout_set[f], images[f], verdicts[f], segmentation_outputs if f == "segment" else None, workflows_too)
             for f in BENCH_FAMILIES if heldout_set.get(f)}

@@ -114,8 +114,8 @@ class _DecodeSlots:
 _decode_slots = _DecodeSlots()
 
 
-def decode_stored(data: bytes, settings: Settings) -> Image.Image:
-    limits = {"max_bytes": settings.max_image_bytes, "max_pixels": settings.max_image_pixels}
+def decode_stored(data: bytes, settings: Settings, keep_alpha: bool = False) -> Image.Image:
+    limits = {"max_bytes": settings.max_image_bytes, "max_pixels": settings.max_image_pixels, "keep_alpha": keep_alpha}
     with _decode_slots(settings.max_concurrent_decodes):
         if data[:5].lower() == b"data:":
             return imageio.decode_data_uri(data.decode("ascii", "replace"), **limits)

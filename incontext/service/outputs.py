@@ -32,7 +32,7 @@ from incontext.errors import IncontextError
 from incontext.service.db import utcnow
 from incontext.service import contentfilter, memory
 from incontext.service.errors import NotFound
-from incontext.service.inputs import RunInput
+from incontext.service.inputs import RunInput, decode_stored
 from incontext.service.models import Run
 from incontext.service.runparams import RunParams
 from incontext.service.storage import Storage
@@ -66,6 +66,7 @@ def _store(run: Run, run_input: RunInput, result: EditResult, storage: Storage, 
     items, preserve_ms = [], 0.0
     canvas = _Canvas(run, run_input, storage, settings)
     allowed = _client_mask(run, run_input, storage, settings) if params.mask else None
+    logo = _logo(run, storage, settings) if params.workflow == "logo-placement" else None
     for index, (edited, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
         started = time.perf_counter()
         change = result.change_maps[index] if result.change_maps else None
@@ -73,7 +74,7 @@ def _store(run: Run, run_input: RunInput, result: EditResult, storage: Storage, 
         extra = {}
         if params.workflow:  # what the workflow promises beyond the image: its mask, boxes, placement
             done = workflows.finish(params.workflow, image, mask, source_size=run_input.source_size, placement_box=params.placement,
-                                    source=canvas.get() if params.workflow == "segmentation" else None)
+                                    source=canvas.get() if params.workflow == "segmentation" else None, logo=logo, allowed=allowed)
             image, mask, extra = done.image, done.mask, done.extra
         preserve_ms += (time.perf_counter() - started) * 1000
         try:
@@ -148,6 +149,15 @@ def _client_mask(run: Run, run_input: RunInput, storage: Storage, settings: Sett
     if mask is None:
         raise IncontextError("the run's mask file is gone", code="INPUT_LOST")
     return mask
+
+
+def _logo(run: Run, storage: Storage, settings: Settings) -> Image.Image:
+    """A logo placement's logo at its own size (the engine saw it fitted to the output): the
+    run's first reference, read back from storage as a restarted run reads it."""
+    stored = storage.read_references(run.id, 1)
+    if stored is None:
+        raise IncontextError("the run's logo file is gone", code="INPUT_LOST")
+    return decode_stored(stored[0], settings, keep_alpha=True)
 
 
 def _preserved(run: Run, run_input: RunInput, canvas: _Canvas, edited: Image.Image, change: np.ndarray | None,

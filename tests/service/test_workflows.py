@@ -142,6 +142,8 @@ def test_logo_placement_with_a_mask_changes_nothing_outside_it(client):
     image, source = decoded(out["url"]), np.asarray(scene())
     assert np.array_equal(image[mask == 0], source[mask == 0])
     assert out["placement"] == [60, 40, 92, 60]  # the mask's bounding box
+    # The logo's own pixels, its 2:1 fitted to the box (32 × 16, centred): yellow, and the black bar.
+    assert tuple(image[44, 76]) == (250, 210, 20) and tuple(image[50, 76]) == (0, 0, 0)
 
 
 def test_logo_placement_without_a_mask_reports_its_placement_and_keeps_it(client):

@@ -270,6 +270,8 @@ def _workflow_local(flow, inp, fields, server, api_key):
         box = workflows.mask_box(mask) if mask is not None else workflows.placement(source, logo.size)
         mask = mask if mask is not None else workflows.box_mask(source.size, box)
         prompt = prompt.replace("{position}", workflows.position_name(box, source.size))
+    if plan.backdrop:  # as submission.prepare does: only the backdrop may change, if the input has one
+        mask = workflows.backdrop_mask(source)
     _, results = _edit_local(plan.images[0], prompt, inp.seed, inp.guidance_scale, inp.num_inference_steps, 1, None, None,
                              plan.preserve, list(plan.images[1:]), mask)
     image, region, _ = results[0]

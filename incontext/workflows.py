@@ -92,6 +92,7 @@ class Plan:
     mask: str | None = None  # where the edit may happen (the existing mask input)
     preserve: Literal["auto", "off"] = "auto"
     place: bool = False  # pick a placement box on the decoded image and allow the edit only there
+    backdrop: bool = False  # allow the edit only on the decoded image's backdrop (`backdrop_mask`), when it has one
 
 
 def _thing(text: str) -> str:
@@ -106,10 +107,12 @@ def plan_object_removal(inp: ObjectRemovalInput) -> Plan:
 
 
 def plan_background_replace(inp: BackgroundReplaceInput) -> Plan:
-    # The reference is the edit's second image (EditRequest.references); preserve keeps every
-    # pixel the model did not change, so the subject stays the input's where it was left alone.
+    # The reference is the edit's second image (EditRequest.references). The edit may change
+    # only the input's backdrop (`backdrop_mask`), so the subject stays the input's bit for bit;
+    # on an input with no plain backdrop, preserve keeps every pixel the model did not change.
     prompt = inp.prompt or "replace the background with the one in the second image"
-    return Plan("background-replace", prompt, (inp.image_url, inp.reference_image_url), ("image_url", "reference_image_url"))
+    return Plan("background-replace", prompt, (inp.image_url, inp.reference_image_url), ("image_url", "reference_image_url"),
+                backdrop=True)
 
 
 def plan_logo_placement(inp: LogoPlacementInput) -> Plan:
@@ -247,7 +250,48 @@ def place_logo(image: Image.Image, logo: Image.Image, box: Box, allowed: Image.I
     return Image.fromarray(np.rint(out).astype(np.uint8)), landed
 
 
-# 4. The result, as each workflow promises it.
+# 4. Background replacement: the backdrop, found on the input. A subject photographed on a
+# backdrop (a plain or gently graded studio sweep, the world's backgrounds) is whatever is not
+# that backdrop's colour where it stands: the colour is fitted to the image's border as a
+# plane in x and y per channel, refitted without the border pixels off it by more than
+# BACKDROP_TOLERANCE (a subject touching the edge), and a pixel that close to the plane is
+# backdrop. An input whose border does not fit (a scene, a pattern) has no backdrop.
+BACKDROP_TOLERANCE = 24  # levels per RGB channel, as segments.TOLERANCE
+MIN_BORDER_FIT = 0.6  # of the border's pixels on the plane
+MIN_BACKDROP_SHARE = 0.1  # of the image's pixels
+_BAND_PIXELS = 1 << 20  # rows tested at a time: a 40 MP input never holds its plane whole
+
+
+def backdrop_mask(image: Image.Image) -> Image.Image | None:
+    """An "L" mask (0/255, the image's size) of the image's backdrop grown by one pixel, so the
+    subject's antialiased rim, half old backdrop, may change with it; None when it has none."""
+    rgb = np.asarray(image.convert("RGB"))
+    h, w, _ = rgb.shape
+    ys = np.concatenate([np.zeros(w), np.full(w, h - 1), np.arange(h), np.arange(h)])
+    xs = np.concatenate([np.arange(w), np.arange(w), np.zeros(h), np.full(h, w - 1)])
+    colours = rgb[ys.astype(int), xs.astype(int)].astype(np.float64)
+    design = np.stack([np.ones_like(xs), xs / max(1, w - 1), ys / max(1, h - 1)], 1)
+    on = np.ones(len(xs), bool)
+    for _ in range(3):
+        if on.sum() < 3:
+            return None
+        plane = np.linalg.lstsq(design[on], colours[on], rcond=None)[0]  # (3 terms, 3 channels)
+        on = np.abs(colours - design @ plane).max(1) <= BACKDROP_TOLERANCE
+    if on.mean() < MIN_BORDER_FIT:
+        return None
+    backdrop = np.zeros((h, w), bool)
+    gx = (np.arange(w) / max(1, w - 1))[:, None] * plane[1] + plane[0]  # (w, 3)
+    band = max(1, _BAND_PIXELS // w)
+    for y0 in range(0, h, band):
+        rows = np.arange(y0, min(h, y0 + band))
+        expected = gx[None] + (rows / max(1, h - 1))[:, None, None] * plane[2]
+        backdrop[rows] = segments.distance(rgb[rows].astype(np.float32), expected.astype(np.float32)) <= BACKDROP_TOLERANCE
+    if backdrop.mean() < MIN_BACKDROP_SHARE:
+        return None
+    return Image.fromarray(np.where(backdrop, 255, 0).astype(np.uint8), mode="L").filter(ImageFilter.MaxFilter(3))
+
+
+# 5. The result, as each workflow promises it.
 @dataclass
 class Finished:
     image: Image.Image

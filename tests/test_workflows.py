@@ -104,6 +104,23 @@ def test_a_logo_placement_s_mask_is_where_the_logo_went_and_what_the_model_chang
     assert (x0, x1) == (10, 90) and 20 <= y0 < y1 <= 60 and model == [0, 0, 5, 5]  # the bar spans the fitted width
 
 
+def test_the_backdrop_is_what_has_the_border_s_graded_colour_and_a_subject_on_it_is_not():
+    h, w = 60, 80
+    yy, xx = np.mgrid[0:h, 0:w]
+    pixels = np.stack([150 + xx * 0.8, 170 + yy * 0.5, 200 - xx * 0.3], -1)  # a studio sweep, graded both ways
+    disc = (xx - 30) ** 2 + (yy - 30) ** 2 < 12**2
+    pixels[disc] = (200, 30, 30)
+    pixels[40:, 60:] = (40, 160, 140)  # a square cut off by the bottom right corner
+    mask = workflows.backdrop_mask(Image.fromarray(pixels.astype(np.uint8)))
+    backdrop = np.asarray(mask) > 0
+    assert set(np.unique(np.asarray(mask))) == {0, 255}
+    assert not backdrop[(xx - 30) ** 2 + (yy - 30) ** 2 < 10**2].any() and not backdrop[41:, 61:].any()
+    assert backdrop[~disc & ~((yy >= 39) & (xx >= 59))].all()  # the rest, and the subject's rim with it
+    assert backdrop[30, 41] and not backdrop[30, 40]  # the disc's outermost pixel (its rim) may change with the backdrop
+    rng = np.random.default_rng(0)
+    assert workflows.backdrop_mask(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))) is None  # no backdrop
+
+
 def _disc_scene() -> tuple[Image.Image, np.ndarray]:
     """A vertical-gradient background, a red disc (antialiased rim) and a teal square; the disc's mask."""
     rgb = np.zeros((64, 64, 3), np.float32)

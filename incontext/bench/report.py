@@ -86,6 +86,10 @@ def drift_table(results: dict) -> tuple[list[str], list[list[str]]]:
     return headers, lines
 
 
+WORKFLOW_LINES = {"bgref": ", the background-replace workflow: only the input's backdrop may change",
+                  "emblem": ", the logo-placement workflow: the logo laid in a box at the place"}
+
+
 def workflow_table(results: dict) -> tuple[list[str], list[list[str]]]:
     """One line per workflow family and row: success, the family's own exact-mask figure, and
     the subject kept (PSNR to the input outside the change; share at the 40 dB goal)."""
@@ -105,10 +109,9 @@ def workflow_table(results: dict) -> tuple[list[str], list[list[str]]]:
             if "workflow_iou" in s:  # the segmentation workflow's own mask (bench/workflows.py)
                 lines.append([family, row["name"] + ", the workflow's mask: what removing the object changed", str(s["n"]), "–",
                               "mask IoU (share ≥ 0.9)", f"{s['workflow_iou']:.2f} ({fmt_rate(s['workflow_at_goal'])})", "–", "–"])
-            if "workflow_box_psnr" in s:  # the logo-placement workflow's output (bench/workflows.py)
-                lines.append([family, row["name"] + ", the logo-placement workflow: the logo laid in a box at the place", str(s["n"]),
-                              fmt_rate(s["workflow_success"]), names["box_psnr"], fmt_db(s["workflow_box_psnr"]),
-                              fmt_db(s["workflow_kept_psnr"]), fmt_rate(s["workflow_kept_at_goal"])])
+            if "workflow_value" in s:  # the background-replace or logo-placement workflow's output (bench/workflows.py)
+                lines.append([family, row["name"] + WORKFLOW_LINES[family], str(s["n"]), fmt_rate(s["workflow_success"]), names[figure],
+                              fmt_db(s["workflow_value"]), fmt_db(s["workflow_kept_psnr"]), fmt_rate(s["workflow_kept_at_goal"])])
     return headers, lines
 
 
@@ -175,7 +178,8 @@ behind it, the background against the second image's, the emblem's box against t
 output split at mid-grey against the object's mask (IoU: the model asked for a mask in the held-out
 words), the segmentation workflow's own mask as a user gets it (it removes the object named by its
 colour and kind, and the mask is what that changed), and the logo-placement workflow's output as a user
-gets it who marks the place with a box (the model's edit in the box, the logo's own pixels laid in it);
+gets it who marks the place with a box (the model's edit in the box, the logo's own pixels laid in it),
+and the background-replace workflow's (the edit kept on the input's backdrop only);
 **kept**: PSNR to the input outside the change.
 
 {markdown_table(*workflow_table(results))}

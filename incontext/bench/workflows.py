@@ -4,7 +4,9 @@
 - bgref: the background taken from the second image (PSNR to the target on the background);
 - emblem: the emblem at the place asked (PSNR to the target in the emblem's box, grown 2 px);
   and the logo-placement workflow's output as a user with a box around that place gets it
-  (`logo_output`: the model's edit inside the box, the logo's own pixels laid in it);
+  (`logo_output`: the model's edit inside the box, the logo's own pixels laid in it); and
+  for bgref, the background-replace workflow's output (`backdrop_output`: the edit kept on the
+  input's backdrop only);
 - segment: IoU of the output split at mid-grey against the object's exact mask (the model
   asked for a mask in the held-out words), and of the segmentation workflow's own mask as a
   user gets it (`workflow_example`: it removes the object named by its colour and kind, and
@@ -93,11 +95,24 @@ def logo_output(ex: Example, output: Image.Image) -> Image.Image:
     return workflows.place_logo(Image.composite(output, ex.context, allowed), logo_file(ex), where, allowed)[0]
 
 
+def backdrop_output(ex: Example, output: Image.Image) -> Image.Image:
+    """The background-replace workflow's output for a held-out bgref example: the model's edit
+    (preserved) kept only on the input's backdrop (workflows.backdrop_mask), as the workflow's
+    mask keeps it; an input with no backdrop keeps the edit whole."""
+    backdrop = workflows.backdrop_mask(ex.context)
+    return output if backdrop is None else Image.composite(output, ex.context, backdrop)
+
+
+# Per family, its workflow's output from the model's edit, where the workflow does more than the edit.
+WORKFLOW_OUTPUTS = {"bgref": backdrop_output, "emblem": logo_output}
+
+
 def family_scores(examples: list[Example], outputs: list[Image.Image], verdicts: list,
                   workflow_outputs: list[Image.Image] | None = None, workflows_too: bool = False) -> dict:
     """One workflow family's figures for one row; `workflow_outputs`, a segment family's
     outputs of `workflow_example`, gives the segmentation workflow's own figures;
-    `workflows_too`, an emblem family's the logo-placement workflow's (`logo_output`)."""
+    `workflows_too`, bgref's and emblem's the background-replace and logo-placement workflows'
+    (WORKFLOW_OUTPUTS)."""
     family = examples[0].family
     scored = [v for v in verdicts if v is not None]
     out = {"n": len(examples), "success": sum(v.success for v in scored) / len(scored) if scored else None}
@@ -112,11 +127,11 @@ def family_scores(examples: list[Example], outputs: list[Image.Image], verdicts:
     kept = [checks.mse(o, ex.context, ~ex.mask) for ex, o in zip(examples, outputs)]
     out["kept_psnr"] = _db_of_mean(kept)
     out["kept_at_goal"] = float(np.mean([checks.db(e) >= KEPT_GOAL_DB for e in kept]))
-    if family == "emblem" and workflows_too:  # what the logo-placement workflow returns
-        placed = [logo_output(ex, o) for ex, o in zip(examples, outputs)]
-        out["workflow_success"] = float(np.mean([checks.CHECKS["emblem"](ex, p) for ex, p in zip(examples, placed)]))
-        out["workflow_box_psnr"] = _db_of_mean([checks.mse(p, ex.target, _region(ex)) for ex, p in zip(examples, placed)])
-        kept = [checks.mse(p, ex.context, ~ex.mask) for ex, p in zip(examples, placed)]
+    if workflows_too and family in WORKFLOW_OUTPUTS:  # what the family's workflow returns
+        made = [WORKFLOW_OUTPUTS[family](ex, o) for ex, o in zip(examples, outputs)]
+        out["workflow_success"] = float(np.mean([checks.verdict(ex, m).success for ex, m in zip(examples, made)]))
+        out["workflow_value"] = _db_of_mean([checks.mse(m, ex.target, _region(ex)) for ex, m in zip(examples, made)])
+        kept = [checks.mse(m, ex.context, ~ex.mask) for ex, m in zip(examples, made)]
         out["workflow_kept_psnr"] = _db_of_mean(kept)
         out["workflow_kept_at_goal"] = float(np.mean([checks.db(e) >= KEPT_GOAL_DB for e in kept]))
     return out

@@ -270,6 +270,9 @@ def prepare(
             image = workflows.box_mask(source.image.size, placement)
             mask = MaskImage(data=imageio.encode_image(image, "png"), image=image)
         prompt = prompt.replace("{position}", workflows.position_name(placement, source.image.size))
+    if plan is not None and plan.backdrop and (backdrop := workflows.backdrop_mask(source.image)) is not None:
+        # The edit may change only the backdrop, stored as the run's mask as a client's is.
+        mask = MaskImage(data=imageio.encode_image(backdrop, "png"), image=backdrop)
     try:
         images = (source.image, *(r.image for r in references))
         contentfilter.check(settings.content_filter, contentfilter.ContentCheck("input", preset.id, prompt, images))

@@ -167,8 +167,13 @@ def test_workflow_rows_score_each_family_against_its_exact_mask(model_dir, tmp_p
     # The logo-placement workflow lays the logo's own pixels in the box at the place asked,
     # whatever the model drew there (the input left unchanged, here), and nothing else.
     assert i["emblem"]["workflow_success"] == 1.0 and i["emblem"]["workflow_kept_psnr"] == math.inf
-    assert i["emblem"]["workflow_box_psnr"] > 20 > i["emblem"]["box_psnr"]
+    assert i["emblem"]["workflow_value"] > 20 > i["emblem"]["box_psnr"]
     assert "the logo-placement workflow" in (tmp_path / "report.md").read_text()
+    # The background-replace workflow lets the edit change only the input's backdrop: the exact
+    # replacement passes as it is, and whatever the model does, the objects stay the input's.
+    assert t["bgref"]["workflow_success"] == 1.0 and t["bgref"]["workflow_value"] > 40
+    assert m["bgref"]["workflow_kept_psnr"] >= 40 > m["bgref"]["kept_psnr"]
+    assert "the background-replace workflow" in (tmp_path / "report.md").read_text()
     assert all(i[f]["kept_psnr"] == math.inf and i[f]["kept_at_goal"] == 1.0 for f in ("remove", "bgref", "emblem"))
     assert i["remove"]["fill_psnr"] < 30  # the object left in place is not the background
     assert not any(math.isnan(m[f]["kept_psnr"]) for f in ("remove", "bgref", "emblem"))

@@ -132,6 +132,10 @@ def test_background_replace_keeps_every_pixel_outside_its_change_region(client):
     assert np.array_equal(image[region == 0], source[region == 0])
     assert_boxes_inside(out["boxes"])
     assert done["input"]["reference_image_url"].startswith("data:image/png;base64,<")
+    # Only the backdrop may change: the circle and the square (but for a pixel of rim) are the input's.
+    yy, xx = np.mgrid[: source.shape[0], : source.shape[1]]
+    subject = ((xx - 24) ** 2 + (yy - 32) ** 2 < 12**2) | ((yy >= 17) & (yy < 47) & (xx >= 61) & (xx < 87))
+    assert np.array_equal(image[subject], source[subject]) and not (region[subject] > 0).any()
 
 
 def test_logo_placement_with_a_mask_changes_nothing_outside_it(client):

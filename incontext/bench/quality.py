@@ -266,9 +266,9 @@ def drift_scores(sequences: list[list[Example]], turn_outputs: list[list[Image.I
 def score_row(name: str, editor: Editor, heldout_set: dict[str, list[Example]], sequences: list[list[Example]],
               on_edit: Callable[[], None] | None = None, *, workflows_too: bool = True) -> tuple[dict, Outputs]:
     """One row's figures. `workflows_too`: with a segment family, the editor also makes the
-    segmentation workflow's own edits (bench/workflows.py), and an emblem family's outputs are
-    scored as the logo-placement workflow returns them; both run with preserve auto, so a row
-    of raw outputs leaves them out."""
+    segmentation workflow's own edits (bench/workflows.py), and bgref's and emblem's outputs
+    are scored as the background-replace and logo-placement workflows return them too; all run
+    with preserve auto, so a row of raw outputs leaves them out."""
     outputs = run_single(editor, heldout_set, on_edit)
     outputs.turns = run_turns(editor, sequences, on_edit)
     families = {f: _score(examples, outputs.images[f], outputs.verdicts[f]) for f, examples in heldout_set.items()}

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from incontext import imageio, segments
+from incontext import imageio, preserve, segments
 
 MAX_PROMPT_LENGTH = 4000  # as the runs API's prompt (service/schemas.py)
 Box = list[int]  # [x0, y0, x1, y1], x1 and y1 exclusive
@@ -218,31 +218,19 @@ def mask_box(mask: Image.Image) -> Box | None:
 
 
 def place_logo(image: Image.Image, logo: Image.Image, box: Box, allowed: Image.Image | None = None) -> tuple[Image.Image, np.ndarray]:
-    """`image` with `logo` (RGB, or RGBA to keep its transparency) scaled to fit `box` (its
-    aspect kept, centred) and laid over it, and where it landed ((h, w) bool). Nothing changes
-    where `allowed` (an "L" mask at the image's size) is black, so a client's mask holds bit for bit.
-    Only the logo's box is worked on in floats: a 40 MP image costs no more than a small one."""
+    """`image` with `logo` (RGB, or RGBA to keep its transparency) scaled to fit `box` (inside
+    the image; its aspect kept, centred) and laid over it, and where it landed ((h, w) bool).
+    Nothing changes where `allowed` (an "L" mask at the image's size) is black, so a client's
+    mask holds bit for bit: the blend is preservation's own (preserve.compose)."""
     bw, bh = box[2] - box[0], box[3] - box[1]
     scale = min(bw / logo.width, bh / logo.height)
     fw, fh = max(1, round(logo.width * scale)), max(1, round(logo.height * scale))
     x0, y0 = box[0] + (bw - fw) // 2, box[1] + (bh - fh) // 2
     # Pillow resizes RGBA premultiplied, so what is transparent does not bleed into the edge.
     fitted = logo.convert("RGBA").resize((fw, fh), Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC)
-    landed = np.zeros((image.height, image.width), bool)
-    # The part that falls inside the image (a box may reach past its edge).
-    ix0, iy0, ix1, iy1 = max(0, x0), max(0, y0), min(image.width, x0 + fw), min(image.height, y0 + fh)
-    out = image.convert("RGB")  # a copy, even of an RGB image
-    if ix1 <= ix0 or iy1 <= iy0:
-        return out, landed
-    rgba = np.asarray(fitted.crop((ix0 - x0, iy0 - y0, ix1 - x0, iy1 - y0)), np.float32)
-    a = rgba[..., 3] / 255
-    if allowed is not None:
-        a = a * np.asarray(allowed.convert("L").crop((ix0, iy0, ix1, iy1)), np.float32) / 255
-    under = np.asarray(out.crop((ix0, iy0, ix1, iy1)), np.float32)
-    blended = rgba[..., :3] * a[..., None] + under * (1 - a[..., None])
-    out.paste(Image.fromarray(np.rint(np.clip(blended, 0, 255)).astype(np.uint8)), (ix0, iy0))
-    landed[iy0:iy1, ix0:ix1] = a * 255 >= 0.5  # what rounds to a changed pixel
-    return out, landed
+    alpha = np.asarray(fitted.getchannel("A"), np.float32) / 255
+    laid = preserve.compose(image, (x0, y0, x0 + fw, y0 + fh), fitted.convert("RGB"), alpha, allowed)
+    return laid.image, np.asarray(laid.mask) > 0
 
 
 # 4. Background replacement: the backdrop, found on the input. A subject photographed on a

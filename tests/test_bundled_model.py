@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from diffusers import FluxKontextPipeline
 
 from incontext import sampler
@@ -59,6 +60,20 @@ def test_stock_diffusers_loads_the_bundled_model_offline(nano):
     ours = sampler.edit(m, ex.context, ex.instruction, seeds=[3], num_steps=8)[0]
     diff = np.abs(np.asarray(ours, dtype=float) - np.asarray(ref, dtype=float)).mean()
     assert diff <= 1.0
+
+
+def test_a_bf16_model_draws_the_colours_of_the_fp32_one(nano):
+    """In bf16 the VAE runs in autocast (its weights and normalisations stay fp32): a picture's
+    round trip stays the fp32 one's to within a couple of levels."""
+    preset, _ = nano
+    image = Image.open(Path(__file__).parents[1] / "examples" / "shapes.png").convert("RGB").resize((128, 128))
+    trips = []
+    for dtype in ("float32", "bfloat16"):
+        m = load_model(preset.directory, dtype=dtype, max_sequence_length=preset.max_sequence_length)
+        with torch.no_grad():
+            trips.append(np.asarray(sampler.decode(m, sampler.encode_images(m, [image]), 128, 128)[0], dtype=np.int16))
+    diff = np.abs(trips[0] - trips[1])
+    assert diff.max() <= 4 and diff.mean() < 0.5
 
 
 def test_success_on_a_fixed_subset_stays_above_the_floor(nano):

@@ -9,6 +9,7 @@ from diffusers import FluxKontextPipeline
 from PIL import Image, ImageDraw
 
 from incontext import sampler
+from incontext.engine.invariance import make_batch_invariant
 from incontext.models.loader import load_model
 
 
@@ -45,6 +46,9 @@ def test_single_image_matches_stock_pipeline(tiny_model, stock, size, seed, guid
 
 def test_outputs_of_one_batch_equal_separate_runs(tiny_model):
     m = load_model(tiny_model, dtype="float32")
+    # As the engine runs it: BLAS picks a per-sample vector's kernel by the batch's row count
+    # (engine/invariance.py), and without the hook a last bit can differ between the two runs.
+    make_batch_invariant(m.transformer)
     img = _picture(64, 64)
     both = sampler.edit(m, img, "remove the circle", seeds=[3, 4], num_steps=3)
     alone = sampler.edit(m, img, "remove the circle", seeds=[4], num_steps=3)[0]

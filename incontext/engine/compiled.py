@@ -43,8 +43,9 @@ from incontext import sampler
 log = logging.getLogger(__name__)
 
 # Bump when what a package holds changes (the wrapper's signature, the dynamic dimensions, the
-# graph: 4 has the batch-invariant linears of invariance.py).
-FORMAT = 4
+# graph: 4 has the batch-invariant linears of invariance.py, 5 the VAE in bf16 autocast where
+# the model computes in bf16).
+FORMAT = 5
 MAX_BATCH = 1024
 MAX_TOKENS = 65536  # target and context tokens together: 1024² and its context is 8192
 MAX_LATENT_SIDE = 512  # 4096 pixels at 8×
@@ -84,26 +85,30 @@ class AotTransformer:
 class _Encode(torch.nn.Module):
     """The VAE's encode to the posterior's mode (the mean: the first half of the moments)."""
 
-    def __init__(self, vae: torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module, bf16: bool):
         super().__init__()
-        self.vae = vae
+        self.vae, self.bf16 = vae, bf16
 
     def forward(self, x):
-        h = self.vae.encoder(x)
-        if self.vae.quant_conv is not None:
-            h = self.vae.quant_conv(h)
-        return h[:, : self.vae.config.latent_channels]
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):  # as sampler.vae_autocast
+            h = self.vae.encoder(x)
+            if self.vae.quant_conv is not None:
+                h = self.vae.quant_conv(h)
+        return h[:, : self.vae.config.latent_channels].to(x.dtype)
 
 
 class _Decode(torch.nn.Module):
-    def __init__(self, vae: torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module, bf16: bool):
         super().__init__()
-        self.vae = vae
+        self.vae, self.bf16 = vae, bf16
 
     def forward(self, z):
-        if self.vae.post_quant_conv is not None:
-            z = self.vae.post_quant_conv(z)
-        return self.vae.decoder(z)
+        with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=self.bf16):  # as sampler.vae_autocast
+            x = z
+            if self.vae.post_quant_conv is not None:
+                x = self.vae.post_quant_conv(x)
+            x = self.vae.decoder(x)
+        return x.to(z.dtype)
 
 
 class AotVae:
@@ -255,8 +260,9 @@ def _export_vae(m: sampler.Models):
     side = EXPORT_SIDE // f
     x = torch.zeros(1, 3, side * f, side * f, dtype=vae.dtype, device=m.device)
     z = torch.zeros(1, vae.config.latent_channels, side, side, dtype=vae.dtype, device=m.device)
-    return (("vae_encode", _export(_Encode(vae), (x,), ({2: f * h, 3: f * w},))),
-            ("vae_decode", _export(_Decode(vae), (z,), ({2: h, 3: w},))))
+    bf16 = m.dtype == torch.bfloat16
+    return (("vae_encode", _export(_Encode(vae, bf16), (x,), ({2: f * h, 3: f * w},))),
+            ("vae_decode", _export(_Decode(vae, bf16), (z,), ({2: h, 3: w},))))
 
 
 class CompiledModels:

@@ -147,7 +147,8 @@ def bn_stats(m: KleinModels) -> tuple[torch.Tensor, torch.Tensor]:
 def encode_images(m: KleinModels, images: list[Image.Image]) -> torch.Tensor:
     """Reference images → packed, normalised latent tokens (B, N, 4C) (posterior mode)."""
     x = sampler.image_to_tensor(images).to(m.device, m.vae.dtype)
-    tokens = sampler.pack(m.vae.encode(x).latent_dist.mode())
+    with sampler.vae_autocast(m):
+        tokens = sampler.pack(m.vae.encode(x).latent_dist.mode().to(m.vae.dtype))
     mean, std = bn_stats(m)
     return (tokens - mean.to(tokens.dtype)) / std.to(tokens.dtype)
 
@@ -278,7 +279,8 @@ def decode(m: KleinModels, img: torch.Tensor, height: int, width: int) -> list[I
     mean, std = bn_stats(m)
     tokens = img * std.to(img.dtype) + mean.to(img.dtype)
     z = sampler.unpack(tokens, height, width, m.vae_scale_factor)
-    return sampler.tensor_to_images(m.vae.decode(z.to(m.vae.dtype), return_dict=False)[0])
+    with sampler.vae_autocast(m):
+        return sampler.tensor_to_images(m.vae.decode(z.to(m.vae.dtype), return_dict=False)[0])
 
 
 # ---------------------------------------------------------------- the adapter

@@ -177,7 +177,8 @@ def latent_stats(m: QwenModels) -> tuple[torch.Tensor, torch.Tensor]:
 def encode_images(m: QwenModels, images: list[Image.Image]) -> torch.Tensor:
     """Reference images → packed, normalised latent tokens (B, N, 4C) (posterior mode, one frame)."""
     x = sampler.image_to_tensor(images).to(m.device, m.vae.dtype)[:, :, None]
-    tokens = sampler.pack(m.vae.encode(x).latent_dist.mode()[:, :, 0])
+    with sampler.vae_autocast(m):
+        tokens = sampler.pack(m.vae.encode(x).latent_dist.mode()[:, :, 0].to(m.vae.dtype))
     mean, std = latent_stats(m)
     return (tokens - mean.to(tokens.dtype)) / std.to(tokens.dtype)
 
@@ -259,7 +260,8 @@ def decode(m: QwenModels, img: torch.Tensor, height: int, width: int) -> list[Im
     mean, std = latent_stats(m)
     tokens = img * std.to(img.dtype) + mean.to(img.dtype)
     z = sampler.unpack(tokens, height, width, m.vae_scale_factor)[:, :, None]
-    return sampler.tensor_to_images(m.vae.decode(z.to(m.vae.dtype), return_dict=False)[0][:, :, 0])
+    with sampler.vae_autocast(m):
+        return sampler.tensor_to_images(m.vae.decode(z.to(m.vae.dtype), return_dict=False)[0][:, :, 0])
 
 
 # ---------------------------------------------------------------- the adapter

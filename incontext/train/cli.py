@@ -118,7 +118,7 @@ def train_export_cmd(
     out: Path = typer.Option(Path("runs/nano")), to: Path = typer.Option(Path("incontext/weights/nano")),
     dtype: str = typer.Option("float16", help="Storage dtype of the transformer and text encoders (float16, bfloat16, float32)."),
     ema: bool = typer.Option(True, help="Export the EMA weights (else the raw ones)."),
-    steps: int = typer.Option(10, min=1, max=50, help="The model's default number of denoising steps (incontext.json)."),
+    steps: int = typer.Option(5, min=1, max=50, help="The model's default number of denoising steps (incontext.json)."),
     consensus: int = typer.Option(3, min=1, max=MAX_CONSENSUS, help="Draws per output, whose median it is (incontext.json)."),
 ) -> None:
     """Write the trained model as a FluxKontextPipeline directory (the bundled model lives in incontext/weights/nano)."""

@@ -63,6 +63,7 @@ def test_every_configuration_is_measured(run):
 def test_http_rows_have_overhead_and_match_the_engine(run):
     results, out = run
     http = [r for r in results["rows"] if r["kind"] == "http"]
+    engine_dtype = next(r["dtype"] for r in results["rows"] if r["kind"] == "engine")
     # cold start; exact at each level; aggressive pollers and the fast preset at the largest
     assert [r["concurrency"] for r in http] == [1, 1, 2, 2, 2]
     assert [r["transformer_evals_per_image"] for r in http] == [4, 4, 4, 4, 3]
@@ -74,8 +75,9 @@ def test_http_rows_have_overhead_and_match_the_engine(run):
         # The same engine (and step cache) behind HTTP, up to float rounding: the server's engine
         # runs in its own process on the machine's threads, where BLAS sums in another order,
         # and a random tiny model (its VAE above all) grows last bits into a few levels of 255
-        # (3 seen); another sampler or dtype is tens off (bfloat16: 17).
-        assert row["max_pixel_diff_to_engine_x1"] <= 4
+        # (3 seen in fp32; 8 where the engine computes in bf16, its VAE in bf16 autocast, whose
+        # steps are 2^-8); another sampler is tens off, as is fp32 against bf16 (17).
+        assert row["max_pixel_diff_to_engine_x1"] <= (4 if engine_dtype == "float32" else 12)
         split = row["overhead_split_p50_ms"]  # where the overhead went, from the server's own timings
         assert split["post"] > 0 and split["dispatch_input"] > 0 and split["dispatch_output"] > 0 and split["engine_hop"] >= 0
     assert "Where the HTTP overhead goes" in (out / "report.md").read_text()

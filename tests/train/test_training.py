@@ -443,11 +443,11 @@ def test_export_loads_in_stock_diffusers_offline(exported):
     assert image.size == (128, 128)
 
 
-def test_export_declares_the_bundled_sampling_three_draws_at_ten_steps(exported):
+def test_export_declares_the_bundled_sampling_three_draws_at_five_steps(exported):
     from incontext.models.registry import preset_for_directory
 
     preset = preset_for_directory(exported)
-    assert (preset.num_inference_steps, preset.consensus, preset.guidance_scale) == (10, 3, 3.5)
+    assert (preset.num_inference_steps, preset.consensus, preset.guidance_scale) == (5, 3, 3.5)
 
 
 def test_export_loads_with_our_loader_and_holds_the_ema_weights(trained_run, exported, model_cfg):

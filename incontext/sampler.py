@@ -135,9 +135,9 @@ def vae_autocast(m) -> torch.autocast:
     stay fp32, and autocast keeps its normalisations in fp32), else in the VAE's own dtype.
 
     The loader keeps the VAE in fp32 for the colours it decodes; in bf16 autocast a decode
-    lands within 2 levels of fp32's (about 55 dB), far inside any autoencoder's own error,
-    and runs about 3× faster on a CPU with bf16 units (docs/engine.md). `m` is any family's
-    models with `dtype` and `device`."""
+    lands within a couple of levels of fp32's, far inside any autoencoder's own error, and
+    runs several times faster on a CPU with bf16 units (docs/engine.md has the figures). `m`
+    is any family's models with `dtype` and `device`."""
     return torch.autocast(m.device.type, dtype=torch.bfloat16, enabled=m.dtype == torch.bfloat16)
 
 

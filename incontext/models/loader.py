@@ -85,8 +85,8 @@ def load_model(path: Path, *, device: str = "cpu", dtype: str | torch.dtype = "a
             module = load_part(path, name, index, torch_dtype=torch.float32 if name == "vae" else dt)
             parts[name] = module.to(device).eval().requires_grad_(False)
     tr, vae = parts["transformer"], parts["vae"]
-    # Convolutions read channels-last weights faster (a 128² decode about 1.5× on a CPU); the
-    # arithmetic is the same.
+    # Convolutions read channels-last weights faster on a CPU (docs/engine.md); the arithmetic
+    # is the same.
     vae.to(memory_format=torch.channels_last)
     expected = vae.config.latent_channels * 4
     if tr.config.in_channels != expected:

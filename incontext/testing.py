@@ -190,3 +190,18 @@ def tiny_qwen_edit_dir(path: Path, seed: int = 0, *, plus: bool = True) -> Path:
     tokenizer.save_pretrained(path / "processor")
     image_processor.save_pretrained(path / "processor")
     return path
+
+
+def two_tone(w: int = 40, h: int = 20):
+    """A PIL image, left half red (255, 0, 0), right half blue (0, 0, 255): shows size, colours
+    and rotation at once."""
+    from PIL import Image
+
+    img = Image.new("RGB", (w, h), (255, 0, 0))
+    img.paste((0, 0, 255), (w // 2, 0, w, h))
+    return img
+
+
+def close(a, b, tol: int) -> bool:
+    """Two colours within `tol` levels of each other in every channel."""
+    return all(abs(x - y) <= tol for x, y in zip(a, b, strict=True))

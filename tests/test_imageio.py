@@ -24,6 +24,7 @@ from incontext.imageio import (
     load_image,
     to_data_uri,
 )
+from incontext.testing import close, two_tone
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 
@@ -32,17 +33,6 @@ def save(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **kw)
     return buf.getvalue()
-
-
-def two_tone(w: int = 40, h: int = 20) -> Image.Image:
-    """Left half red, right half blue: shows size, colours and rotation at once."""
-    img = Image.new("RGB", (w, h), RED)
-    img.paste(BLUE, (w // 2, 0, w, h))
-    return img
-
-
-def close(a, b, tol: int) -> bool:
-    return all(abs(x - y) <= tol for x, y in zip(a, b, strict=True))
 
 
 def png_claiming(w: int, h: int) -> bytes:

@@ -8,19 +8,9 @@ from PIL import Image
 
 from incontext.errors import InvalidInput
 from incontext.imageio import ASPECT_RATIOS, fit_to_size, output_size
+from incontext.testing import close, two_tone
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
-
-
-def two_tone(w: int = 40, h: int = 20) -> Image.Image:
-    """Left half red, right half blue: shows size, colours and rotation at once."""
-    img = Image.new("RGB", (w, h), RED)
-    img.paste(BLUE, (w // 2, 0, w, h))
-    return img
-
-
-def close(a, b, tol: int) -> bool:
-    return all(abs(x - y) <= tol for x, y in zip(a, b, strict=True))
 
 
 # ------------------------------------------------------------------------------ sizing

@@ -85,12 +85,12 @@ class AotTransformer:
 class _Encode(torch.nn.Module):
     """The VAE's encode to the posterior's mode (the mean: the first half of the moments)."""
 
-    def __init__(self, vae: torch.nn.Module, bf16: bool):
+    def __init__(self, m: sampler.Models):
         super().__init__()
-        self.vae, self.bf16 = vae, bf16
+        self.vae, self.autocast = m.vae, lambda: sampler.vae_autocast(m)  # computes as the eager model does
 
     def forward(self, x):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):  # as sampler.vae_autocast
+        with self.autocast():
             h = self.vae.encoder(x)
             if self.vae.quant_conv is not None:
                 h = self.vae.quant_conv(h)
@@ -98,12 +98,12 @@ class _Encode(torch.nn.Module):
 
 
 class _Decode(torch.nn.Module):
-    def __init__(self, vae: torch.nn.Module, bf16: bool):
+    def __init__(self, m: sampler.Models):
         super().__init__()
-        self.vae, self.bf16 = vae, bf16
+        self.vae, self.autocast = m.vae, lambda: sampler.vae_autocast(m)
 
     def forward(self, z):
-        with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=self.bf16):  # as sampler.vae_autocast
+        with self.autocast():
             x = z
             if self.vae.post_quant_conv is not None:
                 x = self.vae.post_quant_conv(x)
@@ -260,9 +260,8 @@ def _export_vae(m: sampler.Models):
     side = EXPORT_SIDE // f
     x = torch.zeros(1, 3, side * f, side * f, dtype=vae.dtype, device=m.device)
     z = torch.zeros(1, vae.config.latent_channels, side, side, dtype=vae.dtype, device=m.device)
-    bf16 = m.dtype == torch.bfloat16
-    return (("vae_encode", _export(_Encode(vae, bf16), (x,), ({2: f * h, 3: f * w},))),
-            ("vae_decode", _export(_Decode(vae, bf16), (z,), ({2: h, 3: w},))))
+    return (("vae_encode", _export(_Encode(m), (x,), ({2: f * h, 3: f * w},))),
+            ("vae_decode", _export(_Decode(m), (z,), ({2: h, 3: w},))))
 
 
 class CompiledModels:

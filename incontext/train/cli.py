@@ -63,6 +63,7 @@ def train_data_cmd(
     encode_rendered: bool = typer.Option(False, help="Only encode the chunks rendered ahead (OUT/images) into latents."),
     follow: bool = typer.Option(False, help="With --encode-rendered: keep encoding new renders until stopped."),
     device: str = typer.Option("cpu", help="Where the VAE encodes: cpu, or cuda (one GPU encoder for many --render-only processes)."),
+    confusable: float = typer.Option(0.0, min=0.0, max=1.0, help="Share of the scenes of edits that name one object (recolor, remove, move, resize, replace, segment) with two objects alike in colour or kind, so the instruction needs both words."),
 ) -> None:
     """Stage 2: render world examples and encode them into latent chunks (needs OUT/vae.pt unless --render-only)."""
     from incontext.train.data import encode_rendered as encode_ahead, produce_chunks, render_chunks
@@ -75,11 +76,11 @@ def train_data_cmd(
     except ValueError as e:
         _fail(InvalidInput(str(e)))
     if render_only:
-        render_chunks(out, start, chunks, chunk_size=chunk_size, families=chosen)
+        render_chunks(out, start, chunks, chunk_size=chunk_size, families=chosen, confusable=confusable)
     elif encode_rendered:
         encode_ahead(out, load_vae(out).to(device), follow=follow, batch=256 if device.startswith("cuda") else 64)
     else:
-        produce_chunks(out, load_vae(out), start, chunks, chunk_size=chunk_size, families=chosen)
+        produce_chunks(out, load_vae(out), start, chunks, chunk_size=chunk_size, families=chosen, confusable=confusable)
 
 
 @train_app.command("transformer")

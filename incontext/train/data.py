@@ -72,12 +72,12 @@ class Rendered:
 
 
 def _render_chunk(index: int, size: tuple[int, int], n: int, cache: Path | None = None,
-                  families: tuple[str, ...] = FAMILIES) -> Rendered:
+                  families: tuple[str, ...] = FAMILIES, confusable: float = 0.0) -> Rendered:
     """Render a chunk's examples (from `cache` if it was rendered before the VAE was ready)."""
     if cache is not None and cache.exists():
         return Rendered.load(cache)
     rng = random.Random(chunk_seed(index))
-    examples = [make_example(rng, size=size, families=families) for _ in range(n)]
+    examples = [make_example(rng, size=size, families=families, confusable_share=confusable) for _ in range(n)]
     has_ref = np.array([ex.reference is not None for ex in examples])
     blank = np.zeros_like(np.asarray(examples[0].context))
     refs = np.stack([np.asarray(ex.reference) if ex.reference is not None else blank for ex in examples]) if has_ref.any() else None
@@ -85,7 +85,8 @@ def _render_chunk(index: int, size: tuple[int, int], n: int, cache: Path | None 
                     [ex.instruction for ex in examples], [ex.family for ex in examples], refs, has_ref if has_ref.any() else None)
 
 
-def render_chunks(out: Path, start: int, count: int, chunk_size: int = CHUNK, families: tuple[str, ...] = FAMILIES) -> None:
+def render_chunks(out: Path, start: int, count: int, chunk_size: int = CHUNK, families: tuple[str, ...] = FAMILIES,
+                  confusable: float = 0.0) -> None:
     """Render chunks' images ahead of encoding: this needs no VAE, so it can run while one trains."""
     images = Path(out) / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,7 @@ def render_chunks(out: Path, start: int, count: int, chunk_size: int = CHUNK, fa
         path = images / f"chunk_{index:05d}.npz"
         if path.exists() or (Path(out) / "data" / f"chunk_{index:05d}.pt").exists():
             continue
-        rendered = _render_chunk(index, size_for_chunk(index), chunk_size, families=families)
+        rendered = _render_chunk(index, size_for_chunk(index), chunk_size, families=families, confusable=confusable)
         tmp = path.with_name(path.stem + ".tmp.npz")
         rendered.save(tmp)
         tmp.rename(path)
@@ -116,7 +117,8 @@ def size_for_chunk(index: int) -> tuple[int, int]:
     return TRAIN_SIZES[(0, 0, 0, 1, 2)[index % 5]]
 
 
-def produce_chunks(out: Path, vae, start: int, count: int, chunk_size: int = CHUNK, families: tuple[str, ...] = FAMILIES) -> None:
+def produce_chunks(out: Path, vae, start: int, count: int, chunk_size: int = CHUNK, families: tuple[str, ...] = FAMILIES,
+                   confusable: float = 0.0) -> None:
     """Encode chunks `start`… into `out/data` (from `out/images` where they were rendered ahead)."""
     data = Path(out) / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -127,7 +129,7 @@ def produce_chunks(out: Path, vae, start: int, count: int, chunk_size: int = CHU
             continue
         size = size_for_chunk(index)
         cache = Path(out) / "images" / f"chunk_{index:05d}.npz"
-        blob = _render_chunk(index, size, chunk_size, cache, families=families).encode(vae)
+        blob = _render_chunk(index, size, chunk_size, cache, families=families, confusable=confusable).encode(vae)
         tmp = path.with_suffix(".tmp")
         torch.save(blob, tmp)
         tmp.rename(path)

@@ -224,14 +224,45 @@ def select_families(spec: str) -> tuple[str, ...]:
     return names
 
 
+# Families whose instruction names one object by its colour and kind.
+REFERRING = ("recolor", "remove", "move", "resize", "replace", "segment")
+
+
+def confusable(scene: Scene, rng: random.Random) -> Scene:
+    """`scene` with two of its objects made alike in one word: the same colour (another kind)
+    or the same kind (another colour), so an instruction that names either needs both words.
+    Training data drawn this way teaches the model the kind as well as the colour (left alone,
+    it takes "the yellow heart" for any yellow thing)."""
+    if len(scene.objects) < 2:
+        return scene
+    a, b = rng.sample(range(len(scene.objects)), 2)
+    first, second = scene.objects[a], scene.objects[b]
+    taken = {(p.color, p.kind) for k, p in enumerate(scene.objects) if k != b}
+    if rng.random() < 0.5:  # same colour, another kind
+        options = [(first.color, k) for k in SHAPES if (first.color, k) not in taken]
+    else:  # same kind, another colour
+        options = [(c, first.kind) for c in COLORS
+                   if c != scene.background.color and (c, first.kind) not in taken and distinct(COLORS[c], scene.background.rgb)]
+    if not options:
+        return scene
+    color, kind = rng.choice(options)
+    rgb = second.rgb if color == second.color else jitter(COLORS[color], rng)
+    angle = second.angle if kind in ROTATED_SHAPES else 0.0
+    return scene.with_object(b, replace(second, color=color, kind=kind, rgb=rgb, angle=angle))
+
+
 def make_example(rng: random.Random, family: str | None = None, size: tuple[int, int] | None = None,
-                 families: tuple[str, ...] = FAMILIES) -> Example:
-    """A random example of `family` (if None, of a family drawn from `families`)."""
+                 families: tuple[str, ...] = FAMILIES, confusable_share: float = 0.0) -> Example:
+    """A random example of `family` (if None, of a family drawn from `families`); with
+    `confusable_share`, that share of the REFERRING families' scenes has two objects alike in
+    colour or kind (`confusable`)."""
     while True:
         fam = family or rng.choice(families)
         scene = random_scene(rng, size=size)
         if fam in _DRESS:
             scene = _DRESS[fam](scene, rng)
+        if confusable_share and fam in REFERRING and rng.random() < confusable_share:
+            scene = confusable(scene, rng)
         made = apply_edit(scene, fam, rng)
         if made is not None:
             return build_example(fam, scene, made)

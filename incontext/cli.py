@@ -81,7 +81,7 @@ def edit(
                 server, api_key, image, prompt, seed, guidance, steps, num_images, aspect_ratio, model, fmt, preserve, mask_out is not None, references, mask
             )
         else:
-            model_id, results = _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, model, preserve, references, mask)
+            model_id, results, _ = _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, model, preserve, references, mask)
         # As the service marks its outputs: AI-generated, by this model (imageio.Provenance).
         provenance = imageio.Provenance(model_id, composite=preserve != "off" or mask is not None)
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -113,11 +113,13 @@ def edit(
         raise
 
 
-def _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, model_id, preserve_mode, references=(), mask=None):
-    """(the name outputs give the model, [(image, region mask, changed share)] for each output),
-    edited here on the server's engine (localedit.py): every model family the server serves.
-    The edited image decides the output's size; each reference is fitted to it; `mask` (a path
-    or an "L" image: a workflow's placement) bounds where the output may differ from the input."""
+def _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, model_id, preserve_mode, references=(), mask=None,
+                select=None):
+    """(the name outputs give the model, [(image, region mask, changed share)] for each output,
+    the `select` edit's image or None), edited here on the server's engine (localedit.py): every
+    model family the server serves. The edited image decides the output's size; each reference
+    is fitted to it; `mask` (a path or an "L" image: a workflow's placement) bounds where the
+    output may differ from the input; `select`, a workflow's second edit run beside the first."""
     from PIL import Image
 
     from incontext import imageio
@@ -129,14 +131,14 @@ def _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, 
         image=imageio.load_image(image), prompt=prompt, seed=seed, model=model_id, num_images=num_images, guidance_scale=guidance,
         num_inference_steps=steps, aspect_ratio=aspect_ratio, preserve=preserve_mode,
         references=tuple(imageio.load_image(r) for r in references),
-        mask=mask if isinstance(mask, Image.Image) or mask is None else imageio.load_image(mask),
+        mask=mask if isinstance(mask, Image.Image) or mask is None else imageio.load_image(mask), select=select,
     )
     columns = (TextColumn("editing"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("denoise", total=None)
-        name, kept = edit_here(request, model_dirs=settings.model_dirs, default_dir=settings.model_dir,
-                               on_step=lambda done, total: progress.update(task, completed=done, total=total))
-    return name, [(k.image, k.mask, k.changed_share) for k in kept]
+        name, kept, drawn = edit_here(request, model_dirs=settings.model_dirs, default_dir=settings.model_dir,
+                                      on_step=lambda done, total: progress.update(task, completed=done, total=total))
+    return name, [(k.image, k.mask, k.changed_share) for k in kept], drawn
 
 
 def _edit_remote(server, api_key, image, prompt, seed, guidance, steps, num_images, aspect_ratio, model_id, fmt, preserve_mode, return_mask, references=(), mask=None):
@@ -272,10 +274,11 @@ def _workflow_local(flow, inp, fields, server, api_key):
         prompt = prompt.replace("{position}", workflows.position_name(box, source.size))
     if plan.backdrop:  # as submission.prepare does: only the backdrop may change, if the input has one
         mask = workflows.backdrop_mask(source)
-    _, results = _edit_local(plan.images[0], prompt, inp.seed, inp.guidance_scale, inp.num_inference_steps, 1, None, None,
-                             plan.preserve, list(plan.images[1:]), mask)
+    _, results, drawn = _edit_local(plan.images[0], prompt, inp.seed, inp.guidance_scale, inp.num_inference_steps, 1, None, None,
+                                    plan.preserve, list(plan.images[1:]), mask, select=plan.select)
     image, region, _ = results[0]
-    done = workflows.finish(flow.id, image, region, source_size=source.size, placement_box=box, source=source, logo=logo, allowed=mask)
+    done = workflows.finish(flow.id, image, region, source_size=source.size, placement_box=box, source=source, logo=logo, allowed=mask,
+                            drawn=drawn)
     return done.image, done.mask, done.extra
 
 

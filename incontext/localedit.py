@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image
@@ -34,12 +34,13 @@ class LocalEdit:
     preserve: str = "auto"
     references: tuple[Image.Image, ...] = ()
     mask: Image.Image | None = None  # where the output may differ from the input
+    select: str | None = None  # a workflow's second edit of the same image (workflows.Plan.select), run beside the first
 
 
 def edit_here(req: LocalEdit, *, model_dirs: dict[str, Path] | None = None, default_dir: Path | None = None,
-              on_step: Callable[[int, int], None] | None = None) -> tuple[str, list[preserve.Preserved]]:
-    """(the name outputs give the model, each output preserved): one edit on a LocalEngine that
-    lives for this call. `model_dirs`/`default_dir`: INCONTEXT_MODEL_DIRS and INCONTEXT_MODEL_DIR,
+              on_step: Callable[[int, int], None] | None = None) -> tuple[str, list[preserve.Preserved], Image.Image | None]:
+    """(the name outputs give the model, each output preserved, the `select` edit's image or
+    None): one edit on a LocalEngine that lives for this call (with `select`, two in one batch). `model_dirs`/`default_dir`: INCONTEXT_MODEL_DIRS and INCONTEXT_MODEL_DIR,
     so the CLI knows the ids a server on this machine would."""
     from incontext.engine.local import LocalEngine
     from incontext.models.registry import default_registry
@@ -70,17 +71,21 @@ def edit_here(req: LocalEdit, *, model_dirs: dict[str, Path] | None = None, defa
         engine.start_thread()  # no preload: only the model asked for is loaded
         try:
             progress = (lambda p: on_step(p.done, p.total)) if on_step else None
-            return await engine.edit(request, on_progress=progress)
+            if req.select is None:
+                return await engine.edit(request, on_progress=progress), None
+            select = replace(request, request_id="cli/select", prompt=req.select, num_images=1, render_context=False)
+            result, drawn = await asyncio.gather(engine.edit(request, on_progress=progress), engine.edit(select))
+            return result, drawn.images[0]
         finally:
             await engine.close()
 
-    result = asyncio.run(run())
+    result, drawn = asyncio.run(run())
     source = src if imageio.keeps_framing(req.aspect_ratio, src.width, src.height) else None
     kept = [
         preserve.preserve(img, change, context=fitted, source=source, mode=req.preserve, mask=allowed, rendered=result.rendered_context)
         for img, change in zip(result.images, result.change_maps)
     ]
-    return preset.weights_name, kept
+    return preset.weights_name, kept, drawn
 
 
 

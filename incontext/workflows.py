@@ -93,6 +93,9 @@ class Plan:
     preserve: Literal["auto", "off"] = "auto"
     place: bool = False  # pick a placement box on the decoded image and allow the edit only there
     backdrop: bool = False  # allow the edit only on the decoded image's backdrop (`backdrop_mask`), when it has one
+    # A second edit of the same image, run beside the first: the model's own drawing of a mask
+    # of the thing named, which picks among the separate regions the removal changed (`chosen`).
+    select: str | None = None
 
 
 def _thing(text: str) -> str:
@@ -101,9 +104,15 @@ def _thing(text: str) -> str:
     return " ".join(words[1:] if len(words) > 1 and words[0].lower() in ("the", "a", "an") else words)
 
 
+def _select(thing: str) -> str:
+    # In the bundled model's words for a mask (world/language.py's "segment" templates).
+    return f"make a mask of the {thing}"
+
+
 def plan_object_removal(inp: ObjectRemovalInput) -> Plan:
     # The bundled model learned removal as "remove the {obj}" (world/language.py's templates).
-    return Plan("object-removal", f"remove the {_thing(inp.prompt)}", (inp.image_url,), ("image_url",))
+    thing = _thing(inp.prompt)
+    return Plan("object-removal", f"remove the {thing}", (inp.image_url,), ("image_url",), select=_select(thing))
 
 
 def plan_background_replace(inp: BackgroundReplaceInput) -> Plan:
@@ -125,7 +134,8 @@ def plan_segmentation(inp: SegmentationInput) -> Plan:
     # The mask is what removing the thing changes (`removed_mask`): an editor finds the thing a
     # prompt names best when asked to remove it (docs/workflows.md has the measurements), and
     # with preserve auto every pixel it leaves alone is the input's, so the change is exact.
-    return Plan("segmentation", f"remove the {_thing(inp.prompt)}", (inp.image_url,), ("image_url",))
+    thing = _thing(inp.prompt)
+    return Plan("segmentation", f"remove the {thing}", (inp.image_url,), ("image_url",), select=_select(thing))
 
 
 @dataclass(frozen=True)
@@ -288,17 +298,22 @@ MIN_REGION_SHARE = 1 / 1000  # regions smaller than this share of the image are 
 
 def finish(workflow: str, image: Image.Image, mask: Image.Image | None, *, source_size: tuple[int, int],
            placement_box: Box | None = None, source: Image.Image | None = None, logo: Image.Image | None = None,
-           allowed: Image.Image | None = None) -> Finished:
+           allowed: Image.Image | None = None, drawn: Image.Image | None = None) -> Finished:
     """One output of `workflow`: `image` and `mask` as preservation made them (preserve.preserve:
     "L", 255 where the pixel is the model's), the input's own size `source_size`; `source`, the
-    input itself, which a segmentation needs (its mask is where the output differs from it);
-    `logo` and `allowed` (where the run could change pixels), which a logo placement lays the
-    logo's own pixels in with."""
+    input itself, which a segmentation and a removal need (what removal changed is where the
+    output differs from it); `drawn`, the output of the plan's `select` edit (the model's mask
+    of the thing), which picks among the removed regions; `logo` and `allowed` (where the run
+    could change pixels), which a logo placement lays the logo's own pixels in with."""
     if workflow == "segmentation":
         if source is None:
             raise ValueError("a segmentation's mask needs the input it was made from")
-        binary = removed_mask(image, source)
-        return Finished(binary, binary, {"boxes": regions(np.asarray(binary) > 0)})
+        removed = removed_mask(image, source)
+        binary = chosen(np.asarray(removed) > 0, drawn_mask(drawn, source.size)) if drawn is not None else np.asarray(removed) > 0
+        out = _onto(binary, source.size, (0, 0, *source.size))
+        return Finished(out, out, {"boxes": regions(binary)})
+    if workflow == "object-removal" and drawn is not None and source is not None and image.size == source.size:
+        image, mask = _keep_unchosen(image, mask, source, drawn)
     if workflow == "logo-placement" and logo is not None and placement_box is not None:
         image, landed = place_logo(image, logo, placement_box, allowed)
         laid = np.where(landed, 255, 0).astype(np.uint8)
@@ -337,6 +352,59 @@ def removed_mask(output: Image.Image, source: Image.Image) -> Image.Image:
     return _onto(changed, source.size, (x0, y0, x1, y1))
 
 
+# The model's drawn mask picks among the regions a removal changed: a removal also takes
+# things that share a word with the one named ("remove the yellow heart" takes a yellow
+# triangle too), and the two edits err on different things (docs/workflows.md).
+DRAWN_LEVEL = 128  # the drawn mask is its pixels at mid-grey or lighter
+MIN_COVER = 0.25  # a drawn mask covering less of every region says nothing: all are kept
+COVER_SHARE = 0.5  # a region is kept when the drawn mask covers at least half as much of it as of the best
+
+
+def drawn_mask(drawn: Image.Image, source_size: tuple[int, int]) -> np.ndarray:
+    """(h, w) bool at the source's size: the `select` edit's output (at the model's working
+    size, what the model saw of the source) at mid-grey or lighter."""
+    light = np.asarray(drawn.convert("L")) >= DRAWN_LEVEL
+    box = tuple(round(v) for v in imageio.crop_box(*source_size, *drawn.size))
+    return np.asarray(_onto(light, source_size, box)) > 0
+
+
+def chosen(removed: np.ndarray, drawn: np.ndarray) -> np.ndarray:
+    """The separate 4-connected regions of `removed` (bool) that `drawn` (bool, same shape)
+    covers for at least COVER_SHARE of the best-covered region's share; all of them when the
+    drawn mask covers none for MIN_COVER."""
+    labels, count = label(removed)
+    if count < 2:
+        return removed
+    ids = labels.ravel()
+    cover = np.bincount(ids, weights=drawn.ravel().astype(np.float64), minlength=count + 1)[1:] / np.bincount(ids, minlength=count + 1)[1:]
+    best = cover.max()
+    if best < MIN_COVER:
+        return removed
+    keep = np.concatenate([[False], cover >= COVER_SHARE * best])
+    return keep[labels]
+
+
+UNDO_MARGIN = 2  # pixels around a region not chosen that go back to the input: its faint antialiased rim
+
+
+def _keep_unchosen(image: Image.Image, mask: Image.Image | None, source: Image.Image, drawn: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    """A removal's output with the input's pixels back on the removed regions the drawn mask
+    did not choose (and UNDO_MARGIN around them, away from the chosen ones), and its mask less them."""
+    removed = np.asarray(removed_mask(image, source)) > 0
+    keep = chosen(removed, drawn_mask(drawn, source.size))
+    dropped = removed & ~keep
+    if not dropped.any():
+        return image, mask
+    grow = ImageFilter.MaxFilter(2 * UNDO_MARGIN + 1)
+    near_kept = np.asarray(Image.fromarray(keep).filter(grow)) if keep.any() else np.zeros_like(keep)
+    undo = np.asarray(Image.fromarray(dropped).filter(grow)) & ~near_kept
+    back = Image.fromarray(np.where(undo, 255, 0).astype(np.uint8), mode="L")
+    image = Image.composite(source.convert(image.mode), image, back)
+    if mask is not None:
+        mask = Image.fromarray(np.where(undo, 0, np.asarray(mask.convert("L"))).astype(np.uint8), mode="L")
+    return image, mask
+
+
 def _onto(binary: np.ndarray, source_size: tuple[int, int], box: tuple[int, int, int, int]) -> Image.Image:
     """A (h, w) bool map of what the model saw as an "L" 0/255 mask of the input's own size:
     NEAREST keeps it binary, and 0 outside what the model saw."""
@@ -348,11 +416,11 @@ def _onto(binary: np.ndarray, source_size: tuple[int, int], box: tuple[int, int,
     return out
 
 
-def regions(binary: np.ndarray) -> list[Box]:
-    """Bounding boxes of the 4-connected regions of a (h, w) bool map, largest first, specks
-    (under MIN_REGION_SHARE of the image) left out, at most MAX_BOXES. Labelled by runs of
-    each row joined to the overlapping runs of the row above (union-find): one pass, fast
-    for the few regions of a mask even at 40 MP."""
+def _runs(binary: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """The runs of True in each row of a (h, w) bool map, (y, start, end, region), a region
+    being a 4-connected component's smallest run id. Each row's runs are joined to the
+    overlapping runs of the row above (union-find): one pass, fast for the few regions of a
+    mask even at 40 MP."""
     parent: list[int] = []
 
     def find(a: int) -> int:
@@ -369,21 +437,35 @@ def regions(binary: np.ndarray) -> list[Box]:
         row = []
         j = 0
         for s, e in zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()):
-            label = len(parent)
-            parent.append(label)
+            run = len(parent)
+            parent.append(run)
             while j < len(above) and above[j][1] <= s:
                 j += 1
             k = j
             while k < len(above) and above[k][0] < e:
-                a, b = find(label), find(above[k][2])
+                a, b = find(run), find(above[k][2])
                 parent[max(a, b)] = min(a, b)
                 k += 1
-            row.append((s, e, label))
-            runs.append((y, s, e, label))
+            row.append((s, e, run))
+            runs.append((y, s, e, run))
         above = row
+    return [(y, s, e, find(run)) for y, s, e, run in runs]
+
+
+def label(binary: np.ndarray) -> tuple[np.ndarray, int]:
+    """(labels, count): each 4-connected region of a (h, w) bool map numbered 1…count (int32), 0 elsewhere."""
+    labels = np.zeros(binary.shape, dtype=np.int32)
+    ids: dict[int, int] = {}
+    for y, s, e, region in _runs(binary):
+        labels[y, s:e] = ids.setdefault(region, len(ids) + 1)
+    return labels, len(ids)
+
+
+def regions(binary: np.ndarray) -> list[Box]:
+    """Bounding boxes of the 4-connected regions of a (h, w) bool map, largest first, specks
+    (under MIN_REGION_SHARE of the image) left out, at most MAX_BOXES."""
     boxes: dict[int, list[int]] = {}
-    for y, s, e, label in runs:
-        root = find(label)
+    for y, s, e, root in _runs(binary):
         if (b := boxes.get(root)) is None:
             boxes[root] = [s, y, e, y + 1, e - s]
         else:

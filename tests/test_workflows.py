@@ -165,6 +165,52 @@ def test_a_segmentation_is_what_removing_the_thing_changed_snapped_to_the_inputs
         workflows.finish("segmentation", output, None, source_size=image.size)
 
 
+def _two_red_things() -> tuple[Image.Image, Image.Image]:
+    """A grey picture with a red square (left) and a red bar (right), and a removal that took both."""
+    source = np.full((48, 64, 3), 200, np.uint8)
+    source[10:26, 6:22] = (210, 30, 30)
+    source[30:36, 36:60] = (210, 30, 30)
+    removed = np.full_like(source, 200)
+    return Image.fromarray(source), Image.fromarray(removed)
+
+
+def _drawing(box: tuple[int, int, int, int] | None, size=(64, 48), scale: int = 1) -> Image.Image:
+    """A model's drawn mask: white in `box` (a few pixels off the thing), black elsewhere, at size / scale."""
+    pixels = np.zeros((size[1] // scale, size[0] // scale), np.uint8)
+    if box is not None:
+        x0, y0, x1, y1 = (v // scale for v in box)
+        pixels[y0:y1, x0:x1] = 230
+    return Image.fromarray(pixels).convert("RGB")
+
+
+def test_the_model_s_drawn_mask_picks_which_removed_thing_was_meant():
+    source, removed = _two_red_things()
+    square = np.zeros((48, 64), bool)
+    square[10:26, 6:22] = True
+    drawn = _drawing((8, 12, 24, 28))  # over most of the square, none of the bar
+    seg = workflows.finish("segmentation", removed, None, source_size=source.size, source=source, drawn=drawn)
+    assert np.array_equal(np.asarray(seg.mask) > 0, square) and seg.extra["boxes"] == [[6, 10, 22, 26]]
+    # The removal keeps the bar, the input's pixels bit for bit, and its mask is the square only.
+    model_mask = Image.fromarray(np.where(np.any(np.asarray(removed) != np.asarray(source), -1), 255, 0).astype(np.uint8), "L")
+    out = workflows.finish("object-removal", removed, model_mask, source_size=source.size, source=source, drawn=drawn)
+    image, mask = np.asarray(out.image), np.asarray(out.mask) > 0
+    assert np.array_equal(image[~square], np.asarray(source)[~square]) and (image[square] == 200).all()
+    assert np.array_equal(mask, square) and out.extra["boxes"] == [[6, 10, 22, 26]]
+    # A drawing at the model's working size (half here) lands on the input the same way.
+    small = workflows.finish("segmentation", removed, None, source_size=source.size, source=source, drawn=_drawing((8, 12, 24, 28), scale=2))
+    assert np.array_equal(np.asarray(small.mask) > 0, square)
+    # A drawing that covers neither says nothing: both stay, as without it.
+    for blank in (_drawing(None), _drawing((40, 0, 64, 8))):
+        both = workflows.finish("segmentation", removed, None, source_size=source.size, source=source, drawn=blank)
+        assert len(both.extra["boxes"]) == 2
+        assert np.array_equal(np.asarray(workflows.finish("object-removal", removed, model_mask, source_size=source.size, source=source,
+                                                          drawn=blank).image), np.asarray(removed))
+    # Both removal workflows plan the drawing, in the bundled model's words for a mask.
+    for plan in (workflows.plan_object_removal(workflows.ObjectRemovalInput(image_url="i", prompt="the red square")),
+                 workflows.plan_segmentation(workflows.SegmentationInput(image_url="i", prompt="red square"))):
+        assert plan.select == "make a mask of the red square"
+
+
 def test_a_segmentation_of_a_cropped_input_lands_on_the_inputs_framing():
     # The model saw the centre 32×32 of a 64×32 input; its output is at that working size.
     source = Image.new("RGB", (64, 32), (200, 200, 200))

@@ -22,7 +22,7 @@ import hashlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -282,10 +282,13 @@ def score_row(name: str, editor: Editor, heldout_set: dict[str, list[Example]], 
         "drift": drift_scores(sequences, outputs.turns),
         "seconds_per_edit": None,
     }
-    segmentation = None
-    if workflows_too and heldout_set.get("segment"):
-        segmentation = [editor(ex, ex.context) for ex in map(workflows.workflow_example, heldout_set["segment"])]
-    scores = workflows.workflow_scores(heldout_set, outputs.images, outputs.verdicts, segmentation, workflows_too)
+    runs = {}
+    if workflows_too:  # each workflow's removal, and beside it the model's drawing of a mask (preserve off)
+        drawer = replace(editor, preserve="off") if isinstance(editor, (ModelEditor, AutoencoderEditor)) else editor
+        runs = {f: [workflows.workflow_output(ex, editor(workflows.workflow_example(ex), ex.context),
+                                              drawer(workflows.select_example(ex), ex.context)) for ex in heldout_set[f]]
+                for f in workflows.RUN_BY_WORKFLOW if heldout_set.get(f)}
+    scores = workflows.workflow_scores(heldout_set, outputs.images, outputs.verdicts, runs, workflows_too)
     if scores:
         row["workflows"] = scores
     return row, outputs

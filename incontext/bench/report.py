@@ -86,7 +86,8 @@ def drift_table(results: dict) -> tuple[list[str], list[list[str]]]:
     return headers, lines
 
 
-WORKFLOW_LINES = {"bgref": ", the background-replace workflow: only the input's backdrop may change",
+WORKFLOW_LINES = {"remove": ", the object-removal workflow: the removed regions its drawn mask picks",
+                  "bgref": ", the background-replace workflow: only the input's backdrop may change",
                   "emblem": ", the logo-placement workflow: the logo laid in a box at the place"}
 
 
@@ -107,7 +108,7 @@ def workflow_table(results: dict) -> tuple[list[str], list[list[str]]]:
             lines.append([family, row["name"], str(s["n"]), fmt_rate(s["success"]), names[figure], value,
                           fmt_db(s["kept_psnr"]) if "kept_psnr" in s else "–", fmt_rate(s.get("kept_at_goal"))])
             if "workflow_iou" in s:  # the segmentation workflow's own mask (bench/workflows.py)
-                lines.append([family, row["name"] + ", the workflow's mask: what removing the object changed", str(s["n"]), "–",
+                lines.append([family, row["name"] + ", the workflow's mask: the removed regions its drawn mask picks", str(s["n"]), "–",
                               "mask IoU (share ≥ 0.9)", f"{s['workflow_iou']:.2f} ({fmt_rate(s['workflow_at_goal'])})", "–", "–"])
             if "workflow_value" in s:  # the background-replace or logo-placement workflow's output (bench/workflows.py)
                 lines.append([family, row["name"] + WORKFLOW_LINES[family], str(s["n"]), fmt_rate(s["workflow_success"]), names[figure],

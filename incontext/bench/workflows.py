@@ -9,8 +9,9 @@
   input's backdrop only);
 - segment: IoU of the output split at mid-grey against the object's exact mask (the model
   asked for a mask in the held-out words), and of the segmentation workflow's own mask as a
-  user gets it (`workflow_example`: it removes the object named by its colour and kind, and
-  the mask is what that changed, workflows.removed_mask);
+  user gets it (`workflow_output`: it removes the object named by its colour and kind, the
+  model draws a mask of it beside that, and the mask is the removed regions the drawing
+  picks, workflows.finish); remove: the object-removal workflow's output the same way;
 
 and for the first three, the subject kept: PSNR to the input outside the change (the edit
 mask), with the share of examples at or over the 40 dB goal. Success is the checks' own
@@ -29,7 +30,7 @@ from incontext import workflows
 from incontext.bench import checks
 from incontext.world.edits import Example, build_example
 from incontext.world.scene import object_mask
-from incontext.world.workflows import BENCH_FAMILIES, EMBLEM_INNER, REFERENCE_EMBLEM_SIZE, exact_mask
+from incontext.world.workflows import BENCH_FAMILIES, EMBLEM_INNER, REFERENCE_EMBLEM_SIZE, exact_mask, segment_target
 
 KEPT_GOAL_DB = 40.0
 SEGMENT_GOAL_IOU = 0.9  # issue 20's goal for a segmentation mask (checks.SEGMENT_MIN_IOU is the edit's pass mark)
@@ -57,14 +58,35 @@ def _db_of_mean(errors: list[float]) -> float:
     return checks.db(float(np.mean(errors))) if errors else math.nan
 
 
+# The families whose workflow runs edits of its own, as a user calls it: the removal in the
+# workflow's words, and beside it the model's drawn mask of the thing (workflows.Plan.select).
+RUN_BY_WORKFLOW = {"segment": "segmentation", "remove": "object-removal"}
+
+
+def _plan(ex: Example) -> workflows.Plan:
+    thing = ex.scene.objects[ex.info["index"]]
+    flow = workflows.WORKFLOWS[RUN_BY_WORKFLOW[ex.family]]
+    return flow.plan(flow.input(image_url="-", prompt=f"the {thing.color} {thing.kind}"))
+
+
 def workflow_example(ex: Example) -> Example:
-    """The edit the segmentation workflow makes of a held-out segment example, called as a
-    user calls it (prompt: the object's colour and kind): the object's removal, with the exact
-    removal as its target."""
+    """The removal the segmentation or object-removal workflow makes of a held-out segment or
+    remove example, called as a user calls it (prompt: the object's colour and kind), with the
+    exact removal as its target."""
     i = ex.info["index"]
-    thing = ex.scene.objects[i]
-    plan = workflows.plan_segmentation(workflows.SegmentationInput(image_url="-", prompt=f"the {thing.color} {thing.kind}"))
-    return build_example("remove", ex.scene, (ex.scene.without(i), plan.prompt, {"index": i}))
+    return build_example("remove", ex.scene, (ex.scene.without(i), _plan(ex).prompt, {"index": i}))
+
+
+def select_example(ex: Example) -> Example:
+    """The workflow's second edit of the same example: the model asked for a mask of the thing
+    (its target the thing white on black)."""
+    i = ex.info["index"]
+    return build_example("segment", ex.scene, (segment_target(ex.scene, i), _plan(ex).select, {"index": i}))
+
+
+def workflow_output(ex: Example, removal: Image.Image, drawn: Image.Image) -> workflows.Finished:
+    """What the workflow returns for a held-out segment or remove example from its two edits."""
+    return workflows.finish(RUN_BY_WORKFLOW[ex.family], removal, None, source_size=ex.context.size, source=ex.context, drawn=drawn)
 
 
 def logo_file(ex: Example) -> Image.Image:
@@ -108,18 +130,18 @@ WORKFLOW_OUTPUTS = {"bgref": backdrop_output, "emblem": logo_output}
 
 
 def family_scores(examples: list[Example], outputs: list[Image.Image], verdicts: list,
-                  workflow_outputs: list[Image.Image] | None = None, workflows_too: bool = False) -> dict:
-    """One workflow family's figures for one row; `workflow_outputs`, a segment family's
-    outputs of `workflow_example`, gives the segmentation workflow's own figures;
-    `workflows_too`, bgref's and emblem's the background-replace and logo-placement workflows'
-    (WORKFLOW_OUTPUTS)."""
+                  workflow_runs: list[workflows.Finished] | None = None, workflows_too: bool = False) -> dict:
+    """One workflow family's figures for one row; `workflow_runs`, a segment or remove
+    family's `workflow_output`s, gives the segmentation or object-removal workflow's own
+    figures; `workflows_too`, bgref's and emblem's the background-replace and logo-placement
+    workflows' (WORKFLOW_OUTPUTS)."""
     family = examples[0].family
     scored = [v for v in verdicts if v is not None]
     out = {"n": len(examples), "success": sum(v.success for v in scored) / len(scored) if scored else None}
     if family == "segment":
         out["iou"] = float(np.mean([checks.mask_iou(o, exact_mask(ex)) for ex, o in zip(examples, outputs)]))
-        if workflow_outputs is not None:  # what the segmentation workflow returns
-            ious = [checks.mask_iou(workflows.removed_mask(o, ex.context), exact_mask(ex)) for ex, o in zip(examples, workflow_outputs)]
+        if workflow_runs is not None:  # what the segmentation workflow returns
+            ious = [checks.mask_iou(done.mask, exact_mask(ex)) for ex, done in zip(examples, workflow_runs)]
             out["workflow_iou"] = float(np.mean(ious))
             out["workflow_at_goal"] = float(np.mean([v >= SEGMENT_GOAL_IOU for v in ious]))
         return out
@@ -127,8 +149,12 @@ def family_scores(examples: list[Example], outputs: list[Image.Image], verdicts:
     kept = [checks.mse(o, ex.context, ~ex.mask) for ex, o in zip(examples, outputs)]
     out["kept_psnr"] = _db_of_mean(kept)
     out["kept_at_goal"] = float(np.mean([checks.db(e) >= KEPT_GOAL_DB for e in kept]))
-    if workflows_too and family in WORKFLOW_OUTPUTS:  # what the family's workflow returns
+    made = None
+    if workflow_runs is not None:  # what the object-removal workflow returns
+        made = [done.image for done in workflow_runs]
+    elif workflows_too and family in WORKFLOW_OUTPUTS:  # what the family's workflow returns
         made = [WORKFLOW_OUTPUTS[family](ex, o) for ex, o in zip(examples, outputs)]
+    if made is not None:
         out["workflow_success"] = float(np.mean([checks.verdict(ex, m).success for ex, m in zip(examples, made)]))
         out["workflow_value"] = _db_of_mean([checks.mse(m, ex.target, _region(ex)) for ex, m in zip(examples, made)])
         kept = [checks.mse(m, ex.context, ~ex.mask) for ex, m in zip(examples, made)]
@@ -138,7 +164,8 @@ def family_scores(examples: list[Example], outputs: list[Image.Image], verdicts:
 
 
 def workflow_scores(heldout_set: dict[str, list[Example]], images: dict[str, list[Image.Image]], verdicts: dict[str, list],
-                    segmentation_outputs: list[Image.Image] | None = None, workflows_too: bool = False) -> dict:
-    """{family: figures} for the workflow families in the held-out set (removal among them)."""
-    return {f: family_scores(heldout_set[f], images[f], verdicts[f], segmentation_outputs if f == "segment" else None, workflows_too)
+                    workflow_runs: dict[str, list[workflows.Finished]] | None = None, workflows_too: bool = False) -> dict:
+    """{family: figures} for the workflow families in the held-out set (removal among them);
+    `workflow_runs`: per family in RUN_BY_WORKFLOW, its workflow's outputs (`workflow_output`)."""
+    return {f: family_scores(heldout_set[f], images[f], verdicts[f], (workflow_runs or {}).get(f), workflows_too)
             for f in BENCH_FAMILIES if heldout_set.get(f)}

@@ -28,9 +28,11 @@ import asyncio
 import logging
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime
 
 import sqlalchemy as sa
+from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
 from incontext.engine.protocol import EditRequest, EditResult, EngineClient, StepProgress
@@ -47,6 +49,11 @@ from incontext.service.storage import Storage
 from incontext.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def select_id(run_id: str) -> str:
+    """The engine request id of a run's second edit (RunParams.select_prompt)."""
+    return f"{run_id}/select"
 
 # Inputs held for runs not yet claimed: at most this many, and this many pixels. A run holds
 # its input fitted to the output size, and its source only up to inputs.KEEP_SOURCE_PIXELS
@@ -210,6 +217,7 @@ class Dispatcher:
             # hook repeats the cancel once it does.
             self._cancel_requested.add(run_id)
         self._engine.cancel(run_id)
+        self._engine.cancel(select_id(run_id))  # a workflow's second edit, if it has one
 
     def _recover(self) -> None:
         with self._sessions.begin() as session:
@@ -348,7 +356,7 @@ class Dispatcher:
         # 3. Denoise.
         engine_started = time.perf_counter()
         try:
-            result = await self._engine.edit(request, on_progress=self._progress_hook(run_id))
+            result, drawn = await self._edits(request, params.select_prompt)
         except Cancelled:
             return await self._end(run, lifecycle.CANCELED)
         except EngineLost as exc:
@@ -370,7 +378,7 @@ class Dispatcher:
             "engine_call": (engine_done - engine_started) * 1000,  # incl. the hop to the engine process
         }
         try:
-            await asyncio.to_thread(self._succeed, run, given, result, timings, self._last_steps.pop(run_id, None))
+            await asyncio.to_thread(self._succeed, run, given, result, drawn, timings, self._last_steps.pop(run_id, None))
         except IncontextError as exc:
             return await self._end(run, lifecycle.FAILED, failure=(exc.code, exc.message, "output"))
 
@@ -403,14 +411,35 @@ class Dispatcher:
         with self._sessions.begin() as session:
             return lifecycle.mark_running(session, run.id, under_fence=run.fence)
 
-    def _succeed(self, run: Run, given: RunInput, result: EditResult, timings: dict[str, float], last_step: tuple | None) -> None:
+    async def _edits(self, request: EditRequest, select_prompt: str | None) -> tuple[EditResult, Image.Image | None]:
+        """The run's edit, and with a workflow's `select_prompt` its second edit of the same
+        input beside it (workflows.Plan.select; both join the engine's batch): (result, the
+        second edit's image or None). If either fails, the other is cancelled and the failure raised."""
+        main = self._engine.edit(request, on_progress=self._progress_hook(request.request_id))
+        if select_prompt is None:
+            return await main, None
+        select = replace(request, request_id=select_id(request.request_id), prompt=select_prompt, num_images=1, previews=0,
+                         parent_request_id=None, render_context=False)
+        tasks = [asyncio.ensure_future(main), asyncio.ensure_future(self._engine.edit(select))]
+        try:
+            result, drawn = await asyncio.gather(*tasks)
+        except BaseException:
+            for job, task in zip((request, select), tasks):
+                if not task.done():
+                    self._engine.cancel(job.request_id)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return result, drawn.images[0]
+
+    def _succeed(self, run: Run, given: RunInput, result: EditResult, drawn: Image.Image | None, timings: dict[str, float],
+                 last_step: tuple | None) -> None:
         # Files are named by run: a worker that lost the run must not write over the files of
         # the worker that took it over.
         with self._sessions.begin() as session:
             if not leases.holds(session, run.id, run.fence):
                 return self._dropped(session, run, lifecycle.SUCCEEDED)
         started = time.perf_counter()
-        output = outputs.store(run, given, result, self._storage, self._settings)
+        output = outputs.store(run, given, result, self._storage, self._settings, drawn=drawn)
         output["timings_ms"].update(timings, dispatch_output=(time.perf_counter() - started) * 1000)  # preserve, encode, store
         if self._finish(run, lifecycle.SUCCEEDED, {"output": output}, last_step) is not None:
             self._metrics.run_succeeded(run.engine_model_id, len(result.images))
@@ -470,6 +499,7 @@ class Dispatcher:
     def _on_progress(self, run_id: str, done: int, total: int, at) -> None:
         if run_id in self._cancel_requested:
             self._engine.cancel(run_id)
+            self._engine.cancel(select_id(run_id))
         if done == total:
             # Logged in the transaction that ends the run, which follows at once (an engine
             # reports progress before the result): a write of its own would hold that one up,

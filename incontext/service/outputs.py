@@ -41,15 +41,17 @@ from incontext.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def store(run: Run, run_input: RunInput, result: EditResult, storage: Storage, settings: Settings) -> dict:
-    """The run's output dict (as stored in `runs.output`); files are written on the way."""
+def store(run: Run, run_input: RunInput, result: EditResult, storage: Storage, settings: Settings,
+          drawn: Image.Image | None = None) -> dict:
+    """The run's output dict (as stored in `runs.output`); files are written on the way.
+    `drawn`: a workflow's second edit (RunParams.select_prompt), which workflows.finish reads."""
     params = RunParams.of(run)
     if run_input.source is None:
         with _LARGE:
-            items, preserve_ms = _store(run, run_input, result, storage, settings)
+            items, preserve_ms = _store(run, run_input, result, storage, settings, drawn)
             memory.trim()
     else:
-        items, preserve_ms = _store(run, run_input, result, storage, settings)
+        items, preserve_ms = _store(run, run_input, result, storage, settings, drawn)
     timings = {**result.timings_ms, "preserve": preserve_ms}
     return {"outputs": items, "seed": params.seed, "num_inference_steps": result.num_inference_steps, "timings_ms": timings}
 
@@ -60,7 +62,8 @@ def store(run: Run, run_input: RunInput, result: EditResult, storage: Storage, s
 _LARGE = threading.Lock()
 
 
-def _store(run: Run, run_input: RunInput, result: EditResult, storage: Storage, settings: Settings) -> tuple[list[dict], float]:
+def _store(run: Run, run_input: RunInput, result: EditResult, storage: Storage, settings: Settings,
+           drawn: Image.Image | None) -> tuple[list[dict], float]:
     params = RunParams.of(run)
     fmt, return_mask = params.output_format, params.return_mask
     items, preserve_ms = [], 0.0
@@ -74,7 +77,8 @@ def _store(run: Run, run_input: RunInput, result: EditResult, storage: Storage, 
         extra = {}
         if params.workflow:  # what the workflow promises beyond the image: its mask, boxes, placement
             done = workflows.finish(params.workflow, image, mask, source_size=run_input.source_size, placement_box=params.placement,
-                                    source=canvas.get() if params.workflow == "segmentation" else None, logo=logo, allowed=allowed)
+                                    source=canvas.get() if params.workflow in ("segmentation", "object-removal") else None,
+                                    logo=logo, allowed=allowed, drawn=drawn)
             image, mask, extra = done.image, done.mask, done.extra
         preserve_ms += (time.perf_counter() - started) * 1000
         try:

@@ -38,6 +38,9 @@ class RunParams(BaseModel):
     # logo was allowed in ([x0, y0, x1, y1] at the input's size), reported in the output.
     workflow: str | None = None
     placement: list[int] | None = None
+    # A workflow's second edit of the same input, run beside the first (workflows.Plan.select):
+    # the model's mask of the thing named, which picks among the regions a removal changed.
+    select_prompt: str | None = None
     # Multi-turn: the engine may reuse the parent's latents, which only identify the image
     # when the parent made exactly one.
     parent_request_id: str | None = None

@@ -301,6 +301,7 @@ def prepare(
         parent_request_id=_single_output_parent(session, source.parent_run_id),
         workflow=plan.workflow if plan else None,
         placement=placement,
+        select_prompt=plan.select if plan else None,
     )
     if echo is None:
         echo = item.model_dump(mode="json", include=given - {"client_ref"})

@@ -129,12 +129,15 @@ def _segment(scene: Scene, rng: random.Random) -> tuple[Scene, str, dict] | None
     o = scene.objects[i]
     if sum(1 for p in scene.objects if (p.color, p.kind) == (o.color, o.kind)) != 1:
         return None
-    # The object in white, the objects drawn over it in black: rendered, its visible pixels
-    # white on black, antialiased like everything else (so mid-grey splits it exactly).
+    return segment_target(scene, i), phrase("segment", rng, obj=say_object(o.color, o.kind, rng)), {"index": i}
+
+
+def segment_target(scene: Scene, i: int) -> Scene:
+    """Object `i` in white, the objects drawn over it in black, on black: rendered, its visible
+    pixels white on black, antialiased like everything else (so mid-grey splits it exactly)."""
     later = tuple(replace(p, rgb=BLACK, color="black") for p in scene.objects[i + 1 :])
-    target = Scene(width=scene.width, height=scene.height, background=Background(rgb=BLACK, color="black"),
-                   objects=(replace(o, rgb=WHITE, color="white"), *later))
-    return target, phrase("segment", rng, obj=say_object(o.color, o.kind, rng)), {"index": i}
+    return Scene(width=scene.width, height=scene.height, background=Background(rgb=BLACK, color="black"),
+                 objects=(replace(scene.objects[i], rgb=WHITE, color="white"), *later))
 
 
 def visible_mask(scene: Scene, index: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from incontext import imageio
 from incontext.engine.protocol import EditRequest, EditResult, StepProgress
-from incontext.errors import EngineLost
+from incontext.errors import Cancelled, EngineLost, IncontextError
 from incontext.models.registry import ModelPreset
 from incontext.service import inputs, keys, lifecycle, store, submission
 from incontext.service.db import create_db_engine, make_session_factory, migrate
@@ -381,3 +381,51 @@ def test_another_keys_single_edit_ends_well_before_a_keys_backlog(service):
     mine = asyncio.run(scenario())
     assert engine.ended.index(mine) <= 3, engine.ended.index(mine)  # was 12th: after all of A's
     assert engine.ended[-1] == backlog[-1]
+
+
+class DrawingFailsEngine(InstantEngine):
+    """A workflow's removal that runs until it is cancelled, beside a drawing that fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.cancelled: set[str] = set()
+
+    async def edit(self, request: EditRequest, on_progress=None) -> EditResult:
+        self.requests.append(request)
+        if request.request_id.endswith("/select"):
+            await asyncio.sleep(0.1)
+            raise IncontextError("the drawing failed", code="DRAWING_FAILED")
+        while request.request_id not in self.cancelled:
+            await asyncio.sleep(0.01)
+        raise Cancelled(f"request {request.request_id} was cancelled")
+
+    def cancel(self, request_id: str) -> bool:
+        self.cancelled.add(request_id)
+        return True
+
+
+def test_a_workflow_run_whose_second_edit_fails_stops_its_first_and_fails_with_its_code(service):
+    engine = DrawingFailsEngine()
+    dispatcher = dispatcher_for(service, engine)
+    run_id, prepared = accept(service, rotated_jpeg())
+    with service[1].begin() as session:  # as a segmentation's plan stores it (RunParams.select_prompt)
+        run = session.get(Run, run_id)
+        session.execute(sa.update(Run).where(Run.id == run_id).values(params={**run.params, "select_prompt": "make a mask of the cup"}))
+    dispatcher.submitted({run_id: prepared.run_input})
+
+    async def scenario() -> None:
+        await dispatcher.start()
+        deadline = time.monotonic() + 30
+        try:
+            while statuses(service, [run_id]) != ["failed"]:
+                assert time.monotonic() < deadline, statuses(service, [run_id])
+                await asyncio.sleep(0.02)
+        finally:
+            await dispatcher.close()
+
+    asyncio.run(scenario())
+    assert sorted(r.prompt for r in engine.requests) == ["make a mask of the cup", "make it blue"]
+    assert run_id in engine.cancelled  # the removal did not run on after its drawing failed
+    with service[1]() as session:
+        run = session.get(Run, run_id)
+        assert (run.failure_code, run.failure_stage_code) == ("DRAWING_FAILED", "inference")

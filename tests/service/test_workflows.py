@@ -123,6 +123,32 @@ def test_segmentation_returns_a_binary_mask_and_boxes_consistent_with_it(client)
     assert ((mask > 0) & ~covered).mean() < 0.02
 
 
+def test_the_removal_workflows_ask_the_model_for_a_mask_beside_the_removal(client, monkeypatch):
+    # Each run's two edits reach the engine together (one batch), same input, same seed: the
+    # removal and the model's drawing of a mask of the thing, which picks what was meant.
+    from incontext.engine.local import LocalEngine
+
+    seen = []
+    edit = LocalEngine.edit
+
+    async def recording(self, request, on_progress=None):
+        seen.append(request)
+        return await edit(self, request, on_progress)
+
+    monkeypatch.setattr(LocalEngine, "edit", recording)
+    for workflow in ("segmentation", "object-removal"):
+        seen.clear()
+        done = run(client, workflow, prompt="the red circle")
+        removal, drawing = sorted(seen, key=lambda r: r.request_id)
+        assert (removal.request_id, drawing.request_id) == (done["id"], done["id"] + "/select")
+        assert (removal.prompt, drawing.prompt) == ("remove the red circle", "make a mask of the red circle")
+        assert drawing.seed == removal.seed and drawing.num_images == 1
+        assert np.array_equal(np.asarray(drawing.image), np.asarray(removal.image))
+    seen.clear()
+    run(client, "background-replace", reference_image_url=uri(backdrop()))
+    assert len(seen) == 1  # the other workflows make one edit
+
+
 def test_background_replace_keeps_every_pixel_outside_its_change_region(client):
     done = run(client, "background-replace", reference_image_url=uri(backdrop()))
     (out,) = done["output"]["outputs"]

@@ -178,9 +178,10 @@ Exact-mask figures (`incontext/bench/workflows.py`): the removed object's pixels
 behind it, the background against the second image's, the emblem's box against the target's, the
 output split at mid-grey against the object's mask (IoU: the model asked for a mask in the held-out
 words), the segmentation workflow's own mask as a user gets it (it removes the object named by its
-colour and kind, and the mask is what that changed), and the logo-placement workflow's output as a user
-gets it who marks the place with a box (the model's edit in the box, the logo's own pixels laid in it),
-and the background-replace workflow's (the edit kept on the input's backdrop only);
+colour and kind, the model draws a mask of it beside that, and the mask is the removed regions the
+drawing picks), the object-removal workflow's output made the same way, the logo-placement workflow's
+output as a user gets it who marks the place with a box (the model's edit in the box, the logo's own
+pixels laid in it), and the background-replace workflow's (the edit kept on the input's backdrop only);
 **kept**: PSNR to the input outside the change.
 
 {markdown_table(*workflow_table(results))}

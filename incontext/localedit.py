@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from incontext import imageio, preserve
+from incontext import imageio, preserve, workflows
 from incontext.engine.protocol import EditRequest
 from incontext.errors import IncontextError
 
@@ -71,11 +71,7 @@ def edit_here(req: LocalEdit, *, model_dirs: dict[str, Path] | None = None, defa
         engine.start_thread()  # no preload: only the model asked for is loaded
         try:
             progress = (lambda p: on_step(p.done, p.total)) if on_step else None
-            if req.select is None:
-                return await engine.edit(request, on_progress=progress), None
-            select = replace(request, request_id="cli/select", prompt=req.select, num_images=1, render_context=False)
-            result, drawn = await asyncio.gather(engine.edit(request, on_progress=progress), engine.edit(select))
-            return result, drawn.images[0]
+            return await workflows.edit_with_select(engine, request, req.select, progress)
         finally:
             await engine.close()
 

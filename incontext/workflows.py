@@ -21,8 +21,9 @@ docs/workflows.md explains each choice.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Literal
 
@@ -30,10 +31,11 @@ import numpy as np
 from PIL import Image, ImageFilter
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from incontext import imageio, preserve, segments
+from incontext import imageio, preserve, regions, segments
+from incontext.regions import Box
+from incontext.engine.protocol import EditRequest, EditResult, EngineClient, ProgressCallback
 
 MAX_PROMPT_LENGTH = 4000  # as the runs API's prompt (service/schemas.py)
-Box = list[int]  # [x0, y0, x1, y1], x1 and y1 exclusive
 
 
 # 1. What each workflow takes. Unknown fields are ignored, as on every model's input.
@@ -80,7 +82,7 @@ class SegmentationInput(WorkflowInput):
     output_format: Literal["png"] = Field("png", description="the mask is a PNG")
 
 
-# 2. One edit, as the service and the CLI run it.
+# 2. The edit (and a second one, `select`), as the service and the CLI run it.
 @dataclass(frozen=True)
 class Plan:
     """What a workflow asks of the edit."""
@@ -284,7 +286,35 @@ def backdrop_mask(image: Image.Image) -> Image.Image | None:
     return Image.fromarray(np.where(backdrop, 255, 0).astype(np.uint8), mode="L").filter(ImageFilter.MaxFilter(3))
 
 
-# 5. The result, as each workflow promises it.
+# 5. The second edit (Plan.select), beside the first on the same engine.
+def select_id(request_id: str) -> str:
+    """The engine request id of a run's second edit."""
+    return f"{request_id}/select"
+
+
+async def edit_with_select(engine: EngineClient, request: EditRequest, select: str | None,
+                           on_progress: ProgressCallback | None = None) -> tuple[EditResult, Image.Image | None]:
+    """(the edit's result, the `select` edit's image or None). With `select` the two requests go
+    to the engine together, so they share its batches (same input and seed; one image, no
+    previews, preserve off); if either fails, the other is cancelled and the failure raised."""
+    main = engine.edit(request, on_progress=on_progress)
+    if select is None:
+        return await main, None
+    second = replace(request, request_id=select_id(request.request_id), prompt=select, num_images=1, previews=0,
+                     parent_request_id=None, render_context=False)
+    tasks = [asyncio.ensure_future(main), asyncio.ensure_future(engine.edit(second))]
+    try:
+        result, drawn = await asyncio.gather(*tasks)
+    except BaseException:
+        for job, task in zip((request, second), tasks):
+            if not task.done():
+                engine.cancel(job.request_id)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    return result, drawn.images[0]
+
+
+# 6. The result, as each workflow promises it.
 @dataclass
 class Finished:
     image: Image.Image
@@ -292,8 +322,6 @@ class Finished:
     extra: dict = field(default_factory=dict)  # goes into the output item: boxes, placement
 
 
-MAX_BOXES = 16
-MIN_REGION_SHARE = 1 / 1000  # regions smaller than this share of the image are specks, not things
 
 
 def finish(workflow: str, image: Image.Image, mask: Image.Image | None, *, source_size: tuple[int, int],
@@ -311,14 +339,14 @@ def finish(workflow: str, image: Image.Image, mask: Image.Image | None, *, sourc
         removed = removed_mask(image, source)
         binary = chosen(np.asarray(removed) > 0, drawn_mask(drawn, source.size)) if drawn is not None else np.asarray(removed) > 0
         out = _onto(binary, source.size, (0, 0, *source.size))
-        return Finished(out, out, {"boxes": regions(binary)})
+        return Finished(out, out, {"boxes": regions.boxes(binary)})
     if workflow == "object-removal" and drawn is not None and source is not None and image.size == source.size:
         image, mask = _keep_unchosen(image, mask, source, drawn)
     if workflow == "logo-placement" and logo is not None and placement_box is not None:
         image, landed = place_logo(image, logo, placement_box, allowed)
         laid = np.where(landed, 255, 0).astype(np.uint8)
         mask = Image.fromarray(laid if mask is None else np.maximum(laid, np.asarray(mask.convert("L"))), mode="L")
-    extra = {"boxes": regions(np.asarray(mask) > 0) if mask is not None else []}
+    extra = {"boxes": regions.boxes(np.asarray(mask) > 0) if mask is not None else []}
     if workflow == "logo-placement":
         extra["placement"] = placement_box
     return Finished(image, mask, extra)
@@ -372,7 +400,7 @@ def chosen(removed: np.ndarray, drawn: np.ndarray) -> np.ndarray:
     """The separate 4-connected regions of `removed` (bool) that `drawn` (bool, same shape)
     covers for at least COVER_SHARE of the best-covered region's share; all of them when the
     drawn mask covers none for MIN_COVER."""
-    labels, count = label(removed)
+    labels, count = regions.label(removed)
     if count < 2:
         return removed
     ids = labels.ravel()
@@ -414,62 +442,3 @@ def _onto(binary: np.ndarray, source_size: tuple[int, int], box: tuple[int, int,
     out = Image.new("L", source_size, 0)
     out.paste(mask.resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.NEAREST), box[:2])
     return out
-
-
-def _runs(binary: np.ndarray) -> list[tuple[int, int, int, int]]:
-    """The runs of True in each row of a (h, w) bool map, (y, start, end, region), a region
-    being a 4-connected component's smallest run id. Each row's runs are joined to the
-    overlapping runs of the row above (union-find): one pass, fast for the few regions of a
-    mask even at 40 MP."""
-    parent: list[int] = []
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    runs, above = [], []
-    padded = np.zeros(binary.shape[1] + 2, dtype=np.int8)
-    for y in range(binary.shape[0]):
-        padded[1:-1] = binary[y]
-        edges = np.diff(padded)
-        row = []
-        j = 0
-        for s, e in zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()):
-            run = len(parent)
-            parent.append(run)
-            while j < len(above) and above[j][1] <= s:
-                j += 1
-            k = j
-            while k < len(above) and above[k][0] < e:
-                a, b = find(run), find(above[k][2])
-                parent[max(a, b)] = min(a, b)
-                k += 1
-            row.append((s, e, run))
-            runs.append((y, s, e, run))
-        above = row
-    return [(y, s, e, find(run)) for y, s, e, run in runs]
-
-
-def label(binary: np.ndarray) -> tuple[np.ndarray, int]:
-    """(labels, count): each 4-connected region of a (h, w) bool map numbered 1…count (int32), 0 elsewhere."""
-    labels = np.zeros(binary.shape, dtype=np.int32)
-    ids: dict[int, int] = {}
-    for y, s, e, region in _runs(binary):
-        labels[y, s:e] = ids.setdefault(region, len(ids) + 1)
-    return labels, len(ids)
-
-
-def regions(binary: np.ndarray) -> list[Box]:
-    """Bounding boxes of the 4-connected regions of a (h, w) bool map, largest first, specks
-    (under MIN_REGION_SHARE of the image) left out, at most MAX_BOXES."""
-    boxes: dict[int, list[int]] = {}
-    for y, s, e, root in _runs(binary):
-        if (b := boxes.get(root)) is None:
-            boxes[root] = [s, y, e, y + 1, e - s]
-        else:
-            b[0], b[2], b[3], b[4] = min(b[0], s), max(b[2], e), y + 1, b[4] + e - s
-    least = MIN_REGION_SHARE * binary.size
-    kept = sorted((b for b in boxes.values() if b[4] >= least), key=lambda b: -b[4])
-    return [b[:4] for b in kept[:MAX_BOXES]]

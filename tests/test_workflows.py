@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from incontext import segments, workflows
+from incontext import regions, segments, workflows
 from incontext.cli import app
 
 
@@ -34,8 +34,8 @@ def test_regions_are_the_4_connected_parts_largest_first_without_specks():
     binary[70:90, 70:95] = True  # 500 pixels
     binary[5, 90] = True  # a speck (1 of 10,000 < 1/1000)
     binary[60, 31] = True  # touches the L only at a corner: not 4-connected, and a speck
-    assert workflows.regions(binary) == [[70, 70, 95, 90], [10, 10, 31, 60]]
-    assert workflows.regions(np.zeros((8, 8), bool)) == []
+    assert regions.boxes(binary) == [[70, 70, 95, 90], [10, 10, 31, 60]]
+    assert regions.boxes(np.zeros((8, 8), bool)) == []
 
 
 def test_the_placement_is_the_flattest_spot_and_always_the_same():
@@ -158,7 +158,7 @@ def test_a_segmentation_is_what_removing_the_thing_changed_snapped_to_the_inputs
     mask = np.asarray(done.mask)
     assert done.image is done.mask and mask.shape == (64, 64) and set(np.unique(mask)) == {0, 255}
     assert iou(mask > 0) > 0.98 and not mask[40:56, 40:56].any()
-    assert done.extra["boxes"] == workflows.regions(mask > 0) and len(done.extra["boxes"]) == 1  # the speck is not a region
+    assert done.extra["boxes"] == regions.boxes(mask > 0) and len(done.extra["boxes"]) == 1  # the speck is not a region
     # Nothing removed, nothing masked; and a segmentation needs its input.
     assert not np.asarray(workflows.finish("segmentation", image, None, source_size=image.size, source=image).mask).any()
     with pytest.raises(ValueError, match="needs the input"):

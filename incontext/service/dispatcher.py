@@ -28,16 +28,16 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import replace
 from datetime import datetime
 
 import sqlalchemy as sa
 from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
-from incontext.engine.protocol import EditRequest, EditResult, EngineClient, StepProgress
+from incontext import workflows
+from incontext.engine.protocol import EditResult, EngineClient, StepProgress
 from incontext.errors import Cancelled, EngineLost, IncontextError
-from incontext.service import callbacks, leases, lifecycle, logs, outputs
+from incontext.service import callbacks, leases, lifecycle, logs, outputs, runedits
 from incontext.service.callbacks import CallbackSender
 from incontext.service.db import utcnow
 from incontext.service.inputs import RunInput, decode_stored
@@ -50,11 +50,6 @@ from incontext.settings import Settings
 
 log = logging.getLogger(__name__)
 
-
-def select_id(run_id: str) -> str:
-    """The engine request id of a run's second edit (RunParams.select_prompt)."""
-    return f"{run_id}/select"
-
 # Inputs held for runs not yet claimed: at most this many, and this many pixels. A run holds
 # its input fitted to the output size, and its source only up to inputs.KEEP_SOURCE_PIXELS
 # (a 1024² upload fitted to a 1024² model and at its own size is 6 MB; a 40 MP upload fitted
@@ -63,9 +58,6 @@ def select_id(run_id: str) -> str:
 # process claimed).
 MAX_HANDED_OVER = 64
 MAX_HANDED_OVER_PIXELS = 64 * 1024 * 1024  # 192 MB of RGB
-# Previews per run for the event stream: enough to watch an edit form, few enough that runs
-# nobody watches lose nothing (each is one small matmul and a PNG of the latent size).
-PREVIEWS_PER_RUN = 4
 
 
 class Dispatcher:
@@ -217,7 +209,7 @@ class Dispatcher:
             # hook repeats the cancel once it does.
             self._cancel_requested.add(run_id)
         self._engine.cancel(run_id)
-        self._engine.cancel(select_id(run_id))  # a workflow's second edit, if it has one
+        self._engine.cancel(workflows.select_id(run_id))  # a workflow's second edit, if it has one
 
     def _recover(self) -> None:
         with self._sessions.begin() as session:
@@ -335,28 +327,12 @@ class Dispatcher:
         # memory already is).
         if run.status == lifecycle.DISPATCHING and await asyncio.to_thread(self._mark_running, run) is None:
             return
-        request = EditRequest(
-            request_id=run_id,
-            model_id=run.engine_model_id,
-            prompt=params.prompt,
-            image=given.fitted,
-            references=given.references,
-            width=params.width,
-            height=params.height,
-            seed=params.seed,
-            num_images=params.num_images,
-            guidance_scale=params.guidance_scale,
-            num_inference_steps=params.num_inference_steps,
-            parent_request_id=params.parent_request_id,
-            previews=PREVIEWS_PER_RUN,
-            owner=run.api_key_id,
-            render_context=params.preserve == "auto",
-        )
+        request = runedits.request_for(run, params, given)
 
         # 3. Denoise.
         engine_started = time.perf_counter()
         try:
-            result, drawn = await self._edits(request, params.select_prompt)
+            result, drawn = await workflows.edit_with_select(self._engine, request, params.select_prompt, self._progress_hook(run_id))
         except Cancelled:
             return await self._end(run, lifecycle.CANCELED)
         except EngineLost as exc:
@@ -410,26 +386,6 @@ class Dispatcher:
     def _mark_running(self, run: Run) -> Run | None:
         with self._sessions.begin() as session:
             return lifecycle.mark_running(session, run.id, under_fence=run.fence)
-
-    async def _edits(self, request: EditRequest, select_prompt: str | None) -> tuple[EditResult, Image.Image | None]:
-        """The run's edit, and with a workflow's `select_prompt` its second edit of the same
-        input beside it (workflows.Plan.select; both join the engine's batch): (result, the
-        second edit's image or None). If either fails, the other is cancelled and the failure raised."""
-        main = self._engine.edit(request, on_progress=self._progress_hook(request.request_id))
-        if select_prompt is None:
-            return await main, None
-        select = replace(request, request_id=select_id(request.request_id), prompt=select_prompt, num_images=1, previews=0,
-                         parent_request_id=None, render_context=False)
-        tasks = [asyncio.ensure_future(main), asyncio.ensure_future(self._engine.edit(select))]
-        try:
-            result, drawn = await asyncio.gather(*tasks)
-        except BaseException:
-            for job, task in zip((request, select), tasks):
-                if not task.done():
-                    self._engine.cancel(job.request_id)
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-        return result, drawn.images[0]
 
     def _succeed(self, run: Run, given: RunInput, result: EditResult, drawn: Image.Image | None, timings: dict[str, float],
                  last_step: tuple | None) -> None:
@@ -499,7 +455,7 @@ class Dispatcher:
     def _on_progress(self, run_id: str, done: int, total: int, at) -> None:
         if run_id in self._cancel_requested:
             self._engine.cancel(run_id)
-            self._engine.cancel(select_id(run_id))
+            self._engine.cancel(workflows.select_id(run_id))
         if done == total:
             # Logged in the transaction that ends the run, which follows at once (an engine
             # reports progress before the result): a write of its own would hold that one up,

@@ -32,8 +32,8 @@ from PIL import Image, ImageFilter
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from incontext import imageio, preserve, regions, segments
-from incontext.regions import Box
 from incontext.engine.protocol import EditRequest, EditResult, EngineClient, ProgressCallback
+from incontext.regions import Box
 
 MAX_PROMPT_LENGTH = 4000  # as the runs API's prompt (service/schemas.py)
 
@@ -320,8 +320,6 @@ class Finished:
     image: Image.Image
     mask: Image.Image | None
     extra: dict = field(default_factory=dict)  # goes into the output item: boxes, placement
-
-
 
 
 def finish(workflow: str, image: Image.Image, mask: Image.Image | None, *, source_size: tuple[int, int],

@@ -77,7 +77,8 @@ def _store(run: Run, run_input: RunInput, result: EditResult, storage: Storage, 
         extra = {}
         if params.workflow:  # what the workflow promises beyond the image: its mask, boxes, placement
             done = workflows.finish(params.workflow, image, mask, source_size=run_input.source_size, placement_box=params.placement,
-                                    source=canvas.get() if params.workflow in ("segmentation", "object-removal") else None,
+                                    # what a segmentation's mask, or the removal the drawing picks among, is read against
+                                    source=canvas.get() if params.workflow == "segmentation" or drawn is not None else None,
                                     logo=logo, allowed=allowed, drawn=drawn)
             image, mask, extra = done.image, done.mask, done.extra
         preserve_ms += (time.perf_counter() - started) * 1000

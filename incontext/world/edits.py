@@ -95,10 +95,16 @@ def _unique_ref(scene: Scene, i: int) -> bool:
     return sum(1 for p in scene.objects if (p.color, p.kind) == (o.color, o.kind)) == 1
 
 
+# Families whose instruction names one object by its colour and kind (segment's edit is
+# world/workflows.py's; the others are apply_edit's).
+ONE_OBJECT = ("recolor", "remove", "move", "resize", "replace")
+REFERRING = ONE_OBJECT + ("segment",)
+
+
 def apply_edit(scene: Scene, family: str, rng: random.Random) -> tuple[Scene, str, dict] | None:
     """The edited scene, the instruction and facts about the edit; None if the scene doesn't allow it."""
     objs = scene.objects
-    if family in ("recolor", "remove", "move", "resize", "replace"):
+    if family in ONE_OBJECT:
         if not objs:
             return None
         i = rng.randrange(len(objs))
@@ -222,10 +228,6 @@ def select_families(spec: str) -> tuple[str, ...]:
     if unknown or not names:
         raise ValueError(f"unknown edit families {unknown or spec!r}; known: all, basic, workflows, {', '.join(known)}")
     return names
-
-
-# Families whose instruction names one object by its colour and kind.
-REFERRING = ("recolor", "remove", "move", "resize", "replace", "segment")
 
 
 def confusable(scene: Scene, rng: random.Random) -> Scene:

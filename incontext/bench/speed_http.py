@@ -28,6 +28,7 @@ from incontext import imageio
 from incontext.bench.speed import (
     POLL_FIRST_S, POLL_MAX_S, SERVER_SPLIT, SERVER_START_TIMEOUT_S, Job, OnStage, Record, Row, closed_loop, warmup_job,
 )
+from incontext.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,10 @@ class Server:
             "OMP_NUM_THREADS": str(threads),
             "INCONTEXT_MAX_CONCURRENT_RUNS_PER_MODEL": str(max_concurrency),
             "INCONTEXT_MAX_CONCURRENT_RUNS_PER_KEY": str(max_concurrency),  # one client: the engine's batching is measured
-            "INCONTEXT_ENGINE_MAX_BATCH_SIZE": str(max_concurrency),
+            # As the in-process rows: room for every request in flight, and never below the
+            # server's default. A model's draws are samples of one batch, so a batch of one
+            # (what this was at ×1) ran a consensus model's three draws one after another.
+            "INCONTEXT_ENGINE_MAX_BATCH_SIZE": str(max(max_concurrency, Settings().engine_max_batch_size)),
             "INCONTEXT_RATE_LIMIT_PER_MINUTE": "1000000",
             "INCONTEXT_READ_RATE_LIMIT_PER_MINUTE": "0",  # its pollers measure the engine, not the limit
             "INCONTEXT_ENGINE_COMPILE": "true" if compile else "false",

@@ -243,7 +243,8 @@ def test_stock_row_draws_a_model_s_consensus_and_gives_the_engine_s_output(tiny_
 
 def test_http_rows_count_every_draw_of_a_model_with_consensus(tiny_model, tmp_path):
     """The server does not report its passes: the benchmark counts them, steps × the model's
-    draws (and the step cache's count of the steps × the draws for the fast server)."""
+    draws (and the step cache's count of the steps × the draws for the fast server). With one
+    client the server still batches the draws, as a server with default settings does."""
     import json
     import shutil
 
@@ -258,6 +259,7 @@ def test_http_rows_count_every_draw_of_a_model_with_consensus(tiny_model, tmp_pa
         exact, fast = (HttpClient(server, "m", 10, 3.5, 0.1) for server in servers)
         assert exact.evals == 30
         assert fast.evals == 21
+        assert all(int(server.env["INCONTEXT_ENGINE_MAX_BATCH_SIZE"]) >= 3 for server in servers)
     finally:
         for server in servers:
             server.stop()  # never started: removes its data dir

@@ -60,6 +60,8 @@ class Models:
     dtype: torch.dtype = torch.float32  # transformer compute dtype
     device: torch.device = torch.device("cpu")
     flow_start: FlowStart = FlowStart()
+    # The model directory's segment-picking head (incontext/selector.py), if it ships one.
+    selector: torch.nn.Module | None = None
 
     @property
     def vae_scale_factor(self) -> int:

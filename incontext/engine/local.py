@@ -234,6 +234,17 @@ class LocalEngine:
             log.exception("could not admit request %s", request.request_id)
             fut.set_exception(ModelError(f"could not load model {request.model_id!r}: {e.__class__.__name__}: {e}"))
             return
+        if request.mask:
+            try:
+                answered = self.runner.mask(preset, request)
+            except Exception as e:  # as a failed step: the request fails, the engine goes on
+                log.exception("mask request %s failed", request.request_id)
+                fut.set_exception(IncontextError(f"inference failed: {e}"))
+                return
+            if answered is not None:
+                answered.timings_ms["total"] = (time.perf_counter() - submitted) * 1000
+                fut.set_result(answered)
+                return
         bucket = (preset.id, request.width, request.height, 1 + len(request.references))
         job = Job(request, fut, on_progress, preset.id, steps, draws=draws, started=submitted)
         cache = self._model_step_cache.get(preset.id, self.step_cache)

@@ -84,6 +84,10 @@ class EditRequest:
     # Also decode the context's latents (EditResult.rendered_context), which preserve "auto"
     # compares the output with; a caller that will not use it saves a VAE decode.
     render_context: bool = True
+    # A mask of the thing the prompt names (white on black) rather than an edit: a model that
+    # ships a selector (incontext/selector.py) answers it from the input's segments without
+    # denoising; otherwise, or where the input is not a drawing, the model draws it.
+    mask: bool = False
 
 
 @dataclass
@@ -100,6 +104,9 @@ class EditResult:
     # preserve.py tells the model's changes from the autoencoder's error by. None from an
     # engine that does not report it.
     rendered_context: Image.Image | None = None
+    # A mask request (EditRequest.mask) the model's selector answered, picking among the
+    # input's segments, without denoising: the mask lies on the input's own edges.
+    selected: bool = False
 
 
 class EngineClient(Protocol):

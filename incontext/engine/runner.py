@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from incontext import sampler
+from incontext import sampler, selector
 from incontext.engine import families, preview
 from incontext.engine.caches import LRU, image_key
 from incontext.engine.compiled import CompiledModels
@@ -122,6 +122,19 @@ class Runner:
             if self.compile_dir is not None and family.compiles:
                 self.compiled[preset.id] = CompiledModels(m, preset.directory, self.compile_dir)
         return self.models[preset.id]
+
+    def mask(self, preset: ModelPreset, request: EditRequest) -> EditResult | None:
+        """A mask request (EditRequest.mask) answered by the model's selector without denoising;
+        None where the model ships none (or is not a Kontext model) or the input is not a drawing."""
+        if self.families[preset.id].name != "kontext":
+            return None
+        started = time.perf_counter()
+        with torch.no_grad():
+            drawn = selector.draw(self.models[preset.id], request.prompt, request.image)
+        if drawn is None:
+            return None
+        return EditResult(images=[drawn] * request.num_images, seeds=[request.seed + i for i in range(request.num_images)],
+                          num_inference_steps=0, timings_ms={"total": (time.perf_counter() - started) * 1000}, selected=True)
 
     def _current(self, model_id: str):
         """The model to run now: its compiled twin once that is loaded, else the eager one."""

@@ -103,9 +103,12 @@ def load_model(path: Path, *, device: str = "cpu", dtype: str | torch.dtype = "a
         flow_start = FlowStart(extra.get("flow_start", "noise"), float(extra.get("start_noise", 1.0)))
     except (TypeError, ValueError) as e:
         raise ModelError(f"{extra_file}: {e}") from None
+    from incontext import selector
+
     log.info("loaded model %s (%s, %s)", path, device, dt)
     return Models(
         tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer_2"], text_encoder=parts["text_encoder"],
         text_encoder_2=parts["text_encoder_2"], vae=vae, transformer=tr, scheduler_config=dict(parts["scheduler"].config),
         max_sequence_length=max_sequence_length, dtype=dt, device=torch.device(device), flow_start=flow_start,
+        selector=selector.load(path),
     )

@@ -148,6 +148,20 @@ def train_export_vae_cmd(
     console.print(f"wrote {export_vae(out, model, to or model, dtype=torch.float16 if dtype == 'float16' else None)}")
 
 
+@train_app.command("selector")
+def train_selector_cmd(
+    model: Path = typer.Option(Path("incontext/weights/nano"), help="The model directory whose text encoders it reads, and which gets it."),
+    examples: int = typer.Option(12_000, min=10, help="Training examples (world scenes with a thing to mask)."),
+    minutes: float = typer.Option(5.0, min=0.01), lr: float = 2e-3,
+) -> None:
+    """The head that picks the segments a phrase names (incontext/selector.py): segmentation's and removal's mask."""
+    from incontext.train.selector import train_selector
+
+    result = train_selector(model, n=examples, minutes=minutes, lr=lr)
+    console.print(f"{result['steps']} steps on {result['examples']} examples, loss {result['loss']:.4f}; picked the "
+                  f"right segments in {result['picked_right']:.1%} of held-out examples; wrote {model / 'selector'}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     train_app()

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from incontext import preserve, sampler
+from incontext import preserve, sampler, selector
 from incontext.bench import checks, heldout, workflows
 from incontext.bench.report import write_report
 from incontext.engine.caches import image_key
@@ -167,6 +167,20 @@ class EngineEditor:
                                  rendered=result.rendered_context).image
 
 
+@dataclass
+class MaskDrawer:
+    """A workflow's mask request as the engine answers it (EditRequest.mask): the model's
+    selector where it ships one and the input is a drawing, else the model's own drawing."""
+
+    models: sampler.Models
+    draw: Callable[[Example, Image.Image], Image.Image]
+
+    def __call__(self, example: Example, image: Image.Image) -> Image.Image:
+        with torch.no_grad():
+            picked = selector.draw(self.models, example.instruction, image)
+        return picked if picked is not None else self.draw(example, image)
+
+
 def _references(example: Example) -> tuple[Image.Image, ...]:
     """The example's second image, as a request's references: world references are drawn at
     the context's size, which is what the sampler and the engine expect."""
@@ -283,8 +297,10 @@ def score_row(name: str, editor: Editor, heldout_set: dict[str, list[Example]], 
         "seconds_per_edit": None,
     }
     runs = {}
-    if workflows_too:  # each workflow's removal, and beside it the model's drawing of a mask (preserve off)
+    if workflows_too:  # each workflow's removal, and beside it its mask request (the model's selector or drawing, preserve off)
         drawer = replace(editor, preserve="off") if isinstance(editor, (ModelEditor, AutoencoderEditor)) else editor
+        if isinstance(editor, ModelEditor):
+            drawer = MaskDrawer(editor.models, drawer)
         runs = {f: [workflows.workflow_output(ex, editor(workflows.workflow_example(ex), ex.context),
                                               drawer(workflows.select_example(ex), ex.context)) for ex in heldout_set[f]]
                 for f in workflows.RUN_BY_WORKFLOW if heldout_set.get(f)}

@@ -9,9 +9,9 @@
   input's backdrop only);
 - segment: IoU of the output split at mid-grey against the object's exact mask (the model
   asked for a mask in the held-out words), and of the segmentation workflow's own mask as a
-  user gets it (`workflow_output`: it removes the object named by its colour and kind, the
-  model draws a mask of it beside that, and the mask is the removed regions the drawing
-  picks, workflows.finish); remove: the object-removal workflow's output the same way;
+  user gets it (`workflow_output`: it removes the object named by its colour and kind, asks
+  for a mask of it beside that (the model's selector picks its segments, or the model draws
+  it), and the mask is the removed regions that mask picks, workflows.finish); remove: the object-removal workflow's output the same way;
 
 and for the first three, the subject kept: PSNR to the input outside the change (the edit
 mask), with the share of examples at or over the 40 dB goal. Success is the checks' own
@@ -59,7 +59,7 @@ def _db_of_mean(errors: list[float]) -> float:
 
 
 # The families whose workflow runs edits of its own, as a user calls it: the removal in the
-# workflow's words, and beside it the model's drawn mask of the thing (workflows.Plan.select).
+# workflow's words, and beside it its mask request for the thing (workflows.Plan.select).
 RUN_BY_WORKFLOW = {"segment": "segmentation", "remove": "object-removal"}
 
 

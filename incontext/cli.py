@@ -116,7 +116,7 @@ def edit(
 def _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, model_id, preserve_mode, references=(), mask=None,
                 select=None):
     """(the name outputs give the model, [(image, region mask, changed share)] for each output,
-    the `select` edit's image or None), edited here on the server's engine (localedit.py): every
+    the `select` request's mask or None), edited here on the server's engine (localedit.py): every
     model family the server serves. The edited image decides the output's size; each reference
     is fitted to it; `mask` (a path or an "L" image: a workflow's placement) bounds where the
     output may differ from the input; `select`, a workflow's second edit run beside the first."""

@@ -38,8 +38,8 @@ class LocalEdit:
 
 
 def edit_here(req: LocalEdit, *, model_dirs: dict[str, Path] | None = None, default_dir: Path | None = None,
-              on_step: Callable[[int, int], None] | None = None) -> tuple[str, list[preserve.Preserved], Image.Image | None]:
-    """(the name outputs give the model, each output preserved, the `select` edit's image or
+              on_step: Callable[[int, int], None] | None = None) -> tuple[str, list[preserve.Preserved], workflows.Drawn | None]:
+    """(the name outputs give the model, each output preserved, the `select` request's mask or
     None): one edit on a LocalEngine that lives for this call (with `select`, two in one
     batch). `model_dirs`/`default_dir`: INCONTEXT_MODEL_DIRS and INCONTEXT_MODEL_DIR, so the
     CLI knows the ids a server on this machine would."""

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from incontext import imageio, preserve, regions, segments
+from incontext import imageio, outline, preserve, regions, segments
 from incontext.engine.protocol import EditRequest, EditResult, EngineClient, ProgressCallback
 from incontext.regions import Box
 
@@ -292,11 +292,22 @@ def select_id(request_id: str) -> str:
     return f"{request_id}/select"
 
 
+@dataclass(frozen=True)
+class Drawn:
+    """The thing's mask a plan's `select` request came back with (white on black, at the
+    model's working size): `picked` where the model's selector picked it among the input's
+    segments (EditResult.selected), so it lies on the input's edges; else the model drew it."""
+
+    image: Image.Image
+    picked: bool = False
+
+
 async def edit_with_select(engine: EngineClient, request: EditRequest, select: str | None,
-                           on_progress: ProgressCallback | None = None) -> tuple[EditResult, Image.Image | None]:
-    """(the edit's result, the `select` edit's image or None). With `select` the two requests go
-    to the engine together, so they share its batches (same input and seed; one image, no
-    previews, preserve off); if either fails, the other is cancelled and the failure raised."""
+                           on_progress: ProgressCallback | None = None) -> tuple[EditResult, Drawn | None]:
+    """(the edit's result, the `select` request's mask or None). With `select` the two requests
+    go to the engine together, so they share its batches (same input and seed; one image, no
+    previews, preserve off; a mask request, which a model with a selector answers without
+    denoising); if either fails, the other is cancelled and the failure raised."""
     main = engine.edit(request, on_progress=on_progress)
     if select is None:
         return await main, None
@@ -311,7 +322,7 @@ async def edit_with_select(engine: EngineClient, request: EditRequest, select: s
                 engine.cancel(job.request_id)
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-    return result, drawn.images[0]
+    return result, Drawn(drawn.images[0], drawn.selected)
 
 
 # 6. The result, as each workflow promises it.
@@ -324,22 +335,26 @@ class Finished:
 
 def finish(workflow: str, image: Image.Image, mask: Image.Image | None, *, source_size: tuple[int, int],
            placement_box: Box | None = None, source: Image.Image | None = None, logo: Image.Image | None = None,
-           allowed: Image.Image | None = None, drawn: Image.Image | None = None) -> Finished:
+           allowed: Image.Image | None = None, drawn: Drawn | None = None) -> Finished:
     """One output of `workflow`: `image` and `mask` as preservation made them (preserve.preserve:
     "L", 255 where the pixel is the model's), the input's own size `source_size`; `source`, the
     input itself, which a segmentation and a removal need (what removal changed is where the
-    output differs from it); `drawn`, the output of the plan's `select` edit (the model's mask
-    of the thing), which picks among the removed regions; `logo` and `allowed` (where the run
+    output differs from it); `drawn`, the plan's `select` request's mask of the thing: picked by
+    the model's selector, it is the thing (a segmentation's mask; a removal changes nothing off
+    it), drawn by the model, it picks among the removed regions; `logo` and `allowed` (where the run
     could change pixels), which a logo placement lays the logo's own pixels in with."""
     if workflow == "segmentation":
         if source is None:
             raise ValueError("a segmentation's mask needs the input it was made from")
-        removed = removed_mask(image, source)
-        binary = chosen(np.asarray(removed) > 0, drawn_mask(drawn, source.size)) if drawn is not None else np.asarray(removed) > 0
+        binary = picked_thing(drawn, source)
+        if binary is None:
+            removed = np.asarray(removed_mask(image, source)) > 0
+            binary = chosen(removed, drawn_mask(drawn.image, source.size)) if drawn is not None else removed
         out = _onto(binary, source.size, (0, 0, *source.size))
         return Finished(out, out, {"boxes": regions.boxes(binary)})
     if workflow == "object-removal" and drawn is not None and source is not None and image.size == source.size:
-        image, mask = _keep_unchosen(image, mask, source, drawn)
+        thing = picked_thing(drawn, source)
+        image, mask = _keep_unchosen(image, mask, source, drawn.image) if thing is None else _only_on(thing, image, mask, source)
     if workflow == "logo-placement" and logo is not None and placement_box is not None:
         image, landed = place_logo(image, logo, placement_box, allowed)
         laid = np.where(landed, 255, 0).astype(np.uint8)
@@ -428,6 +443,27 @@ def _keep_unchosen(image: Image.Image, mask: Image.Image | None, source: Image.I
     image = Image.composite(source.convert(image.mode), image, back)
     if mask is not None:
         mask = Image.fromarray(np.where(undo, 0, np.asarray(mask.convert("L"))).astype(np.uint8), mode="L")
+    return image, mask
+
+
+def picked_thing(drawn: Drawn | None, source: Image.Image) -> np.ndarray | None:
+    """(h, w) bool at the input's size: the thing the model's selector picked, on the input's
+    edges with its antialiased rim (outline.outline); None where the model drew the mask, or
+    it holds nothing, or the input is not a drawing there."""
+    if drawn is None or not drawn.picked:
+        return None
+    thing = outline.outline(source, drawn_mask(drawn.image, source.size))
+    return thing if thing is not None and thing.any() else None
+
+
+def _only_on(thing: np.ndarray, image: Image.Image, mask: Image.Image | None, source: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    """A removal's output with the input's pixels everywhere but on the thing and UNDO_MARGIN
+    around it (what the fill blurs past its rim), and its mask there only: whatever else the
+    model changed (another thing alike in a word, a shifted background) is the input's again."""
+    there = np.asarray(Image.fromarray(thing).filter(ImageFilter.MaxFilter(2 * UNDO_MARGIN + 1)))
+    image = Image.composite(image, source.convert(image.mode), Image.fromarray(np.where(there, 255, 0).astype(np.uint8), mode="L"))
+    if mask is not None:
+        mask = Image.fromarray(np.where(there, np.asarray(mask.convert("L")), 0).astype(np.uint8), mode="L")
     return image, mask
 
 

@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 from typer.testing import CliRunner
 
 from incontext import regions, segments, workflows
@@ -174,13 +174,13 @@ def _two_red_things() -> tuple[Image.Image, Image.Image]:
     return Image.fromarray(source), Image.fromarray(removed)
 
 
-def _drawing(box: tuple[int, int, int, int] | None, size=(64, 48), scale: int = 1) -> Image.Image:
+def _drawing(box: tuple[int, int, int, int] | None, size=(64, 48), scale: int = 1) -> workflows.Drawn:
     """A model's drawn mask: white in `box` (a few pixels off the thing), black elsewhere, at size / scale."""
     pixels = np.zeros((size[1] // scale, size[0] // scale), np.uint8)
     if box is not None:
         x0, y0, x1, y1 = (v // scale for v in box)
         pixels[y0:y1, x0:x1] = 230
-    return Image.fromarray(pixels).convert("RGB")
+    return workflows.Drawn(Image.fromarray(pixels).convert("RGB"))
 
 
 def test_the_model_s_drawn_mask_picks_which_removed_thing_was_meant():
@@ -209,6 +209,39 @@ def test_the_model_s_drawn_mask_picks_which_removed_thing_was_meant():
     for plan in (workflows.plan_object_removal(workflows.ObjectRemovalInput(image_url="i", prompt="the red square")),
                  workflows.plan_segmentation(workflows.SegmentationInput(image_url="i", prompt="red square"))):
         assert plan.select == "make a mask of the red square"
+
+
+def test_a_thing_the_selector_picked_is_the_mask_and_all_a_removal_may_change():
+    """A selector's pick (at the model's working size, half the input's here) is the thing on the
+    input's own edges with its antialiased rim; the removal changes nothing off it, even where
+    the model also took the other red thing and shifted the background."""
+    from dataclasses import replace as with_
+
+    from incontext.world.scene import COLORS, Background, Scene, Shape, render
+    from incontext.world.workflows import visible_mask
+
+    scene = Scene(width=256, height=192, background=Background(rgb=COLORS["gray"], color="gray"), objects=(
+        Shape(kind="circle", color="red", rgb=COLORS["red"], cx=0.3, cy=0.4, size=0.14),
+        Shape(kind="square", color="red", rgb=COLORS["red"], cx=0.7, cy=0.6, size=0.14)))
+    source = render(scene)
+    circle = visible_mask(scene, 0)
+    took_both = np.asarray(render(with_(scene, objects=(), background=Background(rgb=(120, 124, 120), color="gray"))))
+    removed = Image.fromarray(took_both)
+    small = Image.fromarray(np.where(circle, 255, 0).astype(np.uint8)).resize((128, 96), Image.Resampling.NEAREST)
+    picked = workflows.Drawn(Image.fromarray((np.asarray(small) > 200).astype(np.uint8) * 255).convert("RGB"), picked=True)
+    seg = workflows.finish("segmentation", removed, None, source_size=source.size, source=source, drawn=picked)
+    got = np.asarray(seg.mask) > 0
+    assert (got & circle).sum() / (got | circle).sum() > 0.97 and len(seg.extra["boxes"]) == 1
+    model_mask = Image.new("L", source.size, 255)
+    out = workflows.finish("object-removal", removed, model_mask, source_size=source.size, source=source, drawn=picked)
+    image, mask = np.asarray(out.image), np.asarray(out.mask) > 0
+    near = np.asarray(Image.fromarray(circle).filter(ImageFilter.MaxFilter(2 * workflows.UNDO_MARGIN + 3)))
+    assert np.array_equal(image[~near], np.asarray(source)[~near])  # the square and the background: the input's, bit for bit
+    assert np.array_equal(image[circle], took_both[circle])  # the circle: removed
+    assert not (mask & ~near).any() and mask[circle].all()
+    # A pick of nothing, or a drawing by the model, leaves the removal's regions to decide.
+    empty = workflows.Drawn(Image.new("RGB", (128, 96)), picked=True)
+    assert workflows.picked_thing(empty, source) is None and workflows.picked_thing(with_(picked, picked=False), source) is None
 
 
 def test_a_segmentation_of_a_cropped_input_lands_on_the_inputs_framing():

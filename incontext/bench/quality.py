@@ -35,6 +35,7 @@ from incontext.bench import checks, heldout, workflows
 from incontext.bench.report import write_report
 from incontext.engine.caches import image_key
 from incontext.errors import InvalidInput
+from incontext.workflows import Drawn
 from incontext.world import edits
 from incontext.world.edits import Example
 
@@ -175,10 +176,10 @@ class MaskDrawer:
     models: sampler.Models
     draw: Callable[[Example, Image.Image], Image.Image]
 
-    def __call__(self, example: Example, image: Image.Image) -> Image.Image:
+    def __call__(self, example: Example, image: Image.Image) -> Drawn:
         with torch.no_grad():
             picked = selector.draw(self.models, example.instruction, image)
-        return picked if picked is not None else self.draw(example, image)
+        return Drawn(picked, picked=True) if picked is not None else Drawn(self.draw(example, image))
 
 
 def _references(example: Example) -> tuple[Image.Image, ...]:
@@ -298,9 +299,8 @@ def score_row(name: str, editor: Editor, heldout_set: dict[str, list[Example]], 
     }
     runs = {}
     if workflows_too:  # each workflow's removal, and beside it its mask request (the model's selector or drawing, preserve off)
-        drawer = replace(editor, preserve="off") if isinstance(editor, (ModelEditor, AutoencoderEditor)) else editor
-        if isinstance(editor, ModelEditor):
-            drawer = MaskDrawer(editor.models, drawer)
+        raw = replace(editor, preserve="off") if isinstance(editor, (ModelEditor, AutoencoderEditor)) else editor
+        drawer = MaskDrawer(editor.models, raw) if isinstance(editor, ModelEditor) else (lambda ex, image: Drawn(raw(ex, image)))
         runs = {f: [workflows.workflow_output(ex, editor(workflows.workflow_example(ex), ex.context),
                                               drawer(workflows.select_example(ex), ex.context)) for ex in heldout_set[f]]
                 for f in workflows.RUN_BY_WORKFLOW if heldout_set.get(f)}

@@ -86,7 +86,7 @@ def drift_table(results: dict) -> tuple[list[str], list[list[str]]]:
     return headers, lines
 
 
-WORKFLOW_LINES = {"remove": ", the object-removal workflow: the removed regions its mask request picks",
+WORKFLOW_LINES = {"remove": ", the object-removal workflow, as a user calls it",
                   "bgref": ", the background-replace workflow: only the input's backdrop may change",
                   "emblem": ", the logo-placement workflow: the logo laid in a box at the place"}
 
@@ -108,7 +108,7 @@ def workflow_table(results: dict) -> tuple[list[str], list[list[str]]]:
             lines.append([family, row["name"], str(s["n"]), fmt_rate(s["success"]), names[figure], value,
                           fmt_db(s["kept_psnr"]) if "kept_psnr" in s else "–", fmt_rate(s.get("kept_at_goal"))])
             if "workflow_iou" in s:  # the segmentation workflow's own mask (bench/workflows.py)
-                lines.append([family, row["name"] + ", the workflow's mask: the removed regions its mask request picks", str(s["n"]), "–",
+                lines.append([family, row["name"] + ", the workflow's mask, as a user gets it", str(s["n"]), "–",
                               "mask IoU (share ≥ 0.9)", f"{s['workflow_iou']:.2f} ({fmt_rate(s['workflow_at_goal'])})", "–", "–"])
             if "workflow_value" in s:  # the background-replace or logo-placement workflow's output (bench/workflows.py)
                 lines.append([family, row["name"] + WORKFLOW_LINES[family], str(s["n"]), fmt_rate(s["workflow_success"]), names[figure],
@@ -178,8 +178,10 @@ Exact-mask figures (`incontext/bench/workflows.py`): the removed object's pixels
 behind it, the background against the second image's, the emblem's box against the target's, the
 output split at mid-grey against the object's mask (IoU: the model asked for a mask in the held-out
 words), the segmentation workflow's own mask as a user gets it (it removes the object named by its
-colour and kind, asks for a mask of it beside that, which the model's selector picks among the
-input's segments or the model draws, and the mask is the removed regions that mask picks), the object-removal workflow's output made the same way, the logo-placement workflow's
+colour and kind and asks for a mask of it beside that: where the model's selector picks the thing
+among the input's segments, the mask is the thing's outline on the input and the removal changes
+nothing off it; where the model draws the mask, the mask is the removed regions the drawing
+picks), the object-removal workflow's output made the same way, the logo-placement workflow's
 output as a user gets it who marks the place with a box (the model's edit in the box, the logo's own
 pixels laid in it), and the background-replace workflow's (the edit kept on the input's backdrop only);
 **kept**: PSNR to the input outside the change.

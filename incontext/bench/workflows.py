@@ -9,9 +9,9 @@
   input's backdrop only);
 - segment: IoU of the output split at mid-grey against the object's exact mask (the model
   asked for a mask in the held-out words), and of the segmentation workflow's own mask as a
-  user gets it (`workflow_output`: it removes the object named by its colour and kind, asks
-  for a mask of it beside that (the model's selector picks its segments, or the model draws
-  it), and the mask is the removed regions that mask picks, workflows.finish); remove: the object-removal workflow's output the same way;
+  user gets it (`workflow_output`: it removes the object named by its colour and kind and asks
+  for a mask of it beside that; the model's selector picks it among the input's segments, or
+  the model draws it, which then picks among the removed regions, workflows.finish); remove: the object-removal workflow's output the same way;
 
 and for the first three, the subject kept: PSNR to the input outside the change (the edit
 mask), with the share of examples at or over the 40 dB goal. Success is the checks' own
@@ -84,7 +84,7 @@ def select_example(ex: Example) -> Example:
     return build_example("segment", ex.scene, (segment_target(ex.scene, i), _plan(ex).select, {"index": i}))
 
 
-def workflow_output(ex: Example, removal: Image.Image, drawn: Image.Image) -> workflows.Finished:
+def workflow_output(ex: Example, removal: Image.Image, drawn: workflows.Drawn) -> workflows.Finished:
     """What the workflow returns for a held-out segment or remove example from its two edits."""
     return workflows.finish(RUN_BY_WORKFLOW[ex.family], removal, None, source_size=ex.context.size, source=ex.context, drawn=drawn)
 

@@ -387,7 +387,7 @@ class Dispatcher:
         with self._sessions.begin() as session:
             return lifecycle.mark_running(session, run.id, under_fence=run.fence)
 
-    def _succeed(self, run: Run, given: RunInput, result: EditResult, drawn: Image.Image | None, timings: dict[str, float],
+    def _succeed(self, run: Run, given: RunInput, result: EditResult, drawn: workflows.Drawn | None, timings: dict[str, float],
                  last_step: tuple | None) -> None:
         # Files are named by run: a worker that lost the run must not write over the files of
         # the worker that took it over.

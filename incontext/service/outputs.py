@@ -42,9 +42,9 @@ log = logging.getLogger(__name__)
 
 
 def store(run: Run, run_input: RunInput, result: EditResult, storage: Storage, settings: Settings,
-          drawn: Image.Image | None = None) -> dict:
+          drawn: workflows.Drawn | None = None) -> dict:
     """The run's output dict (as stored in `runs.output`); files are written on the way.
-    `drawn`: a workflow's second edit (RunParams.select_prompt), which workflows.finish reads."""
+    `drawn`: the mask a workflow's second request (RunParams.select_prompt) came back with, which workflows.finish reads."""
     params = RunParams.of(run)
     if run_input.source is None:
         with _LARGE:
@@ -63,7 +63,7 @@ _LARGE = threading.Lock()
 
 
 def _store(run: Run, run_input: RunInput, result: EditResult, storage: Storage, settings: Settings,
-           drawn: Image.Image | None) -> tuple[list[dict], float]:
+           drawn: workflows.Drawn | None) -> tuple[list[dict], float]:
     params = RunParams.of(run)
     fmt, return_mask = params.output_format, params.return_mask
     items, preserve_ms = [], 0.0

@@ -159,11 +159,11 @@ def test_workflow_rows_score_each_family_against_its_exact_mask(model_dir, tmp_p
     assert all(t[f]["success"] == 1.0 and i[f]["success"] == 0.0 for f in t)
     assert t["remove"]["fill_psnr"] == t["bgref"]["background_psnr"] == t["emblem"]["box_psnr"] == math.inf
     assert t["segment"]["iou"] == 1.0 and i["segment"]["iou"] < 0.5
-    # The segmentation workflow's mask (the removed regions its mask request picks) from the exact
+    # The segmentation workflow's mask (the removed regions the drawn mask picks) from the exact
     # removal is the object's visible pixels but for a rim pixel or so; nothing removed, no mask.
     assert t["segment"]["workflow_iou"] > 0.99 and t["segment"]["workflow_at_goal"] == 1.0
     assert i["segment"]["workflow_iou"] == 0.0
-    assert "the workflow's mask: the removed regions its mask request picks" in (tmp_path / "report.md").read_text()
+    assert "the workflow's mask, as a user gets it" in (tmp_path / "report.md").read_text()
     # The segmentation and object-removal workflows ask the model for a mask of the thing
     # beside the removal, in their own words; the exact pair passes, the input left alone fails.
     assert sum(prompt.startswith("make a mask of the ") for prompt, _ in calls) == 4  # 2 segment + 2 remove examples

@@ -1,0 +1,65 @@
+"""A picked thing's outline on the input, at the input's own size.
+
+The model's selector (incontext/selector.py) picks segments of what the model saw, at its
+working size; mapped onto a larger input that pick is blocky and lacks the thing's
+antialiased rim. Here it lands on the input's own segments (those it covers at least half
+of) and takes the rim pixels that the thing covers over half of, as the world's own masks
+count a pixel. Numpy only: the service runs it, and the service does not import torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from incontext import segments
+
+TOLERANCE = 8  # as selector.TOLERANCE: an object's rim steps by more from its inside
+COVERED = 0.5  # a segment the pick covers this share of or more is the thing's
+MARGIN = 4  # pixels around the pick's box in which the input's segments are judged
+
+
+def _box3(a: np.ndarray) -> np.ndarray:
+    """The sum over each pixel's 3 × 3 neighbourhood (zero beyond the edges)."""
+    p = np.pad(a, [(1, 1), (1, 1)] + [(0, 0)] * (a.ndim - 2))
+    h, w = a.shape[:2]
+    return sum(p[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+
+
+def _grow(mask: np.ndarray) -> np.ndarray:
+    return _box3(mask.astype(np.int16)) > 0
+
+
+def outline(source: Image.Image, pick: np.ndarray) -> np.ndarray | None:
+    """(h, w) bool at `source`'s size: the thing `pick` (bool, same size) marks, on the
+    input's edges with its rim; None where the input is not a drawing there. Empty where the
+    pick is."""
+    thing = np.zeros(pick.shape, dtype=bool)
+    if not pick.any():
+        return thing
+    ys, xs = np.nonzero(pick)
+    top, left = max(0, ys.min() - MARGIN), max(0, xs.min() - MARGIN)
+    bottom, right = ys.max() + MARGIN + 1, xs.max() + MARGIN + 1  # judged in the pick's box only: the cost follows the thing
+    part = source.convert("RGB").crop((left, top, min(right, source.width), min(bottom, source.height)))
+    labels = segments.labels(part, TOLERANCE)
+    if labels is None:
+        return None
+    picked = pick[top:bottom, left:right]
+    count = np.bincount(labels.ravel())
+    cover = np.bincount(labels.ravel(), weights=picked.ravel().astype(np.float64), minlength=len(count)) / count
+    inside = cover[labels] >= COVERED
+    # The rim: pixels next to the inside, each a blend of the inside's colour beside it (T)
+    # and the outside's beyond it (B); the thing covers it over half where it lies past the
+    # middle of the two, on the line between them.
+    rgb = np.asarray(part, dtype=np.float64)
+    ring = _grow(inside) & ~inside
+    beyond = ~_grow(inside)
+    n_in, n_out = _box3(inside.astype(np.float64)), _box3(beyond.astype(np.float64))
+    t = _box3(rgb * inside[..., None]) / np.maximum(n_in, 1)[..., None]
+    b = _box3(rgb * beyond[..., None]) / np.maximum(n_out, 1)[..., None]
+    span = t - b
+    apart = (span * span).sum(-1)
+    share = ((rgb - b) * span).sum(-1) / np.maximum(apart, 1e-9)
+    rim = ring & (n_in > 0) & (n_out > 0) & (apart > TOLERANCE**2) & (share >= 0.5)
+    thing[top:bottom, left:right] = inside | rim
+    return thing

@@ -110,3 +110,20 @@ def test_the_engine_answers_a_mask_request_with_the_selector_and_an_edit_by_deno
     assert (white & visible_mask(scene, 0)).sum() > 0.7 * visible_mask(scene, 0).sum() and not (white & visible_mask(scene, 1)).any()
     assert not drawn.selected and drawn.num_inference_steps == 2 and drawn.transformer_evals == 2
     assert not photo.selected and photo.num_inference_steps == 2
+
+
+@pytest.mark.parametrize("named, inside", [("red circle", (90, 80)), ("orange triangle", (200, 100)), ("green square", (170, 180))])
+def test_the_bundled_selector_finds_each_thing_of_the_readme_picture_in_its_own_shades(nano, named, inside):
+    """The README picture's colours are not the world's (a sandy orange, a teal): the thing
+    named is picked, alone, at the model's working size."""
+    from pathlib import Path
+
+    from incontext import imageio
+
+    picture = Image.open(Path(__file__).resolve().parent.parent / "examples" / "shapes.png").convert("RGB")
+    fitted = imageio.fit_to_size(picture, 128, 128)
+    white = np.asarray(selector.draw(nano, f"make a mask of the {named}", fitted).convert("L")) > 127
+    source = np.asarray(fitted, np.int32)
+    y, x = inside[0] // 2, inside[1] // 2  # (row, column) in the 256² picture
+    thing = np.abs(source - source[y, x]).max(-1) <= 24
+    assert white[y, x] and (white & ~thing).sum() <= 0.1 * thing.sum()

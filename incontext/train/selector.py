@@ -2,7 +2,8 @@
 
 Each example is a world scene with one object named as the `segment` family names it (the
 workflows' "make a mask of the …" among its phrasings), with two objects alike in colour or
-kind in `CONFUSABLE` of them, so the phrase needs both words. A segment is the thing where
+kind in `CONFUSABLE` of them, so the phrase needs both words, and wider shades of the
+world's colours in `SHADED` of them. A segment is the thing where
 at least half its pixels are in the named object's exact visible mask. The model's text
 encoders are frozen: the head learns to read their states.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,14 @@ import torch
 
 from incontext import sampler, selector
 from incontext.world.edits import make_example
+from incontext.world.scene import COLORS, Scene, distinct, jitter, render
+from incontext.world.workflows import visible_mask
 
 log = logging.getLogger(__name__)
 
 CONFUSABLE = 0.6
+SHADED = 0.5  # share of scenes whose things take wider shades of their colours (`shaded`)
+SHADE = 60
 TRAIN_SEED = 30_000_000  # example i of the training set is drawn from Random(TRAIN_SEED + i)
 CHECK_SEED = 40_000_000  # the held-out check's examples; the benchmark's are another seed still
 
@@ -37,12 +42,35 @@ class Set:
     labels: torch.Tensor  # (N, S) float: 1 where the segment is the named thing's
 
 
+def _nearest_name(rgb: tuple[int, int, int]) -> str:
+    return min(COLORS, key=lambda name: sum(abs(a - b) for a, b in zip(COLORS[name], rgb)))
+
+
+def shaded(scene: Scene, rng: random.Random) -> Scene:
+    """`scene` with its things in wider shades of their colours than the world draws (up to
+    SHADE levels a channel off), each still nearest its own colour's name and apart from the
+    background: a user's "orange" is rarely the world's."""
+    things = []
+    for thing in scene.objects:
+        for _ in range(10):
+            rgb = jitter(COLORS[thing.color], rng, SHADE)
+            if _nearest_name(rgb) == thing.color and distinct(rgb, scene.background.rgb):
+                thing = replace(thing, rgb=rgb)
+                break
+        things.append(thing)
+    return replace(scene, objects=tuple(things))
+
+
 def build(models: sampler.Models, n: int, seed: int) -> Set:
     rows, prompts = [], []
     for i in range(n):
-        ex = make_example(random.Random(seed + i), family="segment", confusable_share=CONFUSABLE)
-        exact = np.asarray(ex.target.convert("L")) > 127
-        found = selector.candidates(ex.context)
+        rng = random.Random(seed + i)
+        ex = make_example(rng, family="segment", confusable_share=CONFUSABLE)
+        context, exact = ex.context, np.asarray(ex.target.convert("L")) > 127
+        if rng.random() < SHADED:
+            scene = shaded(ex.scene, rng)
+            context, exact = render(scene), visible_mask(scene, ex.info["index"])
+        found = selector.candidates(context)
         if found is None:
             continue
         share = np.array([exact[found.labels == sid].mean() for sid in found.ids.tolist()])

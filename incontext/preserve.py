@@ -206,6 +206,14 @@ def compose(canvas: Image.Image, box: tuple[float, float, float, float], edited:
     return Preserved(Image.fromarray(out), Image.fromarray(mask, mode="L"), changed / (base.shape[0] * base.shape[1]))
 
 
+def changed_share(image: Image.Image, source: Image.Image) -> float:
+    """The share of `image`'s pixels that differ from `source` (same size), as Preserved reports
+    it: for an output a workflow changed again after preservation (workflows.finish)."""
+    a, b = np.asarray(image.convert("RGB")), np.asarray(source.convert("RGB"))
+    changed = sum(int((a[top : top + BAND_ROWS] != b[top : top + BAND_ROWS]).any(axis=-1).sum()) for top in range(0, a.shape[0], BAND_ROWS))
+    return changed / (a.shape[0] * a.shape[1])
+
+
 def _rgb(image: Image.Image | None) -> np.ndarray | None:
     return None if image is None else np.asarray(image.convert("RGB"))
 

@@ -80,6 +80,10 @@ def _store(run: Run, run_input: RunInput, result: EditResult, storage: Storage, 
                                     # what a segmentation's mask, or the removal the drawing picks among, is read against
                                     source=canvas.get() if params.workflow == "segmentation" or drawn is not None else None,
                                     logo=logo, allowed=allowed, drawn=drawn)
+            source = canvas.get() if done.image is not image and params.workflow != "segmentation" else None
+            if source is not None and source.size == done.image.size:
+                # After what finish laid in or put back (a logo, the input's pixels off the thing removed)
+                share = preserve.changed_share(done.image, source)
             image, mask, extra = done.image, done.mask, done.extra
         preserve_ms += (time.perf_counter() - started) * 1000
         try:

@@ -96,6 +96,8 @@ def test_object_removal_returns_the_image_and_the_removed_region(client):
     assert out["content_type"] == "image/png"  # a workflow's default: bit for bit where kept
     # Outside the removed region every pixel is the input's.
     assert np.array_equal(image[region == 0], source[region == 0])
+    # Its changed share is the returned image's, after the workflow put pixels back.
+    assert out["changed_share"] == round(float(np.any(image != source, axis=-1).mean()), 4)
     assert_boxes_inside(out["boxes"])
     if region.any():
         assert_boxes_bound(out["boxes"], region > 0)
@@ -143,6 +145,7 @@ def test_the_removal_workflows_ask_the_model_for_a_mask_beside_the_removal(clien
         assert (removal.request_id, drawing.request_id) == (done["id"], done["id"] + "/select")
         assert (removal.prompt, drawing.prompt) == ("remove the red circle", "make a mask of the red circle")
         assert drawing.seed == removal.seed and drawing.num_images == 1
+        assert drawing.mask and not removal.mask  # a mask request: the bundled model's selector answers it
         assert np.array_equal(np.asarray(drawing.image), np.asarray(removal.image))
     seen.clear()
     run(client, "background-replace", reference_image_url=uri(backdrop()))
@@ -187,6 +190,7 @@ def test_logo_placement_without_a_mask_reports_its_placement_and_keeps_it(client
     outside = np.ones((H, W), bool)
     outside[y0:y1, x0:x1] = False
     assert np.array_equal(image[outside], source[outside])
+    assert out["changed_share"] == round(float(np.any(image != source, axis=-1).mean()), 4) > 0  # the logo counts
     assert "placement" not in done["input"] and "mask_image_url" not in done["input"]  # the echo is what the client sent
 
 

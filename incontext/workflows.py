@@ -312,7 +312,7 @@ async def edit_with_select(engine: EngineClient, request: EditRequest, select: s
     if select is None:
         return await main, None
     second = replace(request, request_id=select_id(request.request_id), prompt=select, num_images=1, previews=0,
-                     parent_request_id=None, render_context=False, mask=True)
+                     parent_request_id=None, render_context=False, thing_mask=True)
     tasks = [asyncio.ensure_future(main), asyncio.ensure_future(engine.edit(second))]
     try:
         result, drawn = await asyncio.gather(*tasks)

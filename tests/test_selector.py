@@ -99,7 +99,7 @@ def test_the_engine_answers_a_mask_request_with_the_selector_and_an_edit_by_deno
     noise = Image.fromarray(np.random.default_rng(1).integers(0, 256, (128, 128, 3), dtype=np.uint8))
     try:
         ask = lambda rid, img, mask: EditRequest(rid, registry.default_id, "make a mask of the pink heart", img, 128, 128, 0,
-                                                  num_inference_steps=2, consensus=1, mask=mask)
+                                                  num_inference_steps=2, consensus=1, thing_mask=mask)
         picked = engine.submit(ask("m", image, True)).result(timeout=120)
         drawn = engine.submit(ask("e", image, False)).result(timeout=120)
         photo = engine.submit(ask("p", noise, True)).result(timeout=120)

@@ -170,7 +170,7 @@ class EngineEditor:
 
 @dataclass
 class MaskDrawer:
-    """A workflow's mask request as the engine answers it (EditRequest.mask): the model's
+    """A workflow's mask request as the engine answers it (EditRequest.thing_mask): the model's
     selector where it ships one and the input is a drawing, else the model's own drawing."""
 
     models: sampler.Models

@@ -234,7 +234,7 @@ class LocalEngine:
             log.exception("could not admit request %s", request.request_id)
             fut.set_exception(ModelError(f"could not load model {request.model_id!r}: {e.__class__.__name__}: {e}"))
             return
-        if request.mask:
+        if request.thing_mask:
             try:
                 answered = self.runner.mask(preset, request)
             except Exception as e:  # as a failed step: the request fails, the engine goes on

@@ -87,7 +87,7 @@ class EditRequest:
     # A mask of the thing the prompt names (white on black) rather than an edit: a model that
     # ships a selector (incontext/selector.py) answers it from the input's segments without
     # denoising; otherwise, or where the input is not a drawing, the model draws it.
-    mask: bool = False
+    thing_mask: bool = False
 
 
 @dataclass
@@ -104,7 +104,7 @@ class EditResult:
     # preserve.py tells the model's changes from the autoencoder's error by. None from an
     # engine that does not report it.
     rendered_context: Image.Image | None = None
-    # A mask request (EditRequest.mask) the model's selector answered, picking among the
+    # A mask request (EditRequest.thing_mask) the model's selector answered, picking among the
     # input's segments, without denoising: the mask lies on the input's own edges.
     selected: bool = False
 

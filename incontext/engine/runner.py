@@ -124,7 +124,7 @@ class Runner:
         return self.models[preset.id]
 
     def mask(self, preset: ModelPreset, request: EditRequest) -> EditResult | None:
-        """A mask request (EditRequest.mask) answered by the model's selector without denoising;
+        """A mask request (EditRequest.thing_mask) answered by the model's selector without denoising;
         None where the model ships none (or is not a Kontext model) or the input is not a drawing."""
         if self.families[preset.id].name != "kontext":
             return None

@@ -145,7 +145,7 @@ def test_the_removal_workflows_ask_the_model_for_a_mask_beside_the_removal(clien
         assert (removal.request_id, drawing.request_id) == (done["id"], done["id"] + "/select")
         assert (removal.prompt, drawing.prompt) == ("remove the red circle", "make a mask of the red circle")
         assert drawing.seed == removal.seed and drawing.num_images == 1
-        assert drawing.mask and not removal.mask  # a mask request: the bundled model's selector answers it
+        assert drawing.thing_mask and not removal.thing_mask  # a mask request: the bundled model's selector answers it
         assert np.array_equal(np.asarray(drawing.image), np.asarray(removal.image))
     seen.clear()
     run(client, "background-replace", reference_image_url=uri(backdrop()))

@@ -35,6 +35,7 @@ class LocalEdit:
     references: tuple[Image.Image, ...] = ()
     mask: Image.Image | None = None  # where the output may differ from the input
     select: str | None = None  # a workflow's second edit of the same image (workflows.Plan.select), run beside the first
+    mask_answers: bool = False  # a mask the selector picks is the whole answer (workflows.MASK_ANSWERS)
 
 
 def edit_here(req: LocalEdit, *, model_dirs: dict[str, Path] | None = None, default_dir: Path | None = None,
@@ -72,16 +73,19 @@ def edit_here(req: LocalEdit, *, model_dirs: dict[str, Path] | None = None, defa
         engine.start_thread()  # no preload: only the model asked for is loaded
         try:
             progress = (lambda p: on_step(p.done, p.total)) if on_step else None
-            return await workflows.edit_with_select(engine, request, req.select, progress)
+            return await workflows.edit_with_select(engine, request, req.select, progress, mask_answers=req.mask_answers)
         finally:
             await engine.close()
 
     result, drawn = asyncio.run(run())
     source = src if imageio.keeps_framing(req.aspect_ratio, src.width, src.height) else None
-    kept = [
-        preserve.preserve(img, change, context=fitted, source=source, mode=req.preserve, mask=allowed, rendered=result.rendered_context)
-        for img, change in zip(result.images, result.change_maps)
-    ]
+    if result.selected:  # the selector's mask is the answer (workflows.MASK_ANSWERS): no pixel of the input was edited
+        kept = [preserve.Preserved(img, Image.new("L", img.size, 0), 0.0) for img in result.images]
+    else:
+        kept = [
+            preserve.preserve(img, change, context=fitted, source=source, mode=req.preserve, mask=allowed, rendered=result.rendered_context)
+            for img, change in zip(result.images, result.change_maps)
+        ]
     return preset.weights_name, kept, drawn
 
 

@@ -302,12 +302,19 @@ class Drawn:
     picked: bool = False
 
 
+# Workflows whose answer is the thing's mask alone: where the model's selector picks the thing,
+# the edit beside the mask request (a segmentation's removal) would go unused, so it is cancelled.
+MASK_ANSWERS = frozenset({"segmentation"})
+
+
 async def edit_with_select(engine: EngineClient, request: EditRequest, select: str | None,
-                           on_progress: ProgressCallback | None = None) -> tuple[EditResult, Drawn | None]:
+                           on_progress: ProgressCallback | None = None, *, mask_answers: bool = False) -> tuple[EditResult, Drawn | None]:
     """(the edit's result, the `select` request's mask or None). With `select` the two requests
     go to the engine together, so they share its batches (same input and seed; one image, no
     previews, preserve off; a mask request, which a model with a selector answers without
-    denoising); if either fails, the other is cancelled and the failure raised."""
+    denoising); if either fails, the other is cancelled and the failure raised. With
+    `mask_answers` (MASK_ANSWERS), a mask the selector picked ends it: the edit is cancelled at
+    its next step and the mask request's result is returned as the edit's."""
     main = engine.edit(request, on_progress=on_progress)
     if select is None:
         return await main, None
@@ -315,6 +322,10 @@ async def edit_with_select(engine: EngineClient, request: EditRequest, select: s
                      parent_request_id=None, render_context=False, thing_mask=True)
     tasks = [asyncio.ensure_future(main), asyncio.ensure_future(engine.edit(second))]
     try:
+        if mask_answers and (picked := await tasks[1]).selected:
+            engine.cancel(request.request_id)
+            await asyncio.gather(tasks[0], return_exceptions=True)
+            return picked, Drawn(picked.images[0], picked=True)
         result, drawn = await asyncio.gather(*tasks)
     except BaseException:
         for job, task in zip((request, second), tasks):

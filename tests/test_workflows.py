@@ -379,3 +379,56 @@ def test_the_bundled_model_segments_the_red_circle_of_the_readme_picture(tmp_pat
     assert r.exit_code == 0, r.output
     mask = np.asarray(Image.open(mask_path).convert("L")) > 0
     assert (mask & circle).sum() / (mask | circle).sum() > 0.95
+
+
+class _Engine:
+    """An engine whose mask requests come back at once, picked or drawn, and whose edits wait
+    to be cancelled or released."""
+
+    def __init__(self, picked: bool):
+        import asyncio
+
+        self.picked, self.cancelled, self.release = picked, [], asyncio.Event()
+
+    async def edit(self, request, on_progress=None):
+        from incontext.engine.protocol import EditResult
+        from incontext.errors import Cancelled
+
+        if request.thing_mask:
+            return EditResult([Image.new("RGB", (8, 8), "white")], [request.seed], 0, selected=self.picked)
+        await self.release.wait()
+        if request.request_id in self.cancelled:
+            raise Cancelled("cancelled")
+        return EditResult([Image.new("RGB", (8, 8), "red")], [request.seed], 4)
+
+    def cancel(self, request_id):
+        self.cancelled.append(request_id)
+        self.release.set()
+        return True
+
+
+@pytest.mark.parametrize("picked", [True, False])
+def test_a_segmentation_whose_thing_the_selector_picked_needs_no_removal(picked):
+    """With mask_answers (segmentation), a picked mask ends the pair: the removal is cancelled
+    and the mask is the answer. A drawn mask waits for the removal, which then decides."""
+    import asyncio
+
+    from incontext.engine.protocol import EditRequest
+
+    async def go():
+        engine = _Engine(picked)
+        request = EditRequest("run", "m", "remove the red circle", Image.new("RGB", (8, 8)), 8, 8, 3)
+        call = asyncio.ensure_future(workflows.edit_with_select(engine, request, "make a mask of the red circle", mask_answers=True))
+        await asyncio.sleep(0.05)
+        if not picked:
+            assert not call.done()  # waiting for the removal
+            engine.release.set()
+        result, drawn = await asyncio.wait_for(call, 5)
+        return engine, result, drawn
+
+    engine, result, drawn = asyncio.run(go())
+    assert drawn.picked is picked
+    if picked:
+        assert engine.cancelled == ["run"] and result.selected and result.num_inference_steps == 0
+    else:
+        assert engine.cancelled == [] and result.num_inference_steps == 4

@@ -332,7 +332,8 @@ class Dispatcher:
         # 3. Denoise.
         engine_started = time.perf_counter()
         try:
-            result, drawn = await workflows.edit_with_select(self._engine, request, params.select_prompt, self._progress_hook(run_id))
+            result, drawn = await workflows.edit_with_select(self._engine, request, params.select_prompt, self._progress_hook(run_id),
+                                                             mask_answers=params.workflow in workflows.MASK_ANSWERS)
         except Cancelled:
             return await self._end(run, lifecycle.CANCELED)
         except EngineLost as exc:

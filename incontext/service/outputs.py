@@ -81,7 +81,9 @@ def _store(run: Run, run_input: RunInput, result: EditResult, storage: Storage, 
                                     source=canvas.get() if params.workflow == "segmentation" or drawn is not None else None,
                                     logo=logo, allowed=allowed, drawn=drawn)
             source = canvas.get() if done.image is not image and params.workflow != "segmentation" else None
-            if source is not None and source.size == done.image.size:
+            if params.workflow == "segmentation":
+                share = None  # its output is a mask, not an edit of the input
+            elif source is not None and source.size == done.image.size:
                 # After what finish laid in or put back (a logo, the input's pixels off the thing removed)
                 share = preserve.changed_share(done.image, source)
             image, mask, extra = done.image, done.mask, done.extra

@@ -115,6 +115,7 @@ def test_segmentation_returns_a_binary_mask_and_boxes_consistent_with_it(client)
     assert mask.shape == (H, W)  # the input's own size, not the model's
     assert set(np.unique(mask)) <= {0, 255}
     assert np.array_equal(image, mask)  # the run's image is the mask
+    assert out["changed_share"] is None  # a mask, not an edit of the input
     assert_boxes_inside(out["boxes"])
     # Each box is a region of the mask; the mask outside the boxes is specks (each under a
     # thousandth of the image), at most a few of them.
@@ -137,10 +138,21 @@ def test_the_removal_workflows_ask_the_model_for_a_mask_beside_the_removal(clien
         seen.append(request)
         return await edit(self, request, on_progress)
 
+    cancelled = []
+    cancel = LocalEngine.cancel
+
+    def recording_cancel(self, request_id):
+        cancelled.append(request_id)
+        return cancel(self, request_id)
+
     monkeypatch.setattr(LocalEngine, "edit", recording)
+    monkeypatch.setattr(LocalEngine, "cancel", recording_cancel)
     for workflow in ("segmentation", "object-removal"):
         seen.clear()
+        cancelled.clear()
         done = run(client, workflow, prompt="the red circle")
+        # The bundled model's selector picks the circle: a segmentation needs no removal then.
+        assert cancelled == ([done["id"]] if workflow == "segmentation" else [])
         removal, drawing = sorted(seen, key=lambda r: r.request_id)
         assert (removal.request_id, drawing.request_id) == (done["id"], done["id"] + "/select")
         assert (removal.prompt, drawing.prompt) == ("remove the red circle", "make a mask of the red circle")

@@ -63,3 +63,38 @@ def outline(source: Image.Image, pick: np.ndarray) -> np.ndarray | None:
     rim = ring & (n_in > 0) & (n_out > 0) & (apart > TOLERANCE**2) & (share >= 0.5)
     thing[top:bottom, left:right] = inside | rim
     return thing
+
+
+SMOOTH = 6.0  # levels RMS: a ring around the thing that a plane fits this well is one background (as snap.SMOOTH)
+RING = 3  # pixels of the ring the background's plane is fitted to
+
+
+def fill_behind(source: Image.Image, thing: np.ndarray, margin: int) -> tuple[Image.Image, np.ndarray] | None:
+    """`source` with the thing (and `margin` pixels around it) replaced by the background
+    behind it, and where that was ((h, w) bool): the plane (flat, or a linear gradient per
+    channel) fitted to a ring of pixels around it. None where no plane fits that ring (the
+    thing lies on other things, a texture, or two backgrounds): then only a model can say what
+    is behind it."""
+    region = thing.copy()
+    for _ in range(margin):
+        region = _grow(region)
+    ys, xs = np.nonzero(region)
+    top, left = max(0, ys.min() - RING), max(0, xs.min() - RING)
+    bottom, right = min(source.height, ys.max() + RING + 1), min(source.width, xs.max() + RING + 1)
+    inside = region[top:bottom, left:right]
+    ring = inside.copy()
+    for _ in range(RING):
+        ring = _grow(ring)
+    ring &= ~inside
+    if ring.sum() < 8:
+        return None
+    rgb = np.asarray(source.convert("RGB"), dtype=np.float64)[top:bottom, left:right]
+    gy, gx = np.mgrid[top:bottom, left:right]
+    design = np.stack([np.ones(ring.sum()), gy[ring], gx[ring]], axis=1)
+    coef, *_ = np.linalg.lstsq(design, rgb[ring], rcond=None)
+    if np.sqrt(((design @ coef - rgb[ring]) ** 2).mean()) > SMOOTH:
+        return None
+    out = np.asarray(source.convert("RGB")).copy()
+    plane = np.stack([np.ones(inside.sum()), gy[inside], gx[inside]], axis=1) @ coef
+    out[top:bottom, left:right][inside] = np.clip(np.rint(plane), 0, 255).astype(np.uint8)
+    return Image.fromarray(out), region

@@ -352,7 +352,9 @@ def finish(workflow: str, image: Image.Image, mask: Image.Image | None, *, sourc
     input itself, which a segmentation and a removal need (what removal changed is where the
     output differs from it); `drawn`, the plan's `select` request's mask of the thing: picked by
     the model's selector, it is the thing (a segmentation's mask; a removal changes nothing off
-    it), drawn by the model, it picks among the removed regions; `logo` and `allowed` (where the run
+    it, and where a plane fits the ring around it, the thing's place takes that plane, the
+    background behind it, whatever the model drew), drawn by the model, it picks among the
+    removed regions; `logo` and `allowed` (where the run
     could change pixels), which a logo placement lays the logo's own pixels in with."""
     if workflow == "segmentation":
         if source is None:
@@ -365,7 +367,13 @@ def finish(workflow: str, image: Image.Image, mask: Image.Image | None, *, sourc
         return Finished(out, out, {"boxes": regions.boxes(binary)})
     if workflow == "object-removal" and drawn is not None and source is not None and image.size == source.size:
         thing = picked_thing(drawn, source)
-        image, mask = _keep_unchosen(image, mask, source, drawn.image) if thing is None else _only_on(thing, image, mask, source)
+        if thing is None:
+            image, mask = _keep_unchosen(image, mask, source, drawn.image)
+        elif (filled := outline.fill_behind(source, thing, UNDO_MARGIN)) is not None:
+            image, region = filled  # a drawing's background behind the thing: the plane around it, exactly
+            mask = Image.fromarray(np.where(region, 255, 0).astype(np.uint8), mode="L")
+        else:
+            image, mask = _only_on(thing, image, mask, source)
     if workflow == "logo-placement" and logo is not None and placement_box is not None:
         image, landed = place_logo(image, logo, placement_box, allowed)
         laid = np.where(landed, 255, 0).astype(np.uint8)

@@ -233,11 +233,21 @@ def test_a_thing_the_selector_picked_is_the_mask_and_all_a_removal_may_change():
     got = np.asarray(seg.mask) > 0
     assert (got & circle).sum() / (got | circle).sum() > 0.97 and len(seg.extra["boxes"]) == 1
     model_mask = Image.new("L", source.size, 255)
+    near = np.asarray(Image.fromarray(circle).filter(ImageFilter.MaxFilter(2 * workflows.UNDO_MARGIN + 3)))
+    # On a plain background, the circle's place takes the plane around it: the input's own grey.
     out = workflows.finish("object-removal", removed, model_mask, source_size=source.size, source=source, drawn=picked)
     image, mask = np.asarray(out.image), np.asarray(out.mask) > 0
-    near = np.asarray(Image.fromarray(circle).filter(ImageFilter.MaxFilter(2 * workflows.UNDO_MARGIN + 3)))
     assert np.array_equal(image[~near], np.asarray(source)[~near])  # the square and the background: the input's, bit for bit
-    assert np.array_equal(image[circle], took_both[circle])  # the circle: removed
+    assert (image[near] == COLORS["gray"]).all()  # the circle, its rim and the margin: the background behind it
+    assert not (mask & ~near).any() and mask[circle].all()
+    # On a background no plane fits (noise), the model's fill is kept on the thing and nowhere else.
+    noisy = np.asarray(source).astype(np.int16)
+    away = ~np.asarray(Image.fromarray(visible_mask(scene, 0) | visible_mask(scene, 1)).filter(ImageFilter.MaxFilter(5)))
+    noisy[away] += np.random.default_rng(0).integers(-20, 21, noisy[away].shape, dtype=np.int16)
+    noisy = Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
+    out = workflows.finish("object-removal", removed, model_mask, source_size=source.size, source=noisy, drawn=picked)
+    image, mask = np.asarray(out.image), np.asarray(out.mask) > 0
+    assert np.array_equal(image[~near], np.asarray(noisy)[~near]) and np.array_equal(image[circle], took_both[circle])
     assert not (mask & ~near).any() and mask[circle].all()
     # A pick of nothing, or a drawing by the model, leaves the removal's regions to decide.
     empty = workflows.Drawn(Image.new("RGB", (128, 96)), picked=True)

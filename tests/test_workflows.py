@@ -442,3 +442,16 @@ def test_a_segmentation_whose_thing_the_selector_picked_needs_no_removal(picked)
         assert engine.cancelled == ["run"] and result.selected and result.num_inference_steps == 0
     else:
         assert engine.cancelled == [] and result.num_inference_steps == 4
+
+
+def test_the_background_behind_a_thing_on_a_gradient_is_the_gradient():
+    from incontext import outline
+
+    yy, xx = np.mgrid[0:96, 0:128]
+    ramp = np.stack([60 + xx, 100 + yy // 2, 200 - xx // 2], axis=-1).astype(np.uint8)  # a linear gradient per channel
+    source = ramp.copy()
+    thing = (yy - 40) ** 2 + (xx - 50) ** 2 <= 15**2
+    source[thing] = (220, 40, 40)
+    image, region = outline.fill_behind(Image.fromarray(source), thing, 2)
+    assert region[thing].all() and not region[(yy - 40) ** 2 + (xx - 50) ** 2 > 18**2].any()
+    assert np.abs(np.asarray(image).astype(int) - ramp.astype(int)).max() <= 1

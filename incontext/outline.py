@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from incontext import segments
+from incontext.preserve import dilate
 
 TOLERANCE = 8  # as selector.TOLERANCE: an object's rim steps by more from its inside
 COVERED = 0.5  # a segment the pick covers this share of or more is the thing's
@@ -24,10 +25,6 @@ def _box3(a: np.ndarray) -> np.ndarray:
     p = np.pad(a, [(1, 1), (1, 1)] + [(0, 0)] * (a.ndim - 2))
     h, w = a.shape[:2]
     return sum(p[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy in (-1, 0, 1) for dx in (-1, 0, 1))
-
-
-def _grow(mask: np.ndarray) -> np.ndarray:
-    return _box3(mask.astype(np.int16)) > 0
 
 
 def outline(source: Image.Image, pick: np.ndarray) -> np.ndarray | None:
@@ -52,8 +49,8 @@ def outline(source: Image.Image, pick: np.ndarray) -> np.ndarray | None:
     # and the outside's beyond it (B); the thing covers it over half where it lies past the
     # middle of the two, on the line between them.
     rgb = np.asarray(part, dtype=np.float64)
-    ring = _grow(inside) & ~inside
-    beyond = ~_grow(inside)
+    grown = dilate(inside, 1)
+    ring, beyond = grown & ~inside, ~grown
     n_in, n_out = _box3(inside.astype(np.float64)), _box3(beyond.astype(np.float64))
     t = _box3(rgb * inside[..., None]) / np.maximum(n_in, 1)[..., None]
     b = _box3(rgb * beyond[..., None]) / np.maximum(n_out, 1)[..., None]
@@ -75,17 +72,12 @@ def fill_behind(source: Image.Image, thing: np.ndarray, margin: int) -> tuple[Im
     channel) fitted to a ring of pixels around it. None where no plane fits that ring (the
     thing lies on other things, a texture, or two backgrounds): then only a model can say what
     is behind it."""
-    region = thing.copy()
-    for _ in range(margin):
-        region = _grow(region)
+    region = dilate(thing, margin)
     ys, xs = np.nonzero(region)
     top, left = max(0, ys.min() - RING), max(0, xs.min() - RING)
     bottom, right = min(source.height, ys.max() + RING + 1), min(source.width, xs.max() + RING + 1)
     inside = region[top:bottom, left:right]
-    ring = inside.copy()
-    for _ in range(RING):
-        ring = _grow(ring)
-    ring &= ~inside
+    ring = dilate(inside, RING) & ~inside
     if ring.sum() < 8:
         return None
     rgb = np.asarray(source.convert("RGB"), dtype=np.float64)[top:bottom, left:right]

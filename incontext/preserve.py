@@ -76,7 +76,8 @@ def _upsample(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     return mask[rows[:, None], cols[None, :]]
 
 
-def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """A (h, w) bool map grown by `radius` pixels (a square's reach: 8-neighbour steps)."""
     if radius <= 0:
         return mask
     img = Image.fromarray(mask.astype(np.uint8) * 255)
@@ -101,7 +102,7 @@ def region_alpha(change: np.ndarray, edited: np.ndarray, context: np.ndarray, co
     height, width = edited.shape[:2]
     threshold = moved_threshold(change, config)
     moved = _upsample(change > threshold, height, width)
-    grown = _dilate(moved, config.grow)
+    grown = dilate(moved, config.grow)
     out, ctx = edited.astype(np.int16), context.astype(np.int16)
     differs = np.abs(out - ctx).max(axis=-1) > config.pixel_tolerance
     if rendered is not None and threshold >= config.threshold:
@@ -123,7 +124,7 @@ def region_alpha(change: np.ndarray, edited: np.ndarray, context: np.ndarray, co
     alpha = np.maximum(np.asarray(soft, dtype=np.float32) / 255.0, region)
     # The fade stays near the moved latents: further out the model's pixels are only its
     # autoencoder's rendering of what the input already shows.
-    alpha[~_dilate(moved, config.grow + config.feather)] = 0.0
+    alpha[~dilate(moved, config.grow + config.feather)] = 0.0
     return alpha
 
 

@@ -455,9 +455,7 @@ def _keep_unchosen(image: Image.Image, mask: Image.Image | None, source: Image.I
     dropped = removed & ~keep
     if not dropped.any():
         return image, mask
-    grow = ImageFilter.MaxFilter(2 * UNDO_MARGIN + 1)
-    near_kept = np.asarray(Image.fromarray(keep).filter(grow)) if keep.any() else np.zeros_like(keep)
-    undo = np.asarray(Image.fromarray(dropped).filter(grow)) & ~near_kept
+    undo = preserve.dilate(dropped, UNDO_MARGIN) & ~preserve.dilate(keep, UNDO_MARGIN)
     back = Image.fromarray(np.where(undo, 255, 0).astype(np.uint8), mode="L")
     image = Image.composite(source.convert(image.mode), image, back)
     if mask is not None:
@@ -479,7 +477,7 @@ def _only_on(thing: np.ndarray, image: Image.Image, mask: Image.Image | None, so
     """A removal's output with the input's pixels everywhere but on the thing and UNDO_MARGIN
     around it (what the fill blurs past its rim), and its mask there only: whatever else the
     model changed (another thing alike in a word, a shifted background) is the input's again."""
-    there = np.asarray(Image.fromarray(thing).filter(ImageFilter.MaxFilter(2 * UNDO_MARGIN + 1)))
+    there = preserve.dilate(thing, UNDO_MARGIN)
     image = Image.composite(image, source.convert(image.mode), Image.fromarray(np.where(there, 255, 0).astype(np.uint8), mode="L"))
     if mask is not None:
         mask = Image.fromarray(np.where(there, np.asarray(mask.convert("L")), 0).astype(np.uint8), mode="L")

@@ -125,9 +125,7 @@ class Runner:
 
     def mask(self, preset: ModelPreset, request: EditRequest) -> EditResult | None:
         """A mask request (EditRequest.thing_mask) answered by the model's selector without denoising;
-        None where the model ships none (or is not a Kontext model) or the input is not a drawing."""
-        if self.families[preset.id].name != "kontext":
-            return None
+        None where the model ships none (only a Kontext directory can) or the input is not a drawing."""
         started = time.perf_counter()
         with torch.no_grad():
             drawn = selector.draw(self.models[preset.id], request.prompt, request.image)

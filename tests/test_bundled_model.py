@@ -113,3 +113,16 @@ def test_the_readme_example_is_right_with_seeds_0_1_and_2(tmp_path):
         assert len(colours) == 1, f"seed {seed}: the circle is not one colour"
         r, g, b = colours[0]
         assert b > r + 80 and b > g + 60, f"seed {seed}: the circle is {colours[0]}, not blue"
+
+
+def test_diffedits_contrast_points_at_the_named_object(nano):
+    # The alternative edit region the quality benchmark measures (`--regions`): on the README
+    # picture, "make the red circle blue" differs from no instruction most over the red circle.
+    _, m = nano
+    image = Image.open(Path(__file__).parents[1] / "examples" / "shapes.png").convert("RGB").resize((128, 128))
+    contrast = sampler.contrast_map(m, image, "make the red circle blue", seed=0)
+    assert contrast.shape == (16, 16) and contrast.max() == pytest.approx(1.0)
+    red = np.asarray(image)[..., 0].astype(int) - np.asarray(image)[..., 1:].max(axis=-1) > 100  # the red circle's pixels
+    circle = red.reshape(16, 8, 16, 8).mean(axis=(1, 3)) > 0.5
+    assert circle.any()
+    assert contrast[circle].mean() > 2 * contrast[~circle].mean()

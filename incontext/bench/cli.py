@@ -40,6 +40,7 @@ def quality(
     turns: Annotated[int, typer.Option(min=1, help="Successive edits per multi-turn drift sequence.")] = 5,
     families: Annotated[str, typer.Option(help="all, basic (recolor, remove, add, move, background, grayscale), workflows (remove, bgref, emblem, segment) or a comma-separated list.")] = "all",
     consensus: Annotated[int | None, typer.Option(min=1, max=MAX_CONSENSUS, help="Denoisings per output, whose median it is (default: the model's).")] = None,
+    regions: Annotated[str, typer.Option(help="Extra rows preserved by another edit region: contrast (DiffEdit's), both (latents that moved within it), comma-separated.")] = "",
 ) -> None:
     """Score a model on the held-out set beside "input unchanged" and the ground truth."""
     from incontext.bench.quality import run_quality
@@ -52,7 +53,7 @@ def quality(
             task = progress.add_task("edits", total=None)
             results = run_quality(
                 model, n, out, turns=turns, steps=steps, guidance=guidance, dtype=dtype, families=families, consensus=consensus,
-                on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+                regions=tuple(r for r in regions.split(",") if r), on_progress=lambda done, total: progress.update(task, completed=done, total=total),
             )
     except IncontextError as e:
         Console(stderr=True).print(f"[red]error[/red] {e.code}: {e.message}", highlight=False, soft_wrap=True)

@@ -95,6 +95,7 @@ class ModelEditor:
     consensus: int = 1  # draws per output (sampler.merge_draws), as the engine makes them
     memo: dict = field(default_factory=dict)
     seconds: list[float] = field(default_factory=list)  # per denoised (not memoised) edit
+    region: str = "latents"  # where the edit happened: one of REGIONS
 
     def __call__(self, example: Example, image: Image.Image) -> Image.Image:
         references = _references(example)
@@ -108,7 +109,31 @@ class ModelEditor:
             self.memo[key] = (raw, sampler.change_map(latents, img_cond, image.height, image.width, self.models.vae_scale_factor)[0], rendered)
             self.seconds.append(time.perf_counter() - start)
         raw, change, rendered = self.memo[key]
-        return preserve.preserve(raw, change, context=image, mode=self.preserve, rendered=rendered).image
+        config = preserve.RegionConfig()
+        if self.region != "latents":
+            if ("contrast", key) not in self.memo:
+                self.memo["contrast", key] = sampler.contrast_map(self.models, image, example.instruction, seed=key[-1],
+                                                                  guidance=self.guidance, references=references)
+            change, config = contrast_region(change, self.memo["contrast", key], self.region)
+        return preserve.preserve(raw, change, context=image, mode=self.preserve, rendered=rendered, config=config).image
+
+
+# Where an edit happened, as the benchmark can take it (issue 14 asked to measure DiffEdit's
+# contrast against the latents' distance): "latents", the engine's (`sampler.change_map`);
+# "contrast", DiffEdit's mask (`sampler.contrast_map` over half its maximum); "both", the
+# latents that moved and lie within one latent pixel of that mask.
+REGIONS = ("latents", "contrast", "both")
+CONTRAST_MASK = 0.5  # DiffEdit's binarisation of its normalised map
+
+
+def contrast_region(change: np.ndarray, contrast: np.ndarray, region: str) -> tuple[np.ndarray, preserve.RegionConfig]:
+    """The change map and region config that make `preserve` take `region`'s edit region."""
+    marked = contrast > CONTRAST_MASK
+    if region == "contrast":
+        # The mask itself as a change map: 1 where marked, with no global rule (its maximum is 1 by construction).
+        return marked.astype(np.float32), preserve.RegionConfig(threshold=0.5, global_median=math.inf)
+    grown = preserve.dilate(marked, 1)
+    return np.where(grown, change, 0.0).astype(np.float32), preserve.RegionConfig()
 
 
 @dataclass
@@ -334,10 +359,12 @@ def run_quality(
     families: str = "all",
     seed: int = 0,
     consensus: int | None = None,
+    regions: tuple[str, ...] = (),
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Score the model, the identity and the ground truth; write report.md, results.json and
-    grid_<family>.png under `out_dir`; return the results (as in results.json)."""
+    grid_<family>.png under `out_dir`; return the results (as in results.json). Each of `regions`
+    (REGIONS but "latents") adds a row: the same denoisings preserved by that edit region."""
     from incontext.models.device import resolve_dtype
     from incontext.models.loader import load_model
     from incontext.models.registry import default_registry, preset_for_directory
@@ -349,6 +376,8 @@ def run_quality(
     except ValueError as e:
         raise InvalidInput(str(e)) from None
     chosen = select_families(families)
+    if unknown := [r for r in regions if r not in REGIONS]:
+        raise InvalidInput(f"unknown regions {unknown}; known: {', '.join(REGIONS)}")
 
     # 1. the model: resolve and load before drawing the held-out set, so a bad id fails fast
     if model_id_or_dir and (Path(model_id_or_dir) / "model_index.json").is_file():
@@ -365,7 +394,7 @@ def run_quality(
     sequences = heldout.heldout_sequences(drift_scenes if drift_scenes is not None else min(n_per_family, MAX_DRIFT_SCENES), turns)
 
     # 3. the model row, reporting progress per edit
-    total = 2 * (n_per_family * len(heldout_set) + len(sequences) * turns)
+    total = (2 + len(regions)) * (n_per_family * len(heldout_set) + len(sequences) * turns)
     done = 0
 
     def on_edit() -> None:
@@ -381,6 +410,8 @@ def run_quality(
     raw_editor = ModelEditor(models, steps, guidance, seed, preserve="off", consensus=consensus, memo=editor.memo)
     raw_row, raw_outputs = score_row(f"{preset.id}, preserve off", raw_editor, heldout_set, sequences, on_edit, workflows_too=False)
     model_row["seconds_per_edit"] = float(np.mean(editor.seconds))
+    region_rows = [score_row(f"{preset.id}, region by {r}", replace(editor, region=r, seconds=[]), heldout_set, sequences, on_edit,
+                             workflows_too=False)[0] for r in regions if r != "latents"]
     # the same turns with the engine's latent reuse; ModelEditor ran them after every single edit
     reuse = drift_on_cached_latents(preset, models, sequences, steps=steps, guidance=guidance, seed=seed, consensus=consensus)
 
@@ -403,7 +434,7 @@ def run_quality(
         "n_per_family": n_per_family,
         "held_out_seed": heldout.HELD_OUT_SEED,
         "families": list(heldout_set),
-        "rows": [model_row, raw_row, autoencoder_row, preserved_row, identity_row, truth_row],
+        "rows": [model_row, raw_row, *region_rows, autoencoder_row, preserved_row, identity_row, truth_row],
         "drift_rows": [{"name": f"{preset.id}, preserve off, on cached latents", "drift": reuse}],
     }
     write_report(results, Path(out_dir), heldout_set, sequences, model_outputs, truth_outputs, raw_outputs)

@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -127,6 +128,32 @@ def test_a_subset_of_families_is_scored_alone(model_dir, tmp_path):
     assert results["families"] == ["remove", "invert"]
     assert set(results["rows"][0]["families"]) == {"remove", "invert"}
     assert quality.select_families("basic") == ("recolor", "remove", "add", "move", "background", "grayscale")
+
+
+def test_other_edit_regions_add_rows_from_the_same_denoising(model_dir, tmp_path):
+    results = run_quality(str(model_dir), 1, tmp_path, turns=1, steps=1, dtype="float32", drift_scenes=1, families="recolor",
+                          regions=("contrast", "both"))
+    names = [r["name"] for r in results["rows"]]
+    assert names[2:4] == [f"{names[0]}, region by contrast", f"{names[0]}, region by both"]
+    assert all(r["families"]["recolor"]["n"] == 1 for r in results["rows"][2:4])
+    assert "region by contrast" in (tmp_path / "report.md").read_text()
+
+
+def test_both_keeps_only_the_moved_latents_near_the_contrasts_mask():
+    change = np.zeros((8, 8), np.float32)
+    change[1, 1] = change[6, 6] = 1.0  # two moved latents
+    contrast = np.zeros((8, 8), np.float32)
+    contrast[1, 2] = 1.0  # the instruction points next to the first
+    kept, _ = quality.contrast_region(change, contrast, "both")
+    assert kept[1, 1] == 1.0 and kept[6, 6] == 0.0
+    marked, config = quality.contrast_region(change, contrast, "contrast")
+    assert marked[1, 2] > config.threshold and (marked > config.threshold).sum() == 1
+
+
+def test_an_unknown_region_is_refused_with_a_code(model_dir, tmp_path):
+    result = CliRunner().invoke(_cli(), ["bench", "quality", "--model", str(model_dir), "--regions", "pixels", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "INVALID_INPUT" in result.output and "pixels" in result.output
 
 
 def test_an_unknown_family_is_refused_with_a_code(model_dir, tmp_path):

@@ -50,6 +50,9 @@ MERGE = 40  # levels: a refitted segment this close to what surrounds it has gon
 SMOOTH = 6.0  # levels RMS: surroundings a plane (flat or a linear gradient) fits this well are one region
 RIM = 12  # levels: a pixel this close to a blend of the two segments beside it is their antialiased edge
 MIN_NEW = 6  # pixels at the model's working size: a smaller speck of something new is the autoencoder's noise
+BLEED = 12  # levels: a segment's new colour this close to a blend of its old one and a neighbour's new one is that neighbour's blur
+BLEED_SHARE = 0.5  # at most this much of the neighbour's new colour: more is a recolour towards it
+BLEED_REACH = 3  # pixels: how far apart two segments may be to bleed into each other (an antialiased rim between)
 MAX_PIXELS = 1_100_000  # larger boxes (past about 1024²) are left as composed: the cost grows with the pixels
 
 
@@ -169,6 +172,35 @@ def _merged(target: np.ndarray, seg: np.ndarray, refit: np.ndarray) -> np.ndarra
     return out
 
 
+def _bled(base: np.ndarray, fitted: np.ndarray, seg: np.ndarray, recoloured: np.ndarray, whole: np.ndarray) -> np.ndarray:
+    """(count,) the segments whose fitted colour is only a larger recoloured neighbour's blur:
+    within BLEED of a blend of their own old colour and that neighbour's new one, with at most
+    BLEED_SHARE of the new. An autoencoder blurs a new background into the small objects on it
+    (a green triangle on a background turned brown comes back darker), and a refit would paint
+    that tint over the whole object; kept, its pixels are the input's again where the blur
+    explains them."""
+    count = len(whole)
+    flat = seg.ravel()
+    safe = np.maximum(whole, 1)[:, None]
+    old = np.stack([np.bincount(flat, base[..., c].ravel().astype(np.float64), count) for c in range(3)], -1) / safe
+    new = np.stack([np.bincount(flat, fitted[..., c].ravel().astype(np.float64), count) for c in range(3)], -1) / safe
+    pairs = set()
+    for dy, dx in ((0, 1), (1, 0), (0, BLEED_REACH), (BLEED_REACH, 0)):
+        for a, b in ((seg, _shifted(seg, dy, dx)), (_shifted(seg, dy, dx), seg)):
+            differ = a != b
+            pairs.update(np.unique(a[differ].astype(np.int64) * count + b[differ]).tolist())
+    if not pairs:
+        return np.zeros(count, dtype=bool)
+    codes = np.fromiter(pairs, dtype=np.int64)
+    small, large = codes // count, codes % count
+    keep = recoloured[large] & (whole[large] > whole[small])
+    small, large = small[keep], large[keep]
+    off, share = _on_blend(new[small], old[small], new[large])
+    out = np.zeros(count, dtype=bool)
+    out[small[(off <= BLEED) & (share > 0) & (share <= BLEED_SHARE)]] = True
+    return out
+
+
 def _rims(base: np.ndarray, comp: np.ndarray, target: np.ndarray, seg: np.ndarray, solid: np.ndarray, refit: np.ndarray,
           touched: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(target with each recoloured edge's antialiasing redone, the touched rim pixels that take it).
@@ -260,9 +292,10 @@ def snap_edit(base: np.ndarray, edited: np.ndarray, alpha: np.ndarray, scale: fl
     # A map that leaves the segment's colour where it was is no recolour: the segment is kept.
     moved = np.bincount(seg.ravel(), segments.distance(fitted, base).ravel(), count) / whole
     refit &= moved > REPAINTED
-    target = _merged(np.where(refit[seg][..., None], fitted, base.astype(np.float32)), seg, refit)
     inside = (seg == _shifted(seg, 1, 0)) & (seg == _shifted(seg, -1, 0)) & (seg == _shifted(seg, 0, 1)) & (seg == _shifted(seg, 0, -1))
     solid = np.bincount(seg[inside], minlength=count) >= MIN_NEW * scale * scale
+    refit &= ~_bled(base, fitted, seg, refit & solid & (moved > RECOLOURED), whole)
+    target = _merged(np.where(refit[seg][..., None], fitted, base.astype(np.float32)), seg, refit)
     touched = (alpha > 0) & moves
     target, rims = _rims(base, comp, target, seg, solid, refit, touched)
 

@@ -199,3 +199,34 @@ def test_a_removed_antialiased_circle_leaves_the_background_exactly():
     out = preserve.preserve(_blurred(behind), _change([(24, 16, 104, 104)]), context=context, source=source)
     res, want = np.asarray(out.image).astype(int), np.asarray(behind).astype(int)
     assert np.abs(res - want).max() <= 1
+
+
+def _new_background(square_now) -> Image.Image:
+    """The model's "make the background brown": the background brown, the teal square drawn `square_now`."""
+    brown = (130, 80, 40)
+    img = Image.new("RGB", (256, 256), brown)
+    d = ImageDraw.Draw(img)
+    d.ellipse(CIRCLE, fill=RED)
+    d.rectangle((150, 150, 210, 210), fill=square_now)
+    return _blurred(img)
+
+
+def test_a_new_backgrounds_tint_on_an_object_goes():
+    # The autoencoder blurs a new background into the objects on it: the teal square comes back
+    # a third of the way to brown. It was not asked to change, so it keeps the input's pixels.
+    source = _drawing()
+    context = source.resize((128, 128), Image.Resampling.LANCZOS)
+    tinted = tuple(round(t + (b - t) / 3) for t, b in zip(TEAL, (130, 80, 40)))
+    out = preserve.preserve(_new_background(tinted), np.full((16, 16), 1.5, np.float32), context=context, source=source)
+    res, inp = np.asarray(out.image).astype(int), np.asarray(source).astype(int)
+    square = (slice(156, 205), slice(156, 205))  # its inside, off the antialiased edge
+    assert (res[square] == inp[square]).all()
+    assert np.abs(res[5:20, 5:20] - (130, 80, 40)).max() <= 8  # the background did change
+
+
+def test_an_object_recoloured_with_the_background_takes_its_new_colour():
+    source = _drawing()
+    context = source.resize((128, 128), Image.Resampling.LANCZOS)
+    out = preserve.preserve(_new_background(YELLOW), np.full((16, 16), 1.5, np.float32), context=context, source=source)
+    res = np.asarray(out.image).astype(int)
+    assert np.abs(res[156:205, 156:205] - YELLOW).max() <= 8

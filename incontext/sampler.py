@@ -17,6 +17,7 @@ reference images (all at the output's size), img_cond is (B, kN, 4C) and img_ids
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -45,6 +46,34 @@ class FlowStart:
             raise ValueError(f"start_noise must be within 0–10, not {self.noise}")
 
 
+@dataclass(frozen=True)
+class TrueCfg:
+    """True classifier-free guidance against no instruction, as the model directory declares it
+    (incontext.json `true_cfg_scale`, `true_cfg_gate`): v = v(∅) + scale·(v(prompt) − v(∅)), the
+    stock pipeline's `true_cfg_scale` with `negative_prompt=""`. A model trained to return its
+    context without an instruction predicts "change nothing" there, so the scale amplifies
+    exactly what the instruction asks for (nano: recolor 40 → 75 %, docs/training.md).
+
+    `gate`: a row whose x0, as this step predicts it (x_t − σ·v), moved from the context by more
+    than this (the median of `change_map`) is a global edit, which amplification overshoots (a
+    desaturation pushed past grey comes back in the opposite colours): that row steps with its
+    plain prediction. Stock `FluxKontextPipeline` has no gate, so it reproduces a row the gate
+    never stopped with `true_cfg_scale`, and one it stopped at every step without."""
+
+    scale: float = 1.0  # 1: off
+    gate: float = math.inf
+
+    def __post_init__(self):
+        if not 1.0 <= self.scale <= 10.0:
+            raise ValueError(f"true_cfg_scale must be within 1–10, not {self.scale}")
+        if not self.gate > 0:
+            raise ValueError(f"true_cfg_gate must be positive, not {self.gate}")
+
+    @property
+    def on(self) -> bool:
+        return self.scale > 1.0
+
+
 @dataclass
 class Models:
     """A loaded Kontext model: the stock modules plus what sampling needs from their configs."""
@@ -60,6 +89,8 @@ class Models:
     dtype: torch.dtype = torch.float32  # transformer compute dtype
     device: torch.device = torch.device("cpu")
     flow_start: FlowStart = FlowStart()
+    true_cfg: TrueCfg = TrueCfg()
+    negative: tuple[torch.Tensor, torch.Tensor] | None = None  # `empty_text`'s, once computed
     # The model directory's segment-picking head (incontext/selector.py), if it ships one.
     selector: torch.nn.Module | None = None
 
@@ -274,6 +305,48 @@ def predict_velocity(
     return out[:, : img.shape[1]]
 
 
+def guided_velocity(
+    m: Models,
+    *,
+    img: torch.Tensor,
+    img_cond: torch.Tensor,
+    txt: torch.Tensor,
+    vec: torch.Tensor,
+    negative: tuple[torch.Tensor, torch.Tensor] | None,
+    timesteps: torch.Tensor,
+    guidance: torch.Tensor,
+    img_ids: torch.Tensor,
+    txt_ids: torch.Tensor,
+    height: int,
+    width: int,
+) -> torch.Tensor:
+    """`predict_velocity` with the model's true CFG (`m.true_cfg`): each row's twin without the
+    instruction (`negative`: the empty prompt's (txt, vec), one row or one per row) rides in
+    the same forward, and a row the gate finds global keeps its plain prediction."""
+    cfg = m.true_cfg
+    if negative is None or not cfg.on:
+        return predict_velocity(m, img=img, img_cond=img_cond, txt=txt, vec=vec, timesteps=timesteps, guidance=guidance,
+                                img_ids=img_ids, txt_ids=txt_ids)
+    b = img.shape[0]
+    neg_txt, neg_vec = (t.expand(b, *t.shape[1:]) for t in negative)
+    v = predict_velocity(m, img=img.repeat(2, 1, 1), img_cond=img_cond.repeat(2, 1, 1), txt=torch.cat([txt, neg_txt.to(txt.dtype)]),
+                         vec=torch.cat([vec, neg_vec.to(vec.dtype)]), timesteps=timesteps.repeat(2), guidance=guidance.repeat(2),
+                         img_ids=img_ids, txt_ids=txt_ids)
+    cond, neg = v[:b].float(), v[b:].float()
+    # FLUX's timesteps are its sigmas × 1000, so x0 = x_t − σ·v.
+    x0 = img.float() - (timesteps.float() / 1000).view(-1, 1, 1) * cond
+    moved = change_map(x0, img_cond[:, : img.shape[1]], height, width, m.vae_scale_factor).reshape(b, -1)
+    global_edit = torch.from_numpy(np.median(moved, axis=1) > cfg.gate).view(-1, 1, 1)
+    return torch.where(global_edit, v[:b], (neg + cfg.scale * (cond - neg)).to(v.dtype))
+
+
+def empty_text(m: Models) -> tuple[torch.Tensor, torch.Tensor]:
+    """The empty prompt's (txt, vec), true CFG's negative: encoded once per loaded model."""
+    if m.negative is None:
+        m.negative = encode_text(m, [""])
+    return m.negative
+
+
 def euler_step(img: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
     """x ← x + (σ_next − σ)·v per row, in fp32 like diffusers' scheduler, returned in v's dtype."""
     dt = (sigma_next - sigma).view(-1, 1, 1)
@@ -358,11 +431,12 @@ def denoise(
     img = torch.cat([initial_latents(m, s, img_cond, height, width) for s in rows])
     img_ids, txt_ids = kontext_ids(height, width, m.vae_scale_factor, txt.shape[1], 1 + len(references))
     timesteps, sigmas = schedule(num_steps, img.shape[1], m.scheduler_config)
+    negative = empty_text(m) if m.true_cfg.on else None
     for i in range(num_steps):
-        v = predict_velocity(
-            m, img=img, img_cond=context.expand(n, -1, -1), txt=txt.expand(n, -1, -1), vec=vec.expand(n, -1),
+        v = guided_velocity(
+            m, img=img, img_cond=context.expand(n, -1, -1), txt=txt.expand(n, -1, -1), vec=vec.expand(n, -1), negative=negative,
             timesteps=torch.full((n,), timesteps[i]), guidance=torch.full((n,), float(guidance)),
-            img_ids=img_ids, txt_ids=txt_ids,
+            img_ids=img_ids, txt_ids=txt_ids, height=height, width=width,
         )
         img = euler_step(img, v, torch.full((n,), sigmas[i]), torch.full((n,), sigmas[i + 1]))
         if on_step is not None:

@@ -41,7 +41,7 @@ CONSISTENT = 0.5  # share of those pixels its fitted colour map must explain
 TOLERANCE = 40  # levels (max over channels) within which a colour counts as explained
 RECOLOURED = 32  # levels: a segment's colour moved by more than this (on average) is recoloured, not tinted
 REPAINTED = 6  # levels: a pixel the model moved less than this from the input is not repainted
-REACH = 6  # pixels at the model's working size: how far the autoencoder's blur carries a colour
+REACH = 8  # pixels at the model's working size: how far the autoencoder's blur carries a colour
 BLUR_MOST = 0.85  # most of the other side's colour that blur puts in a pixel of a repainted segment
 FLAT_STD = 3.0  # levels: a segment whose channels vary less than this is flat (one colour)
 RIDGE = 25.0  # levels²: keeps a nearly flat segment's affine fit from amplifying noise
@@ -292,6 +292,9 @@ def snap_edit(base: np.ndarray, edited: np.ndarray, alpha: np.ndarray, scale: fl
     # A map that leaves the segment's colour where it was is no recolour: the segment is kept.
     moved = np.bincount(seg.ravel(), segments.distance(fitted, base).ravel(), count) / whole
     refit &= moved > REPAINTED
+    # A segment of a few pixels (an antialiased corner, a triangle's tip) is no evidence of a
+    # colour map: its fit is whatever the model drew there. Its pixels follow the rules below.
+    refit &= whole >= MIN_NEW * scale * scale
     inside = (seg == _shifted(seg, 1, 0)) & (seg == _shifted(seg, -1, 0)) & (seg == _shifted(seg, 0, 1)) & (seg == _shifted(seg, 0, -1))
     solid = np.bincount(seg[inside], minlength=count) >= MIN_NEW * scale * scale
     refit &= ~_bled(base, fitted, seg, refit & solid & (moved > RECOLOURED), whole)

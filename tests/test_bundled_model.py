@@ -21,7 +21,7 @@ from incontext.models.loader import load_model
 from incontext.models.registry import BUNDLED_NANO_DIR, default_registry
 
 N_PER_FAMILY = 4
-FLOOR = 10  # measured 11 as served (run x, the median of 3 draws at 5 steps: remove 4/4, grayscale 4/4, background 2/4, recolor 1/4; run t at 10 steps the same); one draw at 20 steps measured 10 (run t), 9 (3i), 8 (3h, 3g); successes out of N_PER_FAMILY × families on the subset below
+FLOOR = 10  # measured 11 as served (run x, the median of 3 draws at 5 steps, with and without true CFG 1.25: remove 4/4, grayscale 4/4, background 2/4, recolor 1/4; run t at 10 steps the same); one draw at 20 steps measured 10 (run t), 9 (3i), 8 (3h, 3g); successes out of N_PER_FAMILY × families on the subset below
 
 
 @pytest.fixture(scope="module")

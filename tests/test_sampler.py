@@ -135,6 +135,72 @@ def test_a_bad_flow_start_in_the_model_directory_is_a_model_error(context_start_
         load_model(path, dtype="float32")
 
 
+def _with_incontext_json(model, path, **fields):
+    import json
+    import shutil
+
+    shutil.copytree(model, path)
+    extra_file = path / "incontext.json"
+    extra = json.loads(extra_file.read_text()) if extra_file.is_file() else {}
+    extra.update(fields)
+    extra_file.write_text(json.dumps(extra))
+    return path
+
+
+@pytest.fixture(scope="module")
+def true_cfg_model(tiny_model, tmp_path_factory):
+    """The tiny model, declaring true CFG against no instruction (as the nano model does), no gate."""
+    return _with_incontext_json(tiny_model, tmp_path_factory.mktemp("true_cfg") / "model", true_cfg_scale=2.0)
+
+
+def test_true_cfg_matches_stock_pipeline_with_its_true_cfg_scale(true_cfg_model, stock):
+    m = load_model(true_cfg_model, dtype="float32")
+    assert m.true_cfg == sampler.TrueCfg(2.0)
+    img, prompt, seed, steps = _picture(64, 48), "make the red circle blue", 5, 4
+    ours = sampler.edit(m, img, prompt, seeds=[seed], num_steps=steps)[0]
+    ref = stock(
+        image=img, prompt=prompt, height=48, width=64, max_area=64 * 48, _auto_resize=False, num_inference_steps=steps,
+        guidance_scale=3.5, max_sequence_length=m.max_sequence_length, generator=torch.Generator().manual_seed(seed),
+        true_cfg_scale=2.0, negative_prompt="",
+    ).images[0]
+    diff = np.abs(np.asarray(ours, dtype=np.float64) - np.asarray(ref, dtype=np.float64)).mean()
+    assert diff <= 1.0, f"mean abs difference {diff:.3f} / 255"
+    # The declared scale is used: without it the same weights draw another picture.
+    m.true_cfg = sampler.TrueCfg()
+    plain = sampler.edit(m, img, prompt, seeds=[seed], num_steps=steps)[0]
+    assert np.abs(np.asarray(ours, dtype=np.float64) - np.asarray(plain, dtype=np.float64)).mean() > 1.0
+
+
+def test_the_gate_leaves_a_global_edit_its_plain_prediction(true_cfg_model):
+    # A row whose predicted x0 moved more than the gate (every row, at a gate this low) steps
+    # without amplification: the output is the plain model's, exactly.
+    m = load_model(true_cfg_model, dtype="float32")
+    make_batch_invariant(m.transformer)
+    img, prompt = _picture(64, 64), "make it grayscale"
+    m.true_cfg = sampler.TrueCfg(2.0, gate=1e-9)
+    gated = sampler.edit(m, img, prompt, seeds=[2], num_steps=3)[0]
+    m.true_cfg = sampler.TrueCfg()
+    plain = sampler.edit(m, img, prompt, seeds=[2], num_steps=3)[0]
+    assert np.array_equal(np.asarray(gated), np.asarray(plain))
+
+
+def test_true_cfg_rows_of_one_batch_equal_separate_runs(true_cfg_model):
+    m = load_model(true_cfg_model, dtype="float32")
+    make_batch_invariant(m.transformer)
+    img = _picture(64, 64)
+    both = sampler.edit(m, img, "remove the circle", seeds=[3, 4], num_steps=3)
+    alone = sampler.edit(m, img, "remove the circle", seeds=[4], num_steps=3)[0]
+    assert np.array_equal(np.asarray(both[1]), np.asarray(alone))
+
+
+@pytest.mark.parametrize("fields", [{"true_cfg_scale": 0.5}, {"true_cfg_scale": "strong"}, {"true_cfg_scale": 1.5, "true_cfg_gate": 0}])
+def test_a_bad_true_cfg_in_the_model_directory_is_a_model_error(tiny_model, tmp_path, fields):
+    from incontext.errors import ModelError
+
+    with pytest.raises(ModelError, match="true_cfg"):
+        load_model(_with_incontext_json(tiny_model, tmp_path / "model", **fields), dtype="float32")
+
+
 def test_a_reference_image_follows_the_context_in_the_sequence(tiny_model):
     """With one reference, each pass sees target + context + reference tokens, the reference
     at RoPE index 2 (as training appends a workflow example's second image), and the output

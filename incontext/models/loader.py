@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from incontext.errors import ModelError
 from incontext.models import checkpoints
 from incontext.models.device import resolve_dtype
-from incontext.sampler import FlowStart, Models
+from incontext.sampler import FlowStart, Models, TrueCfg
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ def load_model(path: Path, *, device: str = "cpu", dtype: str | torch.dtype = "a
         max_sequence_length = extra.get("max_sequence_length", 512)
     try:
         flow_start = FlowStart(extra.get("flow_start", "noise"), float(extra.get("start_noise", 1.0)))
+        true_cfg = TrueCfg(float(extra.get("true_cfg_scale", 1.0)), float(extra.get("true_cfg_gate", math.inf)))
     except (TypeError, ValueError) as e:
         raise ModelError(f"{extra_file}: {e}") from None
     from incontext import selector
@@ -110,5 +112,5 @@ def load_model(path: Path, *, device: str = "cpu", dtype: str | torch.dtype = "a
         tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer_2"], text_encoder=parts["text_encoder"],
         text_encoder_2=parts["text_encoder_2"], vae=vae, transformer=tr, scheduler_config=dict(parts["scheduler"].config),
         max_sequence_length=max_sequence_length, dtype=dt, device=torch.device(device), flow_start=flow_start,
-        selector=selector.load(path),
+        true_cfg=true_cfg, selector=selector.load(path),
     )

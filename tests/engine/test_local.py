@@ -307,3 +307,43 @@ def test_consensus_outputs_are_the_median_of_their_draws_from_the_model_or_the_r
         assert any(not np.array_equal(draws[0], d) for d in draws[1:])  # the draws differ: the median is not one of them by luck
     assert np.abs(np.asarray(single.images[0], dtype=int) - expected(11)[1][0].astype(int)).max() <= 1  # draw 0 is the single-draw output
     assert np.abs(np.asarray(by_default.images[0], dtype=int) - expected(11)[0].astype(int)).max() <= 1
+
+
+def test_a_true_cfg_model_edits_as_the_sampler_does_in_any_batch(tiny_model, tmp_path):
+    """A directory that declares true CFG (incontext.json `true_cfg_scale`): each row's twin without
+    the instruction rides in the engine's batch, and the output is the sampler's, whatever else runs."""
+    import json
+    import shutil
+
+    from incontext import sampler
+    from incontext.engine.invariance import make_batch_invariant
+    from incontext.models.loader import load_model
+    from incontext.models.registry import Registry, preset_for_directory
+
+    guided = tmp_path / "tiny_guided"
+    shutil.copytree(tiny_model, guided)
+    extra = guided / "incontext.json"
+    spec = json.loads(extra.read_text()) if extra.is_file() else {}
+    extra.write_text(json.dumps({**spec, "true_cfg_scale": 2.0}))
+    registry = Registry(default_id="guided")
+    registry.add(preset_for_directory(guided, id="guided"))
+    m = load_model(guided, dtype="float32", max_sequence_length=registry.resolve("guided").max_sequence_length)
+    make_batch_invariant(m.transformer)
+    expected = np.asarray(sampler.edit(m, picture(), "make it blue", seeds=[7], num_steps=4)[0])
+    m.true_cfg = sampler.TrueCfg()
+    unguided = np.asarray(sampler.edit(m, picture(), "make it blue", seeds=[7], num_steps=4)[0])
+
+    async def go():
+        eng = LocalEngine(registry, dtype="float32", max_batch_size=4)
+        await eng.start()
+        crowd = await asyncio.gather(
+            eng.edit(replace(req("other", 1, "remove the square", picture((20, 200, 20)), n=2, steps=4), model_id="guided")),
+            eng.edit(replace(req("same", 7, steps=4), model_id="guided")),
+        )
+        await eng.close()
+        return crowd, eng.stats
+
+    crowd, stats = run(go())
+    assert np.array_equal(np.asarray(crowd[1].images[0]), expected)
+    assert not np.array_equal(expected, unguided)
+    assert max(stats.batch_sizes) > 1

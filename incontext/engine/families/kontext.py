@@ -3,7 +3,9 @@
 Conditioning per request: T5 token states `txt` (1, L, D) and CLIP's pooled `vec` (1, P);
 the edited image's tokens are appended to the target's sequence with RoPE index 1, each
 further reference image's after them with index 2, 3, … (beyond what FLUX.1 Kontext was
-trained for: it saw one context image), and guidance is an embedding (no second pass).
+trained for: it saw one context image), and guidance is an embedding. A model directory
+that declares true CFG (incontext.json `true_cfg_scale`, `sampler.TrueCfg`) adds each row's
+twin without the instruction to the same forward, as Qwen's rows with a negative prompt do.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ class KontextBatch:
     guidance: torch.Tensor  # (B,)
     img_ids: torch.Tensor  # ((1 + k)N, 3)
     txt_ids: torch.Tensor  # (L, 3)
+    height: int
+    width: int
+    negative: tuple[torch.Tensor, torch.Tensor] | None = None  # the empty prompt's (txt, vec) where the model uses true CFG
 
     def rows(self, index: torch.Tensor) -> "KontextBatch":
         return KontextBatch(self.img_cond.index_select(0, index), self.txt.index_select(0, index), self.vec.index_select(0, index),
-                            self.guidance.index_select(0, index), self.img_ids, self.txt_ids)
+                            self.guidance.index_select(0, index), self.img_ids, self.txt_ids, self.height, self.width, self.negative)
 
 
 class Kontext:
@@ -60,11 +65,13 @@ class Kontext:
         txt = torch.cat([t for t, _ in prompts])
         img_ids, txt_ids = sampler.kontext_ids(height, width, m.vae_scale_factor, txt.shape[1], len(references[0]))
         return KontextBatch(img_cond=sampler.stack_images(references), txt=txt, vec=torch.cat([v for _, v in prompts]),
-                            guidance=torch.tensor(guidance), img_ids=img_ids, txt_ids=txt_ids)
+                            guidance=torch.tensor(guidance), img_ids=img_ids, txt_ids=txt_ids, height=height, width=width,
+                            negative=sampler.empty_text(m) if m.true_cfg.on else None)
 
     def velocity(self, m: sampler.Models, batch: KontextBatch, img: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return sampler.predict_velocity(m, img=img, img_cond=batch.img_cond, txt=batch.txt, vec=batch.vec, timesteps=timesteps,
-                                        guidance=batch.guidance, img_ids=batch.img_ids, txt_ids=batch.txt_ids)
+        return sampler.guided_velocity(m, img=img, img_cond=batch.img_cond, txt=batch.txt, vec=batch.vec, negative=batch.negative,
+                                       timesteps=timesteps, guidance=batch.guidance, img_ids=batch.img_ids, txt_ids=batch.txt_ids,
+                                       height=batch.height, width=batch.width)
 
     def decode(self, m: sampler.Models, img: torch.Tensor, height: int, width: int) -> list[Image.Image]:
         return sampler.decode(m, img, height, width)

@@ -230,3 +230,22 @@ def test_an_object_recoloured_with_the_background_takes_its_new_colour():
     out = preserve.preserve(_new_background(YELLOW), np.full((16, 16), 1.5, np.float32), context=context, source=source)
     res = np.asarray(out.image).astype(int)
     assert np.abs(res[156:205, 156:205] - YELLOW).max() <= 8
+
+
+def test_a_one_pixel_segment_the_model_barely_touched_stays_the_inputs():
+    # A triangle's antialiased tip can be a segment of one pixel. Refitted, its "colour map" was
+    # whatever the model drew there; it is the input's, as the pixels around it are.
+    from incontext import snap
+
+    base = np.full((64, 64, 3), BEIGE, np.uint8)
+    base[10:30, 10:30] = RED
+    base[50, 50] = (240, 200, 170)  # the tip: a segment of its own
+    edited = base.copy()
+    edited[10:30, 10:30] = BLUE  # the recolour asked for
+    edited[50, 50] = (240, 224, 200)  # the model drew the tip a little nearer the background
+    alpha = np.zeros((64, 64), np.float32)
+    alpha[6:34, 6:34] = 1.0
+    alpha[48:53, 48:53] = 0.5  # the feathered edge of the region reaches it
+    out, _ = snap.snap_edit(base, edited, alpha)
+    assert out[50, 50].tolist() == [240, 200, 170]
+    assert out[20, 20].tolist() == list(BLUE)

@@ -121,13 +121,16 @@ def train_export_cmd(
     ema: bool = typer.Option(True, help="Export the EMA weights (else the raw ones)."),
     steps: int = typer.Option(5, min=1, max=50, help="The model's default number of denoising steps (incontext.json)."),
     consensus: int = typer.Option(3, min=1, max=MAX_CONSENSUS, help="Draws per output, whose median it is (incontext.json)."),
+    true_cfg_scale: float = typer.Option(1.25, min=1.0, max=10.0, help="True CFG against no instruction (incontext.json; 1: off)."),
+    true_cfg_gate: float = typer.Option(0.2, min=1e-6, help="Above this median latent change a step is a global edit's and runs without true CFG."),
 ) -> None:
     """Write the trained model as a FluxKontextPipeline directory (the bundled model lives in incontext/weights/nano)."""
     import torch
 
     from incontext.train.export import export_model
 
-    export_model(out, to, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[dtype], use_ema=ema, steps=steps, consensus=consensus)
+    export_model(out, to, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[dtype], use_ema=ema, steps=steps, consensus=consensus,
+                 true_cfg_scale=true_cfg_scale, true_cfg_gate=true_cfg_gate)
     console.print(f"exported to {to}")
 
 

@@ -38,7 +38,7 @@ def load_vae(run_dir: Path, fallback: Path | None = BUNDLED_NANO_DIR):
 
 
 def export_model(run_dir: Path, to: Path, *, dtype: torch.dtype | None = torch.float16, steps: int = 5, guidance: float = 3.5,
-                 consensus: int = 3, use_ema: bool = True) -> Path:
+                 consensus: int = 3, true_cfg_scale: float = 1.25, true_cfg_gate: float = 0.2, use_ema: bool = True) -> Path:
     run_dir = Path(run_dir)
     model_cfg, tok, modules, step = load_trained(run_dir / "transformer.pt", use_ema=use_ema)
     train_cfg = load_checkpoint(run_dir / "transformer.pt")["train_config"]
@@ -63,6 +63,10 @@ def export_model(run_dir: Path, to: Path, *, dtype: torch.dtype | None = torch.f
         # How sampling starts must match how the model was trained (sampler.FlowStart).
         "flow_start": train_cfg.get("flow_start", "noise"),
         "start_noise": train_cfg.get("start_noise", 1.0) if train_cfg.get("flow_start") == "context" else 1.0,
+        # True CFG against no instruction, held off global edits (sampler.TrueCfg): measured on
+        # the bundled model (docs/training.md, "True CFG"); a new model's is worth measuring again.
+        "true_cfg_scale": true_cfg_scale,
+        "true_cfg_gate": true_cfg_gate,
     }
     # The VAE stays fp32 here: its reconstruction is the quality floor (`export_vae` stores a
     # grown one in fp16, which reconstructs the same to 0.01 dB).

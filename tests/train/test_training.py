@@ -444,10 +444,13 @@ def test_export_loads_in_stock_diffusers_offline(exported):
 
 
 def test_export_declares_the_bundled_sampling_three_draws_at_five_steps(exported):
+    from incontext import sampler
+    from incontext.models.loader import load_model
     from incontext.models.registry import preset_for_directory
 
     preset = preset_for_directory(exported)
     assert (preset.num_inference_steps, preset.consensus, preset.guidance_scale) == (5, 3, 3.5)
+    assert load_model(exported, dtype="float32").true_cfg == sampler.TrueCfg(1.25, 0.2)
 
 
 def test_export_loads_with_our_loader_and_holds_the_ema_weights(trained_run, exported, model_cfg):

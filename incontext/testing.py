@@ -62,6 +62,18 @@ def tiny_model_dir(path: Path, seed: int = 0) -> Path:
     return save_model_dir(c, Path(path), preset=preset)
 
 
+def declaring(model: Path, path: Path, **fields) -> Path:
+    """A copy of the model directory `model` at `path` whose incontext.json also declares `fields`."""
+    import json
+    import shutil
+
+    shutil.copytree(model, path)
+    extra_file = Path(path) / "incontext.json"
+    extra = json.loads(extra_file.read_text()) if extra_file.is_file() else {}
+    extra_file.write_text(json.dumps({**extra, **fields}))
+    return Path(path)
+
+
 # A Qwen-style chat template, as much of it as Flux2KleinPipeline uses (one user turn).
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

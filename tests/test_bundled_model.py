@@ -53,7 +53,8 @@ def test_stock_diffusers_loads_the_bundled_model_offline(nano):
     ex = heldout.heldout_examples("background", 1)[0]
     w, h = ex.context.size
     # The model directory declares where its flow starts (incontext.json); stock diffusers is
-    # handed the same starting latents.
+    # handed the same starting latents. A background edit is global: true CFG's gate leaves
+    # every step to the plain prediction, which is what stock runs without `true_cfg_scale`.
     start = sampler.initial_latents(m, 3, sampler.encode_images(m, [ex.context]), h, w)
     ref = pipe(image=ex.context, prompt=ex.instruction, height=h, width=w, max_area=w * h, _auto_resize=False,
                num_inference_steps=8, max_sequence_length=preset.max_sequence_length, latents=start).images[0]

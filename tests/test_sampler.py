@@ -11,12 +11,24 @@ from PIL import Image, ImageDraw
 from incontext import sampler
 from incontext.engine.invariance import make_batch_invariant
 from incontext.models.loader import load_model
+from incontext.testing import declaring
 
 
 def _picture(w: int, h: int) -> Image.Image:
     img = Image.new("RGB", (w, h), (240, 240, 230))
     ImageDraw.Draw(img).ellipse((8, 8, 40, 40), fill=(220, 30, 30))
     return img
+
+
+def _stock_args(m, img: Image.Image, prompt: str, steps: int, guidance: float = 3.5) -> dict:
+    """What FluxKontextPipeline needs to edit `img` at its own size, as our sampler does."""
+    w, h = img.size
+    return dict(image=img, prompt=prompt, height=h, width=w, max_area=w * h, _auto_resize=False, num_inference_steps=steps,
+                guidance_scale=guidance, max_sequence_length=m.max_sequence_length)
+
+
+def _mean_abs(a: Image.Image, b: Image.Image) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).mean())
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +44,9 @@ def test_single_image_matches_stock_pipeline(tiny_model, stock, size, seed, guid
     img = _picture(*size)
     prompt = "make the red circle blue"
     ours = sampler.edit(m, img, prompt, seeds=[seed], num_steps=steps, guidance=guidance)[0]
-    w, h = size
-    ref = stock(
-        image=img, prompt=prompt, height=h, width=w, max_area=w * h, _auto_resize=False, num_inference_steps=steps,
-        guidance_scale=guidance, max_sequence_length=m.max_sequence_length, generator=torch.Generator().manual_seed(seed),
-    ).images[0]
+    ref = stock(**_stock_args(m, img, prompt, steps, guidance), generator=torch.Generator().manual_seed(seed)).images[0]
     assert ours.size == ref.size == size
-    diff = np.abs(np.asarray(ours, dtype=np.float64) - np.asarray(ref, dtype=np.float64)).mean()
+    diff = _mean_abs(ours, ref)
     assert diff <= 1.0, f"mean abs difference {diff:.3f} / 255"
     # The outputs are not trivially equal (e.g. both blank): the image has structure.
     assert np.asarray(ref).std() > 1.0
@@ -80,16 +88,7 @@ def test_schedule_matches_diffusers_shape(tiny_model):
 @pytest.fixture(scope="module")
 def context_start_model(tiny_model, tmp_path_factory):
     """The tiny model, declaring a flow that starts at the context (as the nano model does)."""
-    import json
-    import shutil
-
-    path = tmp_path_factory.mktemp("context_start") / "model"
-    shutil.copytree(tiny_model, path)
-    extra_file = path / "incontext.json"
-    extra = json.loads(extra_file.read_text()) if extra_file.is_file() else {}
-    extra.update(flow_start="context", start_noise=0.3)
-    extra_file.write_text(json.dumps(extra))
-    return path
+    return declaring(tiny_model, tmp_path_factory.mktemp("context_start") / "model", flow_start="context", start_noise=0.3)
 
 
 def test_context_start_matches_stock_pipeline_given_the_same_start(context_start_model):
@@ -100,16 +99,12 @@ def test_context_start_matches_stock_pipeline_given_the_same_start(context_start
     start = sampler.initial_latents(m, seed, sampler.encode_images(m, [img]), 48, 64)
     pipe = FluxKontextPipeline.from_pretrained(context_start_model, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    ref = pipe(
-        image=img, prompt=prompt, height=48, width=64, max_area=64 * 48, _auto_resize=False, num_inference_steps=steps,
-        guidance_scale=3.5, max_sequence_length=m.max_sequence_length, latents=start,
-    ).images[0]
-    diff = np.abs(np.asarray(ours, dtype=np.float64) - np.asarray(ref, dtype=np.float64)).mean()
+    ref = pipe(**_stock_args(m, img, prompt, steps), latents=start).images[0]
+    diff = _mean_abs(ours, ref)
     assert diff <= 1.0, f"mean abs difference {diff:.3f} / 255"
     # The declared start is used: the same weights started from noise give another picture.
     m.flow_start = sampler.FlowStart()
-    from_noise = sampler.edit(m, img, prompt, seeds=[seed], num_steps=steps)[0]
-    assert np.abs(np.asarray(ours, dtype=np.float64) - np.asarray(from_noise, dtype=np.float64)).mean() > 1.0
+    assert _mean_abs(ours, sampler.edit(m, img, prompt, seeds=[seed], num_steps=steps)[0]) > 1.0
 
 
 def test_context_start_without_noise_starts_at_the_context_latents(context_start_model):
@@ -135,22 +130,10 @@ def test_a_bad_flow_start_in_the_model_directory_is_a_model_error(context_start_
         load_model(path, dtype="float32")
 
 
-def _with_incontext_json(model, path, **fields):
-    import json
-    import shutil
-
-    shutil.copytree(model, path)
-    extra_file = path / "incontext.json"
-    extra = json.loads(extra_file.read_text()) if extra_file.is_file() else {}
-    extra.update(fields)
-    extra_file.write_text(json.dumps(extra))
-    return path
-
-
 @pytest.fixture(scope="module")
 def true_cfg_model(tiny_model, tmp_path_factory):
     """The tiny model, declaring true CFG against no instruction (as the nano model does), no gate."""
-    return _with_incontext_json(tiny_model, tmp_path_factory.mktemp("true_cfg") / "model", true_cfg_scale=2.0)
+    return declaring(tiny_model, tmp_path_factory.mktemp("true_cfg") / "model", true_cfg_scale=2.0)
 
 
 def test_true_cfg_matches_stock_pipeline_with_its_true_cfg_scale(true_cfg_model, stock):
@@ -158,17 +141,13 @@ def test_true_cfg_matches_stock_pipeline_with_its_true_cfg_scale(true_cfg_model,
     assert m.true_cfg == sampler.TrueCfg(2.0)
     img, prompt, seed, steps = _picture(64, 48), "make the red circle blue", 5, 4
     ours = sampler.edit(m, img, prompt, seeds=[seed], num_steps=steps)[0]
-    ref = stock(
-        image=img, prompt=prompt, height=48, width=64, max_area=64 * 48, _auto_resize=False, num_inference_steps=steps,
-        guidance_scale=3.5, max_sequence_length=m.max_sequence_length, generator=torch.Generator().manual_seed(seed),
-        true_cfg_scale=2.0, negative_prompt="",
-    ).images[0]
-    diff = np.abs(np.asarray(ours, dtype=np.float64) - np.asarray(ref, dtype=np.float64)).mean()
+    ref = stock(**_stock_args(m, img, prompt, steps), generator=torch.Generator().manual_seed(seed), true_cfg_scale=2.0,
+                negative_prompt="").images[0]
+    diff = _mean_abs(ours, ref)
     assert diff <= 1.0, f"mean abs difference {diff:.3f} / 255"
     # The declared scale is used: without it the same weights draw another picture.
     m.true_cfg = sampler.TrueCfg()
-    plain = sampler.edit(m, img, prompt, seeds=[seed], num_steps=steps)[0]
-    assert np.abs(np.asarray(ours, dtype=np.float64) - np.asarray(plain, dtype=np.float64)).mean() > 1.0
+    assert _mean_abs(ours, sampler.edit(m, img, prompt, seeds=[seed], num_steps=steps)[0]) > 1.0
 
 
 def test_the_gate_leaves_a_global_edit_its_plain_prediction(true_cfg_model):
@@ -198,7 +177,7 @@ def test_a_bad_true_cfg_in_the_model_directory_is_a_model_error(tiny_model, tmp_
     from incontext.errors import ModelError
 
     with pytest.raises(ModelError, match="true_cfg"):
-        load_model(_with_incontext_json(tiny_model, tmp_path / "model", **fields), dtype="float32")
+        load_model(declaring(tiny_model, tmp_path / "model", **fields), dtype="float32")
 
 
 def test_a_reference_image_follows_the_context_in_the_sequence(tiny_model):

@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 from incontext.engine.local import LocalEngine
 from incontext.engine.protocol import EditRequest
 from incontext.errors import Cancelled, InvalidInput, ModelError
+from incontext.testing import declaring
 
 
 def picture(color=(200, 30, 30), size=(64, 64)) -> Image.Image:
@@ -258,9 +259,6 @@ def test_consensus_outputs_are_the_median_of_their_draws_from_the_model_or_the_r
     """A request with consensus 3 gets, per output, the median of three denoisings with
     draw_seeds(seed + i, 3); a model directory that declares consensus gets it by default;
     a count outside 1–8 is refused before any work."""
-    import json
-    import shutil
-
     import torch
 
     from incontext import sampler
@@ -278,10 +276,7 @@ def test_consensus_outputs_are_the_median_of_their_draws_from_the_model_or_the_r
 
     voting = tiny_model.parent / "tiny_voting"
     if not voting.exists():
-        shutil.copytree(tiny_model, voting)
-        extra = voting / "incontext.json"
-        spec = json.loads(extra.read_text()) if extra.is_file() else {}
-        extra.write_text(json.dumps({**spec, "consensus": 3}))
+        declaring(tiny_model, voting, consensus=3)
     declared = Registry(default_id="voting")
     declared.add(preset_for_directory(voting, id="voting"))
 
@@ -312,19 +307,12 @@ def test_consensus_outputs_are_the_median_of_their_draws_from_the_model_or_the_r
 def test_a_true_cfg_model_edits_as_the_sampler_does_in_any_batch(tiny_model, tmp_path):
     """A directory that declares true CFG (incontext.json `true_cfg_scale`): each row's twin without
     the instruction rides in the engine's batch, and the output is the sampler's, whatever else runs."""
-    import json
-    import shutil
-
     from incontext import sampler
     from incontext.engine.invariance import make_batch_invariant
     from incontext.models.loader import load_model
     from incontext.models.registry import Registry, preset_for_directory
 
-    guided = tmp_path / "tiny_guided"
-    shutil.copytree(tiny_model, guided)
-    extra = guided / "incontext.json"
-    spec = json.loads(extra.read_text()) if extra.is_file() else {}
-    extra.write_text(json.dumps({**spec, "true_cfg_scale": 2.0}))
+    guided = declaring(tiny_model, tmp_path / "tiny_guided", true_cfg_scale=2.0)
     registry = Registry(default_id="guided")
     registry.add(preset_for_directory(guided, id="guided"))
     m = load_model(guided, dtype="float32", max_sequence_length=registry.resolve("guided").max_sequence_length)

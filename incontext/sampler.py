@@ -52,7 +52,7 @@ class TrueCfg:
     (incontext.json `true_cfg_scale`, `true_cfg_gate`): v = v(∅) + scale·(v(prompt) − v(∅)), the
     stock pipeline's `true_cfg_scale` with `negative_prompt=""`. A model trained to return its
     context without an instruction predicts "change nothing" there, so the scale amplifies
-    exactly what the instruction asks for (nano: recolor 40 → 75 %, docs/training.md).
+    exactly what the instruction asks for (what it buys and costs: docs/training.md).
 
     `gate`: a row whose x0, as this step predicts it (x_t − σ·v), moved from the context by more
     than this (the median of `change_map`) is a global edit, which amplification overshoots (a
@@ -364,7 +364,7 @@ def change_map(img: torch.Tensor, img_cond: torch.Tensor, height: int, width: in
 
 
 # DiffEdit's estimate of where an edit happens (Couairon et al., 2022), the alternative to
-# `change_map` that issue 14 asked to measure: the input noised to t, the velocity predicted
+# `change_map` the quality benchmark measures it against (`bench quality --regions`): the input noised to t, the velocity predicted
 # with the instruction and without it, their difference per latent pixel averaged over a few
 # noises. The model is trained to return its context when the instruction is empty, so the
 # difference is where the instruction asks for change, whatever one denoising then drew.

@@ -305,6 +305,29 @@ def predict_velocity(
     return out[:, : img.shape[1]]
 
 
+def with_and_without(
+    m: Models,
+    *,
+    img: torch.Tensor,
+    img_cond: torch.Tensor,
+    txt: torch.Tensor,
+    vec: torch.Tensor,
+    negative: tuple[torch.Tensor, torch.Tensor],
+    timesteps: torch.Tensor,
+    guidance: torch.Tensor,
+    img_ids: torch.Tensor,
+    txt_ids: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v(prompt), v(negative)) of every row, from one forward: each row's twin with the
+    `negative` (txt, vec) (one row, or one per row) rides in the same batch."""
+    b = img.shape[0]
+    neg_txt, neg_vec = (t.expand(b, *t.shape[1:]) for t in negative)
+    v = predict_velocity(m, img=img.repeat(2, 1, 1), img_cond=img_cond.repeat(2, 1, 1), txt=torch.cat([txt, neg_txt.to(txt.dtype)]),
+                         vec=torch.cat([vec, neg_vec.to(vec.dtype)]), timesteps=timesteps.repeat(2), guidance=guidance.repeat(2),
+                         img_ids=img_ids, txt_ids=txt_ids)
+    return v[:b], v[b:]
+
+
 def guided_velocity(
     m: Models,
     *,
@@ -321,23 +344,19 @@ def guided_velocity(
     width: int,
 ) -> torch.Tensor:
     """`predict_velocity` with the model's true CFG (`m.true_cfg`): each row's twin without the
-    instruction (`negative`: the empty prompt's (txt, vec), one row or one per row) rides in
-    the same forward, and a row the gate finds global keeps its plain prediction."""
+    instruction (`negative`: the empty prompt's (txt, vec)) rides in the same forward, and a row
+    the gate finds global keeps its plain prediction."""
     cfg = m.true_cfg
+    inputs = dict(img=img, img_cond=img_cond, txt=txt, vec=vec, timesteps=timesteps, guidance=guidance, img_ids=img_ids, txt_ids=txt_ids)
     if negative is None or not cfg.on:
-        return predict_velocity(m, img=img, img_cond=img_cond, txt=txt, vec=vec, timesteps=timesteps, guidance=guidance,
-                                img_ids=img_ids, txt_ids=txt_ids)
-    b = img.shape[0]
-    neg_txt, neg_vec = (t.expand(b, *t.shape[1:]) for t in negative)
-    v = predict_velocity(m, img=img.repeat(2, 1, 1), img_cond=img_cond.repeat(2, 1, 1), txt=torch.cat([txt, neg_txt.to(txt.dtype)]),
-                         vec=torch.cat([vec, neg_vec.to(vec.dtype)]), timesteps=timesteps.repeat(2), guidance=guidance.repeat(2),
-                         img_ids=img_ids, txt_ids=txt_ids)
-    cond, neg = v[:b].float(), v[b:].float()
+        return predict_velocity(m, **inputs)
+    plain, empty = with_and_without(m, negative=negative, **inputs)
+    cond, neg = plain.float(), empty.float()
     # FLUX's timesteps are its sigmas × 1000, so x0 = x_t − σ·v.
     x0 = img.float() - (timesteps.float() / 1000).view(-1, 1, 1) * cond
-    moved = change_map(x0, img_cond[:, : img.shape[1]], height, width, m.vae_scale_factor).reshape(b, -1)
+    moved = change_map(x0, img_cond[:, : img.shape[1]], height, width, m.vae_scale_factor).reshape(img.shape[0], -1)
     global_edit = torch.from_numpy(np.median(moved, axis=1) > cfg.gate).view(-1, 1, 1)
-    return torch.where(global_edit, v[:b], (neg + cfg.scale * (cond - neg)).to(v.dtype))
+    return torch.where(global_edit, plain, (neg + cfg.scale * (cond - neg)).to(plain.dtype))
 
 
 def empty_text(m: Models) -> tuple[torch.Tensor, torch.Tensor]:
@@ -379,19 +398,18 @@ def contrast_map(m: Models, image: Image.Image, prompt: str, *, seed: int, guida
     + t·noise, averaged over `draws` noises and divided by its maximum; `image` is at the output
     size. 2·`draws` transformer rows in one batch."""
     width, height = image.size
-    txt, vec = encode_text(m, [prompt, ""])
+    txt, vec = encode_text(m, [prompt])
     img_cond = encode_images(m, [image])
     context = torch.cat([img_cond, *(encode_images(m, [r]) for r in references)], dim=1)
     noise = torch.cat([initial_noise(s, m.latent_channels, height, width, m.vae_scale_factor) for s in draw_seeds(seed, draws)])
     x = ((1 - t) * img_cond.float() + t * noise).to(m.dtype)
     img_ids, txt_ids = kontext_ids(height, width, m.vae_scale_factor, txt.shape[1], 1 + len(references))
-    n = 2 * draws
-    v = predict_velocity(
-        m, img=x.repeat(2, 1, 1), img_cond=context.expand(n, -1, -1), txt=txt.repeat_interleave(draws, 0),
-        vec=vec.repeat_interleave(draws, 0), timesteps=torch.full((n,), 1000 * t), guidance=torch.full((n,), float(guidance)),
+    with_prompt, without = with_and_without(
+        m, img=x, img_cond=context.expand(draws, -1, -1), txt=txt.expand(draws, -1, -1), vec=vec.expand(draws, -1),
+        negative=empty_text(m), timesteps=torch.full((draws,), 1000 * t), guidance=torch.full((draws,), float(guidance)),
         img_ids=img_ids, txt_ids=txt_ids,
-    ).float()
-    diff = unpack(v[:draws] - v[draws:], height, width, m.vae_scale_factor)
+    )
+    diff = unpack(with_prompt.float() - without.float(), height, width, m.vae_scale_factor)
     contrast = diff.pow(2).mean(dim=1).sqrt().mean(dim=0)
     return (contrast / contrast.max().clamp_min(1e-6)).numpy()
 

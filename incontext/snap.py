@@ -46,7 +46,11 @@ BLUR_MOST = 0.85  # most of the other side's colour that blur puts in a pixel of
 FLAT_STD = 3.0  # levels: a segment whose channels vary less than this is flat (one colour)
 RIDGE = 25.0  # levels²: keeps a nearly flat segment's affine fit from amplifying noise
 FLAT_SHARE = 0.75  # share of pixels within FLAT_STD of their right-hand neighbour: a drawing, not a photograph
-MERGE = 40  # levels: a refitted segment this close to what surrounds it has gone into its surroundings
+MERGE = 15  # levels: a refitted segment this close to what surrounds it has gone into its surroundings
+# The surroundings a plane is fitted to: a ring RING_WIDTH wide, RING_MARGIN pixels out from the
+# segment, past its antialiased rim (a blend of the two colours would spoil the fit).
+RING_MARGIN = 2
+RING_WIDTH = 2
 SMOOTH = 6.0  # levels RMS: surroundings a plane (flat or a linear gradient) fits this well are one region
 RIM = 12  # levels: a pixel this close to a blend of the two segments beside it is their antialiased edge
 MIN_NEW = 6  # pixels at the model's working size: a smaller speck of something new is the autoencoder's noise
@@ -153,10 +157,12 @@ def _merged(target: np.ndarray, seg: np.ndarray, refit: np.ndarray) -> np.ndarra
     np.maximum.at(right, seg.ravel(), cols.ravel())
     out = target.copy()
     for s in np.flatnonzero(refit & (sizes >= 4) & (sizes < 0.25 * h * w)):
-        y0, y1, x0, x1 = max(top[s] - 3, 0), min(bottom[s] + 4, h), max(left[s] - 3, 0), min(right[s] + 4, w)
+        m = RING_MARGIN + RING_WIDTH
+        y0, y1, x0, x1 = max(top[s] - m, 0), min(bottom[s] + m + 1, h), max(left[s] - m, 0), min(right[s] + m + 1, w)
         inside = seg[y0:y1, x0:x1] == s
-        grown = np.asarray(Image.fromarray(inside.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(5))) > 0
-        ring = grown & ~inside
+        mask = Image.fromarray(inside.astype(np.uint8) * 255)
+        near = np.asarray(mask.filter(ImageFilter.MaxFilter(2 * RING_MARGIN + 1))) > 0
+        ring = (np.asarray(mask.filter(ImageFilter.MaxFilter(2 * m + 1))) > 0) & ~near
         if ring.sum() < 8:
             continue
         gy, gx = np.mgrid[y0:y1, x0:x1]

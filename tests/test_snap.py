@@ -201,6 +201,21 @@ def test_a_removed_antialiased_circle_leaves_the_background_exactly():
     assert np.abs(res - want).max() <= 1
 
 
+def test_a_removed_antialiased_circle_filled_a_little_off_leaves_no_ghost():
+    """The model removes the circle but fills its place 10 levels off the background. Its
+    surroundings are read past the circle's soft edge (a ring of red–beige blends), so they are
+    one flat beige and the place takes it: no ghost of the circle is left."""
+    source = _antialiased(RED)
+    behind = _antialiased(BEIGE)
+    ghost = np.asarray(behind, dtype=np.int16).copy()
+    ghost[_circle_mask()] -= 10
+    edited = _blurred(Image.fromarray(np.clip(ghost, 0, 255).astype(np.uint8)))
+    context = source.resize((128, 128), Image.Resampling.LANCZOS)
+    out = preserve.preserve(edited, _change([(24, 16, 104, 104)]), context=context, source=source)
+    res, want = np.asarray(out.image).astype(int), np.asarray(behind).astype(int)
+    assert np.abs(res - want)[_circle_mask()].max() <= 1
+
+
 def _new_background(square_now) -> Image.Image:
     """The model's "make the background brown": the background brown, the teal square drawn `square_now`."""
     brown = (130, 80, 40)

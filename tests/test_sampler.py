@@ -31,6 +31,16 @@ def _mean_abs(a: Image.Image, b: Image.Image) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).mean())
 
 
+def _assert_stock_parity_and_declaration_used(m, ours, ref, img, prompt, seed, steps, **undeclared):
+    """`ours` matches the stock pipeline's `ref`, and with the model's declaration set back to
+    `undeclared` (attributes of `m`) the same edit draws another picture."""
+    diff = _mean_abs(ours, ref)
+    assert diff <= 1.0, f"mean abs difference {diff:.3f} / 255"
+    for name, value in undeclared.items():
+        setattr(m, name, value)
+    assert _mean_abs(ours, sampler.edit(m, img, prompt, seeds=[seed], num_steps=steps)[0]) > 1.0
+
+
 @pytest.fixture(scope="module")
 def stock(tiny_model):
     pipe = FluxKontextPipeline.from_pretrained(tiny_model, local_files_only=True)
@@ -52,8 +62,9 @@ def test_single_image_matches_stock_pipeline(tiny_model, stock, size, seed, guid
     assert np.asarray(ref).std() > 1.0
 
 
-def test_outputs_of_one_batch_equal_separate_runs(tiny_model):
-    m = load_model(tiny_model, dtype="float32")
+@pytest.mark.parametrize("model", ["tiny_model", "true_cfg_model"])  # with true CFG, each row's twin rides in the batch too
+def test_outputs_of_one_batch_equal_separate_runs(model, request):
+    m = load_model(request.getfixturevalue(model), dtype="float32")
     # As the engine runs it: BLAS picks a per-sample vector's kernel by the batch's row count
     # (engine/invariance.py), and without the hook a last bit can differ between the two runs.
     make_batch_invariant(m.transformer)
@@ -100,11 +111,8 @@ def test_context_start_matches_stock_pipeline_given_the_same_start(context_start
     pipe = FluxKontextPipeline.from_pretrained(context_start_model, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(**_stock_args(m, img, prompt, steps), latents=start).images[0]
-    diff = _mean_abs(ours, ref)
-    assert diff <= 1.0, f"mean abs difference {diff:.3f} / 255"
     # The declared start is used: the same weights started from noise give another picture.
-    m.flow_start = sampler.FlowStart()
-    assert _mean_abs(ours, sampler.edit(m, img, prompt, seeds=[seed], num_steps=steps)[0]) > 1.0
+    _assert_stock_parity_and_declaration_used(m, ours, ref, img, prompt, seed, steps, flow_start=sampler.FlowStart())
 
 
 def test_context_start_without_noise_starts_at_the_context_latents(context_start_model):
@@ -143,11 +151,8 @@ def test_true_cfg_matches_stock_pipeline_with_its_true_cfg_scale(true_cfg_model,
     ours = sampler.edit(m, img, prompt, seeds=[seed], num_steps=steps)[0]
     ref = stock(**_stock_args(m, img, prompt, steps), generator=torch.Generator().manual_seed(seed), true_cfg_scale=2.0,
                 negative_prompt="").images[0]
-    diff = _mean_abs(ours, ref)
-    assert diff <= 1.0, f"mean abs difference {diff:.3f} / 255"
     # The declared scale is used: without it the same weights draw another picture.
-    m.true_cfg = sampler.TrueCfg()
-    assert _mean_abs(ours, sampler.edit(m, img, prompt, seeds=[seed], num_steps=steps)[0]) > 1.0
+    _assert_stock_parity_and_declaration_used(m, ours, ref, img, prompt, seed, steps, true_cfg=sampler.TrueCfg())
 
 
 def test_the_gate_leaves_a_global_edit_its_plain_prediction(true_cfg_model):
@@ -161,15 +166,6 @@ def test_the_gate_leaves_a_global_edit_its_plain_prediction(true_cfg_model):
     m.true_cfg = sampler.TrueCfg()
     plain = sampler.edit(m, img, prompt, seeds=[2], num_steps=3)[0]
     assert np.array_equal(np.asarray(gated), np.asarray(plain))
-
-
-def test_true_cfg_rows_of_one_batch_equal_separate_runs(true_cfg_model):
-    m = load_model(true_cfg_model, dtype="float32")
-    make_batch_invariant(m.transformer)
-    img = _picture(64, 64)
-    both = sampler.edit(m, img, "remove the circle", seeds=[3, 4], num_steps=3)
-    alone = sampler.edit(m, img, "remove the circle", seeds=[4], num_steps=3)[0]
-    assert np.array_equal(np.asarray(both[1]), np.asarray(alone))
 
 
 @pytest.mark.parametrize("fields", [{"true_cfg_scale": 0.5}, {"true_cfg_scale": "strong"}, {"true_cfg_scale": 1.5, "true_cfg_gate": 0}])

@@ -342,21 +342,25 @@ def guided_velocity(
     txt_ids: torch.Tensor,
     height: int,
     width: int,
+    cfg_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`predict_velocity` with the model's true CFG (`m.true_cfg`): each row's twin without the
     instruction (`negative`: the empty prompt's (txt, vec)) rides in the same forward, and a row
-    the gate finds global keeps its plain prediction."""
+    the gate finds global keeps its plain prediction. `cfg_rows` (B,) bool: the rows that take true
+    CFG at all (None: every row); the others get their plain prediction, exactly."""
     cfg = m.true_cfg
     inputs = dict(img=img, img_cond=img_cond, txt=txt, vec=vec, timesteps=timesteps, guidance=guidance, img_ids=img_ids, txt_ids=txt_ids)
-    if negative is None or not cfg.on:
+    if negative is None or not cfg.on or (cfg_rows is not None and not bool(cfg_rows.any())):
         return predict_velocity(m, **inputs)
     plain, empty = with_and_without(m, negative=negative, **inputs)
     cond, neg = plain.float(), empty.float()
     # FLUX's timesteps are its sigmas × 1000, so x0 = x_t − σ·v.
     x0 = img.float() - (timesteps.float() / 1000).view(-1, 1, 1) * cond
     moved = change_map(x0, img_cond[:, : img.shape[1]], height, width, m.vae_scale_factor).reshape(img.shape[0], -1)
-    global_edit = torch.from_numpy(np.median(moved, axis=1) > cfg.gate).view(-1, 1, 1)
-    return torch.where(global_edit, plain, (neg + cfg.scale * (cond - neg)).to(plain.dtype))
+    keep_plain = torch.from_numpy(np.median(moved, axis=1) > cfg.gate)
+    if cfg_rows is not None:
+        keep_plain = keep_plain | ~cfg_rows
+    return torch.where(keep_plain.view(-1, 1, 1), plain, (neg + cfg.scale * (cond - neg)).to(plain.dtype))
 
 
 def empty_text(m: Models) -> tuple[torch.Tensor, torch.Tensor]:
@@ -434,12 +438,14 @@ def denoise(
     on_step=None,
     references: tuple[Image.Image, ...] = (),
     consensus: int = 1,
+    true_cfg: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(output latents (n, N, 4C), context latents (1, N, 4C)) of one image edited by one
     prompt, one output per seed, in one batch; with `consensus` k, each output the median of
     its k draws (`draw_seeds`). `image` is already at the output size, and so is each of
     `references` (further context images, appended after it). For many requests at once, the
-    engine calls the same functions."""
+    engine calls the same functions. `true_cfg` False: the model's plain prediction even where
+    it declares true CFG (EditRequest.true_cfg)."""
     width, height = image.size
     rows = [d for s in seeds for d in draw_seeds(s, consensus)]
     n = len(rows)
@@ -449,7 +455,7 @@ def denoise(
     img = torch.cat([initial_latents(m, s, img_cond, height, width) for s in rows])
     img_ids, txt_ids = kontext_ids(height, width, m.vae_scale_factor, txt.shape[1], 1 + len(references))
     timesteps, sigmas = schedule(num_steps, img.shape[1], m.scheduler_config)
-    negative = empty_text(m) if m.true_cfg.on else None
+    negative = empty_text(m) if m.true_cfg.on and true_cfg else None
     for i in range(num_steps):
         v = guided_velocity(
             m, img=img, img_cond=context.expand(n, -1, -1), txt=txt.expand(n, -1, -1), vec=vec.expand(n, -1), negative=negative,

@@ -88,6 +88,9 @@ class EditRequest:
     # ships a selector (incontext/selector.py) answers it from the input's segments without
     # denoising; otherwise, or where the input is not a drawing, the model draws it.
     thing_mask: bool = False
+    # The model's true CFG against no instruction, where its directory declares one
+    # (sampler.TrueCfg). A workflow whose own instruction it overshoots turns it off (workflows.py).
+    true_cfg: bool = True
 
 
 @dataclass

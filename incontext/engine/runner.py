@@ -223,7 +223,8 @@ class Runner:
         _, width, height, _ = batch.bucket
         batch_jobs = [jobs[s.request_id] for s in samples]
         conditioning = family.batch(m, [j.prompt for j in batch_jobs], [j.context for j in batch_jobs],
-                                    [float(j.request.guidance_scale) for j in batch_jobs], height, width)
+                                    [float(j.request.guidance_scale) for j in batch_jobs], height, width,
+                                    true_cfg=[j.request.true_cfg for j in batch_jobs])
         self._inputs = _BatchInputs(samples=samples, jobs=batch_jobs, conditioning=conditioning)
         return self._inputs
 

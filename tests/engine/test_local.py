@@ -306,7 +306,9 @@ def test_consensus_outputs_are_the_median_of_their_draws_from_the_model_or_the_r
 
 def test_a_true_cfg_model_edits_as_the_sampler_does_in_any_batch(tiny_model, tmp_path):
     """A directory that declares true CFG (incontext.json `true_cfg_scale`): each row's twin without
-    the instruction rides in the engine's batch, and the output is the sampler's, whatever else runs."""
+    the instruction rides in the engine's batch, and the output is the sampler's, whatever else runs.
+    A request that turns it off (EditRequest.true_cfg, as some workflows do) gets the plain model's
+    output in the same batch."""
     from incontext import sampler
     from incontext.engine.invariance import make_batch_invariant
     from incontext.models.loader import load_model
@@ -327,11 +329,13 @@ def test_a_true_cfg_model_edits_as_the_sampler_does_in_any_batch(tiny_model, tmp
         crowd = await asyncio.gather(
             eng.edit(replace(req("other", 1, "remove the square", picture((20, 200, 20)), n=2, steps=4), model_id="guided")),
             eng.edit(replace(req("same", 7, steps=4), model_id="guided")),
+            eng.edit(replace(req("plain", 7, steps=4), model_id="guided", true_cfg=False)),
         )
         await eng.close()
         return crowd, eng.stats
 
     crowd, stats = run(go())
     assert np.array_equal(np.asarray(crowd[1].images[0]), expected)
+    assert np.array_equal(np.asarray(crowd[2].images[0]), unguided)
     assert not np.array_equal(expected, unguided)
     assert max(stats.batch_sizes) > 1

@@ -61,9 +61,12 @@ class Family(Protocol):
 
     def initial_latents(self, m, seed: int, reference: torch.Tensor, height: int, width: int) -> torch.Tensor: ...
 
-    def batch(self, m, prompts: list, references: list[tuple[torch.Tensor, ...]], guidance: list[float], height: int, width: int) -> Batch:
+    def batch(self, m, prompts: list, references: list[tuple[torch.Tensor, ...]], guidance: list[float], height: int, width: int,
+              true_cfg: list[bool] | None = None) -> Batch:
         """One row per sample: its prompt's conditioning, its images' latents (each (1, N, D),
-        the edited image first; every row has as many) and its guidance."""
+        the edited image first; every row has as many), its guidance and whether it takes the
+        model's declared true CFG (EditRequest.true_cfg; None: every row does). Families whose
+        CFG is their guidance scale (Qwen, FLUX.2 base) read only `guidance`."""
 
     def velocity(self, m, batch: Batch, img: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Velocities (B, N, D) of the target tokens `img` (B, N, D) at `timesteps` (B,), 0–1000."""

@@ -309,7 +309,7 @@ class Klein:
         return initial_latents(m, seed, height, width)
 
     def batch(self, m: KleinModels, prompts: list[torch.Tensor], references: list[tuple[torch.Tensor, ...]], guidance: list[float],
-              height: int, width: int) -> KleinBatch:
+              height: int, width: int, true_cfg: list[bool] | None = None) -> KleinBatch:
         txt = torch.cat(prompts)
         img_ids, txt_ids = ids(height, width, m.vae_scale_factor, txt.shape[1], len(references[0]))
         cfg = torch.tensor([g > 1 and not m.is_distilled for g in guidance])
@@ -330,7 +330,7 @@ class KleinKV(Klein):
     pipeline_class = "Flux2KleinKVPipeline"
 
     def batch(self, m: KleinModels, prompts: list[torch.Tensor], references: list[tuple[torch.Tensor, ...]], guidance: list[float],
-              height: int, width: int) -> KleinKVBatch:
+              height: int, width: int, true_cfg: list[bool] | None = None) -> KleinKVBatch:
         txt = torch.cat(prompts)
         all_ids, txt_ids = ids(height, width, m.vae_scale_factor, txt.shape[1], len(references[0]))
         n = all_ids.shape[0] // (1 + len(references[0]))

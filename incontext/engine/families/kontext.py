@@ -32,10 +32,13 @@ class KontextBatch:
     height: int
     width: int
     negative: tuple[torch.Tensor, torch.Tensor] | None = None  # the empty prompt's (txt, vec) where the model uses true CFG
+    cfg_rows: torch.Tensor | None = None  # (B,) bool: the rows that take it (EditRequest.true_cfg); None: all
 
     def rows(self, index: torch.Tensor) -> "KontextBatch":
+        cfg_rows = None if self.cfg_rows is None else self.cfg_rows.index_select(0, index)
         return KontextBatch(self.img_cond.index_select(0, index), self.txt.index_select(0, index), self.vec.index_select(0, index),
-                            self.guidance.index_select(0, index), self.img_ids, self.txt_ids, self.height, self.width, self.negative)
+                            self.guidance.index_select(0, index), self.img_ids, self.txt_ids, self.height, self.width, self.negative,
+                            cfg_rows)
 
 
 class Kontext:
@@ -61,17 +64,18 @@ class Kontext:
         return sampler.initial_latents(m, seed, reference, height, width)
 
     def batch(self, m: sampler.Models, prompts: list[tuple[torch.Tensor, torch.Tensor]], references: list[tuple[torch.Tensor, ...]],
-              guidance: list[float], height: int, width: int) -> KontextBatch:
+              guidance: list[float], height: int, width: int, true_cfg: list[bool] | None = None) -> KontextBatch:
         txt = torch.cat([t for t, _ in prompts])
         img_ids, txt_ids = sampler.kontext_ids(height, width, m.vae_scale_factor, txt.shape[1], len(references[0]))
         return KontextBatch(img_cond=sampler.stack_images(references), txt=txt, vec=torch.cat([v for _, v in prompts]),
                             guidance=torch.tensor(guidance), img_ids=img_ids, txt_ids=txt_ids, height=height, width=width,
-                            negative=sampler.empty_text(m) if m.true_cfg.on else None)
+                            negative=sampler.empty_text(m) if m.true_cfg.on else None,
+                            cfg_rows=None if true_cfg is None else torch.tensor(true_cfg, dtype=torch.bool))
 
     def velocity(self, m: sampler.Models, batch: KontextBatch, img: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return sampler.guided_velocity(m, img=img, img_cond=batch.img_cond, txt=batch.txt, vec=batch.vec, negative=batch.negative,
                                        timesteps=timesteps, guidance=batch.guidance, img_ids=batch.img_ids, txt_ids=batch.txt_ids,
-                                       height=batch.height, width=batch.width)
+                                       height=batch.height, width=batch.width, cfg_rows=batch.cfg_rows)
 
     def decode(self, m: sampler.Models, img: torch.Tensor, height: int, width: int) -> list[Image.Image]:
         return sampler.decode(m, img, height, width)

@@ -294,7 +294,7 @@ class Qwen:
         return initial_latents(m, seed, height, width)
 
     def batch(self, m: QwenModels, prompts: list[QwenPrompt], references: list[tuple[torch.Tensor, ...]], guidance: list[float],
-              height: int, width: int) -> QwenBatch:
+              height: int, width: int, true_cfg: list[bool] | None = None) -> QwenBatch:
         return make_batch(m, prompts, references, guidance, height, width)
 
     def velocity(self, m: QwenModels, batch: QwenBatch, img: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -114,7 +114,7 @@ def edit(
 
 
 def _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, model_id, preserve_mode, references=(), mask=None,
-                select=None, mask_answers=False):
+                select=None, mask_answers=False, true_cfg=True):
     """(the name outputs give the model, [(image, region mask, changed share)] for each output,
     the `select` request's mask or None), edited here on the server's engine (localedit.py): every
     model family the server serves. The edited image decides the output's size; each reference
@@ -132,7 +132,7 @@ def _edit_local(image, prompt, seed, guidance, steps, num_images, aspect_ratio, 
         num_inference_steps=steps, aspect_ratio=aspect_ratio, preserve=preserve_mode,
         references=tuple(imageio.load_image(r) for r in references),
         mask=mask if isinstance(mask, Image.Image) or mask is None else imageio.load_image(mask), select=select,
-        mask_answers=mask_answers,
+        mask_answers=mask_answers, true_cfg=true_cfg,
     )
     columns = (TextColumn("editing"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -277,7 +277,7 @@ def _workflow_local(flow, inp, fields, server, api_key):
         mask = workflows.backdrop_mask(source)
     _, results, drawn = _edit_local(plan.images[0], prompt, inp.seed, inp.guidance_scale, inp.num_inference_steps, 1, None, None,
                                     plan.preserve, list(plan.images[1:]), mask, select=plan.select,
-                                    mask_answers=flow.id in workflows.MASK_ANSWERS)
+                                    mask_answers=flow.id in workflows.MASK_ANSWERS, true_cfg=flow.true_cfg)
     image, region, _ = results[0]
     done = workflows.finish(flow.id, image, region, source_size=source.size, placement_box=box, source=source, logo=logo, allowed=mask,
                             drawn=drawn)

@@ -36,6 +36,7 @@ class LocalEdit:
     mask: Image.Image | None = None  # where the output may differ from the input
     select: str | None = None  # a workflow's second edit of the same image (workflows.Plan.select), run beside the first
     mask_answers: bool = False  # a mask the selector picks is the whole answer (workflows.MASK_ANSWERS)
+    true_cfg: bool = True  # the model's true CFG (workflows.takes_true_cfg)
 
 
 def edit_here(req: LocalEdit, *, model_dirs: dict[str, Path] | None = None, default_dir: Path | None = None,
@@ -64,7 +65,7 @@ def edit_here(req: LocalEdit, *, model_dirs: dict[str, Path] | None = None, defa
         request_id="cli", model_id=req.model or preset.id, prompt=req.prompt, image=fitted, width=w, height=h, seed=req.seed,
         num_images=req.num_images, guidance_scale=req.guidance_scale if req.guidance_scale is not None else preset.guidance_scale,
         num_inference_steps=req.num_inference_steps, references=tuple(imageio.fit_to_size(r, w, h) for r in req.references),
-        render_context=req.preserve == "auto",
+        render_context=req.preserve == "auto", true_cfg=req.true_cfg,
     )
 
     async def run():

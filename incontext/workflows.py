@@ -149,12 +149,17 @@ class Workflow:
     # One edit's compute at the model's working size, as a run of the default model.
     price_per_image: Decimal = Decimal("0.04")
     results: str = ""  # what outputs[] carries besides url, for the spec pages
+    # The model's true CFG (EditRequest.true_cfg). Off where it overshoots the workflow's own
+    # instruction: it draws a removed thing's fill and the rest around a laid-in logo further from
+    # the input (docs/workflows.md has the figures).
+    true_cfg: bool = True
 
 
 WORKFLOWS: dict[str, Workflow] = {w.id: w for w in (
     Workflow("object-removal", "removes what the prompt names; the rest of the image stays the input's, bit for bit",
              ObjectRemovalInput, plan_object_removal,
-             results="`mask_url`: the removed region (255 where the pixels are the model's); `boxes`: its bounding box"),
+             results="`mask_url`: the removed region (255 where the pixels are the model's); `boxes`: its bounding box",
+             true_cfg=False),
     Workflow("background-replace", "puts the subject on the background of a reference image; what the model left alone stays "
              "the input's, bit for bit", BackgroundReplaceInput, plan_background_replace,
              results="`mask_url`: the replaced region; `boxes`: its bounding boxes"),
@@ -162,12 +167,17 @@ WORKFLOWS: dict[str, Workflow] = {w.id: w for w in (
              "flattest free spot it picks",
              LogoPlacementInput, plan_logo_placement,
              results="`placement`: the box the logo was allowed in (the mask's bounding box, or the spot picked); "
-             "`mask_url`: the pixels changed; `boxes`: their bounding boxes"),
+             "`mask_url`: the pixels changed; `boxes`: their bounding boxes", true_cfg=False),
     Workflow("segmentation", "a binary mask of what the prompt names (the pixels removing it changes), and a box per "
              "separate region", SegmentationInput, plan_segmentation,
              results="`url` and `mask_url`: the mask, a PNG of only 0 and 255 at the input's size; `boxes`: one per "
-             "separate white region, largest first"),
+             "separate white region, largest first", true_cfg=False),  # its mask is what the removal changes
 )}
+
+
+def takes_true_cfg(workflow: str | None) -> bool:
+    """Whether a run of `workflow` (None: a plain edit) takes the model's true CFG."""
+    return workflow is None or WORKFLOWS[workflow].true_cfg
 
 
 # 3. Logo placement: a free spot, and the prompt's position word.

@@ -3,6 +3,7 @@ edit beside it is workflows.edit_with_select's)."""
 
 from __future__ import annotations
 
+from incontext import workflows
 from incontext.engine.protocol import EditRequest
 from incontext.service.inputs import RunInput
 from incontext.service.models import Run
@@ -31,4 +32,5 @@ def request_for(run: Run, params: RunParams, given: RunInput) -> EditRequest:
         previews=PREVIEWS_PER_RUN,
         owner=run.api_key_id,
         render_context=params.preserve == "auto",
+        true_cfg=workflows.takes_true_cfg(params.workflow),
     )

@@ -429,3 +429,27 @@ def test_a_workflow_run_whose_second_edit_fails_stops_its_first_and_fails_with_i
     with service[1]() as session:
         run = session.get(Run, run_id)
         assert (run.failure_code, run.failure_stage_code) == ("DRAWING_FAILED", "inference")
+
+
+def test_a_workflow_that_turns_true_cfg_off_asks_the_engine_without_it(service):
+    engine = InstantEngine(change_maps=True)
+    dispatcher = dispatcher_for(service, engine)
+    plain_id, plain = accept(service, rotated_jpeg())
+    removal_id, removal = accept(service, rotated_jpeg())
+    with service[1].begin() as session:  # as the object-removal workflow's plan stores it (RunParams.workflow)
+        run = session.get(Run, removal_id)
+        session.execute(sa.update(Run).where(Run.id == removal_id).values(params={**run.params, "workflow": "object-removal"}))
+    dispatcher.submitted({plain_id: plain.run_input, removal_id: removal.run_input})
+
+    async def scenario() -> None:
+        await dispatcher.start()
+        deadline = time.monotonic() + 30
+        try:
+            while len(engine.requests) < 2:
+                assert time.monotonic() < deadline, engine.requests
+                await asyncio.sleep(0.02)
+        finally:
+            await dispatcher.close()
+
+    asyncio.run(scenario())
+    assert {r.request_id: r.true_cfg for r in engine.requests} == {plain_id: True, removal_id: False}

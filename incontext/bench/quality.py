@@ -35,7 +35,7 @@ from incontext.bench import checks, heldout, workflows
 from incontext.bench.report import write_report
 from incontext.engine.caches import image_key
 from incontext.errors import InvalidInput
-from incontext.workflows import Drawn
+from incontext.workflows import WORKFLOWS, Drawn
 from incontext.world import edits
 from incontext.world.edits import Example
 
@@ -96,14 +96,16 @@ class ModelEditor:
     memo: dict = field(default_factory=dict)
     seconds: list[float] = field(default_factory=list)  # per denoised (not memoised) edit
     region: str = "latents"  # where the edit happened: one of REGIONS
+    true_cfg: bool = True  # the model's true CFG, where it declares one (off for the workflows that turn it off)
 
     def __call__(self, example: Example, image: Image.Image) -> Image.Image:
         references = _references(example)
-        key = (example.instruction, image_key(image), *map(image_key, references), edit_seed(self.seed, example))
+        key = (example.instruction, image_key(image), *map(image_key, references), self.true_cfg, edit_seed(self.seed, example))
         start = time.perf_counter()
         if key not in self.memo:
             latents, img_cond = sampler.denoise(self.models, image, example.instruction, seeds=[key[-1]], num_steps=self.steps,
-                                                guidance=self.guidance, references=references, consensus=self.consensus)
+                                                guidance=self.guidance, references=references, consensus=self.consensus,
+                                                true_cfg=self.true_cfg)
             raw = sampler.decode(self.models, latents, image.height, image.width)[0]
             rendered = sampler.decode(self.models, img_cond, image.height, image.width)[0]
             self.memo[key] = (raw, sampler.change_map(latents, img_cond, image.height, image.width, self.models.vae_scale_factor)[0], rendered)
@@ -322,17 +324,27 @@ def score_row(name: str, editor: Editor, heldout_set: dict[str, list[Example]], 
         "drift": drift_scores(sequences, outputs.turns),
         "seconds_per_edit": None,
     }
-    runs = {}
+    runs, edits_of = {}, {}
     if workflows_too:  # each workflow's removal, and beside it its mask request (the model's selector or drawing, preserve off)
         raw = replace(editor, preserve="off") if isinstance(editor, (ModelEditor, AutoencoderEditor)) else editor
         drawer = MaskDrawer(editor.models, raw) if isinstance(editor, ModelEditor) else (lambda ex, image: Drawn(raw(ex, image)))
-        runs = {f: [workflows.workflow_output(ex, editor(workflows.workflow_example(ex), ex.context),
+        runs = {f: [workflows.workflow_output(ex, as_served(editor, f)(workflows.workflow_example(ex), ex.context),
                                               drawer(workflows.select_example(ex), ex.context)) for ex in heldout_set[f]]
                 for f in workflows.RUN_BY_WORKFLOW if heldout_set.get(f)}
-    scores = workflows.workflow_scores(heldout_set, outputs.images, outputs.verdicts, runs, workflows_too)
+        # A workflow that samples otherwise than a plain edit (its own true CFG setting) makes its own edits.
+        edits_of = {f: [as_served(editor, f)(ex, ex.context) for ex in heldout_set[f]]
+                    for f in workflows.WORKFLOW_OUTPUTS if heldout_set.get(f) and as_served(editor, f) is not editor}
+    scores = workflows.workflow_scores(heldout_set, outputs.images, outputs.verdicts, runs, workflows_too, edits_of)
     if scores:
         row["workflows"] = scores
     return row, outputs
+
+
+def as_served(editor: Editor, family: str) -> Editor:
+    """The editor as the workflow of a workflow `family` runs its edit: a model without true CFG
+    where the workflow turns it off (workflows.Workflow.true_cfg)."""
+    served = WORKFLOWS[workflows.WORKFLOW_OF[family]].true_cfg
+    return replace(editor, true_cfg=False) if isinstance(editor, ModelEditor) and editor.true_cfg and not served else editor
 
 
 # ---------------------------------------------------------------- the benchmark

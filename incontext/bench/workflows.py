@@ -127,14 +127,18 @@ def backdrop_output(ex: Example, output: Image.Image) -> Image.Image:
 
 # Per family, its workflow's output from the model's edit, where the workflow does more than the edit.
 WORKFLOW_OUTPUTS = {"bgref": backdrop_output, "emblem": logo_output}
+# Per workflow family, the workflow (incontext/workflows.py) that serves it.
+WORKFLOW_OF = {**RUN_BY_WORKFLOW, "bgref": "background-replace", "emblem": "logo-placement"}
 
 
 def family_scores(examples: list[Example], outputs: list[Image.Image], verdicts: list,
-                  workflow_runs: list[workflows.Finished] | None = None, workflows_too: bool = False) -> dict:
+                  workflow_runs: list[workflows.Finished] | None = None, workflows_too: bool = False,
+                  workflow_edits: list[Image.Image] | None = None) -> dict:
     """One workflow family's figures for one row; `workflow_runs`, a segment or remove
     family's `workflow_output`s, gives the segmentation or object-removal workflow's own
     figures; `workflows_too`, bgref's and emblem's the background-replace and logo-placement
-    workflows' (WORKFLOW_OUTPUTS)."""
+    workflows' (WORKFLOW_OUTPUTS), from `workflow_edits` where the workflow makes its own edits
+    (else from the family's `outputs`)."""
     family = examples[0].family
     scored = [v for v in verdicts if v is not None]
     out = {"n": len(examples), "success": sum(v.success for v in scored) / len(scored) if scored else None}
@@ -153,7 +157,7 @@ def family_scores(examples: list[Example], outputs: list[Image.Image], verdicts:
     if workflow_runs is not None:  # what the object-removal workflow returns
         made = [done.image for done in workflow_runs]
     elif workflows_too and family in WORKFLOW_OUTPUTS:  # what the family's workflow returns
-        made = [WORKFLOW_OUTPUTS[family](ex, o) for ex, o in zip(examples, outputs)]
+        made = [WORKFLOW_OUTPUTS[family](ex, o) for ex, o in zip(examples, workflow_edits or outputs)]
     if made is not None:
         out["workflow_success"] = float(np.mean([checks.verdict(ex, m).success for ex, m in zip(examples, made)]))
         out["workflow_value"] = _db_of_mean([checks.mse(m, ex.target, _region(ex)) for ex, m in zip(examples, made)])
@@ -164,8 +168,11 @@ def family_scores(examples: list[Example], outputs: list[Image.Image], verdicts:
 
 
 def workflow_scores(heldout_set: dict[str, list[Example]], images: dict[str, list[Image.Image]], verdicts: dict[str, list],
-                    workflow_runs: dict[str, list[workflows.Finished]] | None = None, workflows_too: bool = False) -> dict:
+                    workflow_runs: dict[str, list[workflows.Finished]] | None = None, workflows_too: bool = False,
+                    workflow_edits: dict[str, list[Image.Image]] | None = None) -> dict:
     """{family: figures} for the workflow families in the held-out set (removal among them);
-    `workflow_runs`: per family in RUN_BY_WORKFLOW, its workflow's outputs (`workflow_output`)."""
-    return {f: family_scores(heldout_set[f], images[f], verdicts[f], (workflow_runs or {}).get(f), workflows_too)
+    `workflow_runs`: per family in RUN_BY_WORKFLOW, its workflow's outputs (`workflow_output`);
+    `workflow_edits`: per family in WORKFLOW_OUTPUTS, its workflow's own edits where they are not the family's."""
+    return {f: family_scores(heldout_set[f], images[f], verdicts[f], (workflow_runs or {}).get(f), workflows_too,
+                             (workflow_edits or {}).get(f))
             for f in BENCH_FAMILIES if heldout_set.get(f)}

@@ -231,3 +231,27 @@ def test_an_edit_draws_the_same_noise_whichever_families_run_before_it(model_dir
     # another noise draws another output on this random model: the seed reaches the sampler
     other = quality.ModelEditor(models, 1, 3.5, seed=1, preserve="off")(recolor, recolor.context)
     assert other.tobytes() != alone.tobytes()
+
+
+def test_the_workflows_that_turn_true_cfg_off_are_scored_from_edits_without_it(model_dir, tmp_path, monkeypatch):
+    """A model declaring true CFG: its own rows edit with it, while the object-removal workflow's
+    removal and the logo-placement workflow's edits run without it, as the service runs them."""
+    from incontext import sampler
+    from incontext.bench import heldout
+    from incontext.testing import declaring
+
+    guided = declaring(model_dir, tmp_path / "guided", true_cfg_scale=2.0)
+    calls = []
+    denoise = sampler.denoise
+
+    def spy(m, image, prompt, **kwargs):
+        calls.append((prompt, kwargs.get("true_cfg", True)))
+        return denoise(m, image, prompt, **kwargs)
+
+    monkeypatch.setattr(sampler, "denoise", spy)
+    run_quality(str(guided), 2, tmp_path / "out", turns=1, steps=1, dtype="float32", drift_scenes=1, families="remove,emblem")
+    held = [ex.instruction for f in ("remove", "emblem") for ex in heldout.heldout_examples(f, 2)]
+    removals = [quality.workflows.workflow_example(ex).instruction for ex in heldout.heldout_examples("remove", 2)]
+    without = [prompt for prompt, cfg in calls if not cfg]
+    assert sorted(without) == sorted(removals + [ex.instruction for ex in heldout.heldout_examples("emblem", 2)])
+    assert all((prompt, True) in calls for prompt in held)  # the model's own rows keep it

@@ -36,7 +36,7 @@ class LocalEdit:
     mask: Image.Image | None = None  # where the output may differ from the input
     select: str | None = None  # a workflow's second edit of the same image (workflows.Plan.select), run beside the first
     mask_answers: bool = False  # a mask the selector picks is the whole answer (workflows.MASK_ANSWERS)
-    true_cfg: bool = True  # the model's true CFG (workflows.takes_true_cfg)
+    true_cfg: bool = True  # the model's true CFG (EditRequest.true_cfg; a workflow's Workflow.true_cfg)
 
 
 def edit_here(req: LocalEdit, *, model_dirs: dict[str, Path] | None = None, default_dir: Path | None = None,

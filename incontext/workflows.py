@@ -149,9 +149,8 @@ class Workflow:
     # One edit's compute at the model's working size, as a run of the default model.
     price_per_image: Decimal = Decimal("0.04")
     results: str = ""  # what outputs[] carries besides url, for the spec pages
-    # The model's true CFG (EditRequest.true_cfg). Off where it overshoots the workflow's own
-    # instruction: it draws a removed thing's fill and the rest around a laid-in logo further from
-    # the input (docs/workflows.md has the figures).
+    # The model's true CFG (EditRequest.true_cfg): off where it overshoots the workflow's own
+    # instruction, drawing a removed thing's fill or a logo's surroundings off the input (docs/workflows.md).
     true_cfg: bool = True
 
 
@@ -173,11 +172,6 @@ WORKFLOWS: dict[str, Workflow] = {w.id: w for w in (
              results="`url` and `mask_url`: the mask, a PNG of only 0 and 255 at the input's size; `boxes`: one per "
              "separate white region, largest first", true_cfg=False),  # its mask is what the removal changes
 )}
-
-
-def takes_true_cfg(workflow: str | None) -> bool:
-    """Whether a run of `workflow` (None: a plain edit) takes the model's true CFG."""
-    return workflow is None or WORKFLOWS[workflow].true_cfg
 
 
 # 3. Logo placement: a free spot, and the prompt's position word.

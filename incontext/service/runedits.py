@@ -32,5 +32,5 @@ def request_for(run: Run, params: RunParams, given: RunInput) -> EditRequest:
         previews=PREVIEWS_PER_RUN,
         owner=run.api_key_id,
         render_context=params.preserve == "auto",
-        true_cfg=workflows.takes_true_cfg(params.workflow),
+        true_cfg=params.workflow is None or workflows.WORKFLOWS[params.workflow].true_cfg,
     )

@@ -328,12 +328,13 @@ def score_row(name: str, editor: Editor, heldout_set: dict[str, list[Example]], 
     if workflows_too:  # each workflow's removal, and beside it its mask request (the model's selector or drawing, preserve off)
         raw = replace(editor, preserve="off") if isinstance(editor, (ModelEditor, AutoencoderEditor)) else editor
         drawer = MaskDrawer(editor.models, raw) if isinstance(editor, ModelEditor) else (lambda ex, image: Drawn(raw(ex, image)))
-        runs = {f: [workflows.workflow_output(ex, as_served(editor, f)(workflows.workflow_example(ex), ex.context),
+        served = {f: as_served(editor, f) for f in workflows.WORKFLOW_OF if heldout_set.get(f)}
+        runs = {f: [workflows.workflow_output(ex, served[f](workflows.workflow_example(ex), ex.context),
                                               drawer(workflows.select_example(ex), ex.context)) for ex in heldout_set[f]]
-                for f in workflows.RUN_BY_WORKFLOW if heldout_set.get(f)}
+                for f in workflows.RUN_BY_WORKFLOW if f in served}
         # A workflow that samples otherwise than a plain edit (its own true CFG setting) makes its own edits.
-        edits_of = {f: [as_served(editor, f)(ex, ex.context) for ex in heldout_set[f]]
-                    for f in workflows.WORKFLOW_OUTPUTS if heldout_set.get(f) and as_served(editor, f) is not editor}
+        edits_of = {f: [served[f](ex, ex.context) for ex in heldout_set[f]]
+                    for f in workflows.WORKFLOW_OUTPUTS if f in served and served[f] is not editor}
     scores = workflows.workflow_scores(heldout_set, outputs.images, outputs.verdicts, runs, workflows_too, edits_of)
     if scores:
         row["workflows"] = scores
